@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random backbones saved once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the hub: every model is built from a config and loaded from a folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.tiny_models import TINY_BUILDERS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"dinov2" | "siglip" | "clip": folder with a saved tiny model and its processor config}."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: build(root / name) for name, build in TINY_BUILDERS.items()}
