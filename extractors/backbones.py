@@ -1,0 +1,58 @@
+"""Loading HF vision backbones and their global embedding, one small table per family."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel
+
+log = logging.getLogger("soir.extractors")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between backbone families: the class to load and where the output size lives."""
+
+    model_class: type
+    dim_key: str                      # config attribute holding the embedding size
+
+
+FAMILIES = {
+    "dinov2": Family(Dinov2Model, "hidden_size"),
+    "siglip": Family(SiglipVisionModel, "hidden_size"),
+    "clip": Family(CLIPVisionModelWithProjection, "projection_dim"),
+}
+
+
+def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa") -> nn.Module:
+    """``from_pretrained`` on a hub id or local folder; returns the frozen model in eval mode.
+
+    ``attn_implementation="eager"`` is needed when attention probabilities must be observed
+    (Mask Inversion); "sdpa" is faster for plain embeddings.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        model = FAMILIES[family].model_class.from_pretrained(model_name, attn_implementation=attn_implementation)
+    except OSError as err:
+        hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
+        raise OSError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
+    return model.eval().requires_grad_(False)
+
+
+def embedding_dim(model: nn.Module, family: str) -> int:
+    """Size of the global embedding of ``model`` as declared by its config."""
+    return int(getattr(model.config, FAMILIES[family].dim_key))
+
+
+def global_embedding(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's own global embedding [B, D], L2-normalised.
+
+    DINOv2: ``pooler_output`` (layer-normed CLS token); SigLIP: ``pooler_output`` of its
+    attention-pooling head; CLIP: ``image_embeds`` (projected CLS token).
+    """
+    out = model(pixel_values=pixel_values)
+    emb = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+    return torch.nn.functional.normalize(emb.float(), dim=-1)

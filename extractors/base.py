@@ -1,0 +1,112 @@
+"""Extractors: a backbone plus the rule that turns an image (and its masks) into descriptor rows."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from extractors.backbones import embedding_dim, global_embedding, load_backbone
+from extractors.lora import add_lora
+from extractors.views import View, ViewMaker, Views
+from utils.preprocessing import Preprocess
+
+log = logging.getLogger("soir.extractors")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("device=auto -> %s", device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} but CUDA is not available (use device=cpu or auto)")
+    return torch.device(device)
+
+
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Extractor:
+    """Global image embeddings: the whole image resized to the model input, L2-normalised output.
+
+    Args:
+        model_name: HF hub id or local folder (``from_pretrained``); None = the family default.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        precision: "fp32", "fp16" or "bf16" (autocast; outputs are float32).
+        lora_rank, lora_alpha, lora_weights: DINOv2 only; LoRA on q/k/v loaded from a checkpoint.
+    """
+
+    family: str = ""
+    default_model: str = ""
+    uses_masks = False
+    attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
+
+    def __init__(self, model_name: str | None = None, device: str = "auto", precision: str = "fp32",
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_weights: str | Path | None = None):
+        self.model_name = model_name or self.default_model
+        self.device = resolve_device(device)
+        if precision not in _DTYPES:
+            raise ValueError(f"precision={precision!r}; one of {list(_DTYPES)}")
+        self.precision = precision
+        model = load_backbone(self.family, self.model_name, self.attn_implementation)
+        if lora_weights is not None:
+            if self.family != "dinov2":
+                raise ValueError(f"LoRA weights are supported for DINOv2 only, not {self.family}")
+            model = add_lora(model, lora_rank or 256, lora_alpha, lora_weights)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.dim = embedding_dim(self.model, self.family)
+        self.preprocess = Preprocess.from_pretrained(self.model_name)
+
+    # -- the part that runs in DataLoader workers ---------------------------------------------------
+    def view_maker(self) -> ViewMaker:
+        return ViewMaker(self.preprocess, "global")
+
+    # -- the part that runs the model ----------------------------------------------------------------
+    def autocast(self):
+        dtype = _DTYPES[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W]."""
+        with torch.inference_mode(), self.autocast():
+            return global_embedding(self.model, pixel_values.to(self.device)).float()
+
+    def describe(self, batch: list[Views]) -> list[torch.Tensor]:
+        """Descriptor rows of each image in ``batch``: a list of [R_i, D] float32 CPU tensors."""
+        groups: dict[int | None, list[tuple[int, View]]] = defaultdict(list)
+        for i, views in enumerate(batch):
+            for view in views.views:
+                groups[None if view.masks is None else len(view.masks)].append((i, view))
+        rows: list[list[torch.Tensor]] = [[] for _ in batch]
+        for n_masks, items in groups.items():  # views with the same number of masks run together
+            pixels = torch.stack([v.pixel_values for _, v in items])
+            if n_masks is None:
+                out = self.embed(pixels)[:, None]
+            else:
+                out = self.invert(pixels, torch.stack([v.masks for _, v in items]))
+            for (i, _), vectors in zip(items, out.cpu()):
+                rows[i].append(vectors)
+        return [self.finish(torch.cat(r) if r else torch.empty(0, self.dim)) for r in rows]
+
+    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} computes global embeddings only")
+
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        """Hook for per-image post-processing of descriptor rows [R, D]."""
+        return rows
+
+    def extract(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """One PIL image -> [D] global embedding, or [P, D] with masks (MI extractors)."""
+        if masks is not None and not self.uses_masks:
+            raise ValueError(f"{type(self).__name__} takes no masks; use its MI variant")
+        views = self.view_maker()(image.convert("RGB"), masks)
+        if masks is not None and views.dropped_masks:
+            raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+        rows = self.describe([views])[0]
+        return rows[0] if masks is None and len(rows) == 1 else rows

@@ -1,0 +1,101 @@
+"""What an image is turned into before the model sees it: one or more *views*.
+
+A view is the model-size input tensor plus, for Mask Inversion, the masks to invert on it.
+Building views is pure preprocessing, so it runs in DataLoader workers (no model here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.preprocessing import Preprocess, to_binary_masks
+
+MODES = ("global", "per_mask", "union", "smart_crop")
+
+
+@dataclass
+class View:
+    """pixel_values [3, H, W] normalised; masks [P, H, W] float in {0, 1}, or None for the global embedding."""
+
+    pixel_values: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+@dataclass
+class Views:
+    """All views of one image, and how many of its masks vanished at the model's input size."""
+
+    views: list[View]
+    dropped_masks: int = 0
+    global_fallback: int = 0          # 1 when the image fell back to its global embedding
+
+
+@dataclass(frozen=True)
+class ViewMaker:
+    """Image (+ masks) -> views, for one descriptor mode.
+
+    Modes:
+        global:     the whole image, no mask (plain embedding).
+        per_mask:   the whole image with all its masks (one MI vector per mask).
+        union:      the whole image with the union of its masks (``mi_sum``: one vector per image).
+        smart_crop: for each mask, its box padded by ``pad`` x the box's longer side, cropped from
+                    the original image (not a downscaled copy), with the mask cropped alike.
+    """
+
+    preprocess: Preprocess
+    mode: str = "global"
+    pad: float = 0.1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown view mode {self.mode!r}; one of {MODES}")
+
+    def __call__(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> Views:
+        if self.mode == "global" or masks is None:
+            return Views([View(self.preprocess.image(image))])
+        masks = to_binary_masks(masks)
+        if tuple(masks.shape[1:]) != (image.height, image.width):
+            raise ValueError(f"masks of size {tuple(masks.shape[1:])} do not match the image "
+                             f"({image.height}, {image.width})")
+        nonempty = masks.flatten(1).any(1)  # an empty source mask describes nothing
+        empty, masks = int((~nonempty).sum()), masks[nonempty]
+        if self.mode == "union" and len(masks):
+            masks = masks.any(0, keepdim=True)
+        views = self._crops(image, masks) if self.mode == "smart_crop" else \
+            self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks))
+        views.dropped_masks += empty
+        return views
+
+    def _crops(self, image: Image.Image, masks: torch.Tensor) -> Views:
+        views, dropped = [], 0
+        for mask in masks:
+            x1, y1, x2, y2 = padded_box(mask, self.pad)
+            crop = self.preprocess.masks(mask[None, y1:y2, x1:x2])
+            if crop.any():
+                views.append(View(self.preprocess.image(image.crop((x1, y1, x2, y2))), crop))
+            else:
+                dropped += 1
+        return Views(views, dropped)
+
+    @staticmethod
+    def _keep_nonempty(pixel_values: torch.Tensor, masks: torch.Tensor) -> Views:
+        # Nearest-neighbour resizing can erase a mask thinner than one input pixel; such a mask
+        # would give a meaningless vector, so it is dropped and counted.
+        keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
+        views = [View(pixel_values, masks[keep])] if keep.any() else []
+        return Views(views, int((~keep).sum()))
+
+
+def padded_box(mask: torch.Tensor, pad: float) -> tuple[int, int, int, int]:
+    """Tight box of a non-empty [H, W] mask, padded by ``pad`` x its longer side, clipped to the image.
+
+    Returns (x1, y1, x2, y2) in pixels, x2/y2 exclusive.
+    """
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x1, x2, y1, y2 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    margin = int(round(pad * max(x2 - x1, y2 - y1)))
+    height, width = mask.shape
+    return max(0, x1 - margin), max(0, y1 - margin), min(width, x2 + margin), min(height, y2 + margin)

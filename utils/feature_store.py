@@ -1,0 +1,92 @@
+"""Descriptor rows on disk, in shards of consecutive images, written atomically so runs resume.
+
+Layout of one split folder (``gallery/`` or ``queries/``)::
+
+    images.json              one record per image: key, file, ins, bbox, obj_name
+    shard-00000.safetensors  features [R, D] float32, owner [R] int64 (image index in images.json)
+    ...
+
+Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``. A shard file exists only when
+complete (write to a temporary name, then ``os.replace``), so after a crash the missing shards are
+exactly the work left, and rerunning computes them in the same batches as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeatureShards:
+    """The shards of one split. ``records`` are JSON-able dicts, one per image, in index order."""
+
+    folder: Path
+    records: list[dict]
+    shard_size: int
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.records) // self.shard_size)
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+    def image_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min(len(self.records), (shard + 1) * self.shard_size))
+
+    def prepare(self) -> None:
+        """Create the folder and its image list; a folder made for other images is an error."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        listing = self.folder / "images.json"
+        text = json.dumps(self.records, indent=1)
+        if listing.exists():
+            if json.loads(listing.read_text()) != self.records:
+                raise ValueError(f"{listing} lists other images than this run (changed anns file or "
+                                 f"paths?); use another features_dir or delete {self.folder}")
+        else:
+            atomic_write_text(listing, text)
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.num_shards) if not self.shard_path(s).exists()]
+
+    def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int]) -> None:
+        """Save one complete shard atomically. ``stats`` are counts kept for the run summary."""
+        path = self.shard_path(shard)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"features": features.float().contiguous(), "owner": owner.long().contiguous()}, tmp,
+                  metadata={k: str(v) for k, v in stats.items()})
+        os.replace(tmp, path)
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """All rows of the split: features [R, D], owner [R], and the summed shard stats."""
+        if missing := self.missing():
+            raise FileNotFoundError(f"{self.folder}: shards {missing[:5]} are missing "
+                                    f"({len(missing)} of {self.num_shards}); rerun create_index.py")
+        features, owners, stats = [], [], {}
+        for s in range(self.num_shards):
+            tensors = load_file(self.shard_path(s))
+            features.append(tensors["features"])
+            owners.append(tensors["owner"])
+            for key, value in _metadata(self.shard_path(s)).items():
+                stats[key] = stats.get(key, 0) + int(value)
+        return torch.cat(features), torch.cat(owners), stats
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
