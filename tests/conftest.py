@@ -21,3 +21,11 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """{"dinov2" | "siglip" | "clip": folder with a saved tiny model and its processor config}."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: build(root / name) for name, build in TINY_BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo set of scripts/make_demo_dataset.py (small objects in cluttered scenes, GT masks)."""
+    from scripts.make_demo_dataset import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_objects=4, gallery_per_object=3,
+                             distractors=4, image_size=160)

@@ -67,8 +67,11 @@ class FeatureShards:
         """Save one complete shard atomically. ``stats`` are counts kept for the run summary."""
         path = self.shard_path(shard)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": features.float().contiguous(), "owner": owner.long().contiguous()}, tmp,
-                  metadata={k: str(v) for k, v in stats.items()})
+        # Counts are stored as tensors: safetensors metadata is a hash map whose order (and so the
+        # file's bytes) changes between runs, which would break byte-identical resumes.
+        tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous()}
+        tensors.update({f"stat.{k}": torch.tensor([v], dtype=torch.long) for k, v in stats.items()})
+        save_file(tensors, tmp)
         os.replace(tmp, path)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
@@ -79,14 +82,8 @@ class FeatureShards:
         features, owners, stats = [], [], {}
         for s in range(self.num_shards):
             tensors = load_file(self.shard_path(s))
-            features.append(tensors["features"])
-            owners.append(tensors["owner"])
-            for key, value in _metadata(self.shard_path(s)).items():
-                stats[key] = stats.get(key, 0) + int(value)
+            features.append(tensors.pop("features"))
+            owners.append(tensors.pop("owner"))
+            for key, value in tensors.items():
+                stats[key.removeprefix("stat.")] = stats.get(key.removeprefix("stat."), 0) + int(value)
         return torch.cat(features), torch.cat(owners), stats
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}

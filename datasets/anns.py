@@ -1,0 +1,259 @@
+"""``anns.pt``: which image is a query, which instance each image shows, and query boxes.
+
+File format (a ``torch.save``'d dict, loaded with ``weights_only=True``)::
+
+    {path: {"ins": int | list[int],         # instance id(s) shown in the image
+            "is_query": bool,
+            "bbox": [x1, y1, x2, y2],       # optional; pixel-edge coords of the object (queries)
+            "obj_name": str}}               # optional; human-readable instance name
+
+A gallery image may show several instances (``ins`` a list); a gallery distractor shows
+none (``ins: []``). A query shows exactly one instance. ``path`` is absolute or relative to
+``queries_dir`` / ``galleries_dir`` (when given) or else to the folder of ``anns.pt``.
+Boxes use pixel-edge coordinates as ``PIL.Image.crop``: columns 3..5 are ``x1 = 3, x2 = 6``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captions import atomic_torch_save
+
+logger = logging.getLogger("soir.datasets")
+
+_KNOWN_KEYS = {"ins", "is_query", "bbox", "obj_name"}
+_MAX_LISTED = 10
+
+# numpy integer/bool scalars are pickled as numpy._core.multiarray.scalar(dtype, raw bytes).
+# Allowing exactly these dtypes keeps weights_only safe (no object dtype) while accepting
+# anns files written with np.int64 instance ids.
+_NUMPY_SCALAR_GLOBALS = [np.dtype, np.dtypes.BoolDType] + [
+    type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64,
+                                np.uint8, np.uint16, np.uint32, np.uint64)]
+try:
+    _NUMPY_SCALAR_GLOBALS.append(np._core.multiarray.scalar)  # numpy >= 2
+except AttributeError:  # pragma: no cover - numpy 1.x
+    _NUMPY_SCALAR_GLOBALS.append(np.core.multiarray.scalar)
+
+
+class AnnotationError(ValueError):
+    """Malformed annotation; the message names the anns file (or image) and the problem."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One image of the benchmark. ``file`` is the resolved path, ``key`` the anns.pt key."""
+
+    key: str
+    file: Path
+    ins: tuple[int, ...]
+    is_query: bool
+    bbox: tuple[float, float, float, float] | None = None
+    obj_name: str | None = None
+
+
+def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
+              queries_dir: str | Path | None = None, check_files: bool = True) -> list[Annotation]:
+    """Read and validate ``anns.pt``; returns annotations sorted by key.
+
+    Raises:
+        AnnotationError: unreadable file, malformed entry, or (``check_files``) image files
+            that do not exist (the first 10 are listed, with the total count).
+    """
+    anns_file = Path(anns_file)
+    raw = _torch_load(anns_file)
+    if not isinstance(raw, dict):
+        raise AnnotationError(f"anns file '{anns_file}': top level must be a dict, got {type(raw).__name__}")
+    default_dir = anns_file.resolve().parent
+    annotations = []
+    for key in sorted(raw, key=str):
+        where = f"anns file '{anns_file}', entry {key!r}"
+        if not isinstance(key, str):
+            raise AnnotationError(f"{where}: keys must be str paths, got {type(key).__name__}")
+        ann = _parse_entry(key, raw[key], where)
+        base = queries_dir if ann.is_query else galleries_dir
+        if not Path(key).is_absolute():
+            ann = replace(ann, file=Path(base or default_dir) / key)
+        annotations.append(ann)
+    if check_files:
+        missing = [a for a in annotations if not a.file.is_file()]
+        if missing:
+            listed = "\n  ".join(f"{a.key} -> {a.file}" for a in missing[:_MAX_LISTED])
+            raise AnnotationError(f"anns file '{anns_file}': {len(missing)} of {len(annotations)} "
+                                  f"image files do not exist, e.g.:\n  {listed}")
+    return annotations
+
+
+def save_anns(anns: dict[str, dict], path: str | Path) -> Path:
+    """Validate every entry (as :func:`load_anns` would, without file checks) and write
+    ``anns.pt`` atomically."""
+    path = Path(path)
+    for key, entry in anns.items():
+        if not isinstance(key, str):
+            raise AnnotationError(f"saving '{path}': keys must be str paths, got {key!r}")
+        _parse_entry(key, entry, f"saving '{path}', entry {key!r}")
+    return atomic_torch_save(dict(anns), path)
+
+
+def _torch_load(anns_file: Path) -> Any:
+    if not anns_file.is_file():
+        raise AnnotationError(f"anns file '{anns_file}' does not exist")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+            return torch.load(anns_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; all mean "not an anns file"
+        raise AnnotationError(f"anns file '{anns_file}' could not be loaded: {type(err).__name__}: {err}") from err
+
+
+def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
+    """Validated Annotation with ``file = Path(key)`` (resolved by the caller)."""
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: expected a dict, got {type(entry).__name__}")
+    unknown = set(entry) - _KNOWN_KEYS
+    if unknown:
+        raise AnnotationError(f"{where}: unknown keys {sorted(map(str, unknown))}; allowed {sorted(_KNOWN_KEYS)}")
+    if "is_query" not in entry:
+        raise AnnotationError(f"{where}: missing 'is_query'")
+    is_query = _as_bool(entry["is_query"], f"{where}: 'is_query'")
+    if "ins" not in entry:
+        raise AnnotationError(f"{where}: missing 'ins'")
+    ins = _as_ins(entry["ins"], f"{where}: 'ins'")
+    if is_query and len(ins) != 1:
+        raise AnnotationError(f"{where}: a query must show exactly one instance, got ins={list(ins)}")
+    bbox = entry.get("bbox")
+    if bbox is not None:
+        bbox = parse_bbox(bbox, f"{where}: 'bbox'")
+    obj_name = entry.get("obj_name")
+    if obj_name is not None and not isinstance(obj_name, str):
+        raise AnnotationError(f"{where}: 'obj_name' must be str, got {type(obj_name).__name__}")
+    return Annotation(key=key, file=Path(key), ins=ins, is_query=is_query, bbox=bbox, obj_name=obj_name)
+
+
+def _scalar(value: Any) -> Any:
+    """0-d torch tensor / numpy scalar -> Python scalar; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    value = _scalar(value)
+    if not isinstance(value, bool):
+        raise AnnotationError(f"{where} must be a bool, got {value!r}")
+    return value
+
+
+def _as_int(value: Any, where: str) -> int:
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise AnnotationError(f"{where} must hold ints, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _as_ins(value: Any, where: str) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor) and value.ndim == 1:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_int(v, where) for v in value)
+    return (_as_int(value, where),)
+
+
+def parse_bbox(value: Any, where: str) -> tuple[float, float, float, float]:
+    """Validate an annotation box: 4 finite numbers, non-negative, x2 > x1, y2 > y1.
+
+    ``where`` prefixes the AnnotationError message.
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise AnnotationError(f"{where} must be [x1, y1, x2, y2], got {value!r}")
+    numbers = [_scalar(v) for v in value]
+    if not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        raise AnnotationError(f"{where} must be 4 finite numbers, got {value!r}")
+    x1, y1, x2, y2 = (float(v) for v in numbers)
+    if min(x1, y1, x2, y2) < 0:
+        raise AnnotationError(f"{where} has negative coordinates: {value!r}")
+    if x2 <= x1 or y2 <= y1:
+        raise AnnotationError(f"{where} is empty or inverted (need x2 > x1 and y2 > y1): {value!r}")
+    return x1, y1, x2, y2
+
+
+def split(anns: Sequence[Annotation]) -> tuple[list[Annotation], list[Annotation]]:
+    """(queries, gallery), each keeping the input order."""
+    return [a for a in anns if a.is_query], [a for a in anns if not a.is_query]
+
+
+def relevance(queries: Sequence[Annotation], gallery: Sequence[Annotation]) -> np.ndarray:
+    """[Q, G] bool: True iff query q's instance is among gallery image g's instances."""
+    out = np.zeros((len(queries), len(gallery)), dtype=bool)
+    rows_of_instance: dict[int, list[int]] = {}
+    for q, query in enumerate(queries):
+        rows_of_instance.setdefault(query.ins[0], []).append(q)
+    for g, image in enumerate(gallery):
+        for instance in set(image.ins):
+            out[rows_of_instance.get(instance, []), g] = True
+    return out
+
+
+def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Sequence[Annotation],
+                                   policy: str = "error") -> list[Annotation]:
+    """Queries that have at least one relevant gallery image.
+
+    A query with no positive has undefined AP. ``policy="error"`` raises (naming up to 10 such
+    queries); ``policy="skip"`` drops them and logs a WARNING with the count, so the metric
+    is computed over fewer queries knowingly.
+    """
+    if policy not in ("error", "skip"):
+        raise ValueError(f"policy must be 'error' or 'skip', got {policy!r}")
+    has_positive = relevance(queries, gallery).any(axis=1)
+    orphans = [q for q, ok in zip(queries, has_positive) if not ok]
+    if not orphans:
+        return list(queries)
+    names = ", ".join(f"{q.key} (ins {q.ins[0]})" for q in orphans[:_MAX_LISTED])
+    if policy == "error":
+        raise AnnotationError(f"{len(orphans)} of {len(queries)} queries have no positive gallery image: "
+                              f"{names}. Fix the annotations or use policy='skip'.")
+    logger.warning("Skipping %d of %d queries that have no positive gallery image: %s",
+                   len(orphans), len(queries), names)
+    return [q for q, ok in zip(queries, has_positive) if ok]
+
+
+def crop_box(image: Image.Image, bbox: Sequence[float], source: str) -> Image.Image:
+    """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords), rounding outward.
+
+    Boxes computed on a slightly different resize may overshoot the border by a fraction of
+    a pixel; up to 1 pixel is clipped silently. More than that means the box belongs to a
+    different image (or size), and is an error naming ``source``, as is a box that is empty
+    after clipping.
+    """
+    width, height = image.size
+    x1, y1, x2, y2 = _as_bbox_loose(bbox, source)
+    if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
+        raise AnnotationError(f"{source}: bbox {list(bbox)} lies outside the {width}x{height} image "
+                              "by more than 1 pixel")
+    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
+    right, bottom = min(width, math.ceil(x2)), min(height, math.ceil(y2))
+    if right <= left or bottom <= top:
+        raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the "
+                              f"{width}x{height} image")
+    return image.crop((left, top, right, bottom))
+
+
+def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, float, float]:
+    if isinstance(bbox, (torch.Tensor, np.ndarray)):
+        bbox = bbox.tolist()
+    values = [_scalar(v) for v in bbox] if isinstance(bbox, (list, tuple)) else None
+    if values is None or len(values) != 4 or not all(
+            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise AnnotationError(f"{source}: bbox must be 4 finite numbers [x1, y1, x2, y2], got {bbox!r}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]

@@ -1,0 +1,94 @@
+"""Load any image file as an 8-bit RGB ``PIL.Image``, the single entry point for pixels.
+
+Every backbone, SAM and the crop code expect 3-channel 8-bit RGB in the orientation a
+person sees. Files in the wild are not like that, so :func:`load_rgb` normalises:
+
+* EXIF orientation: phone photos store pixels sideways plus an orientation tag; without
+  ``exif_transpose`` a query bbox drawn on the displayed image would point at the wrong pixels.
+* Transparency (RGBA, LA, La, RGBa, PA, P/L/RGB with a ``transparency`` entry): composited
+  over **white**. The colour under a fully transparent pixel is undefined (often black or
+  leftover garbage) and dropping alpha would reveal it; product shots and cut-out objects
+  are authored to be seen on a white page, so white is what the object was meant to look like.
+* 16-bit / 32-bit integer and float greyscale (``I;16*``, ``I``, ``F``): ``convert("RGB")``
+  clips these at 255, so anything brighter than 255/65535 turns white. We linearly map the
+  image's actual ``[min, max]`` to ``[0, 255]``; many 16-bit files (12-bit sensors, depth
+  maps) use only a small part of the nominal range, so scaling by 65535 would make them black.
+* 1-bit, L, P, CMYK, YCbCr, LAB, HSV: Pillow's own conversion to RGB.
+
+Unreadable, missing or truncated files raise :class:`ImageLoadError` naming the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow modes whose samples do not fit in 8 bits.
+_HIGH_BIT_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+_WHITE = (255, 255, 255)
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot load image '{path}': {reason}")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Read ``path`` and return it upright, in mode ``"RGB"`` (H x W x 3, uint8).
+
+    Raises:
+        ImageLoadError: the file is missing, not an image, truncated or otherwise undecodable.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            # Image.open is lazy; load() decodes now so truncation errors surface here.
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # OSError covers UnidentifiedImageError and "image file is truncated".
+        raise ImageLoadError(path, f"{type(err).__name__}: {err}") from err
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an already decoded image of any Pillow mode to 8-bit RGB (see module doc)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        return _stretch_to_8bit(image).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite_over_white(image)
+    return image.convert("RGB")
+
+
+def _composite_over_white(image: Image.Image) -> Image.Image:
+    """Alpha-blend onto a white background. P/L/RGB with a ``transparency`` entry go via RGBA."""
+    rgba = image.convert("RGBA")  # also un-premultiplies La/RGBa and applies palette alpha
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _stretch_to_8bit(image: Image.Image) -> Image.Image:
+    """Map the image's own value range [min, max] linearly onto [0, 255] (mode ``"L"``).
+
+    A constant image has no range to stretch; it becomes black (0), the image carries no
+    content either way. NaNs in float images map to 0.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return Image.new("L", image.size, 0)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    if hi == lo:
+        return Image.new("L", image.size, 0)
+    scaled = np.where(finite, (values - lo) * (255.0 / (hi - lo)), 0.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8 -> mode "L"

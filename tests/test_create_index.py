@@ -1,0 +1,94 @@
+"""create_index.py end to end: outputs, resume after an interruption, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.pipeline import ROOT, features_dir_from, run_script
+
+
+def _args(tiny_model_dirs, demo_dir, *extra):
+    return ("extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32",
+            f"anns_file={demo_dir / 'anns.pt'}", "num_workers=0", "batch_size=2", "shard_size=4", *extra)
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("shard-*.safetensors"))}
+
+
+def test_outputs_and_relative_paths(tiny_model_dirs, demo_dir, tmp_path):
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, "dataset=demo"), cwd=tmp_path)
+    out = features_dir_from(proc, tmp_path)
+    assert out.is_relative_to(tmp_path / "outputs" / "features" / "demo")   # no chdir into the run dir
+    gallery = json.loads((out / "gallery" / "images.json").read_text())
+    shard = load_file(out / "gallery" / "shard-00000.safetensors")
+    assert shard["features"].shape == (4, 32) and shard["owner"].tolist() == [0, 1, 2, 3]
+    assert (out / "index.faiss").is_file() and (out / "config.yaml").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gallery_images"] == len(gallery) == summary["gallery_rows"]
+    run_dirs = list((tmp_path / "outputs" / "runs").glob("*/*create_index*"))
+    assert len(run_dirs) == 1 and (run_dirs[0] / ".hydra" / "config.yaml").is_file()
+
+
+def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    reference = features_dir_from(run_script("create_index.py", *_args(tiny_model_dirs, demo_dir),
+                                             cwd=tmp_path / "a"), tmp_path / "a")
+    expected = _shard_bytes(reference)
+    # Interrupted run: kill -9 as soon as the first shard exists.
+    work = tmp_path / "b"
+    work.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "create_index.py"), *_args(tiny_model_dirs, demo_dir)],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(work.rglob("shard-00000.safetensors")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_dir = next(work.rglob("gallery")).parent
+    partial = _shard_bytes(killed_dir)
+    assert 0 < len(partial) < len(expected), "the run was not interrupted mid-way"
+    # A torn write from the killed run must not count as a shard.
+    first_missing = sorted(set(expected) - set(partial))[0]
+    (killed_dir / (first_missing + ".tmp")).write_bytes(b"half a shard")
+    out = features_dir_from(run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=work), work)
+    assert _shard_bytes(out) == {k: v for k, v in expected.items()}
+    assert (out / "index.faiss").read_bytes() == (reference / "index.faiss").read_bytes()
+
+
+def test_features_dir_of_another_config_is_refused(tiny_model_dirs, demo_dir, tmp_path):
+    out = tmp_path / "feats"
+    run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}",
+                                                "no_query_crop=true"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "made with other settings (no_query_crop)" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("vec_dim=768",), "vec_dim=768 but"),
+    (("extractr=clip",), "extractr"),
+    (("extractor=siglip_mi_features",), "have no masks in no captions_file given"),
+    (("anns_file=/nonexistent/anns.pt",), "/nonexistent/anns.pt"),
+])
+def test_bad_runs_fail_with_a_clear_message(tiny_model_dirs, demo_dir, tmp_path, overrides, message):
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), *overrides, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+
+
+def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
+    proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "no_query_crop=true,false",
+                      cwd=tmp_path)
+    outs = {l.split(": ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("features and index: ")}
+    assert len(outs) == 2
+    job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
+    assert len(job_dirs) == 2 and all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)

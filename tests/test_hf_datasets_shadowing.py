@@ -1,0 +1,49 @@
+"""Our top-level ``datasets`` package shadows HuggingFace ``datasets`` when the repo root is
+sys.path[0] (``python create_index.py`` from the root). transformers must still import,
+build and load a model, and ``import datasets`` must give our package."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent("""
+    import sys, tempfile
+    from pathlib import Path
+    root = Path.cwd().resolve()
+    assert sys.path[0] in ("", str(root)), sys.path[0]  # same as `python script.py` from the root
+
+    import torch
+    import transformers
+    from transformers import AutoImageProcessor, SiglipVisionModel
+    from transformers.utils import is_datasets_available
+    from tests.tiny_models import save_tiny_siglip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny_siglip(tmp)
+        model = SiglipVisionModel.from_pretrained(folder).eval()
+        processor = AutoImageProcessor.from_pretrained(folder)
+        pixels = processor(images=[torch.zeros(3, 80, 80, dtype=torch.uint8)], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            pooled = model(pixel_values=pixels).pooler_output
+    assert tuple(pooled.shape) == (1, 32), pooled.shape
+    assert torch.isfinite(pooled).all()
+
+    import datasets
+    assert Path(datasets.__file__).resolve() == root / "datasets" / "__init__.py", datasets.__file__
+    assert callable(datasets.load_rgb) and callable(datasets.load_anns)
+    print("OK", is_datasets_available())
+""")
+
+
+def test_transformers_works_and_datasets_is_ours():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().startswith("OK"), result.stdout

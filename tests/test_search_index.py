@@ -1,0 +1,63 @@
+"""search_index.py end to end: output contract and numbers checked against sklearn."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from sklearn.metrics import average_precision_score
+
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+
+
+@pytest.fixture(scope="module")
+def features(tiny_model_dirs, demo_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("search")
+    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={tiny_model_dirs['clip']}",
+                      "vec_dim=24", f"anns_file={demo_dir / 'anns.pt'}", "num_workers=1", "shard_size=5",
+                      cwd=cwd)
+    return cwd, features_dir_from(proc, cwd)
+
+
+def test_results_follow_the_output_contract_and_standard_definitions(features):
+    cwd, folder = features
+    proc = run_script("search_index.py", f"features_dir={folder}", "k_search=3", "map_at=5",
+                      "experiment=contract", cwd=cwd)
+    results, rankings = read_results(results_dir_from(proc))
+    gallery = json.loads((folder / "gallery" / "images.json").read_text())
+    queries = json.loads((folder / "queries" / "images.json").read_text())
+    assert results["num_queries"] == len(queries) == len(rankings)
+    assert results["num_gallery_images"] == len(gallery)
+    assert set(results["recall"]) == {"1", "5", "10"} and "mAP@5" in results
+
+    # Independent recomputation: scores from the stored features, AP by sklearn over the whole gallery.
+    g = load_file(folder / "gallery" / "shard-00000.safetensors")
+    gallery_features = np.concatenate([load_file(p)["features"].numpy()
+                                       for p in sorted((folder / "gallery").glob("shard-*.safetensors"))])
+    query_features = np.concatenate([load_file(p)["features"].numpy()
+                                     for p in sorted((folder / "queries").glob("shard-*.safetensors"))])
+    assert g["features"].shape[1] == query_features.shape[1] == 24
+    scores = query_features @ gallery_features.T
+    relevant = np.array([[bool(set(q["ins"]) & set(im["ins"])) for im in gallery] for q in queries])
+    aps = [average_precision_score(r, s) for r, s in zip(relevant, scores)]
+    assert results["mAP"] == pytest.approx(np.mean(aps), abs=1e-6)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    first_hit = np.array([np.flatnonzero(r[o])[0] + 1 for r, o in zip(relevant, order)])
+    for k in (1, 5, 10):
+        assert results["recall"][str(k)] == pytest.approx(np.mean(first_hit <= k))
+
+    # rankings.jsonl: top k_search, best first, image-level keys and scores.
+    for line, o, s in zip(rankings, order, scores):
+        assert [key for key, _ in line["ranking"]] == [gallery[i]["key"] for i in o[:3]]
+        assert [score for _, score in line["ranking"]] == pytest.approx(s[o[:3]].tolist(), abs=1e-5)
+    with open(results_dir_from(proc) / "per_query.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["ap"]) for r in rows] == pytest.approx(aps, abs=1e-5)
+    assert [int(r["first_positive_rank"]) for r in rows] == first_hit.tolist()
+
+
+def test_missing_features_dir_is_a_clear_error(tmp_path):
+    proc = run_script("search_index.py", f"features_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "not a create_index.py output folder" in proc.stderr
