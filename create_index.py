@@ -68,6 +68,8 @@ def main(cfg: DictConfig) -> None:
 def gallery_jobs(gallery, captions, extractor, cfg: DictConfig) -> list[ImageJob]:
     """Gallery images are never cropped (cropping to a ground-truth box would leak the label)."""
     if not extractor.uses_masks:
+        if captions is not None:
+            log.warning("captions_file is not used by %s (whole-image embeddings)", cfg.extractor)
         return [ImageJob(ann) for ann in gallery]
     masks = [find_masks(captions, ann.key, ann.file) if captions else None for ann in gallery]
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]

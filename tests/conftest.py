@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.tiny_models import TINY_BUILDERS  # noqa: E402
+from scripts.make_tiny_models import TINY_BUILDERS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

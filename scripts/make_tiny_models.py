@@ -1,11 +1,14 @@
-"""Tiny, randomly initialised backbones saved to disk for tests.
+"""Tiny, randomly initialised backbones saved to disk, for tests and the offline demo.
+
+    python scripts/make_tiny_models.py --out demo_data/tiny_models
 
 Each builder creates a model from its config (no download), saves it together with an
-image-processor config to ``folder`` and returns the folder, so tests load it through the
-same ``from_pretrained`` path that real hub ids use.
+image-processor config to ``folder`` and returns the folder, so it is loaded through the same
+``from_pretrained`` path as real hub ids. Random weights: retrieval numbers made with them mean nothing.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -60,3 +63,15 @@ def _save(model: torch.nn.Module, processor, folder: str | Path) -> Path:
 
 
 TINY_BUILDERS = {"dinov2": save_tiny_dinov2, "siglip": save_tiny_siglip, "clip": save_tiny_clip}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder; one sub-folder per family")
+    args = parser.parse_args()
+    for name, build in TINY_BUILDERS.items():
+        print(f"{name}: {build(args.out / name)}")
+
+
+if __name__ == "__main__":
+    main()
