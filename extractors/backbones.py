@@ -45,14 +45,3 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
 def embedding_dim(model: nn.Module, family: str) -> int:
     """Size of the global embedding of ``model`` as declared by its config."""
     return int(getattr(model.config, FAMILIES[family].dim_key))
-
-
-def global_embedding(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The model's own global embedding [B, D], L2-normalised.
-
-    DINOv2: ``pooler_output`` (layer-normed CLS token); SigLIP: ``pooler_output`` of its
-    attention-pooling head; CLIP: ``image_embeds`` (projected CLS token).
-    """
-    out = model(pixel_values=pixel_values)
-    emb = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
-    return torch.nn.functional.normalize(emb.float(), dim=-1)

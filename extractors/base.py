@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extractors.backbones import embedding_dim, global_embedding, load_backbone
+from extractors.backbones import embedding_dim, load_backbone
 from extractors.lora import add_lora
 from extractors.views import View, ViewMaker, Views
+from utils.mask_inversion import global_embedding
 from utils.preprocessing import Preprocess
 
 log = logging.getLogger("soir.extractors")

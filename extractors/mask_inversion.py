@@ -5,7 +5,7 @@ import torch
 
 from extractors.base import Extractor
 from extractors.views import ViewMaker
-# TEMP-LAZY from utils.mask_inversion import mask_inversion
+from utils.mask_inversion import mask_inversion
 
 
 class MIExtractor(Extractor):
@@ -42,7 +42,6 @@ class MIExtractor(Extractor):
 
     def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]."""
-        from utils.mask_inversion import mask_inversion  # TEMP-LAZY
         with self.autocast():
             return mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
                                   **self.mi).float()

@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from scripts.make_tiny_models import TINY_BUILDERS  # noqa: E402
+
+# Tiny models are dominated by per-op overhead; with 2 threads on a 2-core machine that is also
+# running DataLoader workers or subprocesses, thread spinning makes them 10-100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

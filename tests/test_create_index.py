@@ -46,7 +46,7 @@ def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_d
     # Interrupted run: kill -9 as soon as the first shard exists.
     work = tmp_path / "b"
     work.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "create_index.py"), *_args(tiny_model_dirs, demo_dir)],
                             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -1,0 +1,107 @@
+"""MI extractors: mask formats, geometry of views, descriptor modes, end to end with each family."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPExtractor, SigLIPMIExtractor
+from extractors.views import ViewMaker, padded_box
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from utils.mask_inversion import mask_inversion
+
+MI = dict(mi_iterations=5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 96x128 noisy image with two rectangular object masks."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    masks = np.zeros((2, 96, 128), dtype=bool)
+    masks[0, 10:40, 20:60] = True
+    masks[1, 60:90, 90:120] = True
+    return image, masks
+
+
+@pytest.fixture(scope="module")
+def siglip_mi(tiny_model_dirs):
+    return SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), **MI)
+
+
+def test_extract_with_masks_is_mask_inversion_on_the_resized_image(siglip_mi, scene):
+    image, masks = scene
+    vectors = siglip_mi.extract(image, masks)
+    assert vectors.shape == (2, 32)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(2))
+    pixels = siglip_mi.preprocess.image(image)[None]
+    resized = siglip_mi.preprocess.masks(masks)[None]
+    assert resized.shape == (1, 2, 64, 64) and set(resized.unique().tolist()) == {0.0, 1.0}
+    expected = mask_inversion(siglip_mi.model, pixels, resized, alpha=0.03, iterations=5, lr=0.1)[0]
+    torch.testing.assert_close(vectors, expected)
+
+
+def test_mask_formats_give_the_same_vectors(siglip_mi, scene):
+    image, masks = scene
+    as_bool = siglip_mi.extract(image, masks)
+    torch.testing.assert_close(siglip_mi.extract(image, masks.astype(np.float32)), as_bool)
+    torch.testing.assert_close(siglip_mi.extract(image, masks.astype(np.uint8) * 255), as_bool)
+    torch.testing.assert_close(siglip_mi.extract(image, torch.from_numpy(masks).long()), as_bool)
+    with pytest.raises(ValueError, match="bool, 0/1 or 0/255"):
+        siglip_mi.extract(image, masks.astype(np.uint8) * 7)
+
+
+def test_bad_masks_are_refused(siglip_mi, scene):
+    image, masks = scene
+    with pytest.raises(ValueError, match="do not match the image"):
+        siglip_mi.extract(image, masks[:, :50])
+    with pytest.raises(ValueError, match="empty"):
+        siglip_mi.extract(image, np.zeros_like(masks))
+
+
+def test_no_masks_gives_the_global_embedding(tiny_model_dirs, siglip_mi, scene):
+    plain = SigLIPExtractor(str(tiny_model_dirs["siglip"]), device="cpu")
+    torch.testing.assert_close(siglip_mi.extract(scene[0]), plain.extract(scene[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_one_vector_per_image_modes(tiny_model_dirs, scene):
+    image, masks = scene
+    folder = str(tiny_model_dirs["siglip"])
+    per_mask = SigLIPMIExtractor(folder, **MI).extract(image, masks)
+    averaged = SigLIPMIExtractor(folder, avg_multiple_vecs=True, **MI).extract(image, masks)
+    torch.testing.assert_close(averaged[0], torch.nn.functional.normalize(per_mask.mean(0), dim=0))
+    union = SigLIPMIExtractor(folder, mi_sum=True, **MI).extract(image, masks)
+    single = SigLIPMIExtractor(folder, **MI).extract(image, masks.any(0, keepdims=True))
+    torch.testing.assert_close(union, single)
+
+
+def test_smart_crop_cuts_each_mask_box_from_the_original_image(siglip_mi, scene):
+    image, masks = scene
+    box = padded_box(torch.from_numpy(masks[0]), pad=0.1)
+    assert box == (16, 6, 64, 44)                    # 40x30 box, 4 px margin (10% of 40)
+    views = ViewMaker(siglip_mi.preprocess, "smart_crop", 0.1)(image, masks)
+    assert len(views.views) == 2
+    torch.testing.assert_close(views.views[0].pixel_values, siglip_mi.preprocess.image(image.crop(box)))
+    mask_crop = siglip_mi.preprocess.masks(masks[:1, 6:44, 16:64])
+    torch.testing.assert_close(views.views[0].masks, mask_crop)
+
+
+@pytest.mark.parametrize("cls,family", [(DINOv2MIExtractor, "dinov2"), (CLIPMIExtractor, "clip")])
+def test_other_families(tiny_model_dirs, scene, cls, family):
+    vectors = cls(str(tiny_model_dirs[family]), **MI).extract(*scene)
+    assert vectors.shape == (2, 32 if family == "dinov2" else 24) and torch.isfinite(vectors).all()
+
+
+@pytest.mark.parametrize("family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32)])
+def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family, dim):
+    proc = run_script("create_index.py", f"extractor={family}_mi_features", f"model_name={tiny_model_dirs[family]}",
+                      f"vec_dim={dim}", f"anns_file={demo_dir / 'anns.pt'}",
+                      f"captions_file={demo_dir / 'captions.pt'}", "mi_iterations=3", "num_workers=1",
+                      "mask_input=true", cwd=tmp_path)
+    folder = features_dir_from(proc, tmp_path)
+    search = run_script("search_index.py", f"features_dir={folder}", "k_search=5", cwd=tmp_path)
+    results, rankings = read_results(results_dir_from(search))
+    assert results["num_gallery_rows"] > results["num_gallery_images"]     # several masks per image
+    assert 0 < results["mAP"] <= 1 and len(rankings) == results["num_queries"]
+    assert all(len(line["ranking"]) == 5 for line in rankings)
