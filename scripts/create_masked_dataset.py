@@ -1,0 +1,601 @@
+#!/usr/bin/env python
+"""Object masks for Mask Inversion: OWLv2 finds the objects, SAM turns each box into a mask.
+
+    python scripts/create_masked_dataset.py --input_dir /path/to/images --output_dir /path/to/output \\
+        --sam_checkpoint /path/to/sam_vit_h_4b8939.pth --owlv2_model google/owlv2-base-patch16-ensemble
+
+Two modes:
+
+* gallery (``--input_dir``): every image under the folder (recursively) gets OWLv2 boxes,
+  class-agnostic objectness by default or ``--queries "a mug" "a toy"``; keys are paths relative
+  to ``--input_dir`` (``--absolute_keys`` for resolved absolute paths).
+* queries (``--anns_file anns.pt --queries_only``): every query of ``anns.pt`` gets one SAM mask
+  from its annotated bbox; keys are the ``anns.pt`` keys. OWLv2 is not used.
+
+Everything goes to ``--output_dir``::
+
+    captions.pt        {key: {"masks_rle": [...], "bboxes": [...], "scores": [...]}} (datasets.captions)
+    shards/            shard_000000.pt, ... : --shard_size images each, written atomically
+    run_config.json    the settings that determine the result; a rerun must match it to resume
+    failed_images.txt  "key<TAB>reason" for every image that could not be used
+    summary.json       the final summary (also printed)
+    preview/           --preview N PNGs with boxes and mask overlays
+
+A killed run is resumed by running the same command again: finished shards are kept, the
+rest is computed, and ``captions.pt`` is written once every shard exists.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `scripts` importable
+    sys.path.insert(0, str(ROOT))
+
+from datasets.anns import AnnotationError, load_anns  # noqa: E402
+from datasets.captions import ImageMasks, encode_mask, save_captions  # noqa: E402
+from datasets.images import ImageLoadError, load_rgb  # noqa: E402
+from scripts.mask_models import (  # noqa: E402
+    SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamArchitecture, SamSegmenter,
+    infer_sam_model_type, load_sam,
+)
+
+# Pipeline order, for the summary.
+STAGES = ("load_models", "load", "owlv2_preprocess", "owlv2", "sam_embed", "sam_decode", "rle", "preview", "write")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SHARD_FORMAT = "soir-mask-shard-v1"
+_LISTED = 20  # failed images printed in the summary; all of them go to failed_images.txt
+
+
+class RunError(RuntimeError):
+    """A problem with the inputs or the output folder, found before any image is processed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What to process
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to mask: its captions key, its file and, in queries mode, its prompt box."""
+
+    key: str
+    path: Path
+    box: tuple[float, float, float, float] | None = None  # x1 y1 x2 y2 pixels (queries mode)
+
+
+def gallery_items(input_dir: Path, absolute_keys: bool, exclude: Path | None = None) -> list[WorkItem]:
+    """Every image file under ``input_dir`` (recursive, by extension), sorted by key.
+
+    ``exclude`` (the output folder, if it lies inside ``input_dir``) is skipped so that preview
+    PNGs of a first run do not become new inputs of the rerun.
+    """
+    exclude = exclude.resolve() if exclude is not None else None
+    items = []
+    for path in input_dir.rglob("*"):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue
+        key = str(path.resolve()) if absolute_keys else path.relative_to(input_dir).as_posix()
+        items.append(WorkItem(key=key, path=path))
+    return sorted(items, key=lambda item: item.key)
+
+
+def query_items(anns_file: Path, galleries_dir: Path | None, queries_dir: Path | None
+                ) -> tuple[list[WorkItem], list[str]]:
+    """The queries of ``anns.pt`` with their bboxes -> (items, keys of queries without a bbox)."""
+    try:
+        anns = load_anns(anns_file, galleries_dir=galleries_dir, queries_dir=queries_dir)
+    except AnnotationError as err:
+        raise RunError(str(err)) from err
+    queries = [a for a in anns if a.is_query]
+    items = [WorkItem(key=a.key, path=a.file, box=a.bbox) for a in queries if a.bbox is not None]
+    return items, [a.key for a in queries if a.bbox is None]
+
+
+@dataclass
+class LoadedImage:
+    """What a DataLoader worker hands to the GPU loop for one item."""
+
+    index: int
+    image: np.ndarray | None = None          # [H, W, 3] uint8 RGB
+    pixel_values: torch.Tensor | None = None  # [3, S, S] OWLv2 input (gallery mode)
+    error: str | None = None                  # why the image could not be used
+    seconds: dict[str, float] = field(default_factory=dict)  # load / owlv2_preprocess
+
+
+class ImageItems(Dataset):
+    """Decodes item ``i`` (and runs the OWLv2 preprocessing) off the main process.
+
+    Only :class:`ImageLoadError` is caught: an unreadable file is reported, not fatal. Any
+    other exception is a bug and stops the run.
+    """
+
+    def __init__(self, items: Sequence[WorkItem], preprocess: Callable[[Image.Image], torch.Tensor] | None):
+        self.items = items
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        start = time.perf_counter()
+        try:
+            image = load_rgb(self.items[index].path)
+        except ImageLoadError as err:
+            return LoadedImage(index, error=str(err))
+        loaded = LoadedImage(index, image=np.array(image), seconds={"load": time.perf_counter() - start})
+        if self.preprocess is not None:
+            start = time.perf_counter()
+            loaded.pixel_values = self.preprocess(image)
+            loaded.seconds["owlv2_preprocess"] = time.perf_counter() - start
+        return loaded
+
+
+def _as_list(batch: list[LoadedImage]) -> list[LoadedImage]:
+    return batch  # module-level (picklable) collate_fn: keep records as they are
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder: run config, shards
+# ----------------------------------------------------------------------------------------------
+
+def items_digest(items: Sequence[WorkItem]) -> str:
+    """sha256 of the ordered (key, file, box) list: a resumed run must see the same images."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.key}\t{item.path}\t{item.box}\n".encode())
+    return digest.hexdigest()
+
+
+def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
+    """Compare ``config`` with the folder's ``run_config.json``; returns the number of shards kept.
+
+    Raises:
+        RunError: the folder holds shards of a run with other settings or another image list.
+    """
+    config_file, shards = output_dir / "run_config.json", sorted((output_dir / "shards").glob("shard_*.pt"))
+    if overwrite:
+        for path in shards:
+            path.unlink()
+        for name in ("run_config.json", "captions.pt", "summary.json", "failed_images.txt"):
+            (output_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / "preview", ignore_errors=True)
+        return 0
+    if not config_file.is_file():
+        if shards:
+            raise RunError(f"'{output_dir}' holds {len(shards)} shards but no run_config.json; "
+                           "use a new --output_dir or --overwrite")
+        return 0
+    old = json.loads(config_file.read_text())
+    changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+               if old.get(k) != config.get(k)]
+    if changed:
+        raise RunError(f"'{output_dir}' holds a run with other settings ({'; '.join(changed)}). Rerun with "
+                       "the same options to resume, or use a new --output_dir, or --overwrite to discard it.")
+    return len(shards)
+
+
+def shard_path(output_dir: Path, shard: int) -> Path:
+    return output_dir / "shards" / f"shard_{shard:06d}.pt"
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a kill leaves old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_shard(path: Path, keys: Sequence[str]) -> dict:
+    """A shard's {"captions", "failed"}; raises RunError if it does not hold exactly ``keys``."""
+    shard = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT or shard.get("keys") != list(keys):
+        raise RunError(f"shard '{path}' does not belong to this run (other images or format); "
+                       "use --overwrite or a new --output_dir")
+    return shard
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+class StageTimer:
+    """Seconds per stage; waits for the GPU at stage ends so the time lands on the right stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: Counter[str] = Counter()
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks of one image
+# ----------------------------------------------------------------------------------------------
+
+def masks_for_image(segmenter: SamSegmenter, image: np.ndarray, boxes: torch.Tensor, scores: torch.Tensor,
+                    timer: StageTimer) -> tuple[ImageMasks, torch.Tensor, int]:
+    """SAM masks for ``boxes`` [K, 4] of ``image`` [H, W, 3] -> (ImageMasks, masks [K', H, W], dropped).
+
+    No boxes: no SAM call at all (empty entry). Masks that come out empty (possible for a
+    box on a flat region) are dropped with their box and score; ``dropped`` counts them.
+    """
+    if len(boxes) == 0:
+        return ImageMasks(), torch.zeros((0, *image.shape[:2]), dtype=torch.bool), 0
+    with timer.stage("sam_embed"):
+        segmenter.embed(image)
+    with timer.stage("sam_decode"):
+        masks, _ = segmenter.decode(boxes)
+    keep = masks.flatten(1).any(dim=1)
+    masks, boxes, scores = masks[keep], boxes[keep], scores[keep]
+    with timer.stage("rle"):
+        entry = ImageMasks(masks_rle=[encode_mask(m) for m in masks.numpy()],
+                           bboxes=[[float(v) for v in box] for box in boxes.tolist()],
+                           scores=[float(s) for s in scores.tolist()])
+    return entry, masks, int((~keep).sum())
+
+
+def prompt_box(item: WorkItem, image_size: tuple[int, int]) -> torch.Tensor:
+    """[1, 4] anns bbox clipped to the image; a box more than 1 px outside is an error (wrong image?)."""
+    height, width = image_size
+    x1, y1, x2, y2 = item.box
+    if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
+        raise ValueError(f"bbox {list(item.box)} lies outside the {width}x{height} image")
+    return torch.tensor([[max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Preview
+# ----------------------------------------------------------------------------------------------
+
+def write_preview(path: Path, image: np.ndarray, masks: torch.Tensor, entry: ImageMasks,
+                  max_side: int = 1024) -> None:
+    """PNG of ``image`` with translucent masks, their boxes and scores, at most ``max_side`` px."""
+    from torchvision.transforms.functional import resize
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    canvas = resize(torch.from_numpy(image).permute(2, 0, 1), size, antialias=True)
+    if len(entry):
+        small = resize(masks[:, None].float(), size, antialias=False)[:, 0] > 0.5
+        colors = [tuple(int(c) for c in np.random.default_rng(i).integers(64, 256, 3)) for i in range(len(entry))]
+        canvas = draw_segmentation_masks(canvas, small, alpha=0.45, colors=colors)
+        boxes = torch.tensor(entry.bboxes) * scale
+        canvas = draw_bounding_boxes(canvas, boxes, labels=[f"{s:.2f}" for s in entry.scores], colors=colors,
+                                     width=max(1, round(max(size) / 400)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+
+
+def preview_name(index: int, key: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(key).with_suffix("")))[-80:]
+    return f"{index:06d}_{stem}.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argparse.Namespace,
+                   detector: Owlv2Detector | None, segmenter: SamSegmenter, timer: StageTimer) -> dict:
+    """Compute and write the ``pending`` shards; returns this run's counters.
+
+    Batches never cross a shard boundary, so a resumed run batches each shard exactly as an
+    uninterrupted run does (same float results, same file).
+    """
+    out, size = args.output_dir, args.shard_size
+    shard_ranges = {s: range(s * size, min((s + 1) * size, len(items))) for s in pending}
+    batches = [(s, list(r[i: i + args.batch_size])) for s, r in shard_ranges.items()
+               for i in range(0, len(r), args.batch_size)]
+    dataset = ImageItems(items, detector.preprocess if detector is not None else None)
+    loader = DataLoader(dataset, batch_sampler=[b for _, b in batches], collate_fn=_as_list,
+                        num_workers=args.num_workers)
+    preview_dir = out / "preview"
+    previews_left = max(0, args.preview - len(list(preview_dir.glob("*.png")))) if args.preview else 0
+    stats = Counter()
+    results: dict[str, dict] = {}
+    areas: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    bar = tqdm(total=sum(len(r) for r in shard_ranges.values()), unit="img", desc="masks", dynamic_ncols=True)
+    for (shard, _), batch in zip(batches, loader):
+        for record in batch:
+            for stage, seconds in record.seconds.items():
+                timer.seconds[stage] += seconds
+        good = []
+        for record in batch:
+            if record.error is None:
+                good.append(record)
+            else:
+                failed[items[record.index].key] = record.error
+                tqdm.write(f"skipped: {record.error}", file=sys.stderr)
+        if detector is not None and good:
+            with timer.stage("owlv2"):
+                detections = detector.detect(torch.stack([r.pixel_values for r in good]),
+                                             [r.image.shape[:2] for r in good])
+        else:
+            detections = [None] * len(good)
+        for record, detection in zip(good, detections):
+            item = items[record.index]
+            if detection is None:  # queries mode: the annotated box, score 1 (given, not predicted)
+                try:
+                    detection = (prompt_box(item, record.image.shape[:2]), torch.ones(1))
+                except ValueError as err:
+                    failed[item.key] = f"'{item.path}': {err}"
+                    tqdm.write(f"skipped: {failed[item.key]}", file=sys.stderr)
+                    continue
+            entry, masks, dropped = masks_for_image(segmenter, record.image, *detection, timer)
+            results[item.key] = entry.to_dict()
+            areas[item.key] = masks.flatten(1).float().mean(dim=1).tolist()  # share of the image, per mask
+            stats["objects"] += len(entry)
+            stats["empty_masks_dropped"] += dropped
+            if previews_left:
+                with timer.stage("preview"):
+                    write_preview(preview_dir / preview_name(record.index, item.key), record.image, masks, entry)
+                previews_left -= 1
+        bar.update(len(batch))
+        bar.set_postfix(objects=stats["objects"], failed=len(failed), refresh=False)
+        stats["images"] += len(batch)
+        if batch[-1].index == shard_ranges[shard][-1]:  # last batch of the shard: write it
+            keys = [items[i].key for i in shard_ranges[shard]]
+            with timer.stage("write"):
+                atomic_torch_save({"format": SHARD_FORMAT, "keys": keys,
+                                   "captions": {k: results.pop(k) for k in keys if k in results},
+                                   "failed": {k: failed[k] for k in keys if k in failed},
+                                   "mask_area": {k: areas.pop(k) for k in keys if k in areas}},
+                                  shard_path(out, shard))
+            stats["shards"] += 1
+    bar.close()
+    return dict(stats)
+
+
+def merge_shards(items: Sequence[WorkItem], output_dir: Path, shard_size: int
+                 ) -> tuple[dict[str, dict], dict[str, str], list[float]]:
+    """All shards in item order -> (captions {key: entry}, failed {key: reason}, mask area shares)."""
+    captions, failed, areas = {}, {}, []
+    for shard in range(math.ceil(len(items) / shard_size)):
+        keys = [item.key for item in items[shard * shard_size: (shard + 1) * shard_size]]
+        content = read_shard(shard_path(output_dir, shard), keys)
+        captions.update(content["captions"])
+        failed.update(content["failed"])
+        areas += [a for key in content["captions"] for a in content["mask_area"][key]]
+    return captions, failed, areas
+
+
+def summarize(captions: dict[str, dict], failed: dict[str, str], areas: Sequence[float],
+              skipped_no_bbox: Sequence[str], run_stats: dict, timer: StageTimer, elapsed: float) -> dict:
+    """Numbers a user checks in the morning (see README): counts, objects/image, mask area, time."""
+    per_image = Counter(len(entry["masks_rle"]) for entry in captions.values())
+    per_image_stages = {k: v for k, v in timer.seconds.items() if k != "load_models"}
+    stage_total = sum(per_image_stages.values()) or 1.0
+    processed = run_stats.get("images", 0)
+    return {
+        "images": len(captions) + len(failed),
+        "images_with_masks": len(captions),
+        "images_without_detections": per_image.get(0, 0),
+        "failed_images": len(failed),
+        "queries_without_bbox": len(skipped_no_bbox),
+        "objects": int(sum(len(e["masks_rle"]) for e in captions.values())),
+        "objects_per_image": {str(k): per_image[k] for k in sorted(per_image)},
+        "mean_mask_area_percent": float(np.mean(areas) * 100) if len(areas) else 0.0,
+        "processed_this_run": processed,
+        "empty_masks_dropped_this_run": run_stats.get("empty_masks_dropped", 0),
+        "seconds_this_run": round(elapsed, 3),
+        "images_per_second_this_run": round(processed / elapsed, 3) if processed and elapsed > 0 else None,
+        "stage_seconds_this_run": {k: round(timer.seconds[k], 4) for k in STAGES if k in timer.seconds},
+        # Share of the per-image work (model loading excluded). With --num_workers > 0, load and
+        # owlv2_preprocess are summed over the workers and overlap the model stages.
+        "stage_share_this_run": {k: round(per_image_stages[k] / stage_total, 4)
+                                 for k in STAGES if k in per_image_stages},
+    }
+
+
+def print_summary(summary: dict, failed: dict[str, str], skipped_no_bbox: Sequence[str], output_dir: Path) -> None:
+    lines = [f"images               {summary['images']} ({summary['processed_this_run']} processed in this run)",
+             f"  with masks         {summary['images_with_masks']} "
+             f"(of which {summary['images_without_detections']} have no detections: empty lists)",
+             f"  unreadable/failed  {summary['failed_images']}"
+             + (f" (all in {output_dir / 'failed_images.txt'})" if failed else "")]
+    lines += [f"    {key}: {reason}" for key, reason in list(failed.items())[:_LISTED]]
+    if len(failed) > _LISTED:
+        lines.append(f"    ... and {len(failed) - _LISTED} more")
+    if skipped_no_bbox:
+        lines.append(f"  queries without bbox, not masked: {len(skipped_no_bbox)} "
+                     f"(e.g. {list(skipped_no_bbox)[:5]})")
+    histogram = " | ".join(f"{k}: {v}" for k, v in summary["objects_per_image"].items())
+    lines += [f"objects              {summary['objects']}, mean mask area "
+              f"{summary['mean_mask_area_percent']:.2f} % of the image",
+              f"objects per image    {histogram or '-'}"]
+    if summary["empty_masks_dropped_this_run"]:
+        lines.append(f"empty SAM masks dropped (with their boxes): {summary['empty_masks_dropped_this_run']}")
+    shares = " | ".join(f"{k} {100 * v:.0f}%" for k, v in summary["stage_share_this_run"].items())
+    rate = summary["images_per_second_this_run"]
+    lines.append(f"time                 {summary['seconds_this_run']:.1f} s"
+                 + (f", {rate:.3g} images/s" if rate else "") + (f" ({shares})" if shares else ""))
+    print("\n".join(lines))
+
+
+def resolve_sam_type(args: argparse.Namespace) -> tuple[str, dict]:
+    """(SAM type name, architecture dict) for the run config, without loading the checkpoint."""
+    if args.sam_config is not None:
+        return f"custom:{args.sam_config.name}", dataclasses.asdict(SamArchitecture.from_json(args.sam_config))
+    model_type = args.sam_model_type or infer_sam_model_type(args.sam_checkpoint)
+    if model_type is None:
+        raise ModelLoadError(f"cannot tell the SAM type from the file name '{args.sam_checkpoint.name}'; "
+                             f"pass --sam_model_type ({' | '.join(SAM_ARCHITECTURES)})")
+    return model_type, dataclasses.asdict(SAM_ARCHITECTURES[model_type])
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole job; returns the summary. Raises RunError / ModelLoadError before any image."""
+    start = time.perf_counter()
+    output_dir: Path = args.output_dir
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if args.anns_file is not None:
+        items, skipped_no_bbox = query_items(args.anns_file, args.galleries_dir, args.queries_dir)
+        source = {"mode": "queries", "anns_file": str(args.anns_file.resolve()),
+                  "galleries_dir": str(args.galleries_dir), "queries_dir": str(args.queries_dir)}
+    else:
+        if not args.input_dir.is_dir():
+            raise RunError(f"--input_dir '{args.input_dir}' is not a folder")
+        items, skipped_no_bbox = gallery_items(args.input_dir, args.absolute_keys, exclude=output_dir), []
+        source = {"mode": "detect", "input_dir": str(args.input_dir.resolve()), "absolute_keys": args.absolute_keys,
+                  "owlv2_model": args.owlv2_model, "queries": list(args.queries or []),
+                  "score_threshold": args.score_threshold, "nms_iou": args.nms_iou,
+                  "max_objects": args.max_objects, "min_box_size": args.min_box_size,
+                  "exact_owlv2_resize": args.exact_owlv2_resize}
+    if not items:
+        raise RunError(f"no images to process in {args.anns_file or args.input_dir} "
+                       f"(extensions {sorted(IMAGE_EXTENSIONS)})")
+    sam_type, sam_arch = resolve_sam_type(args)
+    config = {**source, "sam_checkpoint": str(args.sam_checkpoint.resolve()), "sam_model_type": sam_type,
+              "sam_architecture": sam_arch, "shard_size": args.shard_size,
+              "num_images": len(items), "images_sha256": items_digest(items)}
+    config = json.loads(json.dumps(config))  # as run_config.json will read back (tuples -> lists)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done = check_run_config(output_dir, config, args.overwrite)
+    num_shards = math.ceil(len(items) / args.shard_size)
+    pending = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
+    if done:
+        print(f"resuming: {num_shards - len(pending)} of {num_shards} shards already done")
+    if args.max_shards is not None:
+        pending = pending[: args.max_shards]
+
+    timer = StageTimer(device)
+    run_stats: dict = {}
+    if pending:
+        with timer.stage("load_models"):
+            sam, _ = load_sam(args.sam_checkpoint, model_type=args.sam_model_type, sam_config=args.sam_config,
+                              device=device)
+            detector = None
+            if args.anns_file is None:
+                options = DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
+                detector = Owlv2Detector.from_pretrained(args.owlv2_model, options, queries=args.queries or (),
+                                                         device=device, exact_resize=args.exact_owlv2_resize)
+        (output_dir / "run_config.json").write_text(json.dumps(config, indent=1))
+        run_stats = process_shards(items, pending, args, detector, SamSegmenter(sam), timer)
+
+    remaining = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
+    if remaining:
+        print(f"stopped after --max_shards {args.max_shards}: {num_shards - len(remaining)} of {num_shards} "
+              "shards done; run the same command again to continue")
+        return {"shards_done": num_shards - len(remaining), "shards": num_shards, **run_stats}
+    captions, failed, areas = merge_shards(items, output_dir, args.shard_size)
+    save_captions(captions, output_dir / "captions.pt")
+    (output_dir / "failed_images.txt").write_text("".join(f"{k}\t{v}\n" for k, v in failed.items()))
+    summary = summarize(captions, failed, areas, skipped_no_bbox, run_stats, timer, time.perf_counter() - start)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_summary(summary, failed, skipped_no_bbox, output_dir)
+    print(f"wrote {output_dir / 'captions.pt'}")
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("input / output")
+    io.add_argument("--input_dir", type=Path, help="gallery mode: folder of images (searched recursively)")
+    io.add_argument("--output_dir", type=Path, required=True, help="captions.pt, shards/, previews, summary")
+    io.add_argument("--absolute_keys", action="store_true",
+                    help="key captions by resolved absolute path instead of the path relative to --input_dir")
+    io.add_argument("--anns_file", type=Path, help="queries mode: anns.pt whose query bboxes become SAM prompts")
+    io.add_argument("--queries_only", action="store_true", help="required with --anns_file: mask its queries")
+    io.add_argument("--galleries_dir", type=Path, help="with --anns_file: root of relative gallery paths")
+    io.add_argument("--queries_dir", type=Path, help="with --anns_file: root of relative query paths")
+    det = parser.add_argument_group("OWLv2 detection (gallery mode)")
+    det.add_argument("--owlv2_model", default="google/owlv2-base-patch16-ensemble", help="hub id or local folder")
+    det.add_argument("--queries", nargs="+", metavar="TEXT",
+                     help='text queries ("a mug" "a toy"); default: class-agnostic objectness')
+    det.add_argument("--score_threshold", type=float, default=0.2, help="keep boxes scoring above this")
+    det.add_argument("--nms_iou", type=float, default=0.5, help="NMS IoU threshold (class-agnostic)")
+    det.add_argument("--max_objects", type=int, default=20, help="at most this many boxes per image")
+    det.add_argument("--min_box_size", type=float, default=8.0, help="drop boxes narrower or lower (pixels)")
+    det.add_argument("--exact_owlv2_resize", action="store_true",
+                     help="use the OWLv2 processor's Gaussian anti-aliasing on full-size images (30x slower "
+                          "on 12 MP photos) instead of a PIL pre-shrink to the model's input size")
+    seg = parser.add_argument_group("SAM segmentation")
+    seg.add_argument("--sam_checkpoint", type=Path, required=True, help="e.g. sam_vit_h_4b8939.pth")
+    seg.add_argument("--sam_model_type", choices=sorted(SAM_ARCHITECTURES),
+                     help="default: inferred from the checkpoint file name")
+    seg.add_argument("--sam_config", type=Path,
+                     help="JSON of SamArchitecture fields for a SAM that is not vit_h/l/b (overrides the type)")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run_group.add_argument("--batch_size", type=int, default=8, help="images per OWLv2 forward pass")
+    run_group.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                           help="DataLoader processes that decode and preprocess images (0: main process)")
+    run_group.add_argument("--shard_size", type=int, default=1000, help="images per resumable shard")
+    run_group.add_argument("--max_shards", type=int, help="stop after this many new shards (e.g. job time limits)")
+    run_group.add_argument("--preview", type=int, default=0, metavar="N",
+                           help="write N PNGs with boxes and masks to OUTPUT_DIR/preview as soon as they are done")
+    run_group.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output_dir")
+    args = parser.parse_args(argv)
+    if args.anns_file is not None and not args.queries_only:
+        parser.error("--anns_file needs --queries_only (gallery images are masked from --input_dir with OWLv2)")
+    if args.queries_only and args.anns_file is None:
+        parser.error("--queries_only needs --anns_file")
+    if (args.anns_file is None) == (args.input_dir is None):
+        parser.error("give either --input_dir (gallery mode) or --anns_file --queries_only (queries mode)")
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.num_workers < 0 or args.preview < 0 or (args.max_shards is not None and args.max_shards < 1):
+        parser.error("--num_workers and --preview must be >= 0, --max_shards >= 1")
+    try:
+        DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (RunError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
