@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `scripts` 
     sys.path.insert(0, str(ROOT))
 
 from datasets.anns import AnnotationError, load_anns  # noqa: E402
-from datasets.captions import ImageMasks, encode_mask, save_captions  # noqa: E402
+from datasets.captions import ImageMasks, atomic_torch_save, encode_mask, save_captions  # noqa: E402
 from datasets.images import ImageLoadError, load_rgb  # noqa: E402
 from scripts.mask_models import (  # noqa: E402
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamArchitecture, SamSegmenter,
@@ -200,19 +199,6 @@ def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
 
 def shard_path(output_dir: Path, shard: int) -> Path:
     return output_dir / "shards" / f"shard_{shard:06d}.pt"
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill leaves old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_shard(path: Path, keys: Sequence[str]) -> dict:
