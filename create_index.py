@@ -19,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from datasets import drop_queries_without_positives, find_masks, load_anns, load_captions, split
+from torchvision.ops import box_iou
+
+from datasets import ImageMasks, drop_queries_without_positives, find_masks, load_anns, load_captions, split
 from datasets.extraction import ImageJob, ViewDataset
 from extractors import extractor_from_config
 from utils.config import check_config, register
 from utils.feature_store import FeatureShards, atomic_write_text
-from utils.index_io import build_index, save_index
+from utils.index_io import build_index, index_path, save_index
 
 log = logging.getLogger("soir.create_index")
 register()
@@ -41,25 +43,30 @@ def main(cfg: DictConfig) -> None:
     anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir)
     queries, gallery = split(anns)
     queries = drop_queries_without_positives(queries, gallery, cfg.no_positive)
+    if not queries or not gallery:
+        raise ValueError(f"{cfg.anns_file}: {len(queries)} queries (with a positive) and {len(gallery)} "
+                         f"gallery images; both are needed")
     captions = load_captions(cfg.captions_file) if cfg.captions_file else None
+    query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
     extractor = extractor_from_config(cfg)
     log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
              extractor.dim, extractor.device, len(queries), len(gallery))
 
-    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg)
+    identity = feature_identity(cfg, extractor)
+    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, identity)
     with run_lock(out):
-        check_or_save_config(cfg, out)
+        check_or_save_identity(cfg, identity, out)
         splits = {}
         for name, jobs in (("gallery", gallery_jobs(gallery, captions, extractor, cfg)),
-                           ("queries", query_jobs(queries, captions, extractor, cfg))):
+                           ("queries", query_jobs(queries, query_captions, cfg))):
             splits[name] = FeatureShards(out / name, [record(job.annotation) for job in jobs], cfg.shard_size)
             extract_split(name, splits[name], jobs, extractor, cfg)
         features, _, gallery_stats = splits["gallery"].load()
-        save_index(build_index(features.numpy(), cfg.index), out / "index.faiss")
+        save_index(build_index(features.numpy(), cfg.index), index_path(out, cfg.index))
     _, _, query_stats = splits["queries"].load()
     summary = dict(features_dir=str(out), gallery_images=len(gallery), gallery_rows=len(features),
                    queries=len(queries), seconds=round(time.time() - started, 1),
-                   gallery=gallery_stats, queries_stats=query_stats)
+                   gallery_counts=gallery_stats, query_counts=query_stats)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     log.info("done: %s", json.dumps(summary))
     print(f"features and index: {out}\nsearch: python search_index.py features_dir={out}")
@@ -80,25 +87,47 @@ def gallery_jobs(gallery, captions, extractor, cfg: DictConfig) -> list[ImageJob
     if missing:
         log.warning("missing_masks=global: %d of %d gallery images have no masks and get their global "
                     "embedding", len(missing), len(gallery))
-    return [ImageJob(ann, masks=m) for ann, m in zip(gallery, masks)]
+    return [ImageJob(ann, masks=m) if m else ImageJob(ann, global_fallback=True) for ann, m in zip(gallery, masks)]
 
 
-def query_jobs(queries, captions, extractor, cfg: DictConfig) -> list[ImageJob]:
+def query_jobs(queries, captions, cfg: DictConfig) -> list[ImageJob]:
     """Queries: the global embedding of their bbox crop, or MI with their mask (``mask_input``).
 
-    With mask_input the query is not cropped: the mask (from captions_file, else the bbox as a
-    rectangle) locates the object in its full image.
+    With mask_input the query is not cropped: its mask locates the object in the full image. The
+    mask comes from ``query_captions_file`` (else ``captions_file``): the one whose box best overlaps
+    the query's bbox, or the only one when the query has no bbox; without a mask, the bbox rectangle
+    (counted and logged).
     """
     if not cfg.mask_input:
+        no_box = sum(ann.bbox is None for ann in queries)
+        if no_box and not cfg.no_query_crop:
+            log.warning("%d of %d queries have no bbox and are used uncropped", no_box, len(queries))
         return [ImageJob(ann, crop_to_bbox=not cfg.no_query_crop) for ann in queries]
-    jobs = []
+    jobs, rectangles = [], 0
     for ann in queries:
         masks = find_masks(captions, ann.key, ann.file) if captions else None
-        if (masks is None or len(masks) == 0) and ann.bbox is None:
-            raise ValueError(f"mask_input=true: query {ann.file} has neither a mask in captions_file "
+        if masks:
+            jobs.append(ImageJob(ann, masks=query_mask(masks, ann)))
+        elif ann.bbox is not None:
+            jobs.append(ImageJob(ann, bbox_as_mask=True))
+            rectangles += 1
+        else:
+            raise ValueError(f"mask_input=true: query {ann.file} has neither a mask in the captions "
                              f"nor a bbox in {cfg.anns_file}")
-        jobs.append(ImageJob(ann, masks=masks if masks else None, bbox_as_mask=not masks))
+    if rectangles:
+        log.warning("mask_input=true: %d of %d queries have no mask and use their bbox rectangle",
+                    rectangles, len(queries))
     return jobs
+
+
+def query_mask(masks: ImageMasks, ann) -> ImageMasks:
+    """The query's object mask: the best overlap with its bbox, or its only mask."""
+    if ann.bbox is None:
+        if len(masks) != 1:
+            raise ValueError(f"query {ann.file} has {len(masks)} masks and no bbox to choose one")
+        return masks
+    best = int(box_iou(torch.tensor([ann.bbox]), torch.tensor(masks.bboxes)).argmax())
+    return ImageMasks([masks.masks_rle[best]], [masks.bboxes[best]], [masks.scores[best]])
 
 
 def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extractor, cfg: DictConfig) -> None:
@@ -108,8 +137,8 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
     if len(todo) < shards.num_shards:
         log.info("%s: resuming, %d of %d shards already on disk", name, shards.num_shards - len(todo),
                  shards.num_shards)
-    global_maker = getattr(extractor, "global_view_maker", extractor.view_maker)()
-    dataset = ViewDataset(jobs, extractor.view_maker(), global_maker, cfg.missing_masks == "global")
+    dataset = ViewDataset(jobs, extractor.view_maker(), extractor.global_view_maker(),
+                          empty_to_global=cfg.missing_masks == "global")
     progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
     for shard in todo:
         loader = DataLoader(Subset(dataset, shards.image_range(shard)), batch_size=cfg.batch_size,
@@ -132,32 +161,51 @@ def record(ann) -> dict:
             "obj_name": ann.obj_name}
 
 
-def default_features_dir(cfg: DictConfig) -> Path:
-    """outputs/features/<dataset>/<extractor>-<hash of every key that changes the descriptors>.
+def feature_identity(cfg: DictConfig, extractor) -> dict:
+    """Everything that determines the descriptors: the settings (paths resolved, the device as
+    resolved) and the content hash of every input file, so a resume never mixes features."""
+    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_FEATURE_KEYS}
+    identity["model_name"] = extractor.model_name
+    identity["device"] = str(extractor.device)
+    for key in ("anns_file", "captions_file", "query_captions_file", "galleries_dir", "queries_dir",
+                "weights", "model_name"):
+        if identity.get(key) and Path(identity[key]).exists():
+            identity[key] = str(Path(identity[key]).resolve())
+            if Path(identity[key]).is_file():
+                identity[f"{key}_sha256"] = sha256(Path(identity[key]))
+    return identity
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
+    """outputs/features/<dataset>/<extractor>-<hash of the feature identity>.
 
     Rerunning the same command therefore resumes in the same folder; any change that alters the
     features (model, MI settings, data files) gets a folder of its own.
     """
-    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_FEATURE_KEYS}
-    for key in ("anns_file", "captions_file", "galleries_dir", "queries_dir", "weights"):
-        if identity.get(key):
-            identity[key] = str(Path(identity[key]).resolve())
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return Path("outputs/features") / cfg.dataset / f"{cfg.extractor}-{digest}"
 
 
-def check_or_save_config(cfg: DictConfig, out: Path) -> None:
-    """Save the resolved config next to the features; refuse to mix features of different configs."""
+def check_or_save_identity(cfg: DictConfig, identity: dict, out: Path) -> None:
+    """Save config and identity next to the features; refuse to mix features of different identities."""
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.yaml"
+    saved = out / "identity.json"
     if saved.exists():
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(cfg, resolve=True)
-        changed = sorted(k for k in set(old) | set(new) if k not in NOT_FEATURE_KEYS and old.get(k) != new.get(k))
+        old = json.loads(saved.read_text())
+        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if changed:
-            raise ValueError(f"{out} holds features made with other settings ({', '.join(changed)}); "
+            raise ValueError(f"{out} holds features made with other settings or inputs ({', '.join(changed)}); "
                              f"use another features_dir")
-    atomic_write_text(saved, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(saved, json.dumps(identity, indent=1, sort_keys=True))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 class run_lock:
@@ -168,12 +216,18 @@ class run_lock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            pid = int(self.path.read_text() or 0)
-            if pid and _alive(pid) and pid != os.getpid():
-                raise RuntimeError(f"{self.path.parent} is being written by process {pid}")
-            log.warning("taking over the lock of a run that stopped (pid %s)", pid)
-        self.path.write_text(str(os.getpid()))
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
+        except FileExistsError:
+            owner = self.path.read_text().strip()
+            if owner.isdigit() and _alive(int(owner)):
+                raise RuntimeError(f"{self.path.parent} is being written by process {owner} "
+                                   f"(if it is not, delete {self.path})") from None
+            log.warning("taking over the lock of a run that stopped (pid %s)", owner or "?")
+            self.path.unlink()
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)

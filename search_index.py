@@ -1,5 +1,9 @@
 """Rank the whole gallery for every query and report mAP, Recall@K and P@k at image level.
 
+Scores are exact inner products of the stored features, so the metrics do not depend on the FAISS
+index type; with an approximate index (``index=HNSW32`` ...) ``index_recall@k`` reports how many of the
+exact top-k rows that index finds.
+
     python search_index.py features_dir=outputs/features/pe/siglip_mi_features-1a2b3c4d5e k_search=100
 
 Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv.
@@ -9,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import hydra
@@ -16,9 +21,9 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from utils.config import register
+from utils.config import check_config, register
 from utils.feature_store import FeatureShards
-from utils.index_io import FullRanker, load_index
+from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
 
 log = logging.getLogger("soir.search_index")
@@ -29,6 +34,7 @@ SCORES_PER_CHUNK = 1 << 26        # query-chunk size bound: [chunk, gallery rows
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     if not cfg.features_dir:
         raise ValueError("features_dir is required: the folder create_index.py printed")
     folder = Path(cfg.features_dir)
@@ -37,23 +43,25 @@ def main(cfg: DictConfig) -> None:
     made_with = OmegaConf.load(folder / "config.yaml")
     gallery = json.loads((folder / "gallery" / "images.json").read_text())
     queries = json.loads((folder / "queries" / "images.json").read_text())
-    _, gallery_owner, _ = FeatureShards(folder / "gallery", gallery, made_with.shard_size).load()
+    gallery_features, gallery_owner, _ = FeatureShards(folder / "gallery", gallery, made_with.shard_size).load()
     query_features, query_owner, _ = FeatureShards(folder / "queries", queries, made_with.shard_size).load()
-    rank = FullRanker(load_index(folder / "index.faiss"))
-    if rank.index.ntotal != len(gallery_owner):
-        raise ValueError(f"{folder}/index.faiss has {rank.index.ntotal} rows, the gallery shards "
+    index = load_index(index_path(folder, cfg.index))
+    if index.ntotal != len(gallery_owner):
+        raise ValueError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
                          f"{len(gallery_owner)}; rerun create_index.py")
     log.info("%s: %d queries x %d gallery images (%d rows), extractor %s", folder, len(queries),
              len(gallery), len(gallery_owner), made_with.extractor)
 
     out = Path(HydraConfig.get().runtime.output_dir)
+    shutil.copy(folder / "config.yaml", out / "features_config.yaml")
     k = min(cfg.k_search, len(gallery))
+    holders = instance_holders(gallery)
     per_query: list[dict[str, np.ndarray]] = []
     with open(out / "rankings.jsonl", "w") as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
-            scores = image_scores(rank, query_features.numpy(), query_owner.numpy(), chunk,
-                                  gallery_owner.numpy(), len(gallery))
-            relevant = relevance(queries[chunk.start:chunk.stop], gallery)
+            scores = image_scores(query_features.numpy(), query_owner.numpy(), chunk,
+                                  gallery_features.numpy(), gallery_owner.numpy(), len(gallery))
+            relevant = relevance(queries[chunk.start:chunk.stop], holders, len(gallery))
             per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at,
                                                map_at=cfg.map_at))
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]   # ties: lower gallery index first
@@ -63,7 +71,11 @@ def main(cfg: DictConfig) -> None:
     metrics = {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]}
     results = summarize(metrics, recall_ks=cfg.recall_at)
     results.update(num_gallery_images=len(gallery), num_gallery_rows=len(gallery_owner),
-                   features_dir=str(folder), extractor=made_with.extractor, k_search=k)
+                   features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index)
+    if not is_exact(index):
+        # Metrics above are exact (every gallery image scored); this says what the index would lose.
+        exact_top = np.argsort(-(query_features.numpy() @ gallery_features.numpy().T), axis=1)[:, :k]
+        results[f"index_recall@{k}"] = neighbour_recall(index, query_features.numpy(), exact_top)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", queries, metrics)
     print_table(results)
@@ -75,22 +87,28 @@ def query_chunks(num_queries: int, num_rows: int) -> list[range]:
     return [range(i, min(num_queries, i + size)) for i in range(0, num_queries, size)]
 
 
-def image_scores(rank: FullRanker, query_features: np.ndarray, query_owner: np.ndarray, chunk: range,
-                 gallery_owner: np.ndarray, num_gallery: int) -> np.ndarray:
-    """[len(chunk), num_gallery] scores: max over the rows of each gallery image, and over the rows
-    of each query (a query with several masks matches an image if any of its vectors does)."""
+def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: range,
+                 gallery_features: np.ndarray, gallery_owner: np.ndarray, num_gallery: int) -> np.ndarray:
+    """Exact [len(chunk), num_gallery] scores (inner products of unit vectors): max over the rows of
+    each gallery image, and over the rows of each query (a query with several masks matches an image
+    if any of its vectors does)."""
     rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
-    per_row = max_per_image(rank(query_features[rows]), gallery_owner, num_gallery)
+    per_row = max_per_image(query_features[rows] @ gallery_features.T, gallery_owner, num_gallery)
     return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
 
 
-def relevance(queries: list[dict], gallery: list[dict]) -> np.ndarray:
-    """[Q, G] bool: gallery image g contains the instance of query q."""
+def instance_holders(gallery: list[dict]) -> dict[int, list[int]]:
+    """instance id -> indices of the gallery images that contain it."""
     holders: dict[int, list[int]] = {}
     for g, image in enumerate(gallery):
         for ins in image["ins"]:
             holders.setdefault(ins, []).append(g)
-    relevant = np.zeros((len(queries), len(gallery)), dtype=bool)
+    return holders
+
+
+def relevance(queries: list[dict], holders: dict[int, list[int]], num_gallery: int) -> np.ndarray:
+    """[Q, G] bool: gallery image g contains the instance of query q."""
+    relevant = np.zeros((len(queries), num_gallery), dtype=bool)
     for q, query in enumerate(queries):
         for ins in query["ins"]:
             relevant[q, holders.get(ins, [])] = True

@@ -20,6 +20,7 @@ class ImageJob:
     crop_to_bbox: bool = False
     masks: ImageMasks | None = None
     bbox_as_mask: bool = False        # query with mask_input and no caption mask: its bbox rectangle
+    global_fallback: bool = False     # masks were wanted but there are none (missing_masks=global)
 
 
 class ViewDataset(Dataset):
@@ -54,7 +55,9 @@ class ViewDataset(Dataset):
             elif job.bbox_as_mask:
                 views = self.view_maker(image, bbox_mask(ann.bbox, image.height, image.width))
             else:
-                return i, self.global_view_maker(image)
+                views = self.global_view_maker(image)
+                views.global_fallback = int(job.global_fallback)
+                return i, views
         except ValueError as err:
             raise ValueError(f"{ann.file}: {err}") from None
         if not views.views:

@@ -35,10 +35,18 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     """
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        model = FAMILIES[family].model_class.from_pretrained(model_name, attn_implementation=attn_implementation)
+        # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
+        model, info = FAMILIES[family].model_class.from_pretrained(
+            model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True)
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
         raise OSError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
+    # transformers only warns when weights are missing and initialises them at random; a backbone
+    # with random layers would give plausible-looking but meaningless features.
+    missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info.get("mismatched_keys", []))
+    if missing:
+        raise ValueError(f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
+                         f"mismatched (e.g. {missing[:3]}); check extractor= and model_name=")
     return model.eval().requires_grad_(False)
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datasets.images import to_rgb
+
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.lora import add_lora
 from extractors.views import View, ViewMaker, Views
@@ -66,6 +68,11 @@ class Extractor:
 
     # -- the part that runs in DataLoader workers ---------------------------------------------------
     def view_maker(self) -> ViewMaker:
+        """Views for images with masks (MI extractors override this)."""
+        return ViewMaker(self.preprocess, "global")
+
+    def global_view_maker(self) -> ViewMaker:
+        """Views for the global embedding of the whole image."""
         return ViewMaker(self.preprocess, "global")
 
     # -- the part that runs the model ----------------------------------------------------------------
@@ -106,7 +113,7 @@ class Extractor:
         """One PIL image -> [D] global embedding, or [P, D] with masks (MI extractors)."""
         if masks is not None and not self.uses_masks:
             raise ValueError(f"{type(self).__name__} takes no masks; use its MI variant")
-        views = self.view_maker()(image.convert("RGB"), masks)
+        views = self.view_maker()(to_rgb(image), masks)
         if masks is not None and views.dropped_masks:
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
         rows = self.describe([views])[0]

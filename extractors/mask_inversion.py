@@ -37,9 +37,6 @@ class MIExtractor(Extractor):
     def view_maker(self) -> ViewMaker:
         return ViewMaker(self.preprocess, self.mode, self.smart_crop_pad)
 
-    def global_view_maker(self) -> ViewMaker:
-        return ViewMaker(self.preprocess, "global")
-
     def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]."""
         with self.autocast():

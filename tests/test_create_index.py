@@ -17,7 +17,7 @@ from tests.pipeline import ROOT, features_dir_from, run_script
 
 def _args(tiny_model_dirs, demo_dir, *extra):
     return ("extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32",
-            f"anns_file={demo_dir / 'anns.pt'}", "num_workers=0", "batch_size=2", "shard_size=4", *extra)
+            f"anns_file={demo_dir / 'anns.pt'}", "num_workers=0", "batch_size=2", "shard_size=2", *extra)
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -30,8 +30,8 @@ def test_outputs_and_relative_paths(tiny_model_dirs, demo_dir, tmp_path):
     assert out.is_relative_to(tmp_path / "outputs" / "features" / "demo")   # no chdir into the run dir
     gallery = json.loads((out / "gallery" / "images.json").read_text())
     shard = load_file(out / "gallery" / "shard-00000.safetensors")
-    assert shard["features"].shape == (4, 32) and shard["owner"].tolist() == [0, 1, 2, 3]
-    assert (out / "index.faiss").is_file() and (out / "config.yaml").is_file()
+    assert shard["features"].shape == (2, 32) and shard["owner"].tolist() == [0, 1]
+    assert (out / "index-Flat.faiss").is_file() and (out / "config.yaml").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gallery_images"] == len(gallery) == summary["gallery_rows"]
     run_dirs = list((tmp_path / "outputs" / "runs").glob("*/*create_index*"))
@@ -62,7 +62,7 @@ def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_d
     (killed_dir / (first_missing + ".tmp")).write_bytes(b"half a shard")
     out = features_dir_from(run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=work), work)
     assert _shard_bytes(out) == {k: v for k, v in expected.items()}
-    assert (out / "index.faiss").read_bytes() == (reference / "index.faiss").read_bytes()
+    assert (out / "index-Flat.faiss").read_bytes() == (reference / "index-Flat.faiss").read_bytes()
 
 
 def test_features_dir_of_another_config_is_refused(tiny_model_dirs, demo_dir, tmp_path):
@@ -70,7 +70,7 @@ def test_features_dir_of_another_config_is_refused(tiny_model_dirs, demo_dir, tm
     run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
     proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}",
                                                 "no_query_crop=true"), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "made with other settings (no_query_crop)" in proc.stderr
+    assert proc.returncode != 0 and "made with other settings or inputs (no_query_crop)" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [

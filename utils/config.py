@@ -16,8 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 @dataclass
 class SoIRConfig:
     # --- what to run -------------------------------------------------------------------
-    dataset: str = "pe"                      # a name; used in output paths only
-    experiment: str = "default"              # a name; used in output paths only
+    dataset: str = "pe"                      # a name; used in output paths only (features, runs)
+    experiment: str = "default"              # a name; used in run folder names only
     extractor: str = "siglip_mi_features"    # a name from extractors.list_extractors()
     model_name: Optional[str] = None         # HF hub id or local folder; null = extractor default
     vec_dim: int = 768                       # must equal the model's output size (checked)
@@ -25,6 +25,7 @@ class SoIRConfig:
     # --- data --------------------------------------------------------------------------
     anns_file: str = MISSING                 # anns.pt (required by create_index.py)
     captions_file: Optional[str] = None      # captions.pt with object masks (MI extractors)
+    query_captions_file: Optional[str] = None  # query masks for mask_input; null = captions_file
     galleries_dir: Optional[str] = None      # root of relative gallery paths; null = anns folder
     queries_dir: Optional[str] = None        # root of relative query paths; null = anns folder
     no_query_crop: bool = False              # true: do not crop queries to their bbox

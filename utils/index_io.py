@@ -1,14 +1,17 @@
-"""FAISS index I/O: build from an index-factory string (inner product), save, load, search."""
+"""FAISS index I/O: build from an index-factory string (inner product), save, load, check recall."""
 from __future__ import annotations
 
-import logging
 import os
+import re
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-log = logging.getLogger("soir.index")
+
+def index_path(folder: Path, factory: str) -> Path:
+    """``index-<factory>.faiss`` in ``folder``: indexes of different kinds never overwrite each other."""
+    return Path(folder) / f"index-{re.sub(r'[^A-Za-z0-9]+', '_', factory).strip('_')}.faiss"
 
 
 def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -32,33 +35,18 @@ def save_index(index: faiss.Index, path: Path) -> None:
 
 def load_index(path: Path) -> faiss.Index:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no FAISS index at {path}; run create_index.py first")
+        raise FileNotFoundError(f"no FAISS index at {path}; run create_index.py with this index= first")
     return faiss.read_index(str(path))
 
 
-class FullRanker:
-    """Scores of queries against every indexed row, for evaluation over the whole gallery.
+def is_exact(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
-    A flat index is exact, and one matrix product gives the same scores about 10x faster than
-    ``index.search(q, ntotal)`` (which heap-sorts every row). Other (approximate) indexes are
-    searched with ``k = ntotal``; rows they do not return score -inf.
-    """
 
-    def __init__(self, index: faiss.Index):
-        self.index = index
-        self.flat = faiss.downcast_index(index)
-        self.vectors = (self.flat.reconstruct_n(0, index.ntotal)
-                        if isinstance(self.flat, faiss.IndexFlat) else None)
-
-    def __call__(self, queries: np.ndarray) -> np.ndarray:
-        """queries [Q, D] -> scores [Q, N] float32."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.vectors is not None:
-            return queries @ self.vectors.T
-        n = self.index.ntotal
-        scores, ids = self.index.search(queries, n)
-        full = np.full((len(queries), n), -np.inf, dtype=np.float32)
-        found = ids >= 0
-        rows = np.broadcast_to(np.arange(len(queries))[:, None], ids.shape)
-        full[rows[found], ids[found]] = scores[found]
-        return full
+def neighbour_recall(index: faiss.Index, queries: np.ndarray, exact_top: np.ndarray) -> float:
+    """Share of the exact top-k rows (``exact_top`` [Q, k] row ids) that ``index.search`` also returns
+    in its top k: how much an approximate index loses against exhaustive search (1.0 = nothing)."""
+    k = exact_top.shape[1]
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    hits = [len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact_top, found)]
+    return float(np.sum(hits) / exact_top.size)

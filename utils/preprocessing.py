@@ -51,11 +51,17 @@ class Preprocess:
                    resample=_RESAMPLE[int(cfg.get("resample", 3))])
 
     def image(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> normalised float tensor [3, H, W] at the model's input size."""
+        """PIL RGB image -> normalised float tensor [3, H, W] at the model's input size.
+
+        Other modes are refused: converting 16-bit or transparent images needs care
+        (``datasets.images.to_rgb``), not PIL's plain ``convert``.
+        """
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode} (use datasets.images.to_rgb)")
         transform = T.Compose([T.Resize(self.size, interpolation=self.resample, antialias=True),
                                T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
                                T.Normalize(self.mean, self.std)])
-        return transform(image.convert("RGB"))
+        return transform(image)
 
     def masks(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Masks [P, H, W] (bool, 0/1 or 0/255) -> float {0, 1} tensor [P, h, w] at the input size.

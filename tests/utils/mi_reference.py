@@ -1,0 +1,124 @@
+"""A plain, slow, obviously-correct Mask Inversion: the yardstick for utils/mask_inversion.py.
+
+It does what the paper says with autograd and nothing clever: one forward pass with the attention
+probabilities A_l kept in the graph, and every iteration, for ONE MASK AT A TIME,
+G = autograd.grad(e_p . f_l, A_l, create_graph=True). Written independently of the engine (no
+import from utils/): its own family table, its own post-processing, its own loss.
+
+The model is frozen (requires_grad False during the call, restored afterwards); the input image is
+marked requires_grad instead, which is what puts the attention maps into the autograd graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+def _family(model):
+    """(model, blocks, block -> attention module, head(X) -> un-normalised f, output -> g, #prefix tokens)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = model.config.model_type
+    if kind == "dinov2":    # attention returning (output, probs): 5.24 / 5.17 layout
+        return (model, list(model.encoder.layer),
+                lambda b: b.attention if hasattr(b.attention, "v_proj") else b.attention.attention,
+                lambda X: model.layernorm(X.mean(1)), lambda out: out.pooler_output, 1)
+    if kind == "siglip_vision_model":
+        return (model, list(model.encoder.layers), lambda b: b.self_attn,
+                lambda X: model.post_layernorm(X).mean(1), lambda out: out.pooler_output, 0)
+    if kind == "clip_vision_model":
+        vm = model.vision_model
+        return (model, list(vm.encoder.layers), lambda b: b.self_attn,
+                lambda X: model.visual_projection(vm.post_layernorm(X.mean(1))),
+                lambda out: out.image_embeds, 1)
+    raise ValueError(kind)
+
+
+class ReferenceLeGrad:
+    """Forward once, keep A_l and X_l of the hooked blocks in the graph."""
+
+    def __init__(self, model, pixel_values, layer_index=-1):
+        self.base, blocks, attention_of, self.head, g_of, self.prefix = _family(model)
+        self.patch = self.base.config.patch_size
+        hooked = blocks[len(blocks) + layer_index:]
+        self.A, self.X = [], []
+        handles = [attention_of(b).register_forward_hook(lambda m, a, o: self.A.append(o[1])) for b in hooked]
+        handles += [b.register_forward_hook(lambda m, a, o: self.X.append(o)) for b in hooked]
+        self.pixel_values = pixel_values.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.base(pixel_values=self.pixel_values)
+        for h in handles:
+            h.remove()
+        self.g = g_of(out).detach()
+        self.size = tuple(pixel_values.shape[-2:])
+
+    def map_one(self, e, size=None):
+        """Explainability map [B, H, W] of unit embeddings e [B, D] (one per image); differentiable in e."""
+        B = e.shape[0]
+        h, w = self.size[0] // self.patch, self.size[1] // self.patch
+        total = 0
+        for A, X in zip(self.A, self.X):
+            f = F.normalize(self.head(X), dim=-1)
+            s = (e * f).sum()                                   # images are independent
+            G = torch.autograd.grad(s, A, create_graph=True)[0]  # [B, heads, T, T]
+            relevance = G.clamp(min=0).mean(dim=1).mean(dim=1)[:, self.prefix:]
+            grid = relevance.reshape(B, 1, h, w)
+            total = total + F.interpolate(grid, scale_factor=self.patch, mode="bilinear", align_corners=False)
+        flat = total.flatten(1)
+        lo, hi = flat.amin(1)[:, None, None, None], flat.amax(1)[:, None, None, None]
+        E = (total - lo) / (hi - lo).clamp_min(1e-12)
+        size = size or self.size
+        E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
+        return E[:, 0]
+
+    def maps(self, e, size=None):
+        """[B, P, H, W] for e [B, P, D], one mask at a time."""
+        return torch.stack([self.map_one(e[:, p], size) for p in range(e.shape[1])], dim=1)
+
+
+class frozen:
+    """Context: every parameter of ``model`` has requires_grad False; the flags are restored after."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
+
+
+def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1):
+    with frozen(model):
+        ref = ReferenceLeGrad(model, pixel_values, layer_index)
+        return ref.maps(F.normalize(embeddings, dim=-1)).detach()
+
+
+def reference_mask_inversion(model, pixel_values, masks, alpha=0.03, iterations=100, lr=0.1,
+                             layer_index=-1, beta=0.0):
+    """Unit embeddings [B, P, D]; the loss is summed over images and masks."""
+    masks = masks.to(pixel_values.dtype)
+    with frozen(model):
+        ref = ReferenceLeGrad(model, pixel_values, layer_index)
+        B, P = masks.shape[:2]
+        raw = ref.g[:, None].repeat(1, P, 1).requires_grad_(True)
+        g_unit = F.normalize(ref.g, dim=-1)
+        optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
+        for _ in range(iterations):
+            loss = 0
+            e = F.normalize(raw, dim=-1)
+            for p in range(P):
+                E = ref.map_one(e[:, p], size=tuple(masks.shape[-2:]))
+                m = masks[:, p]
+                dice = 1 - (2 * (E * m).sum((1, 2)) + 1e-6) / (E.sum((1, 2)) + m.sum((1, 2)) + 1e-6)
+                loss = loss + dice.sum() + alpha * (1 - (e[:, p] * g_unit).sum(-1)).sum()
+                if beta and P > 1:
+                    others = [q for q in range(P) if q != p]
+                    cos = torch.stack([(e[:, p] * e[:, q]).sum(-1).abs() for q in others]).mean(0)
+                    loss = loss + beta * cos.sum()
+            optimizer.zero_grad()
+            raw.grad = torch.autograd.grad(loss, raw)[0]
+            optimizer.step()
+        return F.normalize(raw.detach(), dim=-1)

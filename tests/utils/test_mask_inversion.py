@@ -1,0 +1,242 @@
+"""Mask Inversion engine (utils/mask_inversion.py) against the plain reference (mi_reference.py).
+
+Tiny random DINOv2 / SigLIP / CLIP models are loaded from disk with eager attention. For the
+comparisons they are cast to float64 and their LayerNorm / layer-scale parameters are perturbed
+(random init leaves them at 1 and 0, which would hide a forgotten gamma, beta or layer scale).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+from transformers import (CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel, ViTConfig,
+                          ViTModel)
+
+from tests.utils.mi_reference import reference_legrad_map, reference_mask_inversion
+from utils.mask_inversion import dice_loss, global_embedding, legrad_map, mask_inversion
+
+CLASSES = {"dinov2": Dinov2Model, "siglip": SiglipVisionModel, "clip": CLIPVisionModelWithProjection}
+FAMILIES = list(CLASSES)
+
+
+def _load(folder, family: str, double: bool = True, seed: int = 0):
+    model = CLASSES[family].from_pretrained(folder, attn_implementation="eager")
+    if double:
+        model = model.double()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "lambda1" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def _inputs(model, B: int, P: int, seed: int = 0):
+    size = model.config.image_size
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(B, 3, size, size, generator=generator).to(dtype)
+    masks = (torch.rand(B, P, size, size, generator=generator) > 0.6).float()
+    return pixels, masks
+
+
+def _out_dim(model) -> int:
+    return getattr(model.config, "projection_dim", None) or model.config.hidden_size
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dirs):
+    return {family: _load(tiny_model_dirs[family], family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def lora_dinov2(tiny_model_dirs):
+    model = get_peft_model(_load(tiny_model_dirs["dinov2"], "dinov2"),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:          # peft initialises B = 0, i.e. no change at all
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+# ------------------------------------------------------------------ engine == reference
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer_index", [-1, -2])
+@pytest.mark.parametrize("P", [1, 3])
+def test_legrad_map_matches_reference(models, family, layer_index, P):
+    model = models[family]
+    pixels, _ = _inputs(model, B=2, P=P)
+    e = torch.randn(2, P, _out_dim(model), generator=torch.Generator().manual_seed(P), dtype=torch.float64)
+    ours = legrad_map(model, pixels, e, layer_index)
+    ref = reference_legrad_map(model, pixels, e, layer_index)
+    assert ours.shape == (2, P, *pixels.shape[-2:])
+    torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
+    assert ours.amin(dim=(-2, -1)).abs().max() < 1e-12 and (ours.amax(dim=(-2, -1)) - 1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("P, layer_index, beta", [(1, -1, 0.0), (3, -2, 0.2)])
+def test_mask_inversion_matches_reference(models, family, P, layer_index, beta):
+    model = models[family]
+    pixels, masks = _inputs(model, B=2, P=P, seed=1)
+    args = dict(alpha=0.03, iterations=10, lr=0.1, layer_index=layer_index, beta=beta)
+    ours = mask_inversion(model, pixels, masks, **args)
+    ref = reference_mask_inversion(model, pixels, masks, **args)
+    assert ours.shape == (2, P, _out_dim(model))
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(2, P, dtype=ours.dtype))
+    cos = (ours * ref).sum(-1)
+    assert cos.min() > 1 - 1e-9
+    # the optimisation did move: the result is not simply the global embedding
+    g = global_embedding(model, pixels)[:, None]
+    assert (ours * g).sum(-1).max() < 1 - 1e-4
+
+
+def test_lora_dinov2_matches_reference(lora_dinov2, models):
+    pixels, masks = _inputs(lora_dinov2, B=1, P=2, seed=2)
+    e = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours = legrad_map(lora_dinov2, pixels, e, layer_index=-2)
+    torch.testing.assert_close(ours, reference_legrad_map(lora_dinov2, pixels, e, -2), atol=1e-9, rtol=0)
+    # LoRA really changes the maps (so a hook that missed the adapter would fail above)
+    assert (ours - legrad_map(models["dinov2"], pixels, e, layer_index=-2)).abs().max() > 1e-3
+    ours = mask_inversion(lora_dinov2, pixels, masks, iterations=10)
+    ref = reference_mask_inversion(lora_dinov2, pixels, masks, iterations=10)
+    assert (ours * ref).sum(-1).min() > 1 - 1e-9
+
+
+def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]),
+                                    _load(tiny_model_dirs["dinov2"], "dinov2"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    pixels, _ = _inputs(model, B=1, P=1)
+    e = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours = legrad_map(model, pixels, e)
+    torch.testing.assert_close(ours, reference_legrad_map(model, pixels, e), atol=1e-9, rtol=0)
+    plain = _load(tiny_model_dirs["dinov2"], "dinov2")
+    assert (ours - legrad_map(plain, pixels, e)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ behaviour
+def test_masks_are_independent_and_batched(models):
+    """beta = 0: a mask's embedding does not depend on the other masks or images in the batch."""
+    model = models["siglip"]
+    pixels, masks = _inputs(model, B=2, P=3, seed=4)
+    together = mask_inversion(model, pixels, masks, iterations=5)
+    alone = mask_inversion(model, pixels[1:], masks[1:, 2:], iterations=5)
+    torch.testing.assert_close(together[1:, 2:], alone, atol=1e-10, rtol=0)
+
+
+def test_dice_falls_and_map_fits_mask_better(tiny_model_dirs):
+    model = _load(tiny_model_dirs["dinov2"], "dinov2", double=False)
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 56, 56)
+    mask[..., :28, :28] = 1                        # top-left 2 x 2 patches
+    e, history = mask_inversion(model, pixels, mask, iterations=40, return_history=True)
+    assert history["dice"].shape == history["loss"].shape == (40, 1, 1)
+    assert history["dice"][-5:].mean() < history["dice"][:5].mean() - 0.05
+    before = dice_loss(legrad_map(model, pixels, global_embedding(model, pixels)[:, None]), mask)
+    after = dice_loss(legrad_map(model, pixels, e), mask)
+    assert after.item() < before.item() - 0.05
+
+
+def test_mask_dtypes_give_the_same_result(models):
+    model = models["clip"]
+    pixels, masks = _inputs(model, B=1, P=2, seed=6)
+    as_float = mask_inversion(model, pixels, masks, iterations=3)
+    torch.testing.assert_close(mask_inversion(model, pixels, masks.bool(), iterations=3), as_float)
+    torch.testing.assert_close(mask_inversion(model, pixels, masks.to(torch.uint8), iterations=3), as_float)
+
+
+def test_mask_resolution_differs_from_image(models):
+    model = models["dinov2"]
+    pixels, _ = _inputs(model, B=1, P=1)
+    masks = torch.zeros(1, 1, 30, 40)
+    masks[..., 5:20, 10:30] = 1
+    e, history = mask_inversion(model, pixels, masks, iterations=3, return_history=True)
+    assert torch.isfinite(e).all() and torch.isfinite(history["loss"]).all()
+
+
+def test_bad_masks_are_refused(models):
+    model = models["dinov2"]
+    pixels, masks = _inputs(model, B=2, P=1)
+    with pytest.raises(ValueError, match=r"\{0, 1\}"):
+        mask_inversion(model, pixels, masks * 255, iterations=1)
+    with pytest.raises(ValueError, match=r"\{0, 1\}"):
+        mask_inversion(model, pixels, masks * 0.5, iterations=1)
+    with pytest.raises(ValueError, match="2"):
+        mask_inversion(model, pixels, masks[:1], iterations=1)
+    with pytest.raises(ValueError, match=r"\[B, P, H, W\]"):
+        mask_inversion(model, pixels, masks[:, 0], iterations=1)
+    with pytest.raises(ValueError, match="layer_index"):
+        mask_inversion(model, pixels, masks, iterations=1, layer_index=-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_full_and_sub_patch_masks_are_finite(models, family):
+    model = models[family]
+    pixels, _ = _inputs(model, B=1, P=3)
+    size = pixels.shape[-1]
+    masks = torch.zeros(1, 3, size, size)
+    masks[0, 1] = 1                                 # full
+    masks[0, 2, 3:6, 4:7] = 1                       # 3 x 3 pixels, well inside one patch
+    e, history = mask_inversion(model, pixels, masks, iterations=8, return_history=True)
+    assert torch.isfinite(e).all() and torch.isfinite(history["loss"]).all()
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(1, 3, dtype=e.dtype))
+    # empty mask: Dice = 1 - 1e-6 / (sum(E) + 1e-6), i.e. ~1 whatever the map
+    assert (history["dice"][:, 0, 0] > 1 - 1e-6).all()
+    # full mask: Dice < 1 and finite; the sub-patch mask is optimised like any other
+    assert (history["dice"][:, 0, 1] < 1).all()
+
+
+def test_zero_iterations_return_the_global_embedding(models):
+    model = models["siglip"]
+    pixels, masks = _inputs(model, B=2, P=2)
+    e = mask_inversion(model, pixels, masks, iterations=0)
+    torch.testing.assert_close(e, global_embedding(model, pixels)[:, None].expand(2, 2, -1))
+
+
+def test_model_is_left_untouched(tiny_model_dirs):
+    model = _load(tiny_model_dirs["clip"], "clip", double=False)
+    model.vision_model.encoder.layers[0].requires_grad_(False)   # a mix of frozen and trainable
+    model.vision_model.encoder.layers[1].train()                 # and of train / eval flags
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pixels, masks = _inputs(model, B=1, P=2)
+    mask_inversion(model, pixels, masks, iterations=3)
+    legrad_map(model, pixels, torch.randn(1, 2, _out_dim(model)))
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_unknown_family_is_refused():
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, image_size=32, patch_size=16))
+    with pytest.raises(ValueError, match="model_type='vit'"):
+        mask_inversion(vit, torch.randn(1, 3, 32, 32), torch.ones(1, 1, 32, 32), iterations=1)
+
+
+def test_dice_loss_values():
+    m = torch.zeros(1, 4, 4)
+    m[0, :2] = 1
+    assert dice_loss(m, m).abs().item() < 1e-6
+    assert dice_loss(1 - m, m).item() == pytest.approx(1, abs=1e-6)
+    assert dice_loss(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)).item() == pytest.approx(0, abs=1e-9)
+    E = torch.full((4, 4), 0.5)
+    expected = 1 - (2 * 4 + 1e-6) / (8 + 8 + 1e-6)
+    assert dice_loss(E, m[0]).item() == pytest.approx(expected)
+
+
+def test_embeddings_are_normalised_inside_legrad_map(models):
+    model = models["dinov2"]
+    pixels, _ = _inputs(model, B=1, P=1)
+    e = torch.randn(1, 1, 32, dtype=torch.float64)
+    torch.testing.assert_close(legrad_map(model, pixels, 7 * e), legrad_map(model, pixels, e))
+    torch.testing.assert_close(legrad_map(model, pixels, F.normalize(e, dim=-1)), legrad_map(model, pixels, e))

@@ -1,0 +1,300 @@
+"""LeGrad explainability maps as a cheap function of the query embedding ("gradient decomposition").
+
+LeGrad (Bousselham et al.) explains a unit query embedding e on an image: for each hooked block l,
+with A_l the block's attention probabilities [B, heads, T, T] and f_l = normalize(head(X_l)) the
+feature of the block's output tokens X_l,
+
+    G_l = d(e . f_l) / dA_l,   relevance_l[j] = mean_{head, query row i} max(G_l[head, i, j], 0),
+
+then drop the CLS / register columns, reshape to the patch grid, upsample bilinearly by the patch
+size, sum over hooked blocks, min-max normalise each map on its own and resize. Mask Inversion
+optimises e so that this map matches a mask, i.e. it differentiates the map again with respect to e.
+
+Doing that with autograd through the model (create_graph=True every iteration) repeats the work
+below for every iteration. Instead, notice that A_l reaches f_l only through
+
+    a = A V (per head) -> o_proj -> * ls1 -> + residual = r -> r + ls2 * fc2(act(fc1(LN2(r)))) = X_l,
+
+which is token-wise after A V, so at the fixed image every piece of the chain rule is a constant:
+
+    dS/dX_t   = w_t                        (head; same vector for all t for DINOv2 and CLIP)
+    dS/dh_t   = ls2 * w_t  @ W2            (h = the MLP's hidden activation, W2 = fc2.weight)
+    dS/dz_t   = act'(z_t) * dS/dh_t        (z = fc1 pre-activation, act' at the captured z)
+    dS/dr_t   = w_t + LN2'(r_t)^T (dS/dz_t @ W1)
+    u_t       = dS/da_t = ls1 * dS/dr_t  @ Wo
+    G[h,i,j]  = sum_{c in head h} u_i[c] V_j[c]
+
+Everything is linear in e. One no-grad forward pass captures V, r, z and X_l, and the products of
+the fixed matrices are folded once per image (``M = W1' @ Wo'`` below), so one evaluation costs, per
+mask, a [T, 4D] x [4D, D] matmul, the per-head [T, dh] x [dh, T] matmuls and element-wise work.
+Autograd then only differentiates this small graph with respect to e; the model's parameters never
+enter it. SigLIP's head normalises every token before the mean, which makes w_t differ per token:
+w_t = kappa_t (w - c_t x_hat_t) (a common vector minus a per-token multiple of the normalised token),
+and the x_hat_t part is folded into a per-image constant ``C`` as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.vit_adapters import BlockParts, VitParts, hooked_blocks
+
+
+@dataclass
+class _BlockConstants:
+    """Per-image constants of one hooked block (B images, T tokens, D width, F MLP width, H heads).
+
+    With w [B, P, D] = dS/dX (common part) and y = w @ W2s [B, P, F]:
+        u = w @ Wo_s + (a_s * y) @ M - (y . Sig) Q             (DINOv2, CLIP)
+        u = kappa * (that - c C),  c = w @ x_hat^T / D         (SigLIP, per-token head)
+    """
+
+    V: torch.Tensor              # [B, H, T, dh] value states (v_proj output, LoRA included)
+    J: torch.Tensor              # [B, D_out, D] e -> w (head Jacobian, see _head_constants)
+    W2s: torch.Tensor            # [D, F]  diag(ls2) fc2.weight
+    Wo_s: torch.Tensor           # [D, D]  diag(ls1) o_proj.weight
+    M: torch.Tensor              # [F, D]  centred(fc1.weight * gamma2) @ Wo_s
+    a_s: torch.Tensor            # [B, T, F] act'(z) / sigma2
+    Sig: torch.Tensor            # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma2)
+    Q: torch.Tensor              # [B, T, D] r_hat @ Wo_s
+    x_hat: torch.Tensor | None = None    # [B, T, D] token-normalised X (SigLIP)
+    kappa: torch.Tensor | None = None    # [B, T]    1 / (T sigma_post)
+    C: torch.Tensor | None = None        # [B, T, D]
+
+
+class LeGrad:
+    """LeGrad maps of one image batch as a differentiable function of query embeddings.
+
+    Construction runs the model once (no grad) and folds the constants; :meth:`maps` then evaluates
+    E(e) for any number of embeddings per image without touching the model again.
+
+    Args:
+        parts: the model's pieces (:func:`utils.vit_adapters.vit_parts`).
+        pixel_values: [B, 3, H, W] preprocessed images.
+        layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
+
+    Attributes:
+        g: [B, D_out] the model's own (un-normalised) global embedding of each image.
+        dtype: float64 for float64 models, float32 otherwise (the precision of the maps).
+
+    The forward pass follows an active autocast context; the constants are folded with autocast
+    off, and callers evaluate :meth:`maps` with autocast off too (see :func:`no_autocast`): the
+    optimisation is sensitive to rounding, and this small graph is cheap in float32.
+    """
+
+    def __init__(self, parts: VitParts, pixel_values: torch.Tensor, layer_index: int = -1):
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        self.parts = parts
+        model_dtype = next(parts.model.parameters()).dtype
+        self.dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+        blocks = hooked_blocks(parts, layer_index)
+        captured, output = _capture(parts, blocks, pixel_values)
+        self.g = parts.global_embedding(output).detach().to(self.dtype)
+        self.image_size = tuple(pixel_values.shape[-2:])
+        p = parts.patch_size
+        self.grid = (self.image_size[0] // p, self.image_size[1] // p)
+        tokens = captured[0]["x"].shape[1]
+        if tokens != parts.num_prefix_tokens + self.grid[0] * self.grid[1]:
+            raise ValueError(f"{tokens} tokens do not match {parts.num_prefix_tokens} prefix tokens + a "
+                             f"{self.grid} patch grid for a {self.image_size} image and patch {p}")
+        with torch.no_grad(), no_autocast(pixel_values.device):
+            self.blocks = [self._constants(b, c) for b, c in zip(blocks, captured)]
+
+    # ------------------------------------------------------------------ evaluation (differentiable)
+    def relevance(self, e: torch.Tensor) -> torch.Tensor:
+        """Token relevance summed over hooked blocks, [B, P, T], for unit embeddings e [B, P, D_out]."""
+        return sum(self._block_relevance(k, e) for k in self.blocks)
+
+    def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to the image size).
+
+        A constant map (e.g. no positive gradient anywhere) becomes all zeros, never NaN.
+        """
+        B, P = e.shape[:2]
+        rel = self.relevance(e)[..., self.parts.num_prefix_tokens:].reshape(B, P, *self.grid)
+        E = F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False)
+        E = min_max(E)
+        size = tuple(size) if size is not None else self.image_size
+        if tuple(E.shape[-2:]) != size:
+            E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
+        return E
+
+    def _block_relevance(self, k: _BlockConstants, e: torch.Tensor) -> torch.Tensor:
+        B, P, _ = e.shape
+        H, T, dh = k.V.shape[1:]
+        w = e @ k.J                                                   # [B, P, D]  dS/dX
+        y = w @ k.W2s                                                 # [B, P, F]  dS/dh / act'
+        u = ((w @ k.Wo_s)[:, :, None]                                 # residual path
+             + (k.a_s[:, None] * y[:, :, None]) @ k.M                 # MLP path, [B, P, T, D]
+             - (y @ k.Sig.transpose(1, 2))[..., None] * k.Q[:, None])  # LN2's projection
+        if k.C is not None:                                           # per-token head (SigLIP)
+            c = w @ k.x_hat.transpose(1, 2) / w.shape[-1]             # [B, P, T]
+            u = k.kappa[:, None, :, None] * (u - c[..., None] * k.C[:, None])
+        u = u.reshape(B, P, T, H, dh).transpose(2, 3)                 # [B, P, H, T, dh] dS/d(A V)
+        return _PositiveColumnMean.apply(u, k.V[:, None])             # [B, P, T]
+
+    # ------------------------------------------------------------------ constants (no grad)
+    def _constants(self, block: BlockParts, cap: dict[str, torch.Tensor]) -> _BlockConstants:
+        dt = self.dtype
+        V, r, z, X = (cap[n].to(dt) for n in ("v", "r", "z", "x"))
+        B, T, D = X.shape
+        H = self.parts.num_heads
+        if not isinstance(block.norm2, nn.LayerNorm):
+            raise ValueError(f"expected nn.LayerNorm before the MLP, got {type(block.norm2).__name__}")
+        Wo_s = _scale_vector(block.layer_scale1, D, V)[:, None] * _affine_weight(block.o_proj, D, dt)
+        W1 = _affine_weight(block.fc1, D, dt)                                     # [F, D]
+        W2s = _scale_vector(block.layer_scale2, D, V)[:, None] * _affine_weight(block.fc2, W1.shape[0], dt)
+        W1c = W1 * _ln_weight(block.norm2, D, V)
+        W1c = W1c - W1c.mean(dim=1, keepdim=True)     # LN2's mean removal, folded into fc1
+        r_hat, sigma2 = _layer_norm_stats(r, block.norm2.eps)
+        act_d = _elementwise_derivative(block.activation, z)                      # [B, T, F]
+        Q = r_hat @ Wo_s
+        head = self._head_constants(X, W2s, W1c, Wo_s, act_d, r_hat, sigma2, Q)
+        return _BlockConstants(
+            V=V.reshape(B, T, H, D // H).transpose(1, 2).contiguous(), W2s=W2s, Wo_s=Wo_s, M=W1c @ Wo_s,
+            a_s=act_d / sigma2[..., None], Sig=act_d * (r_hat @ W1c.T) / (D * sigma2[..., None]),
+            Q=Q, **head)
+
+    def _head_constants(self, X, W2s, W1c, Wo_s, act_d, r_hat, sigma2, Q) -> dict:
+        """J (and SigLIP's per-token pieces) for dS/dX_t; see the module docstring."""
+        parts, dt = self.parts, self.dtype
+        B, T, D = X.shape
+        if parts.token_norm is None:
+            # f = normalize(head(mean_t X_t)): dS/dX_t = J(mean X)^T e / T for every token.
+            J = _unit_jacobian(parts.pooled_head, X.mean(dim=1)) / T
+            return dict(J=J)
+        # f = normalize(mean_t LN(X_t)): dS/dX_t = LN'(X_t)^T Jn^T e / T
+        #   = (1/(T sigma_t)) (zeta - mean(zeta) - x_hat_t (x_hat_t . zeta) / D),  zeta = gamma * (Jn^T e)
+        norm = parts.token_norm
+        Jn = _unit_jacobian(parts.pooled_head, norm(X.to(norm.weight.dtype)).mean(dim=1).to(dt))
+        J = Jn * _ln_weight(norm, D, X)
+        J = J - J.mean(dim=-1, keepdim=True)
+        x_hat, sigma = _layer_norm_stats(X, norm.eps)
+        # The x_hat_t part of dS/dX_t, pushed through the same chain as the common part:
+        R = (act_d * (x_hat @ W2s)) @ W1c                                         # [B, T, D]
+        rho = (r_hat * R).sum(-1, keepdim=True)
+        C = x_hat @ Wo_s + (R @ Wo_s - rho / D * Q) / sigma2[..., None]
+        return dict(J=J, x_hat=x_hat, kappa=1.0 / (T * sigma), C=C)
+
+
+class _PositiveColumnMean(torch.autograd.Function):
+    """relevance[..., j] = mean_{h, i} max(G[..., h, i, j], 0) with G = u @ V^T (= dS/dA).
+
+    Same values and gradient as ``(u @ V.mT).clamp_min(0).mean(dim=(-3, -2))``; written by hand
+    because G [.., heads, T, T] is the largest tensor of an iteration (16 MB per mask for
+    SigLIP-384): it is clamped and turned into its 0/1 mask in place, and the backward folds the
+    incoming gradient into V (dS/du = mask @ (grad_j * V_j)) instead of materialising dG.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        G = u @ V.transpose(-1, -2)                         # [..., H, T, T]
+        G.clamp_min_(0)
+        relevance = G.sum(dim=(-3, -2)) / (G.shape[-3] * G.shape[-2])
+        ctx.save_for_backward(G.sign_(), V)                 # 1 where G > 0, else 0
+        return relevance
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        positive, V = ctx.saved_tensors
+        scaled_V = V * (grad / (positive.shape[-3] * positive.shape[-2]))[..., None, :, None]
+        return positive @ scaled_V, None
+
+
+def no_autocast(device: torch.device):
+    """Context that switches autocast off on ``device``'s type (a no-op where it is not on)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def min_max(E: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map [..., H, W] on its own; a constant map becomes 0."""
+    lo = E.amin(dim=(-2, -1), keepdim=True)
+    hi = E.amax(dim=(-2, -1), keepdim=True)
+    return (E - lo) / (hi - lo).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------- capture and small helpers
+def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tensor):
+    """One no-grad forward; per hooked block V (v_proj out), r (norm2 in), z (fc1 out), X (block out)."""
+    captured: list[dict[str, list]] = [{"v": [], "r": [], "z": [], "x": []} for _ in blocks]
+
+    def keep(store, name, use_input=False):
+        def hook(module, args, output=None):
+            value = args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
+            store[name].append(value.detach())
+        return hook
+
+    handles = []
+    for block, store in zip(blocks, captured):
+        handles += [block.v_proj.register_forward_hook(keep(store, "v")),
+                    block.norm2.register_forward_pre_hook(keep(store, "r", use_input=True)),
+                    block.fc1.register_forward_hook(keep(store, "z")),
+                    block.block.register_forward_hook(keep(store, "x"))]
+    try:
+        with torch.no_grad():
+            output = parts.model(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for store in captured:
+        if any(len(v) != 1 for v in store.values()):
+            raise RuntimeError(f"expected each hooked module to run once per forward, got "
+                               f"{ {k: len(v) for k, v in store.items()} }")
+    return [{k: v[0] for k, v in store.items()} for store in captured], output
+
+
+def _affine_weight(module: nn.Module, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """[out, in] matrix of an affine module (y = x W^T + b).
+
+    A plain nn.Linear gives its weight; anything else (a peft LoRA layer wrapping a Linear) is probed
+    with the identity, which is exact for any affine module and includes the adapter's update.
+    """
+    if type(module) is nn.Linear:
+        return module.weight.detach().to(dtype)
+    ref = next(module.parameters())
+    probe = torch.cat([torch.zeros(1, in_features), torch.eye(in_features)]).to(ref)
+    out = module(probe)
+    return (out[1:] - out[:1]).T.to(dtype)
+
+
+def _scale_vector(layer_scale: nn.Module | None, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel factor of a layer scale module (ones if the block has none)."""
+    if layer_scale is None:
+        return torch.ones(dim, dtype=like.dtype, device=like.device)
+    ref = next(layer_scale.parameters())
+    return layer_scale(torch.ones(dim, dtype=ref.dtype, device=ref.device)).to(like)
+
+
+def _ln_weight(norm: nn.LayerNorm, dim: int, like: torch.Tensor) -> torch.Tensor:
+    if norm.normalized_shape != (dim,):
+        raise ValueError(f"expected a LayerNorm over the last dim {dim}, got {norm.normalized_shape}")
+    if norm.weight is None:
+        return torch.ones(dim, dtype=like.dtype, device=like.device)
+    return norm.weight.detach().to(like)
+
+
+def _layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_hat = (x - mean) / sigma and sigma = sqrt(var + eps) over the last dim (as nn.LayerNorm)."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    sigma = (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+    return centred / sigma, sigma.squeeze(-1)
+
+
+def _elementwise_derivative(activation: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """act'(z) of an element-wise activation module, by forward-mode AD (no formula hard-coded)."""
+    return torch.func.jvp(activation, (z,), (torch.ones_like(z),))[1]
+
+
+def _unit_jacobian(head: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """Jacobian of x -> normalize(head(x)) at each point [B, D] -> [B, D_out, D] (dtype of points)."""
+    ref = next(head.parameters(), None)
+    ref_dtype = ref.dtype if ref is not None else points.dtype
+
+    def unit(x):
+        return F.normalize(head(x[None].to(ref_dtype)), dim=-1)[0].to(points.dtype)
+
+    return torch.func.vmap(torch.func.jacrev(unit))(points)

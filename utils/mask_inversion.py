@@ -1,0 +1,181 @@
+"""Mask Inversion (MI): an embedding per object mask, found by optimising a LeGrad explainability map.
+
+For an image and a binary mask m, MI looks for the unit embedding e whose LeGrad map E(e)
+(:mod:`utils.legrad`) covers m, staying close to the model's own global embedding g:
+
+    loss(e) = dice_loss(E(e), m) + alpha * (1 - cos(e, g)) + beta * mean_{q != p} |cos(e, e_q)|
+
+The raw parameter starts at the un-normalised g (so AdamW's step of ``lr`` is relative to g's
+scale, as in the published code), e = normalize(raw) at every step, AdamW(lr, weight_decay=0),
+and the result is normalize(raw) after the last step. The total loss is the SUM over images and
+masks, so with beta = 0 every mask is optimised independently of the others (Adam is per element).
+
+Speed: the model runs once per call, without gradients; each iteration only evaluates the small
+linear "gradient decomposition" graph of :class:`utils.legrad.LeGrad` for all B x P masks at once.
+The model's parameters never receive gradients and their requires_grad flags are left untouched.
+
+Edge cases (all finite):
+    * empty mask: the Dice target is all zero, so the Dice term pushes the map's total mass
+      down (towards a single peak); the result is a valid unit vector that carries no object
+      information -- callers should not ask for it.
+    * full mask: the Dice term pushes the map towards 1 everywhere (min-max keeps one pixel at 0).
+    * a mask smaller than one patch works like any other (the map is bilinear at pixel level).
+    * a constant map (no positive gradient anywhere) is all zeros; its Dice gradient is zero, so
+      only the alpha term moves e.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.legrad import LeGrad, no_autocast
+from utils.vit_adapters import vit_parts
+
+__all__ = ["dice_loss", "global_embedding", "legrad_map", "mask_inversion"]
+
+
+def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss per map: 1 - (2 sum(E m) + 1e-6) / (sum(E) + sum(m) + 1e-6).
+
+    Args:
+        E: maps [..., H, W] in [0, 1].
+        m: masks [..., H, W] in {0, 1}, broadcastable to E.
+
+    Returns:
+        [...] loss per map, in [0, 1].
+    """
+    inter = (E * m).sum(dim=(-2, -1))
+    return 1 - (2 * inter + 1e-6) / (E.sum(dim=(-2, -1)) + m.sum(dim=(-2, -1)) + 1e-6)
+
+
+def global_embedding(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's own global embedding, normalised, [B, D_out].
+
+    DINOv2: pooler_output (layer-normed CLS); SigLIP: pooler_output (attention-pooling head);
+    CLIP: image_embeds. Works with any attention implementation.
+    """
+    parts = vit_parts(model)
+    with torch.no_grad(), _eval_mode(parts.model):
+        output = parts.model(pixel_values=pixel_values)
+    return F.normalize(parts.global_embedding(output), dim=-1)
+
+
+def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.Tensor,
+               layer_index: int = -1) -> torch.Tensor:
+    """LeGrad explainability maps of ``embeddings`` on the images.
+
+    Args:
+        model: DINOv2 / SigLIP / CLIP vision model (optionally peft-wrapped), eager attention.
+        pixel_values: [B, 3, H, W].
+        embeddings: [B, P, D_out] query embeddings (normalised here).
+        layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
+
+    Returns:
+        [B, P, H, W] maps in [0, 1] (float32, float64 for float64 models).
+    """
+    if embeddings.ndim != 3 or embeddings.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"embeddings must be [B, P, D] with B = {pixel_values.shape[0]} images, got "
+                         f"shape {tuple(embeddings.shape)}")
+    parts = vit_parts(model)
+    with _eval_mode(parts.model):
+        legrad = LeGrad(parts, pixel_values, layer_index)
+        with torch.no_grad(), no_autocast(pixel_values.device):
+            return legrad.maps(F.normalize(embeddings.to(legrad.g), dim=-1))
+
+
+def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, alpha: float = 0.03,
+                   iterations: int = 100, lr: float = 0.1, layer_index: int = -1, beta: float = 0.0,
+                   return_history: bool = False):
+    """Mask Inversion embeddings of P masks per image.
+
+    Args:
+        model: DINOv2 / SigLIP / CLIP vision model (optionally peft-wrapped), loaded with
+            attn_implementation="eager" (only its module tree and forward are used). It is run in
+            eval mode; its train/eval flags are restored afterwards.
+        pixel_values: [B, 3, H, W] preprocessed images.
+        masks: [B, P, Hm, Wm] bool / float / integer masks with values in {0, 1}; the maps are
+            resized to (Hm, Wm).
+        alpha: weight of 1 - cos(e, g).
+        iterations: AdamW steps (0 returns normalize(g) for every mask).
+        lr: AdamW learning rate (weight decay 0).
+        layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
+        beta: weight of each mask's mean |cos| with the other masks of its image (0 when P == 1).
+        return_history: also return {"loss", "dice"}: [iterations, B, P] float tensors (CPU) with
+            each mask's total loss and Dice loss before every step.
+
+    Returns:
+        [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
+        (float64 for float64 models). Under an active autocast context only the model's forward
+        pass follows it; the iterations always run in float32 / float64.
+
+    Raises:
+        ValueError: wrong shapes, mask batch != image batch, mask values outside {0, 1}.
+        RuntimeError: called under torch.inference_mode (MI needs autograd for e).
+    """
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+    if masks.ndim != 4:
+        raise ValueError(f"masks must be [B, P, H, W], got shape {tuple(masks.shape)}")
+    if masks.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"masks hold {masks.shape[0]} images but pixel_values hold {pixel_values.shape[0]}")
+    if masks.shape[1] == 0:
+        raise ValueError("masks has no mask (P = 0)")
+    if not ((masks == 0) | (masks == 1)).all():
+        raise ValueError("mask values must be in {0, 1} (convert 0-255 masks with mask > 127 first)")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("mask_inversion needs autograd for the embeddings; do not call it under "
+                           "torch.inference_mode()")
+
+    parts = vit_parts(model)
+    with _eval_mode(parts.model):
+        legrad = LeGrad(parts, pixel_values, layer_index)
+    B, P = masks.shape[:2]
+    target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
+    g_unit = F.normalize(legrad.g, dim=-1)[:, None]                      # [B, 1, D]
+    raw = legrad.g[:, None].expand(B, P, -1).clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0.0)
+    history = {"loss": [], "dice": []}
+    with torch.enable_grad(), no_autocast(pixel_values.device):
+        for _ in range(iterations):
+            e = F.normalize(raw, dim=-1)
+            dice = dice_loss(legrad.maps(e, size=target.shape[-2:]), target)   # [B, P]
+            loss = dice + alpha * (1 - (e * g_unit).sum(-1))
+            if beta and P > 1:
+                loss = loss + beta * _mean_abs_cos_to_others(e)
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optimizer.step()
+            if return_history:
+                history["loss"].append(loss.detach().float().cpu())
+                history["dice"].append(dice.detach().float().cpu())
+    result = F.normalize(raw.detach(), dim=-1)
+    if return_history:
+        empty = torch.zeros(0, B, P)
+        return result, {k: torch.stack(v) if v else empty for k, v in history.items()}
+    return result
+
+
+def _mean_abs_cos_to_others(e: torch.Tensor) -> torch.Tensor:
+    """[B, P] mean over q != p of |cos(e_p, e_q)| for unit e [B, P, D] (P > 1)."""
+    P = e.shape[1]
+    cos = (e @ e.transpose(1, 2)).abs()
+    off_diagonal = 1 - torch.eye(P, dtype=e.dtype, device=e.device)
+    return (cos * off_diagonal).sum(-1) / (P - 1)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout) and restore every module's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
