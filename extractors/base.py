@@ -90,19 +90,24 @@ class Extractor:
         groups: dict[int | None, list[tuple[int, View]]] = defaultdict(list)
         for i, views in enumerate(batch):
             for view in views.views:
-                groups[None if view.masks is None else len(view.masks)].append((i, view))
+                groups[None if view.masks is None else self.mask_group(view)].append((i, view))
         rows: list[list[torch.Tensor]] = [[] for _ in batch]
-        for n_masks, items in groups.items():  # views with the same number of masks run together
-            pixels = torch.stack([v.pixel_values for _, v in items])
-            if n_masks is None:
-                out = self.embed(pixels)[:, None]
+        for key, items in groups.items():  # each group runs as one batch
+            views = [v for _, v in items]
+            if key is None:
+                out = list(self.embed(torch.stack([v.pixel_values for v in views]))[:, None].cpu())
             else:
-                out = self.invert(pixels, torch.stack([v.masks for _, v in items]))
-            for (i, _), vectors in zip(items, out.cpu()):
+                out = self.invert_views(views)
+            for (i, _), vectors in zip(items, out):
                 rows[i].append(vectors)
         return [self.finish(torch.cat(r) if r else torch.empty(0, self.dim)) for r in rows]
 
-    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def mask_group(self, view: View) -> int:
+        """Views with equal keys are inverted in one batch (MI extractors may pool more)."""
+        return len(view.masks)
+
+    def invert_views(self, views: list[View]) -> list[torch.Tensor]:
+        """MI embeddings [P_i, D] (CPU) of each view's masks."""
         raise NotImplementedError(f"{type(self).__name__} computes global embeddings only")
 
     def finish(self, rows: torch.Tensor) -> torch.Tensor:

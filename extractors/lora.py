@@ -41,7 +41,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None, weights: str | Pa
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"LoRA weights not found: {weights}")
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or rank,
+    alpha = alpha or rank
+    # The scaling alpha / rank must be the one the adapters were trained with; it is not stored in
+    # a state dict, so say which one is used.
+    log.info("LoRA rank %d, alpha %g (scaling %.3g) on %s", rank, alpha, alpha / rank, TARGET_MODULES)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha,
                                                   target_modules=TARGET_MODULES, lora_dropout=0.0))
     load_lora_state(peft_model, weights)
     return peft_model.merge_and_unload()

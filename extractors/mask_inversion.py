@@ -1,11 +1,15 @@
 """Mask Inversion extractors: one embedding per object mask (see utils/mask_inversion.py for the math)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from extractors.base import Extractor
-from extractors.views import ViewMaker
+from extractors.views import View, ViewMaker
 from utils.mask_inversion import mask_inversion
+
+log = logging.getLogger("soir.extractors")
 
 
 class MIExtractor(Extractor):
@@ -29,6 +33,10 @@ class MIExtractor(Extractor):
                  mi_sum: bool = False, avg_multiple_vecs: bool = False, smart_crop: bool = False,
                  smart_crop_pad: float = 0.1, **kwargs):
         super().__init__(model_name, **kwargs)
+        if self.precision != "fp32":
+            log.warning("precision=%s: the model's forward pass runs in reduced precision, which moves "
+                        "MI embeddings noticeably (bf16 on a GPU: cosine to fp32 as low as 0.81); "
+                        "use precision=fp32 for numbers you report", self.precision)
         self.mi = dict(alpha=mi_alpha, beta=mi_beta, lr=mi_lr, iterations=mi_iterations,
                        layer_index=mi_layer_index)
         self.mode = "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
@@ -36,6 +44,20 @@ class MIExtractor(Extractor):
 
     def view_maker(self) -> ViewMaker:
         return ViewMaker(self.preprocess, self.mode, self.smart_crop_pad)
+
+    def mask_group(self, view: View) -> int:
+        # With beta = 0 every mask is optimised independently, so views with different numbers of
+        # masks can share one batch, padded with empty masks whose vectors are dropped. With
+        # beta > 0 the masks of an image interact, so only equal counts are batched.
+        return 0 if self.mi["beta"] == 0 else len(view.masks)
+
+    def invert_views(self, views: list[View]) -> list[torch.Tensor]:
+        counts = [len(v.masks) for v in views]
+        masks = torch.zeros(len(views), max(counts), *views[0].masks.shape[1:])
+        for i, view in enumerate(views):
+            masks[i, :counts[i]] = view.masks
+        vectors = self.invert(torch.stack([v.pixel_values for v in views]), masks).cpu()
+        return [v[:n] for v, n in zip(vectors, counts)]
 
     def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]."""

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from transformers import (
     BitImageProcessor,
+    CLIPConfig,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
+    CLIPModel,
     Dinov2Config,
     Dinov2Model,
+    SiglipConfig,
     SiglipImageProcessor,
-    SiglipVisionConfig,
-    SiglipVisionModel,
+    SiglipModel,
 )
 
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
@@ -39,18 +39,22 @@ def save_tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
 
 
 def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
-    """SiglipVisionModel, patch 16, 64x64 input (4x4 patches, no CLS), attention-pooling head."""
+    """A whole SiglipModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
+    64x64 input (4x4 patches, no CLS), with the attention-pooling head."""
     torch.manual_seed(seed)
-    model = SiglipVisionModel(SiglipVisionConfig(**_COMMON, image_size=64, patch_size=16))
+    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, vocab_size=64),
+                                     vision_config=dict(**_COMMON, image_size=64, patch_size=16)))
     processor = SiglipImageProcessor(size={"height": 64, "width": 64})
     return _save(model, processor, folder)
 
 
 def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
-    """CLIPVisionModelWithProjection, patch 16, 64x64 input (4x4 patches + CLS), projection 24."""
+    """A whole CLIPModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
+    64x64 input (4x4 patches + CLS), projection 24."""
     torch.manual_seed(seed)
-    model = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(**_COMMON, image_size=64, patch_size=16, projection_dim=24))
+    model = CLIPModel(CLIPConfig(text_config=dict(**_COMMON, vocab_size=64, projection_dim=24),
+                                 vision_config=dict(**_COMMON, image_size=64, patch_size=16, projection_dim=24),
+                                 projection_dim=24))
     processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     return _save(model, processor, folder)
 

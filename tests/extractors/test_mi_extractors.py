@@ -1,10 +1,14 @@
 """MI extractors: mask formats, geometry of views, descriptor modes, end to end with each family."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from sklearn.metrics import average_precision_score
 
 from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPExtractor, SigLIPMIExtractor
 from extractors.views import ViewMaker, padded_box
@@ -103,5 +107,28 @@ def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path,
     search = run_script("search_index.py", f"features_dir={folder}", "k_search=5", cwd=tmp_path)
     results, rankings = read_results(results_dir_from(search))
     assert results["num_gallery_rows"] > results["num_gallery_images"]     # several masks per image
-    assert 0 < results["mAP"] <= 1 and len(rankings) == results["num_queries"]
-    assert all(len(line["ranking"]) == 5 for line in rankings)
+    assert len(rankings) == results["num_queries"] and all(len(l["ranking"]) == 5 for l in rankings)
+    # Independent image-level scores: the best pair of (query row, gallery row), by plain loops.
+    gallery = json.loads((folder / "gallery" / "images.json").read_text())
+    queries = json.loads((folder / "queries" / "images.json").read_text())
+    g_shards = [load_file(p) for p in sorted((folder / "gallery").glob("shard-*.safetensors"))]
+    q_shards = [load_file(p) for p in sorted((folder / "queries").glob("shard-*.safetensors"))]
+    g_feat, g_owner = (torch.cat([s[k] for s in g_shards]) for k in ("features", "owner"))
+    q_feat, q_owner = (torch.cat([s[k] for s in q_shards]) for k in ("features", "owner"))
+    scores = np.array([[float((q_feat[q_owner == q] @ g_feat[g_owner == g].T).max())
+                        for g in range(len(gallery))] for q in range(len(queries))])
+    relevant = np.array([[bool(set(q["ins"]) & set(g["ins"])) for g in gallery] for q in queries])
+    expected = np.mean([average_precision_score(r, s) for r, s in zip(relevant, scores)])
+    assert results["mAP"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_images_with_different_mask_counts_share_a_batch_exactly(siglip_mi, scene):
+    """With beta = 0 the batch is padded with empty masks; results equal one image at a time."""
+    image, masks = scene
+    maker = siglip_mi.view_maker()
+    batch = [maker(image, masks), maker(image.transpose(Image.FLIP_LEFT_RIGHT), masks[:1, :, ::-1].copy())]
+    rows = siglip_mi.describe(batch)
+    assert [len(r) for r in rows] == [2, 1]
+    torch.testing.assert_close(rows[0], siglip_mi.extract(image, masks), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[1], siglip_mi.extract(image.transpose(Image.FLIP_LEFT_RIGHT),
+                                                          masks[:1, :, ::-1].copy()), atol=1e-5, rtol=0)
