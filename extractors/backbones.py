@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger("soir.extractors")
 
@@ -34,6 +35,10 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     (Mask Inversion); "sdpa" is faster for plain embeddings.
     """
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    verbosity = hf_logging.get_verbosity()
+    # transformers logs a table of every unexpected key (a hub SigLIP / CLIP checkpoint holds the
+    # text tower too); missing weights, the case that matters, are checked below.
+    hf_logging.set_verbosity_error()
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
         model, info = FAMILIES[family].model_class.from_pretrained(
@@ -41,6 +46,10 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
         raise OSError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
+    except RuntimeError as err:     # e.g. tensors of other shapes: another architecture or size
+        raise ValueError(f"{model_name!r} does not fit a {family} model: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     # transformers only warns when weights are missing and initialises them at random; a backbone
     # with random layers would give plausible-looking but meaningless features.
     missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info.get("mismatched_keys", []))

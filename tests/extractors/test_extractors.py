@@ -137,3 +137,9 @@ def test_lora_checkpoint_that_does_not_fit_lists_the_keys(tiny_model_dirs, tmp_p
     torch.save(_as_v4_lightning_checkpoint(_lora_model(folder, rank=4)), tmp_path / "r4.ckpt")
     with pytest.raises(ValueError, match="check lora_rank"):
         DINOv2Extractor(str(folder), device="cpu", lora_rank=8, lora_weights=tmp_path / "r4.ckpt")
+
+
+def test_checkpoint_of_another_family_is_refused(tiny_model_dirs):
+    """transformers would only warn and initialise the missing weights at random."""
+    with pytest.raises(ValueError, match="is not a dinov2 checkpoint: .* weights missing"):
+        DINOv2Extractor(str(tiny_model_dirs["siglip"]), device="cpu")
