@@ -92,3 +92,40 @@ def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
     assert len(outs) == 2
     job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
     assert len(job_dirs) == 2 and all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)
+
+
+def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_path):
+    """missing_masks=global and no_positive=skip: nothing is guessed silently."""
+    import torch
+    from datasets import load_captions, save_captions
+
+    anns = torch.load(demo_dir / "anns.pt", weights_only=True)
+    anns["queries/lonely.jpg"] = {"ins": 999, "is_query": True}            # no positive in the gallery
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "lonely.jpg").write_bytes((demo_dir / next(k for k in anns if k.startswith("queries/q"))).read_bytes())
+    for key in anns:
+        if not key.startswith("queries/lonely"):
+            target = tmp_path / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(demo_dir / key)
+    torch.save(anns, tmp_path / "anns.pt")
+    captions = load_captions(demo_dir / "captions.pt")
+    gallery_keys = sorted(k for k, v in anns.items() if not v["is_query"])
+    for key in gallery_keys[:3]:
+        del captions[key]                                                   # three gallery images lose their masks
+    save_captions(captions, tmp_path / "captions.pt")
+
+    args = ("extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32",
+            f"anns_file={tmp_path / 'anns.pt'}", f"captions_file={tmp_path / 'captions.pt'}",
+            "mi_iterations=2", "num_workers=0")
+    refused = run_script("create_index.py", *args, cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "queries/lonely.jpg" in refused.stderr
+    refused = run_script("create_index.py", *args, "no_positive=skip", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "3 of" in refused.stderr and "missing_masks=global" in refused.stderr
+    proc = run_script("create_index.py", *args, "no_positive=skip", "missing_masks=global", cwd=tmp_path)
+    summary = json.loads((features_dir_from(proc, tmp_path) / "summary.json").read_text())
+    assert summary["gallery_counts"]["global_fallback"] == 3
+    assert summary["queries"] == len([k for k, v in anns.items() if v["is_query"]]) - 1
+    log = proc.stdout + proc.stderr
+    assert "have no masks and get their global embedding" in log and "lonely" in log
