@@ -2,7 +2,7 @@
 
 Models are built from configs with random weights (no download): ``Owlv2Config()`` defaults
 (ViT-B/16) with ``image_size=960`` as in google/owlv2-base-patch16-ensemble (3600 boxes per image) with the detection heads redrawn at
-1/sqrt(fan_in) (``tests/scripts/tiny_mask_models.redraw_owlv2_heads``; OWLv2's own init
+1/sqrt(fan_in) (``scripts/make_tiny_models.redraw_owlv2_heads``; OWLv2's own init
 saturates every score to 0 or 1 and no box survives), and SAM ``vit_b``. Both are saved to a
 temp folder and the script's real ``run()`` processes ``--images`` synthetic photos (smooth
 random colour fields, ``--size`` W x H) in class-agnostic mode, ``--max_objects`` boxes each.
@@ -35,7 +35,7 @@ from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcess
 
 from scripts import create_masked_dataset  # noqa: E402
 from scripts.mask_models import SAM_ARCHITECTURES, build_sam  # noqa: E402
-from tests.scripts.tiny_mask_models import redraw_owlv2_heads  # noqa: E402
+from scripts.make_tiny_models import redraw_owlv2_heads  # noqa: E402
 
 
 def save_models(folder: Path) -> tuple[Path, Path]:

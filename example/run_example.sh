@@ -2,7 +2,10 @@
 # The whole SoIR pipeline on the demo set: make data -> index (global and Mask Inversion) -> search.
 #
 #   bash example/run_example.sh           real SigLIP-B/16-384 from the HuggingFace hub (downloads once)
-#   bash example/run_example.sh --tiny    offline: a tiny RANDOM model; its numbers mean nothing
+#   bash example/run_example.sh --tiny    offline: tiny RANDOM models; their numbers mean nothing
+#
+# Masks: the demo set ships ground-truth masks. To also run the mask pipeline (OWLv2 boxes -> SAM
+# masks -> MI), set SAM_CHECKPOINT=/path/to/sam_vit_b_01ec64.pth (--tiny uses a tiny random SAM).
 #
 # Outputs go to demo_data/ (data, tiny models) and outputs/ (features, indexes, results).
 set -euo pipefail
@@ -29,20 +32,37 @@ if [[ $MODE == tiny ]]; then
 BANNER
   python scripts/make_tiny_models.py --out demo_data/tiny_models >/dev/null
   MODEL=(model_name=demo_data/tiny_models/siglip vec_dim=32)
+  MASK_MODELS=(--owlv2_model demo_data/tiny_models/owlv2 --sam_checkpoint demo_data/tiny_models/sam/sam_tiny.pth
+               --sam_config demo_data/tiny_models/sam/sam_tiny.json)
   export HF_HUB_OFFLINE=1
 else
   MODEL=(vec_dim=768)   # google/siglip-base-patch16-384, the siglip extractors' default
+  MASK_MODELS=()
+  [[ -n "${SAM_CHECKPOINT:-}" ]] && MASK_MODELS=(--sam_checkpoint "$SAM_CHECKPOINT")
 fi
 
-for EXTRACTOR in siglip_features siglip_mi_features; do
-  echo "=== $EXTRACTOR ==="
-  LOG=$(mktemp)
-  python create_index.py dataset=demo extractor=$EXTRACTOR "${MODEL[@]}" \
-      anns_file=$DATA/anns.pt captions_file=$DATA/captions.pt | tee "$LOG"
-  FEATURES=$(sed -n 's/^features and index: //p' "$LOG")
-  python search_index.py dataset=demo experiment=example_$EXTRACTOR features_dir="$FEATURES" k_search=10
-  rm -f "$LOG"
-done
+# index + search; $1 = experiment name, the rest = create_index.py overrides
+index_and_search() {
+  local name=$1; shift
+  echo "=== $name ==="
+  local log
+  log=$(mktemp)
+  python create_index.py dataset=demo "${MODEL[@]}" anns_file=$DATA/anns.pt "$@" | tee "$log"
+  python search_index.py dataset=demo experiment="$name" k_search=10 \
+      features_dir="$(sed -n 's/^features and index: //p' "$log")"
+  rm -f "$log"
+}
+
+index_and_search global extractor=siglip_features
+index_and_search mi_ground_truth_masks extractor=siglip_mi_features captions_file=$DATA/captions.pt
+if [[ ${#MASK_MODELS[@]} -gt 0 ]]; then
+  python scripts/create_masked_dataset.py --input_dir "$DATA" --output_dir demo_data/detected_masks \
+      "${MASK_MODELS[@]}" --preview 4
+  index_and_search mi_owlv2_sam_masks extractor=siglip_mi_features \
+      captions_file=demo_data/detected_masks/captions.pt
+else
+  echo "(set SAM_CHECKPOINT to also run OWLv2 + SAM mask creation)"
+fi
 if [[ $MODE == tiny ]]; then
   echo "REMINDER: --tiny used a random model; the numbers above mean nothing." >&2
 fi

@@ -25,7 +25,7 @@ from scripts.mask_models import (
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamSegmenter, filter_detections,
     infer_sam_model_type, load_sam, sam_state_dict_shapes,
 )
-from tests.scripts.tiny_mask_models import TINY_SAM, save_tiny_owlv2, save_tiny_sam
+from scripts.make_tiny_models import TINY_SAM, save_tiny_owlv2, save_tiny_sam
 
 ROOT = Path(__file__).resolve().parents[2]
 
