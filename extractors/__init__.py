@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from extractors.base import Extractor
@@ -13,6 +14,9 @@ from extractors.families import (CLIPExtractor, CLIPMIExtractor, DINOv2Extractor
                                  SigLIPExtractor, SigLIPMIExtractor)
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, list_extractors, register_extractor
+from utils.config import SoIRConfig
+
+log = logging.getLogger("soir.extractors")
 
 __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CLIPExtractor",
            "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "build_extractor",
@@ -30,7 +34,13 @@ def extractor_from_config(cfg: Any) -> Extractor:
     elif cfg.smart_crop or cfg.mi_sum or cfg.avg_multiple_vecs or cfg.mask_input:
         raise ValueError(f"smart_crop / mi_sum / avg_multiple_vecs / mask_input need an MI extractor, "
                          f"not {cfg.extractor}")
+    else:
+        unused = [k for k in _MI_KEYS if k.startswith("mi_") and cfg[k] != SoIRConfig.__dataclass_fields__[k].default]
+        if unused:
+            log.warning("%s ignores %s (Mask Inversion settings)", cfg.extractor, ", ".join(unused))
     if cfg.extractor.startswith("dinov2"):
+        if cfg.model_name and not cfg.B_model:
+            log.warning("B_model=false is ignored: model_name=%s is given", cfg.model_name)
         kwargs["B_model"] = cfg.B_model
         if cfg.lora_adapt:
             if cfg.weights is None:
