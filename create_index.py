@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -82,8 +83,10 @@ def gallery_jobs(gallery, captions, extractor, cfg: DictConfig) -> list[ImageJob
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
     if missing and cfg.missing_masks == "error":
         source = cfg.captions_file or "no captions_file given"
+        example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
         raise ValueError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
-                         f"(first: {missing[:5]}); set missing_masks=global to use their global embedding")
+                         f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
+                         f"global embedding")
     if missing:
         log.warning("missing_masks=global: %d of %d gallery images have no masks and get their global "
                     "embedding", len(missing), len(gallery))
@@ -106,8 +109,9 @@ def query_jobs(queries, captions, cfg: DictConfig) -> list[ImageJob]:
     jobs, rectangles = [], 0
     for ann in queries:
         masks = find_masks(captions, ann.key, ann.file) if captions else None
+        masks = query_mask(masks, ann) if masks else None
         if masks:
-            jobs.append(ImageJob(ann, masks=query_mask(masks, ann)))
+            jobs.append(ImageJob(ann, masks=masks))
         elif ann.bbox is not None:
             jobs.append(ImageJob(ann, bbox_as_mask=True))
             rectangles += 1
@@ -115,18 +119,22 @@ def query_jobs(queries, captions, cfg: DictConfig) -> list[ImageJob]:
             raise ValueError(f"mask_input=true: query {ann.file} has neither a mask in the captions "
                              f"nor a bbox in {cfg.anns_file}")
     if rectangles:
-        log.warning("mask_input=true: %d of %d queries have no mask and use their bbox rectangle",
-                    rectangles, len(queries))
+        log.warning("mask_input=true: %d of %d queries have no mask overlapping their bbox and use the "
+                    "bbox rectangle", rectangles, len(queries))
     return jobs
 
 
-def query_mask(masks: ImageMasks, ann) -> ImageMasks:
-    """The query's object mask: the best overlap with its bbox, or its only mask."""
+def query_mask(masks: ImageMasks, ann) -> ImageMasks | None:
+    """The query's object mask: the best overlap with its bbox (None if none overlaps it), or its
+    only mask when the query has no bbox."""
     if ann.bbox is None:
         if len(masks) != 1:
             raise ValueError(f"query {ann.file} has {len(masks)} masks and no bbox to choose one")
         return masks
-    best = int(box_iou(torch.tensor([ann.bbox]), torch.tensor(masks.bboxes)).argmax())
+    iou = box_iou(torch.tensor([ann.bbox], dtype=torch.float), torch.tensor(masks.bboxes, dtype=torch.float))[0]
+    best = int(iou.argmax())
+    if iou[best] == 0:
+        return None
     return ImageMasks([masks.masks_rle[best]], [masks.bboxes[best]], [masks.scores[best]])
 
 
@@ -157,7 +165,7 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
 
 
 def record(ann) -> dict:
-    return {"key": ann.key, "file": str(ann.file), "ins": list(ann.ins), "bbox": ann.bbox and list(ann.bbox),
+    return {"key": ann.key, "file": str(Path(ann.file).resolve()), "ins": list(ann.ins), "bbox": ann.bbox and list(ann.bbox),
             "obj_name": ann.obj_name}
 
 
@@ -209,25 +217,39 @@ def check_or_save_identity(cfg: DictConfig, identity: dict, out: Path) -> None:
 
 
 class run_lock:
-    """Refuse two live runs writing the same features folder; take over the lock of a dead one."""
+    """Refuse two live runs writing the same features folder; take over the lock of a dead one.
+
+    The lock holds "<host> <pid>". A lock from another host is never taken over (its process cannot
+    be checked from here); one from this host is stale when its process is gone, or when it is our
+    own pid (containers restart jobs under the same pid).
+    """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".lock.{os.getpid()}")
+        tmp.write_text(self.owner)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
-        except FileExistsError:
-            owner = self.path.read_text().strip()
-            if owner.isdigit() and _alive(int(owner)):
-                raise RuntimeError(f"{self.path.parent} is being written by process {owner} "
-                                   f"(if it is not, delete {self.path})") from None
-            log.warning("taking over the lock of a run that stopped (pid %s)", owner or "?")
-            self.path.unlink()
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            while True:
+                try:
+                    os.link(tmp, self.path)          # atomic, and the lock is never seen empty
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self) -> None:
+        host, _, pid = self.path.read_text().partition(" ")
+        live = host != socket.gethostname() or (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)))
+        if live:
+            raise RuntimeError(f"{self.path.parent} is being written by process {pid} on {host} "
+                               f"(if it is not, delete {self.path})")
+        log.warning("taking over the lock of a run that stopped (pid %s)", pid)
+        self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)

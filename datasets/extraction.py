@@ -53,6 +53,7 @@ class ViewDataset(Dataset):
             if job.masks is not None and len(job.masks):
                 views = self.view_maker(image, job.masks.masks())
             elif job.bbox_as_mask:
+                crop_box(image, ann.bbox, source=str(ann.file))      # the same bbox checks as crops
                 views = self.view_maker(image, bbox_mask(ann.bbox, image.height, image.width))
             else:
                 views = self.global_view_maker(image)
@@ -60,6 +61,10 @@ class ViewDataset(Dataset):
                 return i, views
         except ValueError as err:
             raise ValueError(f"{ann.file}: {err}") from None
+        if not views.views and ann.is_query and ann.bbox is not None and not job.bbox_as_mask:
+            # A query mask that vanishes at the model's input size: its bbox still locates the object.
+            views = self.view_maker(image, bbox_mask(ann.bbox, image.height, image.width))
+            views.dropped_masks, views.global_fallback = 1, 0
         if not views.views:
             if not self.empty_to_global:
                 raise ValueError(f"{ann.file}: all {views.dropped_masks} masks are empty at the model's "

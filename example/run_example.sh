@@ -56,10 +56,10 @@ index_and_search() {
 index_and_search global extractor=siglip_features
 index_and_search mi_ground_truth_masks extractor=siglip_mi_features captions_file=$DATA/captions.pt
 if [[ ${#MASK_MODELS[@]} -gt 0 ]]; then
-  python scripts/create_masked_dataset.py --input_dir "$DATA" --output_dir demo_data/detected_masks \
+  python scripts/create_masked_dataset.py --input_dir "$DATA" --output_dir demo_data/detected_masks_$MODE \
       "${MASK_MODELS[@]}" --preview 4
   index_and_search mi_owlv2_sam_masks extractor=siglip_mi_features \
-      captions_file=demo_data/detected_masks/captions.pt
+      captions_file=demo_data/detected_masks_$MODE/captions.pt
 else
   echo "(set SAM_CHECKPOINT to also run OWLv2 + SAM mask creation)"
 fi

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from datasets.images import to_rgb
 
@@ -118,7 +118,8 @@ class Extractor:
         """One PIL image -> [D] global embedding, or [P, D] with masks (MI extractors)."""
         if masks is not None and not self.uses_masks:
             raise ValueError(f"{type(self).__name__} takes no masks; use its MI variant")
-        views = self.view_maker()(to_rgb(image), masks)
+        # Same orientation as the pipeline (datasets.images.load_rgb) and as captions.pt masks.
+        views = self.view_maker()(to_rgb(ImageOps.exif_transpose(image)), masks)
         if masks is not None and views.dropped_masks:
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
         rows = self.describe([views])[0]

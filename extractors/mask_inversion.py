@@ -47,9 +47,11 @@ class MIExtractor(Extractor):
 
     def mask_group(self, view: View) -> int:
         # With beta = 0 every mask is optimised independently, so views with different numbers of
-        # masks can share one batch, padded with empty masks whose vectors are dropped. With
-        # beta > 0 the masks of an image interact, so only equal counts are batched.
-        return 0 if self.mi["beta"] == 0 else len(view.masks)
+        # masks can share one batch, padded with empty masks whose vectors are dropped; counts are
+        # bucketed by powers of two so padding at most doubles the work. With beta > 0 the masks of
+        # an image interact, so only equal counts are batched.
+        count = len(view.masks)
+        return 1 << (count - 1).bit_length() if self.mi["beta"] == 0 else count
 
     def invert_views(self, views: list[View]) -> list[torch.Tensor]:
         counts = [len(v.masks) for v in views]

@@ -129,3 +129,44 @@ def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_pat
     assert summary["queries"] == len([k for k, v in anns.items() if v["is_query"]]) - 1
     log = proc.stdout + proc.stderr
     assert "have no masks and get their global embedding" in log and "lonely" in log
+
+
+def test_query_mask_is_the_caption_mask_overlapping_the_bbox():
+    from create_index import query_mask
+    from datasets import Annotation, ImageMasks
+
+    masks = ImageMasks([{"counts": "a", "size": [100, 100]}, {"counts": "b", "size": [100, 100]}],
+                       [[0, 0, 10, 10], [30, 30, 70, 70]], [0.9, 0.8])
+    query = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True, bbox=(40, 40, 60, 60))
+    assert query_mask(masks, query).bboxes == [[30, 30, 70, 70]]
+    elsewhere = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True, bbox=(80, 80, 90, 90))
+    assert query_mask(masks, elsewhere) is None          # no overlap: the caller uses the bbox rectangle
+    no_box = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True)
+    with pytest.raises(ValueError, match="2 masks and no bbox"):
+        query_mask(masks, no_box)
+
+
+def test_run_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
+    import socket
+    from create_index import run_lock
+
+    lock = tmp_path / ".lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {live.pid}")
+        with pytest.raises(RuntimeError, match=f"being written by process {live.pid}"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    with run_lock(tmp_path):                                # the process is gone: stale
+        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert not lock.exists()
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")   # our own pid (container restart): stale
+    with run_lock(tmp_path):
+        pass
+    lock.write_text("other-host 123")
+    with pytest.raises(RuntimeError, match="on other-host"):
+        with run_lock(tmp_path):
+            pass

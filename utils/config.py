@@ -85,6 +85,9 @@ def check_config(cfg: DictConfig) -> None:
                          "implement; descriptors are global-type (whole image, or one MI vector per mask)")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise ValueError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
+    if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
+        raise ValueError("mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
+                         "inversion has a single mask, so it would do nothing")
     if cfg.mi_sum and cfg.smart_crop:
         raise ValueError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
     for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank"):

@@ -22,7 +22,10 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
     except RuntimeError as err:
         raise ValueError(f"index={factory!r} is not a valid faiss index_factory string: {err}") from None
     if not index.is_trained:
-        index.train(features)
+        try:
+            index.train(features)
+        except RuntimeError as err:   # e.g. IVF with more lists than training vectors
+            raise ValueError(f"index={factory!r} cannot be trained on {len(features)} gallery rows: {err}") from None
     index.add(features)
     return index
 

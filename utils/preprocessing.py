@@ -66,11 +66,12 @@ class Preprocess:
     def masks(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Masks [P, H, W] (bool, 0/1 or 0/255) -> float {0, 1} tensor [P, h, w] at the input size.
 
-        Nearest neighbour keeps the masks binary; a mask smaller than one output pixel may vanish,
-        which the caller sees as an empty mask.
+        Nearest neighbour keeps the masks binary; NEAREST_EXACT samples at pixel centres, which
+        keeps masks aligned with the (centre-aligned) image resize. A mask smaller than one output
+        pixel may vanish, which the caller sees as an empty mask.
         """
         return T.functional.resize(to_binary_masks(masks)[:, None], list(self.size),
-                                   interpolation=InterpolationMode.NEAREST)[:, 0].float()
+                                   interpolation=InterpolationMode.NEAREST_EXACT)[:, 0].float()
 
 
 def to_binary_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:

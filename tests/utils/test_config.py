@@ -57,6 +57,7 @@ def test_anns_file_is_required():
     (["lora_adapt=true", "extractor=clip_features"], "lora_adapt=true is for DINOv2"),
     (["weights=/x.ckpt"], "needs lora_adapt=true"),
     (["batch_size=0"], "batch_size=0 must be positive"),
+    (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),
 ])
 def test_inconsistent_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
