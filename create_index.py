@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from utils.index_io import build_index, index_path, save_index
 log = logging.getLogger("soir.create_index")
 register()
 
+# Settings that change only the query descriptors: changing them recomputes the queries, not the gallery.
+QUERY_ONLY_KEYS = {"mask_input", "query_captions_file", "no_query_crop", "queries_dir", "no_positive"}
 # Keys that do not change the descriptors; every other key is part of the features' identity.
 NOT_FEATURE_KEYS = {"experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
                     "recall_at", "num_workers"}
@@ -54,9 +57,11 @@ def main(cfg: DictConfig) -> None:
              extractor.dim, extractor.device, len(queries), len(gallery))
 
     identity = feature_identity(cfg, extractor)
-    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, identity)
+    gallery_identity = {k: v for k, v in identity.items() if k.removesuffix("_sha256") not in QUERY_ONLY_KEYS}
+    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
     with run_lock(out):
-        check_or_save_identity(cfg, identity, out)
+        check_or_save_identity(cfg, gallery_identity, out)
+        refresh_queries(out / "queries", identity)
         splits = {}
         for name, jobs in (("gallery", gallery_jobs(gallery, captions, extractor, cfg)),
                            ("queries", query_jobs(queries, query_captions, cfg))):
@@ -193,13 +198,33 @@ def sha256(path: Path) -> str:
 
 
 def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
-    """outputs/features/<dataset>/<extractor>-<hash of the feature identity>.
+    """outputs/features/<dataset>/<extractor>-<hash of the gallery features' identity>.
 
     Rerunning the same command therefore resumes in the same folder; any change that alters the
-    features (model, MI settings, data files) gets a folder of its own.
+    gallery features (model, MI settings, data files) gets a folder of its own.
     """
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return Path("outputs/features") / cfg.dataset / f"{cfg.extractor}-{digest}"
+
+
+def refresh_queries(folder: Path, identity: dict) -> None:
+    """Keep the query features only if they were made with this identity; else recompute them.
+
+    Queries are few next to the gallery, so a query-only change (``mask_input``, ``no_query_crop``,
+    ...) replaces them in place instead of asking for a new folder and hours of gallery MI.
+    """
+    saved = folder / "identity.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if not changed:
+            return
+        log.warning("query settings changed (%s): recomputing the query features", ", ".join(changed))
+        shutil.rmtree(folder)
+    elif folder.exists():
+        shutil.rmtree(folder)          # made before its identity was saved: cannot be trusted
+    folder.mkdir(parents=True)
+    atomic_write_text(saved, json.dumps(identity, indent=1, sort_keys=True))
 
 
 def check_or_save_identity(cfg: DictConfig, identity: dict, out: Path) -> None:

@@ -65,12 +65,19 @@ def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_d
     assert (out / "index-Flat.faiss").read_bytes() == (reference / "index-Flat.faiss").read_bytes()
 
 
-def test_features_dir_of_another_config_is_refused(tiny_model_dirs, demo_dir, tmp_path):
+def test_query_only_changes_keep_the_gallery_and_other_changes_are_refused(tiny_model_dirs, demo_dir, tmp_path):
     out = tmp_path / "feats"
     run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
+    gallery = {p: p.stat().st_mtime_ns for p in (out / "gallery").glob("shard-*")}
+    queries = _shard_bytes(out / "queries")
     proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}",
-                                                "no_query_crop=true"), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "made with other settings or inputs (no_query_crop)" in proc.stderr
+                                                "no_query_crop=true"), cwd=tmp_path)
+    assert "recomputing the query features" in proc.stdout + proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "gallery").glob("shard-*")} == gallery
+    assert _shard_bytes(out / "queries") != queries          # uncropped queries: other vectors
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}",
+                                                "batch_size=3"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "made with other settings or inputs (batch_size)" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -86,7 +93,7 @@ def test_bad_runs_fail_with_a_clear_message(tiny_model_dirs, demo_dir, tmp_path,
 
 
 def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
-    proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "no_query_crop=true,false",
+    proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "batch_size=1,3",
                       cwd=tmp_path)
     outs = {l.split(": ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("features and index: ")}
     assert len(outs) == 2
