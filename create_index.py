@@ -170,8 +170,8 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
 
 
 def record(ann) -> dict:
-    return {"key": ann.key, "file": str(Path(ann.file).resolve()), "ins": list(ann.ins), "bbox": ann.bbox and list(ann.bbox),
-            "obj_name": ann.obj_name}
+    return {"key": ann.key, "file": str(Path(ann.file).resolve()), "ins": list(ann.ins),
+            "bbox": ann.bbox and list(ann.bbox), "obj_name": ann.obj_name}
 
 
 def feature_identity(cfg: DictConfig, extractor) -> dict:
@@ -207,6 +207,10 @@ def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
     return Path("outputs/features") / cfg.dataset / f"{cfg.extractor}-{digest}"
 
 
+def changed_keys(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def refresh_queries(folder: Path, identity: dict) -> None:
     """Keep the query features only if they were made with this identity; else recompute them.
 
@@ -215,8 +219,7 @@ def refresh_queries(folder: Path, identity: dict) -> None:
     """
     saved = folder / "identity.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        changed = changed_keys(json.loads(saved.read_text()), identity)
         if not changed:
             return
         log.warning("query settings changed (%s): recomputing the query features", ", ".join(changed))
@@ -232,8 +235,7 @@ def check_or_save_identity(cfg: DictConfig, identity: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "identity.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        changed = changed_keys(json.loads(saved.read_text()), identity)
         if changed:
             raise ValueError(f"{out} holds features made with other settings or inputs ({', '.join(changed)}); "
                              f"use another features_dir")

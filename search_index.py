@@ -21,6 +21,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from datasets import Annotation, relevance
 from utils.config import check_config, register
 from utils.feature_store import FeatureShards
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
@@ -55,13 +56,13 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     shutil.copy(folder / "config.yaml", out / "features_config.yaml")
     k = min(cfg.k_search, len(gallery))
-    holders = instance_holders(gallery)
+    query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     per_query: list[dict[str, np.ndarray]] = []
     with open(out / "rankings.jsonl", "w") as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
             scores = image_scores(query_features.numpy(), query_owner.numpy(), chunk,
                                   gallery_features.numpy(), gallery_owner.numpy(), len(gallery))
-            relevant = relevance(queries[chunk.start:chunk.stop], holders, len(gallery))
+            relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
             per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at,
                                                map_at=cfg.map_at))
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]   # ties: lower gallery index first
@@ -106,22 +107,10 @@ def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: ran
     return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
 
 
-def instance_holders(gallery: list[dict]) -> dict[int, list[int]]:
-    """instance id -> indices of the gallery images that contain it."""
-    holders: dict[int, list[int]] = {}
-    for g, image in enumerate(gallery):
-        for ins in image["ins"]:
-            holders.setdefault(ins, []).append(g)
-    return holders
-
-
-def relevance(queries: list[dict], holders: dict[int, list[int]], num_gallery: int) -> np.ndarray:
-    """[Q, G] bool: gallery image g contains the instance of query q."""
-    relevant = np.zeros((len(queries), num_gallery), dtype=bool)
-    for q, query in enumerate(queries):
-        for ins in query["ins"]:
-            relevant[q, holders.get(ins, [])] = True
-    return relevant
+def as_annotations(records: list[dict], is_query: bool) -> list[Annotation]:
+    """The ``images.json`` records written by create_index.py, back as annotations."""
+    return [Annotation(key=r["key"], file=Path(r["file"]), ins=tuple(r["ins"]), is_query=is_query,
+                       bbox=r["bbox"] and tuple(r["bbox"]), obj_name=r["obj_name"]) for r in records]
 
 
 def write_per_query_csv(path: Path, queries: list[dict], metrics: dict[str, np.ndarray]) -> None:

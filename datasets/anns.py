@@ -229,14 +229,19 @@ def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Seque
 
 
 def crop_box(image: Image.Image, bbox: Sequence[float], source: str) -> Image.Image:
-    """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords), rounding outward.
+    """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords); see :func:`pixel_box`."""
+    return image.crop(pixel_box(bbox, image.width, image.height, source))
+
+
+def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[int, int, int, int]:
+    """``bbox`` = [x1, y1, x2, y2] (pixel-edge coords) as integer pixels of a width x height image,
+    rounded outward.
 
     Boxes computed on a slightly different resize may overshoot the border by a fraction of
     a pixel; up to 1 pixel is clipped silently. More than that means the box belongs to a
     different image (or size), and is an error naming ``source``, as is a box that is empty
     after clipping.
     """
-    width, height = image.size
     x1, y1, x2, y2 = _as_bbox_loose(bbox, source)
     if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
         raise AnnotationError(f"{source}: bbox {list(bbox)} lies outside the {width}x{height} image "
@@ -246,7 +251,7 @@ def crop_box(image: Image.Image, bbox: Sequence[float], source: str) -> Image.Im
     if right <= left or bottom <= top:
         raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the "
                               f"{width}x{height} image")
-    return image.crop((left, top, right, bottom))
+    return left, top, right, bottom
 
 
 def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, float, float]:

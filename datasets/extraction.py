@@ -5,9 +5,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .anns import Annotation, crop_box
+from .anns import Annotation, crop_box, pixel_box
 from .captions import ImageMasks
 from .images import load_rgb
 
@@ -53,8 +54,7 @@ class ViewDataset(Dataset):
             if job.masks is not None and len(job.masks):
                 views = self.view_maker(image, job.masks.masks())
             elif job.bbox_as_mask:
-                crop_box(image, ann.bbox, source=str(ann.file))      # the same bbox checks as crops
-                views = self.view_maker(image, bbox_mask(ann.bbox, image.height, image.width))
+                views = self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file)))
             else:
                 views = self.global_view_maker(image)
                 views.global_fallback = int(job.global_fallback)
@@ -63,7 +63,7 @@ class ViewDataset(Dataset):
             raise ValueError(f"{ann.file}: {err}") from None
         if not views.views and ann.is_query and ann.bbox is not None and not job.bbox_as_mask:
             # A query mask that vanishes at the model's input size: its bbox still locates the object.
-            views = self.view_maker(image, bbox_mask(ann.bbox, image.height, image.width))
+            views = self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file)))
             views.dropped_masks, views.global_fallback = 1, 0
         if not views.views:
             if not self.empty_to_global:
@@ -75,10 +75,10 @@ class ViewDataset(Dataset):
         return i, views
 
 
-def bbox_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
-    """[1, H, W] bool rectangle covering ``bbox`` (x1, y1, x2, y2), rounded outwards."""
-    x1, y1 = int(np.floor(bbox[0])), int(np.floor(bbox[1]))
-    x2, y2 = int(np.ceil(bbox[2])), int(np.ceil(bbox[3]))
-    mask = np.zeros((1, height, width), dtype=bool)
-    mask[0, max(0, y1):min(height, y2), max(0, x1):min(width, x2)] = True
+def bbox_mask(image: Image.Image, bbox: Sequence[float], source: str) -> np.ndarray:
+    """[1, H, W] bool rectangle covering ``bbox`` (x1, y1, x2, y2) in ``image``; the same pixels,
+    rounding and checks as :func:`crop_box`."""
+    left, top, right, bottom = pixel_box(bbox, image.width, image.height, source)
+    mask = np.zeros((1, image.height, image.width), dtype=bool)
+    mask[0, top:bottom, left:right] = True
     return mask
