@@ -156,16 +156,18 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
     for shard in todo:
         loader = DataLoader(Subset(dataset, shards.image_range(shard)), batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, collate_fn=list)
-        features, owner, stats = [], [], {"dropped_masks": 0, "global_fallback": 0}
+        features, owner, mask_index = [], [], []
+        stats = {"dropped_masks": 0, "global_fallback": 0}
         for batch in loader:
             indices, views = zip(*batch)
             for i, v, rows in zip(indices, views, extractor.describe(list(views))):
-                features.append(rows)
+                features.append(rows.vectors)
+                mask_index.append(rows.mask_index)
                 owner.append(torch.full((len(rows),), i, dtype=torch.long))  # image index in the split
                 stats["dropped_masks"] += v.dropped_masks
                 stats["global_fallback"] += v.global_fallback
             progress.update(len(batch))
-        shards.write(shard, torch.cat(features), torch.cat(owner), stats)
+        shards.write(shard, torch.cat(features), torch.cat(owner), stats, torch.cat(mask_index))
     progress.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from datasets.images import to_rgb
 
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.lora import add_lora
-from extractors.views import View, ViewMaker, Views
+from extractors.views import NO_MASK, View, ViewMaker, Views
 from utils.mask_inversion import global_embedding
 from utils.preprocessing import Preprocess
 
@@ -29,6 +30,19 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device} but CUDA is not available (use device=cpu or auto)")
     return torch.device(device)
+
+
+@dataclass
+class Rows:
+    """Descriptor rows of one image: ``vectors`` [R, D] float32 (CPU, unit norm) and ``mask_index``
+    [R] int64, the source mask of each row (its position in the image's captions entry), or
+    ``NO_MASK`` (-1) for a row of no single mask (global embedding, union, average)."""
+
+    vectors: torch.Tensor
+    mask_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.vectors)
 
 
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,22 +99,26 @@ class Extractor:
         with torch.inference_mode(), self.autocast():
             return global_embedding(self.model, pixel_values.to(self.device)).float()
 
-    def describe(self, batch: list[Views]) -> list[torch.Tensor]:
-        """Descriptor rows of each image in ``batch``: a list of [R_i, D] float32 CPU tensors."""
+    def describe(self, batch: list[Views]) -> list[Rows]:
+        """Descriptor rows of each image in ``batch``."""
         groups: dict[int | None, list[tuple[int, View]]] = defaultdict(list)
         for i, views in enumerate(batch):
             for view in views.views:
                 groups[None if view.masks is None else self.mask_group(view)].append((i, view))
-        rows: list[list[torch.Tensor]] = [[] for _ in batch]
+        vectors: list[list[torch.Tensor]] = [[] for _ in batch]
+        index: list[list[torch.Tensor]] = [[] for _ in batch]
         for key, items in groups.items():  # each group runs as one batch
             views = [v for _, v in items]
             if key is None:
                 out = list(self.embed(torch.stack([v.pixel_values for v in views]))[:, None].cpu())
             else:
                 out = self.invert_views(views)
-            for (i, _), vectors in zip(items, out):
-                rows[i].append(vectors)
-        return [self.finish(torch.cat(r) if r else torch.empty(0, self.dim)) for r in rows]
+            for (i, view), rows in zip(items, out):
+                vectors[i].append(rows)
+                index[i].append(torch.full((1,), NO_MASK) if view.mask_index is None else view.mask_index)
+        return [self.finish(Rows(torch.cat(v) if v else torch.empty(0, self.dim),
+                                 torch.cat(m).long() if m else torch.empty(0, dtype=torch.long)))
+                for v, m in zip(vectors, index)]
 
     def mask_group(self, view: View) -> int:
         """Views with equal keys are inverted in one batch (MI extractors may pool more)."""
@@ -110,8 +128,8 @@ class Extractor:
         """MI embeddings [P_i, D] (CPU) of each view's masks."""
         raise NotImplementedError(f"{type(self).__name__} computes global embeddings only")
 
-    def finish(self, rows: torch.Tensor) -> torch.Tensor:
-        """Hook for per-image post-processing of descriptor rows [R, D]."""
+    def finish(self, rows: Rows) -> Rows:
+        """Hook for per-image post-processing of descriptor rows."""
         return rows
 
     def extract(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
@@ -122,5 +140,5 @@ class Extractor:
         views = self.view_maker()(to_rgb(ImageOps.exif_transpose(image)), masks)
         if masks is not None and views.dropped_masks:
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
-        rows = self.describe([views])[0]
+        rows = self.describe([views])[0].vectors
         return rows[0] if masks is None and len(rows) == 1 else rows

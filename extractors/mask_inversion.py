@@ -5,8 +5,8 @@ import logging
 
 import torch
 
-from extractors.base import Extractor
-from extractors.views import View, ViewMaker
+from extractors.base import Extractor, Rows
+from extractors.views import NO_MASK, View, ViewMaker
 from utils.mask_inversion import mask_inversion
 
 log = logging.getLogger("soir.extractors")
@@ -67,7 +67,8 @@ class MIExtractor(Extractor):
             return mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
                                   **self.mi).float()
 
-    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+    def finish(self, rows: Rows) -> Rows:
         if self.avg_multiple_vecs and len(rows) > 1:
-            return torch.nn.functional.normalize(rows.mean(0, keepdim=True), dim=-1)
+            return Rows(torch.nn.functional.normalize(rows.vectors.mean(0, keepdim=True), dim=-1),
+                        torch.tensor([NO_MASK]))
         return rows

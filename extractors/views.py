@@ -16,12 +16,19 @@ from utils.preprocessing import Preprocess, to_binary_masks
 MODES = ("global", "per_mask", "union", "smart_crop")
 
 
+# ``mask_index`` of a row that belongs to no single source mask (global embedding, union of masks).
+NO_MASK = -1
+
+
 @dataclass
 class View:
-    """pixel_values [3, H, W] normalised; masks [P, H, W] float in {0, 1}, or None for the global embedding."""
+    """pixel_values [3, H, W] normalised; masks [P, H, W] float in {0, 1}, or None for the global
+    embedding. ``mask_index`` [P] int64: which of the image's source masks each mask row is (its
+    position in the captions entry), ``NO_MASK`` for a union; None for the global embedding."""
 
     pixel_values: torch.Tensor
     masks: torch.Tensor | None = None
+    mask_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,31 +68,31 @@ class ViewMaker:
             raise ValueError(f"masks of size {tuple(masks.shape[1:])} do not match the image "
                              f"({image.height}, {image.width})")
         nonempty = masks.flatten(1).any(1)  # an empty source mask describes nothing
-        empty, masks = int((~nonempty).sum()), masks[nonempty]
+        empty, masks, index = int((~nonempty).sum()), masks[nonempty], torch.nonzero(nonempty).flatten()
         if self.mode == "union" and len(masks):
-            masks = masks.any(0, keepdim=True)
-        views = self._crops(image, masks) if self.mode == "smart_crop" else \
-            self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks))
+            masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
+        views = self._crops(image, masks, index) if self.mode == "smart_crop" else \
+            self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks), index)
         views.dropped_masks += empty
         return views
 
-    def _crops(self, image: Image.Image, masks: torch.Tensor) -> Views:
+    def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
         views, dropped = [], 0
-        for mask in masks:
+        for mask, i in zip(masks, index):
             x1, y1, x2, y2 = padded_box(mask, self.pad)
             crop = self.preprocess.masks(mask[None, y1:y2, x1:x2])
             if crop.any():
-                views.append(View(self.preprocess.image(image.crop((x1, y1, x2, y2))), crop))
+                views.append(View(self.preprocess.image(image.crop((x1, y1, x2, y2))), crop, i[None]))
             else:
                 dropped += 1
         return Views(views, dropped)
 
     @staticmethod
-    def _keep_nonempty(pixel_values: torch.Tensor, masks: torch.Tensor) -> Views:
+    def _keep_nonempty(pixel_values: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> Views:
         # Nearest-neighbour resizing can erase a mask thinner than one input pixel; such a mask
         # would give a meaningless vector, so it is dropped and counted.
         keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
-        views = [View(pixel_values, masks[keep])] if keep.any() else []
+        views = [View(pixel_values, masks[keep], index[keep])] if keep.any() else []
         return Views(views, int((~keep).sum()))
 
 

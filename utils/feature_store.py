@@ -3,7 +3,9 @@
 Layout of one split folder (``gallery/`` or ``queries/``)::
 
     images.json              one record per image: key, file, ins, bbox, obj_name
-    shard-00000.safetensors  features [R, D] float32, owner [R] int64 (image index in images.json)
+    shard-00000.safetensors  features [R, D] float32, owner [R] int64 (image index in images.json),
+                             mask_index [R] int64 (the row's mask in the image's captions entry;
+                             -1: global embedding, union or average of masks)
     ...
 
 Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``. A shard file exists only when
@@ -63,13 +65,15 @@ class FeatureShards:
     def missing(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.shard_path(s).exists()]
 
-    def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int]) -> None:
+    def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int],
+              mask_index: torch.Tensor) -> None:
         """Save one complete shard atomically. ``stats`` are counts kept for the run summary."""
         path = self.shard_path(shard)
         tmp = path.with_name(path.name + ".tmp")
         # Counts are stored as tensors: safetensors metadata is a hash map whose order (and so the
         # file's bytes) changes between runs, which would break byte-identical resumes.
-        tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous()}
+        tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous(),
+                   "mask_index": mask_index.long().contiguous()}
         tensors.update({f"stat.{k}": torch.tensor([v], dtype=torch.long) for k, v in stats.items()})
         save_file(tensors, tmp)
         os.replace(tmp, path)
@@ -84,6 +88,7 @@ class FeatureShards:
             tensors = load_file(self.shard_path(s))
             features.append(tensors.pop("features"))
             owners.append(tensors.pop("owner"))
+            tensors.pop("mask_index")
             for key, value in tensors.items():
                 stats[key.removeprefix("stat.")] = stats.get(key.removeprefix("stat."), 0) + int(value)
         return torch.cat(features), torch.cat(owners), stats

@@ -129,6 +129,20 @@ def test_images_with_different_mask_counts_share_a_batch_exactly(siglip_mi, scen
     batch = [maker(image, masks), maker(image.transpose(Image.FLIP_LEFT_RIGHT), masks[:1, :, ::-1].copy())]
     rows = siglip_mi.describe(batch)
     assert [len(r) for r in rows] == [2, 1]
-    torch.testing.assert_close(rows[0], siglip_mi.extract(image, masks), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rows[1], siglip_mi.extract(image.transpose(Image.FLIP_LEFT_RIGHT),
-                                                          masks[:1, :, ::-1].copy()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[0].vectors, siglip_mi.extract(image, masks), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[1].vectors, siglip_mi.extract(image.transpose(Image.FLIP_LEFT_RIGHT),
+                                                                  masks[:1, :, ::-1].copy()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode,expected", [("per_mask", [0, 2]), ("smart_crop", [0, 2]), ("union", [-1])])
+def test_rows_know_their_source_mask(tiny_model_dirs, scene, mode, expected):
+    """An empty source mask is dropped; every row still names its mask in the captions entry."""
+    image, masks = scene
+    with_gap = np.stack([masks[0], np.zeros_like(masks[0]), masks[1]])
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mi_sum=mode == "union",
+                                  smart_crop=mode == "smart_crop", **MI)
+    views = extractor.view_maker()(image, with_gap)
+    rows = extractor.describe([views])[0]
+    assert views.dropped_masks == 1 and rows.mask_index.tolist() == expected
+    averaged = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), avg_multiple_vecs=True, **MI)
+    assert averaged.describe([averaged.view_maker()(image, with_gap)])[0].mask_index.tolist() == [-1]
