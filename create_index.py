@@ -3,15 +3,17 @@
     python create_index.py extractor=siglip_mi_features anns_file=anns.pt captions_file=captions.pt
 
 Every key is documented in README.md; ``--help`` lists them, ``--cfg job`` prints the config.
+
+Order of work, so that mistakes cost seconds, not hours: (1) read and check every input that
+needs no model (annotations, masks, image headers, boxes, the index string); (2) load the model;
+(3) claim and lock the features folder, which must hold nothing made with another identity;
+(4) extract the missing shards; (5) build the index.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -21,126 +23,79 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from torchvision.ops import box_iou
-
-from datasets import ImageMasks, drop_queries_without_positives, find_masks, load_anns, load_captions, split
-from datasets.extraction import ImageJob, ViewDataset
-from extractors import extractor_from_config
-from utils.config import check_config, register
-from utils.feature_store import FeatureShards, atomic_write_text
-from utils.index_io import build_index, index_path, save_index
+from datasets import drop_queries_without_positives, load_anns, load_captions, split
+from datasets.extraction import ImageJob, ViewDataset, check_jobs, gallery_jobs, jobs_digest, query_jobs
+from datasets.images import image_facts
+from extractors import capabilities, extractor_from_config
+from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register
+from utils.errors import SoIRError, exit_on_error
+from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
+from utils.files import atomic_write_json
+from utils.index_io import build_index, check_factory, index_path, save_index
+from utils.processes import worker_init_fn
 
 log = logging.getLogger("soir.create_index")
 register()
 
-# Settings that change only the query descriptors: changing them recomputes the queries, not the gallery.
-QUERY_ONLY_KEYS = {"mask_input", "query_captions_file", "no_query_crop", "queries_dir", "no_positive"}
-# Keys that do not change the descriptors; every other key is part of the features' identity.
-NOT_FEATURE_KEYS = {"experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
-                    "recall_at", "num_workers"}
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     started = time.time()
-    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir)
-    queries, gallery = split(anns)
-    queries = drop_queries_without_positives(queries, gallery, cfg.no_positive)
-    if not queries or not gallery:
-        raise ValueError(f"{cfg.anns_file}: {len(queries)} queries (with a positive) and {len(gallery)} "
-                         f"gallery images; both are needed")
-    captions = load_captions(cfg.captions_file) if cfg.captions_file else None
-    query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
+    jobs, facts, skipped = plan(cfg)
     extractor = extractor_from_config(cfg)
     log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
-             extractor.dim, extractor.device, len(queries), len(gallery))
+             extractor.dim, extractor.device, len(jobs["queries"]), len(jobs["gallery"]))
 
-    identity = feature_identity(cfg, extractor)
-    gallery_identity = {k: v for k, v in identity.items() if k.removesuffix("_sha256") not in QUERY_ONLY_KEYS}
+    gallery_identity = feature_identity(cfg, extractor, jobs["gallery"], facts, queries=False)
+    query_identity = {**gallery_identity, **feature_identity(cfg, extractor, jobs["queries"], facts, queries=True)}
     out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
-    with run_lock(out):
-        check_or_save_identity(cfg, gallery_identity, out)
-        refresh_queries(out / "queries", identity)
+    with FeaturesFolder(out).open(gallery_identity, query_identity, OmegaConf.to_yaml(cfg, resolve=True)):
+        write_bad_images(out, skipped)
         splits = {}
-        for name, jobs in (("gallery", gallery_jobs(gallery, captions, extractor, cfg)),
-                           ("queries", query_jobs(queries, query_captions, cfg))):
-            splits[name] = FeatureShards(out / name, [record(job.annotation) for job in jobs], cfg.shard_size)
-            extract_split(name, splits[name], jobs, extractor, cfg)
+        for name, split_jobs in jobs.items():
+            splits[name] = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
+            extract_split(name, splits[name], split_jobs, extractor, cfg)
         features, _, gallery_stats = splits["gallery"].load()
         save_index(build_index(features.numpy(), cfg.index), index_path(out, cfg.index))
-    _, _, query_stats = splits["queries"].load()
-    summary = dict(features_dir=str(out), gallery_images=len(gallery), gallery_rows=len(features),
-                   queries=len(queries), seconds=round(time.time() - started, 1),
-                   gallery_counts=gallery_stats, query_counts=query_stats)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        _, _, query_stats = splits["queries"].load()
+        summary = dict(features_dir=str(out), gallery_images=len(jobs["gallery"]), gallery_rows=len(features),
+                       queries=len(jobs["queries"]), skipped_bad_images=len(skipped),
+                       seconds=round(time.time() - started, 1), gallery_counts=gallery_stats,
+                       query_counts=query_stats)
+        atomic_write_json(out / "summary.json", summary)
     log.info("done: %s", json.dumps(summary))
     print(f"features and index: {out}\nsearch: python search_index.py features_dir={out}")
 
 
-def gallery_jobs(gallery, captions, extractor, cfg: DictConfig) -> list[ImageJob]:
-    """Gallery images are never cropped (cropping to a ground-truth box would leak the label)."""
-    if not extractor.uses_masks:
-        if captions is not None:
-            log.warning("captions_file is not used by %s (whole-image embeddings)", cfg.extractor)
-        return [ImageJob(ann) for ann in gallery]
-    masks = [find_masks(captions, ann.key, ann.file) if captions else None for ann in gallery]
-    missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
-    if missing and cfg.missing_masks == "error":
-        source = cfg.captions_file or "no captions_file given"
-        example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
-        raise ValueError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
-                         f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
-                         f"global embedding")
-    if missing:
-        log.warning("missing_masks=global: %d of %d gallery images have no masks and get their global "
-                    "embedding", len(missing), len(gallery))
-    return [ImageJob(ann, masks=m) if m else ImageJob(ann, global_fallback=True) for ann, m in zip(gallery, masks)]
-
-
-def query_jobs(queries, captions, cfg: DictConfig) -> list[ImageJob]:
-    """Queries: the global embedding of their bbox crop, or MI with their mask (``mask_input``).
-
-    With mask_input the query is not cropped: its mask locates the object in the full image. The
-    mask comes from ``query_captions_file`` (else ``captions_file``): the one whose box best overlaps
-    the query's bbox, or the only one when the query has no bbox; without a mask, the bbox rectangle
-    (counted and logged).
-    """
-    if not cfg.mask_input:
-        no_box = sum(ann.bbox is None for ann in queries)
-        if no_box and not cfg.no_query_crop:
-            log.warning("%d of %d queries have no bbox and are used uncropped", no_box, len(queries))
-        return [ImageJob(ann, crop_to_bbox=not cfg.no_query_crop) for ann in queries]
-    jobs, rectangles = [], 0
-    for ann in queries:
-        masks = find_masks(captions, ann.key, ann.file) if captions else None
-        masks = query_mask(masks, ann) if masks else None
-        if masks:
-            jobs.append(ImageJob(ann, masks=masks))
-        elif ann.bbox is not None:
-            jobs.append(ImageJob(ann, bbox_as_mask=True))
-            rectangles += 1
-        else:
-            raise ValueError(f"mask_input=true: query {ann.file} has neither a mask in the captions "
-                             f"nor a bbox in {cfg.anns_file}")
-    if rectangles:
-        log.warning("mask_input=true: %d of %d queries have no mask overlapping their bbox and use the "
-                    "bbox rectangle", rectangles, len(queries))
-    return jobs
-
-
-def query_mask(masks: ImageMasks, ann) -> ImageMasks | None:
-    """The query's object mask: the best overlap with its bbox (None if none overlaps it), or its
-    only mask when the query has no bbox."""
-    if ann.bbox is None:
-        if len(masks) != 1:
-            raise ValueError(f"query {ann.file} has {len(masks)} masks and no bbox to choose one")
-        return masks
-    iou = box_iou(torch.tensor([ann.bbox], dtype=torch.float), torch.tensor(masks.bboxes, dtype=torch.float))[0]
-    best = int(iou.argmax())
-    if iou[best] == 0:
-        return None
-    return ImageMasks([masks.masks_rle[best]], [masks.bboxes[best]], [masks.scores[best]])
+def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
+    """Every input that needs no model, read and checked: the jobs of each split, the images' facts
+    (sha256, size) by key, and the images left out under bad_images=skip."""
+    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
+    queries, gallery = split(anns)
+    captions = load_captions(cfg.captions_file) if cfg.captions_file else None
+    query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
+    uses_masks = capabilities(cfg.extractor)["uses_masks"]
+    if not uses_masks and captions is not None:
+        log.warning("captions_file is not used by %s (whole-image embeddings)", cfg.extractor)
+    facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
+    jobs, skipped = {}, []
+    jobs["gallery"], bad = check_jobs(gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, cfg.captions_file),
+                                      [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
+    skipped += bad
+    # A skipped gallery image may have been a query's only positive: the positive policy comes after.
+    kept_gallery = [job.annotation for job in jobs["gallery"]]
+    queries = drop_queries_without_positives(queries, kept_gallery, cfg.no_positive)
+    wanted = query_jobs(queries, query_captions, cfg.mask_input, cfg.no_query_crop, cfg.anns_file)
+    jobs["queries"], bad = check_jobs(wanted, [facts[job.annotation.key] for job in wanted], "queries", cfg.bad_images)
+    skipped += bad
+    if not jobs["queries"] or not jobs["gallery"]:
+        raise SoIRError(f"{cfg.anns_file}: {len(jobs['queries'])} usable queries (with a positive) and "
+                        f"{len(jobs['gallery'])} gallery images; both are needed")
+    expected_rows = sum(len(job.masks) if job.masks is not None else 1 for job in jobs["gallery"])
+    check_factory(cfg.index, cfg.vec_dim, expected_rows if uses_masks else len(jobs["gallery"]))
+    return jobs, facts, skipped
 
 
 def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extractor, cfg: DictConfig) -> None:
@@ -155,19 +110,31 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
     progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
     for shard in todo:
         loader = DataLoader(Subset(dataset, shards.image_range(shard)), batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, collate_fn=list)
-        features, owner, mask_index = [], [], []
-        stats = {"dropped_masks": 0, "global_fallback": 0}
+                            num_workers=cfg.num_workers, collate_fn=list,
+                            worker_init_fn=worker_init_fn() if cfg.num_workers else None)
+        features, owner, mask_index, failed = [], [], [], []
+        stats = {"dropped_masks": 0, "global_fallback": 0, "bad_images": 0}
         for batch in loader:
             indices, views = zip(*batch)
-            for i, v, rows in zip(indices, views, extractor.describe(list(views))):
+            for i, v in zip(indices, views):
+                if v.error is not None:            # header fine, pixels not: bad_images decides
+                    if cfg.bad_images == "error":
+                        raise SoIRError(f"{v.error}; fix or remove the image, or set bad_images=skip")
+                    log.warning("bad_images=skip: %s", v.error)
+                    failed.append(i)
+                    stats["bad_images"] += 1
+            good = [(i, v) for i, v in zip(indices, views) if v.error is None]
+            for (i, v), rows in zip(good, extractor.describe([v for _, v in good]) if good else []):
                 features.append(rows.vectors)
                 mask_index.append(rows.mask_index)
                 owner.append(torch.full((len(rows),), i, dtype=torch.long))  # image index in the split
                 stats["dropped_masks"] += v.dropped_masks
                 stats["global_fallback"] += v.global_fallback
             progress.update(len(batch))
-        shards.write(shard, torch.cat(features), torch.cat(owner), stats, torch.cat(mask_index))
+        empty = torch.empty(0, dtype=torch.long)
+        shards.write(shard, torch.cat(features) if features else torch.empty(0, extractor.dim),
+                     torch.cat(owner) if owner else empty, stats,
+                     torch.cat(mask_index) if mask_index else empty, torch.tensor(failed, dtype=torch.long))
     progress.close()
 
 
@@ -176,122 +143,33 @@ def record(ann) -> dict:
             "bbox": ann.bbox and list(ann.bbox), "obj_name": ann.obj_name}
 
 
-def feature_identity(cfg: DictConfig, extractor) -> dict:
-    """Everything that determines the descriptors: the settings (paths resolved, the device as
-    resolved) and the content hash of every input file, so a resume never mixes features."""
-    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_FEATURE_KEYS}
-    identity["model_name"] = extractor.model_name
-    identity["device"] = str(extractor.device)
-    for key in ("anns_file", "captions_file", "query_captions_file", "galleries_dir", "queries_dir",
-                "weights", "model_name"):
-        if identity.get(key) and Path(identity[key]).exists():
-            identity[key] = str(Path(identity[key]).resolve())
-            if Path(identity[key]).is_file():
-                identity[f"{key}_sha256"] = sha256(Path(identity[key]))
-    return identity
+def feature_identity(cfg: DictConfig, extractor, jobs: list[ImageJob], facts: dict, queries: bool) -> dict:
+    """What one split's features depend on, as JSON-able values.
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    Gallery: the settings that change features (see ``utils.config.RUN_KEYS``), the extractor's
+    identity (weights content or hub commit, preprocessing, LoRA content, device) and the digest of
+    its jobs (keys, image bytes, masks). Queries: the query-only settings and the query jobs' digest
+    (stored together with the gallery identity).
+    """
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    if queries:
+        identity = {k: settings[k] for k in sorted(QUERY_KEYS - RUN_KEYS)}
+        identity["queries_sha256"] = jobs_digest(jobs, facts)
+        return json.loads(json.dumps(identity))
+    identity = {k: v for k, v in settings.items() if k not in RUN_KEYS and k not in QUERY_KEYS}
+    identity["extractor_identity"] = extractor.identity()
+    identity["gallery_sha256"] = jobs_digest(jobs, facts)
+    return json.loads(json.dumps(identity))
 
 
 def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
     """outputs/features/<dataset>/<extractor>-<hash of the gallery features' identity>.
 
     Rerunning the same command therefore resumes in the same folder; any change that alters the
-    gallery features (model, MI settings, data files) gets a folder of its own.
+    gallery features (model, MI settings, images, masks) gets a folder of its own.
     """
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return Path("outputs/features") / cfg.dataset / f"{cfg.extractor}-{digest}"
-
-
-def changed_keys(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def refresh_queries(folder: Path, identity: dict) -> None:
-    """Keep the query features only if they were made with this identity; else recompute them.
-
-    Queries are few next to the gallery, so a query-only change (``mask_input``, ``no_query_crop``,
-    ...) replaces them in place instead of asking for a new folder and hours of gallery MI.
-    """
-    saved = folder / "identity.json"
-    if saved.exists():
-        changed = changed_keys(json.loads(saved.read_text()), identity)
-        if not changed:
-            return
-        log.warning("query settings changed (%s): recomputing the query features", ", ".join(changed))
-        shutil.rmtree(folder)
-    elif folder.exists():
-        shutil.rmtree(folder)          # made before its identity was saved: cannot be trusted
-    folder.mkdir(parents=True)
-    atomic_write_text(saved, json.dumps(identity, indent=1, sort_keys=True))
-
-
-def check_or_save_identity(cfg: DictConfig, identity: dict, out: Path) -> None:
-    """Save config and identity next to the features; refuse to mix features of different identities."""
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "identity.json"
-    if saved.exists():
-        changed = changed_keys(json.loads(saved.read_text()), identity)
-        if changed:
-            raise ValueError(f"{out} holds features made with other settings or inputs ({', '.join(changed)}); "
-                             f"use another features_dir")
-    atomic_write_text(saved, json.dumps(identity, indent=1, sort_keys=True))
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-
-class run_lock:
-    """Refuse two live runs writing the same features folder; take over the lock of a dead one.
-
-    The lock holds "<host> <pid>". A lock from another host is never taken over (its process cannot
-    be checked from here); one from this host is stale when its process is gone, or when it is our
-    own pid (containers restart jobs under the same pid).
-    """
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self.owner = f"{socket.gethostname()} {os.getpid()}"
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".lock.{os.getpid()}")
-        tmp.write_text(self.owner)
-        try:
-            while True:
-                try:
-                    os.link(tmp, self.path)          # atomic, and the lock is never seen empty
-                    return self
-                except FileExistsError:
-                    self._take_over_if_stale()
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _take_over_if_stale(self) -> None:
-        host, _, pid = self.path.read_text().partition(" ")
-        live = host != socket.gethostname() or (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)))
-        if live:
-            raise RuntimeError(f"{self.path.parent} is being written by process {pid} on {host} "
-                               f"(if it is not, delete {self.path})")
-        log.warning("taking over the lock of a run that stopped (pid %s)", pid)
-        self.path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":

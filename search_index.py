@@ -21,9 +21,11 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from datasets import Annotation, relevance
+from datasets import Annotation, drop_queries_without_positives, relevance
 from utils.config import check_config, register
+from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
+from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
 
@@ -34,34 +36,53 @@ SCORES_PER_CHUNK = 1 << 26        # query-chunk size bound: [chunk, gallery rows
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     if not cfg.features_dir:
-        raise ValueError("features_dir is required: the folder create_index.py printed")
-    folder = Path(cfg.features_dir)
+        raise SoIRError("features_dir is required: the folder create_index.py printed")
+    search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
+
+
+def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
+    """Rank the gallery of features folder ``folder`` for every query; write results to ``out``.
+
+    Also called by create_index.py at the end of its run (unless ``only_create=true``).
+    """
     if not (folder / "config.yaml").is_file():
-        raise FileNotFoundError(f"{folder} has no config.yaml: not a create_index.py output folder")
+        raise SoIRError(f"{folder} has no config.yaml: not a create_index.py output folder (or its run "
+                        "stopped before it began; rerun create_index.py)")
     made_with = OmegaConf.load(folder / "config.yaml")
-    gallery = json.loads((folder / "gallery" / "images.json").read_text())
-    queries = json.loads((folder / "queries" / "images.json").read_text())
-    gallery_features, gallery_owner, _ = FeatureShards(folder / "gallery", gallery, made_with.shard_size).load()
-    query_features, query_owner, _ = FeatureShards(folder / "queries", queries, made_with.shard_size).load()
+    splits = {}
+    for name in ("gallery", "queries"):
+        listing = folder / name / "images.json"
+        if not listing.is_file():
+            raise SoIRError(f"{listing} is missing: the extraction did not finish; rerun create_index.py with "
+                            "the same settings, it resumes")
+        records = read_json(listing, fix="rerun create_index.py with the same settings")
+        features, owner, _ = FeatureShards(folder / name, records, made_with.shard_size).load()
+        splits[name] = keep_images_with_rows(records, features.numpy(), owner.numpy(), name)
+    (gallery, gallery_features, gallery_owner), (queries, query_features, query_owner) = splits.values()
     index = load_index(index_path(folder, cfg.index))
     if index.ntotal != len(gallery_owner):
-        raise ValueError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
-                         f"{len(gallery_owner)}; rerun create_index.py")
+        raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
+                        f"{len(gallery_owner)}; rerun create_index.py")
+    query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
+    kept = drop_queries_without_positives(query_anns, gallery_anns, cfg.no_positive)
+    if len(kept) < len(query_anns):
+        queries, query_features, query_owner = select_images(
+            queries, query_features, query_owner, [q.key for q in kept])
+        query_anns = kept
     log.info("%s: %d queries x %d gallery images (%d rows), extractor %s", folder, len(queries),
              len(gallery), len(gallery_owner), made_with.extractor)
 
-    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "config.yaml", out / "features_config.yaml")
     k = min(cfg.k_search, len(gallery))
-    query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     per_query: list[dict[str, np.ndarray]] = []
     with open(out / "rankings.jsonl", "w") as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
-            scores = image_scores(query_features.numpy(), query_owner.numpy(), chunk,
-                                  gallery_features.numpy(), gallery_owner.numpy(), len(gallery))
+            scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
             relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
             per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at,
                                                map_at=cfg.map_at))
@@ -75,11 +96,35 @@ def main(cfg: DictConfig) -> None:
                    features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index)
     if not is_exact(index):
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
-        results[f"index_recall@{k}"] = index_recall(index, query_features.numpy(), gallery_features.numpy(), k)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        results[f"index_recall@{k}"] = index_recall(index, query_features, gallery_features, k)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", queries, metrics)
     print_table(results)
     print(f"results: {out}")
+    return results
+
+
+def keep_images_with_rows(records: list[dict], features: np.ndarray, owner: np.ndarray,
+                          split: str) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Leave out the images that own no rows (their pixels could not be decoded, bad_images=skip;
+    logged with the count), renumbering ``owner``."""
+    has_rows = np.bincount(owner, minlength=len(records)) > 0
+    if has_rows.all():
+        return records, features, owner
+    log.warning("%d %s images have no features (unreadable, bad_images=skip) and are left out of the "
+                "evaluation: %s", int((~has_rows).sum()), split,
+                [r["key"] for r, ok in zip(records, has_rows) if not ok][:10])
+    return select_images(records, features, owner, [r["key"] for r, ok in zip(records, has_rows) if ok])
+
+
+def select_images(records: list[dict], features: np.ndarray, owner: np.ndarray,
+                  keys: list[str]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The images named by ``keys`` (in record order) and their rows, with ``owner`` renumbered."""
+    wanted = set(keys)
+    keep = np.array([r["key"] in wanted for r in records], dtype=bool)
+    new_index = np.cumsum(keep) - 1
+    rows = keep[owner]
+    return [r for r, k in zip(records, keep) if k], features[rows], new_index[owner[rows]]
 
 
 def index_recall(index, query_features: np.ndarray, gallery_features: np.ndarray, k: int) -> float:

@@ -22,6 +22,8 @@ from .captions import (
     bbox_from_mask,
     decode_mask,
     encode_mask,
+    encode_mask_row_major,
+    rle_runs,
     find_masks,
     load_captions,
     save_captions,
@@ -32,6 +34,7 @@ __all__ = [
     "Annotation", "AnnotationError", "crop_box", "drop_queries_without_positives", "load_anns",
     "parse_bbox", "relevance", "save_anns", "split",
     "CaptionsError", "ImageMasks", "atomic_torch_save", "bbox_from_mask", "decode_mask", "encode_mask",
+    "encode_mask_row_major", "rle_runs",
     "find_masks", "load_captions", "save_captions",
     "ImageLoadError", "load_rgb", "to_rgb",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .captions import atomic_torch_save
+from utils.errors import SoIRError
+from utils.files import atomic_torch_save
 
 logger = logging.getLogger("soir.datasets")
 
@@ -44,7 +46,7 @@ except AttributeError:  # pragma: no cover - numpy 1.x
     _NUMPY_SCALAR_GLOBALS.append(np.core.multiarray.scalar)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(SoIRError):
     """Malformed annotation; the message names the anns file (or image) and the problem."""
 
 
@@ -61,12 +63,19 @@ class Annotation:
 
 
 def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
-              queries_dir: str | Path | None = None, check_files: bool = True) -> list[Annotation]:
+              queries_dir: str | Path | None = None, check_files: bool = True,
+              duplicates: str = "error") -> list[Annotation]:
     """Read and validate ``anns.pt``; returns annotations sorted by key.
 
+    Two keys of one split that name the same file (``./g/x.jpg`` and ``g/x.jpg``, a relative and an
+    absolute path, a symlink and its target) would make one image count twice. They are an error
+    (``duplicates="error"``) or, with ``duplicates="merge"``, kept once (the first key in sorted
+    order) when their annotations agree (logged with the count); annotations that disagree are
+    always an error.
+
     Raises:
-        AnnotationError: unreadable file, malformed entry, or (``check_files``) image files
-            that do not exist (the first 10 are listed, with the total count).
+        AnnotationError: unreadable file, malformed entry, duplicate files, or (``check_files``)
+            image files that do not exist (the first 10 are listed, with the total count).
     """
     anns_file = Path(anns_file)
     raw = _torch_load(anns_file)
@@ -89,7 +98,33 @@ def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
             listed = "\n  ".join(f"{a.key} -> {a.file}" for a in missing[:_MAX_LISTED])
             raise AnnotationError(f"anns file '{anns_file}': {len(missing)} of {len(annotations)} "
                                   f"image files do not exist, e.g.:\n  {listed}")
-    return annotations
+    return _drop_duplicates(annotations, duplicates, anns_file)
+
+
+def _drop_duplicates(annotations: list[Annotation], policy: str, anns_file: Path) -> list[Annotation]:
+    """See :func:`load_anns`: keys of one split resolving to the same real file."""
+    if policy not in ("error", "merge"):
+        raise ValueError(f"duplicates must be 'error' or 'merge', got {policy!r}")
+    first: dict[tuple[bool, str], Annotation] = {}
+    groups: dict[tuple[bool, str], list[Annotation]] = {}
+    for ann in annotations:
+        real = (ann.is_query, os.path.realpath(ann.file))
+        first.setdefault(real, ann)
+        groups.setdefault(real, []).append(ann)
+    repeated = [group for group in groups.values() if len(group) > 1]
+    if not repeated:
+        return annotations
+    listed = "; ".join(" = ".join(a.key for a in group) for group in repeated[:_MAX_LISTED])
+    conflicting = [g for g in repeated if len({(a.ins, a.bbox, a.obj_name) for a in g}) > 1]
+    if policy == "error" or conflicting:
+        why = (f"with different annotations ({' = '.join(a.key for a in conflicting[0])})" if conflicting
+               else "(set duplicates=merge to keep each file once)")
+        raise AnnotationError(f"anns file '{anns_file}': {len(repeated)} files are listed under several keys "
+                              f"{why}: {listed}")
+    logger.warning("duplicates=merge: %d files were listed under several keys with the same annotation; "
+                   "each is kept once under its first key: %s", len(repeated), listed)
+    kept = {id(ann) for ann in first.values()}
+    return [ann for ann in annotations if id(ann) in kept]
 
 
 def save_anns(anns: dict[str, dict], path: str | Path) -> Path:
@@ -147,9 +182,12 @@ def _scalar(value: Any) -> Any:
 
 
 def _as_bool(value: Any, where: str) -> bool:
+    """A bool, or the integers 0 / 1 that files written by other tools often use."""
     value = _scalar(value)
+    if isinstance(value, Integral) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
     if not isinstance(value, bool):
-        raise AnnotationError(f"{where} must be a bool, got {value!r}")
+        raise AnnotationError(f"{where} must be a bool (or 0 / 1), got {value!r}")
     return value
 
 

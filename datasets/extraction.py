@@ -1,16 +1,37 @@
-"""A torch Dataset that turns annotated images into model views, for DataLoader workers."""
+"""What create_index.py extracts, checked before any model runs, and the Dataset that reads it.
+
+* :class:`ImageJob`: how one image is read (crop to its bbox? which masks?).
+* :func:`gallery_jobs`, :func:`query_jobs`: the jobs of each split from the annotations and masks.
+* :func:`check_jobs`: every job against its image's header (:func:`datasets.images.image_facts`):
+  readable, query boxes inside the image, masks of the image's size. All of it runs before the
+  model is loaded, so a bad box or mask is found in seconds, not after hours of gallery work.
+* :func:`jobs_digest`: the hash of exactly what a split's features depend on (keys, image bytes,
+  boxes used, masks), the inputs part of the features folder's identity.
+* :class:`ViewDataset`: ``dataset[i]`` -> (i, views), decoded in DataLoader workers.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.ops import box_iou
 
-from .anns import Annotation, crop_box, pixel_box
-from .captions import ImageMasks
-from .images import load_rgb
+from extractors.views import Views
+from utils.errors import SoIRError
+
+from .anns import Annotation, AnnotationError, crop_box, pixel_box
+from .captions import ImageMasks, find_masks
+from .images import ImageFacts, ImageLoadError, load_rgb
+
+log = logging.getLogger("soir.datasets")
+_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -24,10 +45,149 @@ class ImageJob:
     global_fallback: bool = False     # masks were wanted but there are none (missing_masks=global)
 
 
+# ---------------------------------------------------------------------------------- building jobs
+def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, uses_masks: bool,
+                 missing_masks: str, captions_file: str | None) -> list[ImageJob]:
+    """Gallery images are never cropped (cropping to a ground-truth box would leak the label).
+
+    With an MI extractor every image needs masks: an image without (no entry, no detections, or a
+    failed entry of the original mask script) is an error, or with ``missing_masks="global"`` gets
+    its global embedding (counted and logged).
+    """
+    if not uses_masks:
+        return [ImageJob(ann) for ann in gallery]
+    masks = [find_masks(captions, ann.key, ann.file) if captions else None for ann in gallery]
+    missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
+    if missing and missing_masks == "error":
+        source = captions_file or "no captions_file given"
+        example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
+        raise SoIRError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
+                        f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
+                        f"global embedding")
+    if missing:
+        log.warning("missing_masks=global: %d of %d gallery images have no masks and get their global "
+                    "embedding", len(missing), len(gallery))
+    return [ImageJob(ann, masks=m) if m else ImageJob(ann, global_fallback=True) for ann, m in zip(gallery, masks)]
+
+
+def query_jobs(queries: Sequence[Annotation], captions: dict[str, ImageMasks] | None, mask_input: bool,
+               no_query_crop: bool, anns_file: str) -> list[ImageJob]:
+    """Queries: the global embedding of their bbox crop, or MI with their mask (``mask_input``).
+
+    With mask_input the query is not cropped: its mask locates the object in the full image. The
+    mask comes from the query captions: the one whose box best overlaps the query's bbox, or the
+    only one when the query has no bbox; without a mask, the bbox rectangle (counted and logged).
+    """
+    if not mask_input:
+        no_box = sum(ann.bbox is None for ann in queries)
+        if no_box and not no_query_crop:
+            log.warning("%d of %d queries have no bbox and are used uncropped", no_box, len(queries))
+        return [ImageJob(ann, crop_to_bbox=not no_query_crop) for ann in queries]
+    jobs, rectangles = [], 0
+    for ann in queries:
+        masks = find_masks(captions, ann.key, ann.file) if captions else None
+        masks = query_mask(masks, ann) if masks else None
+        if masks:
+            jobs.append(ImageJob(ann, masks=masks))
+        elif ann.bbox is not None:
+            jobs.append(ImageJob(ann, bbox_as_mask=True))
+            rectangles += 1
+        else:
+            raise SoIRError(f"mask_input=true: query {ann.file} has neither a mask in the captions "
+                            f"nor a bbox in {anns_file}")
+    if rectangles:
+        log.warning("mask_input=true: %d of %d queries have no mask overlapping their bbox and use the "
+                    "bbox rectangle", rectangles, len(queries))
+    return jobs
+
+
+def query_mask(masks: ImageMasks, ann: Annotation) -> ImageMasks | None:
+    """The query's object mask: the best overlap with its bbox (None if none overlaps it), or its
+    only mask when the query has no bbox."""
+    if ann.bbox is None:
+        if len(masks) != 1:
+            raise SoIRError(f"query {ann.file} has {len(masks)} masks and no bbox to choose one")
+        return masks
+    iou = box_iou(torch.tensor([ann.bbox], dtype=torch.float), torch.tensor(masks.bboxes, dtype=torch.float))[0]
+    best = int(iou.argmax())
+    if iou[best] == 0:
+        return None
+    return masks.select([best])
+
+
+# ------------------------------------------------------------------------------ checks, identity
+def check_jobs(jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str,
+               bad_images: str) -> tuple[list[ImageJob], list[tuple[str, str, str]]]:
+    """Check every job against its image's header, before any model runs.
+
+    * an image whose header cannot be read: an error (``bad_images="error"``) or, with ``"skip"``,
+      left out and returned in ``skipped`` as (split, key, reason);
+    * a box the job uses (query crop, bbox rectangle) must lie inside the image (``pixel_box``);
+    * masks must have the image's upright size. Masks of the original code's format were made on
+      the stored pixels, before EXIF rotation: they get the image's EXIF orientation (logged).
+
+    All problems are collected and reported together (the first 10, with the count).
+
+    Returns:
+        (jobs to extract, skipped images).
+    """
+    kept, skipped, problems, turned = [], [], [], 0
+    for job, fact in zip(jobs, facts):
+        ann = job.annotation
+        if fact.error is not None:
+            if bad_images == "skip":
+                skipped.append((split, ann.key, fact.error))
+                continue
+            problems.append(f"{ann.file}: unreadable image ({fact.error})")
+            continue
+        try:
+            if ann.bbox is not None and (job.crop_to_bbox or job.bbox_as_mask):
+                pixel_box(ann.bbox, fact.width, fact.height, f"{split} image {ann.file}")
+            if job.masks is not None and len(job.masks):
+                masks = job.masks
+                if masks.made_before_exif and fact.exif_orientation != 1:
+                    masks, turned = replace(masks, exif_orientation=fact.exif_orientation), turned + 1
+                    job = replace(job, masks=masks)
+                if masks.upright_size != (fact.height, fact.width):
+                    problems.append(f"{ann.file}: its masks are {masks.upright_size[0]}x{masks.upright_size[1]} "
+                                    f"(H x W) but the image is {fact.height}x{fact.width} (after EXIF rotation)")
+        except AnnotationError as err:
+            problems.append(str(err))
+        kept.append(job)
+    if problems:
+        more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        fix = "; set bad_images=skip to leave unreadable images out" if any("unreadable" in p for p in problems) else ""
+        raise SoIRError(f"{len(problems)} {split} images cannot be used{fix}:\n  " + "\n  ".join(problems[:_LISTED]) + more)
+    if turned:
+        log.warning("%s: the masks of %d images were made before EXIF rotation (original code's format) "
+                    "and are turned like their images", split, turned)
+    if skipped:
+        log.warning("bad_images=skip: %d %s images cannot be read and are left out: %s", len(skipped), split,
+                    [k for _, k, _ in skipped[:_LISTED]])
+    return kept, skipped
+
+
+def jobs_digest(jobs: Sequence[ImageJob], facts: dict[str, ImageFacts]) -> str:
+    """sha256 of what a split's features depend on: per job its key, image bytes (sha256), the box
+    it uses, its masks and how they are used. Labels are not in it, nor the anns file's bytes, so
+    fixing a label or a query box keeps the gallery."""
+    digest = hashlib.sha256()
+    for job in jobs:
+        ann = job.annotation
+        box = list(ann.bbox) if ann.bbox is not None and (job.crop_to_bbox or job.bbox_as_mask) else None
+        masks = None if job.masks is None else {**job.masks.to_dict(), "exif": job.masks.exif_orientation}
+        digest.update(json.dumps([ann.key, facts[ann.key].sha256, box, masks, job.bbox_as_mask,
+                                  job.global_fallback], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- reading
 class ViewDataset(Dataset):
     """``dataset[i]`` -> (i, views) where views = ``view_maker(image, masks)``.
 
-    Errors name the image file, so a bad mask in a 100k-image run is found at once.
+    Errors name the image file, so a bad mask in a 100k-image run is found at once. An image whose
+    pixels cannot be decoded (a truncated file with a good header) comes back as views with
+    ``error`` set; the caller applies the ``bad_images`` policy.
 
     Args:
         jobs: one per image, in output order.
@@ -47,7 +207,10 @@ class ViewDataset(Dataset):
     def __getitem__(self, i: int):
         job = self.jobs[i]
         ann = job.annotation
-        image = load_rgb(ann.file)
+        try:
+            image = load_rgb(ann.file)
+        except ImageLoadError as err:
+            return i, Views([], error=str(err))
         if job.crop_to_bbox and ann.bbox is not None:
             image = crop_box(image, ann.bbox, source=str(ann.file))
         try:
@@ -60,15 +223,15 @@ class ViewDataset(Dataset):
                 views.global_fallback = int(job.global_fallback)
                 return i, views
         except ValueError as err:
-            raise ValueError(f"{ann.file}: {err}") from None
+            raise SoIRError(f"{ann.file}: {err}") from None
         if not views.views and ann.is_query and ann.bbox is not None and not job.bbox_as_mask:
             # A query mask that vanishes at the model's input size: its bbox still locates the object.
             views = self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file)))
             views.dropped_masks, views.global_fallback = 1, 0
         if not views.views:
             if not self.empty_to_global:
-                raise ValueError(f"{ann.file}: all {views.dropped_masks} masks are empty at the model's "
-                                 f"input size (missing_masks=global would use the global embedding)")
+                raise SoIRError(f"{ann.file}: all {views.dropped_masks} masks are empty at the model's "
+                                f"input size (missing_masks=global would use the global embedding)")
             fallback = self.global_view_maker(image)
             fallback.dropped_masks, fallback.global_fallback = views.dropped_masks, 1
             return i, fallback

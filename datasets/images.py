@@ -19,10 +19,17 @@ Unreadable, missing or truncated files raise :class:`ImageLoadError` naming the 
 """
 from __future__ import annotations
 
+import hashlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
+
+from utils.errors import SoIRError
+from utils.files import FileFacts
 
 # Pillow modes whose samples do not fit in 8 bits.
 _HIGH_BIT_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -30,7 +37,7 @@ _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 _WHITE = (255, 255, 255)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(SoIRError):
     """An image file could not be read; ``path`` and ``reason`` say which and why."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
@@ -57,6 +64,49 @@ def load_rgb(path: str | Path) -> Image.Image:
         # OSError covers UnidentifiedImageError and "image file is truncated".
         raise ImageLoadError(path, f"{type(err).__name__}: {err}") from err
     return to_rgb(image)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the pipeline checks about an image file before any model runs (see :func:`image_facts`).
+
+    ``width`` / ``height`` are the size a person sees, after EXIF rotation (0 when unreadable);
+    ``exif_orientation`` the file's EXIF orientation tag (1 = as stored); ``error`` why the header
+    could not be read (None when it could).
+    """
+
+    sha256: str
+    width: int
+    height: int
+    exif_orientation: int = 1
+    error: str | None = None
+
+
+def _read_facts(path: Path) -> dict:
+    data = path.read_bytes()
+    facts = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "exif_orientation": 1,
+             "error": None}
+    try:
+        with Image.open(io.BytesIO(data)) as image:   # reads the header only, no pixel decoding
+            width, height = image.size
+            orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        facts["error"] = f"{type(err).__name__}: {err}"
+        return facts
+    if orientation in (5, 6, 7, 8):                  # a quarter turn: exif_transpose swaps the sides
+        width, height = height, width
+    facts.update(width=width, height=height, exif_orientation=orientation if 1 <= orientation <= 8 else 1)
+    return facts
+
+
+def image_facts(paths: Sequence[str | Path]) -> list[ImageFacts]:
+    """sha256 and upright size of each image file, from its bytes and header (no pixel decoding).
+
+    Cached by path, size, mtime and inode (:class:`utils.files.FileFacts`), so a rerun over a
+    million images reads only the files that changed. A file whose header cannot be read has
+    ``error`` set; a truncated file with a good header is only found when it is decoded.
+    """
+    return [ImageFacts(**facts) for facts in FileFacts("image_facts", _read_facts)([Path(p) for p in paths])]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel
 from transformers.utils import logging as hf_logging
+
+from utils.errors import SoIRError
+from utils.hub import check_model_available, hf_offline
 
 log = logging.getLogger("soir.extractors")
 
@@ -34,7 +36,8 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     ``attn_implementation="eager"`` is needed when attention probabilities must be observed
     (Mask Inversion); "sdpa" is faster for plain embeddings.
     """
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    check_model_available(model_name, f"{family} model")
+    offline = hf_offline()
     verbosity = hf_logging.get_verbosity()
     # transformers logs a table of every unexpected key (a hub SigLIP / CLIP checkpoint holds the
     # text tower too); missing weights, the case that matters, are checked below.
@@ -45,16 +48,16 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
             model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True)
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
-        raise OSError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
-    except RuntimeError as err:     # e.g. tensors of other shapes: another architecture or size
-        raise ValueError(f"{model_name!r} does not fit a {family} model: {err}") from None
+        raise SoIRError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
+    except (RuntimeError, ValueError) as err:   # e.g. tensors of other shapes: another architecture or size
+        raise SoIRError(f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     # transformers only warns when weights are missing and initialises them at random; a backbone
     # with random layers would give plausible-looking but meaningless features.
     missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info.get("mismatched_keys", []))
     if missing:
-        raise ValueError(f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
+        raise SoIRError(f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
                          f"mismatched (e.g. {missing[:3]}); check extractor= and model_name=")
     return model.eval().requires_grad_(False)
 

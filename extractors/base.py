@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from datasets.images import to_rgb
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.lora import add_lora
 from extractors.views import NO_MASK, View, ViewMaker, Views
+from utils.errors import SoIRError
+from utils.files import sha256_file
+from utils.hub import model_weights_identity
 from utils.mask_inversion import global_embedding
 from utils.preprocessing import Preprocess
 
@@ -69,16 +73,27 @@ class Extractor:
         self.model_name = model_name or self.default_model
         self.device = resolve_device(device)
         if precision not in _DTYPES:
-            raise ValueError(f"precision={precision!r}; one of {list(_DTYPES)}")
+            raise SoIRError(f"precision={precision!r}; one of {list(_DTYPES)}")
         self.precision = precision
         model = load_backbone(self.family, self.model_name, self.attn_implementation)
         if lora_weights is not None:
             if self.family != "dinov2":
-                raise ValueError(f"LoRA weights are supported for DINOv2 only, not {self.family}")
+                raise SoIRError(f"LoRA weights are supported for DINOv2 only, not {self.family}")
             model = add_lora(model, lora_rank or 256, lora_alpha, lora_weights)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
         self.preprocess = Preprocess.from_pretrained(self.model_name)
+        self.lora = None if lora_weights is None else {
+            "weights_sha256": sha256_file(lora_weights), "rank": lora_rank or 256, "alpha": lora_alpha}
+
+    def identity(self) -> dict:
+        """What pins this extractor's output, for the features folder's identity: the weights
+        actually loaded (file hashes of a local folder, or the hub commit), the preprocessing, the
+        LoRA adapters' content, precision and device (CPU and CUDA kernels round differently)."""
+        preprocess = {k: str(v) if not isinstance(v, (int, float, tuple)) else v
+                      for k, v in dataclasses.asdict(self.preprocess).items()}
+        return {"class": type(self).__name__, **model_weights_identity(self.model_name), "preprocess": preprocess,
+                "lora": self.lora, "precision": self.precision, "device": str(self.device)}
 
     # -- the part that runs in DataLoader workers ---------------------------------------------------
     def view_maker(self) -> ViewMaker:

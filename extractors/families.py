@@ -39,7 +39,7 @@ def dinov2_features(model_name: str | None = None, B_model: bool = True, **kwarg
     return DINOv2Extractor(_dinov2_model(model_name, B_model), **kwargs)
 
 
-@register_extractor
+@register_extractor(uses_masks=True)
 def dinov2_mi_features(model_name: str | None = None, B_model: bool = True, **kwargs) -> DINOv2MIExtractor:
     return DINOv2MIExtractor(_dinov2_model(model_name, B_model), **kwargs)
 
@@ -49,7 +49,7 @@ def siglip_features(model_name: str | None = None, **kwargs) -> SigLIPExtractor:
     return SigLIPExtractor(model_name, **kwargs)
 
 
-@register_extractor
+@register_extractor(uses_masks=True)
 def siglip_mi_features(model_name: str | None = None, **kwargs) -> SigLIPMIExtractor:
     return SigLIPMIExtractor(model_name, **kwargs)
 
@@ -59,6 +59,6 @@ def clip_features(model_name: str | None = None, **kwargs) -> CLIPExtractor:
     return CLIPExtractor(model_name, **kwargs)
 
 
-@register_extractor
+@register_extractor(uses_masks=True)
 def clip_mi_features(model_name: str | None = None, **kwargs) -> CLIPMIExtractor:
     return CLIPMIExtractor(model_name, **kwargs)

@@ -42,6 +42,10 @@ class MIExtractor(Extractor):
         self.mode = "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
 
+    def identity(self) -> dict:
+        return {**super().identity(), "mi": self.mi, "mode": self.mode, "smart_crop_pad": self.smart_crop_pad,
+                "avg_multiple_vecs": self.avg_multiple_vecs}
+
     def view_maker(self) -> ViewMaker:
         return ViewMaker(self.preprocess, self.mode, self.smart_crop_pad)
 

@@ -38,6 +38,7 @@ class Views:
     views: list[View]
     dropped_masks: int = 0
     global_fallback: int = 0          # 1 when the image fell back to its global embedding
+    error: str | None = None          # the image's pixels could not be decoded (no views)
 
 
 @dataclass(frozen=True)

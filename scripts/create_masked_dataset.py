@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -53,8 +52,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `scripts` 
     sys.path.insert(0, str(ROOT))
 
 from datasets.anns import AnnotationError, load_anns  # noqa: E402
-from datasets.captions import ImageMasks, atomic_torch_save, encode_mask, save_captions  # noqa: E402
+from datasets.captions import ImageMasks, encode_mask, save_captions  # noqa: E402
 from datasets.images import ImageLoadError, load_rgb  # noqa: E402
+from utils.errors import SoIRError  # noqa: E402
+from utils.files import (FolderLock, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,  # noqa: E402
+                         claim_folder, read_json, remove_own_files)
+from utils.processes import worker_init_fn  # noqa: E402
 from scripts.mask_models import (  # noqa: E402
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamArchitecture, SamSegmenter,
     infer_sam_model_type, load_sam,
@@ -67,8 +70,14 @@ SHARD_FORMAT = "soir-mask-shard-v1"
 _LISTED = 20  # failed images printed in the summary; all of them go to failed_images.txt
 
 
-class RunError(RuntimeError):
+class RunError(SoIRError):
     """A problem with the inputs or the output folder, found before any image is processed."""
+
+
+# What a run writes into --output_dir (and so what --overwrite may delete), by folder.
+OWN_FILES = {".": ("run_config.json", "captions.pt", "summary.json", "failed_images.txt", ".*.tmp"),
+             "shards": ("shard_*.pt", ".shard_*.tmp"),
+             "preview": ("[0-9][0-9][0-9][0-9][0-9][0-9]_*.png", ".[0-9]*.tmp")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,23 +181,22 @@ def items_digest(items: Sequence[WorkItem]) -> str:
 def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
     """Compare ``config`` with the folder's ``run_config.json``; returns the number of shards kept.
 
+    ``overwrite`` deletes what an earlier run wrote (:data:`OWN_FILES`, nothing else).
+
     Raises:
         RunError: the folder holds shards of a run with other settings or another image list.
     """
     config_file, shards = output_dir / "run_config.json", sorted((output_dir / "shards").glob("shard_*.pt"))
     if overwrite:
-        for path in shards:
-            path.unlink()
-        for name in ("run_config.json", "captions.pt", "summary.json", "failed_images.txt"):
-            (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "preview", ignore_errors=True)
+        for folder, patterns in OWN_FILES.items():
+            remove_own_files(output_dir / folder, patterns, root=output_dir)
         return 0
     if not config_file.is_file():
         if shards:
             raise RunError(f"'{output_dir}' holds {len(shards)} shards but no run_config.json; "
                            "use a new --output_dir or --overwrite")
         return 0
-    old = json.loads(config_file.read_text())
+    old = read_json(config_file, fix="rerun with --overwrite (or delete the folder)")
     changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
                if old.get(k) != config.get(k)]
     if changed:
@@ -202,8 +210,12 @@ def shard_path(output_dir: Path, shard: int) -> Path:
 
 
 def read_shard(path: Path, keys: Sequence[str]) -> dict:
-    """A shard's {"captions", "failed"}; raises RunError if it does not hold exactly ``keys``."""
-    shard = torch.load(path, map_location="cpu", weights_only=True)
+    """A shard's {"captions", "failed"}; raises RunError if it is damaged or does not hold exactly ``keys``."""
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or overwritten: torch raises many types, all mean "damaged"
+        raise RunError(f"shard '{path}' is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                       "delete it and rerun the same command, which computes it again") from None
     if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT or shard.get("keys") != list(keys):
         raise RunError(f"shard '{path}' does not belong to this run (other images or format); "
                        "use --overwrite or a new --output_dir")
@@ -287,8 +299,8 @@ def write_preview(path: Path, image: np.ndarray, masks: torch.Tensor, entry: Ima
         boxes = torch.tensor(entry.bboxes) * scale
         canvas = draw_bounding_boxes(canvas, boxes, labels=[f"{s:.2f}" for s in entry.scores], colors=colors,
                                      width=max(1, round(max(size) / 400)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+    preview = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    atomic_write(path, lambda handle: preview.save(handle, format="PNG"))
 
 
 def preview_name(index: int, key: str) -> str:
@@ -313,7 +325,7 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
                for i in range(0, len(r), args.batch_size)]
     dataset = ImageItems(items, detector.preprocess if detector is not None else None)
     loader = DataLoader(dataset, batch_sampler=[b for _, b in batches], collate_fn=_as_list,
-                        num_workers=args.num_workers)
+                        num_workers=args.num_workers, worker_init_fn=worker_init_fn() if args.num_workers else None)
     preview_dir = out / "preview"
     previews_left = max(0, args.preview - len(list(preview_dir.glob("*.png")))) if args.preview else 0
     stats = Counter()
@@ -463,6 +475,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not args.input_dir.is_dir():
             raise RunError(f"--input_dir '{args.input_dir}' is not a folder")
+        if args.input_dir.resolve().is_relative_to(output_dir.resolve()):
+            raise RunError(f"--output_dir '{output_dir}' contains --input_dir '{args.input_dir}'; choose an "
+                           "output folder outside the images (a new folder, or one inside --input_dir)")
         items, skipped_no_bbox = gallery_items(args.input_dir, args.absolute_keys, exclude=output_dir), []
         source = {"mode": "detect", "input_dir": str(args.input_dir.resolve()), "absolute_keys": args.absolute_keys,
                   "owlv2_model": args.owlv2_model, "queries": list(args.queries or []),
@@ -477,7 +492,15 @@ def run(args: argparse.Namespace) -> dict:
               "sam_architecture": sam_arch, "shard_size": args.shard_size,
               "num_images": len(items), "images_sha256": items_digest(items)}
     config = json.loads(json.dumps(config))  # as run_config.json will read back (tuples -> lists)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(output_dir, "masks")
+    with FolderLock(output_dir):
+        return _run_locked(args, items, skipped_no_bbox, config, device, start)
+
+
+def _run_locked(args: argparse.Namespace, items: list[WorkItem], skipped_no_bbox: list[str], config: dict,
+                device: torch.device, start: float) -> dict:
+    """The part of :func:`run` that writes, holding the output folder's lock."""
+    output_dir: Path = args.output_dir
     done = check_run_config(output_dir, config, args.overwrite)
     num_shards = math.ceil(len(items) / args.shard_size)
     pending = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
@@ -497,7 +520,7 @@ def run(args: argparse.Namespace) -> dict:
                 options = DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
                 detector = Owlv2Detector.from_pretrained(args.owlv2_model, options, queries=args.queries or (),
                                                          device=device, exact_resize=args.exact_owlv2_resize)
-        (output_dir / "run_config.json").write_text(json.dumps(config, indent=1))
+        atomic_write_json(output_dir / "run_config.json", config)
         run_stats = process_shards(items, pending, args, detector, SamSegmenter(sam), timer)
 
     remaining = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
@@ -507,9 +530,9 @@ def run(args: argparse.Namespace) -> dict:
         return {"shards_done": num_shards - len(remaining), "shards": num_shards, **run_stats}
     captions, failed, areas = merge_shards(items, output_dir, args.shard_size)
     save_captions(captions, output_dir / "captions.pt")
-    (output_dir / "failed_images.txt").write_text("".join(f"{k}\t{v}\n" for k, v in failed.items()))
+    atomic_write_text(output_dir / "failed_images.txt", "".join(f"{k}\t{v}\n" for k, v in failed.items()))
     summary = summarize(captions, failed, areas, skipped_no_bbox, run_stats, timer, time.perf_counter() - start)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(output_dir / "summary.json", summary)
     print_summary(summary, failed, skipped_no_bbox, output_dir)
     print(f"wrote {output_dir / 'captions.pt'}")
     return summary
@@ -577,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (RunError, ModelLoadError) as err:
+    except SoIRError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,19 +28,12 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
+from utils.errors import SoIRError
+from utils.hub import check_model_available, hf_offline
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(SoIRError):
     """A detector or segmenter could not be loaded; the message names the model and the fix."""
-
-
-def hf_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value.
-
-    Read at call time (huggingface_hub reads it once at import) so a test or a wrapper script
-    that sets it late is honoured too.
-    """
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +144,7 @@ class Owlv2Detector:
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection
 
+        check_model_available(name_or_path, "OWLv2 model", key="--owlv2_model")
         offline = hf_offline()
         kwargs = {"local_files_only": True} if offline else {}
         try:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Tests never reach the hub: every model is built from a config and loaded from a folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The file-facts cache (utils.files.FileFacts) goes to a temporary folder, not the user's ~/.cache.
+os.environ.setdefault("SOIR_CACHE_DIR", tempfile.mkdtemp(prefix="soir-test-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

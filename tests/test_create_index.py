@@ -127,9 +127,9 @@ def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_pat
             f"anns_file={tmp_path / 'anns.pt'}", f"captions_file={tmp_path / 'captions.pt'}",
             "mi_iterations=2", "num_workers=0")
     refused = run_script("create_index.py", *args, cwd=tmp_path, check=False)
-    assert refused.returncode != 0 and "queries/lonely.jpg" in refused.stderr
-    refused = run_script("create_index.py", *args, "no_positive=skip", cwd=tmp_path, check=False)
     assert refused.returncode != 0 and "3 of" in refused.stderr and "missing_masks=global" in refused.stderr
+    refused = run_script("create_index.py", *args, "missing_masks=global", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "queries/lonely.jpg" in refused.stderr
     proc = run_script("create_index.py", *args, "no_positive=skip", "missing_masks=global", cwd=tmp_path)
     summary = json.loads((features_dir_from(proc, tmp_path) / "summary.json").read_text())
     assert summary["gallery_counts"]["global_fallback"] == 3
@@ -138,42 +138,135 @@ def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_pat
     assert "have no masks and get their global embedding" in log and "lonely" in log
 
 
-def test_query_mask_is_the_caption_mask_overlapping_the_bbox():
-    from create_index import query_mask
-    from datasets import Annotation, ImageMasks
-
-    masks = ImageMasks([{"counts": "a", "size": [100, 100]}, {"counts": "b", "size": [100, 100]}],
-                       [[0, 0, 10, 10], [30, 30, 70, 70]], [0.9, 0.8])
-    query = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True, bbox=(40, 40, 60, 60))
-    assert query_mask(masks, query).bboxes == [[30, 30, 70, 70]]
-    elsewhere = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True, bbox=(80, 80, 90, 90))
-    assert query_mask(masks, elsewhere) is None          # no overlap: the caller uses the bbox rectangle
-    no_box = Annotation(key="q.jpg", file=Path("q.jpg"), ins=(1,), is_query=True)
-    with pytest.raises(ValueError, match="2 masks and no bbox"):
-        query_mask(masks, no_box)
+def _copy(folder: Path, dest: Path) -> Path:
+    import shutil
+    shutil.copytree(folder, dest)
+    return dest
 
 
-def test_run_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
-    import socket
-    from create_index import run_lock
+def test_features_dir_on_a_users_folder_is_refused_and_nothing_is_touched(tiny_model_dirs, demo_dir, tmp_path):
+    """Before: features_dir=<the dataset folder> rmtree'd its queries/ and wrote into its gallery/."""
+    data = _copy(demo_dir, tmp_path / "data")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, data, f"features_dir={data}"), cwd=tmp_path,
+                      check=False)
+    assert proc.returncode == 1 and "is not empty and was not made by SoIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
 
-    lock = tmp_path / ".lock"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        lock.write_text(f"{socket.gethostname()} {live.pid}")
-        with pytest.raises(RuntimeError, match=f"being written by process {live.pid}"):
-            with run_lock(tmp_path):
-                pass
-    finally:
-        live.kill()
-        live.wait()
-    with run_lock(tmp_path):                                # the process is gone: stale
-        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
-    assert not lock.exists()
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}")   # our own pid (container restart): stale
-    with run_lock(tmp_path):
-        pass
-    lock.write_text("other-host 123")
-    with pytest.raises(RuntimeError, match="on other-host"):
-        with run_lock(tmp_path):
-            pass
+
+def test_changed_weights_in_a_model_folder_are_refused_not_mixed(tiny_model_dirs, demo_dir, tmp_path):
+    """Before: a local model folder was identified by its path; new weights + a deleted shard resumed
+    into a gallery holding features of two models."""
+    model = _copy(tiny_model_dirs["siglip"], tmp_path / "model")
+    args = ("extractor=siglip_features", f"model_name={model}", "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}",
+            "num_workers=0", "shard_size=4", f"features_dir={tmp_path / 'feats'}")
+    run_script("create_index.py", *args, cwd=tmp_path)
+    from scripts.make_tiny_models import save_tiny_siglip
+    save_tiny_siglip(model, seed=1)                                   # other weights, same folder
+    (tmp_path / "feats" / "gallery" / "shard-00001.safetensors").unlink()
+    proc = run_script("create_index.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "made with other settings or inputs (extractor_identity)" in proc.stderr
+    assert not (tmp_path / "feats" / "gallery" / "shard-00001.safetensors").exists()
+
+
+def test_query_only_edits_of_anns_keep_the_gallery(tiny_model_dirs, demo_dir, tmp_path):
+    """Before: any edit of anns.pt changed its hash and the finished gallery was refused."""
+    import torch
+    data = _copy(demo_dir, tmp_path / "data")
+    args = _args(tiny_model_dirs, data, f"features_dir={tmp_path / 'feats'}")
+    run_script("create_index.py", *args, cwd=tmp_path)
+    gallery = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "feats" / "gallery").glob("shard-*")}
+    anns = torch.load(data / "anns.pt", weights_only=True)
+    query = next(k for k, v in anns.items() if v["is_query"])
+    x1, y1, x2, y2 = anns[query]["bbox"]
+    anns[query]["bbox"] = [x1 + 1, y1, x2, y2]                        # a fixed query box
+    some_gallery = next(k for k, v in anns.items() if not v["is_query"])
+    anns[some_gallery]["obj_name"] = "relabelled"                     # a fixed gallery label
+    torch.save(anns, data / "anns.pt")
+    proc = run_script("create_index.py", *args, cwd=tmp_path)
+    assert "recomputing the query features" in proc.stdout + proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "feats" / "gallery").glob("shard-*")} == gallery
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("bbox", "bbox [0.0, 0.0, 5000.0, 10.0] lies outside"),
+    ("index", "index='IVF99999,Flat' has 99999 inverted lists"),
+    ("mask", "its masks are 7x7 (H x W) but the image is"),
+])
+def test_input_problems_are_found_before_the_model_is_loaded(tiny_model_dirs, demo_dir, tmp_path, edit, message):
+    """A model_name that does not exist proves no model was loaded (nor a forward pass run)."""
+    import numpy as np
+    import torch
+    from datasets import encode_mask, load_captions, save_captions
+    data = _copy(demo_dir, tmp_path / "data")
+    extra = ["model_name=/no/such/model", "extractor=siglip_mi_features", f"captions_file={data / 'captions.pt'}"]
+    if edit == "bbox":
+        anns = torch.load(data / "anns.pt", weights_only=True)
+        anns[next(k for k, v in anns.items() if v["is_query"])]["bbox"] = [0.0, 0.0, 5000.0, 10.0]
+        torch.save(anns, data / "anns.pt")
+    elif edit == "index":
+        extra.append("index='IVF99999,Flat'")
+    else:
+        captions = load_captions(data / "captions.pt")
+        key = sorted(k for k in captions if k.startswith("gallery/"))[-1]
+        captions[key].masks_rle[0] = encode_mask(np.ones((7, 7), dtype=bool))
+        captions[key].masks_rle[1:] = []
+        captions[key].bboxes[1:], captions[key].scores[1:] = [], []
+        save_captions(captions, data / "captions.pt")
+    proc = run_script("create_index.py", f"anns_file={data / 'anns.pt'}", "vec_dim=32", *extra, cwd=tmp_path,
+                      check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "/no/such/model" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_images_skip_counts_lists_and_searches_without_them(tiny_model_dirs, demo_dir, tmp_path):
+    data = _copy(demo_dir, tmp_path / "data")
+    gallery = sorted((data / "gallery").glob("*.jpg"))
+    gallery[0].write_bytes(b"this is not a jpeg")                           # header unreadable
+    gallery[1].write_bytes(gallery[1].read_bytes()[:1500])                   # header fine, pixels truncated
+    refused = run_script("create_index.py", *_args(tiny_model_dirs, data), cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "set bad_images=skip" in refused.stderr and gallery[0].name in refused.stderr
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, data, "bad_images=skip", "no_positive=skip"),
+                      cwd=tmp_path)
+    out = features_dir_from(proc, tmp_path)
+    listed = (out / "bad_images.txt").read_text().splitlines()
+    assert [line.split("\t")[1] for line in listed] == [f"gallery/{gallery[0].name}"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_bad_images"] == 1 and summary["gallery_counts"]["bad_images"] == 1
+    search = run_script("search_index.py", f"features_dir={out}", "no_positive=skip", cwd=tmp_path)
+    assert "have no features (unreadable, bad_images=skip) and are left out" in search.stdout + search.stderr
+    from tests.pipeline import read_results, results_dir_from
+    results, _ = read_results(results_dir_from(search))
+    assert results["num_gallery_images"] == len(gallery) - 2
+
+
+@pytest.mark.parametrize("override", ["mi_alpha=nan", "mi_lr=inf"])
+def test_non_finite_settings_are_refused(tiny_model_dirs, demo_dir, tmp_path, override):
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), override, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and f"{override.split('=')[0]}=" in proc.stderr and "not a finite number" in proc.stderr
+
+
+def test_a_hub_model_that_is_not_cached_offline_is_one_line(demo_dir, tmp_path):
+    """Before: ~60 s of retries and a long traceback through Hydra."""
+    started = time.time()
+    proc = run_script("create_index.py", "extractor=siglip_features", f"anns_file={demo_dir / 'anns.pt'}",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and time.time() - started < 60
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]             # one line
+    assert "'google/siglip-base-patch16-384' is needed but is not in the HuggingFace cache" in proc.stderr
+    assert "model_name=/path/to/a/local/folder" in proc.stderr and "--tiny" in proc.stderr
+
+
+def test_corrupt_metadata_and_half_written_folders_are_explained(tiny_model_dirs, demo_dir, tmp_path):
+    out = tmp_path / "feats"
+    run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
+    (out / "gallery" / "shard-00002.safetensors").unlink()
+    search = run_script("search_index.py", f"features_dir={out}", cwd=tmp_path, check=False)
+    assert search.returncode == 1 and "shard-00002.safetensors" in search.stderr
+    assert "rerun create_index.py with the same settings, it resumes" in search.stderr
+    (out / "identity.json").write_text("")                                    # a full disk, before atomic writes
+    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path,
+                      check=False)
+    assert proc.returncode == 1 and "identity.json is empty or corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -5,12 +5,16 @@ is an error that names the key. Checks that involve several keys live in :func:`
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from utils.errors import SoIRError
 
 
 @dataclass
@@ -30,6 +34,8 @@ class SoIRConfig:
     queries_dir: Optional[str] = None        # root of relative query paths; null = anns folder
     no_query_crop: bool = False              # true: do not crop queries to their bbox
     no_positive: str = "error"               # query without a positive in the gallery: error|skip
+    duplicates: str = "error"                # keys naming one file: error|merge (when labels agree)
+    bad_images: str = "error"                # unreadable image: error|skip (counted, listed)
     # --- descriptors -------------------------------------------------------------------
     global_features: bool = True             # global-type descriptors (the only kind implemented)
     smart_crop: bool = False                 # MI inside each mask's padded box crop
@@ -64,7 +70,22 @@ class SoIRConfig:
 
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
-           "precision": ("fp32", "fp16", "bf16")}
+           "precision": ("fp32", "fp16", "bf16"), "duplicates": ("error", "merge"),
+           "bad_images": ("error", "skip")}
+
+# What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
+# query features only; RUN_KEYS change no feature: names, search settings, and the input paths,
+# whose effect (which images, their bytes, boxes and masks) is hashed from the inputs themselves,
+# so moving or fixing anns.pt without changing the gallery keeps the gallery. Every other key
+# changes the gallery features (and so the queries').
+QUERY_KEYS = frozenset({"mask_input", "query_captions_file", "no_query_crop", "queries_dir", "no_positive"})
+RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
+                      "recall_at", "num_workers", "anns_file", "captions_file", "galleries_dir", "duplicates",
+                      "bad_images", "vec_dim", "model_name", "B_model", "lora_adapt", "lora_rank",
+                      "lora_alpha", "weights", "device", "queries_dir", "query_captions_file"})
+# model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
+# identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
+# the adapters' content and the device actually used, not the names.
 
 
 def register() -> None:
@@ -76,30 +97,34 @@ def register() -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cross-key checks Hydra's schema cannot express. Raises ValueError naming the key."""
+    """Cross-key checks Hydra's schema cannot express. Raises SoIRError naming the key."""
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise ValueError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+            raise SoIRError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    for field in dataclasses.fields(SoIRConfig):
+        value = cfg.get(field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SoIRError(f"{field.name}={value} is not a finite number")
     if not cfg.global_features:
-        raise ValueError("global_features=false asks for dense/patch descriptors, which SoIR does not "
+        raise SoIRError("global_features=false asks for dense/patch descriptors, which SoIR does not "
                          "implement; descriptors are global-type (whole image, or one MI vector per mask)")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
-        raise ValueError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
+        raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
-        raise ValueError("mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
+        raise SoIRError("mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
                          "inversion has a single mask, so it would do nothing")
     if cfg.mi_sum and cfg.smart_crop:
-        raise ValueError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
+        raise SoIRError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
     for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank"):
         if cfg[key] < (0 if key == "mi_iterations" else 1):
-            raise ValueError(f"{key}={cfg[key]} must be positive")
+            raise SoIRError(f"{key}={cfg[key]} must be positive")
     if cfg.num_workers < 0:
-        raise ValueError(f"num_workers={cfg.num_workers} must be >= 0")
+        raise SoIRError(f"num_workers={cfg.num_workers} must be >= 0")
     if cfg.mi_layer_index >= 0:
-        raise ValueError(f"mi_layer_index={cfg.mi_layer_index} must be negative (-1 = last block)")
+        raise SoIRError(f"mi_layer_index={cfg.mi_layer_index} must be negative (-1 = last block)")
     if not 0 <= cfg.smart_crop_pad <= 2:
-        raise ValueError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
+        raise SoIRError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
     if cfg.lora_adapt and not cfg.extractor.startswith("dinov2"):
-        raise ValueError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
+        raise SoIRError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
     if cfg.weights is not None and not cfg.lora_adapt:
-        raise ValueError("weights= is a LoRA checkpoint and needs lora_adapt=true")
+        raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")

@@ -1,32 +1,48 @@
 """Descriptor rows on disk, in shards of consecutive images, written atomically so runs resume.
 
-Layout of one split folder (``gallery/`` or ``queries/``)::
+A features folder (made by ``create_index.py``)::
+
+    .soir.json               marker: SoIR made this folder (utils.files.claim_folder)
+    identity.json            what the gallery features depend on; a resume must match it
+    config.yaml              the resolved config of the run that made the features
+    gallery/, queries/       one split each, see below (queries/ has its own identity.json)
+    index-<factory>.faiss    FAISS index over the gallery rows
+    bad_images.txt           images skipped with bad_images=skip ("split<TAB>key<TAB>reason")
+    summary.json
+
+Layout of one split folder::
 
     images.json              one record per image: key, file, ins, bbox, obj_name
     shard-00000.safetensors  features [R, D] float32, owner [R] int64 (image index in images.json),
                              mask_index [R] int64 (the row's mask in the image's captions entry;
-                             -1: global embedding, union or average of masks)
+                             -1: global embedding, union or average of masks), failed [F] int64
+                             (images whose pixels could not be decoded: no rows), stat.* counts
     ...
 
 Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``. A shard file exists only when
-complete (write to a temporary name, then ``os.replace``), so after a crash the missing shards are
-exactly the work left, and rerunning computes them in the same batches as an uninterrupted run.
+complete (:func:`utils.files.atomic_write`), so after a crash the missing shards are exactly the
+work left, and rerunning computes them in the same batches as an uninterrupted run.
 """
 from __future__ import annotations
 
 import json
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from utils.errors import SoIRError
+from utils.files import (FolderLock, atomic_write, atomic_write_json, atomic_write_text, claim_folder,
+                         read_json, remove_own_files)
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+log = logging.getLogger("soir.features")
+
+# Files of a split folder that SoIR writes (and so may delete when the queries are recomputed).
+SPLIT_FILES = ("shard-*.safetensors", "images.json", "identity.json", ".shard-*.tmp", ".images.json.*.tmp",
+               ".identity.json.*.tmp")
 
 
 @dataclass
@@ -51,44 +67,137 @@ class FeatureShards:
         return range(shard * self.shard_size, min(len(self.records), (shard + 1) * self.shard_size))
 
     def prepare(self) -> None:
-        """Create the folder and its image list; a folder made for other images is an error."""
+        """Create the folder and its image list; a folder made for other images is an error.
+
+        Labels (``ins``, ``obj_name``) do not change features: when only they differ, the list is
+        rewritten (logged) and the shards are kept.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         listing = self.folder / "images.json"
-        text = json.dumps(self.records, indent=1)
         if listing.exists():
-            if json.loads(listing.read_text()) != self.records:
-                raise ValueError(f"{listing} lists other images than this run (changed anns file or "
-                                 f"paths?); use another features_dir or delete {self.folder}")
-        else:
-            atomic_write_text(listing, text)
+            old = read_json(listing, fix=f"delete {self.folder.parent} (or use another features_dir) and rerun")
+            if [_image_of(r) for r in old] != [_image_of(r) for r in self.records]:
+                raise SoIRError(f"{listing} lists other images than this run; use another features_dir")
+            if old == self.records:
+                return
+            log.warning("%s: labels changed (ins / obj_name / bbox), features kept; rewriting the list", listing)
+        atomic_write_text(listing, json.dumps(self.records, indent=1))
 
     def missing(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.shard_path(s).exists()]
 
     def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int],
-              mask_index: torch.Tensor) -> None:
-        """Save one complete shard atomically. ``stats`` are counts kept for the run summary."""
-        path = self.shard_path(shard)
-        tmp = path.with_name(path.name + ".tmp")
+              mask_index: torch.Tensor, failed: torch.Tensor | None = None) -> None:
+        """Save one complete shard atomically. ``stats`` are counts kept for the run summary.
+
+        Raises SoIRError naming the images when a vector is not finite (a shard of NaNs would
+        otherwise be searched as if it were features).
+        """
+        bad = ~torch.isfinite(features).all(dim=1)
+        if bad.any():
+            keys = [self.records[int(i)]["key"] for i in owner[bad].unique()[:5]]
+            raise SoIRError(f"{self.folder.name}: {int(bad.sum())} non-finite feature vectors (NaN/inf), images "
+                            f"{keys}; check the MI settings (mi_lr, mi_alpha) and these images")
         # Counts are stored as tensors: safetensors metadata is a hash map whose order (and so the
         # file's bytes) changes between runs, which would break byte-identical resumes.
         tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous(),
-                   "mask_index": mask_index.long().contiguous()}
+                   "mask_index": mask_index.long().contiguous(),
+                   "failed": (torch.zeros(0) if failed is None else failed).long().contiguous()}
         tensors.update({f"stat.{k}": torch.tensor([v], dtype=torch.long) for k, v in stats.items()})
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        atomic_write(self.shard_path(shard), lambda handle: handle.write(save(tensors)))
+
+    def read(self, shard: int) -> dict[str, torch.Tensor]:
+        """One shard's tensors; a damaged file is a SoIRError saying how to recompute it."""
+        path = self.shard_path(shard)
+        try:
+            return load_file(path)
+        except (SafetensorError, ValueError, OSError) as err:
+            raise SoIRError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
+                            "create_index.py with the same settings, which recomputes it") from None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """All rows of the split: features [R, D], owner [R], and the summed shard stats."""
         if missing := self.missing():
-            raise FileNotFoundError(f"{self.folder}: shards {missing[:5]} are missing "
-                                    f"({len(missing)} of {self.num_shards}); rerun create_index.py")
+            raise SoIRError(f"{self.folder}: {len(missing)} of {self.num_shards} shards are missing "
+                            f"(first: {[self.shard_path(s).name for s in missing[:5]]}); the extraction did not "
+                            "finish: rerun create_index.py with the same settings, it resumes and computes them")
         features, owners, stats = [], [], {}
         for s in range(self.num_shards):
-            tensors = load_file(self.shard_path(s))
-            features.append(tensors.pop("features"))
-            owners.append(tensors.pop("owner"))
-            tensors.pop("mask_index")
+            tensors = self.read(s)
+            features.append(tensors["features"])
+            owners.append(tensors["owner"])
             for key, value in tensors.items():
-                stats[key.removeprefix("stat.")] = stats.get(key.removeprefix("stat."), 0) + int(value)
+                if key.startswith("stat."):
+                    stats[key[5:]] = stats.get(key[5:], 0) + int(value)
         return torch.cat(features), torch.cat(owners), stats
+
+
+def _image_of(record: dict) -> tuple:
+    """The part of an images.json record that determines the features: which file, under which key."""
+    return record["key"], record["file"]
+
+
+class FeaturesFolder:
+    """A features folder for writing: SoIR-owned, locked, and holding one identity.
+
+    ``with FeaturesFolder(root).open(gallery_identity, query_identity, config_yaml):`` claims the
+    folder (a non-empty folder SoIR did not make is refused), takes its lock, refuses a gallery made
+    with another identity (listing what changed), and empties the queries when only their identity
+    changed (queries are few; a query-only change must not cost hours of gallery MI).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.lock = FolderLock(self.root)
+
+    def open(self, gallery_identity: dict, query_identity: dict, config_yaml: str) -> "FeaturesFolder":
+        claim_folder(self.root, "features")
+        self.lock.__enter__()
+        try:
+            self._check_gallery(gallery_identity)
+            self._refresh_queries(query_identity)
+            atomic_write_text(self.root / "config.yaml", config_yaml)
+        except BaseException:
+            self.lock.__exit__()
+            raise
+        return self
+
+    def __enter__(self) -> "FeaturesFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__()
+
+    def _check_gallery(self, identity: dict) -> None:
+        saved = self.root / "identity.json"
+        if saved.exists():
+            changed = changed_keys(read_json(saved, fix=f"delete {self.root} or use another features_dir"), identity)
+            if changed:
+                raise SoIRError(f"{self.root} holds features made with other settings or inputs "
+                                f"({', '.join(changed)}); use another features_dir")
+        else:
+            atomic_write_json(saved, identity)
+
+    def _refresh_queries(self, identity: dict) -> None:
+        folder = self.root / "queries"
+        saved = folder / "identity.json"
+        if saved.exists():
+            old = read_json(saved, fix=f"delete {saved} (the queries are recomputed)") if saved.stat().st_size else {}
+            changed = changed_keys(old, identity)
+            if not changed:
+                return
+            log.warning("query settings or inputs changed (%s): recomputing the query features", ", ".join(changed))
+        removed = remove_own_files(folder, SPLIT_FILES, root=self.root)
+        if removed and not saved.exists():
+            log.warning("%s held query shards without an identity: recomputing them", folder)
+        atomic_write_json(saved, identity)
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Top-level keys whose values differ between two identities (sorted)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def write_bad_images(root: Path, skipped: list[tuple[str, str, str]]) -> None:
+    """``bad_images.txt``: one "split<TAB>key<TAB>reason" line per image skipped (bad_images=skip)."""
+    atomic_write_text(root / "bad_images.txt", "".join(f"{s}\t{k}\t{r}\n" for s, k, r in skipped))

@@ -1,17 +1,40 @@
 """FAISS index I/O: build from an index-factory string (inner product), save, load, check recall."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from utils.errors import SoIRError
+from utils.files import atomic_write
+
 
 def index_path(folder: Path, factory: str) -> Path:
     """``index-<factory>.faiss`` in ``folder``: indexes of different kinds never overwrite each other."""
     return Path(folder) / f"index-{re.sub(r'[^A-Za-z0-9]+', '_', factory).strip('_')}.faiss"
+
+
+def check_factory(factory: str, dim: int, rows: int | None = None) -> None:
+    """Parse ``factory`` with faiss for ``dim``-d vectors, before any feature is computed; with
+    ``rows`` (the expected gallery rows), also check an IVF index has no more lists than rows.
+
+    Raises SoIRError naming the string and faiss's reason.
+    """
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(err).strip().splitlines()[-1])
+        raise SoIRError(f"index={factory!r} is not a valid faiss index_factory string for {dim}-d vectors "
+                        f"({reason}); e.g. index=Flat, index=HNSW32, 'index=\"IVF1024,Flat\"'") from None
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:      # not an IVF index
+        return
+    if rows is not None and rows < nlist:
+        raise SoIRError(f"index={factory!r} has {nlist} inverted lists but the gallery will have about {rows} "
+                        f"rows; faiss needs at least one training row per list (and ~39 per list to train well)")
 
 
 def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -31,15 +54,17 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
 
 
 def load_index(path: Path) -> faiss.Index:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no FAISS index at {path}; run create_index.py with this index= first")
-    return faiss.read_index(str(path))
+        raise SoIRError(f"no FAISS index at {path}; run create_index.py with this index= first")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise SoIRError(f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1]}); delete it "
+                        "and rerun create_index.py with the same settings") from None
 
 
 def is_exact(index: faiss.Index) -> bool:

@@ -165,3 +165,30 @@ def test_crop_box_errors_name_source(bbox, message):
     with pytest.raises(AnnotationError, match=message) as info:
         crop_box(Image.new("RGB", (30, 20)), bbox, "queries/mug.jpg")
     assert "queries/mug.jpg" in str(info.value)
+
+
+def test_is_query_as_0_or_1_is_a_bool_other_integers_stay_errors(tmp_path):
+    _touch(tmp_path, "q.jpg", "g.jpg")
+    g, q = load_anns(_write(tmp_path, {"q.jpg": {"ins": 1, "is_query": 1}, "g.jpg": {"ins": 1, "is_query": 0}}))
+    assert q.is_query is True and g.is_query is False
+    with pytest.raises(AnnotationError, match="'is_query' must be a bool \\(or 0 / 1\\), got 2"):
+        load_anns(_write(tmp_path, {"q.jpg": {"ins": 1, "is_query": 2}}))
+
+
+def test_keys_naming_one_file_are_duplicates(tmp_path):
+    """./g/x.jpg, g/x.jpg and the absolute path are one image; before, they were three."""
+    _touch(tmp_path, "g/x.jpg", "g/y.jpg", "q.jpg")
+    same = {"./g/x.jpg": {"ins": 1, "is_query": False}, "g/x.jpg": {"ins": 1, "is_query": False},
+            str(tmp_path / "g/x.jpg"): {"ins": 1, "is_query": False}, "g/y.jpg": {"ins": 2, "is_query": False},
+            "q.jpg": {"ins": 1, "is_query": True}}
+    with pytest.raises(AnnotationError, match="1 files are listed under several keys.*duplicates=merge") as info:
+        load_anns(_write(tmp_path, same))
+    assert f"./g/x.jpg = {tmp_path / 'g/x.jpg'} = g/x.jpg" in str(info.value)
+    merged = load_anns(_write(tmp_path, same), duplicates="merge")
+    assert [a.key for a in merged] == ["./g/x.jpg", "g/y.jpg", "q.jpg"]      # the first key in sorted order
+    conflicting = dict(same, **{"g/x.jpg": {"ins": 5, "is_query": False}})
+    with pytest.raises(AnnotationError, match="with different annotations"):
+        load_anns(_write(tmp_path, conflicting), duplicates="merge")
+    # A query and a gallery entry may show the same file (the query is cropped to its box).
+    both = {"g/x.jpg": {"ins": 1, "is_query": False}, "./g/x.jpg": {"ins": 1, "is_query": True}}
+    assert len(load_anns(_write(tmp_path, both))) == 2

@@ -11,8 +11,10 @@ from datasets.captions import (
     bbox_from_mask,
     decode_mask,
     encode_mask,
+    encode_mask_row_major,
     find_masks,
     load_captions,
+    rle_runs,
     save_captions,
 )
 
@@ -40,12 +42,94 @@ def test_encode_decode_round_trip_non_square():
         np.testing.assert_array_equal(decoded, mask)
 
 
-def test_decode_accepts_bytes_and_uncompressed_counts():
-    mask = np.zeros((3, 4), bool)
-    mask[1:, 2] = True  # column-major: 7 zeros, 2 ones, 3 zeros
-    np.testing.assert_array_equal(decode_mask({"counts": [7, 2, 3], "size": [3, 4]}), mask)
+def test_decode_accepts_bytes_counts():
+    mask = _random_masks()[1]
     rle = encode_mask(mask)
-    np.testing.assert_array_equal(decode_mask({"counts": rle["counts"].encode(), "size": (3, 4)}), mask)
+    np.testing.assert_array_equal(decode_mask({"counts": rle["counts"].encode(), "size": rle["size"]}), mask)
+
+
+def test_list_counts_are_row_major_runs_as_the_original_code_writes_them():
+    """The original's mask script: runs of mask.flatten() (C order), starting with a 0-run."""
+    assert decode_mask({"counts": [1, 3], "size": [2, 2]}).tolist() == [[False, True], [True, True]]
+    assert decode_mask({"counts": [0, 2, 2], "size": [2, 2]}).tolist() == [[True, True], [False, False]]
+    # The rectangle x 30-70, y 10-20 of a 100 x 80 (H x W) image, written the original's way.
+    mask = np.zeros((100, 80), dtype=bool)
+    mask[10:20, 30:70] = True
+    flat = mask.flatten()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()   # starts with a 0-run
+    np.testing.assert_array_equal(decode_mask({"counts": counts, "size": [100, 80]}), mask)
+    for shape in [(13, 7), (7, 13), (1, 9), (50, 31)]:
+        for m in np.random.default_rng(1).random((4, *shape)) > 0.5:
+            rle = encode_mask_row_major(m)
+            assert rle["size"] == list(shape) and sum(rle["counts"]) == m.size
+            np.testing.assert_array_equal(decode_mask(rle), m)
+
+
+def test_rle_runs_parses_compressed_strings_exactly_like_pycocotools():
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(2)
+    for shape in [(13, 7), (300, 200), (1, 1)]:
+        for density in (0.0, 0.01, 0.5, 1.0):
+            mask = rng.random(shape) < density
+            rle = encode_mask(mask)
+            runs = rle_runs(rle["counts"])
+            assert runs.sum() == mask.size
+            assert runs[1::2].sum() == mask_utils.area({"counts": rle["counts"].encode(), "size": rle["size"]})
+            column_major = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+            np.testing.assert_array_equal(column_major.reshape(shape[1], shape[0]).T, mask)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: {"counts": r["counts"][: len(r["counts"]) // 2], "size": r["size"]}, "not a valid compressed|sum to"),
+    (lambda r: {"counts": r["counts"], "size": [r["size"][0] + 3, r["size"][1]]}, "sum to 2500, expected H\\*W = 2650"),
+    (lambda r: {"counts": r["counts"] + "~", "size": r["size"]}, "not a valid compressed RLE"),
+])
+def test_broken_compressed_rle_is_refused_at_load_naming_file_image_and_mask(tmp_path, damage, message):
+    """Before: pycocotools decoded such masks from leftover memory (garbage, not reproducible)."""
+    masks = np.random.default_rng(3).random((2, 50, 50)) > 0.7
+    entry = _entry(masks)
+    entry["masks_rle"][1] = damage(entry["masks_rle"][1])
+    torch.save({"gallery/x.jpg": entry}, tmp_path / "caps.pt")
+    with pytest.raises(CaptionsError, match=message) as info:
+        load_captions(tmp_path / "caps.pt")
+    assert "caps.pt" in str(info.value) and "'gallery/x.jpg', mask 1" in str(info.value)
+
+
+def test_original_segmentation_results_file_loads_as_it_is(tmp_path, caplog):
+    """The original mask script's output: extra keys, {"error": ...} entries, pre-NMS scores."""
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:15, 10:30] = True
+    original = {
+        "a.jpg": {"image_path": "/data/a.jpg", "image_size": [60, 40], "num_objects": 1,
+                  "masks_rle": [encode_mask_row_major(mask)], "bboxes": [[10, 5, 30, 15]], "scores": [0.9, 0.4, 0.3]},
+        "b.jpg": {"error": "cannot identify image file"},
+        "c.jpg": {"image_path": "/data/c.jpg", "image_size": [60, 40], "num_objects": 1,
+                  "masks_rle": [encode_mask_row_major(mask)], "bboxes": [[-3, 5, 64, 15]], "scores": [0.8]},
+    }
+    torch.save(original, tmp_path / "segmentation_results.pt")
+    with caplog.at_level("WARNING"):
+        captions = load_captions(tmp_path / "segmentation_results.pt")
+    np.testing.assert_array_equal(captions["a.jpg"].masks()[0], mask)
+    assert captions["a.jpg"].scores == [] and captions["c.jpg"].scores == [0.8]
+    assert captions["b.jpg"].error == "cannot identify image file" and len(captions["b.jpg"]) == 0
+    assert captions["c.jpg"].bboxes == [[0.0, 5.0, 60.0, 15.0]]
+    assert "2 entries; 1 failed images" in caplog.text and "1 score lists dropped" in caplog.text
+    assert "1 boxes clipped" in caplog.text
+
+
+def test_exif_orientation_turns_masks_like_the_image():
+    from PIL import Image, ImageOps
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[0, :3] = True
+    for orientation in range(1, 9):
+        image = Image.fromarray(mask.astype(np.uint8) * 255)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+        turned = np.asarray(ImageOps.exif_transpose(image)) > 0
+        masks = ImageMasks([encode_mask(mask)], [[0, 0, 3, 1]], [1.0], exif_orientation=orientation)
+        np.testing.assert_array_equal(masks.masks()[0], turned)
 
 
 def test_encode_rejects_non_2d():
@@ -100,7 +184,7 @@ def test_failed_save_keeps_previous_file(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda e: e["scores"].pop(), "lengths differ: 3 masks_rle, 3 bboxes, 2 scores"),
-    (lambda e: e["masks_rle"][2].update(size=[5, 5]), "different sizes"),
+    (lambda e: e["masks_rle"].__setitem__(2, encode_mask(np.ones((5, 5)))), "different sizes"),
     (lambda e: e["bboxes"].__setitem__(1, [4.0, 0.0, 2.0, 1.0]), "bbox 1: need x1 <= x2"),
     (lambda e: e["bboxes"].__setitem__(0, [0.0, 1.0]), "bbox 0: expected \\[x1, y1, x2, y2\\]"),
     (lambda e: e["masks_rle"][1].update(counts=123), "mask 1: 'counts' must be str, bytes"),

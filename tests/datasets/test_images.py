@@ -133,3 +133,24 @@ def test_truncated_jpeg_raises(tmp_path):
         load_rgb(tmp_path / "cut.jpg")
     assert info.value.path == tmp_path / "cut.jpg"
     assert "truncated" in info.value.reason
+
+
+def test_image_facts_read_header_size_after_exif_and_cache_by_stat(tmp_path, monkeypatch):
+    from datasets.images import image_facts
+    monkeypatch.setenv("SOIR_CACHE_DIR", str(tmp_path / "cache"))
+    upright, turned, junk = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.jpg"
+    Image.new("RGB", (30, 20)).save(upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # stored 30 x 20, shown 20 x 30
+    Image.new("RGB", (30, 20)).save(turned, exif=exif)
+    junk.write_bytes(b"not an image")
+    a, b, c = image_facts([upright, turned, junk])
+    assert (a.width, a.height, a.exif_orientation, a.error) == (30, 20, 1, None)
+    assert (b.width, b.height, b.exif_orientation) == (20, 30, 6)
+    assert (b.width, b.height) == load_rgb(turned).size
+    assert c.error and "UnidentifiedImageError" in c.error
+    import hashlib
+    assert a.sha256 == hashlib.sha256(upright.read_bytes()).hexdigest()
+    Image.new("RGB", (8, 9)).save(upright)                   # edited in place: read again
+    assert image_facts([upright])[0].width == 8
+    assert (tmp_path / "cache" / "file_facts.sqlite").is_file()

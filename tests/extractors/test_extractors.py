@@ -82,7 +82,8 @@ def test_explicit_cuda_without_cuda_is_an_error(tiny_model_dirs):
 
 
 def test_missing_model_names_the_model(tmp_path):
-    with pytest.raises(OSError, match="cannot load siglip model"):
+    from utils.errors import SoIRError
+    with pytest.raises(SoIRError, match=f"siglip model '{tmp_path / 'nowhere'}' is neither an existing folder nor"):
         SigLIPExtractor(str(tmp_path / "nowhere"), device="cpu")
 
 

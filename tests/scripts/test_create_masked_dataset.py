@@ -6,6 +6,7 @@ The models are saved to a temp folder and loaded through the same loaders a user
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from scripts.mask_models import (
     infer_sam_model_type, load_sam, sam_state_dict_shapes,
 )
 from scripts.make_tiny_models import TINY_SAM, save_tiny_owlv2, save_tiny_sam
+from utils.errors import SoIRError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,7 +137,8 @@ def test_text_queries_match_the_processor_path(models):
 
 def test_owlv2_errors_are_clear_and_offline(models, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="not available offline"):
+    with pytest.raises(SoIRError, match="'google/owlv2-no-such-model' is needed but is not in the HuggingFace cache "
+                                        "and HF_HUB_OFFLINE is set; pass --owlv2_model /path/to/a/local/folder"):
         Owlv2Detector.from_pretrained("google/owlv2-no-such-model", DetectionOptions())
     CLIPVisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                      intermediate_size=8).save_pretrained(tmp_path / "clip")
@@ -204,7 +207,7 @@ def test_bad_checkpoint_fails_before_any_image(models, tmp_path, capsys):
     args = _base_args(models, images, tmp_path / "out2")
     args[args.index("--owlv2_model") + 1] = "google/owlv2-no-such-model"
     assert cmd.main(args) == 1
-    assert "not available offline" in capsys.readouterr().err
+    assert "is not in the HuggingFace cache and HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert not list((tmp_path / "out2").glob("shards/*"))
 
 
@@ -393,3 +396,103 @@ def test_cli_refuses_ambiguous_modes(models, tmp_path):
                         "--sam_checkpoint", "s.pth"])
     with pytest.raises(SystemExit):
         cmd.parse_args(["--input_dir", "i", "--output_dir", "o", "--sam_checkpoint", "s.pth", "--nms_iou", "0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Never lose or mix what is not ours
+# --------------------------------------------------------------------------------------------
+
+def test_a_folder_soir_did_not_make_is_refused_even_with_overwrite(models, tmp_path, capsys):
+    """Before: --overwrite removed a user's preview/ folder and a foreign captions.pt was replaced."""
+    images = _folder(tmp_path / "images", 2)
+    theirs = tmp_path / "theirs"
+    (theirs / "preview").mkdir(parents=True)
+    (theirs / "preview" / "figure.png").write_bytes(b"a user's figure")
+    (theirs / "captions.pt").write_bytes(b"someone else's captions")
+    for extra in ([], ["--overwrite"]):
+        assert cmd.main(_base_args(models, images, theirs, *extra)) == 1
+        assert "is not empty and was not made by SoIR" in capsys.readouterr().err
+    assert (theirs / "preview" / "figure.png").read_bytes() == b"a user's figure"
+    assert (theirs / "captions.pt").read_bytes() == b"someone else's captions"
+
+
+def test_overwrite_removes_only_what_a_run_wrote(models, tmp_path):
+    images = _folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    assert cmd.main(_base_args(models, images, out, "--preview", "1")) == 0
+    (out / "preview" / "my_notes.txt").write_text("mine")
+    (out / "README.txt").write_text("mine too")
+    assert cmd.main(_base_args(models, images, out, "--overwrite", "--score_threshold", "0.3")) == 0
+    assert (out / "preview" / "my_notes.txt").read_text() == "mine" and (out / "README.txt").exists()
+    assert json.loads((out / "run_config.json").read_text())["score_threshold"] == 0.3
+
+
+def test_output_dir_containing_the_input_is_explained(models, tmp_path, capsys):
+    """Before: "no images to process" (the output folder was excluded, and with it every image)."""
+    images = _folder(tmp_path / "data" / "images", 1)
+    assert cmd.main(_base_args(models, images, tmp_path / "data")) == 1
+    assert "--output_dir" in (err := capsys.readouterr().err) and "contains --input_dir" in err
+
+
+def test_damaged_shard_and_run_config_are_explained(models, tmp_path, capsys):
+    images = _folder(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    args = _base_args(models, images, out, "--shard_size", "2")
+    assert cmd.main(args) == 0
+    (out / "shards" / "shard_000001.pt").write_bytes(b"\0" * 10)
+    (out / "captions.pt").unlink()
+    assert cmd.main(args) == 1
+    assert "shard_000001.pt' is damaged" in (err := capsys.readouterr().err) and "delete it and rerun" in err
+    (out / "run_config.json").write_text("")
+    assert cmd.main(args) == 1
+    assert "run_config.json is empty or corrupt" in capsys.readouterr().err
+
+
+def _start(models, images, out, *extra) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "scripts" / "create_masked_dataset.py"),
+               *_base_args(models, images, out, *extra)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_runs_on_one_folder_cannot_both_write(models, tmp_path):
+    """Before: no lock; two runs with different --score_threshold both exited 0 and mixed their shards."""
+    images = _folder(tmp_path / "images", 30)
+    out = tmp_path / "out"
+    first = _start(models, images, out, "--shard_size", "2", "--batch_size", "1")
+    deadline = time.monotonic() + 120
+    while not (out / "run_config.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    second = _start(models, images, out, "--score_threshold", "0.5")
+    assert second.wait(timeout=120) == 1 and "is being written by process" in second.stderr.read()
+    assert first.wait(timeout=300) == 0
+    first.stderr.close(), second.stderr.close()
+    assert json.loads((out / "run_config.json").read_text())["score_threshold"] == 0.2
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_kill_9_takes_the_dataloader_workers_with_it(models, tmp_path):
+    """Before: kill -9 left the 2 DataLoader workers blocked forever (~475 MB each)."""
+    images = _folder(tmp_path / "images", 40)
+    run = _start(models, images, tmp_path / "out", "--shard_size", "2", "--batch_size", "1", "--num_workers", "2")
+    deadline = time.monotonic() + 120
+    while len(workers := _children(run.pid)) < 2:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    run.stderr.close()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
+              for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and "zombie" not in Path(f"/proc/{w}/status").read_text()]
+    for w in alive:                                  # do not leave them behind if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert alive == []

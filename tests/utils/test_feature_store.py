@@ -1,0 +1,117 @@
+"""utils/feature_store.py: shards (atomic, validated, readable errors) and the features folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from utils.errors import SoIRError
+from utils.feature_store import FeatureShards, FeaturesFolder
+from utils.files import claim_folder
+
+
+def _records(n: int) -> list[dict]:
+    return [{"key": f"g/{i}.jpg", "file": f"/data/g/{i}.jpg", "ins": [i], "bbox": None, "obj_name": None}
+            for i in range(n)]
+
+
+def _write(shards: FeatureShards, shard: int, features: torch.Tensor) -> None:
+    owner = torch.tensor(list(shards.image_range(shard)))
+    shards.write(shard, features, owner, {"dropped_masks": 0}, torch.full((len(owner),), -1))
+
+
+def test_shards_round_trip_with_mask_index_and_stats(tmp_path):
+    shards = FeatureShards(tmp_path / "gallery", _records(3), shard_size=2)
+    shards.prepare()
+    _write(shards, 0, torch.nn.functional.normalize(torch.randn(2, 4), dim=1))
+    assert shards.missing() == [1]
+    _write(shards, 1, torch.nn.functional.normalize(torch.randn(1, 4), dim=1))
+    features, owner, stats = shards.load()
+    assert features.shape == (3, 4) and owner.tolist() == [0, 1, 2] and stats == {"dropped_masks": 0}
+    assert shards.read(0)["mask_index"].tolist() == [-1, -1]
+    assert [p.name for p in shards.folder.iterdir() if p.name.startswith(".")] == []   # no temporaries left
+
+
+def test_non_finite_features_are_refused_naming_the_image(tmp_path):
+    """Before: mi_lr=inf wrote all-NaN shards that were then searched."""
+    shards = FeatureShards(tmp_path / "gallery", _records(2), shard_size=2)
+    shards.prepare()
+    features = torch.ones(2, 4)
+    features[1, 2] = float("nan")
+    with pytest.raises(SoIRError, match=r"1 non-finite feature vectors \(NaN/inf\), images \['g/1.jpg'\]"):
+        _write(shards, 0, features)
+    assert shards.missing() == [0]
+
+
+def test_missing_and_damaged_shards_say_how_to_recover(tmp_path):
+    shards = FeatureShards(tmp_path / "gallery", _records(4), shard_size=2)
+    shards.prepare()
+    _write(shards, 0, torch.ones(2, 4))
+    with pytest.raises(SoIRError, match=r"1 of 2 shards are missing \(first: \['shard-00001.safetensors'\]\).*"
+                                        r"rerun create_index.py with the same settings, it resumes"):
+        shards.load()
+    _write(shards, 1, torch.ones(2, 4))
+    data = shards.shard_path(1).read_bytes()
+    shards.shard_path(1).write_bytes(data[: len(data) // 2])            # truncated on a full disk
+    with pytest.raises(SoIRError, match=r"shard-00001.safetensors is damaged .*delete it and rerun"):
+        shards.load()
+
+
+def test_changed_labels_keep_the_shards_other_images_are_refused(tmp_path, caplog):
+    shards = FeatureShards(tmp_path / "gallery", _records(2), shard_size=2)
+    shards.prepare()
+    relabelled = _records(2)
+    relabelled[1]["ins"] = [7]
+    with caplog.at_level("WARNING"):
+        FeatureShards(tmp_path / "gallery", relabelled, shard_size=2).prepare()
+    assert "labels changed" in caplog.text
+    assert json.loads((tmp_path / "gallery" / "images.json").read_text())[1]["ins"] == [7]
+    other = _records(2)
+    other[1]["file"] = "/data/other.jpg"
+    with pytest.raises(SoIRError, match="lists other images than this run"):
+        FeatureShards(tmp_path / "gallery", other, shard_size=2).prepare()
+
+
+def test_features_folder_never_touches_a_users_folder(tmp_path):
+    """Before: features_dir=<the dataset folder> deleted the user's queries/ folder (rmtree)."""
+    dataset = tmp_path / "dataset"
+    (dataset / "queries").mkdir(parents=True)
+    (dataset / "queries" / "q_000.jpg").write_bytes(b"a user's query image")
+    (dataset / "gallery").mkdir()
+    with pytest.raises(SoIRError, match="not empty and was not made by SoIR"):
+        FeaturesFolder(dataset).open({"a": 1}, {"a": 1, "q": 1}, "")
+    assert (dataset / "queries" / "q_000.jpg").read_bytes() == b"a user's query image"
+    assert sorted(p.name for p in dataset.iterdir()) == ["gallery", "queries"]
+
+
+def test_query_only_change_removes_only_soir_query_files(tmp_path, caplog):
+    root = tmp_path / "feats"
+    with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
+        (root / "queries" / "shard-00000.safetensors").write_bytes(b"old queries")
+        (root / "queries" / "my_notes.txt").write_text("mine")
+    with caplog.at_level("WARNING"), FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 2}, "cfg"):
+        pass
+    assert "recomputing the query features" in caplog.text
+    assert sorted(p.name for p in (root / "queries").iterdir()) == ["identity.json", "my_notes.txt"]
+    with pytest.raises(SoIRError, match=r"made with other settings or inputs \(g\)"):
+        FeaturesFolder(root).open({"g": 2}, {"g": 2, "q": 2}, "cfg")
+
+
+def test_a_locked_folder_is_refused(tmp_path):
+    root = tmp_path / "feats"
+    with FeaturesFolder(root).open({"g": 1}, {"g": 1}, "cfg"):
+        # The lock is per process (flock on an open file): a second open in this process is not a
+        # second writer, so check from the lock's own message through a fresh file descriptor.
+        import subprocess
+        import sys
+        import textwrap
+        from pathlib import Path
+        code = textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+            from utils.feature_store import FeaturesFolder
+            FeaturesFolder({str(root)!r}).open({{"g": 1}}, {{"g": 1}}, "cfg")
+            """)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode != 0 and "is being written by process" in proc.stderr
+    assert claim_folder(root, "features") == root

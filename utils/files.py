@@ -1,0 +1,230 @@
+"""Files and folders SoIR writes: atomic writes, SoIR-owned folders, a per-folder lock, a hash cache.
+
+Three promises rest on this module:
+
+* **Nothing half-written.** Every file goes through :func:`atomic_write`: a temporary file with a
+  unique name (host and pid in it, so writers on several machines never share one) in the target
+  folder, then ``os.replace``. A crash or a full disk leaves the previous file (or none), and the
+  temporary file is removed on any error.
+* **Only our own folders.** :func:`claim_folder` makes a folder SoIR's by writing a marker
+  (``.soir.json``) into it, and refuses a non-empty folder that has no marker: SoIR never writes
+  into, or deletes from, a folder it did not create. :func:`remove_own_files` deletes only files of
+  known names inside such a folder.
+* **One writer per folder.** :class:`FolderLock` holds ``fcntl.flock`` on ``<folder>/.lock``. The
+  kernel releases it when the process ends in any way (``kill -9`` included), so there is never a
+  stale lock to take over, and two processes can never both hold it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from utils.errors import SoIRError
+
+MARKER = ".soir.json"
+LOCK = ".lock"
+
+
+# ------------------------------------------------------------------------------------------ writes
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The temporary name holds host and pid (unique per writer); it is removed if anything fails,
+    e.g. ``OSError(ENOSPC)`` on a full disk, and the error is re-raised.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text), mode="w")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """JSON with sorted keys and one item per line (diff-friendly, stable bytes)."""
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    import torch      # here, so that processes using only the lock or the writers stay light
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """Parse a JSON metadata file SoIR wrote; an empty or corrupt one is a SoIRError naming the
+    file and ``fix`` (e.g. "rerun with --overwrite")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SoIRError(f"{path} is empty or corrupt ({type(err).__name__}: {err}); {fix}") from None
+
+
+# --------------------------------------------------------------------------------- owned folders
+def claim_folder(folder: str | Path, kind: str) -> Path:
+    """Create ``folder`` for SoIR output of ``kind`` ("features", "masks"), or accept it when it is
+    empty or already SoIR's folder of that kind; write the marker.
+
+    Raises:
+        SoIRError: the folder is a file, holds files but no marker (not made by SoIR: refused, so
+            a user's data is never written into or deleted), or is SoIR's folder of another kind.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SoIRError(f"{folder} is a file, not a folder; choose a folder for SoIR's {kind} output")
+    owner = folder_kind(folder)
+    if owner is None and folder.is_dir() and any(folder.iterdir()):
+        raise SoIRError(f"{folder} is not empty and was not made by SoIR (no {MARKER}); SoIR only writes "
+                        f"into folders it created: choose a new or empty folder for the {kind} output")
+    if owner is not None and owner != kind:
+        raise SoIRError(f"{folder} is a SoIR {owner} folder, not a {kind} folder; choose another folder")
+    if owner is None:
+        atomic_write_json(folder / MARKER, {"soir": kind, "format": 1})
+    return folder
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """The kind in ``folder``'s SoIR marker, or None when it has no (readable) marker."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("soir")
+    except (ValueError, AttributeError):
+        return None
+
+
+def remove_own_files(folder: str | Path, patterns: Iterable[str], root: str | Path | None = None) -> list[Path]:
+    """Delete the files directly in ``folder`` whose names match ``patterns`` (fnmatch), but only
+    when ``root`` (default ``folder``) is a SoIR-owned folder containing ``folder``; anything else
+    in it stays. Returns the deleted paths."""
+    folder, root = Path(folder), Path(root or folder)
+    if folder_kind(root) is None or not folder.resolve().is_relative_to(root.resolve()):
+        raise SoIRError(f"refusing to delete in {folder}: {root} was not made by SoIR (no {MARKER})")
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ lock
+class FolderLock:
+    """Exclusive lock of one folder for one live process (``fcntl.flock`` on ``<folder>/.lock``).
+
+    The lock file holds "<host> <pid>" of the holder for the error message. It is never deleted:
+    deleting a lock file that another process is waiting on would let two processes lock two
+    different files.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            host, _, pid = holder.partition(" ")
+            who = f"process {pid} on {host}" if pid else holder
+            raise SoIRError(f"{self.path.parent} is being written by {who}; wait for it to finish "
+                            f"(the lock is released when that process ends)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ------------------------------------------------------------------------------------ hash cache
+def cache_dir() -> Path:
+    """``$SOIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/soir``, else ``~/.cache/soir``."""
+    if os.environ.get("SOIR_CACHE_DIR"):
+        return Path(os.environ["SOIR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "soir"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileFacts:
+    """Facts computed from a file's bytes (its sha256, an image's size), cached by the file's
+    resolved path, size, mtime and inode in an sqlite table under :func:`cache_dir`.
+
+    A file that changes gets a new size or mtime and is read again, so the cache never returns a
+    stale fact for a file edited in place. Where the cache cannot be written (read-only home on a
+    cluster node) facts are computed every time; results are the same, only slower.
+    """
+
+    def __init__(self, name: str, compute: Callable[[Path], dict], version: int = 1):
+        self.table, self.compute = f"{name}_v{version}", compute
+        self.db: sqlite3.Connection | None = None
+        with contextlib.suppress(OSError, sqlite3.Error):
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(cache_dir() / "file_facts.sqlite", timeout=60)
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} "
+                            "(path TEXT PRIMARY KEY, stat TEXT, facts TEXT)")
+
+    @staticmethod
+    def _stat(path: Path) -> str:
+        st = path.stat()
+        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+    def __call__(self, paths: list[Path], threads: int = 8) -> list[dict]:
+        """Facts of every path, in order (computed in ``threads`` threads where not cached)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [str(Path(p).resolve()) for p in paths]
+        stats = [self._stat(Path(k)) for k in keys]
+        cached: dict[str, tuple[str, str]] = {}
+        if self.db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    rows = self.db.execute(f"SELECT path, stat, facts FROM {self.table} WHERE path IN "
+                                           f"({','.join('?' * len(chunk))})", chunk)
+                    cached.update({path: (stat, facts) for path, stat, facts in rows})
+        todo = [i for i, (k, s) in enumerate(zip(keys, stats)) if cached.get(k, ("",))[0] != s]
+        with ThreadPoolExecutor(threads) as pool:       # hashing and decoding release the GIL
+            fresh = dict(zip(todo, pool.map(lambda i: self.compute(Path(keys[i])), todo)))
+        if self.db is not None and todo:
+            with contextlib.suppress(sqlite3.Error), self.db:
+                self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?)",
+                                    [(keys[i], stats[i], json.dumps(fresh[i])) for i in todo])
+        return [fresh[i] if i in fresh else json.loads(cached[k][1]) for i, k in enumerate(keys)]
