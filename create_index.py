@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from torchvision.ops import box_iou
 
-from datasets import ImageMasks, drop_queries_without_positives, find_masks, load_anns, load_captions, split
+from datasets import (ImageMasks, annotation_masks, drop_queries_without_positives, find_masks, load_anns,
+                      load_captions, select_set, split)
 from datasets.extraction import ImageJob, ViewDataset
 from extractors import extractor_from_config
 from utils.config import check_config, register
@@ -44,13 +45,16 @@ NOT_FEATURE_KEYS = {"experiment", "features_dir", "index", "k_search", "map_at",
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     started = time.time()
-    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir)
+    anns = select_set(load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir), cfg.set)
     queries, gallery = split(anns)
     queries = drop_queries_without_positives(queries, gallery, cfg.no_positive)
     if not queries or not gallery:
         raise ValueError(f"{cfg.anns_file}: {len(queries)} queries (with a positive) and {len(gallery)} "
                          f"gallery images; both are needed")
-    captions = load_captions(cfg.captions_file) if cfg.captions_file else None
+    if cfg.masks_from == "anns":   # the annotations' own masks (queries' only when mask_input uses them)
+        captions = annotation_masks(gallery + (queries if cfg.mask_input else []), cfg.box_masks)
+    else:
+        captions = load_captions(cfg.captions_file) if cfg.captions_file else None
     query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
     extractor = extractor_from_config(cfg)
     log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
@@ -88,6 +92,8 @@ def gallery_jobs(gallery, captions, extractor, cfg: DictConfig) -> list[ImageJob
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
     if missing and cfg.missing_masks == "error":
         source = cfg.captions_file or "no captions_file given"
+        if cfg.masks_from == "anns":
+            source = f"{cfg.anns_file} (masks_from=anns{'' if cfg.box_masks else '; box_masks=true uses boxes'})"
         example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
         raise ValueError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
                          f"(first: {missing[:5]}{example}); set missing_masks=global to use their "

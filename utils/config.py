@@ -30,6 +30,12 @@ class SoIRConfig:
     queries_dir: Optional[str] = None        # root of relative query paths; null = anns folder
     no_query_crop: bool = False              # true: do not crop queries to their bbox
     no_positive: str = "error"               # query without a positive in the gallery: error|skip
+    set: Optional[str] = None                # evaluate one split: the images whose anns `set` is this
+                                             # (VoxDet-SoIR: OWID | RoboTools); null = all
+    masks_from: str = "captions"             # MI masks: captions (captions_file, e.g. OWLv2 + SAM) |
+                                             # anns (the anns file's own object masks: ground truth)
+    box_masks: bool = False                  # masks_from=anns: an object with a box and no mask gets
+                                             # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
     global_features: bool = True             # global-type descriptors (the only kind implemented)
     smart_crop: bool = False                 # MI inside each mask's padded box crop
@@ -64,7 +70,7 @@ class SoIRConfig:
 
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
-           "precision": ("fp32", "fp16", "bf16")}
+           "precision": ("fp32", "fp16", "bf16"), "masks_from": ("captions", "anns")}
 
 
 def register() -> None:
@@ -101,5 +107,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
     if cfg.lora_adapt and not cfg.extractor.startswith("dinov2"):
         raise ValueError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
+    if cfg.masks_from == "anns" and cfg.captions_file:
+        raise ValueError("masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
+                         "drop captions_file or use masks_from=captions")
+    if cfg.box_masks and cfg.masks_from != "anns":
+        raise ValueError("box_masks=true turns the anns file's boxes into masks and needs masks_from=anns")
     if cfg.weights is not None and not cfg.lora_adapt:
         raise ValueError("weights= is a LoRA checkpoint and needs lora_adapt=true")
