@@ -41,6 +41,9 @@ PAPER_STATS = {
     "instre_xs": {"queries": 2428, "gallery_images": 2065, "mean_area_pct": 6.6},
     "instre_xxs": {"queries": 106, "gallery_images": 120, "mean_area_pct": 2.2},
 }
+STAT_LABELS = {"queries": "queries", "gallery_images": "gallery images", "instances": "instances",
+               "categories": "categories", "objects_per_image": "annotated objects per image",
+               "mean_area_pct": "mean object area %"}
 LABELS = {"voxdet": "VoxDet", "permir": "PerMiR", "instre_xs": "INSTRE-XS", "instre_xxs": "INSTRE-XXS"}
 
 # The paper's mAP (%), rows as in its table; None: not reported.
@@ -66,9 +69,9 @@ class BenchmarkReport:
         """The statistics, ours next to the paper's, as aligned text."""
         paper = PAPER_STATS[self.benchmark]
         lines = [f"{'statistic':<28} {'ours':>10} {'paper':>10}"]
-        for key in ("queries", "gallery_images", "instances", "categories", "objects_per_image", "mean_area_pct"):
+        for key, label in STAT_LABELS.items():
             if key in self.stats or key in paper:
-                lines.append(f"{key.replace('_', ' '):<28} {_fmt(self.stats.get(key)):>10} {_fmt(paper.get(key)):>10}")
+                lines.append(f"{label:<28} {_fmt(self.stats.get(key)):>10} {_fmt(paper.get(key)):>10}")
         return "\n".join(lines)
 
 
