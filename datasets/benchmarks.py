@@ -20,7 +20,6 @@ in %; the box is the annotated box, or the mask's tight box for PerMiR).
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +30,17 @@ from pycocotools import mask as mask_utils
 from .anns import load_anns, select_set, split
 from .gt_masks import annotation_masks, upright_size
 
-logger = logging.getLogger("soir.datasets")
 
 # The paper's statistics ("-": not reported). Issue 12 / VoxDet-SoIR README table.
 PAPER_STATS = {
-    "voxdet": {"instances": 20, "objects_per_image": 5.8, "mean_area_pct": 1.1},
+    "voxdet": {"instances": 20, "scenes": 24, "objects_per_image": 5.8, "mean_area_pct": 1.1},
     "permir": {"queries": 150, "gallery_images": 450, "categories": 16, "objects_per_image": 4.7,
                "mean_area_pct": 13.3},
     "instre_xs": {"queries": 2428, "gallery_images": 2065, "mean_area_pct": 6.6},
     "instre_xxs": {"queries": 106, "gallery_images": 120, "mean_area_pct": 2.2},
 }
 STAT_LABELS = {"queries": "queries", "gallery_images": "gallery images", "instances": "instances",
-               "categories": "categories", "objects_per_image": "annotated objects per image",
+               "scenes": "scenes", "categories": "categories", "objects_per_image": "annotated objects per image",
                "mean_area_pct": "mean object area %"}
 LABELS = {"voxdet": "VoxDet", "permir": "PerMiR", "instre_xs": "INSTRE-XS", "instre_xxs": "INSTRE-XXS"}
 
@@ -328,7 +326,8 @@ VOXDET_RULE = (
     "Source: the authors' anns.pt (pihash2k/VoxDet-SoIR create_dataset.py over VoxDet's OWID and RoboTools), "
     "loaded as it is; every image file is checked and every mask decoded (VoxDet RLE.py convention, COCO "
     "segmentations). The paper evaluates set=RoboTools. Object areas are the annotated boxes (RoboTools "
-    "galleries have no masks).")
+    "galleries have no masks). Scenes: the <scene> folders of gallery images stored as <scene>/rgb/<frame> "
+    "(RoboTools' BOP layout test/<scene>/rgb/).")
 
 
 def voxdet_report(anns_file: str | Path, set_name: str | None) -> BenchmarkReport:
@@ -343,4 +342,5 @@ def voxdet_report(anns_file: str | Path, set_name: str | None) -> BenchmarkRepor
         boxes = image.boxes or ((image.bbox,) if image.bbox else ())
         gallery_areas.append([(x2 - x1) * (y2 - y1) / (width * height) for x1, y1, x2, y2 in boxes])
     instances = len({q.ins[0] for q in queries})
-    return BenchmarkReport("voxdet", _stats(len(queries), gallery_areas, instances), {}, VOXDET_RULE)
+    scenes = len({image.file.parent.parent for image in gallery if image.file.parent.name == "rgb"})
+    return BenchmarkReport("voxdet", _stats(len(queries), gallery_areas, instances, scenes=scenes), {}, VOXDET_RULE)

@@ -133,5 +133,5 @@ def test_voxdet_report_measures_one_set(tmp_path):
     boxes = [b for k, bs in facts["gallery_boxes"].items() if "RoboTools" in k for b in bs]
     area = np.mean([(x2 - x1) * (y2 - y1) / (48 * 64) for x1, y1, x2, y2 in boxes])
     assert report.stats == {"queries": 3, "gallery_images": 3, "instances": 2, "objects_per_image": 1.333,
-                            "mean_area_pct": pytest.approx(100 * area, abs=1e-3)}
+                            "mean_area_pct": pytest.approx(100 * area, abs=1e-3), "scenes": 2}
     assert voxdet_report(path, "OWID").stats["objects_per_image"] == 1.5

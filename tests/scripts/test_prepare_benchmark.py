@@ -62,10 +62,10 @@ def test_voxdet_cli_validates_and_measures_roboTools(tmp_path, capsys):
     main(["voxdet", "--root", str(path.parent), "--out", str(tmp_path / "bench")])
     printed = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[-2:] for line in printed.splitlines()
-            if line.startswith(("instances", "annotated", "mean"))}
+            if line.startswith(("instances", "scenes", "annotated", "mean"))}
     boxes = [b for k, bs in facts["gallery_boxes"].items() if "RoboTools" in k for b in bs]
     area = 100 * np.mean([(x2 - x1) * (y2 - y1) / (48 * 64) for x1, y1, x2, y2 in boxes])
-    assert rows == {"instances": ["2", "20"], "annotated": ["1.33", "5.80"], "mean": [f"{area:.2f}", "1.10"]}
+    assert rows == {"instances": ["2", "20"], "scenes": ["2", "24"], "annotated": ["1.33", "5.80"], "mean": [f"{area:.2f}", "1.10"]}
     info = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert info["index_args"] == [f"anns_file={path}", "set=RoboTools"]
     assert not (tmp_path / "bench" / "anns.pt").exists()     # the authors' file is used where it is
