@@ -6,11 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from datasets import load_anns, load_captions, save_anns, save_captions
 from datasets.benchmarks import build_instre, build_permir, pdm_crop_share, read_instre_boxes, voxdet_report
-from datasets.gt_masks import upright_size
 from tests.datasets.benchmark_replicas import box_mask, write_burst, write_instre
 from tests.datasets.voxdet_replica import write_voxdet_soir
 
@@ -61,15 +59,6 @@ def test_instre_errors_name_the_file(tmp_path):
     (tmp_path / "b.txt").write_text("1 2 3\n")
     with pytest.raises(ValueError, match="b.txt, line 1: expected 'x y w h'"):
         read_instre_boxes(tmp_path / "b.txt")
-
-
-def test_upright_size_applies_exif_orientation(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 6                                        # rotate 90: stored 100 x 80 shows 80 x 100
-    Image.new("RGB", (100, 80)).save(tmp_path / "r.jpg", exif=exif)
-    assert upright_size(tmp_path / "r.jpg") == (100, 80)
-    Image.new("RGB", (100, 80)).save(tmp_path / "p.jpg")
-    assert upright_size(tmp_path / "p.jpg") == (80, 100)
 
 
 # ------------------------------------------------------------------------------------------- PerMiR
