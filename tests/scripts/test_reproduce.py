@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import Dinov2Model
 
@@ -19,7 +20,8 @@ from scripts.prepare_benchmark import main as prepare
 from tests.datasets.voxdet_replica import rect, write_voxdet_soir
 from tests.pipeline import ROOT
 
-SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_clip_zeroshot_det mao_dinov2_finetuned_gt"
+# One run per branch of reproduce.sh: global, ground-truth masks, detector masks + LoRA weights.
+SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
 
 
 def _lora_checkpoint(model_dir: Path, path: Path, rank: int = 4) -> Path:
@@ -68,12 +70,17 @@ def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_p
             for _, setting, folder in runs}
     assert _row(text, "plain DINOv2 global, zero-shot") == [ours["dinov2_global"], "51.23"]
     assert _row(text, "MaO-CLIP, zero-shot (GT masks)") == [ours["mao_clip_zeroshot_gt"], "65.22"]
-    assert _row(text, "MaO-CLIP, zero-shot (detector masks)") == [ours["mao_clip_zeroshot_det"], "65.22"]
-    assert _row(text, "MaO-DINOv2, fine-tuned (GT masks)") == [ours["mao_dinov2_finetuned_gt"], "83.70"]
+    assert _row(text, "MaO-DINOv2, fine-tuned (detector masks)") == [ours["mao_dinov2_finetuned_det"], "83.70"]
+    assert _row(text, "MaO-DINOv2, fine-tuned (GT masks)") == ["-", "83.70"]
     assert _row(text, "MaO-DINOv2, zero-shot (GT masks)") == ["-", "70.20"]       # not in SETTINGS
     assert _row(text, "MaO-CLIP, fine-tuned (not run: SoIR fine-tunes DINOv2 only)") == ["-", "79.86"]
+    made_with = OmegaConf.load(Path(runs[2][2]) / "features_config.yaml")
+    assert (made_with.extractor, made_with.lora_adapt, made_with.lora_rank, made_with.missing_masks) == (
+        "dinov2_mi_features", True, 4, "global")
+    assert (made_with.weights, made_with.captions_file) == (env["DINOV2_WEIGHTS"], env["DETECTOR_CAPTIONS"])
+    assert OmegaConf.load(Path(runs[1][2]) / "features_config.yaml").masks_from == "anns"
     feature_dirs = {json.loads((Path(f) / "results.json").read_text())["features_dir"] for _, _, f in runs}
-    assert len(feature_dirs) == 4                              # every setting has features of its own
+    assert len(feature_dirs) == 3                              # every setting has features of its own
 
 
 def test_table_layout_with_two_benchmarks(tmp_path):
