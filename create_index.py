@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from datasets import drop_queries_without_positives, load_anns, load_captions, split
+from datasets import annotation_masks, drop_queries_without_positives, load_anns, load_captions, select_set, split
 from datasets.extraction import ImageJob, ViewDataset, check_jobs, gallery_jobs, jobs_digest, query_jobs
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
@@ -72,16 +72,22 @@ def main(cfg: DictConfig) -> None:
 def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
     """Every input that needs no model, read and checked: the jobs of each split, the images' facts
     (sha256, size) by key, and the images left out under bad_images=skip."""
-    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
+    anns = select_set(load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates),
+                      cfg.set)
     queries, gallery = split(anns)
-    captions = load_captions(cfg.captions_file) if cfg.captions_file else None
+    if cfg.masks_from == "anns":   # the annotations' own masks (queries' only when mask_input uses them)
+        captions = annotation_masks(gallery + (queries if cfg.mask_input else []), cfg.box_masks)
+        source = f"{cfg.anns_file} (masks_from=anns{'' if cfg.box_masks else '; box_masks=true uses boxes'})"
+    else:
+        captions = load_captions(cfg.captions_file) if cfg.captions_file else None
+        source = cfg.captions_file or "no captions_file given"
     query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
     uses_masks = capabilities(cfg.extractor)["uses_masks"]
     if not uses_masks and captions is not None:
         log.warning("captions_file is not used by %s (whole-image embeddings)", cfg.extractor)
     facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
     jobs, skipped = {}, []
-    jobs["gallery"], bad = check_jobs(gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, cfg.captions_file),
+    jobs["gallery"], bad = check_jobs(gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, source),
                                       [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
     skipped += bad
     # A skipped gallery image may have been a query's only positive: the positive policy comes after.

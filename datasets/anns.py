@@ -5,12 +5,15 @@ File format (a ``torch.save``'d dict, loaded with ``weights_only=True``)::
     {path: {"ins": int | list[int],         # instance id(s) shown in the image
             "is_query": bool,
             "bbox": [x1, y1, x2, y2],       # optional; pixel-edge coords of the object (queries)
-            "obj_name": str}}               # optional; human-readable instance name
+            "obj_name": str,                # optional; human-readable instance name
+            "set": str}}                    # optional; the split the image belongs to (config key `set`)
 
 A gallery image may show several instances (``ins`` a list); a gallery distractor shows
 none (``ins: []``). A query shows exactly one instance. ``path`` is absolute or relative to
 ``queries_dir`` / ``galleries_dir`` (when given) or else to the folder of ``anns.pt``.
 Boxes use pixel-edge coordinates as ``PIL.Image.crop``: columns 3..5 are ``x1 = 3, x2 = 6``.
+Files written by VoxDet-SoIR's builder (per-object box lists, masks, ``num_ins``) are read as they
+are by :mod:`datasets.voxdet`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from utils.files import atomic_torch_save
 
 logger = logging.getLogger("soir.datasets")
 
-_KNOWN_KEYS = {"ins", "is_query", "bbox", "obj_name"}
+_KNOWN_KEYS = {"ins", "is_query", "bbox", "obj_name", "set"}
 _MAX_LISTED = 10
 
 # numpy integer/bool scalars are pickled as numpy._core.multiarray.scalar(dtype, raw bytes).
@@ -60,6 +63,9 @@ class Annotation:
     is_query: bool
     bbox: tuple[float, float, float, float] | None = None
     obj_name: str | None = None
+    set: str | None = None                                    # split name, e.g. VoxDet-SoIR "RoboTools"
+    boxes: tuple[tuple[float, float, float, float], ...] = ()  # every annotated object's box (VoxDet-SoIR)
+    masks: tuple = ()  # the objects' own masks, parallel to boxes or empty: datasets.voxdet.AnnotatedMask | None
 
 
 def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
@@ -152,6 +158,8 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     """Validated Annotation with ``file = Path(key)`` (resolved by the caller)."""
     if not isinstance(entry, dict):
         raise AnnotationError(f"{where}: expected a dict, got {type(entry).__name__}")
+    from .voxdet import is_voxdet_entry, parse_voxdet_entry   # (voxdet.py imports this module)
+    entry, extra = parse_voxdet_entry(entry, where) if is_voxdet_entry(entry) else (entry, {})
     unknown = set(entry) - _KNOWN_KEYS
     if unknown:
         raise AnnotationError(f"{where}: unknown keys {sorted(map(str, unknown))}; allowed {sorted(_KNOWN_KEYS)}")
@@ -169,7 +177,11 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     obj_name = entry.get("obj_name")
     if obj_name is not None and not isinstance(obj_name, str):
         raise AnnotationError(f"{where}: 'obj_name' must be str, got {type(obj_name).__name__}")
-    return Annotation(key=key, file=Path(key), ins=ins, is_query=is_query, bbox=bbox, obj_name=obj_name)
+    set_name = entry.get("set")
+    if set_name is not None and not isinstance(set_name, str):
+        raise AnnotationError(f"{where}: 'set' must be str, got {type(set_name).__name__}")
+    return Annotation(key=key, file=Path(key), ins=ins, is_query=is_query, bbox=bbox, obj_name=obj_name,
+                      set=set_name, **extra)
 
 
 def _scalar(value: Any) -> Any:
@@ -300,3 +312,32 @@ def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, fl
             isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise AnnotationError(f"{source}: bbox must be 4 finite numbers [x1, y1, x2, y2], got {bbox!r}")
     return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def select_set(annotations: Sequence[Annotation], name: str | None) -> list[Annotation]:
+    """The annotations whose ``set`` is ``name`` (config key ``set``), or all of them for None.
+
+    Instance ids only identify an object within one set (VoxDet-SoIR numbers its OWID and RoboTools
+    instances independently), so evaluating several sets together is refused when they share ids.
+
+    Raises:
+        AnnotationError: no annotation has set ``name`` (the sets present are listed), or
+            ``name`` is None and two sets share an instance id.
+    """
+    sets: dict[str | None, set[int]] = {}
+    for ann in annotations:
+        sets.setdefault(ann.set, set()).update(ann.ins)
+    if name is None:
+        names = sorted(sets, key=str)
+        shared = [(a, b, sorted(sets[a] & sets[b])) for i, a in enumerate(names) for b in names[i + 1:]
+                  if sets[a] & sets[b]]
+        if shared:
+            a, b, ids = shared[0]
+            raise AnnotationError(f"sets {a!r} and {b!r} share instance ids (e.g. {ids[:5]}), so their images "
+                                  f"would count as positives of each other's queries; evaluate one with "
+                                  f"set={a} or set={b}")
+        return list(annotations)
+    if name not in sets:
+        raise AnnotationError(f"set={name!r}: no annotation has this set; the file has sets "
+                              f"{sorted(map(str, sets))}")
+    return [ann for ann in annotations if ann.set == name]

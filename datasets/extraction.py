@@ -47,19 +47,18 @@ class ImageJob:
 
 # ---------------------------------------------------------------------------------- building jobs
 def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, uses_masks: bool,
-                 missing_masks: str, captions_file: str | None) -> list[ImageJob]:
+                 missing_masks: str, source: str) -> list[ImageJob]:
     """Gallery images are never cropped (cropping to a ground-truth box would leak the label).
 
     With an MI extractor every image needs masks: an image without (no entry, no detections, or a
-    failed entry of the original mask script) is an error, or with ``missing_masks="global"`` gets
-    its global embedding (counted and logged).
+    failed entry of the original mask script) is an error naming ``source`` (where masks were looked
+    for), or with ``missing_masks="global"`` gets its global embedding (counted and logged).
     """
     if not uses_masks:
         return [ImageJob(ann) for ann in gallery]
     masks = [find_masks(captions, ann.key, ann.file) if captions else None for ann in gallery]
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
     if missing and missing_masks == "error":
-        source = captions_file or "no captions_file given"
         example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
         raise SoIRError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
                         f"(first: {missing[:5]}{example}); set missing_masks=global to use their "

@@ -36,6 +36,12 @@ class SoIRConfig:
     no_positive: str = "error"               # query without a positive in the gallery: error|skip
     duplicates: str = "error"                # keys naming one file: error|merge (when labels agree)
     bad_images: str = "error"                # unreadable image: error|skip (counted, listed)
+    set: Optional[str] = None                # evaluate one split: the images whose anns `set` is this
+                                             # (VoxDet-SoIR: OWID | RoboTools); null = all
+    masks_from: str = "captions"             # MI masks: captions (captions_file, e.g. OWLv2 + SAM) |
+                                             # anns (the anns file's own object masks: ground truth)
+    box_masks: bool = False                  # masks_from=anns: an object with a box and no mask gets
+                                             # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
     global_features: bool = True             # global-type descriptors (the only kind implemented)
     smart_crop: bool = False                 # MI inside each mask's padded box crop
@@ -71,7 +77,7 @@ class SoIRConfig:
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
            "precision": ("fp32", "fp16", "bf16"), "duplicates": ("error", "merge"),
-           "bad_images": ("error", "skip")}
+           "bad_images": ("error", "skip"), "masks_from": ("captions", "anns")}
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
 # query features only; RUN_KEYS change no feature: names, search settings, and the input paths,
@@ -82,7 +88,8 @@ QUERY_KEYS = frozenset({"mask_input", "query_captions_file", "no_query_crop", "q
 RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
                       "recall_at", "num_workers", "anns_file", "captions_file", "galleries_dir", "duplicates",
                       "bad_images", "vec_dim", "model_name", "B_model", "lora_adapt", "lora_rank",
-                      "lora_alpha", "weights", "device", "queries_dir", "query_captions_file"})
+                      "lora_alpha", "weights", "device", "queries_dir", "query_captions_file", "set",
+                      "masks_from", "box_masks"})
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
 # the adapters' content and the device actually used, not the names.
@@ -126,5 +133,10 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
     if cfg.lora_adapt and not cfg.extractor.startswith("dinov2"):
         raise SoIRError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
+    if cfg.masks_from == "anns" and cfg.captions_file:
+        raise SoIRError("masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
+                        "drop captions_file or use masks_from=captions")
+    if cfg.box_masks and cfg.masks_from != "anns":
+        raise SoIRError("box_masks=true turns the anns file's boxes into masks and needs masks_from=anns")
     if cfg.weights is not None and not cfg.lora_adapt:
         raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")

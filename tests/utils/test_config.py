@@ -62,3 +62,14 @@ def test_anns_file_is_required():
 def test_inconsistent_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_config(_compose("anns_file=a.pt", *overrides))
+
+
+def test_masks_from_set_and_box_masks():
+    cfg = _compose("anns_file=a.pt")
+    assert (cfg.set, cfg.masks_from, cfg.box_masks) == (None, "captions", False)
+    check_config(_compose("anns_file=a.pt", "set=RoboTools", "masks_from=anns", "box_masks=true"))
+    for overrides, message in [(["masks_from=gt"], "masks_from='gt' is not one of captions, anns"),
+                               (["masks_from=anns", "captions_file=c.pt"], "captions_file would be ignored"),
+                               (["box_masks=true"], "box_masks=true .* needs masks_from=anns")]:
+        with pytest.raises(ValueError, match=message):
+            check_config(_compose("anns_file=a.pt", *overrides))
