@@ -37,7 +37,7 @@ register()
 QUERY_ONLY_KEYS = {"mask_input", "query_captions_file", "no_query_crop", "queries_dir", "no_positive"}
 # Keys that do not change the descriptors; every other key is part of the features' identity.
 NOT_FEATURE_KEYS = {"experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
-                    "recall_at", "num_workers"}
+                    "recall_at", "num_workers", "report", "report_k", "report_thumb_size", "report_maps"}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")

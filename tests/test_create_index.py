@@ -177,3 +177,20 @@ def test_run_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     with pytest.raises(RuntimeError, match="on other-host"):
         with run_lock(tmp_path):
             pass
+
+
+def test_report_settings_are_not_part_of_the_features_identity():
+    """search_index.py's report keys must not move features to a new folder or refuse an existing one."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from create_index import feature_identity
+    extractor = SimpleNamespace(model_name="m", device="cpu")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        default = compose(config_name="defaults", overrides=["anns_file=a.pt"])
+        changed = compose(config_name="defaults", overrides=["anns_file=a.pt", "report=false", "report_k=3",
+                                                             "report_thumb_size=64", "report_maps=true"])
+    identity = feature_identity(default, extractor)
+    assert identity == feature_identity(changed, extractor)
+    assert not any(key.startswith("report") for key in identity)

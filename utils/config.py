@@ -61,6 +61,11 @@ class SoIRConfig:
     map_at: Optional[int] = None             # also report mAP@k
     precision_at: tuple[int, ...] = (1, 5, 10)
     recall_at: tuple[int, ...] = (1, 5, 10)
+    # --- report of a search run (search_index.py) -----------------------------------------
+    report: bool = True                      # write report.html (+ thumbs/) next to results.json
+    report_k: int = 10                       # gallery images shown per query
+    report_thumb_size: int = 160             # longer side of the thumbnails, pixels
+    report_maps: bool = False                # link each shown gallery image to its LeGrad map (runs the model)
 
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
@@ -90,7 +95,7 @@ def check_config(cfg: DictConfig) -> None:
                          "inversion has a single mask, so it would do nothing")
     if cfg.mi_sum and cfg.smart_crop:
         raise ValueError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
-    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank"):
+    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank", "report_k"):
         if cfg[key] < (0 if key == "mi_iterations" else 1):
             raise ValueError(f"{key}={cfg[key]} must be positive")
     if cfg.num_workers < 0:
@@ -103,3 +108,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
     if cfg.weights is not None and not cfg.lora_adapt:
         raise ValueError("weights= is a LoRA checkpoint and needs lora_adapt=true")
+    if not 32 <= cfg.report_thumb_size <= 1024:
+        raise ValueError(f"report_thumb_size={cfg.report_thumb_size} must be in [32, 1024] pixels")
+    if cfg.report_maps and not cfg.report:
+        raise ValueError("report_maps=true adds maps to the report; it needs report=true")
