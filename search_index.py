@@ -6,7 +6,8 @@ exact top-k rows that index finds.
 
     python search_index.py features_dir=outputs/features/pe/siglip_mi_features-1a2b3c4d5e k_search=100
 
-Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv.
+Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv, and
+report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from utils.config import check_config, register
 from utils.feature_store import FeatureShards
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
+from utils.report import Shown, write_report
 
 log = logging.getLogger("soir.search_index")
 register()
@@ -58,6 +60,7 @@ def main(cfg: DictConfig) -> None:
     k = min(cfg.k_search, len(gallery))
     query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     per_query: list[dict[str, np.ndarray]] = []
+    shown: list[Shown] = []
     with open(out / "rankings.jsonl", "w") as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
             scores = image_scores(query_features.numpy(), query_owner.numpy(), chunk,
@@ -65,9 +68,11 @@ def main(cfg: DictConfig) -> None:
             relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
             per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at,
                                                map_at=cfg.map_at))
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]   # ties: lower gallery index first
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, cfg.report_k)]   # ties: lower index first
+            if cfg.report:
+                shown.append(Shown.top(top[:, :cfg.report_k], scores, relevant))
             for q, order, row in zip(queries[chunk.start:chunk.stop], top, scores):
-                ranking = [[gallery[g]["key"], float(row[g])] for g in order]
+                ranking = [[gallery[g]["key"], float(row[g])] for g in order[:k]]
                 rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], "ranking": ranking}) + "\n")
     metrics = {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]}
     results = summarize(metrics, recall_ks=cfg.recall_at)
@@ -79,6 +84,11 @@ def main(cfg: DictConfig) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", queries, metrics)
     print_table(results)
+    if cfg.report:
+        shown = Shown.concat(shown)
+        shown.rows = best_rows(query_features.numpy(), query_owner.numpy(), gallery_features.numpy(),
+                               gallery_owner.numpy(), shown.pairs()).reshape(shown.gallery.shape)
+        print(f"report: {write_report(out, cfg, folder, results, metrics, shown, gallery_features.numpy())}")
     print(f"results: {out}")
 
 
@@ -105,6 +115,27 @@ def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: ran
     rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
     per_row = max_per_image(query_features[rows] @ gallery_features.T, gallery_owner, num_gallery)
     return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
+
+
+def best_rows(query_features: np.ndarray, query_owner: np.ndarray, gallery_features: np.ndarray,
+              gallery_owner: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """The gallery row that gives each (query image, gallery image) pair its :func:`image_scores`
+    score: the row of the pair's best (query row, gallery row) inner product, the first one on ties.
+
+    pairs: [N, 2] int (query image, gallery image). Returns [N] int64 gallery row ids.
+    """
+    query_rows, gallery_rows = rows_by_owner(query_owner), rows_by_owner(gallery_owner)
+    best = np.empty(len(pairs), dtype=np.int64)
+    for i, (q, g) in enumerate(pairs.tolist()):
+        rows = gallery_rows[g]
+        best[i] = rows[np.argmax((query_features[query_rows[q]] @ gallery_features[rows].T).max(0))]
+    return best
+
+
+def rows_by_owner(owner: np.ndarray) -> list[np.ndarray]:
+    """Row ids of each image, in row order: ``[rows of image 0, rows of image 1, ...]``."""
+    order = np.argsort(owner, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owner))[:-1])
 
 
 def as_annotations(records: list[dict], is_query: bool) -> list[Annotation]:
