@@ -7,9 +7,11 @@ No matplotlib: the colormap is a small lookup table interpolated with numpy.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 OUTLINE_COLOR = (0, 255, 255)     # cyan: apart from the colormap's black-red-yellow and the report's green/red
 # Anchors of matplotlib's "inferno" (0, 1/4, 1/2, 3/4, 1): dark = low relevance, light yellow = high.
@@ -28,13 +30,42 @@ def resize_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.nd
     """Bool mask [H, W] -> bool [height, width] for ``size`` = (width, height), PIL order.
 
     A pixel of the result is set when any part of it is covered (box filter > 0), so a mask of a few
-    pixels in a large image still shows on a small thumbnail.
+    pixels in a large image still shows on a small thumbnail. Only the mask's bounding box is
+    resampled (PIL's ``box``), which gives the same pixels as resampling the whole mask, much faster
+    for the small objects of a large image.
     """
     mask = np.asarray(mask, dtype=bool)
-    if (mask.shape[1], mask.shape[0]) == tuple(size):
+    (height, width), (out_w, out_h) = mask.shape, size
+    if (width, height) == (out_w, out_h):
         return mask
-    coverage = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)
-    return np.asarray(coverage) > 0
+    out = np.zeros((out_h, out_w), dtype=bool)
+    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
+    if len(cols) == 0:
+        return out
+    sx, sy = out_w / width, out_h / height
+    # Output pixels touched by the box, and the source pixels those output pixels cover.
+    tx1, tx2 = math.floor(cols[0] * sx), min(out_w, math.ceil((cols[-1] + 1) * sx))
+    ty1, ty2 = math.floor(rows[0] * sy), min(out_h, math.ceil((rows[-1] + 1) * sy))
+    x1, x2 = math.floor(tx1 / sx), min(width, math.ceil(tx2 / sx))
+    y1, y2 = math.floor(ty1 / sy), min(height, math.ceil(ty2 / sy))
+    region = Image.fromarray(mask[y1:y2, x1:x2].astype(np.uint8) * 255)
+    coverage = region.resize((tx2 - tx1, ty2 - ty1), Image.Resampling.BOX,
+                             box=(tx1 / sx - x1, ty1 / sy - y1, tx2 / sx - x1, ty2 / sy - y1))
+    out[ty1:ty2, tx1:tx2] = np.asarray(coverage) > 0
+    return out
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of bool [H, W] by a (2 radius + 1)^2 square (separable: rows, then columns)."""
+    grown = mask.copy()
+    for axis in (0, 1):
+        source = grown.copy()
+        for shift in range(1, radius + 1):
+            ahead, behind = [slice(None)] * 2, [slice(None)] * 2
+            ahead[axis], behind[axis] = slice(shift, None), slice(None, -shift)
+            grown[tuple(ahead)] |= source[tuple(behind)]
+            grown[tuple(behind)] |= source[tuple(ahead)]
+    return grown
 
 
 def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None = None,
@@ -49,8 +80,7 @@ def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None =
     The ring lies outside the mask so the object itself stays visible. An empty mask has no outline.
     """
     inside = resize_mask(mask, size or (np.shape(mask)[1], np.shape(mask)[0]))
-    grown = Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * width + 1))
-    return (np.asarray(grown) > 0) & ~inside
+    return dilate(inside, width) & ~inside
 
 
 def draw_outline(picture: Image.Image, mask: np.ndarray | torch.Tensor, color: tuple[int, int, int] = OUTLINE_COLOR,

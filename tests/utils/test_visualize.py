@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.visualize import OUTLINE_COLOR, colormap, draw_outline, mask_outline, overlay
+from utils.visualize import OUTLINE_COLOR, colormap, dilate, draw_outline, mask_outline, overlay, resize_mask
 
 
 def test_colormap_runs_from_dark_to_light_and_clips():
@@ -62,3 +62,22 @@ def test_overlay_blends_the_colormap_and_resizes_the_map():
     assert ((outlined == OUTLINE_COLOR).all(-1) == mask_outline(mask, width=2)).all()
     with pytest.raises(ValueError, match=r"\[H, W\]"):
         overlay(image, np.zeros((1, 12, 16)))
+
+
+def test_resizing_the_mask_box_equals_resizing_the_whole_mask():
+    rng = np.random.default_rng(0)
+    for size in [(160, 120), (97, 61), (300, 225), (17, 200), (640, 481)]:
+        mask = np.zeros((480, 640), dtype=bool)
+        y, x, h, w = rng.integers(0, 400), rng.integers(0, 560), rng.integers(1, 80), rng.integers(1, 80)
+        mask[y:y + h, x:x + w] = rng.random((h, w)) < 0.7          # a speckled object
+        whole = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)) > 0
+        assert (resize_mask(mask, size) == whole).all(), size
+
+
+def test_dilate_is_a_square_dilation():
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[4, 4] = mask[0, 8] = True
+    grown = dilate(mask, 2)
+    expected = np.zeros_like(mask)
+    expected[2:7, 2:7] = expected[0:3, 6:9] = True
+    assert (grown == expected).all()
