@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -103,15 +104,18 @@ def _box(mask: np.ndarray) -> list[int]:
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
-def search(features: Path, cwd: Path, *overrides: str) -> tuple[float, float | None, str]:
-    """Wall seconds of one search_index.py run, the report's own seconds (its log line), its counts."""
+def search(features: Path, cwd: Path, *overrides: str) -> tuple[float, float, str, str, str]:
+    """One search_index.py run: its wall and CPU seconds, and the report's wall and CPU seconds and
+    counts (from its log line; "-" without a report)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, str(ROOT / "search_index.py"), f"features_dir={features}", *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - started
-    line = re.search(r"report: (\d+ queries x \d+ images, \d+ thumbnails), \d+ maps in ([\d.]+) s", proc.stdout + proc.stderr)
-    return wall, float(line.group(2)) if line else None, line.group(1) if line else ""
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = re.search(r"report: (\d+ queries x \d+ images, \d+ thumbnails), \d+ maps in ([\d.]+) s \(CPU ([\d.]+) s",
+                     proc.stdout + proc.stderr)
+    report = line.groups() if line else ("", "-", "-")
+    return wall, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, report[1], report[2], report[0]
 
 
 def main() -> None:
@@ -135,10 +139,12 @@ def main() -> None:
         for workers in args.workers:
             rows.append((f"report=true num_workers={workers}",
                          *search(features, root, f"report_k={args.report_k}", f"num_workers={workers}")))
-    print(f"| run | search_index.py wall s | report s | shown |")
-    print("|---|---:|---:|---|")
-    for name, wall, report, shown in rows:
-        print(f"| {name} | {wall:.1f} | {'-' if report is None else f'{report:.1f}'} | {shown} |")
+    print(f"load average while measuring: {os.getloadavg()[0]:.1f} (wall times are only meaningful on a quiet machine; "
+          "CPU seconds count the work)")
+    print("| run | search_index.py wall s | CPU s | report wall s | report CPU s | shown |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, wall, cpu, report_wall, report_cpu, shown in rows:
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {report_wall} | {report_cpu} | {shown} |")
 
 
 if __name__ == "__main__":

@@ -133,3 +133,23 @@ def test_truncated_jpeg_raises(tmp_path):
         load_rgb(tmp_path / "cut.jpg")
     assert info.value.path == tmp_path / "cut.jpg"
     assert "truncated" in info.value.reason
+
+
+def test_min_side_decodes_a_jpeg_at_a_reduced_scale_and_keeps_it_upright(tmp_path):
+    stored = np.zeros((480, 640, 3), np.uint8)
+    stored[:, :320] = (255, 0, 0)
+    stored[:, 320:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert load_rgb(tmp_path / "rot.jpg").size == (480, 640)
+    small = load_rgb(tmp_path / "rot.jpg", min_side=100)
+    assert small.size == (120, 160) and small.mode == "RGB"        # 1/4: the smallest scale with sides >= 100
+    pixels = np.asarray(small).astype(int)
+    assert np.abs(pixels[20, 60] - (255, 0, 0)).max() < 20         # stored left -> displayed top
+    assert np.abs(pixels[140, 60] - (0, 0, 255)).max() < 20
+    assert load_rgb(tmp_path / "rot.jpg", min_side=200).size == (240, 320)   # 1/2
+    assert load_rgb(tmp_path / "rot.jpg", min_side=300).size == (480, 640)   # 240 < 300: full size
+    image.save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "a.png", min_side=100).size == (640, 480)   # not a JPEG: full size
