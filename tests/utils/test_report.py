@@ -235,3 +235,48 @@ def test_report_renders_in_headless_chromium(mi_run, tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000           # pictures, not a blank page
     near = lambda rgb: (np.abs(pixels - rgb).sum(-1) < 30).sum()           # noqa: E731
     assert near((215, 25, 28)) > 200 or near((26, 150, 65)) > 200          # the red / green frames drew
+
+
+def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs, tmp_path):
+    from omegaconf import OmegaConf
+
+    from extractors import CLIPExtractor, CLIPMIExtractor
+    from utils.config import SoIRConfig
+    from utils.report import map_extractor
+    made_with = OmegaConf.merge(OmegaConf.structured(SoIRConfig), {
+        "anns_file": "a.pt", "extractor": "clip_features", "model_name": str(tiny_model_dirs["clip"]), "vec_dim": 24})
+    extractor = map_extractor(made_with, "cpu")
+    assert isinstance(extractor, CLIPMIExtractor) and extractor.model_name == str(tiny_model_dirs["clip"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    stored = CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu").extract(image)    # a plain row
+    mask = np.zeros((1, 48, 80), dtype=bool)
+    mask[0, 10:30, 20:50] = True
+    expected = CLIPMIExtractor(str(tiny_model_dirs["clip"]), device="cpu", mi_iterations=1).explain(image, mask)
+    torch.testing.assert_close(extractor.legrad(image, stored[None])[0], expected.global_map, atol=1e-5, rtol=0)
+
+
+def test_smart_crop_maps_are_drawn_inside_the_crop(tiny_model_dirs, tmp_path):
+    from datasets import ImageMasks, encode_mask
+    from extractors import SigLIPMIExtractor
+    from extractors.views import padded_box
+    from utils.report import Shown, write_maps
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((128, 96), Image.BICUBIC)
+    image = smooth.convert("RGB")                      # smooth, so the overlay's JPEG is close to exact
+    image.save(tmp_path / "g.png")
+    mask = np.zeros((96, 128), dtype=bool)
+    mask[60:80, 90:115] = True
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), device="cpu", smart_crop=True, mi_iterations=3)
+    vectors = extractor.extract(image, mask[None]).numpy()
+    captions = {"g.png": ImageMasks([encode_mask(mask)], [[90, 60, 115, 80]], [1.0])}
+    gallery = [{"key": "g.png", "file": str(tmp_path / "g.png")}]
+    shown = Shown(np.array([[0]]), np.array([[1.0]]), np.array([[True]]), rows=np.array([[0]]))
+    names = write_maps(tmp_path / "maps", extractor, gallery, shown, np.array([[0]]), vectors, captions, size=128)
+    assert names == {0: "g000000_r0.jpg"}
+    picture = np.asarray(Image.open(tmp_path / "maps" / names[0])).astype(int)
+    x1, y1, x2, y2 = padded_box(torch.from_numpy(mask), 0.1)
+    dark = np.asarray(Image.blend(image, Image.new("RGB", image.size, (0, 0, 4)), 0.55)).astype(int)
+    outside = np.ones((96, 128), dtype=bool)
+    outside[max(0, y1 - 3):y2 + 3, max(0, x1 - 3):x2 + 3] = False       # margin for JPEG blocks and the outline
+    assert np.abs(picture - dark)[outside].mean() < 6                      # map 0 outside the crop
+    assert np.abs(picture - dark)[y1:y2, x1:x2].mean() > 20                # the map lives in the crop
