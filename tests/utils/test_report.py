@@ -197,6 +197,19 @@ def test_report_false_writes_no_report(mi_run, tmp_path):
     assert "report:" not in proc.stdout
 
 
+def test_report_k_beyond_k_search_keeps_the_rankings_at_k_search(mi_run, tmp_path):
+    _, features, _ = mi_run
+    run = results_dir_from(run_script("search_index.py", f"features_dir={features}", "k_search=2", "report_k=6",
+                                      "report_thumb_size=48", cwd=tmp_path))
+    _, rankings = read_results(run)
+    sections = parse(run / "report.html").sections
+    assert all(len(line["ranking"]) == 2 for line in rankings)
+    by_query = {line["query"]: [key for key, _ in line["ranking"]] for line in rankings}
+    for section in sections:
+        hits = [hit["data-gallery"] for hit in section["hits"]]
+        assert len(hits) == 6 and hits[:2] == by_query[section["data-search"].split()[0]]
+
+
 def test_changed_captions_file_gives_no_outlines_and_says_why(mi_run, tmp_path):
     _, features, _ = mi_run
     copy = tmp_path / "features"
