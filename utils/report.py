@@ -205,10 +205,11 @@ def map_extractor(made_with: DictConfig, device: str):
 
 
 def write_maps(folder: Path, extractor, gallery: list[dict], shown: Shown, mask_index: np.ndarray,
-               gallery_features: np.ndarray, captions: dict[str, ImageMasks] | None, size: int) -> dict[int, str]:
+               gallery_features: np.ndarray, captions: dict[str, ImageMasks] | None, size: int,
+               unreadable: dict[str, str] | None = None) -> dict[int, str]:
     """One overlay per shown (gallery image, matching row): the row's LeGrad map over the image, with
     its mask's outline. One LeGrad evaluation per image for all its whole-image rows; a smart-crop
-    row is mapped on its crop. Returns {gallery row: file name}."""
+    row is mapped on its crop. Files in ``unreadable`` are skipped. Returns {gallery row: file name}."""
     from extractors.views import padded_box
     import torch
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,6 +219,8 @@ def write_maps(folder: Path, extractor, gallery: list[dict], shown: Shown, mask_
     names = {}
     for g, rows in sorted(rows_of.items()):
         record = gallery[g]
+        if record["file"] in (unreadable or {}):
+            continue
         image = load_rgb(record["file"])
         picture = thumbnail(image, size)
         entry = find_masks(captions, record["key"], record["file"]) if captions is not None else None
@@ -278,7 +281,7 @@ def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, 
     maps = {}
     if cfg.report_maps:
         maps = write_maps(out / "maps", map_extractor(made_with, cfg.device), gallery, shown, mask_index,
-                          gallery_features, captions, MAP_SCALE * cfg.report_thumb_size)
+                          gallery_features, captions, MAP_SCALE * cfg.report_thumb_size, problems)
     page = Page(title=f"SoIR report: {made_with.dataset} / {made_with.extractor}",
                 metrics=metric_cells(results), settings=setting_cells(features_dir, made_with, cfg),
                 notes=notes(captions, why_not, mask_index, problems))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -214,7 +215,7 @@ def test_changed_captions_file_gives_no_outlines_and_says_why(mi_run, tmp_path):
     _, features, _ = mi_run
     copy = tmp_path / "features"
     shutil.copytree(features, copy)
-    made_with = __import__("omegaconf").OmegaConf.load(copy / "config.yaml")
+    made_with = OmegaConf.load(copy / "config.yaml")
     captions, why_not = report_captions(copy, made_with)
     assert captions is not None and why_not == ""
     identity = json.loads((copy / "identity.json").read_text())
@@ -251,8 +252,6 @@ def test_report_renders_in_headless_chromium(mi_run, tmp_path):
 
 
 def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs, tmp_path):
-    from omegaconf import OmegaConf
-
     from extractors import CLIPExtractor, CLIPMIExtractor
     from utils.config import SoIRConfig
     from utils.report import map_extractor
@@ -293,3 +292,25 @@ def test_smart_crop_maps_are_drawn_inside_the_crop(tiny_model_dirs, tmp_path):
     outside[max(0, y1 - 3):y2 + 3, max(0, x1 - 3):x2 + 3] = False       # margin for JPEG blocks and the outline
     assert np.abs(picture - dark)[outside].mean() < 6                      # map 0 outside the crop
     assert np.abs(picture - dark)[y1:y2, x1:x2].mean() > 20                # the map lives in the crop
+
+
+def test_an_unreadable_gallery_image_is_shown_as_unavailable(mi_run, tmp_path):
+    run, features, _ = mi_run
+    copy = tmp_path / "features"
+    shutil.copytree(features, copy)
+    _, rankings = read_results(run)
+    missing_key = rankings[0]["ranking"][0][0]
+    records = json.loads((copy / "gallery" / "images.json").read_text())
+    for record in records:
+        if record["key"] == missing_key:
+            record["file"] = str(tmp_path / "gone.jpg")
+    (copy / "gallery" / "images.json").write_text(json.dumps(records))
+    proc = run_script("search_index.py", f"features_dir={copy}", "report_k=2", "report_maps=true", "device=cpu",
+                      cwd=tmp_path)
+    page_path = results_dir_from(proc) / "report.html"
+    text = page_path.read_text()
+    assert text.count("image unavailable") >= 1 and "1 image(s) could not be shown" in text
+    log = proc.stdout + proc.stderr
+    assert "gone.jpg" in log and "file does not exist" in log
+    hits = [h for s in parse(page_path).sections for h in s["hits"] if h["data-gallery"] == missing_key]
+    assert hits and all("src" not in h and "href" not in h for h in hits)
