@@ -30,7 +30,7 @@ from extractors import capabilities, extractor_from_config
 from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register
 from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
-from utils.files import atomic_write_json
+from utils.files import atomic_write_json, cached_sha256
 from utils.index_io import build_index, check_factory, index_path, save_index
 from utils.processes import worker_init_fn
 
@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
     with FeaturesFolder(out).open(gallery_identity, query_identity, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
+        atomic_write_json(out / "sources.json", sources(cfg))
         splits = {}
         for name, split_jobs in jobs.items():
             splits[name] = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
@@ -166,6 +167,17 @@ def feature_identity(cfg: DictConfig, extractor, jobs: list[ImageJob], facts: di
     identity["extractor_identity"] = extractor.identity()
     identity["gallery_sha256"] = jobs_digest(jobs, facts)
     return json.loads(json.dumps(identity))
+
+
+def sources(cfg: DictConfig) -> dict:
+    """``sources.json``: the input files of the run (resolved paths) with their sha256, so later readers
+    (the search report's mask outlines) can check they still hold what the features were made from."""
+    out = {"masks_from": cfg.masks_from, "box_masks": cfg.box_masks}
+    for key in ("anns_file", "captions_file", "query_captions_file"):
+        if cfg[key]:
+            path = Path(cfg[key]).resolve()
+            out[key], out[key.replace("_file", "_sha256")] = str(path), cached_sha256([path])[0]
+    return out
 
 
 def default_features_dir(cfg: DictConfig, identity: dict) -> Path:

@@ -6,7 +6,8 @@ exact top-k rows that index finds.
 
     python search_index.py features_dir=outputs/features/pe/siglip_mi_features-1a2b3c4d5e k_search=100
 
-Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv.
+Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv, and
+report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
+from utils.report import Shown, write_report
 
 log = logging.getLogger("soir.search_index")
 register()
@@ -60,9 +62,12 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
             raise SoIRError(f"{listing} is missing: the extraction did not finish; rerun create_index.py with "
                             "the same settings, it resumes")
         records = read_json(listing, fix="rerun create_index.py with the same settings")
-        features, owner, _ = FeatureShards(folder / name, records, made_with.shard_size).load()
-        splits[name] = keep_images_with_rows(records, features.numpy(), owner.numpy(), name)
-    (gallery, gallery_features, gallery_owner), (queries, query_features, query_owner) = splits.values()
+        shards = FeatureShards(folder / name, records, made_with.shard_size)
+        features, owner, _ = shards.load()
+        rows = {"features": features.numpy(), "mask_index": shards.column("mask_index").numpy()}
+        splits[name] = keep_images_with_rows(records, owner.numpy(), rows, name)
+    (gallery, gallery_owner, gallery_rows), (queries, query_owner, query_rows) = splits.values()
+    gallery_features, query_features = gallery_rows["features"], query_rows["features"]
     index = load_index(index_path(folder, cfg.index))
     if index.ntotal != len(gallery_owner):
         raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
@@ -70,9 +75,8 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     kept = drop_queries_without_positives(query_anns, gallery_anns, cfg.no_positive)
     if len(kept) < len(query_anns):
-        queries, query_features, query_owner = select_images(
-            queries, query_features, query_owner, [q.key for q in kept])
-        query_anns = kept
+        queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
+        query_features, query_anns = query_rows["features"], kept
     log.info("%s: %d queries x %d gallery images (%d rows), extractor %s", folder, len(queries),
              len(gallery), len(gallery_owner), made_with.extractor)
 
@@ -80,15 +84,18 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     shutil.copy(folder / "config.yaml", out / "features_config.yaml")
     k = min(cfg.k_search, len(gallery))
     per_query: list[dict[str, np.ndarray]] = []
+    shown: list[Shown] = []
     with open(out / "rankings.jsonl", "w") as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
             scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
             relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
             per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at,
                                                map_at=cfg.map_at))
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]   # ties: lower gallery index first
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, cfg.report_k)]   # ties: lower index first
+            if cfg.report:
+                shown.append(Shown.top(top[:, :cfg.report_k], scores, relevant))
             for q, order, row in zip(queries[chunk.start:chunk.stop], top, scores):
-                ranking = [[gallery[g]["key"], float(row[g])] for g in order]
+                ranking = [[gallery[g]["key"], float(row[g])] for g in order[:k]]
                 rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], "ranking": ranking}) + "\n")
     metrics = {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]}
     results = summarize(metrics, recall_ks=cfg.recall_at)
@@ -100,31 +107,39 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", queries, metrics)
     print_table(results)
+    if cfg.report:
+        shown = Shown.concat(shown)
+        shown.rows = best_rows(query_features, query_owner, gallery_features, gallery_owner,
+                               shown.pairs()).reshape(shown.gallery.shape)
+        report = write_report(out, cfg, folder, results, metrics, shown, queries, gallery,
+                              gallery_rows["mask_index"], gallery_features)
+        print(f"report: {report}")
     print(f"results: {out}")
     return results
 
 
-def keep_images_with_rows(records: list[dict], features: np.ndarray, owner: np.ndarray,
-                          split: str) -> tuple[list[dict], np.ndarray, np.ndarray]:
+def keep_images_with_rows(records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray],
+                          split: str) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
     """Leave out the images that own no rows (their pixels could not be decoded, bad_images=skip;
-    logged with the count), renumbering ``owner``."""
+    logged with the count), renumbering ``owner``; ``rows`` holds per-row arrays (features, ...)."""
     has_rows = np.bincount(owner, minlength=len(records)) > 0
     if has_rows.all():
-        return records, features, owner
+        return records, owner, rows
     log.warning("%d %s images have no features (unreadable, bad_images=skip) and are left out of the "
                 "evaluation: %s", int((~has_rows).sum()), split,
                 [r["key"] for r, ok in zip(records, has_rows) if not ok][:10])
-    return select_images(records, features, owner, [r["key"] for r, ok in zip(records, has_rows) if ok])
+    return select_images(records, owner, rows, [r["key"] for r, ok in zip(records, has_rows) if ok])
 
 
-def select_images(records: list[dict], features: np.ndarray, owner: np.ndarray,
-                  keys: list[str]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+def select_images(records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray],
+                  keys: list[str]) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
     """The images named by ``keys`` (in record order) and their rows, with ``owner`` renumbered."""
     wanted = set(keys)
     keep = np.array([r["key"] in wanted for r in records], dtype=bool)
     new_index = np.cumsum(keep) - 1
-    rows = keep[owner]
-    return [r for r, k in zip(records, keep) if k], features[rows], new_index[owner[rows]]
+    kept_rows = keep[owner]
+    return ([r for r, k in zip(records, keep) if k], new_index[owner[kept_rows]],
+            {name: values[kept_rows] for name, values in rows.items()})
 
 
 def index_recall(index, query_features: np.ndarray, gallery_features: np.ndarray, k: int) -> float:
@@ -150,6 +165,27 @@ def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: ran
     rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
     per_row = max_per_image(query_features[rows] @ gallery_features.T, gallery_owner, num_gallery)
     return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
+
+
+def best_rows(query_features: np.ndarray, query_owner: np.ndarray, gallery_features: np.ndarray,
+              gallery_owner: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """The gallery row that gives each (query image, gallery image) pair its :func:`image_scores`
+    score: the row of the pair's best (query row, gallery row) inner product, the first one on ties.
+
+    pairs: [N, 2] int (query image, gallery image). Returns [N] int64 gallery row ids.
+    """
+    query_rows, gallery_rows = rows_by_owner(query_owner), rows_by_owner(gallery_owner)
+    best = np.empty(len(pairs), dtype=np.int64)
+    for i, (q, g) in enumerate(pairs.tolist()):
+        rows = gallery_rows[g]
+        best[i] = rows[np.argmax((query_features[query_rows[q]] @ gallery_features[rows].T).max(0))]
+    return best
+
+
+def rows_by_owner(owner: np.ndarray) -> list[np.ndarray]:
+    """Row ids of each image, in row order: ``[rows of image 0, rows of image 1, ...]``."""
+    order = np.argsort(owner, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owner))[:-1])
 
 
 def as_annotations(records: list[dict], is_query: bool) -> list[Annotation]:

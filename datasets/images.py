@@ -46,8 +46,13 @@ class ImageLoadError(SoIRError):
         super().__init__(f"cannot load image '{path}': {reason}")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Read ``path`` and return it upright, in mode ``"RGB"`` (H x W x 3, uint8).
+
+    Args:
+        min_side: for thumbnails only: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's
+            DCT scaling, Pillow's ``draft``), the smallest scale whose sides are both >= ``min_side``;
+            several times faster. The result is then smaller than the file's image. None: full size.
 
     Raises:
         ImageLoadError: the file is missing, not an image, truncated or otherwise undecodable.
@@ -55,9 +60,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as opened:
+            if min_side:
+                opened.draft(opened.mode, (min_side, min_side))      # a no-op for other formats
             # Image.open is lazy; load() decodes now so truncation errors surface here.
             opened.load()
-            image = ImageOps.exif_transpose(opened)
+            ImageOps.exif_transpose(opened, in_place=True)           # no copy of the decoded pixels
+            image = opened
     except FileNotFoundError:
         raise ImageLoadError(path, "file does not exist") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -2,14 +2,45 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 
+from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
-from extractors.views import NO_MASK, View, ViewMaker
-from utils.mask_inversion import mask_inversion
+from extractors.views import NO_MASK, View, ViewMaker, padded_box
+from utils.mask_inversion import legrad_map, mask_inversion
+from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
+
+
+@dataclass
+class Explanation:
+    """What :meth:`MIExtractor.explain` finds for one image (H x W pixels) and its masks.
+
+    Attributes:
+        vectors: [R, D] unit MI vectors, exactly as ``extract(image, masks)`` returns them (R = one per
+            non-empty mask; 1 with ``mi_sum`` or ``avg_multiple_vecs``).
+        mask_index: [R] int64, each row's source mask (``NO_MASK`` = -1 for a union or an average).
+        maps: [R, H, W] float32 in [0, 1], the LeGrad map of each vector at the image's size. With
+            ``smart_crop`` a row's map is computed on its crop, as MI saw it, and is 0 outside the crop.
+        global_vector: [D] the model's global embedding of the whole image (MI's starting point).
+        global_map: [H, W] float32 in [0, 1], the LeGrad map of ``global_vector``.
+        history: {"loss", "dice"}: [iterations, M] float32, each inverted mask's total loss and Dice
+            loss before every AdamW step (M = the masks MI optimised: one per non-empty mask, or 1
+            with ``mi_sum``).
+    """
+
+    vectors: torch.Tensor
+    mask_index: torch.Tensor
+    maps: torch.Tensor
+    global_vector: torch.Tensor
+    global_map: torch.Tensor
+    history: dict[str, torch.Tensor]
 
 
 class MIExtractor(Extractor):
@@ -65,11 +96,63 @@ class MIExtractor(Extractor):
         vectors = self.invert(torch.stack([v.pixel_values for v in views]), masks).cpu()
         return [v[:n] for v, n in zip(vectors, counts)]
 
-    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]."""
+    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False):
+        """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
+        (and ``mask_inversion``'s history dict when ``return_history``)."""
         with self.autocast():
-            return mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
-                                  **self.mi).float()
+            out = mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
+                                 **self.mi, return_history=return_history)
+        return (out[0].float(), out[1]) if return_history else out.float()
+
+    def explain(self, image: Image.Image, masks: np.ndarray | torch.Tensor) -> Explanation:
+        """MI on one image with its masks [P, H, W] (at the image's size), and the LeGrad maps of the
+        resulting vectors and of the global vector, at the image's size (see :class:`Explanation`).
+
+        The vectors are those of :meth:`extract` (the same views in the same batch).
+        """
+        image = to_rgb(ImageOps.exif_transpose(image))
+        views = self.view_maker()(image, masks)
+        if views.dropped_masks:
+            raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+        # One image's views all hold the same number of masks (one view with all masks, the union, or
+        # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
+        pixels = torch.stack([v.pixel_values for v in views.views])
+        vectors, history = self.invert(pixels, torch.stack([v.masks for v in views.views]), return_history=True)
+        rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), torch.cat([v.mask_index for v in views.views])))
+        source = to_binary_masks(masks)
+        boxes = [padded_box(source[i], self.smart_crop_pad) if self.mode == "smart_crop" and i >= 0 else None
+                 for i in rows.mask_index.tolist()]
+        global_vector = self.embed(self.preprocess.image(image)[None])[0].cpu()
+        return Explanation(
+            vectors=rows.vectors, mask_index=rows.mask_index,
+            maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
+            global_vector=global_vector, global_map=self.legrad(image, global_vector[None])[0],
+            history={k: v.flatten(1) for k, v in history.items()})
+
+    def legrad(self, image: Image.Image, vectors: torch.Tensor, box: tuple[int, int, int, int] | None = None,
+               size: tuple[int, int] | None = None) -> torch.Tensor:
+        """LeGrad maps of ``vectors`` [P, D] on an RGB ``image``: [P, H, W] float32 in [0, 1] (CPU).
+
+        Args:
+            box: (x1, y1, x2, y2) pixels: compute the maps on this crop of the image (as ``smart_crop``
+                MI sees it); they are 0 outside it.
+            size: (H, W) of the output; None = the image's (height, width). The maps are computed at
+                the model's input size and resized bilinearly.
+        """
+        height, width = size or (image.height, image.width)
+        view = image if box is None else image.crop(box)
+        pixels = self.preprocess.image(view)[None].to(self.device)
+        with self.autocast():
+            maps = legrad_map(self.model, pixels, vectors[None].to(self.device), self.mi["layer_index"])[0]
+        if box is None:
+            return F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0].cpu()
+        # The crop's place in the output: box corners scaled from image pixels to output pixels.
+        x1, x2 = (round(x * width / image.width) for x in box[0::2])
+        y1, y2 = (round(y * height / image.height) for y in box[1::2])
+        out = torch.zeros(len(vectors), height, width)
+        if x2 > x1 and y2 > y1:
+            out[:, y1:y2, x1:x2] = F.interpolate(maps[None].float(), size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0].cpu()
+        return out
 
     def finish(self, rows: Rows) -> Rows:
         if self.avg_multiple_vecs and len(rows) > 1:

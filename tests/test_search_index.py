@@ -61,3 +61,22 @@ def test_results_follow_the_output_contract_and_standard_definitions(features):
 def test_missing_features_dir_is_a_clear_error(tmp_path):
     proc = run_script("search_index.py", f"features_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "not a create_index.py output folder" in proc.stderr
+
+
+def test_best_rows_is_the_argmax_behind_each_image_score():
+    from search_index import best_rows, image_scores
+    rng = np.random.default_rng(0)
+    gallery_owner = rng.permutation(np.repeat(np.arange(7), rng.integers(1, 5, 7)))   # 1-4 rows per image, shuffled
+    query_owner = np.repeat(np.arange(3), [1, 3, 2])
+    gallery = rng.normal(size=(len(gallery_owner), 8)).astype(np.float32)
+    queries = rng.normal(size=(len(query_owner), 8)).astype(np.float32)
+    gallery[np.flatnonzero(gallery_owner == 4)] = gallery[np.flatnonzero(gallery_owner == 4)[0]]   # a tie
+    pairs = np.array([(q, g) for q in range(3) for g in range(7)])
+    rows = best_rows(queries, query_owner, gallery, gallery_owner, pairs)
+    scores = image_scores(queries, query_owner, range(3), gallery, gallery_owner, 7)
+    for (q, g), row in zip(pairs, rows):
+        assert gallery_owner[row] == g
+        candidates = np.flatnonzero(gallery_owner == g)
+        by_row = [max(float(queries[i] @ gallery[r]) for i in np.flatnonzero(query_owner == q)) for r in candidates]
+        assert row == candidates[int(np.argmax(by_row))]          # the first of equal rows on ties
+        assert max(by_row) == pytest.approx(scores[q, g], abs=1e-6)

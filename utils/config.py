@@ -73,6 +73,11 @@ class SoIRConfig:
     map_at: Optional[int] = None             # also report mAP@k
     precision_at: tuple[int, ...] = (1, 5, 10)
     recall_at: tuple[int, ...] = (1, 5, 10)
+    # --- report of a search run (search_index.py) -----------------------------------------
+    report: bool = True                      # write report.html (+ thumbs/) next to results.json
+    report_k: int = 10                       # gallery images shown per query
+    report_thumb_size: int = 160             # longer side of the thumbnails, pixels
+    report_maps: bool = False                # link each shown gallery image to its LeGrad map (runs the model)
 
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
@@ -89,7 +94,7 @@ RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_searc
                       "recall_at", "num_workers", "anns_file", "captions_file", "galleries_dir", "duplicates",
                       "bad_images", "vec_dim", "model_name", "B_model", "lora_adapt", "lora_rank",
                       "lora_alpha", "weights", "device", "queries_dir", "query_captions_file", "set",
-                      "masks_from", "box_masks"})
+                      "masks_from", "box_masks", "report", "report_k", "report_thumb_size", "report_maps"})
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
 # the adapters' content and the device actually used, not the names.
@@ -122,7 +127,7 @@ def check_config(cfg: DictConfig) -> None:
                          "inversion has a single mask, so it would do nothing")
     if cfg.mi_sum and cfg.smart_crop:
         raise SoIRError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
-    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank"):
+    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank", "report_k"):
         if cfg[key] < (0 if key == "mi_iterations" else 1):
             raise SoIRError(f"{key}={cfg[key]} must be positive")
     if cfg.num_workers < 0:
@@ -140,3 +145,7 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError("box_masks=true turns the anns file's boxes into masks and needs masks_from=anns")
     if cfg.weights is not None and not cfg.lora_adapt:
         raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")
+    if not 32 <= cfg.report_thumb_size <= 1024:
+        raise SoIRError(f"report_thumb_size={cfg.report_thumb_size} must be in [32, 1024] pixels")
+    if cfg.report_maps and not cfg.report:
+        raise SoIRError("report_maps=true adds maps to the report; it needs report=true")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from utils.errors import SoIRError
@@ -114,6 +114,19 @@ class FeatureShards:
         except (SafetensorError, ValueError, OSError) as err:
             raise SoIRError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
                             "create_index.py with the same settings, which recomputes it") from None
+
+    def column(self, name: str) -> torch.Tensor:
+        """One per-row tensor (e.g. ``mask_index``) of every shard, concatenated, without reading the
+        features."""
+        parts = []
+        for s in range(self.num_shards):
+            try:
+                with safe_open(self.shard_path(s), "pt") as shard:
+                    parts.append(shard.get_tensor(name))
+            except (SafetensorError, OSError) as err:
+                raise SoIRError(f"{self.shard_path(s)} is damaged ({type(err).__name__}: {err}); delete it and "
+                                "rerun create_index.py with the same settings, which recomputes it") from None
+        return torch.cat(parts)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """All rows of the split: features [R, D], owner [R], and the summed shard stats."""

@@ -14,7 +14,7 @@ import huggingface_hub
 from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
 from utils.errors import SoIRError
-from utils.files import FileFacts, sha256_file
+from utils.files import cached_sha256
 
 
 def hf_offline() -> bool:
@@ -67,9 +67,8 @@ def model_weights_identity(model_name: str) -> dict:
     if folder.is_dir():
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(folder).parts))
-        facts = FileFacts("sha256", lambda path: {"sha256": sha256_file(path)})(files)
-        digest = hashlib.sha256("".join(f"{p.relative_to(folder).as_posix()} {f['sha256']}\n"
-                                        for p, f in zip(files, facts)).encode()).hexdigest()
+        digest = hashlib.sha256("".join(f"{p.relative_to(folder).as_posix()} {sha}\n"
+                                        for p, sha in zip(files, cached_sha256(files))).encode()).hexdigest()
         return {"model_path": str(folder.resolve()), "model_files_sha256": digest}
     config = huggingface_hub.try_to_load_from_cache(model_name, "config.json")
     revision = Path(config).parent.name if isinstance(config, str) else None

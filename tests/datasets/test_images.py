@@ -154,3 +154,23 @@ def test_image_facts_read_header_size_after_exif_and_cache_by_stat(tmp_path, mon
     Image.new("RGB", (8, 9)).save(upright)                   # edited in place: read again
     assert image_facts([upright])[0].width == 8
     assert (tmp_path / "cache" / "file_facts.sqlite").is_file()
+
+
+def test_min_side_decodes_a_jpeg_at_a_reduced_scale_and_keeps_it_upright(tmp_path):
+    stored = np.zeros((480, 640, 3), np.uint8)
+    stored[:, :320] = (255, 0, 0)
+    stored[:, 320:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert load_rgb(tmp_path / "rot.jpg").size == (480, 640)
+    small = load_rgb(tmp_path / "rot.jpg", min_side=100)
+    assert small.size == (120, 160) and small.mode == "RGB"        # 1/4: the smallest scale with sides >= 100
+    pixels = np.asarray(small).astype(int)
+    assert np.abs(pixels[20, 60] - (255, 0, 0)).max() < 20         # stored left -> displayed top
+    assert np.abs(pixels[140, 60] - (0, 0, 255)).max() < 20
+    assert load_rgb(tmp_path / "rot.jpg", min_side=200).size == (240, 320)   # 1/2
+    assert load_rgb(tmp_path / "rot.jpg", min_side=300).size == (480, 640)   # 240 < 300: full size
+    image.save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "a.png", min_side=100).size == (640, 480)   # not a JPEG: full size

@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score
 from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPExtractor, SigLIPMIExtractor
 from extractors.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
-from utils.mask_inversion import mask_inversion
+from utils.mask_inversion import legrad_map, mask_inversion
 
 MI = dict(mi_iterations=5, device="cpu")
 
@@ -146,3 +146,41 @@ def test_rows_know_their_source_mask(tiny_model_dirs, scene, mode, expected):
     assert views.dropped_masks == 1 and rows.mask_index.tolist() == expected
     averaged = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), avg_multiple_vecs=True, **MI)
     assert averaged.describe([averaged.view_maker()(image, with_gap)])[0].mask_index.tolist() == [-1]
+
+
+def test_explain_gives_the_extract_vectors_and_their_legrad_maps_at_image_size(siglip_mi, scene):
+    image, masks = scene
+    explained = siglip_mi.explain(image, masks)
+    torch.testing.assert_close(explained.vectors, siglip_mi.extract(image, masks))
+    torch.testing.assert_close(explained.global_vector, siglip_mi.extract(image))
+    assert explained.mask_index.tolist() == [0, 1]
+    assert explained.maps.shape == (2, 96, 128) and explained.global_map.shape == (96, 128)
+    assert explained.maps.min() >= 0 and explained.maps.max() <= 1 and explained.maps.amax((1, 2)).gt(0.5).all()
+    # Independent: the engine's maps at the model's input size, resized to the image by bilinear interpolation.
+    pixels = siglip_mi.preprocess.image(image)[None]
+    vectors = torch.cat([explained.global_vector[None], explained.vectors])
+    expected = torch.nn.functional.interpolate(legrad_map(siglip_mi.model, pixels, vectors[None]), size=(96, 128),
+                                               mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(explained.global_map, expected[0])
+    torch.testing.assert_close(explained.maps, expected[1:])
+    assert set(explained.history) == {"loss", "dice"} and explained.history["dice"].shape == (5, 2)
+    resized = siglip_mi.preprocess.masks(masks)[None]
+    _, history = mask_inversion(siglip_mi.model, pixels, resized, iterations=5, return_history=True)
+    torch.testing.assert_close(explained.history["dice"], history["dice"][:, 0])
+
+
+def test_explain_smart_crop_maps_live_inside_each_crop(tiny_model_dirs, scene):
+    image, masks = scene
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), smart_crop=True, **MI)
+    explained = extractor.explain(image, masks)
+    torch.testing.assert_close(explained.vectors, extractor.extract(image, masks))
+    x1, y1, x2, y2 = padded_box(torch.from_numpy(masks[0]), pad=0.1)
+    inside = torch.zeros(96, 128, dtype=torch.bool)
+    inside[y1:y2, x1:x2] = True
+    assert explained.maps[0][~inside].abs().max() == 0 and explained.maps[0][inside].max() > 0.5
+    crop_pixels = extractor.preprocess.image(image.crop((x1, y1, x2, y2)))[None]
+    on_crop = legrad_map(extractor.model, crop_pixels, explained.vectors[None, :1])[0]
+    expected = torch.nn.functional.interpolate(on_crop[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                               align_corners=False)[0, 0]
+    torch.testing.assert_close(explained.maps[0, y1:y2, x1:x2], expected)
+    assert explained.history["loss"].shape == (5, 2)

@@ -25,6 +25,7 @@ def test_defaults_match_the_reference_table():
     assert (cfg.global_features, cfg.smart_crop, cfg.B_model, cfg.lora_adapt) == (True, False, True, False)
     assert (cfg.lora_rank, cfg.weights, cfg.captions_file, cfg.model_name) == (256, None, None, None)
     assert (cfg.mi_iterations, cfg.mi_lr, cfg.mi_layer_index, cfg.index) == (100, 0.1, -1, "Flat")
+    assert (cfg.report, cfg.report_k, cfg.report_thumb_size, cfg.report_maps) == (True, 10, 160, False)
     check_config(cfg)
 
 
@@ -58,6 +59,9 @@ def test_anns_file_is_required():
     (["weights=/x.ckpt"], "needs lora_adapt=true"),
     (["batch_size=0"], "batch_size=0 must be positive"),
     (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),
+    (["report_k=0"], "report_k=0 must be positive"),
+    (["report_thumb_size=8"], "report_thumb_size=8 must be in"),
+    (["report=false", "report_maps=true"], "it needs report=true"),
 ])
 def test_inconsistent_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
