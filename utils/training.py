@@ -364,7 +364,10 @@ def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
         val_queries, val_gallery = split(load_anns(cfg.val_anns_file, cfg.galleries_dir, cfg.queries_dir))
         val_captions = (load_captions(cfg.val_captions_file or cfg.captions_file)
                         if cfg.box_source == "captions" else None)
-        val_scenes, _ = scene_boxes(val_gallery, val_captions, cfg.max_crops)
+        val_scenes, val_without = scene_boxes(val_gallery, val_captions, cfg.max_crops)
+        if val_without:
+            log.warning("%d of %d held-out scenes have no box and are left out of validation", val_without,
+                        len(val_gallery))
         train_pairs = make_pairs(scenes, queries)
     else:
         # Held-out instances: their queries, and every scene that shows one (never trained on).
@@ -376,6 +379,9 @@ def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
         train_pairs = make_pairs(scenes, queries)
     relevant = relevance(val_queries, [s.annotation for s in val_scenes])
     keep = [q for q in range(len(val_queries)) if relevant[q].any()]
+    if len(keep) < len(val_queries):
+        log.warning("%d of %d held-out queries have no held-out scene with a box and are not evaluated",
+                    len(val_queries) - len(keep), len(val_queries))
     if not keep or not train_pairs:
         raise ValueError(f"{cfg.anns_file}: {len(train_pairs)} training pairs and {len(keep)} held-out queries "
                          f"with a positive scene; both are needed")
