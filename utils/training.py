@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import Annotation, atomic_torch_save, load_anns, load_captions, relevance, split
+from datasets import atomic_torch_save, load_anns, load_captions, relevance, split
 from extractors.backbones import load_backbone
 from extractors.base import resolve_device
 from extractors.lora import LoraSettings, lora_checkpoint, wrap_with_lora
