@@ -7,8 +7,8 @@ File format (a ``torch.save``'d dict of plain Python types, loadable with ``weig
                  "scores":    [float, ...]}}
 
 ``image_key`` is the key of the same image in ``anns.pt`` (or its resolved absolute path).
-The three lists are parallel, one entry per mask; an image with no detections has three
-empty lists. Boxes are in pixel-edge coordinates of the image the masks were computed on:
+The three lists are parallel, one entry per mask (``scores`` may also be empty: unknown); an image
+with no detections has three empty lists. Boxes are in pixel-edge coordinates of the image the masks were computed on:
 a mask covering columns 3..5 has ``x1 = 3, x2 = 6`` (see :func:`bbox_from_mask`), the same
 convention as ``PIL.Image.crop``. Note SAM's own ``bbox`` output is XYWH and must be converted.
 
@@ -187,6 +187,16 @@ class ImageMasks:
             masks = np.stack([np.asarray(Image.fromarray(m).transpose(method)) for m in masks])
         return masks
 
+    def upright(self) -> "ImageMasks":
+        """These masks turned by ``exif_orientation`` (compressed RLE, boxes turned alike), as SoIR's
+        own format stores them: at the image's size after EXIF rotation."""
+        if self.exif_orientation == 1 or not self.masks_rle:
+            return replace(self, made_before_exif=False)
+        height, width = self.size
+        return ImageMasks([encode_mask(m) for m in self.masks()],
+                          [_turn_box(box, self.exif_orientation, width, height) for box in self.bboxes],
+                          list(self.scores))
+
     def select(self, indices: list[int]) -> "ImageMasks":
         """The masks at ``indices`` (their boxes and scores too)."""
         return replace(self, masks_rle=[self.masks_rle[i] for i in indices],
@@ -201,6 +211,15 @@ class ImageMasks:
             "bboxes": [[float(v) for v in box] for box in self.bboxes],
             "scores": [float(s) for s in self.scores],
         }
+
+
+def _turn_box(box: list[float], orientation: int, width: int, height: int) -> list[float]:
+    """A pixel-edge box of a width x height image, turned like the image by EXIF ``orientation``."""
+    x1, y1, x2, y2 = box
+    return {2: [width - x2, y1, width - x1, y2], 3: [width - x2, height - y2, width - x1, height - y1],
+            4: [x1, height - y2, x2, height - y1], 5: [y1, x1, y2, x2],
+            6: [height - y2, x1, height - y1, x2], 7: [height - y2, width - x2, height - y1, width - x1],
+            8: [y1, width - x2, y2, width - x1]}[orientation]
 
 
 # EXIF orientation -> the transpose ImageOps.exif_transpose applies (Pillow's own table).
@@ -248,7 +267,7 @@ def validate_entry(entry: Any, where: str, notes: Counter | None = None) -> Imag
     if original and len(scores) != len(rles):
         notes["scores_dropped"] += 1           # the original kept its pre-NMS scores
         scores = []
-    if not len(rles) == len(boxes) == len(scores) and not (original and not scores and len(rles) == len(boxes)):
+    if len(rles) != len(boxes) or len(scores) not in (0, len(rles)):
         raise CaptionsError(f"{where}: list lengths differ: {len(rles)} masks_rle, "
                             f"{len(boxes)} bboxes, {len(scores)} scores")
     sizes = {_check_rle(rle, f"{where}, mask {i}") for i, rle in enumerate(rles)}

@@ -43,11 +43,11 @@ def extractor_from_config(cfg: Any) -> Extractor:
         if cfg.model_name and not cfg.B_model:
             log.warning("B_model=false is ignored: model_name=%s is given", cfg.model_name)
         kwargs["B_model"] = cfg.B_model
-        if cfg.lora_adapt:
-            if cfg.weights is None:
-                raise SoIRError("lora_adapt=true needs weights=/path/to/lora_weights.ckpt "
-                                 "(untrained LoRA adapters leave the model unchanged)")
-            kwargs.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_weights=cfg.weights)
+    if cfg.lora_adapt:
+        if cfg.weights is None:
+            raise SoIRError("lora_adapt=true needs weights=/path/to/lora_weights.ckpt "
+                            "(untrained LoRA adapters leave the model unchanged)")
+        kwargs.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_weights=cfg.weights)
     extractor = build_extractor(cfg.extractor, **kwargs)
     if extractor.dim != cfg.vec_dim:
         raise SoIRError(f"vec_dim={cfg.vec_dim} but {extractor.model_name} outputs {extractor.dim}-d "

@@ -42,6 +42,8 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     # transformers logs a table of every unexpected key (a hub SigLIP / CLIP checkpoint holds the
     # text tower too); missing weights, the case that matters, are checked below.
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()          # a "Loading weights" bar per model is noise in our logs
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
         model, info = FAMILIES[family].model_class.from_pretrained(
@@ -53,6 +55,8 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
         raise SoIRError(f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     # transformers only warns when weights are missing and initialises them at random; a backbone
     # with random layers would give plausible-looking but meaningless features.
     missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info.get("mismatched_keys", []))

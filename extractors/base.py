@@ -59,7 +59,8 @@ class Extractor:
         model_name: HF hub id or local folder (``from_pretrained``); None = the family default.
         device: "auto", "cpu", "cuda" or "cuda:N".
         precision: "fp32", "fp16" or "bf16" (autocast; outputs are float32).
-        lora_rank, lora_alpha, lora_weights: DINOv2 only; LoRA on q/k/v loaded from a checkpoint.
+        lora_rank, lora_alpha, lora_weights: DINOv2 and CLIP; LoRA on q/k/v loaded from a checkpoint
+            (``lora_alpha`` None = 32, or the alpha stored with the checkpoint; see extractors.lora).
     """
 
     family: str = ""
@@ -77,14 +78,12 @@ class Extractor:
         self.precision = precision
         model = load_backbone(self.family, self.model_name, self.attn_implementation)
         if lora_weights is not None:
-            if self.family != "dinov2":
-                raise SoIRError(f"LoRA weights are supported for DINOv2 only, not {self.family}")
-            model = add_lora(model, lora_rank or 256, lora_alpha, lora_weights)
+            model, lora = add_lora(model, self.family, lora_rank or 256, lora_alpha, lora_weights)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
         self.preprocess = Preprocess.from_pretrained(self.model_name)
         self.lora = None if lora_weights is None else {
-            "weights_sha256": sha256_file(lora_weights), "rank": lora_rank or 256, "alpha": lora_alpha}
+            "weights_sha256": sha256_file(lora_weights), **dataclasses.asdict(lora)}
 
     def identity(self) -> dict:
         """What pins this extractor's output, for the features folder's identity: the weights

@@ -56,7 +56,7 @@ from datasets.captions import ImageMasks, encode_mask, save_captions  # noqa: E4
 from datasets.images import ImageLoadError, load_rgb  # noqa: E402
 from utils.errors import SoIRError  # noqa: E402
 from utils.files import (FolderLock, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,  # noqa: E402
-                         claim_folder, read_json, remove_own_files)
+                         check_identity, claim_folder, remove_own_files)
 from utils.processes import worker_init_fn  # noqa: E402
 from scripts.mask_models import (  # noqa: E402
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamArchitecture, SamSegmenter,
@@ -196,12 +196,9 @@ def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
             raise RunError(f"'{output_dir}' holds {len(shards)} shards but no run_config.json; "
                            "use a new --output_dir or --overwrite")
         return 0
-    old = read_json(config_file, fix="rerun with --overwrite (or delete the folder)")
-    changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
-               if old.get(k) != config.get(k)]
-    if changed:
-        raise RunError(f"'{output_dir}' holds a run with other settings ({'; '.join(changed)}). Rerun with "
-                       "the same options to resume, or use a new --output_dir, or --overwrite to discard it.")
+    check_identity(config_file, config, "masks",
+                   fix="rerun with the same options to resume, or use a new --output_dir, or --overwrite to discard it",
+                   save=False)   # written once the models have loaded and work starts
     return len(shards)
 
 

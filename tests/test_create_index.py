@@ -77,7 +77,7 @@ def test_query_only_changes_keep_the_gallery_and_other_changes_are_refused(tiny_
     assert _shard_bytes(out / "queries") != queries          # uncropped queries: other vectors
     proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}",
                                                 "batch_size=3"), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "made with other settings or inputs (batch_size)" in proc.stderr
+    assert proc.returncode != 0 and "made with other settings or inputs (batch_size: 2 -> 3)" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [

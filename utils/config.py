@@ -55,10 +55,10 @@ class SoIRConfig:
     avg_multiple_vecs: bool = False          # one vector per image: mean of its mask vectors
     missing_masks: str = "error"             # gallery image with no mask: error|global
     mask_input: bool = False                 # MI on queries with their mask (else global crop)
-    # --- DINOv2 LoRA ---------------------------------------------------------------------
+    # --- DINOv2 / CLIP LoRA --------------------------------------------------------------
     lora_adapt: bool = False
     lora_rank: int = 256
-    lora_alpha: Optional[float] = None       # null = lora_rank (scaling 1)
+    lora_alpha: Optional[float] = 32         # as the original (scaling 32/256); an alpha stored with the weights wins
     weights: Optional[str] = None            # LoRA state-dict checkpoint
     # --- compute -------------------------------------------------------------------------
     device: str = "auto"                     # auto (cuda if available) | cpu | cuda | cuda:N
@@ -136,8 +136,8 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError(f"mi_layer_index={cfg.mi_layer_index} must be negative (-1 = last block)")
     if not 0 <= cfg.smart_crop_pad <= 2:
         raise SoIRError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
-    if cfg.lora_adapt and not cfg.extractor.startswith("dinov2"):
-        raise SoIRError(f"lora_adapt=true is for DINOv2 extractors, not {cfg.extractor}")
+    if cfg.lora_adapt and not cfg.extractor.startswith(("dinov2", "clip")):
+        raise SoIRError(f"lora_adapt=true is for DINOv2 and CLIP extractors, not {cfg.extractor}")
     if cfg.masks_from == "anns" and cfg.captions_file:
         raise SoIRError("masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
                         "drop captions_file or use masks_from=captions")

@@ -35,8 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from utils.errors import SoIRError
-from utils.files import (FolderLock, atomic_write, atomic_write_json, atomic_write_text, claim_folder,
-                         read_json, remove_own_files)
+from utils.files import (FolderLock, atomic_write, atomic_write_json, atomic_write_text, changed_keys,
+                         check_identity, claim_folder, read_json, remove_own_files)
 
 log = logging.getLogger("soir.features")
 
@@ -182,14 +182,7 @@ class FeaturesFolder:
         self.lock.__exit__()
 
     def _check_gallery(self, identity: dict) -> None:
-        saved = self.root / "identity.json"
-        if saved.exists():
-            changed = changed_keys(read_json(saved, fix=f"delete {self.root} or use another features_dir"), identity)
-            if changed:
-                raise SoIRError(f"{self.root} holds features made with other settings or inputs "
-                                f"({', '.join(changed)}); use another features_dir")
-        else:
-            atomic_write_json(saved, identity)
+        check_identity(self.root / "identity.json", identity, "features", fix="use another features_dir")
 
     def _refresh_queries(self, identity: dict) -> None:
         folder = self.root / "queries"
@@ -204,11 +197,6 @@ class FeaturesFolder:
         if removed and not saved.exists():
             log.warning("%s held query shards without an identity: recomputing them", folder)
         atomic_write_json(saved, identity)
-
-
-def changed_keys(old: dict, new: dict) -> list[str]:
-    """Top-level keys whose values differ between two identities (sorted)."""
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def write_bad_images(root: Path, skipped: list[tuple[str, str, str]]) -> None:

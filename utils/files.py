@@ -129,6 +129,42 @@ def remove_own_files(folder: str | Path, patterns: Iterable[str], root: str | Pa
     return removed
 
 
+# ------------------------------------------------------------------------------------- identities
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Top-level keys whose values differ between two identities (sorted)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def check_identity(path: str | Path, identity: dict, what: str, fix: str, save: bool = True) -> None:
+    """Save ``identity`` (JSON-able) to ``path`` (unless ``save`` is False), or, when one is saved
+    there, refuse a different one.
+
+    This is what stops a folder from holding results of two settings or inputs: features folders,
+    mask folders and training folders all call it before writing anything else.
+
+    Raises:
+        SoIRError: "<folder> holds <what> made with other settings or inputs (<key: old -> new>, ...);
+            <fix>" (scalar values are shown, nested ones by key only).
+    """
+    path = Path(path)
+    identity = json.loads(json.dumps(identity))            # as it reads back (tuples -> lists)
+    if not path.exists():
+        if save:
+            atomic_write_json(path, identity)
+        return
+    saved = read_json(path, fix=f"delete {path.parent} or use another folder")
+    changed = changed_keys(saved, identity)
+    if changed:
+        described = [f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" if _short(saved.get(k)) and _short(identity.get(k))
+                     else k for k in changed]
+        raise SoIRError(f"{path.parent} holds {what} made with other settings or inputs ({'; '.join(described)}); "
+                        f"{fix}")
+
+
+def _short(value: Any) -> bool:
+    return not isinstance(value, (dict, list)) and len(repr(value)) <= 80
+
+
 # ------------------------------------------------------------------------------------------ lock
 class FolderLock:
     """Exclusive lock of one folder for one live process (``fcntl.flock`` on ``<folder>/.lock``).

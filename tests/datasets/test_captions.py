@@ -224,3 +224,13 @@ def test_find_masks_by_key_then_by_resolved_path(tmp_path):
     assert find_masks(captions, "g/a.jpg", image) is by_key
     assert find_masks(captions, "other/key.jpg", tmp_path / "g" / ".." / "g" / "a.jpg") is by_path
     assert find_masks(captions, "nope.jpg", tmp_path / "nope.jpg") is None
+
+
+def test_upright_turns_boxes_exactly_like_masks():
+    mask = np.zeros((5, 9), dtype=bool)
+    mask[1:3, 2:7] = True
+    box = bbox_from_mask(mask)
+    for orientation in range(1, 9):
+        turned = ImageMasks([encode_mask(mask)], [box], [0.5], exif_orientation=orientation).upright()
+        assert turned.exif_orientation == 1 and turned.scores == [0.5]
+        assert turned.bboxes == [bbox_from_mask(turned.masks()[0])]

@@ -119,7 +119,7 @@ def test_lora_checkpoint_with_v4_names_loads_and_changes_the_output(tiny_model_d
     ckpt = tmp_path / "lora.ckpt"
     torch.save(_as_v4_lightning_checkpoint(peft_model), ckpt)
     plain = DINOv2Extractor(str(folder), device="cpu")
-    adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_weights=ckpt)
+    adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_alpha=4, lora_weights=ckpt)
     pixels = plain.preprocess.image(image)[None]
     expected = torch.nn.functional.normalize(peft_model(pixel_values=pixels).pooler_output, dim=-1)[0]
     torch.testing.assert_close(adapted.extract(image), expected, atol=1e-5, rtol=1e-4)

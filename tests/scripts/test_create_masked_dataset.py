@@ -456,16 +456,17 @@ def _start(models, images, out, *extra) -> subprocess.Popen:
 
 def test_two_concurrent_runs_on_one_folder_cannot_both_write(models, tmp_path):
     """Before: no lock; two runs with different --score_threshold both exited 0 and mixed their shards."""
-    images = _folder(tmp_path / "images", 30)
+    images = _folder(tmp_path / "images", 400)        # long enough to still be running when the second starts
     out = tmp_path / "out"
     first = _start(models, images, out, "--shard_size", "2", "--batch_size", "1")
     deadline = time.monotonic() + 120
     while not (out / "run_config.json").exists():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
-    second = _start(models, images, out, "--score_threshold", "0.5")
+    second = _start(models, images, out, "--shard_size", "2", "--batch_size", "1", "--score_threshold", "0.5")
     assert second.wait(timeout=120) == 1 and "is being written by process" in second.stderr.read()
-    assert first.wait(timeout=300) == 0
+    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    assert first.wait(timeout=600) == 0
     first.stderr.close(), second.stderr.close()
     assert json.loads((out / "run_config.json").read_text())["score_threshold"] == 0.2
 

@@ -24,6 +24,7 @@ def test_defaults_match_the_reference_table():
     assert (cfg.dataset, cfg.extractor, cfg.vec_dim, cfg.mi_alpha) == ("pe", "siglip_mi_features", 768, 0.03)
     assert (cfg.global_features, cfg.smart_crop, cfg.B_model, cfg.lora_adapt) == (True, False, True, False)
     assert (cfg.lora_rank, cfg.weights, cfg.captions_file, cfg.model_name) == (256, None, None, None)
+    assert cfg.lora_alpha == 32         # the original's default: scaling 32/256 at rank 256
     assert (cfg.mi_iterations, cfg.mi_lr, cfg.mi_layer_index, cfg.index) == (100, 0.1, -1, "Flat")
     assert (cfg.report, cfg.report_k, cfg.report_thumb_size, cfg.report_maps) == (True, 10, 160, False)
     check_config(cfg)
@@ -55,7 +56,7 @@ def test_anns_file_is_required():
     (["missing_masks=skip"], "missing_masks='skip' is not one of error, global"),
     (["precision=fp8"], "precision='fp8'"),
     (["mi_layer_index=0"], "mi_layer_index=0 must be negative"),
-    (["lora_adapt=true", "extractor=clip_features"], "lora_adapt=true is for DINOv2"),
+    (["lora_adapt=true", "extractor=siglip_features"], "lora_adapt=true is for DINOv2 and CLIP"),
     (["weights=/x.ckpt"], "needs lora_adapt=true"),
     (["batch_size=0"], "batch_size=0 must be positive"),
     (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),

@@ -94,7 +94,7 @@ def test_query_only_change_removes_only_soir_query_files(tmp_path, caplog):
         pass
     assert "recomputing the query features" in caplog.text
     assert sorted(p.name for p in (root / "queries").iterdir()) == ["identity.json", "my_notes.txt"]
-    with pytest.raises(SoIRError, match=r"made with other settings or inputs \(g\)"):
+    with pytest.raises(SoIRError, match=r"made with other settings or inputs \(g: 1 -> 2\)"):
         FeaturesFolder(root).open({"g": 2}, {"g": 2, "q": 2}, "cfg")
 
 
