@@ -282,7 +282,6 @@ class _BlockRelevance(torch.autograd.Function):
             else:
                 du = legrad_kernels.blockwise_backward(state, V, g)
             dw[images, masks] = _token_gradients_backward(k, images, du)
-        ctx.saved = None
         return dw, None, None, None
 
 

@@ -22,9 +22,11 @@ Both take u [B, P, T, H*dh] (P masks per image) and V [B, H, T, dh] (one per ima
 relevance [B, P, T] / dL/du [B, P, T, H*dh]. The dense evaluation (``utils.legrad._PositiveColumnMean``)
 is the reference both are tested against.
 
-Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors for tests; the variable
-is read when ``@triton.jit`` decorates a function, i.e. when this module is imported, so it must be
-set before the first import of this module (tests set it in a fresh subprocess).
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors for tests. The variable
+is read when ``@triton.jit`` decorates a function, and Triton decorates its own library functions
+(``tl.sum``, ...) when it is imported, so it must be set before the process first imports triton
+(set later, the kernels fail with "0 active drivers" or "Cannot call @triton.jit'd outside of the
+scope of a kernel"); tests run the interpreted kernels in a fresh subprocess.
 """
 from __future__ import annotations
 
