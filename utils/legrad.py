@@ -59,7 +59,7 @@ from utils import legrad_kernels
 from utils.vit_adapters import BlockParts, VitParts, hooked_blocks
 
 IMPLS = ("auto", "dense", "blockwise", "fused")
-CHUNK_ELEMENTS = 2 ** 21        # CPU: masks per chunk such that the [n, T, 4D] intermediates are ~8 MB (fp32)
+CHUNK_ELEMENTS = 2 ** 23        # CPU: masks per chunk such that the [n, T, 4D] intermediates are ~32 MB (fp32)
 
 
 @dataclass

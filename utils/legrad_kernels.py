@@ -11,8 +11,8 @@ Materialising G costs H T^2 numbers per mask (16 MB for SigLIP-384) that are wri
 three times, so the dense evaluation runs at memory speed. The two implementations here never hold
 more than a block of G:
 
-* :func:`blockwise_forward` / :func:`blockwise_backward` (PyTorch, any device; the CPU path): rows
-  of G in blocks of ~128 that stay in cache; the forward keeps the sign of G as a bool tensor (one
+* :func:`blockwise_forward` / :func:`blockwise_backward` (PyTorch, any device; the CPU path): G in
+  blocks of ~4 MB (rows of one mask, or several whole masks when T is small) that stay in cache; the forward keeps the sign of G as a bool tensor (one
   byte per entry, a quarter of a float) so the backward is one matmul per block.
 * :func:`fused_forward` / :func:`fused_backward` (Triton, CUDA tensors): flash-attention-style tiles
   of G in registers; the forward reduces over rows i per column tile, the backward recomputes the
@@ -38,7 +38,7 @@ try:                                    # Triton ships with CUDA builds of torch
 except ImportError:                     # pragma: no cover - depends on the installation
     triton = None
 
-ROW_BLOCK = 128                         # rows of G per block on CPU: H x 128 x T floats ~ 3.5 MB for T = 576
+BLOCK_ELEMENTS = 2 ** 20                # entries of G per CPU block (4 MB in fp32): H x rows x T, in cache
 PRECISIONS = ("fp32", "tf32", "bf16")   # of the u . V products in the fused kernels (accumulation is fp32)
 
 
@@ -48,11 +48,16 @@ def triton_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------- PyTorch, blockwise
-def _row_blocks(T: int) -> list[tuple[int, int]]:
-    """Split T rows into near-equal blocks of at most ROW_BLOCK rows (equal sizes reuse buffers)."""
-    count = -(-T // ROW_BLOCK)
+def _blocks(P: int, H: int, T: int) -> list[tuple[slice, slice]]:
+    """(masks, rows) blocks of G [P, H, T, T] with at most ~BLOCK_ELEMENTS entries each: whole masks
+    (several at once when H T^2 is small), else near-equal row blocks of one mask."""
+    rows = max(1, BLOCK_ELEMENTS // (H * T))
+    if rows >= T:
+        per_block = max(1, BLOCK_ELEMENTS // (H * T * T))
+        return [(slice(p, min(p + per_block, P)), slice(0, T)) for p in range(0, P, per_block)]
+    count = -(-T // rows)
     size = -(-T // count)
-    return [(i, min(i + size, T)) for i in range(0, T, size)]
+    return [(slice(p, p + 1), slice(i, min(i + size, T))) for p in range(P) for i in range(0, T, size)]
 
 
 def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -74,11 +79,10 @@ def blockwise_forward(u: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, t
     relevance = torch.zeros(B, P, T, dtype=u.dtype, device=u.device)
     positive = torch.empty(B, P, H, T, T, dtype=torch.bool, device=u.device)
     for b in range(B):
-        for p in range(P):
-            for i0, i1 in _row_blocks(T):
-                G = torch.matmul(uh[b, p, :, i0:i1], Vt[b])        # [H, rows, T], stays in cache
-                torch.gt(G, 0, out=positive[b, p, :, i0:i1])
-                relevance[b, p] += G.clamp_min_(0).sum(dim=(0, 1))
+        for masks, rows in _blocks(P, H, T):
+            G = torch.matmul(uh[b, masks, :, rows], Vt[b])         # [n, H, rows, T], stays in cache
+            torch.gt(G, 0, out=positive[b, masks, :, rows])
+            relevance[b, masks] += G.clamp_min_(0).sum(dim=(1, 2))
     return relevance / (H * T), positive
 
 
@@ -87,12 +91,11 @@ def blockwise_backward(positive: torch.Tensor, V: torch.Tensor, grad: torch.Tens
     B, P, H, T, _ = positive.shape
     dh = V.shape[-1]
     du = torch.empty(B, P, H, T, dh, dtype=V.dtype, device=V.device)
+    scaled_V = V[:, None] * (grad / (H * T))[:, :, None, :, None]      # [B, P, H, T, dh]: dL/drel_j V_j
     for b in range(B):
-        for p in range(P):
-            scaled_V = V[b] * (grad[b, p] / (H * T))[:, None]          # [H, T, dh]: dL/drel_j V_j
-            for i0, i1 in _row_blocks(T):
-                mask = positive[b, p, :, i0:i1].to(V.dtype)            # [H, rows, T]
-                torch.matmul(mask, scaled_V, out=du[b, p, :, i0:i1])
+        for masks, rows in _blocks(P, H, T):
+            sign = positive[b, masks, :, rows].to(V.dtype)             # [n, H, rows, T]
+            torch.matmul(sign, scaled_V[b, masks], out=du[b, masks, :, rows])
     return du.transpose(-3, -2).flatten(-2)
 
 

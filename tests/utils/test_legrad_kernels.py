@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from utils.legrad import _PositiveColumnMean
-from utils.legrad_kernels import ROW_BLOCK, _row_blocks, blockwise_backward, blockwise_forward
+import utils.legrad_kernels as kernels
+from utils.legrad_kernels import _blocks, blockwise_backward, blockwise_forward
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,8 +40,9 @@ def random_problem(B=2, P=3, H=2, T=300, dh=8, dtype=torch.float64, seed=0):
     return u, V, grad
 
 
-@pytest.mark.parametrize("T", [7, 128, 300])      # one partial block, exactly one block, three blocks
-def test_blockwise_matches_dense(T):
+@pytest.mark.parametrize("T, block_rows", [(7, 64), (64, 64), (300, 64), (20, 40)])   # rows; 2 masks at once
+def test_blockwise_matches_dense(T, block_rows, monkeypatch):
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 2 * T * block_rows)      # H = 2
     u, V, grad = random_problem(T=T)
     relevance, positive = blockwise_forward(u, V)
     ref_relevance, ref_du = dense_relevance_and_grad(u, V, grad)
@@ -58,12 +60,14 @@ def test_blockwise_float32_matches_dense():
     torch.testing.assert_close(blockwise_backward(positive, V, grad), ref_du, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("T", [1, 127, 128, 129, 257, 576])
-def test_row_blocks_cover_rows_once(T):
-    blocks = _row_blocks(T)
-    assert blocks[0][0] == 0 and blocks[-1][1] == T
-    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
-    assert all(0 < i1 - i0 <= ROW_BLOCK for i0, i1 in blocks)
+@pytest.mark.parametrize("P, H, T", [(1, 12, 1), (10, 12, 197), (10, 12, 257), (10, 12, 576), (3, 64, 4096)])
+def test_blocks_cover_g_once_within_the_budget(P, H, T):
+    covered = torch.zeros(P, T, dtype=torch.int64)
+    for masks, rows in _blocks(P, H, T):
+        covered[masks, rows] += 1
+        n = masks.stop - masks.start
+        assert n * H * (rows.stop - rows.start) * T <= max(kernels.BLOCK_ELEMENTS, H * T)
+    assert (covered == 1).all()
 
 
 def _run(code_or_args: list[str], interpret: bool | None) -> subprocess.CompletedProcess:
