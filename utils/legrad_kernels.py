@@ -7,13 +7,15 @@ value states V^h [T, dh] (see :mod:`utils.legrad`),
     relevance[j] = 1/(H T) sum_{h, i} max(G^h[i, j], 0)
     dL/du^h_i    = 1/(H T) sum_j [G^h[i, j] > 0] dL/drelevance[j] V^h_j
 
-Materialising G costs H T^2 numbers per mask (16 MB for SigLIP-384) that are written once and read
-three times, so the dense evaluation runs at memory speed. The two implementations here never hold
-more than a block of G:
+The dense evaluation materialises G for all masks of a batch at once (H T^2 floats per mask: 16 MB
+for SigLIP-384, 160 MB for 10 masks), writes it once and reads it three times, at memory speed. The
+two implementations here never hold more than a block of G:
 
 * :func:`blockwise_forward` / :func:`blockwise_backward` (PyTorch, any device; the CPU path): G in
-  blocks of ~4 MB (rows of one mask, or several whole masks when T is small) that stay in cache; the forward keeps the sign of G as a bool tensor (one
-  byte per entry, a quarter of a float) so the backward is one matmul per block.
+  blocks of at most BLOCK_ELEMENTS entries (rows of one mask, or several whole masks when T is
+  small), few and large enough to keep per-op overhead low, small enough for the last-level cache;
+  the forward keeps the sign of G as a bool tensor (a quarter of a float) so the backward is one
+  matmul per block.
 * :func:`fused_forward` / :func:`fused_backward` (Triton, CUDA tensors): flash-attention-style tiles
   of G in registers; the forward reduces over rows i per column tile, the backward recomputes the
   sign of each tile (nothing of size T x T is ever stored).
@@ -38,7 +40,7 @@ try:                                    # Triton ships with CUDA builds of torch
 except ImportError:                     # pragma: no cover - depends on the installation
     triton = None
 
-BLOCK_ELEMENTS = 2 ** 20                # entries of G per CPU block (4 MB in fp32): H x rows x T, in cache
+BLOCK_ELEMENTS = 2 ** 22                # entries of G per CPU block (16 MB in fp32, within L3): few, large ops
 PRECISIONS = ("fp32", "tf32", "bf16")   # of the u . V products in the fused kernels (accumulation is fp32)
 
 
