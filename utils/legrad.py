@@ -275,13 +275,14 @@ class _BlockRelevance(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         k = ctx.k
         dw = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
-        for images, masks, state in ctx.saved:
-            V, g = k.V[images], grad[images, masks]
-            if ctx.impl == "fused":
-                du = legrad_kernels.fused_backward(state, V, g, ctx.precision)
-            else:
-                du = legrad_kernels.blockwise_backward(state, V, g)
-            dw[images, masks] = _token_gradients_backward(k, images, du)
+        with _matmul_precision(ctx.precision, grad.device):        # autograd runs this outside relevance()
+            for images, masks, state in ctx.saved:
+                V, g = k.V[images], grad[images, masks]
+                if ctx.impl == "fused":
+                    du = legrad_kernels.fused_backward(state, V, g, ctx.precision)
+                else:
+                    du = legrad_kernels.blockwise_backward(state, V, g)
+                dw[images, masks] = _token_gradients_backward(k, images, du)
         return dw, None, None, None
 
 
@@ -398,6 +399,8 @@ def resolve_impl(impl: str, precision: str, device: torch.device) -> str:
         impl = "fused" if device.type == "cuda" and legrad_kernels.triton_available() else "blockwise"
     if impl == "fused" and not legrad_kernels.triton_available():
         raise ValueError("impl='fused' needs Triton (pip install triton), which is not importable here")
+    if precision != "fp32" and impl == "dense":
+        raise ValueError(f"impl='dense' is the float32 reference; precision={precision!r} needs 'blockwise' or 'fused'")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' exists only on CUDA devices, got {device.type}")
     if precision == "bf16" and impl != "fused":

@@ -124,4 +124,6 @@ def test_unrunnable_settings_are_refused():
         resolve_impl("auto", "tf32", cpu)
     with pytest.raises(ValueError, match="bf16.*fused"):
         resolve_impl("blockwise", "bf16", cpu)
+    with pytest.raises(ValueError, match="dense.*reference"):
+        resolve_impl("dense", "bf16", cpu)
     assert resolve_impl("auto", "fp32", cpu) == "blockwise"           # the fused kernel only on CUDA
