@@ -27,20 +27,39 @@ which is token-wise after A V, so at the fixed image every piece of the chain ru
 Everything is linear in e. One no-grad forward pass captures V, r, z and X_l, and the products of
 the fixed matrices are folded once per image (``M = W1' @ Wo'`` below), so one evaluation costs, per
 mask, a [T, 4D] x [4D, D] matmul, the per-head [T, dh] x [dh, T] matmuls and element-wise work.
-Autograd then only differentiates this small graph with respect to e; the model's parameters never
-enter it. SigLIP's head normalises every token before the mean, which makes w_t differ per token:
-w_t = kappa_t (w - c_t x_hat_t) (a common vector minus a per-token multiple of the normalised token),
-and the x_hat_t part is folded into a per-image constant ``C`` as well.
+The model's parameters never enter it. SigLIP's head normalises every token before the mean, which
+makes w_t differ per token: w_t = kappa_t (w - c_t x_hat_t) (a common vector minus a per-token
+multiple of the normalised token), and the x_hat_t part is folded into a per-image constant ``C``.
+
+Per mask and iteration the [T, 4D] x [4D, D] products (u and its gradient, 2 x 2 T F D flops: 5.4
+GFLOP for SigLIP-384) cost about five times the relevance step (2 x 2 H T^2 dh = 1 GFLOP).
+Implementations (``impl``), all with the same values and gradients:
+
+* ``"dense"``: autograd through the formulas above; G = dS/dA [.., H, T, T] is materialised
+  (:class:`_PositiveColumnMean`). The reference for the other two.
+* ``"blockwise"``: one autograd node per block (:class:`_BlockRelevance`) with the backward of the
+  linear chain written out; masks are processed in chunks whose [T, 4D] intermediates stay in cache,
+  and G is evaluated in row blocks (:func:`utils.legrad_kernels.blockwise_forward`). The CPU path.
+* ``"fused"``: the same node, G tiled inside a Triton kernel (:func:`utils.legrad_kernels.fused_forward`);
+  all masks in one chunk. The CUDA path.
+
+:class:`MapDice` evaluates Mask Inversion's Dice loss of the map on the patch grid instead of at pixel
+resolution (exactly; see there).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import legrad_kernels
 from utils.vit_adapters import BlockParts, VitParts, hooked_blocks
+
+IMPLS = ("auto", "dense", "blockwise", "fused")
+CHUNK_ELEMENTS = 2 ** 23        # CPU: masks per chunk such that the [n, T, 4D] intermediates are ~32 MB (fp32)
 
 
 @dataclass
@@ -75,19 +94,29 @@ class LeGrad:
         parts: the model's pieces (:func:`utils.vit_adapters.vit_parts`).
         pixel_values: [B, 3, H, W] preprocessed images.
         layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
+        impl: "dense", "blockwise", "fused" (see the module docstring) or "auto": "fused" for CUDA
+            tensors when Triton is installed, else "blockwise".
+        precision: of the evaluation's products (explicit only; the default is exact float32):
+            "fp32"; "tf32" (CUDA: float32 matmuls and the fused kernel's products on TF32 tensor
+            cores); "bf16" (the fused kernel's u . V products with bfloat16 inputs, float32 sums).
 
     Attributes:
         g: [B, D_out] the model's own (un-normalised) global embedding of each image.
         dtype: float64 for float64 models, float32 otherwise (the precision of the maps).
+        impl: the implementation in use ("dense", "blockwise" or "fused").
 
-    The forward pass follows an active autocast context; the constants are folded with autocast
-    off, and callers evaluate :meth:`maps` with autocast off too (see :func:`no_autocast`): the
-    optimisation is sensitive to rounding, and this small graph is cheap in float32.
+    The forward pass runs with autocast off even under an active autocast context (see
+    :func:`_capture`), the constants are folded with autocast off, and callers evaluate :meth:`maps`
+    with autocast off too (see :func:`no_autocast`): Mask Inversion amplifies any perturbation of the
+    captured constants, and one fp32 forward costs about as much as one iteration for one mask.
     """
 
-    def __init__(self, parts: VitParts, pixel_values: torch.Tensor, layer_index: int = -1):
+    def __init__(self, parts: VitParts, pixel_values: torch.Tensor, layer_index: int = -1,
+                 impl: str = "auto", precision: str = "fp32"):
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        self.impl = resolve_impl(impl, precision, pixel_values.device)
+        self.precision = precision
         self.parts = parts
         model_dtype = next(parts.model.parameters()).dtype
         self.dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
@@ -107,15 +136,22 @@ class LeGrad:
     # ------------------------------------------------------------------ evaluation (differentiable)
     def relevance(self, e: torch.Tensor) -> torch.Tensor:
         """Token relevance summed over hooked blocks, [B, P, T], for unit embeddings e [B, P, D_out]."""
-        return sum(self._block_relevance(k, e) for k in self.blocks)
+        with _matmul_precision(self.precision, e.device):
+            if self.impl == "dense":
+                return sum(self._block_relevance(k, e) for k in self.blocks)
+            return sum(_BlockRelevance.apply(e @ k.J, k, self.impl, self.precision) for k in self.blocks)
+
+    def patch_relevance(self, e: torch.Tensor) -> torch.Tensor:
+        """Relevance of the patch tokens on the patch grid, [B, P, *grid] (prefix tokens dropped)."""
+        B, P = e.shape[:2]
+        return self.relevance(e)[..., self.parts.num_prefix_tokens:].reshape(B, P, *self.grid)
 
     def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to the image size).
 
         A constant map (e.g. no positive gradient anywhere) becomes all zeros, never NaN.
         """
-        B, P = e.shape[:2]
-        rel = self.relevance(e)[..., self.parts.num_prefix_tokens:].reshape(B, P, *self.grid)
+        rel = self.patch_relevance(e)
         E = F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False)
         E = min_max(E)
         size = tuple(size) if size is not None else self.image_size
@@ -124,6 +160,7 @@ class LeGrad:
         return E
 
     def _block_relevance(self, k: _BlockConstants, e: torch.Tensor) -> torch.Tensor:
+        """impl="dense": the formulas of the module docstring, differentiated by autograd."""
         B, P, _ = e.shape
         H, T, dh = k.V.shape[1:]
         w = e @ k.J                                                   # [B, P, D]  dS/dX
@@ -205,6 +242,186 @@ class _PositiveColumnMean(torch.autograd.Function):
         return positive @ scaled_V, None
 
 
+class _BlockRelevance(torch.autograd.Function):
+    """impl "blockwise" / "fused": relevance [B, P, T] of one hooked block from w = dS/dX [B, P, D].
+
+    u(w) is linear, so its backward is written out (:func:`_token_gradients_backward`) instead of
+    recorded: autograd would keep every [.., T, 4D] intermediate of every mask alive until the
+    backward. Masks go through in chunks (:func:`_chunks`) so those intermediates stay in cache; the
+    relevance step keeps the sign of G (blockwise) or u itself (fused, which recomputes the sign).
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, k: _BlockConstants, impl: str, precision: str) -> torch.Tensor:
+        B, P, _ = w.shape
+        H, T, _ = k.V.shape[1:]
+        relevance = torch.empty(B, P, T, dtype=w.dtype, device=w.device)
+        saved = []
+        for images, masks in _chunks(B, P, T, k.M.shape[0], w.device, impl):
+            u = _token_gradients(k, images, w[images, masks])                  # [b, n, T, D]
+            V = k.V[images]
+            if impl == "fused":
+                relevance[images, masks] = legrad_kernels.fused_forward(u, V, precision)
+                state = u
+            else:
+                relevance[images, masks], state = legrad_kernels.blockwise_forward(u, V)
+            if ctx.needs_input_grad[0]:
+                saved.append((images, masks, state))
+        ctx.k, ctx.impl, ctx.precision, ctx.saved = k, impl, precision, saved
+        ctx.shape = w.shape
+        return relevance
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k = ctx.k
+        dw = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
+        with _matmul_precision(ctx.precision, grad.device):        # autograd runs this outside relevance()
+            for images, masks, state in ctx.saved:
+                V, g = k.V[images], grad[images, masks]
+                if ctx.impl == "fused":
+                    du = legrad_kernels.fused_backward(state, V, g, ctx.precision)
+                else:
+                    du = legrad_kernels.blockwise_backward(state, V, g)
+                dw[images, masks] = _token_gradients_backward(k, images, du)
+        return dw, None, None, None
+
+
+def _chunks(B: int, P: int, T: int, F_mlp: int, device: torch.device, impl: str):
+    """(image slice, mask slice) pairs covering [B, P]: everything at once for "fused" (one launch per
+    kernel); on the CPU one image at a time and as many masks as keep n x T x F_mlp <= CHUNK_ELEMENTS."""
+    if impl == "fused":
+        yield slice(0, B), slice(0, P)
+        return
+    n = max(1, CHUNK_ELEMENTS // (T * F_mlp)) if device.type == "cpu" else P
+    for b in range(B):
+        for p in range(0, P, n):
+            yield slice(b, b + 1), slice(p, min(p + n, P))
+
+
+def _token_gradients(k: _BlockConstants, images: slice, w: torch.Tensor) -> torch.Tensor:
+    """u = dS/d(A V) [b, n, T, D] of w [b, n, D] on images k[images] (the module docstring's chain)."""
+    a_s, Sig, Q = k.a_s[images], k.Sig[images], k.Q[images]
+    y = w @ k.W2s                                                             # [b, n, F]
+    u = (a_s[:, None] * y[:, :, None]) @ k.M                                  # MLP path
+    u += (w @ k.Wo_s)[:, :, None]                                             # residual path
+    u -= (y @ Sig.transpose(1, 2))[..., None] * Q[:, None]                    # LN2's projection
+    if k.C is not None:                                                       # per-token head (SigLIP)
+        c = w @ k.x_hat[images].transpose(1, 2) / w.shape[-1]                 # [b, n, T]
+        u -= c[..., None] * k.C[images][:, None]
+        u *= k.kappa[images][:, None, :, None]
+    return u
+
+
+def _token_gradients_backward(k: _BlockConstants, images: slice, du: torch.Tensor) -> torch.Tensor:
+    """dL/dw [b, n, D] from dL/du [b, n, T, D]: the transpose of :func:`_token_gradients` (u is linear in w)."""
+    a_s, Sig, Q = k.a_s[images], k.Sig[images], k.Q[images]
+    dw = 0
+    if k.C is not None:
+        du = du * k.kappa[images][:, None, :, None]
+        dc = -(du * k.C[images][:, None]).sum(-1)                             # [b, n, T]
+        dw = dc @ k.x_hat[images] / du.shape[-1]
+    dy = ((du @ k.M.T) * a_s[:, None]).sum(2)                                 # MLP path, [b, n, F]
+    dy -= (du * Q[:, None]).sum(-1) @ Sig                                     # LN2's projection
+    return dw + du.sum(2) @ k.Wo_s.T + dy @ k.W2s.T
+
+
+class MapDice:
+    """``dice_loss(legrad.maps(e, size), masks)`` for fixed masks, evaluated on the patch grid.
+
+    The map is E = R((U rel - lo) / (hi - lo)) with U the bilinear upsampling by the patch size, R the
+    bilinear resize to the masks' size (identity if equal) and lo, hi the extremes of U rel. U and R
+    are linear and separable, and R keeps constants (bilinear weights sum to 1), so with A = R U the
+    two sums Dice needs are, per mask m (N pixels),
+
+        sum(E m) = (<rel, A^T m> - lo sum(m)) / (hi - lo),   sum(E) = (<rel, A^T 1> - lo N) / (hi - lo),
+
+    and A^T m is computed once. lo and hi: along each axis, between two neighbouring patch centres a
+    bilinear map is affine in the interpolation weight, so its extremes over the pixels lie at the
+    first or last pixel of each run of pixels between the same two patches; only those rows and
+    columns of U rel are evaluated. Values and gradients equal the full-resolution evaluation (up to
+    rounding) with O(grid) work per mask instead of O(pixels).
+
+    Args:
+        legrad: the images' :class:`LeGrad`.
+        masks: [B, P, Hm, Wm] in {0, 1}.
+    """
+
+    def __init__(self, legrad: LeGrad, masks: torch.Tensor):
+        masks = masks.to(dtype=legrad.dtype, device=legrad.g.device)
+        like = dict(dtype=masks.dtype, device=masks.device)
+        p = legrad.parts.patch_size
+        size = tuple(masks.shape[-2:])
+        axes = []
+        with no_autocast(masks.device):                        # exact weights even under autocast
+            for n, upsampled, out in zip(legrad.grid, (g * p for g in legrad.grid), size):
+                Up = _interpolation_matrix(n, dict(scale_factor=p), **like)       # [n p, n]
+                A = Up if upsampled == out else _interpolation_matrix(upsampled, dict(size=out), **like) @ Up
+                axes.append((Up[_run_ends(Up)], A))
+            (self.Up_y, A_y), (self.Up_x, A_x) = axes
+            self.mask_on_grid = A_y.T @ masks @ A_x                              # [B, P, *grid]  A^T m
+            self.ones_on_grid = A_y.sum(0)[:, None] * A_x.sum(0)                  # [*grid]        A^T 1
+        self.mask_sum = masks.sum(dim=(-2, -1))
+        self.pixels = size[0] * size[1]
+
+    def __call__(self, relevance: torch.Tensor) -> torch.Tensor:
+        """Dice loss [B, P] of the maps of patch relevance [B, P, *grid] (:meth:`LeGrad.patch_relevance`)."""
+        extremes = self.Up_y @ relevance @ self.Up_x.T                            # rows / cols that hold them
+        lo = extremes.amin(dim=(-2, -1))
+        span = (extremes.amax(dim=(-2, -1)) - lo).clamp_min(1e-12)
+        inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
+        total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
+        return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
+
+
+def _interpolation_matrix(n: int, how: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[n_out, n] matrix of 1-D linear interpolation (align_corners=False), i.e. the per-axis factor of
+    F.interpolate(..., mode="bilinear", **how): obtained by interpolating the identity."""
+    eye = torch.eye(n, dtype=dtype, device=device)[None]                        # n channels of length n
+    return F.interpolate(eye, mode="linear", align_corners=False, **how)[0].T
+
+
+def _run_ends(W: torch.Tensor) -> torch.Tensor:
+    """Rows of an interpolation matrix [n_out, n] that start or end a run with the same left neighbour."""
+    left = (W != 0).to(torch.int8).argmax(dim=1)                                  # first non-zero weight
+    change = left[1:] != left[:-1]
+    first = torch.cat([change.new_ones(1), change])
+    last = torch.cat([change, change.new_ones(1)])
+    return torch.nonzero(first | last).squeeze(1)
+
+
+def resolve_impl(impl: str, precision: str, device: torch.device) -> str:
+    """The implementation for ``impl`` (see :class:`LeGrad`) on ``device``; refuses what cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if precision not in legrad_kernels.PRECISIONS:
+        raise ValueError(f"precision must be one of {legrad_kernels.PRECISIONS}, got {precision!r}")
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and legrad_kernels.triton_available() else "blockwise"
+    if impl == "fused" and not legrad_kernels.triton_available():
+        raise ValueError("impl='fused' needs Triton (pip install triton), which is not importable here")
+    if precision != "fp32" and impl == "dense":
+        raise ValueError(f"impl='dense' is the float32 reference; precision={precision!r} needs 'blockwise' or 'fused'")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision='tf32' exists only on CUDA devices, got {device.type}")
+    if precision == "bf16" and impl != "fused":
+        raise ValueError(f"precision='bf16' is implemented in the fused kernel only (impl='fused'), got {impl!r}")
+    return impl
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str, device: torch.device):
+    """precision="tf32" on CUDA: let float32 matmuls use TF32 tensor cores inside the context."""
+    if precision != "tf32" or device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 def no_autocast(device: torch.device):
     """Context that switches autocast off on ``device``'s type (a no-op where it is not on)."""
     return torch.autocast(device_type=device.type, enabled=False)
@@ -219,7 +436,7 @@ def min_max(E: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- capture and small helpers
 def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tensor):
-    """One no-grad forward; per hooked block V (v_proj out), r (norm2 in), z (fc1 out), X (block out)."""
+    """One no-grad fp32 forward; per hooked block V (v_proj out), r (norm2 in), z (fc1 out), X (block out)."""
     captured: list[dict[str, list]] = [{"v": [], "r": [], "z": [], "x": []} for _ in blocks]
 
     def keep(store, name, use_input=False):
@@ -235,7 +452,11 @@ def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tens
                     block.fc1.register_forward_hook(keep(store, "z")),
                     block.block.register_forward_hook(keep(store, "x"))]
     try:
-        with torch.no_grad():
+        # Always float32 (float64): a bf16 forward perturbs V, r, z, X by ~2^-8 relative, which 100
+        # AdamW steps amplify (full-size SigLIP-384, random weights: pixel noise of 1e-4 alone moves
+        # MI vectors to cosine 0.988 after 30 steps; a bf16 autocast forward to 0.92). The iterations
+        # ran in fp32 already, so this is the only step that reduced precision changed.
+        with torch.no_grad(), no_autocast(pixel_values.device):
             output = parts.model(pixel_values=pixel_values)
     finally:
         for handle in handles:

@@ -11,7 +11,8 @@ and the result is normalize(raw) after the last step. The total loss is the SUM 
 masks, so with beta = 0 every mask is optimised independently of the others (Adam is per element).
 
 Speed: the model runs once per call, without gradients; each iteration only evaluates the small
-linear "gradient decomposition" graph of :class:`utils.legrad.LeGrad` for all B x P masks at once.
+linear "gradient decomposition" graph of :class:`utils.legrad.LeGrad` for all B x P masks at once,
+and the Dice loss on the patch grid (:class:`utils.legrad.MapDice`, exact) instead of per pixel.
 The model's parameters never receive gradients and their requires_grad flags are left untouched.
 
 Edge cases (all finite):
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.legrad import LeGrad, no_autocast
+from utils.legrad import LeGrad, MapDice, no_autocast, resolve_impl
 from utils.vit_adapters import vit_parts
 
 __all__ = ["dice_loss", "global_embedding", "legrad_map", "mask_inversion"]
@@ -89,7 +90,8 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
 
 def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, alpha: float = 0.03,
                    iterations: int = 100, lr: float = 0.1, layer_index: int = -1, beta: float = 0.0,
-                   return_history: bool = False):
+                   return_history: bool = False, impl: str = "auto", precision: str = "fp32",
+                   cuda_graph: bool = False):
     """Mask Inversion embeddings of P masks per image.
 
     Args:
@@ -106,14 +108,26 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
         beta: weight of each mask's mean |cos| with the other masks of its image (0 when P == 1).
         return_history: also return {"loss", "dice"}: [iterations, B, P] float tensors (CPU) with
             each mask's total loss and Dice loss before every step.
+        impl: evaluation of the maps (:class:`utils.legrad.LeGrad`): "auto" (fused Triton kernel on
+            CUDA, blockwise PyTorch elsewhere), "blockwise", "fused", or "dense" (the engine before
+            the blockwise / fused paths: scores [.., heads, T, T] and full-resolution maps every
+            iteration; kept as their reference and for benchmarks). Same results up to rounding.
+        precision: "fp32" (default, exact), or explicitly "tf32" (CUDA) / "bf16" (impl="fused")
+            for the evaluation's products (:class:`utils.legrad.LeGrad`); report their cosine to fp32.
+        cuda_graph: CUDA only: capture one iteration (forward, backward, AdamW step) in a CUDA graph
+            and replay it, removing the per-iteration launch cost (shapes are static within a call).
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
-        (float64 for float64 models). Under an active autocast context only the model's forward
-        pass follows it; the iterations always run in float32 / float64.
+        (float64 for float64 models). An active autocast context is ignored: the forward pass and
+        the iterations run in float32 / float64 (reduced precision only through ``precision``),
+        because MI amplifies rounding of the forward pass (see :func:`utils.legrad._capture`).
+
+    On CUDA, AdamW runs fused (``fused=True``: one kernel, same update).
 
     Raises:
-        ValueError: wrong shapes, mask batch != image batch, mask values outside {0, 1}.
+        ValueError: wrong shapes, mask batch != image batch, mask values outside {0, 1}, an impl /
+            precision / cuda_graph that cannot run on this device.
         RuntimeError: called under torch.inference_mode (MI needs autograd for e).
     """
     if pixel_values.ndim != 4:
@@ -128,37 +142,86 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
         raise ValueError("mask values must be in {0, 1} (convert 0-255 masks with mask > 127 first)")
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if cuda_graph and pixel_values.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got pixel_values on {pixel_values.device}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("mask_inversion needs autograd for the embeddings; do not call it under "
                            "torch.inference_mode()")
+    resolve_impl(impl, precision, pixel_values.device)        # refuse before the forward pass
 
     parts = vit_parts(model)
     with _eval_mode(parts.model):
-        legrad = LeGrad(parts, pixel_values, layer_index)
+        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision)
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     g_unit = F.normalize(legrad.g, dim=-1)[:, None]                      # [B, 1, D]
     raw = legrad.g[:, None].expand(B, P, -1).clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0.0)
-    history = {"loss": [], "dice": []}
+    on_cuda = raw.device.type == "cuda"
+    optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None,
+                                  capturable=cuda_graph)
+    if legrad.impl == "dense":
+        dice_of = lambda e: dice_loss(legrad.maps(e, size=target.shape[-2:]), target)  # noqa: E731
+    else:
+        map_dice = MapDice(legrad, target)
+        dice_of = lambda e: map_dice(legrad.patch_relevance(e))                        # noqa: E731
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        """One AdamW step on the summed loss; returns (loss, dice) [B, P] before the step."""
+        e = F.normalize(raw, dim=-1)
+        dice = dice_of(e)
+        loss = dice + alpha * (1 - (e * g_unit).sum(-1))
+        if beta and P > 1:
+            loss = loss + beta * _mean_abs_cos_to_others(e)
+        loss.sum().backward()
+        optimizer.step()
+        return loss.detach(), dice.detach()
+
+    history = torch.zeros(iterations, 2, B, P, dtype=legrad.dtype, device=raw.device) if return_history else None
     with torch.enable_grad(), no_autocast(pixel_values.device):
-        for _ in range(iterations):
-            e = F.normalize(raw, dim=-1)
-            dice = dice_loss(legrad.maps(e, size=target.shape[-2:]), target)   # [B, P]
-            loss = dice + alpha * (1 - (e * g_unit).sum(-1))
-            if beta and P > 1:
-                loss = loss + beta * _mean_abs_cos_to_others(e)
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
-            if return_history:
-                history["loss"].append(loss.detach().float().cpu())
-                history["dice"].append(dice.detach().float().cpu())
+        if cuda_graph and iterations:
+            _replay_in_cuda_graph(step, iterations, raw, optimizer, history)
+        else:
+            for i in range(iterations):
+                optimizer.zero_grad(set_to_none=True)
+                loss, dice = step()
+                if history is not None:
+                    history[i, 0], history[i, 1] = loss, dice
     result = F.normalize(raw.detach(), dim=-1)
     if return_history:
-        empty = torch.zeros(0, B, P)
-        return result, {k: torch.stack(v) if v else empty for k, v in history.items()}
+        history = history.float().cpu()
+        return result, {"loss": history[:, 0], "dice": history[:, 1]}
     return result
+
+
+def _replay_in_cuda_graph(step, iterations: int, raw: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          history: torch.Tensor | None) -> None:
+    """Run ``iterations`` x ``step`` as replays of one captured CUDA graph (same updates as eager).
+
+    Two warm-up steps on a side stream initialise cuBLAS, Triton and AdamW's state (as the capture
+    requires); ``raw`` and the optimizer state are then reset in place, so the replays start from
+    the same point as the eager loop and read / write the very tensors the graph captured.
+    """
+    start = raw.detach().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        raw.copy_(start)
+        for state in optimizer.state.values():
+            for value in state.values():
+                value.zero_()                               # step, exp_avg, exp_avg_sq: AdamW's initial state
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, dice = step()
+    for i in range(iterations):
+        graph.replay()
+        if history is not None:
+            history[i, 0], history[i, 1] = loss, dice
 
 
 def _mean_abs_cos_to_others(e: torch.Tensor) -> torch.Tensor:

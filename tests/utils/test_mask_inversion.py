@@ -121,6 +121,44 @@ def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
     assert (ours - legrad_map(plain, pixels, e)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blockwise_engine_matches_dense_engine(models, family):
+    """impl="blockwise" (the CPU default: row blocks, patch-grid Dice) == impl="dense" (full-resolution)."""
+    model = models[family]
+    pixels, masks = _inputs(model, B=2, P=3, seed=7)
+    masks = F.interpolate(masks, size=(37, 45))                      # masks at another resolution
+    args = dict(iterations=10, layer_index=-2, beta=0.1, return_history=True)
+    dense, dense_history = mask_inversion(model, pixels, masks, impl="dense", **args)
+    ours, history = mask_inversion(model, pixels, masks, impl="blockwise", **args)
+    torch.testing.assert_close(ours, dense, atol=1e-12, rtol=0)
+    for key in ("loss", "dice"):
+        torch.testing.assert_close(history[key], dense_history[key], atol=1e-6, rtol=0)   # float32 copies
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_leaves_mask_inversion_in_fp32(tiny_model_dirs, family):
+    """precision=bf16 wraps MI in autocast; MI amplifies rounding of its forward pass (before this was
+    fixed, 100 iterations on the tiny SigLIP gave cosine 0.843 to fp32), so the forward runs in fp32."""
+    model = _load(tiny_model_dirs[family], family, double=False)
+    pixels, masks = _inputs(model, B=2, P=2, seed=1)
+    fp32 = mask_inversion(model, pixels, masks, iterations=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = mask_inversion(model, pixels, masks, iterations=20)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=1e-6, rtol=0)
+
+
+def test_cuda_only_options_are_refused_on_cpu(models):
+    model = models["dinov2"]
+    pixels, masks = _inputs(model, B=1, P=1)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+        mask_inversion(model, pixels, masks, iterations=1, cuda_graph=True)
+    with pytest.raises(ValueError, match="tf32"):
+        mask_inversion(model, pixels, masks, iterations=1, precision="tf32")
+    with pytest.raises(ValueError, match="impl must be"):
+        mask_inversion(model, pixels, masks, iterations=1, impl="flash")
+
+
 # ------------------------------------------------------------------ behaviour
 def test_masks_are_independent_and_batched(models):
     """beta = 0: a mask's embedding does not depend on the other masks or images in the batch."""
