@@ -24,7 +24,7 @@ __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CL
            "list_extractors", "register_extractor", "capabilities", "extractor_from_config"]
 
 _MI_KEYS = ("mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index", "mi_sum",
-            "avg_multiple_vecs", "smart_crop", "smart_crop_pad")
+            "avg_multiple_vecs", "smart_crop", "smart_crop_pad", "mi_impl", "mi_precision", "mi_cuda_graph")
 
 
 def extractor_from_config(cfg: Any) -> Extractor:

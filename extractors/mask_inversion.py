@@ -62,14 +62,15 @@ class MIExtractor(Extractor):
     def __init__(self, model_name: str | None = None, *, mi_alpha: float = 0.03, mi_beta: float = 0.0,
                  mi_lr: float = 0.1, mi_iterations: int = 100, mi_layer_index: int = -1,
                  mi_sum: bool = False, avg_multiple_vecs: bool = False, smart_crop: bool = False,
-                 smart_crop_pad: float = 0.1, **kwargs):
+                 smart_crop_pad: float = 0.1, mi_impl: str = "auto", mi_precision: str = "fp32",
+                 mi_cuda_graph: bool = False, **kwargs):
         super().__init__(model_name, **kwargs)
         if self.precision != "fp32":
-            log.warning("precision=%s: the model's forward pass runs in reduced precision, which moves "
-                        "MI embeddings noticeably (bf16 on a GPU: cosine to fp32 as low as 0.81); "
-                        "use precision=fp32 for numbers you report", self.precision)
+            log.warning("precision=%s applies to global embeddings only: Mask Inversion always runs the "
+                        "model's forward pass in fp32 (MI amplifies its rounding); reduced precision for MI "
+                        "is mi_precision", self.precision)
         self.mi = dict(alpha=mi_alpha, beta=mi_beta, lr=mi_lr, iterations=mi_iterations,
-                       layer_index=mi_layer_index)
+                       layer_index=mi_layer_index, impl=mi_impl, precision=mi_precision, cuda_graph=mi_cuda_graph)
         self.mode = "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
 

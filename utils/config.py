@@ -51,6 +51,9 @@ class SoIRConfig:
     mi_lr: float = 0.1
     mi_iterations: int = 100
     mi_layer_index: int = -1                 # hooked blocks: L + mi_layer_index + 1 .. L
+    mi_impl: str = "auto"                    # auto | blockwise | fused | dense: same results up to rounding
+    mi_precision: str = "fp32"               # fp32 | tf32 (CUDA) | bf16 (fused): MI's products, explicit only
+    mi_cuda_graph: bool = False              # CUDA: replay each MI iteration as a CUDA graph
     mi_sum: bool = False                     # one vector per image, MI on the union of its masks
     avg_multiple_vecs: bool = False          # one vector per image: mean of its mask vectors
     missing_masks: str = "error"             # gallery image with no mask: error|global
@@ -82,7 +85,8 @@ class SoIRConfig:
 
 CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
            "precision": ("fp32", "fp16", "bf16"), "duplicates": ("error", "merge"),
-           "bad_images": ("error", "skip"), "masks_from": ("captions", "anns")}
+           "bad_images": ("error", "skip"), "masks_from": ("captions", "anns"),
+           "mi_impl": ("auto", "blockwise", "fused", "dense"), "mi_precision": ("fp32", "tf32", "bf16")}
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
 # query features only; RUN_KEYS change no feature: names, search settings, and the input paths,
