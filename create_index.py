@@ -19,15 +19,18 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from datasets import annotation_masks, drop_queries_without_positives, load_anns, load_captions, select_set, split
+from datasets import (annotation_masks, drop_queries_without_positives, load_anns, load_captions, select_indices,
+                      select_set, split)
 from datasets.extraction import ImageJob, ViewDataset, check_jobs, gallery_jobs, jobs_digest, query_jobs
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
-from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register
+from search_index import search
+from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
 from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
 from utils.files import atomic_write_json, cached_sha256
@@ -41,67 +44,99 @@ register()
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    resolve_aliases(cfg)
     check_config(cfg)
     started = time.time()
     jobs, facts, skipped = plan(cfg)
     extractor = extractor_from_config(cfg)
+    extractors = {"gallery": extractor, "queries": query_extractor(cfg, extractor)}
     log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
-             extractor.dim, extractor.device, len(jobs["queries"]), len(jobs["gallery"]))
+             extractor.dim, extractor.device, len(jobs.get("queries", [])), len(jobs["gallery"]))
 
     gallery_identity = feature_identity(cfg, extractor, jobs["gallery"], facts, queries=False)
-    query_identity = {**gallery_identity, **feature_identity(cfg, extractor, jobs["queries"], facts, queries=True)}
+    query_identity = {**gallery_identity, **feature_identity(cfg, extractors["queries"], jobs.get("queries", []),
+                                                             facts, queries=True)}
     out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
     with FeaturesFolder(out).open(gallery_identity, query_identity, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
         atomic_write_json(out / "sources.json", sources(cfg))
-        splits = {}
+        stats, rows = {}, {}
         for name, split_jobs in jobs.items():
-            splits[name] = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
-            extract_split(name, splits[name], split_jobs, extractor, cfg)
-        features, _, gallery_stats = splits["gallery"].load()
-        save_index(build_index(features.numpy(), cfg.index), index_path(out, cfg.index))
-        _, _, query_stats = splits["queries"].load()
-        summary = dict(features_dir=str(out), gallery_images=len(jobs["gallery"]), gallery_rows=len(features),
-                       queries=len(jobs["queries"]), skipped_bad_images=len(skipped),
-                       seconds=round(time.time() - started, 1), gallery_counts=gallery_stats,
-                       query_counts=query_stats)
+            shards = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
+            extract_split(name, shards, split_jobs, extractors[name], cfg)
+            features, _, stats[name] = shards.load()
+            rows[name] = len(features)
+            if name == "gallery" and not cfg.no_faiss:
+                save_index(build_index(features.numpy(), cfg.index), index_path(out, cfg.index))
+        summary = dict(features_dir=str(out), gallery_images=len(jobs["gallery"]), gallery_rows=rows["gallery"],
+                       queries=len(jobs.get("queries", [])), skipped_bad_images=len(skipped),
+                       seconds=round(time.time() - started, 1), gallery_counts=stats["gallery"],
+                       query_counts=stats.get("queries", {}))
         atomic_write_json(out / "summary.json", summary)
     log.info("done: %s", json.dumps(summary))
-    print(f"features and index: {out}\nsearch: python search_index.py features_dir={out}")
+    print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
+    if cfg.only_create or cfg.only_gallery:
+        return
+    # As the original: the search runs at the end of create_index.py unless only_create=true.
+    search(cfg, out, Path(HydraConfig.get().runtime.output_dir))
+
+
+def query_extractor(cfg: DictConfig, gallery_extractor):
+    """The gallery's extractor, or ``query_extractor`` (with ``query_extractor_args``): another
+    registered extractor for the queries, which must embed into the same space (checked: same dim)."""
+    if not cfg.query_extractor or cfg.only_gallery:
+        return gallery_extractor
+    args = OmegaConf.to_container(cfg.query_extractor_args) if cfg.query_extractor_args else {}
+    extractor = extractor_from_config(cfg, cfg.query_extractor, args)
+    if extractor.dim != gallery_extractor.dim:
+        raise SoIRError(f"query_extractor={cfg.query_extractor} embeds into {extractor.dim}-d, the gallery's "
+                        f"{cfg.extractor} into {gallery_extractor.dim}-d: they cannot be compared")
+    log.info("queries: %s (%s), gallery: %s", cfg.query_extractor, extractor.model_name, cfg.extractor)
+    return extractor
 
 
 def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
     """Every input that needs no model, read and checked: the jobs of each split, the images' facts
     (sha256, size) by key, and the images left out under bad_images=skip."""
-    anns = select_set(load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates),
-                      cfg.set)
+    if not cfg.anns_file:
+        raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
+    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
+    anns = select_indices(select_set(anns, cfg.set), cfg.ds_inds_file, cfg.max_ds_index)
     queries, gallery = split(anns)
-    if cfg.masks_from == "anns":   # the annotations' own masks (queries' only when mask_input uses them)
-        captions = annotation_masks(gallery + (queries if cfg.mask_input else []), cfg.box_masks)
+    query_crop = None if cfg.no_query_crop else "tight" if cfg.crop else "square"
+    query_masks = "zeroed" if cfg.mask_input else "unmasked" if cfg.query_mi else None
+    if cfg.masks_from == "anns":   # the annotations' own masks (queries' only when they use masks)
+        captions = annotation_masks(gallery + (queries if query_masks else []), cfg.box_masks)
         source = f"{cfg.anns_file} (masks_from=anns{'' if cfg.box_masks else '; box_masks=true uses boxes'})"
     else:
         captions = load_captions(cfg.captions_file) if cfg.captions_file else None
         source = cfg.captions_file or "no captions_file given"
     query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
-    uses_masks = capabilities(cfg.extractor)["uses_masks"]
+    uses_masks = capabilities(cfg.extractor)["uses_masks"] and cfg.global_features
     if not uses_masks and captions is not None:
-        log.warning("captions_file is not used by %s (whole-image embeddings)", cfg.extractor)
+        log.warning("the masks (%s) are not used by %s (whole-image embeddings)", source, cfg.extractor)
+    if query_masks and not capabilities(cfg.query_extractor or cfg.extractor)["uses_masks"]:
+        raise SoIRError(f"mask_input / query_mi describe queries by Mask Inversion; "
+                        f"{cfg.query_extractor or cfg.extractor} is not an MI extractor")
     facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
     jobs, skipped = {}, []
-    jobs["gallery"], bad = check_jobs(gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, source),
-                                      [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
+    wanted = gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, source,
+                          crop=query_crop if cfg.gallery_crop else None)
+    jobs["gallery"], bad = check_jobs(wanted, [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
     skipped += bad
-    # A skipped gallery image may have been a query's only positive: the positive policy comes after.
-    kept_gallery = [job.annotation for job in jobs["gallery"]]
-    queries = drop_queries_without_positives(queries, kept_gallery, cfg.no_positive)
-    wanted = query_jobs(queries, query_captions, cfg.mask_input, cfg.no_query_crop, cfg.anns_file)
-    jobs["queries"], bad = check_jobs(wanted, [facts[job.annotation.key] for job in wanted], "queries", cfg.bad_images)
-    skipped += bad
-    if not jobs["queries"] or not jobs["gallery"]:
-        raise SoIRError(f"{cfg.anns_file}: {len(jobs['queries'])} usable queries (with a positive) and "
-                        f"{len(jobs['gallery'])} gallery images; both are needed")
-    expected_rows = sum(len(job.masks) if job.masks is not None else 1 for job in jobs["gallery"])
-    check_factory(cfg.index, cfg.vec_dim, expected_rows if uses_masks else len(jobs["gallery"]))
+    if not cfg.only_gallery:
+        # A skipped gallery image may have been a query's only positive: the positive policy comes after.
+        kept_gallery = [job.annotation for job in jobs["gallery"]]
+        queries = drop_queries_without_positives(queries, kept_gallery, cfg.no_positive)
+        wanted = query_jobs(queries, query_captions, query_crop, query_masks, cfg.query_masks == "all", cfg.anns_file)
+        jobs["queries"], bad = check_jobs(wanted, [facts[j.annotation.key] for j in wanted], "queries", cfg.bad_images)
+        skipped += bad
+    if not jobs["gallery"] or not (cfg.only_gallery or jobs["queries"]):
+        raise SoIRError(f"{cfg.anns_file}: {len(jobs.get('queries', []))} usable queries (with a positive) and "
+                        f"{len(jobs['gallery'])} gallery images; both are needed (only_gallery=true: the gallery)")
+    if not cfg.no_faiss:
+        expected_rows = sum(len(job.masks) if job.masks is not None else 1 for job in jobs["gallery"])
+        check_factory(cfg.index, cfg.vec_dim, expected_rows if uses_masks else len(jobs["gallery"]))
     return jobs, facts, skipped
 
 
@@ -162,6 +197,7 @@ def feature_identity(cfg: DictConfig, extractor, jobs: list[ImageJob], facts: di
     if queries:
         identity = {k: settings[k] for k in sorted(QUERY_KEYS - RUN_KEYS)}
         identity["queries_sha256"] = jobs_digest(jobs, facts)
+        identity["query_extractor_identity"] = extractor.identity()
         return json.loads(json.dumps(identity))
     identity = {k: v for k, v in settings.items() if k not in RUN_KEYS and k not in QUERY_KEYS}
     identity["extractor_identity"] = extractor.identity()
@@ -187,7 +223,7 @@ def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
     gallery features (model, MI settings, images, masks) gets a folder of its own.
     """
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return Path("outputs/features") / cfg.dataset / f"{cfg.extractor}-{digest}"
+    return Path("outputs/features") / cfg.dataset / run_label(f"{cfg.extractor}-{digest}", "", cfg.tag, cfg.add_string)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from datasets import Annotation, drop_queries_without_positives, relevance
-from utils.config import check_config, register
+from utils.config import check_config, register, resolve_aliases
 from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
@@ -40,6 +41,7 @@ SCORES_PER_CHUNK = 1 << 26        # query-chunk size bound: [chunk, gallery rows
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    resolve_aliases(cfg)
     check_config(cfg)
     if not cfg.features_dir:
         raise SoIRError("features_dir is required: the folder create_index.py printed")
@@ -56,6 +58,9 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
                         "stopped before it began; rerun create_index.py)")
     made_with = OmegaConf.load(folder / "config.yaml")
     splits = {}
+    if made_with.get("only_gallery"):
+        raise SoIRError(f"{folder} holds a gallery only (made with only_gallery=true); run create_index.py "
+                        "without only_gallery to add the queries, then search")
     for name in ("gallery", "queries"):
         listing = folder / name / "images.json"
         if not listing.is_file():
@@ -68,10 +73,12 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         splits[name] = keep_images_with_rows(records, owner.numpy(), rows, name)
     (gallery, gallery_owner, gallery_rows), (queries, query_owner, query_rows) = splits.values()
     gallery_features, query_features = gallery_rows["features"], query_rows["features"]
-    index = load_index(index_path(folder, cfg.index))
-    if index.ntotal != len(gallery_owner):
-        raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
-                        f"{len(gallery_owner)}; rerun create_index.py")
+    index = None
+    if index_path(folder, cfg.index).is_file() or not made_with.get("no_faiss"):
+        index = load_index(index_path(folder, cfg.index))
+        if index.ntotal != len(gallery_owner):
+            raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
+                            f"{len(gallery_owner)}; rerun create_index.py")
     query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     kept = drop_queries_without_positives(query_anns, gallery_anns, cfg.no_positive)
     if len(kept) < len(query_anns):
@@ -82,10 +89,10 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "config.yaml", out / "features_config.yaml")
-    k = min(cfg.k_search, len(gallery))
+    k = min(cfg.k_search, cfg.max_k_search, len(gallery))
     per_query: list[dict[str, np.ndarray]] = []
     shown: list[Shown] = []
-    with open(out / "rankings.jsonl", "w") as rankings:
+    with open(out / "rankings.jsonl", "w") if cfg.save_knns else contextlib.nullcontext() as rankings:
         for chunk in query_chunks(len(queries), len(gallery_owner)):
             scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
             relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
@@ -94,14 +101,14 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
             top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, cfg.report_k)]   # ties: lower index first
             if cfg.report:
                 shown.append(Shown.top(top[:, :cfg.report_k], scores, relevant))
-            for q, order, row in zip(queries[chunk.start:chunk.stop], top, scores):
+            for q, order, row in zip(queries[chunk.start:chunk.stop], top, scores) if cfg.save_knns else ():
                 ranking = [[gallery[g]["key"], float(row[g])] for g in order[:k]]
                 rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], "ranking": ranking}) + "\n")
     metrics = {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]}
-    results = summarize(metrics, recall_ks=cfg.recall_at)
+    results = summarize(metrics, recall_ks=cfg.recall_at, no_positive=cfg.no_positive)
     results.update(num_gallery_images=len(gallery), num_gallery_rows=len(gallery_owner),
                    features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index)
-    if not is_exact(index):
+    if index is not None and not is_exact(index):
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
         results[f"index_recall@{k}"] = index_recall(index, query_features, gallery_features, k)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))

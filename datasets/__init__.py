@@ -13,6 +13,7 @@ from .anns import (
     parse_bbox,
     relevance,
     save_anns,
+    select_indices,
     select_set,
     split,
 )
@@ -34,7 +35,7 @@ from .images import ImageLoadError, load_rgb, to_rgb
 
 __all__ = [
     "Annotation", "AnnotationError", "crop_box", "drop_queries_without_positives", "load_anns",
-    "parse_bbox", "relevance", "save_anns", "select_set", "split", "annotation_masks",
+    "parse_bbox", "relevance", "save_anns", "select_indices", "select_set", "split", "annotation_masks",
     "CaptionsError", "ImageMasks", "atomic_torch_save", "bbox_from_mask", "decode_mask", "encode_mask",
     "encode_mask_row_major", "rle_runs",
     "find_masks", "load_captions", "save_captions",

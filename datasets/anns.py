@@ -261,10 +261,11 @@ def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Seque
 
     A query with no positive has undefined AP. ``policy="error"`` raises (naming up to 10 such
     queries); ``policy="skip"`` drops them and logs a WARNING with the count, so the metric
-    is computed over fewer queries knowingly.
+    is computed over fewer queries knowingly; ``policy="zero"`` keeps them (logged): they count as
+    AP 0 and misses, as the original code counts them.
     """
-    if policy not in ("error", "skip"):
-        raise ValueError(f"policy must be 'error' or 'skip', got {policy!r}")
+    if policy not in ("error", "skip", "zero"):
+        raise ValueError(f"policy must be 'error', 'skip' or 'zero', got {policy!r}")
     has_positive = relevance(queries, gallery).any(axis=1)
     orphans = [q for q, ok in zip(queries, has_positive) if not ok]
     if not orphans:
@@ -272,15 +273,30 @@ def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Seque
     names = ", ".join(f"{q.key} (ins {q.ins[0]})" for q in orphans[:_MAX_LISTED])
     if policy == "error":
         raise AnnotationError(f"{len(orphans)} of {len(queries)} queries have no positive gallery image: "
-                              f"{names}. Fix the annotations or use policy='skip'.")
+                              f"{names}. Fix the annotations or use no_positive=skip (or zero).")
+    if policy == "zero":
+        logger.warning("no_positive=zero: %d of %d queries have no positive gallery image and count as AP 0: %s",
+                       len(orphans), len(queries), names)
+        return list(queries)
     logger.warning("Skipping %d of %d queries that have no positive gallery image: %s",
                    len(orphans), len(queries), names)
     return [q for q, ok in zip(queries, has_positive) if ok]
 
 
-def crop_box(image: Image.Image, bbox: Sequence[float], source: str) -> Image.Image:
-    """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords); see :func:`pixel_box`."""
-    return image.crop(pixel_box(bbox, image.width, image.height, source))
+def crop_box(image: Image.Image, bbox: Sequence[float], source: str, square: bool = False) -> Image.Image:
+    """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords, see :func:`pixel_box`).
+
+    ``square=True`` is the original code's query crop: a square of side max(w, h) centred on the
+    box, filled with the image around the box and with zeros (black) only beyond the image border,
+    so an elongated object is not stretched when the crop is resized to the model's square input.
+    """
+    left, top, right, bottom = pixel_box(bbox, image.width, image.height, source)
+    if square:
+        width, height = right - left, bottom - top
+        side = max(width, height)
+        left, top = left - (side - width) // 2, top - (side - height) // 2
+        right, bottom = left + side, top + side
+    return image.crop((left, top, right, bottom))   # PIL fills what lies outside the image with 0
 
 
 def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[int, int, int, int]:
@@ -312,6 +328,50 @@ def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, fl
             isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise AnnotationError(f"{source}: bbox must be 4 finite numbers [x1, y1, x2, y2], got {bbox!r}")
     return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def select_indices(annotations: Sequence[Annotation], indices_file: str | Path | None = None,
+                   max_index: int | None = None) -> list[Annotation]:
+    """The annotations at the positions listed in ``indices_file`` and/or before ``max_index``, in
+    the sorted-key order :func:`load_anns` returns (the original's ``ds_inds_file`` / ``max_ds_index``).
+
+    ``indices_file``: ints in a text file (whitespace or comma separated), a ``.npy``, a ``.pt``
+    (list or 1-d tensor) or a ``.json`` list. Logged with the counts kept.
+    """
+    keep = list(range(len(annotations)))
+    if indices_file is not None:
+        keep = _read_indices(Path(indices_file), len(annotations))
+    if max_index is not None:
+        keep = [i for i in keep if i < max_index]
+    if len(keep) == len(annotations):
+        return list(annotations)
+    logger.info("ds_inds_file / max_ds_index: %d of %d images kept", len(keep), len(annotations))
+    return [annotations[i] for i in sorted(set(keep))]
+
+
+def _read_indices(path: Path, count: int) -> list[int]:
+    where = f"ds_inds_file '{path}'"
+    if not path.is_file():
+        raise AnnotationError(f"{where} does not exist")
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False).ravel().tolist()
+        elif path.suffix == ".pt":
+            values = torch.load(path, map_location="cpu", weights_only=True)
+            values = values.ravel().tolist() if isinstance(values, torch.Tensor) else list(values)
+        elif path.suffix == ".json":
+            import json
+            values = json.loads(path.read_text())
+        else:
+            values = path.read_text().replace(",", " ").split()
+        indices = [int(v) for v in values]
+    except (ValueError, TypeError, OSError) as err:
+        raise AnnotationError(f"{where}: expected a list of integer indices ({type(err).__name__}: {err})") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise AnnotationError(f"{where}: indices {bad[:10]} are outside [0, {count}) (positions in the anns file's "
+                              "sorted keys)")
+    return indices
 
 
 def select_set(annotations: Sequence[Annotation], name: str | None) -> list[Annotation]:

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
-from extractors.views import Views
+from extractors.views import Views, zero_outside
 from utils.errors import SoIRError
 
 from .anns import Annotation, AnnotationError, crop_box, pixel_box
@@ -34,28 +34,43 @@ log = logging.getLogger("soir.datasets")
 _LISTED = 10
 
 
+CROPS = ("square", "tight")
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """How one image is read: crop it to its bbox? Which masks (None = global embedding)?"""
 
     annotation: Annotation
-    crop_to_bbox: bool = False
+    crop: str | None = None           # "square" (the original's query crop) | "tight" | None: no crop
     masks: ImageMasks | None = None
     bbox_as_mask: bool = False        # query with mask_input and no caption mask: its bbox rectangle
+    full_mask: bool = False           # no masks, missing_masks=full_mask: MI with one full-image mask
+    zero_background: bool = False     # mask_input: pixels outside the mask(s) set to zero before MI
     global_fallback: bool = False     # masks were wanted but there are none (missing_masks=global)
+
+    def __post_init__(self):
+        if self.crop not in (None, *CROPS):
+            raise ValueError(f"crop={self.crop!r}; one of {CROPS} or None")
 
 
 # ---------------------------------------------------------------------------------- building jobs
 def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, uses_masks: bool,
-                 missing_masks: str, source: str) -> list[ImageJob]:
-    """Gallery images are never cropped (cropping to a ground-truth box would leak the label).
+                 missing_masks: str, source: str, crop: str | None = None) -> list[ImageJob]:
+    """Gallery images are not cropped: cropping to a ground-truth box would leak the label. ``crop``
+    ("square" / "tight") crops those that have a bbox anyway, as the original code does
+    (``gallery_crop=true``, for comparable numbers only).
 
     With an MI extractor every image needs masks: an image without (no entry, no detections, or a
     failed entry of the original mask script) is an error naming ``source`` (where masks were looked
-    for), or with ``missing_masks="global"`` gets its global embedding (counted and logged).
+    for); with ``missing_masks="global"`` it gets its global embedding, with ``"full_mask"`` MI with
+    one full-image mask (counted and logged).
     """
+    def job(ann: Annotation, **kwargs) -> ImageJob:
+        return ImageJob(ann, crop=crop if ann.bbox is not None else None, **kwargs)
+
     if not uses_masks:
-        return [ImageJob(ann) for ann in gallery]
+        return [job(ann) for ann in gallery]
     masks = [find_masks(captions, ann.key, ann.file) if captions else None for ann in gallery]
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
     if missing and missing_masks == "error":
@@ -63,40 +78,53 @@ def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] 
         raise SoIRError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
                         f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
                         f"global embedding")
+    if crop is not None and any(ann.bbox is not None and m for ann, m in zip(gallery, masks)):
+        raise SoIRError("gallery_crop=true with masks: the captions' masks are made for the whole gallery image, "
+                        "not for its bbox crop (the original misaligned them); use gallery_crop with a plain "
+                        "extractor or without masks")
     if missing:
-        log.warning("missing_masks=global: %d of %d gallery images have no masks and get their global "
-                    "embedding", len(missing), len(gallery))
-    return [ImageJob(ann, masks=m) if m else ImageJob(ann, global_fallback=True) for ann, m in zip(gallery, masks)]
+        what = "their global embedding" if missing_masks == "global" else "MI with one full-image mask"
+        log.warning("missing_masks=%s: %d of %d gallery images have no masks and get %s", missing_masks,
+                    len(missing), len(gallery), what)
+    fallback = {"global_fallback": True} if missing_masks == "global" else {"full_mask": True}
+    return [job(ann, masks=m) if m else job(ann, **fallback) for ann, m in zip(gallery, masks)]
 
 
-def query_jobs(queries: Sequence[Annotation], captions: dict[str, ImageMasks] | None, mask_input: bool,
-               no_query_crop: bool, anns_file: str) -> list[ImageJob]:
-    """Queries: the global embedding of their bbox crop, or MI with their mask (``mask_input``).
+def query_jobs(queries: Sequence[Annotation], captions: dict[str, ImageMasks] | None, crop: str | None,
+               use_masks: str | None = None, all_masks: bool = False, anns_file: str = "anns.pt") -> list[ImageJob]:
+    """Queries: the global embedding of their bbox crop (``crop``: "square" / "tight" / None), or
+    Mask Inversion with their mask(s) on the whole query image (``use_masks``):
 
-    With mask_input the query is not cropped: its mask locates the object in the full image. The
-    mask comes from the query captions: the one whose box best overlaps the query's bbox, or the
-    only one when the query has no bbox; without a mask, the bbox rectangle (counted and logged).
+    * ``"zeroed"`` (``mask_input=true``, the original's meaning): the pixels outside the mask(s) are
+      set to zero first, so nothing outside the object can change the query vector;
+    * ``"unmasked"`` (``query_mi=true``): MI on the unmasked image, the mask only guides the map.
+
+    The mask comes from the query captions: the one whose box best overlaps the query's bbox (or the
+    only one when the query has no bbox), or with ``all_masks`` all of them (several query vectors,
+    max-scored); without a mask, the bbox rectangle (counted and logged).
     """
-    if not mask_input:
+    if use_masks is None:
         no_box = sum(ann.bbox is None for ann in queries)
-        if no_box and not no_query_crop:
+        if no_box and crop is not None:
             log.warning("%d of %d queries have no bbox and are used uncropped", no_box, len(queries))
-        return [ImageJob(ann, crop_to_bbox=not no_query_crop) for ann in queries]
+        return [ImageJob(ann, crop=crop if ann.bbox is not None else None) for ann in queries]
     jobs, rectangles = [], 0
+    zero = use_masks == "zeroed"
     for ann in queries:
         masks = find_masks(captions, ann.key, ann.file) if captions else None
-        masks = query_mask(masks, ann) if masks else None
+        if masks and not all_masks:
+            masks = query_mask(masks, ann)
         if masks:
-            jobs.append(ImageJob(ann, masks=masks))
+            jobs.append(ImageJob(ann, masks=masks, zero_background=zero))
         elif ann.bbox is not None:
-            jobs.append(ImageJob(ann, bbox_as_mask=True))
+            jobs.append(ImageJob(ann, bbox_as_mask=True, zero_background=zero))
             rectangles += 1
         else:
-            raise SoIRError(f"mask_input=true: query {ann.file} has neither a mask in the captions "
-                            f"nor a bbox in {anns_file}")
+            raise SoIRError(f"{ann.file}: query without a mask in the captions and without a bbox in {anns_file}; "
+                            "mask_input / query_mi need one of them")
     if rectangles:
-        log.warning("mask_input=true: %d of %d queries have no mask overlapping their bbox and use the "
-                    "bbox rectangle", rectangles, len(queries))
+        log.warning("%d of %d queries have no mask overlapping their bbox and use the bbox rectangle",
+                    rectangles, len(queries))
     return jobs
 
 
@@ -140,7 +168,7 @@ def check_jobs(jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str
             problems.append(f"{ann.file}: unreadable image ({fact.error})")
             continue
         try:
-            if ann.bbox is not None and (job.crop_to_bbox or job.bbox_as_mask):
+            if ann.bbox is not None and (job.crop or job.bbox_as_mask):
                 pixel_box(ann.bbox, fact.width, fact.height, f"{split} image {ann.file}")
             if job.masks is not None and len(job.masks):
                 masks = job.masks
@@ -173,10 +201,11 @@ def jobs_digest(jobs: Sequence[ImageJob], facts: dict[str, ImageFacts]) -> str:
     digest = hashlib.sha256()
     for job in jobs:
         ann = job.annotation
-        box = list(ann.bbox) if ann.bbox is not None and (job.crop_to_bbox or job.bbox_as_mask) else None
+        box = list(ann.bbox) if ann.bbox is not None and (job.crop or job.bbox_as_mask) else None
         masks = None if job.masks is None else {**job.masks.to_dict(), "exif": job.masks.exif_orientation}
-        digest.update(json.dumps([ann.key, facts[ann.key].sha256, box, masks, job.bbox_as_mask,
-                                  job.global_fallback], sort_keys=True).encode())
+        digest.update(json.dumps([ann.key, facts[ann.key].sha256, box, job.crop, masks, job.bbox_as_mask,
+                                  job.full_mask, job.zero_background, job.global_fallback],
+                                 sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -210,13 +239,20 @@ class ViewDataset(Dataset):
             image = load_rgb(ann.file)
         except ImageLoadError as err:
             return i, Views([], error=str(err))
-        if job.crop_to_bbox and ann.bbox is not None:
-            image = crop_box(image, ann.bbox, source=str(ann.file))
+        if job.crop and ann.bbox is not None:
+            image = crop_box(image, ann.bbox, source=str(ann.file), square=job.crop == "square")
         try:
+            masks = None
             if job.masks is not None and len(job.masks):
-                views = self.view_maker(image, job.masks.masks())
+                masks = job.masks.masks()
             elif job.bbox_as_mask:
-                views = self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file)))
+                masks = bbox_mask(image, ann.bbox, source=str(ann.file))
+            elif job.full_mask:
+                masks = np.ones((1, image.height, image.width), dtype=bool)
+            if masks is not None:
+                if job.zero_background:
+                    image = zero_outside(image, masks)
+                views = self.view_maker(image, masks)
             else:
                 views = self.global_view_maker(image)
                 views.global_fallback = int(job.global_fallback)

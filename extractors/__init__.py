@@ -23,33 +23,39 @@ __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CL
            "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "build_extractor",
            "list_extractors", "register_extractor", "capabilities", "extractor_from_config"]
 
-_MI_KEYS = ("mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index", "mi_sum",
-            "avg_multiple_vecs", "smart_crop", "smart_crop_pad", "mi_impl", "mi_precision", "mi_cuda_graph")
 
+def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | None = None) -> Extractor:
+    """Build the extractor a SoIR config asks for (``name`` = ``cfg.extractor``) and check ``vec_dim``.
 
-def extractor_from_config(cfg: Any) -> Extractor:
-    """Build the extractor a SoIR config asks for and check ``vec_dim`` against the model."""
-    kwargs: dict[str, Any] = dict(model_name=cfg.model_name, device=cfg.device, precision=cfg.precision)
-    if capabilities(cfg.extractor)["uses_masks"]:
-        kwargs.update({key: cfg[key] for key in _MI_KEYS})
-    elif cfg.smart_crop or cfg.mi_sum or cfg.avg_multiple_vecs or cfg.mask_input:
-        raise SoIRError(f"smart_crop / mi_sum / avg_multiple_vecs / mask_input need an MI extractor, "
-                         f"not {cfg.extractor}")
-    else:
-        unused = [k for k in _MI_KEYS if k.startswith("mi_") and cfg[k] != SoIRConfig.__dataclass_fields__[k].default]
-        if unused:
-            log.warning("%s ignores %s (Mask Inversion settings)", cfg.extractor, ", ".join(unused))
-    if cfg.extractor.startswith("dinov2"):
-        if cfg.model_name and not cfg.B_model:
-            log.warning("B_model=false is ignored: model_name=%s is given", cfg.model_name)
-        kwargs["B_model"] = cfg.B_model
-    if cfg.lora_adapt:
-        if cfg.weights is None:
-            raise SoIRError("lora_adapt=true needs weights=/path/to/lora_weights.ckpt "
-                            "(untrained LoRA adapters leave the model unchanged)")
-        kwargs.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_weights=cfg.weights)
-    extractor = build_extractor(cfg.extractor, **kwargs)
+    Every config key that is an argument of the extractor's constructor is passed through (the
+    constructor speaks the config's vocabulary); ``overrides`` (``query_extractor_args``) win. A
+    setting changed from its default that this extractor does not take is logged, or refused when
+    it needs Mask Inversion.
+    """
+    name = name or cfg.extractor
+    keys = capabilities(name)["keys"]
+    # The pipeline hands each image its masks itself; captions_file is for notebooks' dict inputs.
+    kwargs = {key: cfg[key] for key in keys - {"captions_file"} if key in cfg}
+    unknown = sorted(set(overrides or {}) - keys)
+    if unknown:
+        raise SoIRError(f"query_extractor_args {unknown} are not settings of {name} (it takes {sorted(keys)})")
+    kwargs.update(overrides or {})
+    defaults = SoIRConfig()
+    ignored = [k for k in _MI_ONLY_KEYS - keys if cfg.get(k) != getattr(defaults, k)]
+    needs_mi = [k for k in ignored if k in _NEEDS_MI]
+    if needs_mi:
+        raise SoIRError(f"{', '.join(needs_mi)} need a Mask Inversion extractor, not {name}")
+    if ignored:
+        log.warning("%s ignores %s (Mask Inversion settings)", name, ", ".join(ignored))
+    extractor = build_extractor(name, **kwargs)
     if extractor.dim != cfg.vec_dim:
         raise SoIRError(f"vec_dim={cfg.vec_dim} but {extractor.model_name} outputs {extractor.dim}-d "
-                         f"embeddings; set vec_dim={extractor.dim}")
+                        f"embeddings; set vec_dim={extractor.dim}")
     return extractor
+
+
+# Settings of the MI extractors; those in _NEEDS_MI change what a plain extractor would compute.
+_MI_ONLY_KEYS = {"mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index", "mi_impl", "mi_precision",
+                 "mi_cuda_graph", "mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "smart_crop_pad",
+                 "mask_input", "legrad_norm", "mi_sum_loss", "smart_crop_source", "mi_resample"}
+_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input"}

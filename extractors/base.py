@@ -8,13 +8,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from typing import Any, Sequence
+
 import torch
-from PIL import Image, ImageOps
 
-from datasets.images import to_rgb
-
+from datasets.captions import find_masks, load_captions
 from extractors.backbones import embedding_dim, load_backbone
+from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.views import NO_MASK, View, ViewMaker, Views
 from utils.errors import SoIRError
@@ -32,7 +32,7 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device=auto -> %s", device)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but CUDA is not available (use device=cpu or auto)")
+        raise SoIRError(f"device={device} but CUDA is not available (use device=cpu or auto)")
     return torch.device(device)
 
 
@@ -55,35 +55,62 @@ _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Extractor:
     """Global image embeddings: the whole image resized to the model input, L2-normalised output.
 
+    The constructor speaks the config's vocabulary: every config key that concerns an extractor is
+    an argument of the same name and meaning (``create_index.py`` passes the config through
+    :func:`extractors.extractor_from_config`), so a notebook and a command line build the same
+    extractor from the same words.
+
     Args:
-        model_name: HF hub id or local folder (``from_pretrained``); None = the family default.
+        model_name: HF hub id or local folder (``from_pretrained``); None = the family's default
+            (base, or large with ``B_model=False``).
+        B_model: the default model's size: base (True) or large (False; where the family has one).
         device: "auto", "cpu", "cuda" or "cuda:N".
-        precision: "fp32", "fp16" or "bf16" (autocast; outputs are float32).
-        lora_rank, lora_alpha, lora_weights: DINOv2 and CLIP; LoRA on q/k/v loaded from a checkpoint
-            (``lora_alpha`` None = 32, or the alpha stored with the checkpoint; see extractors.lora).
+        precision: "fp32", "fp16" or "bf16" (autocast of the global embedding; outputs are float32).
+        lora_adapt, lora_rank, lora_alpha, weights: LoRA on q/k/v (DINOv2, CLIP) loaded from the
+            checkpoint ``weights`` (``lora_alpha``: 32, or the alpha stored with the checkpoint).
+        batch_size: images per forward pass in :meth:`extract_batch`.
+        captions_file: a ``captions.pt``; :meth:`extract` then finds an image's masks by its path
+            (the original code's dict input ``{"image": ..., "img_path": ...}``).
     """
 
     family: str = ""
-    default_model: str = ""
+    default_models: dict[str, str] = {}  # {"base": hub id, "large": hub id}
     uses_masks = False
     attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
 
-    def __init__(self, model_name: str | None = None, device: str = "auto", precision: str = "fp32",
-                 lora_rank: int | None = None, lora_alpha: float | None = None,
-                 lora_weights: str | Path | None = None):
-        self.model_name = model_name or self.default_model
+    def __init__(self, model_name: str | None = None, *, B_model: bool = True, device: str = "auto",
+                 precision: str = "fp32", lora_adapt: bool = False, lora_rank: int = 256,
+                 lora_alpha: float | None = 32, weights: str | Path | None = None, batch_size: int = 16,
+                 captions_file: str | Path | None = None):
+        self.model_name = model_name or self.default_model(B_model)
+        if model_name and not B_model:
+            log.warning("B_model=false is ignored: model_name=%s is given", model_name)
         self.device = resolve_device(device)
         if precision not in _DTYPES:
             raise SoIRError(f"precision={precision!r}; one of {list(_DTYPES)}")
-        self.precision = precision
+        self.precision, self.batch_size = str(precision), batch_size
+        if weights is not None and not lora_adapt:
+            raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")
+        if lora_adapt and weights is None:
+            raise SoIRError("lora_adapt=true needs weights=/path/to/lora_weights.ckpt (untrained LoRA adapters "
+                            "leave the model unchanged)")
         model = load_backbone(self.family, self.model_name, self.attn_implementation)
-        if lora_weights is not None:
-            model, lora = add_lora(model, self.family, lora_rank or 256, lora_alpha, lora_weights)
+        self.lora = None
+        if lora_adapt:
+            model, lora = add_lora(model, self.family, lora_rank, lora_alpha, weights)
+            self.lora = {"weights_sha256": sha256_file(weights), **dataclasses.asdict(lora)}
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
         self.preprocess = Preprocess.from_pretrained(self.model_name)
-        self.lora = None if lora_weights is None else {
-            "weights_sha256": sha256_file(lora_weights), **dataclasses.asdict(lora)}
+        self.captions = load_captions(captions_file) if captions_file else None
+
+    @classmethod
+    def default_model(cls, B_model: bool = True) -> str:
+        """The family's default hub id: base, or large when ``B_model`` is False (where it has one)."""
+        if not B_model and "large" not in cls.default_models:
+            log.warning("B_model=false: %s has no large default model; using %s", cls.family,
+                        cls.default_models["base"])
+        return cls.default_models["base" if B_model or "large" not in cls.default_models else "large"]
 
     def identity(self) -> dict:
         """What pins this extractor's output, for the features folder's identity: the weights
@@ -114,45 +141,76 @@ class Extractor:
             return global_embedding(self.model, pixel_values.to(self.device)).float()
 
     def describe(self, batch: list[Views]) -> list[Rows]:
-        """Descriptor rows of each image in ``batch``."""
-        groups: dict[int | None, list[tuple[int, View]]] = defaultdict(list)
+        """Descriptor rows of each image in ``batch``; views that fit one batch run together."""
+        groups: dict[object, list[tuple[int, View]]] = defaultdict(list)
         for i, views in enumerate(batch):
             for view in views.views:
                 groups[None if view.masks is None else self.mask_group(view)].append((i, view))
-        vectors: list[list[torch.Tensor]] = [[] for _ in batch]
-        index: list[list[torch.Tensor]] = [[] for _ in batch]
-        for key, items in groups.items():  # each group runs as one batch
+        parts: list[list[Rows]] = [[] for _ in batch]
+        for key, items in groups.items():
             views = [v for _, v in items]
             if key is None:
-                out = list(self.embed(torch.stack([v.pixel_values for v in views]))[:, None].cpu())
+                out = [Rows(v[None], torch.tensor([NO_MASK]))
+                       for v in self.embed(torch.stack([v.pixel_values for v in views])).cpu()]
             else:
                 out = self.invert_views(views)
-            for (i, view), rows in zip(items, out):
-                vectors[i].append(rows)
-                index[i].append(torch.full((1,), NO_MASK) if view.mask_index is None else view.mask_index)
-        return [self.finish(Rows(torch.cat(v) if v else torch.empty(0, self.dim),
-                                 torch.cat(m).long() if m else torch.empty(0, dtype=torch.long)))
-                for v, m in zip(vectors, index)]
+            for (i, _), rows in zip(items, out):
+                parts[i].append(rows)
+        return [self.finish(Rows(torch.cat([r.vectors for r in rows]) if rows else torch.empty(0, self.dim),
+                                 torch.cat([r.mask_index for r in rows]) if rows else torch.empty(0, dtype=torch.long)))
+                for rows in parts]
 
-    def mask_group(self, view: View) -> int:
+    def mask_group(self, view: View) -> object:
         """Views with equal keys are inverted in one batch (MI extractors may pool more)."""
         return len(view.masks)
 
-    def invert_views(self, views: list[View]) -> list[torch.Tensor]:
-        """MI embeddings [P_i, D] (CPU) of each view's masks."""
+    def invert_views(self, views: list[View]) -> list[Rows]:
+        """MI rows of each view."""
         raise NotImplementedError(f"{type(self).__name__} computes global embeddings only")
 
     def finish(self, rows: Rows) -> Rows:
         """Hook for per-image post-processing of descriptor rows."""
         return rows
 
-    def extract(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
-        """One PIL image -> [D] global embedding, or [P, D] with masks (MI extractors)."""
+    # -- notebooks ---------------------------------------------------------------------------------
+    def extract(self, image: ImageLike, masks: Any = None) -> torch.Tensor:
+        """One image -> [D] global embedding, or [P, D] with masks (MI extractors; [D] for the
+        one-vector modes ``mi_sum`` / ``avg_multiple_vecs``).
+
+        ``image``: a PIL image, a numpy array, a path or ``{"image": ..., "img_path": ...}``;
+        ``masks``: see :mod:`extractors.inputs` (with ``captions_file`` given to the constructor,
+        an image's masks are found by its path when ``masks`` is None).
+        """
+        return self.extract_batch([image], None if masks is None else [masks])[0]
+
+    def extract_batch(self, images: Sequence[ImageLike], masks: Sequence[Any] | None = None) -> list[torch.Tensor]:
+        """:meth:`extract` for many images, ``batch_size`` images per forward pass (and the batched
+        Mask Inversion path: all masks of a batch in one optimisation)."""
+        if masks is not None and len(masks) != len(images):
+            raise SoIRError(f"{len(images)} images but {len(masks)} mask entries")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start:start + self.batch_size])
+            chunk_masks = list(masks[start:start + self.batch_size]) if masks is not None else [None] * len(chunk)
+            views = [self._views(image, m) for image, m in zip(chunk, chunk_masks)]
+            out += [self._shape(rows.vectors, has_masks) for rows, (_, has_masks) in
+                    zip(self.describe([v for v, _ in views]), views)]
+        return out
+
+    def _views(self, image: ImageLike, masks: Any) -> tuple[Views, bool]:
+        pil, path = as_image(image)
+        if masks is None and self.captions is not None and path is not None:
+            masks = find_masks(self.captions, str(path), path)
         if masks is not None and not self.uses_masks:
-            raise ValueError(f"{type(self).__name__} takes no masks; use its MI variant")
-        # Same orientation as the pipeline (datasets.images.load_rgb) and as captions.pt masks.
-        views = self.view_maker()(to_rgb(ImageOps.exif_transpose(image)), masks)
-        if masks is not None and views.dropped_masks:
-            raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
-        rows = self.describe([views])[0].vectors
-        return rows[0] if masks is None and len(rows) == 1 else rows
+            raise SoIRError(f"{type(self).__name__} takes no masks; use its MI variant")
+        if masks is None:
+            return self.global_view_maker()(pil), False
+        views = self.view_maker()(pil, as_masks(masks))
+        if views.dropped_masks:
+            raise SoIRError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+        return views, True
+
+    def _shape(self, rows: torch.Tensor, has_masks: bool) -> torch.Tensor:
+        return rows[0] if len(rows) == 1 and (not has_masks or self.one_vector_per_image) else rows
+
+    one_vector_per_image = True       # plain extractors: one global embedding

@@ -1,6 +1,7 @@
 """Mask Inversion extractors: one embedding per object mask (see utils/mask_inversion.py for the math)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -9,9 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from torchvision.transforms import InterpolationMode
+
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
-from extractors.views import NO_MASK, View, ViewMaker, padded_box
+from extractors.inputs import as_image, as_masks
+from extractors.views import NO_MASK, View, ViewMaker, padded_box, zero_outside
+from utils.errors import SoIRError
 from utils.mask_inversion import legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
 
@@ -43,67 +48,137 @@ class Explanation:
     history: dict[str, torch.Tensor]
 
 
+# The original code's resampling on the MI path and smart-crop padding, per family (compat=original:
+# mi_resample=original, smart_crop_source=resized). DINOv2 used LANCZOS and int(0.1 x the longer side);
+# SigLIP and CLIP BILINEAR and 5 px.
+ORIGINAL_MI_RESAMPLE = {"dinov2": InterpolationMode.LANCZOS, "siglip": InterpolationMode.BILINEAR,
+                        "clip": InterpolationMode.BILINEAR}
+ORIGINAL_SMART_CROP_PAD_PIXELS = {"dinov2": None, "siglip": 5, "clip": 5}
+# Families for which the original's mi_sum fitted one vector to the mean of the per-mask Dice terms.
+MEAN_DICE_FAMILIES = ("siglip", "clip")
+
+
 class MIExtractor(Extractor):
     """Extractor whose descriptors are Mask Inversion embeddings of object masks.
 
-    Args (beyond :class:`Extractor`'s):
+    Args (beyond :class:`Extractor`'s; each is the config key of the same name):
         mi_alpha: weight of the pull towards the global embedding, ``alpha * (1 - cos(e, g))``.
         mi_beta: weight of the mean |cos| between different masks of one image.
         mi_lr, mi_iterations: AdamW learning rate and number of steps.
         mi_layer_index: hooked blocks L + mi_layer_index + 1 .. L (-1 = last block).
-        mi_sum: one vector per image, optimised against the union of its masks.
+        mi_impl, mi_precision, mi_cuda_graph: how the engine evaluates (utils.mask_inversion).
+        global_features: False = no MI at all: the plain global embedding (the original's meaning).
+        mi_sum (or its original name full_mask): one vector per image, optimised against the union of
+            its masks (``mi_sum_loss="mean_dice"``: SigLIP / CLIP fit the mean of the per-mask Dice).
         avg_multiple_vecs: one vector per image, the renormalised mean of its mask vectors.
-        smart_crop, smart_crop_pad: MI inside each mask's padded box, cropped from the original image.
+        smart_crop, smart_crop_pad: MI inside each mask's padded box, cropped from the original image
+            (``smart_crop_source="resized"``: from the model-input-sized copy, the original's way).
+        single_from_sc: with mi_sum and smart_crop, one vector per mask on its smart crop (the
+            original's example command; the same as smart_crop alone); False is refused.
+        mask_input: :meth:`extract` sets the pixels outside the masks to zero before MI.
+        missing_masks: "full_mask" keeps masks that vanish at the model's input size.
+        legrad_norm: "joint" min-max normalises the maps of an image's masks together.
+        mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
+        debug: log the loss of every MI iteration.
     """
 
     uses_masks = True
     attn_implementation = "eager"
 
     def __init__(self, model_name: str | None = None, *, mi_alpha: float = 0.03, mi_beta: float = 0.0,
-                 mi_lr: float = 0.1, mi_iterations: int = 100, mi_layer_index: int = -1,
-                 mi_sum: bool = False, avg_multiple_vecs: bool = False, smart_crop: bool = False,
-                 smart_crop_pad: float = 0.1, mi_impl: str = "auto", mi_precision: str = "fp32",
-                 mi_cuda_graph: bool = False, **kwargs):
+                 mi_lr: float = 0.1, mi_iterations: int = 100, mi_layer_index: int = -1, mi_impl: str = "auto",
+                 mi_precision: str = "fp32", mi_cuda_graph: bool = False, global_features: bool = True,
+                 mi_sum: bool = False, full_mask: bool = False, avg_multiple_vecs: bool = False,
+                 smart_crop: bool = False, smart_crop_pad: float = 0.1, single_from_sc: bool = True,
+                 mask_input: bool = False, missing_masks: str = "error", legrad_norm: str = "per_map",
+                 mi_sum_loss: str = "union", smart_crop_source: str = "original", mi_resample: str = "processor",
+                 debug: bool = False, **kwargs):
         super().__init__(model_name, **kwargs)
         if self.precision != "fp32":
             log.warning("precision=%s applies to global embeddings only: Mask Inversion always runs the "
                         "model's forward pass in fp32 (MI amplifies its rounding); reduced precision for MI "
                         "is mi_precision", self.precision)
         self.mi = dict(alpha=mi_alpha, beta=mi_beta, lr=mi_lr, iterations=mi_iterations,
-                       layer_index=mi_layer_index, impl=mi_impl, precision=mi_precision, cuda_graph=mi_cuda_graph)
-        self.mode = "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
+                       layer_index=mi_layer_index, impl=str(mi_impl), precision=str(mi_precision),
+                       cuda_graph=mi_cuda_graph, joint_norm=legrad_norm == "joint")
+        self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        self.uses_masks = self.mode != "global"
+        self.one_vector_per_image = self.mode in ("global", "union", "mean_dice") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
+        self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
+        self.crop_source = str(smart_crop_source)
+        # What MI sees; plain embeddings (global_view_maker) keep the processor's resampling.
+        self.mi_preprocess = self.preprocess if mi_resample == "processor" else \
+            dataclasses.replace(self.preprocess, resample=ORIGINAL_MI_RESAMPLE[self.family])
+
+    def _mode(self, global_features: bool, mi_sum: bool, smart_crop: bool, single_from_sc: bool,
+              mi_sum_loss: str) -> str:
+        """global | per_mask | union | mean_dice | smart_crop (see :class:`extractors.views.ViewMaker`)."""
+        if not global_features:
+            log.warning("global_features=false: %s computes no Mask Inversion, only the plain global embedding "
+                        "(the original code's meaning of the key)", type(self).__name__)
+            return "global"
+        if mi_sum and smart_crop:
+            if not single_from_sc:
+                raise SoIRError("mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original "
+                                "applied the crops' masks to the full image); use smart_crop=true (one vector per "
+                                "mask on its crop) or mi_sum=true (one vector per image)")
+            log.info("mi_sum + smart_crop + single_from_sc: one MI vector per mask on its smart crop, as the "
+                     "original computes it (the same as smart_crop alone)")
+            return "smart_crop"
+        if mi_sum and mi_sum_loss == "mean_dice":
+            if self.family in MEAN_DICE_FAMILIES:
+                return "mean_dice"
+            log.info("mi_sum_loss=mean_dice applies to %s only; %s uses the union of the masks, as the "
+                     "original did", "/".join(MEAN_DICE_FAMILIES), self.family)
+        return "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
 
     def identity(self) -> dict:
         return {**super().identity(), "mi": self.mi, "mode": self.mode, "smart_crop_pad": self.smart_crop_pad,
-                "avg_multiple_vecs": self.avg_multiple_vecs}
+                "avg_multiple_vecs": self.avg_multiple_vecs, "keep_empty": self.keep_empty,
+                "crop_source": self.crop_source, "mi_resample": self.mi_preprocess.resample.value}
 
     def view_maker(self) -> ViewMaker:
-        return ViewMaker(self.preprocess, self.mode, self.smart_crop_pad)
+        if self.mode == "global":
+            return self.global_view_maker()
+        pad_pixels = ORIGINAL_SMART_CROP_PAD_PIXELS[self.family] if self.crop_source == "resized" else None
+        return ViewMaker(self.mi_preprocess, "per_mask" if self.mode == "mean_dice" else self.mode,
+                         self.smart_crop_pad, keep_empty=self.keep_empty, crop_source=self.crop_source,
+                         pad_pixels=pad_pixels)
 
-    def mask_group(self, view: View) -> int:
-        # With beta = 0 every mask is optimised independently, so views with different numbers of
-        # masks can share one batch, padded with empty masks whose vectors are dropped; counts are
-        # bucketed by powers of two so padding at most doubles the work. With beta > 0 the masks of
-        # an image interact, so only equal counts are batched.
+    def mask_group(self, view: View) -> object:
+        # With beta = 0 and per-map normalisation every mask is optimised independently, so views
+        # with different numbers of masks can share one batch, padded with empty masks whose vectors
+        # are dropped; counts are bucketed by powers of two so padding at most doubles the work.
+        # Otherwise (beta > 0, joint normalisation, one vector for all masks) the masks of an image
+        # interact, so only equal counts are batched.
         count = len(view.masks)
-        return 1 << (count - 1).bit_length() if self.mi["beta"] == 0 else count
+        independent = self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice"
+        return 1 << (count - 1).bit_length() if independent else count
 
-    def invert_views(self, views: list[View]) -> list[torch.Tensor]:
+    def invert_views(self, views: list[View]) -> list[Rows]:
         counts = [len(v.masks) for v in views]
         masks = torch.zeros(len(views), max(counts), *views[0].masks.shape[1:])
         for i, view in enumerate(views):
             masks[i, :counts[i]] = view.masks
         vectors = self.invert(torch.stack([v.pixel_values for v in views]), masks).cpu()
-        return [v[:n] for v, n in zip(vectors, counts)]
+        if self.mode == "mean_dice":
+            return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
+        return [Rows(v[:n], view.mask_index) for v, n, view in zip(vectors, counts, views)]
 
     def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False):
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
-        (and ``mask_inversion``'s history dict when ``return_history``)."""
+        ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``."""
         with self.autocast():
-            out = mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
-                                 **self.mi, return_history=return_history)
-        return (out[0].float(), out[1]) if return_history else out.float()
+            out = mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device), **self.mi,
+                                 shared=self.mode == "mean_dice", return_history=return_history or self.debug)
+        if self.debug:
+            for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
+                log.info("MI iteration %d: loss %.5f, Dice loss %.5f (mean over %d masks)", i, float(loss.mean()),
+                         float(dice.mean()), loss.numel())
+        if return_history:
+            return out[0].float(), out[1]
+        return (out[0] if self.debug else out).float()
 
     def explain(self, image: Image.Image, masks: np.ndarray | torch.Tensor) -> Explanation:
         """MI on one image with its masks [P, H, W] (at the image's size), and the LeGrad maps of the
@@ -119,11 +194,13 @@ class MIExtractor(Extractor):
         # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
         pixels = torch.stack([v.pixel_values for v in views.views])
         vectors, history = self.invert(pixels, torch.stack([v.masks for v in views.views]), return_history=True)
-        rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), torch.cat([v.mask_index for v in views.views])))
+        index = torch.full((len(views.views),), NO_MASK) if self.mode == "mean_dice" else \
+            torch.cat([v.mask_index for v in views.views])
+        rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), index))
         source = to_binary_masks(masks)
         boxes = [padded_box(source[i], self.smart_crop_pad) if self.mode == "smart_crop" and i >= 0 else None
                  for i in rows.mask_index.tolist()]
-        global_vector = self.embed(self.preprocess.image(image)[None])[0].cpu()
+        global_vector = self.embed(self.mi_preprocess.image(image)[None])[0].cpu()
         return Explanation(
             vectors=rows.vectors, mask_index=rows.mask_index,
             maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
@@ -142,7 +219,7 @@ class MIExtractor(Extractor):
         """
         height, width = size or (image.height, image.width)
         view = image if box is None else image.crop(box)
-        pixels = self.preprocess.image(view)[None].to(self.device)
+        pixels = self.mi_preprocess.image(view)[None].to(self.device)
         with self.autocast():
             maps = legrad_map(self.model, pixels, vectors[None].to(self.device), self.mi["layer_index"])[0]
         if box is None:
@@ -160,3 +237,14 @@ class MIExtractor(Extractor):
             return Rows(torch.nn.functional.normalize(rows.vectors.mean(0, keepdim=True), dim=-1),
                         torch.tensor([NO_MASK]))
         return rows
+
+    def _views(self, image, masks):
+        """Notebook input -> views; with ``mask_input`` the pixels outside the masks become zero."""
+        if self.mode == "global" and masks is not None:
+            log.info("global_features=false: the masks are not used (plain global embedding)")
+            masks = None
+        if self.mask_input and masks is not None:
+            pil, path = as_image(image)
+            masks = as_masks(masks)
+            image = {"image": zero_outside(pil, masks), "img_path": path}
+        return super()._views(image, masks)

@@ -1,46 +1,57 @@
-"""One registry for all extractors, timm-style: ``@register_extractor`` on a small factory function.
+"""One registry for all extractors: a name -> an extractor class, with what it can do.
 
-An entry carries its capabilities (``uses_masks``, ...) so code that only needs to know what an
-extractor can do (config checks, the data layer) never builds a model or parses the name.
+An entry carries its capabilities (``uses_masks``, its constructor's keyword arguments), so code
+that only needs to know what an extractor can do (config checks, the data layer) never builds a
+model or parses the name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any
 
 from utils.errors import SoIRError
 
-_EXTRACTORS: dict[str, Callable[..., Any]] = {}
-_CAPABILITIES: dict[str, dict[str, Any]] = {}
+_EXTRACTORS: dict[str, type] = {}
 
 
-def register_extractor(fn: Callable[..., Any] | None = None, **capabilities: Any):
-    """Register ``fn`` under its own name (e.g. ``siglip_mi_features``); use bare or with
-    capabilities, ``@register_extractor(uses_masks=True)``."""
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if fn.__name__ in _EXTRACTORS:
-            raise ValueError(f"extractor {fn.__name__!r} is registered twice")
-        _EXTRACTORS[fn.__name__] = fn
-        _CAPABILITIES[fn.__name__] = {"uses_masks": False, **capabilities}
-        return fn
-    return register(fn) if fn is not None else register
+def register_extractor(name: str, cls: type) -> type:
+    """Register extractor class ``cls`` under ``name`` (e.g. ``siglip_mi_features``)."""
+    if name in _EXTRACTORS:
+        raise ValueError(f"extractor {name!r} is registered twice")
+    _EXTRACTORS[name] = cls
+    return cls
 
 
 def list_extractors() -> list[str]:
     return sorted(_EXTRACTORS)
 
 
-def _check(name: str) -> None:
+def extractor_class(name: str) -> type:
     if name not in _EXTRACTORS:
         raise SoIRError(f"unknown extractor {name!r}; available: {', '.join(list_extractors())}")
+    return _EXTRACTORS[name]
+
+
+def constructor_keys(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` accepts, through its base classes' ``__init__``s."""
+    keys = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD) and param.name != "self":
+                keys.add(param.name)
+    return keys
 
 
 def capabilities(name: str) -> dict[str, Any]:
-    """What a registered extractor can do, without building it (e.g. ``{"uses_masks": True}``)."""
-    _check(name)
-    return dict(_CAPABILITIES[name])
+    """What a registered extractor can do, without building it: ``uses_masks``, ``family``,
+    ``keys`` (the config keys its constructor takes)."""
+    cls = extractor_class(name)
+    return {"uses_masks": cls.uses_masks, "family": cls.family, "keys": constructor_keys(cls)}
 
 
 def build_extractor(name: str, **kwargs: Any):
     """Build a registered extractor by name; keyword arguments go to its constructor."""
-    _check(name)
-    return _EXTRACTORS[name](**kwargs)
+    return extractor_class(name)(**kwargs)

@@ -47,19 +47,32 @@ class ViewMaker:
 
     Modes:
         global:     the whole image, no mask (plain embedding).
-        per_mask:   the whole image with all its masks (one MI vector per mask).
+        per_mask:   the whole image with all its masks (one MI vector per mask, or one for all of them
+                    with ``mi_sum_loss=mean_dice``).
         union:      the whole image with the union of its masks (``mi_sum``: one vector per image).
         smart_crop: for each mask, its box padded by ``pad`` x the box's longer side, cropped from
                     the original image (not a downscaled copy), with the mask cropped alike.
+
+    The original code's variants (``compat=original``):
+        keep_empty: a mask that vanishes at the model's input size is kept (MI with an empty target)
+            instead of dropped.
+        crop_source="resized": smart crops are cut from the model-input-sized copy of the image and
+            resized back to the input size (``preprocess.resample``), padded by ``pad_pixels``
+            (input pixels) when given, else by int(``pad`` x the box's longer side).
     """
 
     preprocess: Preprocess
     mode: str = "global"
     pad: float = 0.1
+    keep_empty: bool = False
+    crop_source: str = "original"
+    pad_pixels: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown view mode {self.mode!r}; one of {MODES}")
+        if self.crop_source not in ("original", "resized"):
+            raise ValueError(f"crop_source={self.crop_source!r}; one of original, resized")
 
     def __call__(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> Views:
         if self.mode == "global" or masks is None:
@@ -72,10 +85,29 @@ class ViewMaker:
         empty, masks, index = int((~nonempty).sum()), masks[nonempty], torch.nonzero(nonempty).flatten()
         if self.mode == "union" and len(masks):
             masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
-        views = self._crops(image, masks, index) if self.mode == "smart_crop" else \
-            self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks), index)
+        if self.mode != "smart_crop":
+            views = self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks), index)
+        elif self.crop_source == "resized":
+            views = self._crops_of_resized(image, masks, index)
+        else:
+            views = self._crops(image, masks, index)
         views.dropped_masks += empty
         return views
+
+    def _crops_of_resized(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
+        """The original code's smart crops: cut from the input-sized image and mask, resized back."""
+        small_image, small_masks = self.preprocess.resize(image), self.preprocess.masks(masks) > 0
+        views, dropped = [], 0
+        for mask, i in zip(small_masks, index):
+            if not mask.any():
+                dropped += 1
+                continue
+            x1, y1, x2, y2 = padded_box(mask, 0.0, 0)
+            margin = self.pad_pixels if self.pad_pixels is not None else int(self.pad * max(x2 - x1, y2 - y1))
+            x1, y1, x2, y2 = padded_box(mask, 0.0, margin)
+            crop = self.preprocess.image(small_image.crop((x1, y1, x2, y2)))
+            views.append(View(crop, self.preprocess.masks(mask[None, y1:y2, x1:x2]), i[None]))
+        return Views(views, dropped)
 
     def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
         views, dropped = [], 0
@@ -88,22 +120,30 @@ class ViewMaker:
                 dropped += 1
         return Views(views, dropped)
 
-    @staticmethod
-    def _keep_nonempty(pixel_values: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> Views:
+    def _keep_nonempty(self, pixel_values: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> Views:
         # Nearest-neighbour resizing can erase a mask thinner than one input pixel; such a mask
-        # would give a meaningless vector, so it is dropped and counted.
+        # would give a meaningless vector, so it is dropped and counted (kept with keep_empty).
         keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
+        if self.keep_empty:
+            keep = torch.ones_like(keep)
         views = [View(pixel_values, masks[keep], index[keep])] if keep.any() else []
         return Views(views, int((~keep).sum()))
 
 
-def padded_box(mask: torch.Tensor, pad: float) -> tuple[int, int, int, int]:
-    """Tight box of a non-empty [H, W] mask, padded by ``pad`` x its longer side, clipped to the image.
+def padded_box(mask: torch.Tensor, pad: float, pad_pixels: int | None = None) -> tuple[int, int, int, int]:
+    """Tight box of a non-empty [H, W] mask, padded by ``pad`` x its longer side (rounded; or by
+    ``pad_pixels`` when given), clipped to the image.
 
     Returns (x1, y1, x2, y2) in pixels, x2/y2 exclusive.
     """
     ys, xs = torch.nonzero(mask, as_tuple=True)
     x1, x2, y1, y2 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-    margin = int(round(pad * max(x2 - x1, y2 - y1)))
+    margin = pad_pixels if pad_pixels is not None else int(round(pad * max(x2 - x1, y2 - y1)))
     height, width = mask.shape
     return max(0, x1 - margin), max(0, y1 - margin), min(width, x2 + margin), min(height, y2 + margin)
+
+
+def zero_outside(image: Image.Image, masks: np.ndarray) -> Image.Image:
+    """``image`` with every pixel outside the union of ``masks`` [P, H, W] set to zero (black)."""
+    keep = np.asarray(masks, dtype=bool).any(axis=0)[..., None]
+    return Image.fromarray(np.where(keep, np.asarray(image), 0).astype(np.uint8))

@@ -21,7 +21,7 @@ def run_script(script: str, *overrides: str, cwd: Path, check: bool = True) -> s
 
 
 def features_dir_from(proc: subprocess.CompletedProcess, cwd: Path) -> Path:
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("features and index: "))
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(("features and index: ", "features: ")))
     return cwd / line.split(": ", 1)[1]
 
 

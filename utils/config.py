@@ -6,10 +6,12 @@ is an error that names the key. Checks that involve several keys live in :func:`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from enum import Enum, StrEnum
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -17,47 +19,93 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from utils.errors import SoIRError
 
 
+def choice(name: str, values: str) -> type[Enum]:
+    """A str Enum whose members are named by their values (so "global" works as a member name):
+    Hydra then refuses any other value for the key, naming the key and the allowed values."""
+    return StrEnum(name, [(v, v) for v in values.split()])
+
+
+NoPositive = choice("NoPositive", "error skip zero")
+MissingMasks = choice("MissingMasks", "error global full_mask")
+Precision = choice("Precision", "fp32 fp16 bf16")
+Duplicates = choice("Duplicates", "error merge")
+BadImages = choice("BadImages", "error skip")
+MasksFrom = choice("MasksFrom", "captions anns")
+MiImpl = choice("MiImpl", "auto blockwise fused dense")
+MiPrecision = choice("MiPrecision", "fp32 tf32 bf16")
+LegradNorm = choice("LegradNorm", "per_map joint")
+MiSumLoss = choice("MiSumLoss", "union mean_dice")
+SmartCropSource = choice("SmartCropSource", "original resized")
+MiResample = choice("MiResample", "processor original")
+QueryMasks = choice("QueryMasks", "best all")
+
+
 @dataclass
 class SoIRConfig:
     # --- what to run -------------------------------------------------------------------
     dataset: str = "pe"                      # a name; used in output paths only (features, runs)
-    experiment: str = "default"              # a name; used in run folder names only
+    experiment: Optional[str] = "default"    # a name; used in run folder names only
     extractor: str = "siglip_mi_features"    # a name from extractors.list_extractors()
     model_name: Optional[str] = None         # HF hub id or local folder; null = extractor default
     vec_dim: int = 768                       # must equal the model's output size (checked)
-    B_model: bool = True                     # DINOv2 default model: base (true) or large (false)
+    B_model: bool = True                     # default model: base (true) or large (false: DINOv2-L, SigLIP so400m)
+    # --- names of runs and folders (the original's keys) ---------------------------------
+    run_type: str = "retrieval"              # run folder name part: <dataset>_<run_type>
+    run_name: Optional[str] = None           # run folder name part; null = experiment
+    tag: str = ""                            # appended to run and features folder names as _<tag>
+    add_string: str = ""                     # appended to run and features folder names as _<add_string>
     # --- data --------------------------------------------------------------------------
-    anns_file: str = MISSING                 # anns.pt (required by create_index.py)
+    anns_file: Optional[str] = MISSING       # anns.pt (required by create_index.py)
     captions_file: Optional[str] = None      # captions.pt with object masks (MI extractors)
     query_captions_file: Optional[str] = None  # query masks for mask_input; null = captions_file
     galleries_dir: Optional[str] = None      # root of relative gallery paths; null = anns folder
     queries_dir: Optional[str] = None        # root of relative query paths; null = anns folder
     no_query_crop: bool = False              # true: do not crop queries to their bbox
-    no_positive: str = "error"               # query without a positive in the gallery: error|skip
-    duplicates: str = "error"                # keys naming one file: error|merge (when labels agree)
-    bad_images: str = "error"                # unreadable image: error|skip (counted, listed)
+    crop: bool = False                       # true: queries cropped tight to their bbox (default: the
+                                             # original's square crop of side max(w, h) around the box)
+    no_positive: NoPositive = NoPositive.error  # query without a positive: error|skip|zero (AP 0, original)
+    duplicates: Duplicates = Duplicates.error   # keys naming one file: error|merge (when labels agree)
+    bad_images: BadImages = BadImages.error     # unreadable image: error|skip (counted, listed)
     set: Optional[str] = None                # evaluate one split: the images whose anns `set` is this
                                              # (VoxDet-SoIR: OWID | RoboTools); null = all
-    masks_from: str = "captions"             # MI masks: captions (captions_file, e.g. OWLv2 + SAM) |
+    subset: str = "all"                      # the original's name for `set` (all = every image)
+    ds_inds_file: Optional[str] = None       # evaluate on the images at these positions of the sorted anns keys
+    max_ds_index: Optional[int] = None       # evaluate on the first N images of the sorted anns keys
+    masks_from: MasksFrom = MasksFrom.captions  # MI masks: captions (captions_file, e.g. OWLv2 + SAM) |
                                              # anns (the anns file's own object masks: ground truth)
     box_masks: bool = False                  # masks_from=anns: an object with a box and no mask gets
                                              # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
-    global_features: bool = True             # global-type descriptors (the only kind implemented)
+    global_features: bool = True             # false: MI extractors compute no MI (the plain global embedding)
     smart_crop: bool = False                 # MI inside each mask's padded box crop
     smart_crop_pad: float = 0.1              # crop padding, share of the box's longer side
+    single_from_sc: bool = True              # mi_sum + smart_crop: one MI vector per mask on its smart crop
     mi_alpha: float = 0.03                   # pull towards the global embedding
     mi_beta: float = 0.0                     # penalty on |cos| between masks of one image
     mi_lr: float = 0.1
     mi_iterations: int = 100
     mi_layer_index: int = -1                 # hooked blocks: L + mi_layer_index + 1 .. L
-    mi_impl: str = "auto"                    # auto | blockwise | fused | dense: same results up to rounding
-    mi_precision: str = "fp32"               # fp32 | tf32 (CUDA) | bf16 (fused): MI's products, explicit only
+    mi_impl: MiImpl = MiImpl.auto            # auto | blockwise | fused | dense: same results up to rounding
+    mi_precision: MiPrecision = MiPrecision.fp32  # fp32 | tf32 (CUDA) | bf16 (fused): MI's products
     mi_cuda_graph: bool = False              # CUDA: replay each MI iteration as a CUDA graph
     mi_sum: bool = False                     # one vector per image, MI on the union of its masks
+    full_mask: bool = False                  # the original's name for mi_sum
     avg_multiple_vecs: bool = False          # one vector per image: mean of its mask vectors
-    missing_masks: str = "error"             # gallery image with no mask: error|global
-    mask_input: bool = False                 # MI on queries with their mask (else global crop)
+    missing_masks: MissingMasks = MissingMasks.error  # gallery image with no mask: error|global|full_mask
+    mask_input: bool = False                 # queries: MI with their mask on the query image with its
+                                             # pixels outside the mask(s) set to zero (the original's)
+    query_mi: bool = False                   # queries: MI with their mask on the unmasked query image
+    query_masks: QueryMasks = QueryMasks.best  # mask_input / query_mi: the mask best overlapping the bbox,
+                                             # or all of the query's masks (several rows, max-scored)
+    query_extractor: Optional[str] = None    # another registered extractor for the queries (same space)
+    query_extractor_args: Optional[dict[str, Any]] = None  # settings of the query extractor that differ
+    debug: bool = False                      # log the MI loss of every iteration
+    # --- compat=original switches (see configs/compat/original.yaml) -------------------
+    legrad_norm: LegradNorm = LegradNorm.per_map       # joint: min-max over all masks of an image at once
+    mi_sum_loss: MiSumLoss = MiSumLoss.union           # mean_dice: mi_sum fits the mean of per-mask Dice
+    smart_crop_source: SmartCropSource = SmartCropSource.original  # resized: cut from the model-size copy
+    mi_resample: MiResample = MiResample.processor     # original: MI-path resize LANCZOS/BILINEAR per family
+    gallery_crop: bool = False               # crop gallery images that have a bbox like queries (leaks the label)
     # --- DINOv2 / CLIP LoRA --------------------------------------------------------------
     lora_adapt: bool = False
     lora_rank: int = 256
@@ -65,77 +113,151 @@ class SoIRConfig:
     weights: Optional[str] = None            # LoRA state-dict checkpoint
     # --- compute -------------------------------------------------------------------------
     device: str = "auto"                     # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "fp32"                  # fp32 | fp16 | bf16 (autocast; features stored fp32)
+    precision: Precision = Precision.fp32    # fp32 | fp16 | bf16 (autocast of global embeddings)
     batch_size: int = 16
     num_workers: int = 2
     shard_size: int = 512                    # images per feature shard (resume granularity)
+    gallery_chunk_size: Optional[int] = None  # the original's name for shard_size
+    # --- what create_index.py does -----------------------------------------------------
+    only_create: bool = False                # stop after the index (else the search runs at the end)
+    only_gallery: bool = False               # extract the gallery only (no queries, no search)
+    no_faiss: bool = False                   # build no FAISS index (the search is exact either way)
     # --- index and search -------------------------------------------------------------------
     features_dir: Optional[str] = None       # create: null = outputs/features/<dataset>/<extractor>-<hash>
     index: str = "Flat"                      # faiss index_factory string (inner product)
     k_search: int = 100                      # rankings saved per query (all images are scored)
+    max_k_search: int = 1000000              # cap on k_search (the original's)
+    save_knns: bool = True                   # write rankings.jsonl
     map_at: Optional[int] = None             # also report mAP@k
     precision_at: tuple[int, ...] = (1, 5, 10)
     recall_at: tuple[int, ...] = (1, 5, 10)
+    T2I: bool = False                        # text-to-image search with each query's obj_name
     # --- report of a search run (search_index.py) -----------------------------------------
     report: bool = True                      # write report.html (+ thumbs/) next to results.json
     report_k: int = 10                       # gallery images shown per query
     report_thumb_size: int = 160             # longer side of the thumbnails, pixels
     report_maps: bool = False                # link each shown gallery image to its LeGrad map (runs the model)
+    # --- keys of the original's config that its code never read: accepted at its default only
+    dumb_crop: bool = False
+    no_center_crop: bool = False
+    no_gallery_crop: bool = False
+    no_resize: bool = False
+    gallery: Optional[str] = None
+    read_dataset: bool = True
+    save_gallery_embeddings: bool = False
+    rerank: bool = False
 
 
-CHOICES = {"no_positive": ("error", "skip"), "missing_masks": ("error", "global"),
-           "precision": ("fp32", "fp16", "bf16"), "duplicates": ("error", "merge"),
-           "bad_images": ("error", "skip"), "masks_from": ("captions", "anns"),
-           "mi_impl": ("auto", "blockwise", "fused", "dense"), "mi_precision": ("fp32", "tf32", "bf16")}
+# Keys of the original code's config that its code never read: SoIR accepts them at the original's
+# default (so its config files and commands compose) and refuses any other value.
+UNREAD_ORIGINAL_KEYS = {"dumb_crop": False, "no_center_crop": False, "no_gallery_crop": False, "no_resize": False,
+                        "gallery": None, "read_dataset": True, "save_gallery_embeddings": False, "rerank": False}
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
 # query features only; RUN_KEYS change no feature: names, search settings, and the input paths,
 # whose effect (which images, their bytes, boxes and masks) is hashed from the inputs themselves,
 # so moving or fixing anns.pt without changing the gallery keeps the gallery. Every other key
 # changes the gallery features (and so the queries').
-QUERY_KEYS = frozenset({"mask_input", "query_captions_file", "no_query_crop", "queries_dir", "no_positive"})
+QUERY_KEYS = frozenset({"mask_input", "query_mi", "query_masks", "query_captions_file", "no_query_crop", "crop",
+                        "queries_dir", "no_positive", "query_extractor", "query_extractor_args"})
 RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
                       "recall_at", "num_workers", "anns_file", "captions_file", "galleries_dir", "duplicates",
                       "bad_images", "vec_dim", "model_name", "B_model", "lora_adapt", "lora_rank",
                       "lora_alpha", "weights", "device", "queries_dir", "query_captions_file", "set",
-                      "masks_from", "box_masks", "report", "report_k", "report_thumb_size", "report_maps"})
+                      "masks_from", "box_masks", "report", "report_k", "report_thumb_size", "report_maps",
+                      "run_type", "run_name", "tag", "add_string", "subset", "ds_inds_file", "max_ds_index",
+                      "full_mask", "gallery_chunk_size", "only_create", "only_gallery", "no_faiss",
+                      "max_k_search", "save_knns", "T2I", "debug", "single_from_sc", *UNREAD_ORIGINAL_KEYS})
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
-# the adapters' content and the device actually used, not the names.
+# the adapters' content and the device actually used, not the names. The original's aliases
+# (full_mask, gallery_chunk_size, subset) and single_from_sc are resolved into mi_sum, shard_size,
+# set and smart_crop by :func:`resolve_aliases` before anything reads them; ds_inds_file,
+# max_ds_index and only_gallery act on which images are extracted, which the inputs' hash covers.
+
+
+log = logging.getLogger("soir.config")
 
 
 def register() -> None:
-    """Register the schema (as ``soir_schema``) and the ``soir_uid`` resolver used in run dirs."""
+    """Register the schema (as ``soir_schema``) and the resolvers used in run folder names."""
     ConfigStore.instance().store(name="soir_schema", node=SoIRConfig)
     if not OmegaConf.has_resolver("soir_uid"):
         # Seconds-resolution timestamps alone collide for runs started together.
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+    if not OmegaConf.has_resolver("soir_name"):
+        OmegaConf.register_new_resolver("soir_name", run_label)
+
+
+def run_label(run_name: str | None, experiment: str, tag: str | None = "", add_string: str | None = "") -> str:
+    """``run_name`` (or ``experiment``) with ``_<tag>`` and ``_<add_string>`` appended when they are
+    set (the original's naming), for run folder names."""
+    return "_".join(str(p) for p in (run_name or experiment or "run", tag, add_string) if p not in (None, ""))
+
+
+def resolve_aliases(cfg: DictConfig) -> None:
+    """Fold the original code's names into SoIR's, in place, before anything reads the config.
+
+    ``full_mask`` -> ``mi_sum``; ``gallery_chunk_size`` -> ``shard_size``; ``subset`` -> ``set``;
+    ``mi_sum`` + ``smart_crop`` + ``single_from_sc=true`` (the original's example command) -> one MI
+    vector per mask on its smart crop, i.e. ``smart_crop`` alone (logged). Conflicting values of an
+    alias and its SoIR name are refused.
+    """
+    default = SoIRConfig()
+    if cfg.full_mask:
+        cfg.mi_sum = True
+    if cfg.gallery_chunk_size is not None:
+        if cfg.shard_size != default.shard_size and cfg.shard_size != cfg.gallery_chunk_size:
+            raise SoIRError(f"gallery_chunk_size={cfg.gallery_chunk_size} (the original's name for shard_size) and "
+                            f"shard_size={cfg.shard_size} disagree; set one of them")
+        cfg.shard_size = cfg.gallery_chunk_size
+    if cfg.subset != "all":
+        if cfg.set is not None and cfg.set != cfg.subset:
+            raise SoIRError(f"subset={cfg.subset} (the original's name for set) and set={cfg.set} disagree; set one")
+        cfg.set = cfg.subset
+    if cfg.mi_sum and cfg.smart_crop:
+        if not cfg.single_from_sc:
+            raise SoIRError("mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original applied "
+                            "the crops' masks to the full image); use smart_crop=true (one vector per mask on its "
+                            "crop) or mi_sum=true (one vector per image)")
+        log.info("mi_sum=true smart_crop=true single_from_sc=true: one MI vector per mask on its smart crop, as "
+                 "the original computes it (the same as smart_crop=true alone)")
+        cfg.mi_sum = False
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cross-key checks Hydra's schema cannot express. Raises SoIRError naming the key."""
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise SoIRError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    """Cross-key checks Hydra's schema cannot express. Raises SoIRError naming the key.
+
+    Call :func:`resolve_aliases` first.
+    """
     for field in dataclasses.fields(SoIRConfig):
         value = cfg.get(field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise SoIRError(f"{field.name}={value} is not a finite number")
-    if not cfg.global_features:
-        raise SoIRError("global_features=false asks for dense/patch descriptors, which SoIR does not "
-                         "implement; descriptors are global-type (whole image, or one MI vector per mask)")
+    for key, default in UNREAD_ORIGINAL_KEYS.items():
+        if cfg[key] != default:
+            raise SoIRError(f"{key}={cfg[key]} is not supported: the original code accepted this key but never read "
+                            f"it (so it did nothing there either); leave it at {default}")
+    if cfg.T2I:
+        raise SoIRError("T2I=true (text-to-image search) needs text queries, which SoIR does not implement yet; "
+                        "remove T2I")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
         raise SoIRError("mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
-                         "inversion has a single mask, so it would do nothing")
-    if cfg.mi_sum and cfg.smart_crop:
-        raise SoIRError("mi_sum=true optimises one vector over all masks; smart_crop=true crops per mask")
-    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "vec_dim", "lora_rank", "report_k"):
+                        "inversion has a single mask, so it would do nothing")
+    if cfg.mask_input and cfg.query_mi:
+        raise SoIRError("mask_input=true (MI on the query with its background zeroed) and query_mi=true (MI on the "
+                        "unmasked query) are two ways of describing a query; pick one")
+    if cfg.crop and cfg.no_query_crop:
+        raise SoIRError("crop=true (tight query crop) and no_query_crop=true (no query crop) contradict; pick one")
+    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "max_k_search", "vec_dim", "lora_rank",
+                "report_k"):
         if cfg[key] < (0 if key == "mi_iterations" else 1):
             raise SoIRError(f"{key}={cfg[key]} must be positive")
-    if cfg.num_workers < 0:
-        raise SoIRError(f"num_workers={cfg.num_workers} must be >= 0")
+    for key in ("num_workers", "max_ds_index"):
+        if cfg[key] is not None and cfg[key] < 0:
+            raise SoIRError(f"{key}={cfg[key]} must be >= 0")
     if cfg.mi_layer_index >= 0:
         raise SoIRError(f"mi_layer_index={cfg.mi_layer_index} must be negative (-1 = last block)")
     if not 0 <= cfg.smart_crop_pad <= 2:
@@ -153,3 +275,7 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError(f"report_thumb_size={cfg.report_thumb_size} must be in [32, 1024] pixels")
     if cfg.report_maps and not cfg.report:
         raise SoIRError("report_maps=true adds maps to the report; it needs report=true")
+    if cfg.gallery_crop:
+        log.warning("gallery_crop=true crops gallery images to their annotated bbox, as the original code does: "
+                    "this leaks the label into the gallery features; numbers made with it are not comparable "
+                    "with SoIR's default")

@@ -146,14 +146,16 @@ class LeGrad:
         B, P = e.shape[:2]
         return self.relevance(e)[..., self.parts.num_prefix_tokens:].reshape(B, P, *self.grid)
 
-    def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None, joint: bool = False) -> torch.Tensor:
         """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to the image size).
 
-        A constant map (e.g. no positive gradient anywhere) becomes all zeros, never NaN.
+        Each map is min-max normalised on its own; ``joint=True`` uses one min and max for all P maps
+        of an image (the original code's accident, ``legrad_norm=joint``). A constant map (e.g. no
+        positive gradient anywhere) becomes all zeros, never NaN.
         """
         rel = self.patch_relevance(e)
         E = F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False)
-        E = min_max(E)
+        E = min_max(E, joint)
         size = tuple(size) if size is not None else self.image_size
         if tuple(E.shape[-2:]) != size:
             E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
@@ -344,9 +346,11 @@ class MapDice:
     Args:
         legrad: the images' :class:`LeGrad`.
         masks: [B, P, Hm, Wm] in {0, 1}.
+        joint: one min and max for all maps of an image (:meth:`LeGrad.maps`).
     """
 
-    def __init__(self, legrad: LeGrad, masks: torch.Tensor):
+    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool = False):
+        self.dims = (-3, -2, -1) if joint else (-2, -1)
         masks = masks.to(dtype=legrad.dtype, device=legrad.g.device)
         like = dict(dtype=masks.dtype, device=masks.device)
         p = legrad.parts.patch_size
@@ -364,10 +368,11 @@ class MapDice:
         self.pixels = size[0] * size[1]
 
     def __call__(self, relevance: torch.Tensor) -> torch.Tensor:
-        """Dice loss [B, P] of the maps of patch relevance [B, P, *grid] (:meth:`LeGrad.patch_relevance`)."""
+        """Dice loss [B, P] of the maps of patch relevance [B, P, *grid] (:meth:`LeGrad.patch_relevance`;
+        [B, 1, *grid] compares one map with each of the P masks)."""
         extremes = self.Up_y @ relevance @ self.Up_x.T                            # rows / cols that hold them
-        lo = extremes.amin(dim=(-2, -1))
-        span = (extremes.amax(dim=(-2, -1)) - lo).clamp_min(1e-12)
+        lo = extremes.amin(dim=self.dims, keepdim=True).flatten(2).amin(-1)   # [B, P] or [B, 1]
+        span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
@@ -427,10 +432,12 @@ def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def min_max(E: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each map [..., H, W] on its own; a constant map becomes 0."""
-    lo = E.amin(dim=(-2, -1), keepdim=True)
-    hi = E.amax(dim=(-2, -1), keepdim=True)
+def min_max(E: torch.Tensor, joint: bool = False) -> torch.Tensor:
+    """Min-max normalise each map [B, P, H, W] on its own (or, ``joint``, the P maps of an image
+    together); a constant map becomes 0."""
+    dims = (-3, -2, -1) if joint else (-2, -1)
+    lo = E.amin(dim=dims, keepdim=True)
+    hi = E.amax(dim=dims, keepdim=True)
     return (E - lo) / (hi - lo).clamp_min(1e-12)
 
 

@@ -66,7 +66,7 @@ def global_embedding(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
 
 
 def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.Tensor,
-               layer_index: int = -1) -> torch.Tensor:
+               layer_index: int = -1, joint: bool = False) -> torch.Tensor:
     """LeGrad explainability maps of ``embeddings`` on the images.
 
     Args:
@@ -74,6 +74,7 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
         pixel_values: [B, 3, H, W].
         embeddings: [B, P, D_out] query embeddings (normalised here).
         layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
+        joint: one min-max normalisation for the P maps of an image (``legrad_norm=joint``).
 
     Returns:
         [B, P, H, W] maps in [0, 1] (float32, float64 for float64 models).
@@ -85,13 +86,13 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
     with _eval_mode(parts.model):
         legrad = LeGrad(parts, pixel_values, layer_index)
         with torch.no_grad(), no_autocast(pixel_values.device):
-            return legrad.maps(F.normalize(embeddings.to(legrad.g), dim=-1))
+            return legrad.maps(F.normalize(embeddings.to(legrad.g), dim=-1), joint=joint)
 
 
 def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, alpha: float = 0.03,
                    iterations: int = 100, lr: float = 0.1, layer_index: int = -1, beta: float = 0.0,
                    return_history: bool = False, impl: str = "auto", precision: str = "fp32",
-                   cuda_graph: bool = False):
+                   cuda_graph: bool = False, joint_norm: bool = False, shared: bool = False):
     """Mask Inversion embeddings of P masks per image.
 
     Args:
@@ -116,6 +117,10 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
             for the evaluation's products (:class:`utils.legrad.LeGrad`); report their cosine to fp32.
         cuda_graph: CUDA only: capture one iteration (forward, backward, AdamW step) in a CUDA graph
             and replay it, removing the per-iteration launch cost (shapes are static within a call).
+        joint_norm: min-max normalise the P maps of an image with one min and max (the original
+            code's accident, ``legrad_norm=joint``): the masks of an image then interact.
+        shared: ONE embedding per image for all its P masks, fitted to the mean of the P Dice terms
+            (the original's ``mi_sum`` for SigLIP / CLIP, ``mi_sum_loss=mean_dice``); returns [B, 1, D].
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -155,28 +160,31 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     g_unit = F.normalize(legrad.g, dim=-1)[:, None]                      # [B, 1, D]
-    raw = legrad.g[:, None].expand(B, P, -1).clone().requires_grad_(True)
+    vectors = 1 if shared else P
+    raw = legrad.g[:, None].expand(B, vectors, -1).clone().requires_grad_(True)
     on_cuda = raw.device.type == "cuda"
     optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None,
                                   capturable=cuda_graph)
     if legrad.impl == "dense":
-        dice_of = lambda e: dice_loss(legrad.maps(e, size=target.shape[-2:]), target)  # noqa: E731
+        dice_of = lambda e: dice_loss(legrad.maps(e, size=target.shape[-2:], joint=joint_norm), target)  # noqa: E731
     else:
-        map_dice = MapDice(legrad, target)
+        map_dice = MapDice(legrad, target, joint=joint_norm)
         dice_of = lambda e: map_dice(legrad.patch_relevance(e))                        # noqa: E731
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         """One AdamW step on the summed loss; returns (loss, dice) [B, P] before the step."""
         e = F.normalize(raw, dim=-1)
-        dice = dice_of(e)
+        dice = dice_of(e)                                                 # [B, P] (a shared e: one map, P masks)
+        if shared:
+            dice = dice.mean(dim=1, keepdim=True)
         loss = dice + alpha * (1 - (e * g_unit).sum(-1))
-        if beta and P > 1:
+        if beta and vectors > 1:
             loss = loss + beta * _mean_abs_cos_to_others(e)
         loss.sum().backward()
         optimizer.step()
         return loss.detach(), dice.detach()
 
-    history = torch.zeros(iterations, 2, B, P, dtype=legrad.dtype, device=raw.device) if return_history else None
+    history = torch.zeros(iterations, 2, B, vectors, dtype=legrad.dtype, device=raw.device) if return_history else None
     with torch.enable_grad(), no_autocast(pixel_values.device):
         if cuda_graph and iterations:
             _replay_in_cuda_graph(step, iterations, raw, optimizer, history)

@@ -306,12 +306,15 @@ def first_positive_rank(scores: np.ndarray, relevant: np.ndarray, *, chunk_queri
     return per_query_metrics(scores, relevant, chunk_queries=chunk_queries)["first_positive_rank"]
 
 
-def summarize(per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int] = (1, 5, 10)) -> dict:
+def summarize(per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int] = (1, 5, 10),
+              no_positive: str = "error") -> dict:
     """Dataset numbers from (possibly concatenated) :func:`per_query_metrics` arrays.
 
     Returns {"num_queries": Q, "mAP": float, "recall": {"K": hit rate}} plus "precision": {"k": mean P@k} and
     "mAP@k": float for every "precision@k" / "ap@k" array present. All values are fractions in [0, 1].
-    Raises ValueError if any query has no positive (it would silently count as a miss).
+    A query without positives raises ValueError (it would silently count as a miss), unless
+    ``no_positive="zero"``: it then counts, knowingly, as AP 0, AP@k 0 and a miss (the original code's rule;
+    the count is returned as "queries_without_positives").
     """
     recall_ks = _as_ks(recall_ks, "recall_ks")
     missing = [key for key in REQUIRED_PER_QUERY_KEYS if key not in per_query]
@@ -325,19 +328,25 @@ def summarize(per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int
         if len(values) != num_queries:
             raise ValueError(f"per_query[{key!r}] has {len(values)} entries, num_positives has {num_queries}")
     empty = np.flatnonzero(num_positives == 0)
-    if len(empty):
+    if len(empty) and no_positive != "zero":
         raise ValueError(
             f"{len(empty)} of {num_queries} queries have no relevant gallery item (query indices "
             f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''}); they would silently count as misses. "
             "Drop them or fix the ground truth."
         )
+    zero = {key: np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+            for key, values in per_query.items() if key == "ap" or key.startswith("ap@")}
+    per_query = {**per_query, **zero}
 
     first_rank = np.asarray(per_query["first_positive_rank"])
+    hit = first_rank > 0                                         # 0: the query has no positive
     result: dict = {
         "num_queries": num_queries,
         "mAP": float(np.mean(per_query["ap"], dtype=np.float64)),
-        "recall": {str(k): float(np.mean(first_rank <= k)) for k in recall_ks},
+        "recall": {str(k): float(np.mean(hit & (first_rank <= k))) for k in recall_ks},
     }
+    if no_positive == "zero":
+        result["queries_without_positives"] = int(len(empty))
     precision = {
         key.split("@")[1]: float(np.mean(values, dtype=np.float64))
         for key, values in per_query.items()

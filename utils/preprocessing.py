@@ -56,12 +56,15 @@ class Preprocess:
         Other modes are refused: converting 16-bit or transparent images needs care
         (``datasets.images.to_rgb``), not PIL's plain ``convert``.
         """
+        transform = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
+                               T.Normalize(self.mean, self.std)])
+        return transform(self.resize(image))
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """PIL RGB image resized (whole, aspect ratio not kept) to the model's input size."""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode} (use datasets.images.to_rgb)")
-        transform = T.Compose([T.Resize(self.size, interpolation=self.resample, antialias=True),
-                               T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                               T.Normalize(self.mean, self.std)])
-        return transform(image)
+        return T.Resize(self.size, interpolation=self.resample, antialias=True)(image)
 
     def masks(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Masks [P, H, W] (bool, 0/1 or 0/255) -> float {0, 1} tensor [P, h, w] at the input size.

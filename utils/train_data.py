@@ -126,7 +126,7 @@ class PairDataset(Dataset):
         self.pad, self.min_size = pad, min_size
         maker = ViewMaker(preprocess, "global")
         # Queries go through the extraction Dataset, so they are cut exactly as create_index.py cuts them.
-        self.queries = ViewDataset([ImageJob(q, crop_to_bbox=True) for q in queries], maker, maker)
+        self.queries = ViewDataset([ImageJob(q, crop="square" if q.bbox is not None else None) for q in queries], maker, maker)
 
     def __len__(self) -> int:
         return len(self.pairs)

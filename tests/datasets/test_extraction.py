@@ -45,7 +45,7 @@ def test_check_jobs_finds_every_box_mask_and_header_problem_before_any_model(tmp
     good, other = _image(tmp_path / "good.jpg"), _image(tmp_path / "other.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     jobs = [
-        ImageJob(Annotation("good.jpg", good, (1,), True, (0, 0, 60, 10)), crop_to_bbox=True),   # box too wide
+        ImageJob(Annotation("good.jpg", good, (1,), True, (0, 0, 60, 10)), crop="tight"),   # box too wide
         ImageJob(Annotation("other.jpg", other, (1,), False), masks=_masks(20, 20)),             # masks 20x20
         ImageJob(Annotation("broken.jpg", tmp_path / "broken.jpg", (2,), False)),
     ]
@@ -96,6 +96,6 @@ def test_jobs_digest_ignores_labels_and_unused_boxes_but_not_pixels_or_masks(tmp
     _image(path, size=(40, 30)).write_bytes(path.read_bytes() + b"\0")          # other bytes
     assert jobs_digest([ImageJob(ann, masks=_masks(30, 40))], {"g.jpg": image_facts([path])[0]}) != base
     query = Annotation("q.jpg", path, (1,), True, bbox=(1, 1, 5, 5))
-    cropped = jobs_digest([ImageJob(query, crop_to_bbox=True)], {"q.jpg": facts["g.jpg"]})
+    cropped = jobs_digest([ImageJob(query, crop="tight")], {"q.jpg": facts["g.jpg"]})
     moved = Annotation("q.jpg", path, (1,), True, bbox=(2, 1, 5, 5))
-    assert jobs_digest([ImageJob(moved, crop_to_bbox=True)], {"q.jpg": facts["g.jpg"]}) != cropped
+    assert jobs_digest([ImageJob(moved, crop="tight")], {"q.jpg": facts["g.jpg"]}) != cropped

@@ -12,6 +12,7 @@ from transformers import Dinov2Model, SiglipImageProcessor, SiglipVisionModel
 from extractors import (CLIPExtractor, DINOv2Extractor, SigLIPExtractor, build_extractor,
                         extractor_from_config, list_extractors)
 from utils.config import SoIRConfig
+from utils.errors import SoIRError
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_vec_dim_is_checked_against_the_model(tiny_model_dirs):
 def test_explicit_cuda_without_cuda_is_an_error(tiny_model_dirs):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(SoIRError, match="CUDA is not available"):
         SigLIPExtractor(str(tiny_model_dirs["siglip"]), device="cuda")
 
 
@@ -119,7 +120,7 @@ def test_lora_checkpoint_with_v4_names_loads_and_changes_the_output(tiny_model_d
     ckpt = tmp_path / "lora.ckpt"
     torch.save(_as_v4_lightning_checkpoint(peft_model), ckpt)
     plain = DINOv2Extractor(str(folder), device="cpu")
-    adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_alpha=4, lora_weights=ckpt)
+    adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_alpha=4, lora_adapt=True, weights=ckpt)
     pixels = plain.preprocess.image(image)[None]
     expected = torch.nn.functional.normalize(peft_model(pixel_values=pixels).pooler_output, dim=-1)[0]
     torch.testing.assert_close(adapted.extract(image), expected, atol=1e-5, rtol=1e-4)
@@ -134,10 +135,10 @@ def test_lora_checkpoint_that_does_not_fit_lists_the_keys(tiny_model_dirs, tmp_p
     torch.save(state, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"bad.ckpt does not match.*missing LoRA keys.*v_proj.*"
                                          r"1 unexpected keys.*fc9"):
-        DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_weights=tmp_path / "bad.ckpt")
+        DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_adapt=True, weights=tmp_path / "bad.ckpt")
     torch.save(_as_v4_lightning_checkpoint(_lora_model(folder, rank=4)), tmp_path / "r4.ckpt")
     with pytest.raises(ValueError, match="check lora_rank"):
-        DINOv2Extractor(str(folder), device="cpu", lora_rank=8, lora_weights=tmp_path / "r4.ckpt")
+        DINOv2Extractor(str(folder), device="cpu", lora_rank=8, lora_adapt=True, weights=tmp_path / "r4.ckpt")
 
 
 def test_checkpoint_of_another_family_is_refused(tiny_model_dirs):

@@ -73,7 +73,7 @@ def test_checkpoint_made_the_originals_way_gives_the_originals_features(tiny_mod
     torch.testing.assert_close(adapted.extract(image), expected, atol=1e-5, rtol=1e-4)
     # The scaling matters: alpha = rank (scaling 1, SoIR's old default) gives other features.
     scale_one = DINOv2Extractor(str(folder), device="cpu", lora_rank=RANK, lora_alpha=RANK,
-                                lora_weights=tmp_path / "lora_weights.ckpt")
+                                lora_adapt=True, weights=tmp_path / "lora_weights.ckpt")
     assert (scale_one.extract(image) - expected).abs().max() > 1e-2
 
 
@@ -84,7 +84,7 @@ def test_peft_adapter_folder_alpha_wins_and_is_logged(tiny_model_dirs, image, tm
     peft_model.save_pretrained(tmp_path / "adapter")       # adapter_model.safetensors + adapter_config.json
     with caplog.at_level(logging.INFO, logger="soir.extractors"):
         adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=RANK,   # lora_alpha: default 32
-                                  lora_weights=tmp_path / "adapter" / "adapter_model.safetensors")
+                                  lora_adapt=True, weights=tmp_path / "adapter" / "adapter_model.safetensors")
     assert "LoRA alpha 4 stored in adapter_config.json is used (lora_alpha=32 ignored)" in caplog.text
     torch.testing.assert_close(adapted.extract(image), _reference(peft_model, adapted, image), atol=1e-5, rtol=1e-4)
 
@@ -95,9 +95,9 @@ def test_stored_rank_and_family_are_checked(tiny_model_dirs, tmp_path):
     torch.save(lora_checkpoint(wrap_with_lora(Dinov2Model.from_pretrained(folder), settings), settings),
                tmp_path / "mine.ckpt")
     with pytest.raises(ValueError, match=rf"mine.ckpt was trained with LoRA rank {RANK} .*set lora_rank={RANK}"):
-        DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_weights=tmp_path / "mine.ckpt")
+        DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_adapt=True, weights=tmp_path / "mine.ckpt")
     with pytest.raises(ValueError, match="mine.ckpt holds LoRA adapters for dinov2, not clip"):
-        CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu", lora_rank=RANK, lora_weights=tmp_path / "mine.ckpt")
+        CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu", lora_rank=RANK, lora_adapt=True, weights=tmp_path / "mine.ckpt")
 
 
 def test_clip_lora_loads_for_plain_and_mask_inversion_extractors(tiny_model_dirs, image, tmp_path):
@@ -112,7 +112,7 @@ def test_clip_lora_loads_for_plain_and_mask_inversion_extractors(tiny_model_dirs
     plain = extractor_from_config(cfg)
     torch.testing.assert_close(plain.extract(image), _reference(peft_model, plain, image), atol=1e-5, rtol=1e-4)
     # MI on the merged model = MI on the peft model (the engine walks peft's LoRA layers).
-    mi = CLIPMIExtractor(str(folder), device="cpu", mi_iterations=5, lora_rank=4, lora_weights=tmp_path / "clip_lora.ckpt")
+    mi = CLIPMIExtractor(str(folder), device="cpu", mi_iterations=5, lora_rank=4, lora_adapt=True, weights=tmp_path / "clip_lora.ckpt")
     masks = np.zeros((2, image.height, image.width), dtype=bool)
     masks[0, 10:40, 20:70], masks[1, 50:85, 60:110] = True, True
     pixels, small = mi.preprocess.image(image)[None], mi.preprocess.masks(masks)[None]
@@ -138,7 +138,7 @@ def _zip(path):
 def test_a_file_that_is_not_a_checkpoint_gives_one_line_naming_it(tiny_model_dirs, tmp_path, make, problem):
     path = make(tmp_path / "weights.ckpt")
     with pytest.raises(ValueError) as err:
-        DINOv2Extractor(str(tiny_model_dirs["dinov2"]), device="cpu", lora_rank=RANK, lora_weights=path)
+        DINOv2Extractor(str(tiny_model_dirs["dinov2"]), device="cpu", lora_rank=RANK, lora_adapt=True, weights=path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and problem in message
     assert "\n" not in message and "weights_only=False" not in message

@@ -74,10 +74,13 @@ def test_one_vector_per_image_modes(tiny_model_dirs, scene):
     folder = str(tiny_model_dirs["siglip"])
     per_mask = SigLIPMIExtractor(folder, **MI).extract(image, masks)
     averaged = SigLIPMIExtractor(folder, avg_multiple_vecs=True, **MI).extract(image, masks)
-    torch.testing.assert_close(averaged[0], torch.nn.functional.normalize(per_mask.mean(0), dim=0))
+    assert per_mask.shape == (2, 32) and averaged.shape == (32,)          # one-vector modes give [D]
+    torch.testing.assert_close(averaged, torch.nn.functional.normalize(per_mask.mean(0), dim=0))
     union = SigLIPMIExtractor(folder, mi_sum=True, **MI).extract(image, masks)
     single = SigLIPMIExtractor(folder, **MI).extract(image, masks.any(0, keepdims=True))
-    torch.testing.assert_close(union, single)
+    assert single.shape == (1, 32)
+    torch.testing.assert_close(union, single[0])
+    torch.testing.assert_close(SigLIPMIExtractor(folder, full_mask=True, **MI).extract(image, masks), union)
 
 
 def test_smart_crop_cuts_each_mask_box_from_the_original_image(siglip_mi, scene):
@@ -184,3 +187,105 @@ def test_explain_smart_crop_maps_live_inside_each_crop(tiny_model_dirs, scene):
                                                align_corners=False)[0, 0]
     torch.testing.assert_close(explained.maps[0, y1:y2, x1:x2], expected)
     assert explained.history["loss"].shape == (5, 2)
+
+
+# ------------------------------------------------------------------ issue 16: the original's rules
+def test_global_features_false_is_the_plain_embedding(tiny_model_dirs, scene):
+    """The original's MI extractors with global_features=false return the plain global embedding."""
+    folder = str(tiny_model_dirs["siglip"])
+    no_mi = SigLIPMIExtractor(folder, global_features=False, **MI)
+    plain = SigLIPExtractor(folder, device="cpu")
+    torch.testing.assert_close(no_mi.extract(scene[0], scene[1]), plain.extract(scene[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_b_model_false_picks_the_large_models():
+    from extractors import CLIPExtractor, DINOv2Extractor
+    assert DINOv2Extractor.default_model(False) == "facebook/dinov2-large"
+    assert SigLIPExtractor.default_model(False) == "google/siglip-so400m-patch14-384"
+    assert SigLIPExtractor.default_model(True) == "google/siglip-base-patch16-384"
+    assert CLIPExtractor.default_model(False) == "openai/clip-vit-base-patch16"     # no large CLIP in the original
+
+
+def test_original_smart_crop_is_cut_from_the_input_sized_image(tiny_model_dirs, scene):
+    """smart_crop_source=resized, mi_resample=original: the original's rule, re-computed with PIL."""
+    image, masks = scene
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), smart_crop=True, smart_crop_source="resized",
+                                  mi_resample="original", **MI)
+    views = extractor.view_maker()(image, masks)
+    size = extractor.preprocess.size[::-1]                                    # (W, H) for PIL
+    small = image.resize(size, Image.BILINEAR)                                # SigLIP: BILINEAR
+    small_mask = extractor.preprocess.masks(masks[:1])[0] > 0                 # nearest, as every mask
+    ys, xs = torch.nonzero(small_mask, as_tuple=True)
+    x1, y1 = max(0, int(xs.min()) - 5), max(0, int(ys.min()) - 5)             # SigLIP / CLIP: 5 px
+    x2, y2 = min(size[0], int(xs.max()) + 1 + 5), min(size[1], int(ys.max()) + 1 + 5)
+    crop = small.crop((x1, y1, x2, y2)).resize(size, Image.BILINEAR)
+    expected = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(extractor.preprocess.mean)[:, None, None], torch.tensor(extractor.preprocess.std)[:, None, None]
+    torch.testing.assert_close(views.views[0].pixel_values, (expected - mean) / std, atol=1e-5, rtol=0)
+    assert views.views[0].masks.shape == (1, *extractor.preprocess.size)
+
+
+def test_missing_masks_full_mask_keeps_masks_that_vanish(tiny_model_dirs, scene):
+    image, _ = scene
+    speck = np.zeros((1, image.height, image.width), dtype=bool)
+    speck[0, 40, 60] = True                                                  # one pixel: gone at 64 x 64
+    folder = str(tiny_model_dirs["siglip"])
+    with pytest.raises(Exception, match="empty at the model's input size"):
+        SigLIPMIExtractor(folder, **MI).extract(image, speck)
+    kept = SigLIPMIExtractor(folder, missing_masks="full_mask", **MI).view_maker()(image, speck)
+    assert kept.dropped_masks == 0 and kept.views[0].masks.sum() == 0         # MI with an empty target
+
+
+def test_mean_dice_mode_gives_one_vector_for_siglip_and_the_union_for_dinov2(tiny_model_dirs, scene):
+    image, masks = scene
+    siglip = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mi_sum=True, mi_sum_loss="mean_dice", **MI)
+    vectors = siglip.extract(image, masks)
+    pixels, resized = siglip.preprocess.image(image)[None], siglip.preprocess.masks(masks)[None]
+    expected = mask_inversion(siglip.model, pixels, resized, iterations=5, shared=True)[0, 0]
+    torch.testing.assert_close(vectors, expected)
+    dinov2 = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, mi_sum_loss="mean_dice", **MI)
+    union = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, **MI)
+    torch.testing.assert_close(dinov2.extract(image, masks), union.extract(image, masks))
+
+
+def test_mask_input_zeroes_the_background_so_outside_pixels_cannot_change_the_vector(tiny_model_dirs, scene):
+    image, masks = scene
+    folder = str(tiny_model_dirs["siglip"])
+    changed = np.asarray(image).copy()
+    changed[90:, :10] = 255 - changed[90:, :10]                              # outside both masks
+    changed = Image.fromarray(changed)
+    zeroed = SigLIPMIExtractor(folder, mask_input=True, **MI)
+    torch.testing.assert_close(zeroed.extract(changed, masks), zeroed.extract(image, masks))
+    unmasked = SigLIPMIExtractor(folder, **MI)                               # query_mi: MI on the whole image
+    assert (unmasked.extract(changed, masks) - unmasked.extract(image, masks)).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ issue 14: notebooks
+def test_the_original_readme_snippet_runs(tiny_model_dirs, tmp_path):
+    """Verbatim but for the model location (no hub here): a tiny model saved to disk."""
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "image.jpg")
+    from extractors import SigLIPMIExtractor
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mi_alpha=0.03, global_features=True)
+    features = extractor.extract(Image.open(tmp_path / "image.jpg"))   # shape (768,) with the real model
+    assert features.shape == (32,)
+
+
+def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene, tmp_path):
+    from datasets import ImageMasks, encode_mask, save_captions
+    image, masks = scene
+    image.save(tmp_path / "scene.png")
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), captions_file=None, **MI)
+    expected = extractor.extract(image, masks)
+    entry = ImageMasks([encode_mask(m) for m in masks], [[0, 0, 1, 1]] * 2, [1.0, 1.0])
+    for image_form in (image, np.asarray(image), tmp_path / "scene.png", str(tmp_path / "scene.png"),
+                       {"image": image, "img_path": str(tmp_path / "scene.png")}):
+        for mask_form in (masks, [m for m in masks], masks.astype(np.uint8) * 255, torch.from_numpy(masks),
+                          [encode_mask(m) for m in masks], entry, entry.to_dict()):
+            torch.testing.assert_close(extractor.extract(image_form, mask_form), expected)
+    save_captions({str((tmp_path / "scene.png").resolve()): entry}, tmp_path / "captions.pt")
+    with_captions = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), captions_file=tmp_path / "captions.pt", **MI)
+    torch.testing.assert_close(with_captions.extract({"image": None, "img_path": str(tmp_path / "scene.png")}), expected)
+    batch = extractor.extract_batch([image, image.transpose(Image.FLIP_LEFT_RIGHT)], [masks, masks[:, :, ::-1].copy()])
+    torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
+    assert batch[1].shape == (2, 32)

@@ -50,8 +50,8 @@ class ReferenceLeGrad:
         self.g = g_of(out).detach()
         self.size = tuple(pixel_values.shape[-2:])
 
-    def map_one(self, e, size=None):
-        """Explainability map [B, H, W] of unit embeddings e [B, D] (one per image); differentiable in e."""
+    def raw_map(self, e):
+        """Un-normalised LeGrad map [B, 1, H, W] of unit embeddings e [B, D] (one per image)."""
         B = e.shape[0]
         h, w = self.size[0] // self.patch, self.size[1] // self.patch
         total = 0
@@ -62,16 +62,20 @@ class ReferenceLeGrad:
             relevance = G.clamp(min=0).mean(dim=1).mean(dim=1)[:, self.prefix:]
             grid = relevance.reshape(B, 1, h, w)
             total = total + F.interpolate(grid, scale_factor=self.patch, mode="bilinear", align_corners=False)
-        flat = total.flatten(1)
-        lo, hi = flat.amin(1)[:, None, None, None], flat.amax(1)[:, None, None, None]
-        E = (total - lo) / (hi - lo).clamp_min(1e-12)
-        size = size or self.size
-        E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
-        return E[:, 0]
+        return total
 
-    def maps(self, e, size=None):
-        """[B, P, H, W] for e [B, P, D], one mask at a time."""
-        return torch.stack([self.map_one(e[:, p], size) for p in range(e.shape[1])], dim=1)
+    def map_one(self, e, size=None):
+        """Explainability map [B, H, W] of unit embeddings e [B, D] (one per image); differentiable in e."""
+        return self.maps(e[:, None], size)[:, 0]
+
+    def maps(self, e, size=None, joint=False):
+        """[B, P, H, W] for e [B, P, D], one mask at a time; min-max per map, or with ``joint`` over the
+        P maps of an image together (the original code's batch-wide normalisation)."""
+        total = torch.cat([self.raw_map(e[:, p]) for p in range(e.shape[1])], dim=1)     # [B, P, H, W]
+        dims = (1, 2, 3) if joint else (2, 3)
+        lo, hi = total.amin(dim=dims, keepdim=True), total.amax(dim=dims, keepdim=True)
+        E = (total - lo) / (hi - lo).clamp_min(1e-12)
+        return F.interpolate(E, size=size or self.size, mode="bilinear", align_corners=False)
 
 
 class frozen:
@@ -90,34 +94,43 @@ class frozen:
             p.requires_grad_(flag)
 
 
-def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1):
+def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1, joint=False):
     with frozen(model):
         ref = ReferenceLeGrad(model, pixel_values, layer_index)
-        return ref.maps(F.normalize(embeddings, dim=-1)).detach()
+        return ref.maps(F.normalize(embeddings, dim=-1), joint=joint).detach()
 
 
 def reference_mask_inversion(model, pixel_values, masks, alpha=0.03, iterations=100, lr=0.1,
-                             layer_index=-1, beta=0.0):
-    """Unit embeddings [B, P, D]; the loss is summed over images and masks."""
+                             layer_index=-1, beta=0.0, joint=False, shared=False):
+    """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
+    Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
+    min-max normalised together."""
     masks = masks.to(pixel_values.dtype)
     with frozen(model):
         ref = ReferenceLeGrad(model, pixel_values, layer_index)
         B, P = masks.shape[:2]
-        raw = ref.g[:, None].repeat(1, P, 1).requires_grad_(True)
+        V = 1 if shared else P
+        raw = ref.g[:, None].repeat(1, V, 1).requires_grad_(True)
         g_unit = F.normalize(ref.g, dim=-1)
         optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
+        size = tuple(masks.shape[-2:])
         for _ in range(iterations):
             loss = 0
             e = F.normalize(raw, dim=-1)
+            E = ref.maps(e, size=size, joint=joint)                             # [B, V, H, W]
+            dices = []
             for p in range(P):
-                E = ref.map_one(e[:, p], size=tuple(masks.shape[-2:]))
-                m = masks[:, p]
-                dice = 1 - (2 * (E * m).sum((1, 2)) + 1e-6) / (E.sum((1, 2)) + m.sum((1, 2)) + 1e-6)
-                loss = loss + dice.sum() + alpha * (1 - (e[:, p] * g_unit).sum(-1)).sum()
-                if beta and P > 1:
-                    others = [q for q in range(P) if q != p]
-                    cos = torch.stack([(e[:, p] * e[:, q]).sum(-1).abs() for q in others]).mean(0)
-                    loss = loss + beta * cos.sum()
+                Ep, m = E[:, 0 if shared else p], masks[:, p]
+                dices.append(1 - (2 * (Ep * m).sum((1, 2)) + 1e-6) / (Ep.sum((1, 2)) + m.sum((1, 2)) + 1e-6))
+            if shared:
+                loss = torch.stack(dices).mean(0).sum() + alpha * (1 - (e[:, 0] * g_unit).sum(-1)).sum()
+            else:
+                for p in range(P):
+                    loss = loss + dices[p].sum() + alpha * (1 - (e[:, p] * g_unit).sum(-1)).sum()
+                    if beta and P > 1:
+                        others = [q for q in range(P) if q != p]
+                        cos = torch.stack([(e[:, p] * e[:, q]).sum(-1).abs() for q in others]).mean(0)
+                        loss = loss + beta * cos.sum()
             optimizer.zero_grad()
             raw.grad = torch.autograd.grad(loss, raw)[0]
             optimizer.step()

@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from utils.config import check_config, register
+from utils.errors import SoIRError
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 register()
@@ -51,10 +52,9 @@ def test_anns_file_is_required():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["global_features=false"], "global_features=false"),
     (["mi_sum=true", "avg_multiple_vecs=true"], "pick one"),
-    (["missing_masks=skip"], "missing_masks='skip' is not one of error, global"),
-    (["precision=fp8"], "precision='fp8'"),
+    (["mask_input=true", "query_mi=true"], "pick one"),
+    (["crop=true", "no_query_crop=true"], "contradict"),
     (["mi_layer_index=0"], "mi_layer_index=0 must be negative"),
     (["lora_adapt=true", "extractor=siglip_features"], "lora_adapt=true is for DINOv2 and CLIP"),
     (["weights=/x.ckpt"], "needs lora_adapt=true"),
@@ -73,8 +73,77 @@ def test_masks_from_set_and_box_masks():
     cfg = _compose("anns_file=a.pt")
     assert (cfg.set, cfg.masks_from, cfg.box_masks) == (None, "captions", False)
     check_config(_compose("anns_file=a.pt", "set=RoboTools", "masks_from=anns", "box_masks=true"))
-    for overrides, message in [(["masks_from=gt"], "masks_from='gt' is not one of captions, anns"),
-                               (["masks_from=anns", "captions_file=c.pt"], "captions_file would be ignored"),
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("anns_file=a.pt", "masks_from=gt")
+    assert "masks_from" in str(err.value) and "captions, anns" in str(err.value) + str(err.value.__cause__)
+    for overrides, message in [(["masks_from=anns", "captions_file=c.pt"], "captions_file would be ignored"),
                                (["box_masks=true"], "box_masks=true .* needs masks_from=anns")]:
         with pytest.raises(ValueError, match=message):
             check_config(_compose("anns_file=a.pt", *overrides))
+
+
+# The original code's configs/defaults.yaml: its 51 keys at its defaults (../shared/reference/original-config-keys.md).
+ORIGINAL_DEFAULTS = {
+    "dataset": "custom_dataset", "run_type": "retrieval", "run_name": "experiment", "extractor": "dinov2_mi_features",
+    "B_model": False, "vec_dim": 768, "global_features": False, "mi_alpha": 0.03, "mi_beta": 0.0, "mi_sum": False,
+    "mi_iterations": 100, "mi_layer_index": -1, "lora_adapt": False, "lora_rank": 256, "lora_alpha": 32,
+    "weights": None, "smart_crop": False, "dumb_crop": False, "crop": False, "mask_input": False, "full_mask": False,
+    "no_center_crop": False, "no_query_crop": False, "no_gallery_crop": False, "no_resize": False,
+    "anns_file": None, "captions_file": None, "gallery": None, "features_dir": None, "ds_inds_file": None,
+    "k_search": 100, "max_k_search": 1000000, "save_knns": True, "experiment": None, "tag": "", "add_string": "",
+    "debug": False, "only_create": False, "only_gallery": False, "rerank": False, "save_gallery_embeddings": False,
+    "no_faiss": False, "avg_multiple_vecs": False, "single_from_sc": True, "read_dataset": True,
+    "max_ds_index": None, "gallery_chunk_size": 10000, "subset": "all", "T2I": False, "query_extractor": None,
+    "query_extractor_args": None,
+}
+
+
+def _override(key: str, value) -> str:
+    return f"{key}=" + ("null" if value is None else "''" if value == "" else str(value).lower()
+                        if isinstance(value, bool) else str(value))
+
+
+def test_every_key_of_the_original_defaults_file_composes():
+    from utils.config import resolve_aliases
+    assert len(ORIGINAL_DEFAULTS) == 51
+    cfg = _compose(*(_override(k, v) for k, v in ORIGINAL_DEFAULTS.items()))
+    resolve_aliases(cfg)
+    check_config(cfg)
+    assert cfg.shard_size == 10000 and cfg.set is None              # gallery_chunk_size and subset are aliases
+    assert (cfg.global_features, cfg.B_model, cfg.lora_alpha) == (False, False, 32)
+
+
+@pytest.mark.parametrize("key,value", [("dumb_crop", "true"), ("no_center_crop", "true"), ("no_gallery_crop", "true"),
+                                       ("no_resize", "true"), ("gallery", "x"), ("read_dataset", "false"),
+                                       ("save_gallery_embeddings", "true"), ("rerank", "true")])
+def test_keys_the_original_never_read_are_refused_at_other_values(key, value):
+    with pytest.raises(SoIRError, match=f"{key}=.* the original code accepted this key but never read it"):
+        check_config(_compose("anns_file=a.pt", f"{key}={value}"))
+
+
+def test_compat_original_sets_each_switch_and_the_command_line_still_wins():
+    cfg = _compose("anns_file=a.pt", "compat=original")
+    assert (cfg.legrad_norm, cfg.missing_masks, cfg.mi_sum_loss, cfg.smart_crop_source, cfg.mi_resample,
+            cfg.gallery_crop, cfg.no_positive, cfg.query_masks) == (
+        "joint", "full_mask", "mean_dice", "resized", "original", True, "zero", "all")
+    assert _compose("anns_file=a.pt", "compat=original", "no_positive=error").no_positive == "error"
+    default = _compose("anns_file=a.pt")
+    assert (default.legrad_norm, default.missing_masks, default.gallery_crop) == ("per_map", "error", False)
+
+
+def test_aliases_of_the_original_and_their_conflicts():
+    from utils.config import resolve_aliases
+    cfg = _compose("anns_file=a.pt", "gallery_chunk_size=64", "subset=RoboTools")
+    resolve_aliases(cfg)
+    assert (cfg.shard_size, cfg.set) == (64, "RoboTools")
+    with pytest.raises(SoIRError, match="gallery_chunk_size=64 .* and shard_size=32 disagree"):
+        resolve_aliases(_compose("anns_file=a.pt", "gallery_chunk_size=64", "shard_size=32"))
+    with pytest.raises(SoIRError, match="T2I=true"):
+        check_config(_compose("anns_file=a.pt", "T2I=true"))
+
+
+def test_choice_keys_are_enums_that_name_the_key_and_the_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("anns_file=a.pt", "legrad_norm=both")
+    text = str(err.value) + str(err.value.__cause__)
+    assert "legrad_norm" in text and "per_map, joint" in text
