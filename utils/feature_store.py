@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -37,6 +38,10 @@ class FeatureShards:
 
     def __post_init__(self):
         self.folder = Path(self.folder)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.records)
 
     @property
     def num_shards(self) -> int:
@@ -87,3 +92,35 @@ class FeatureShards:
             for key, value in tensors.items():
                 stats[key.removeprefix("stat.")] = stats.get(key.removeprefix("stat."), 0) + int(value)
         return torch.cat(features), torch.cat(owners), stats
+
+    # --- lazy reading: one shard (or a row range of it) at a time, never the whole split ----------
+    def _open(self, shard: int):
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (shard {shard} of {self.num_shards}); rerun "
+                                    f"create_index.py to compute it")
+        return safe_open(path, framework="pt")   # memory-maps the file; tensors are read on access
+
+    def row_count(self, shard: int) -> int:
+        """Number of rows of one shard, from its header (no feature data is read)."""
+        with self._open(shard) as f:
+            return f.get_slice("owner").get_shape()[0]
+
+    def read_owner(self, shard: int) -> torch.Tensor:
+        """owner [R] int64 of one shard, checked: it must list every image of ``image_range(shard)``
+        in order, each with at least one row (rows of one image are contiguous)."""
+        with self._open(shard) as f:
+            owner = f.get_tensor("owner")
+        images = self.image_range(shard)
+        expected = torch.arange(images.start, images.stop)
+        if (owner.dim() != 1 or len(owner) == 0 or bool((owner[1:] < owner[:-1]).any())
+                or not torch.equal(torch.unique_consecutive(owner), expected)):
+            raise ValueError(f"{self.shard_path(shard)}: owner must list images {images.start}.."
+                             f"{images.stop - 1} in order, each with at least one row; the file is "
+                             f"damaged or from another run: delete it and rerun create_index.py")
+        return owner
+
+    def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
+        """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""
+        with self._open(shard) as f:
+            return f.get_slice("features")[start:stop]
