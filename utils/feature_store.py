@@ -106,6 +106,14 @@ class FeatureShards:
         with self._open(shard) as f:
             return f.get_slice("owner").get_shape()[0]
 
+    def row_offsets(self) -> list[int]:
+        """[num_shards + 1]: shard s holds the split's global rows offsets[s]:offsets[s + 1] (the row ids a
+        FAISS index built from the shards in order uses). Reads the headers only."""
+        offsets = [0]
+        for shard in range(self.num_shards):
+            offsets.append(offsets[-1] + self.row_count(shard))
+        return offsets
+
     def read_owner(self, shard: int) -> torch.Tensor:
         """owner [R] int64 of one shard, checked: it must list every image of ``image_range(shard)``
         in order, each with at least one row (rows of one image are contiguous)."""

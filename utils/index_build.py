@@ -104,12 +104,6 @@ def _ivf(index: faiss.Index, factory: str) -> faiss.IndexIVF:
 # ----------------------------------------------------------------------------------------------------
 # Training on a uniform sample
 # ----------------------------------------------------------------------------------------------------
-def row_offsets(gallery: FeatureShards) -> np.ndarray:
-    """[num_shards + 1] int64: shard s holds global rows offsets[s]:offsets[s + 1] (headers only)."""
-    counts = [gallery.row_count(s) for s in range(gallery.num_shards)]
-    return np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
-
-
 def sample_rows(gallery: FeatureShards, offsets: np.ndarray, num: int, seed: int = 0) -> np.ndarray:
     """[num, D] float32: rows drawn uniformly without replacement from the whole gallery (global ids
     sorted, so each shard is read once, alone)."""
@@ -183,7 +177,7 @@ def build_ondisk(gallery: FeatureShards, factory: str, out: Path, work_dir: Path
     instead and one process ``merge_blocks`` after them."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    offsets = row_offsets(gallery)
+    offsets = np.asarray(gallery.row_offsets())
     trained = work_dir / "trained.faiss"
     if not trained.is_file():
         save_index(train_index(gallery, factory, offsets, train_rows, seed), trained)

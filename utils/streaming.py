@@ -490,3 +490,88 @@ def streamed_search(queries: QueryRows, gallery: FeatureShards, query: np.ndarra
     groups = groups if groups is not None else [range(gallery.num_shards)]
     partials = [score_shards(queries, gallery, group, positives, k, device, block_bytes) for group in groups]
     return finish(merge(partials, k), positives, gallery, precision_ks, map_at)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Candidates mode: FAISS proposes, the shards re-score exactly
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class CandidateResult(StreamedResult):
+    """A :class:`StreamedResult` over FAISS candidates. ``coverage`` [Q]: share of each query's positives
+    among its candidates (NaN without positives). Positives outside the candidates count as not retrieved
+    (precision 0, no rank; ``first_positive_rank`` = gallery size + 1 when none was retrieved), so
+    ``ap`` is a lower bound of the full-gallery AP when the candidates are the exact top of the ranking
+    (``ap_is_lower_bound``); with an approximate index an image FAISS missed may also outrank a retrieved
+    positive. Rankings shorter than k are padded with index -1 and score -inf."""
+
+    coverage: np.ndarray
+    ap_is_lower_bound: bool = True
+
+
+def row_images(gallery: FeatureShards, offsets: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """Gallery image [N] of each global row id in ``rows`` (``offsets``: ``gallery.row_offsets()``)."""
+    offsets = np.asarray(offsets)
+    shard_of = np.searchsorted(offsets, rows, side="right") - 1
+    images = np.empty(len(rows), dtype=np.int64)
+    for shard in np.unique(shard_of):
+        here = shard_of == shard
+        images[here] = gallery.read_owner(int(shard)).numpy()[rows[here] - offsets[shard]]
+    return images
+
+
+def faiss_candidates(index, queries: QueryRows, gallery: FeatureShards, offsets: Sequence[int],
+                     k_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query [M], image [M]) unique candidate pairs, sorted: the images of the ``k_rows`` rows FAISS
+    returns for each query row (``index`` ids: global gallery row ids)."""
+    _, rows = index.search(np.ascontiguousarray(queries.features.numpy(), dtype=np.float32), k_rows)
+    query = np.repeat(queries.owner.numpy(), rows.shape[1])
+    rows = rows.ravel()
+    found = rows >= 0                       # -1: FAISS had fewer than k_rows rows in the probed lists
+    pairs = np.unique(query[found] * gallery.num_images + row_images(gallery, offsets, rows[found]))
+    return pairs // gallery.num_images, pairs % gallery.num_images
+
+
+def faiss_search(index, queries: QueryRows, gallery: FeatureShards, query: np.ndarray, image: np.ndarray,
+                 k: int, k_rows: int | None = None, precision_ks: int | Sequence[int] = (),
+                 map_at: int | Sequence[int] | None = None, device: str | torch.device = "cpu",
+                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> CandidateResult:
+    """Fast mode: FAISS's top ``k_rows`` rows per query row (default 10 k), collapsed to images, re-scored
+    exactly from the shards and ranked (ties: lower gallery index first). ``query``, ``image``: the
+    relevant pairs. See :class:`CandidateResult` for what the metrics mean."""
+    num_images = gallery.num_images
+    k = min(k, num_images)
+    cand_query, cand_image = faiss_candidates(index, queries, gallery, gallery.row_offsets(), k_rows or 10 * k)
+    cand_score = pair_scores(queries, gallery, cand_query, cand_image, device, block_bytes)
+    # Each query's candidates best first: score descending, then gallery index.
+    order = np.lexsort((cand_image, -cand_score, cand_query))
+    cand_query, cand_image, cand_score = cand_query[order], cand_image[order], cand_score[order]
+    start = np.searchsorted(cand_query, np.arange(queries.num_queries + 1))
+    position = np.arange(len(cand_query)) - start[cand_query]               # 0-based rank among candidates
+    # Candidates scoring >= each candidate: the end of its tie run. Keys ascend with (query, -score).
+    run_key = (torch.from_numpy(cand_query) << 32) + (2**31 - 1) - _ordered(torch.from_numpy(cand_score))
+    at_least = torch.searchsorted(run_key, run_key, right=True).numpy() - start[cand_query]
+
+    top_index = np.full((queries.num_queries, k), -1, dtype=np.int64)
+    top_score = np.full((queries.num_queries, k), -np.inf, dtype=np.float32)
+    best = position < k
+    top_index[cand_query[best], position[best]] = cand_image[best]
+    top_score[cand_query[best], position[best]] = cand_score[best]
+
+    # The positives among the candidates, ascending by score per query (utils.metrics' threshold order).
+    is_positive = np.isin(cand_query * num_images + cand_image, query * num_images + image)
+    found = np.flatnonzero(is_positive)[::-1]                               # descending -> ascending score
+    found = found[np.argsort(cand_query[found], kind="stable")]
+    num_found = np.bincount(cand_query[found], minlength=queries.num_queries)
+    num_positives = np.bincount(query, minlength=queries.num_queries)
+    ptr = np.concatenate(([0], np.cumsum(num_found)))
+    thr = _padded(cand_score[found], ptr, np.float32(np.inf))
+    ranks = np.sort(_padded(position[found] + 1, ptr, _NO_RANK), axis=1)
+    per_query = _per_query(thr, _padded(at_least[found], ptr, 0), ranks, num_positives, num_found,
+                           _ks(precision_ks), _ks(map_at))
+    missed = (num_positives > 0) & (num_found == 0)
+    per_query["first_positive_rank"][missed] = num_images + 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = num_found / num_positives
+    log.info("FAISS candidates: %.1f per query, %.4f of the positives (AP is a lower bound)",
+             len(cand_query) / queries.num_queries, num_found.sum() / max(1, num_positives.sum()))
+    return CandidateResult(per_query, top_index, top_score, coverage)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.utils.synthetic_shards import unit_rows, write_split
 from utils.index_build import (add_block, build_ondisk, default_train_rows, merge_blocks, num_lists,
-                               propose_factory, row_offsets, sample_rows, shard_blocks, train_index)
+                               propose_factory, sample_rows, shard_blocks, train_index)
 from utils.index_io import build_index, index_path, load_index, save_index
 
 DIM = 16
@@ -32,7 +32,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int = 10, nprobe: int = 4
 def test_ivf_pq_from_three_blocks_and_merge_ondisk_equals_the_in_ram_build(gallery, tmp_path):
     shards, features = gallery
     factory = "IVF16,PQ8"
-    offsets = row_offsets(shards)
+    offsets = np.asarray(shards.row_offsets())
     assert offsets[-1] == len(features)
     trained = tmp_path / "trained.faiss"
     save_index(train_index(shards, factory, offsets, train_rows=1000, seed=1), trained)
@@ -78,7 +78,7 @@ def test_build_ondisk_resumes_a_missing_block_only(gallery, tmp_path):
 
 def test_training_sample_is_uniform_across_shards_and_seeded(gallery):
     shards, features = gallery
-    offsets = row_offsets(shards)
+    offsets = np.asarray(shards.row_offsets())
     sample = sample_rows(shards, offsets, 300, seed=5)
     assert sample.shape == (300, DIM)
     assert np.array_equal(sample, sample_rows(shards, offsets, 300, seed=5))
@@ -92,7 +92,7 @@ def test_training_sample_is_uniform_across_shards_and_seeded(gallery):
 
 def test_non_ivf_factories_and_bad_sample_sizes_are_refused(gallery):
     shards, _ = gallery
-    offsets = row_offsets(shards)
+    offsets = np.asarray(shards.row_offsets())
     with pytest.raises(ValueError, match="needs an IVF factory"):
         train_index(shards, "HNSW32", offsets)
     with pytest.raises(ValueError, match="between the 16 inverted lists"):

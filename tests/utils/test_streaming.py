@@ -14,8 +14,9 @@ from tests.pipeline import features_dir_from, run_script
 from tests.utils.synthetic_shards import dyadic_rows, unit_rows, write_split
 from utils.feature_store import FeatureShards
 from utils.metrics import per_query_metrics
-from utils.streaming import (QueryRows, _blocks, _ordered, _unordered, merge, relevant_pairs, score_shards,
-                             streamed_search, Positives, finish)
+from utils.index_io import build_index
+from utils.streaming import (Positives, QueryRows, _blocks, _ordered, _unordered, faiss_search, finish, merge,
+                             relevant_pairs, score_shards, streamed_search)
 
 PRECISION_KS, MAP_AT, K = (1, 3, 5), 4, 12
 
@@ -205,3 +206,57 @@ def test_reduced_precision_matmul_is_refused(tmp_path):
             streamed(gallery, queries)
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Candidates mode (search=faiss)
+# ----------------------------------------------------------------------------------------------------
+def fast(index, gallery, queries, k, k_rows):
+    query, image = relevant_pairs([r["ins"][0] for r in queries.records], [r["ins"] for r in gallery.records])
+    return faiss_search(index, QueryRows.load(queries), gallery, query, image, k, k_rows=k_rows,
+                        precision_ks=PRECISION_KS, map_at=MAP_AT, block_bytes=3000)
+
+
+def test_candidates_covering_the_gallery_give_the_exact_numbers(tmp_path):
+    rng = np.random.default_rng(7)
+    gallery, queries, rows = make_folder(tmp_path, rng, unit_rows(rng, 32), num_gallery=80, shard_size=16)
+    scores, relevant, expected, top = in_ram(gallery, queries, rows)
+    index = build_index(rows[0].numpy(), "Flat")
+    result = fast(index, gallery, queries, K, k_rows=index.ntotal)
+    assert_same_metrics(result.per_query, expected)
+    np.testing.assert_array_equal(result.top_index, top)
+    np.testing.assert_allclose(result.top_score, np.take_along_axis(scores, top, axis=1), rtol=0, atol=1e-6)
+    has = relevant.any(1)
+    assert (result.coverage[has] == 1).all() and np.isnan(result.coverage[~has]).all()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_candidates_ap_counts_missed_positives_as_not_retrieved(tmp_path, factory):
+    rng = np.random.default_rng(8)
+    gallery, queries, rows = make_folder(tmp_path, rng, unit_rows(rng, 32), num_gallery=200, shard_size=16,
+                                         num_instances=3)
+    gallery_features, gallery_owner, query_features, query_owner = (r.numpy() for r in rows)
+    scores, relevant, exact, _ = in_ram(gallery, queries, rows)
+    index = build_index(gallery_features, factory)
+    k, k_rows = 4, 12
+    result = fast(index, gallery, queries, k, k_rows)
+
+    # Independently: the images of FAISS's rows, scored exactly in RAM, ranked; sklearn AP on them.
+    _, found_rows = index.search(query_features, k_rows)
+    for q in range(queries.num_images):
+        candidates = np.unique(gallery_owner[found_rows[query_owner == q].ravel()])
+        order = candidates[np.lexsort((candidates, -scores[q, candidates]))]
+        assert result.top_index[q].tolist() == order[:k].tolist()
+        positives = relevant[q].sum()
+        hits = relevant[q, candidates]
+        assert result.coverage[q] == pytest.approx(hits.sum() / positives) if positives else np.isnan(result.coverage[q])
+        if not positives:
+            continue
+        ap = average_precision_score(hits, scores[q, candidates]) * hits.sum() / positives if hits.any() else 0.0
+        assert result.per_query["ap"][q] == pytest.approx(ap, abs=1e-12)
+        first = np.flatnonzero(relevant[q, order])
+        assert result.per_query["first_positive_rank"][q] == (first[0] + 1 if len(first) else gallery.num_images + 1)
+        if factory == "Flat":   # exact candidates are the top of the exact ranking: AP is a lower bound
+            assert result.per_query["ap"][q] <= exact["ap"][q] + 1e-12
+    assert result.ap_is_lower_bound
+    assert (result.coverage[relevant.any(1)] < 1).any()                  # the test misses some positives
