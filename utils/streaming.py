@@ -185,6 +185,7 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
     features = queries.features.to(device)
     query_start = np.concatenate(([0], np.cumsum(queries.lengths.numpy())))
     max_rows = max(1, block_bytes // (4 * features.shape[1]))
+    buffer = torch.empty((0, features.shape[1]), device=device)
     for images, rows, lengths in _read_images(gallery, np.unique(image), max_rows):
         rows = rows.to(device)
         row_start = np.concatenate(([0], np.cumsum(lengths.numpy())))
@@ -195,7 +196,11 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
         for q, pairs, mine in zip(queries_here, np.split(in_batch, first[1:]), np.split(position, first[1:])):
             starts, counts = row_start[mine], lengths.numpy()[mine]
             row_ids = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            per_row = features[query_start[q]:query_start[q + 1]] @ rows[torch.from_numpy(row_ids).to(device)].T
+            if len(buffer) < len(row_ids):
+                buffer = rows.new_empty((len(row_ids), rows.shape[1]))
+            # Gather into a reused buffer: a fresh tensor per query costs ~2x (page faults).
+            mine_rows = torch.index_select(rows, 0, torch.from_numpy(row_ids).to(device), out=buffer[:len(row_ids)])
+            per_row = features[query_start[q]:query_start[q + 1]] @ mine_rows.T
             scores = _max_over_segments(per_row.amax(0, keepdim=True), torch.from_numpy(counts).to(device), 1)
             out[pairs] = scores[0].cpu().numpy()
     return out
@@ -304,6 +309,18 @@ def _merge_top(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(both, min(k, both.shape[1]), dim=1).values
 
 
+def _update_top(top: torch.Tensor, scores: torch.Tensor, first_image: int, k: int) -> torch.Tensor:
+    """Merge a block's best images into the running top-k keys; once a query holds k images, only
+    blocks with a score >= its k-th can change it (most blocks, deep into a large gallery)."""
+    if top.shape[1] < k:
+        return _merge_top(top, _block_top(scores, first_image, k), k)
+    kth = _unordered(top[:, -1] >> 32)
+    rows = torch.nonzero(scores.amax(1) >= kth).flatten()
+    if len(rows):
+        top[rows] = _merge_top(top[rows], _block_top(scores[rows], first_image, k), k)
+    return top
+
+
 class _Counter:
     """Accumulates ``Partial``'s counts over image-score blocks (see module doc)."""
 
@@ -376,9 +393,12 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
     query_lengths = queries.lengths.to(device)
     counter = _Counter(positives, device)
     top = torch.empty((queries.num_queries, 0), dtype=torch.long, device=device)
-    max_rows = max(1, block_bytes // (4 * len(features) + _BYTES_PER_QUERY_IMAGE * queries.num_queries))
     for shard in shards:
         owner = gallery.read_owner(shard)
+        # Working memory of a block: the row scores [Rq, rows] and the counting over [Q, images].
+        images_per_row = len(gallery.image_range(shard)) / len(owner)
+        max_rows = max(1, int(block_bytes / (4 * len(features) + _BYTES_PER_QUERY_IMAGE * queries.num_queries
+                                              * images_per_row)))
         for first_image, end_image, row0, row1, lengths in _blocks(owner, max_rows):
             rows = gallery.read_rows(shard, row0, row1).to(device)
             scores = _image_scores(features, query_lengths, rows, lengths.to(device))
@@ -389,7 +409,7 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
             # The relevant pairs keep their pass-1 scores (module doc: one score per pair).
             scores[counter.query[inside], counter.image[inside] - first_image] = counter.score[inside]
             counter.add(scores, first_image, inside)
-            top = _merge_top(top, _block_top(scores, first_image, k), k)
+            top = _update_top(top, scores, first_image, k)
     return Partial(shards, counter.at_least.cpu(), counter.equal.cpu(), counter.tied_before.cpu(), top.cpu())
 
 
