@@ -131,4 +131,6 @@ class FeatureShards:
     def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
         """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""
         with self._open(shard) as f:
-            return f.get_slice("features")[start:stop]
+            # A copy: the slice is a view that keeps the file mapped, and every mapping's pages count in
+            # RSS again (1000 small slices of 20 files showed as 0.9 GB).
+            return f.get_slice("features")[start:stop].clone()

@@ -36,6 +36,7 @@ TRAIN_ROWS_PER_LIST = 100
 MIN_TRAIN_ROWS = 39 * 256
 PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)   # bytes per code, autofaiss's list, best first
 ID_BYTES = 8                                      # an int64 id per vector in the inverted lists
+DEFAULT_TRAIN_BYTES = 8 << 30                     # RAM for the training sample
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,10 +88,16 @@ def propose_factory(num_rows: int, dim: int, memory_bytes: int) -> str:
                      "raise the memory budget")
 
 
-def default_train_rows(factory: str, dim: int, num_rows: int) -> int:
-    """``TRAIN_ROWS_PER_LIST`` per inverted list, at least ``MIN_TRAIN_ROWS``, at most all rows."""
+def default_train_rows(factory: str, dim: int, num_rows: int, memory_bytes: int = DEFAULT_TRAIN_BYTES) -> int:
+    """``TRAIN_ROWS_PER_LIST`` per inverted list, at least ``MIN_TRAIN_ROWS``, at most all rows and at most
+    ``memory_bytes`` of float32 rows (the sample is held in RAM while training). Logs a warning when the
+    cap leaves fewer than 39 rows per list (FAISS's k-means minimum): train on a bigger machine then."""
     lists = _ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), factory).nlist
-    return min(num_rows, max(TRAIN_ROWS_PER_LIST * lists, MIN_TRAIN_ROWS))
+    rows = min(num_rows, max(TRAIN_ROWS_PER_LIST * lists, MIN_TRAIN_ROWS), memory_bytes // (4 * dim))
+    if rows < min(num_rows, 39 * lists):
+        log.warning("index_train_rows=%d gives %.0f rows per inverted list of %s (k-means wants >= 39): "
+                    "raise the training memory (%.1f GiB now)", rows, rows / lists, factory, memory_bytes / 2**30)
+    return rows
 
 
 def _ivf(index: faiss.Index, factory: str) -> faiss.IndexIVF:

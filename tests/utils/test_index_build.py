@@ -101,10 +101,14 @@ def test_non_ivf_factories_and_bad_sample_sizes_are_refused(gallery):
         train_index(shards, "IVF16,Nonsense", offsets)
 
 
-def test_default_train_rows_follow_the_list_count():
+def test_default_train_rows_follow_the_list_count_within_the_memory_cap(caplog):
     assert default_train_rows("IVF1024,PQ8", 16, 10**7) == 102_400
     assert default_train_rows("IVF16,PQ8", 16, 10**7) == 39 * 256
     assert default_train_rows("IVF16,PQ8", 16, 5000) == 5000
+    assert not caplog.records
+    # 65536 lists of 768-d rows want 6.5M rows (20 GB); 1 GiB holds 349525 rows: 5 per list, with a warning.
+    assert default_train_rows("IVF65536,PQ64", 768, 10**8, memory_bytes=2**30) == 2**30 // (4 * 768)
+    assert "5 rows per inverted list" in caplog.text
 
 
 @pytest.mark.parametrize("rows, budget, expected", [
