@@ -123,9 +123,13 @@ def _max_over_segments(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torc
     the rows of one image (dim 1) or of one query (dim 0)."""
     if len(lengths) == x.shape[dim]:
         return x                                  # one row per segment
-    if int(lengths.min()) == int(lengths.max()):  # equal segments: a view, ~2x faster than segment_reduce
+    if int(lengths.min()) == int(lengths.max()):  # equal segments: ~4x faster than segment_reduce
         r = int(lengths[0])
-        return x.view(-1, r, x.shape[1]).amax(1) if dim == 0 else x.view(x.shape[0], -1, r).amax(2)
+        if dim == 0:
+            return x.view(-1, r, x.shape[1]).amax(1)
+        # max_pool1d beats amax over a short innermost axis (7 ms -> 1.9 ms for [1000, 5120], r = 10);
+        # both propagate NaN, which score_shards refuses.
+        return torch.nn.functional.max_pool1d(x.unsqueeze(1), r, r).squeeze(1)
     if dim == 0:
         return torch.segment_reduce(x, "max", lengths=lengths, axis=0)
     return torch.segment_reduce(x, "max", lengths=lengths.expand(x.shape[0], -1), axis=1)
@@ -147,23 +151,24 @@ def _image_row_ranges(owner: torch.Tensor, images: np.ndarray) -> tuple[np.ndarr
 
 def _read_images(gallery: FeatureShards, images: np.ndarray,
                  max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Rows of the sorted unique gallery ``images``, in batches of about ``max_rows`` rows (whole images):
-    yields (images of the batch [n], their rows [R, D], rows per image [n]). Only those rows are read."""
+    """Rows of the sorted unique gallery ``images``, in batches of about ``max_rows`` rows (whole shards'
+    worth of images): yields (images of the batch [n], their rows [R, D], rows per image [n]). Only those
+    rows are read, each shard opened once."""
     batch_images, batch_rows, batch_lengths, count = [], [], [], 0
     shard_of = images // gallery.shard_size
     for shard in np.unique(shard_of):
         wanted = images[shard_of == shard]
         starts, stops = _image_row_ranges(gallery.read_owner(int(shard)), wanted)
         # Neighbouring images are one contiguous range of rows: read them with one slice.
-        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-        for run in np.split(np.arange(len(wanted)), breaks):
-            batch_rows.append(gallery.read_rows(int(shard), int(starts[run[0]]), int(stops[run[-1]])))
-            batch_images.append(wanted[run])
-            batch_lengths.append(stops[run] - starts[run])
-            count += int(stops[run[-1]] - starts[run[0]])
-            if count >= max_rows:
-                yield np.concatenate(batch_images), torch.cat(batch_rows), torch.from_numpy(np.concatenate(batch_lengths))
-                batch_images, batch_rows, batch_lengths, count = [], [], [], 0
+        runs = np.flatnonzero(np.r_[True, starts[1:] != stops[:-1]])
+        run_stops = np.r_[stops[runs[1:] - 1], stops[-1]]
+        batch_rows.append(gallery.read_ranges(int(shard), starts[runs], run_stops))
+        batch_images.append(wanted)
+        batch_lengths.append(stops - starts)
+        count += int((stops - starts).sum())
+        if count >= max_rows:
+            yield np.concatenate(batch_images), torch.cat(batch_rows), torch.from_numpy(np.concatenate(batch_lengths))
+            batch_images, batch_rows, batch_lengths, count = [], [], [], 0
     if batch_images:
         yield np.concatenate(batch_images), torch.cat(batch_rows), torch.from_numpy(np.concatenate(batch_lengths))
 
@@ -310,14 +315,22 @@ def _merge_top(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _update_top(top: torch.Tensor, scores: torch.Tensor, first_image: int, k: int) -> torch.Tensor:
-    """Merge a block's best images into the running top-k keys; once a query holds k images, only
-    blocks with a score >= its k-th can change it (most blocks, deep into a large gallery)."""
+    """Merge a block's images into the running top-k keys. Once a query holds k images only scores >= its
+    k-th can enter (ties included: a lower index wins), few deep into a large gallery: those are merged
+    as a sparse list instead of a top-k of every row."""
     if top.shape[1] < k:
         return _merge_top(top, _block_top(scores, first_image, k), k)
     kth = _unordered(top[:, -1] >> 32)
-    rows = torch.nonzero(scores.amax(1) >= kth).flatten()
-    if len(rows):
-        top[rows] = _merge_top(top[rows], _block_top(scores[rows], first_image, k), k)
+    q, g = torch.nonzero(scores >= kth[:, None], as_tuple=True)
+    if not len(q):
+        return top
+    keys = (_ordered(scores[q, g]) << 32) | (_LOW32 - (g + first_image))
+    rows, counts = torch.unique_consecutive(q, return_counts=True)         # nonzero is row-major
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(q), device=q.device) - torch.repeat_interleave(start, counts)
+    new = torch.full((len(rows), int(counts.max())), torch.iinfo(torch.long).min, device=top.device)
+    new[torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts), slot] = keys
+    top[rows] = _merge_top(top[rows], new, k)
     return top
 
 
