@@ -111,6 +111,19 @@ def relevant_pairs(query_instances: Sequence[int],
 # ----------------------------------------------------------------------------------------------------
 # Scores
 # ----------------------------------------------------------------------------------------------------
+def _ordered(scores: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 with the same order (-0.0 and +0.0 both map to 0), so that a score and a tie-breaking
+    index can share one integer key. NaN is refused before."""
+    bits = scores.contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+
+def _unordered(ordered: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_ordered` (int64 -> float32)."""
+    bits = torch.where(ordered < 0, (-ordered) | 0x80000000, ordered)   # the uint32 bit pattern
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
 def _check_precision(device: torch.device) -> None:
     if torch.get_float32_matmul_precision() != "highest" or (
             device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
@@ -214,19 +227,6 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
 # ----------------------------------------------------------------------------------------------------
 # Pass 1: the relevant pairs and their scores
 # ----------------------------------------------------------------------------------------------------
-def _ordered(scores: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 with the same order (-0.0 and +0.0 both map to 0), so that a score and a tie-breaking
-    index can share one integer key. NaN is refused before."""
-    bits = scores.contiguous().view(torch.int32).long()
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-
-
-def _unordered(ordered: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_ordered` (int64 -> float32)."""
-    bits = torch.where(ordered < 0, (-ordered) | 0x80000000, ordered)   # the uint32 bit pattern
-    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-
-
 @dataclass
 class Positives:
     """The relevant (query, image) pairs with their scores, sorted by query, then score ascending, then
@@ -391,6 +391,13 @@ class _Counter:
             self.tied_before[inside] += ((rows == self.score[inside, None]) & left).sum(1)
 
 
+def block_rows(queries: QueryRows, images_per_row: float, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Gallery rows per block so that its working memory, the row scores [Rq, rows] float32 and the
+    counting over [Q, images], stays near ``block_bytes``."""
+    per_row = 4 * len(queries.features) + _BYTES_PER_QUERY_IMAGE * queries.num_queries * images_per_row
+    return max(1, int(block_bytes / per_row))
+
+
 def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[int], positives: Positives,
                  k: int, device: str | torch.device = "cpu",
                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> Partial:
@@ -408,10 +415,7 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
     top = torch.empty((queries.num_queries, 0), dtype=torch.long, device=device)
     for shard in shards:
         owner = gallery.read_owner(shard)
-        # Working memory of a block: the row scores [Rq, rows] and the counting over [Q, images].
-        images_per_row = len(gallery.image_range(shard)) / len(owner)
-        max_rows = max(1, int(block_bytes / (4 * len(features) + _BYTES_PER_QUERY_IMAGE * queries.num_queries
-                                              * images_per_row)))
+        max_rows = block_rows(queries, len(gallery.image_range(shard)) / len(owner), block_bytes)
         for first_image, end_image, row0, row1, lengths in _blocks(owner, max_rows):
             rows = gallery.read_rows(shard, row0, row1).to(device)
             scores = _image_scores(features, query_lengths, rows, lengths.to(device))
