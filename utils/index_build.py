@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,9 +62,11 @@ def index_bytes(factory: str, num_rows: int, dim: int) -> int:
     """Bytes of an index of ``num_rows`` vectors: inverted lists (code + 8-byte id per vector) plus the
     coarse quantizer and transforms, measured on an empty instance of ``factory``."""
     empty = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(empty)
-    quantizer = ivf.nlist * ivf.d * 4 * (2 if "HNSW" in factory else 1)   # HNSW: vectors + ~as many link bytes
-    transform = dim * dim * 4 if factory.startswith("OPQ") else 0
+    ivf = _ivf(empty, factory)
+    quantizer = ivf.nlist * ivf.d * 4                    # the centroids
+    if hnsw := re.search(r"_HNSW(\d+)", factory):        # + 2M int32 links per centroid at level 0
+        quantizer += ivf.nlist * 2 * int(hnsw.group(1)) * 4
+    transform = dim * ivf.d * 4 if factory.startswith("OPQ") else 0
     return num_rows * (ivf.code_size + ID_BYTES) + quantizer + transform
 
 

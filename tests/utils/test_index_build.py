@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.utils.synthetic_shards import unit_rows, write_split
-from utils.index_build import (add_block, build_ondisk, default_train_rows, merge_blocks, num_lists,
+from utils.index_build import (add_block, index_bytes, to_all_gpus, build_ondisk, default_train_rows, merge_blocks, num_lists,
                                propose_factory, sample_rows, shard_blocks, train_index)
 from utils.index_io import build_index, index_path, load_index, save_index
 
@@ -136,3 +136,15 @@ def test_in_ram_build_index_uses_the_same_row_ids(gallery):
     index = build_index(features, "Flat")
     _, ids = index.search(features[[0, 123, len(features) - 1]], 1)
     assert ids[:, 0].tolist() == [0, 123, len(features) - 1]
+
+
+def test_index_bytes_counts_codes_ids_and_quantizer():
+    # 1000 rows x (64-byte PQ code + 8-byte id) + 1024 centroids x 768 floats + 2 x 32 links each
+    assert index_bytes("IVF1024_HNSW32,PQ64", 1000, 768) == 1000 * 72 + 1024 * 768 * 4 + 1024 * 64 * 4
+    assert index_bytes("IVF16,Flat", 10, 8) == 10 * (32 + 8) + 16 * 8 * 4
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the refusal on CPU-only FAISS")
+def test_to_all_gpus_refuses_without_a_gpu():
+    with pytest.raises(RuntimeError, match="no GPU visible to faiss"):
+        to_all_gpus(faiss.IndexFlatIP(8))
