@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,15 @@ class FeatureShards:
                              f"{images.stop - 1} in order, each with at least one row; the file is "
                              f"damaged or from another run: delete it and rerun create_index.py")
         return owner
+
+    @contextmanager
+    def mapped(self, shard: int) -> Iterator[torch.Tensor]:
+        """features [R, D] float32 of one shard as a view of the memory-mapped file, valid inside the
+        ``with`` only (do not keep it, or slices of it): pages are read on access, nothing is copied.
+        Reading whole shards into fresh buffers instead fragments the heap when small results are kept
+        between reads (+15 MB RSS per 15 MB shard, seen while sampling training rows)."""
+        with self._open(shard) as f:
+            yield f.get_slice("features")[:]
 
     def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
         """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""

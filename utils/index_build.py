@@ -24,6 +24,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from faiss.contrib.ondisk import merge_ondisk
 
 from utils.feature_store import FeatureShards
@@ -121,9 +122,9 @@ def sample_rows(gallery: FeatureShards, offsets: np.ndarray, num: int, seed: int
     shard_of = np.searchsorted(offsets, ids, side="right") - 1
     parts = []
     for shard in np.unique(shard_of):
-        rows = gallery.read_rows(int(shard), 0, int(offsets[shard + 1] - offsets[shard])).numpy()
-        parts.append(rows[ids[shard_of == shard] - offsets[shard]])
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+        with gallery.mapped(int(shard)) as rows:                  # copies the sampled rows only
+            parts.append(rows[torch.from_numpy(ids[shard_of == shard] - offsets[shard])])
+    return torch.cat(parts).numpy()
 
 
 def train_index(gallery: FeatureShards, factory: str, offsets: np.ndarray, train_rows: int | None = None,
@@ -163,8 +164,8 @@ def add_block(trained: Path, gallery: FeatureShards, shards: Sequence[int], offs
         return out
     index = load_index(trained)
     for shard in shards:
-        rows = gallery.read_rows(shard, 0, int(offsets[shard + 1] - offsets[shard])).numpy()
-        index.add_with_ids(np.ascontiguousarray(rows), np.arange(offsets[shard], offsets[shard + 1]))
+        with gallery.mapped(shard) as rows:                        # FAISS reads the mapped file
+            index.add_with_ids(rows.numpy(), np.arange(offsets[shard], offsets[shard + 1]))
     save_index(index, out)
     return out
 

@@ -416,17 +416,19 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
     for shard in shards:
         owner = gallery.read_owner(shard)
         max_rows = block_rows(queries, len(gallery.image_range(shard)) / len(owner), block_bytes)
-        for first_image, end_image, row0, row1, lengths in _blocks(owner, max_rows):
-            rows = gallery.read_rows(shard, row0, row1).to(device)
-            scores = _image_scores(features, query_lengths, rows, lengths.to(device))
-            if bool(torch.isnan(scores).any()):
-                raise ValueError(f"{gallery.shard_path(shard)}: scores are NaN (NaN in the features); "
-                                 "rankings would be undefined; recompute this shard")
-            inside = counter.in_block(first_image, end_image)
-            # The relevant pairs keep their pass-1 scores (module doc: one score per pair).
-            scores[counter.query[inside], counter.image[inside] - first_image] = counter.score[inside]
-            counter.add(scores, first_image, inside)
-            top = _update_top(top, scores, first_image, k)
+        with gallery.mapped(shard) as shard_rows:                  # no copy on the CPU
+            for first_image, end_image, row0, row1, lengths in _blocks(owner, max_rows):
+                rows = shard_rows[row0:row1].to(device)
+                scores = _image_scores(features, query_lengths, rows, lengths.to(device))
+                del rows
+                if bool(torch.isnan(scores).any()):
+                    raise ValueError(f"{gallery.shard_path(shard)}: scores are NaN (NaN in the features); "
+                                     "rankings would be undefined; recompute this shard")
+                inside = counter.in_block(first_image, end_image)
+                # The relevant pairs keep their pass-1 scores (module doc: one score per pair).
+                scores[counter.query[inside], counter.image[inside] - first_image] = counter.score[inside]
+                counter.add(scores, first_image, inside)
+                top = _update_top(top, scores, first_image, k)
     return Partial(shards, counter.at_least.cpu(), counter.equal.cpu(), counter.tied_before.cpu(), top.cpu())
 
 

@@ -3,6 +3,9 @@ in-RAM build of the same trained index."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -148,3 +151,29 @@ def test_index_bytes_counts_codes_ids_and_quantizer():
 def test_to_all_gpus_refuses_without_a_gpu():
     with pytest.raises(RuntimeError, match="no GPU visible to faiss"):
         to_all_gpus(faiss.IndexFlatIP(8))
+
+
+def test_sampling_memory_does_not_grow_with_the_gallery(tmp_path):
+    """Reading each whole 15 MB shard into a fresh buffer while keeping its few sampled rows grew RSS by
+    ~one shard per shard (OOM at 10^7 rows). Shards as the benchmark writes them (512 images x 10 rows
+    x 768), sampled in a fresh process."""
+    rng = np.random.default_rng(0)
+    write_split(tmp_path / "gallery", [[0]] * 20 * 512, 512, np.full(20 * 512, 10), unit_rows(rng, 768))
+    script = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from utils.feature_store import FeatureShards
+from utils.index_build import sample_rows
+shards = FeatureShards({str(tmp_path / "gallery")!r}, [{{}}] * (20 * 512), 512)
+offsets = np.asarray(shards.row_offsets())
+def peak_kb():   # VmHWM: this process's own peak (ru_maxrss carries the parent's peak over fork+exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = peak_kb()
+sample_rows(shards, offsets, 2000, seed=1)
+print((peak_kb() - before) / 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    growth_mb = float(proc.stdout.strip().splitlines()[-1])
+    assert growth_mb < 100, f"peak RSS grew {growth_mb:.0f} MB while sampling 2000 rows (6 MB) of a 300 MB gallery"
