@@ -202,7 +202,7 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
                          f"[{image.min()}, {image.max()}]")
     features = queries.features.to(device)
     query_start = np.concatenate(([0], np.cumsum(queries.lengths.numpy())))
-    max_rows = max(1, block_bytes // (4 * features.shape[1]))
+    max_rows = max(1, block_bytes // (2 * 4 * features.shape[1]))   # a batch's pieces + their concatenation
     buffer = torch.empty((0, features.shape[1]), device=device)
     for images, rows, lengths in _read_images(gallery, np.unique(image), max_rows):
         rows = rows.to(device)
