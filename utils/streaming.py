@@ -172,6 +172,9 @@ def _read_images(gallery: FeatureShards, images: np.ndarray,
     for shard in np.unique(shard_of):
         wanted = images[shard_of == shard]
         starts, stops = _image_row_ranges(gallery.read_owner(int(shard)), wanted)
+        if (empty := wanted[starts == stops]).size:
+            raise ValueError(f"gallery images {empty[:5].tolist()} own no rows (unreadable at extraction); "
+                             "leave their pairs out (they are not in the evaluated gallery)")
         # Neighbouring images are one contiguous range of rows: read them with one slice.
         runs = np.flatnonzero(np.r_[True, starts[1:] != stops[:-1]])
         run_stops = np.r_[stops[runs[1:] - 1], stops[-1]]
@@ -278,33 +281,33 @@ class Partial:
     top_key: torch.Tensor
 
 
-def _blocks(owner: torch.Tensor, max_rows: int) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+def _blocks(owner: torch.Tensor, max_rows: int) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor]]:
     """Split one shard into blocks of whole images of about ``max_rows`` rows (at least one image):
-    yields (first image, end image, first row, end row, rows per image [n])."""
-    first = int(owner[0])
-    lengths = torch.bincount(owner - first)
+    yields (the block's images [n], global ids ascending, first row, end row, rows per image [n]).
+    Images without rows (unreadable, skipped at extraction) are in no block."""
+    images, lengths = torch.unique_consecutive(owner, return_counts=True)
     ends = torch.cumsum(lengths, 0)
     start = 0
     while start < len(lengths):
         row0 = int(ends[start - 1]) if start else 0
         stop = max(start + 1, int(torch.searchsorted(ends, row0 + max_rows, right=True)))
-        yield first + start, first + stop, row0, int(ends[stop - 1]), lengths[start:stop]
+        yield images[start:stop], row0, int(ends[stop - 1]), lengths[start:stop]
         start = stop
 
 
-def _block_top(scores: torch.Tensor, first_image: int, k: int) -> torch.Tensor:
-    """Top-k keys [Q, min(k, n)] of an image-score block: descending score, ties by lower gallery index."""
+def _block_top(scores: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k keys [Q, min(k, n)] of an image-score block (columns: gallery ``images`` [n], ascending):
+    descending score, ties by lower gallery index."""
     n = scores.shape[1]
     k = min(k, n)
     values, where = torch.topk(scores, min(k + 1, n), dim=1)
-    keys = (_ordered(values[:, :k]) << 32) | (_LOW32 - (where[:, :k] + first_image))
+    keys = (_ordered(values[:, :k]) << 32) | (_LOW32 - images[where[:, :k]])
     if k < n:
         # torch.topk picks arbitrarily among equal scores: where the k-th score also occurs beyond the
         # selection, redo those rows with keys that order the tied images by index.
         tied = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
         if len(tied):
-            index = torch.arange(first_image, first_image + n, device=scores.device)
-            full = (_ordered(scores[tied]) << 32) | (_LOW32 - index)
+            full = (_ordered(scores[tied]) << 32) | (_LOW32 - images)
             keys[tied] = torch.topk(full, k, dim=1).values
     return torch.sort(keys, dim=1, descending=True).values
 
@@ -314,17 +317,17 @@ def _merge_top(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(both, min(k, both.shape[1]), dim=1).values
 
 
-def _update_top(top: torch.Tensor, scores: torch.Tensor, first_image: int, k: int) -> torch.Tensor:
+def _update_top(top: torch.Tensor, scores: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
     """Merge a block's images into the running top-k keys. Once a query holds k images only scores >= its
     k-th can enter (ties included: a lower index wins), few deep into a large gallery: those are merged
     as a sparse list instead of a top-k of every row."""
     if top.shape[1] < k:
-        return _merge_top(top, _block_top(scores, first_image, k), k)
+        return _merge_top(top, _block_top(scores, images, k), k)
     kth = _unordered(top[:, -1] >> 32)
     q, g = torch.nonzero(scores >= kth[:, None], as_tuple=True)
     if not len(q):
         return top
-    keys = (_ordered(scores[q, g]) << 32) | (_LOW32 - (g + first_image))
+    keys = (_ordered(scores[q, g]) << 32) | (_LOW32 - images[g])
     rows, counts = torch.unique_consecutive(q, return_counts=True)         # nonzero is row-major
     start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(q), device=q.device) - torch.repeat_interleave(start, counts)
@@ -365,8 +368,9 @@ class _Counter:
                                                                      device=self.image_sorted.device))
         return self.by_image[lo:hi]
 
-    def add(self, scores: torch.Tensor, first_image: int, inside: torch.Tensor) -> None:
-        """Count one block of image scores [Q, n] (images first_image..); ``inside``: its positives."""
+    def add(self, scores: torch.Tensor, images: torch.Tensor, inside: torch.Tensor) -> None:
+        """Count one block of image scores [Q, n] (columns: gallery ``images`` [n], ascending);
+        ``inside``: the positives whose image is in the block."""
         num_bins = len(self.keys) + self.num_queries
         # Scores below a query's lowest positive score change no count: skip them (most, when positives
         # score high).
@@ -383,11 +387,11 @@ class _Counter:
             self.at_least += above[self.own_bin] - above[self.last_bin + 1]
             self.equal += equal_own
             # Ties with a lower gallery index: whole block before the positive's image ...
-            self.tied_before += torch.where(self.image >= first_image + scores.shape[1], equal_own, 0)
+            self.tied_before += torch.where(self.image > images[-1], equal_own, 0)
         if len(inside):
             # ... and, in the positive's own block, the equal scores left of it.
             rows = scores[self.query[inside]]
-            left = torch.arange(scores.shape[1], device=scores.device) < (self.image[inside] - first_image)[:, None]
+            left = images[None, :] < self.image[inside, None]
             self.tied_before[inside] += ((rows == self.score[inside, None]) & left).sum(1)
 
 
@@ -415,20 +419,22 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
     top = torch.empty((queries.num_queries, 0), dtype=torch.long, device=device)
     for shard in shards:
         owner = gallery.read_owner(shard)
-        max_rows = block_rows(queries, len(gallery.image_range(shard)) / len(owner), block_bytes)
+        max_rows = block_rows(queries, len(gallery.image_range(shard)) / max(1, len(owner)), block_bytes)
         with gallery.mapped(shard) as shard_rows:                  # no copy on the CPU
-            for first_image, end_image, row0, row1, lengths in _blocks(owner, max_rows):
+            for images, row0, row1, lengths in _blocks(owner, max_rows):
+                images = images.to(device)
                 rows = shard_rows[row0:row1].to(device)
                 scores = _image_scores(features, query_lengths, rows, lengths.to(device))
                 del rows
                 if bool(torch.isnan(scores).any()):
                     raise ValueError(f"{gallery.shard_path(shard)}: scores are NaN (NaN in the features); "
                                      "rankings would be undefined; recompute this shard")
-                inside = counter.in_block(first_image, end_image)
+                inside = counter.in_block(int(images[0]), int(images[-1]) + 1)
                 # The relevant pairs keep their pass-1 scores (module doc: one score per pair).
-                scores[counter.query[inside], counter.image[inside] - first_image] = counter.score[inside]
-                counter.add(scores, first_image, inside)
-                top = _update_top(top, scores, first_image, k)
+                column = torch.searchsorted(images, counter.image[inside])
+                scores[counter.query[inside], column] = counter.score[inside]
+                counter.add(scores, images, inside)
+                top = _update_top(top, scores, images, k)
     return Partial(shards, counter.at_least.cpu(), counter.equal.cpu(), counter.tied_before.cpu(), top.cpu())
 
 

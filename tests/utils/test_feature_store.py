@@ -25,12 +25,18 @@ def test_lazy_reads_give_the_rows_of_load(shards):
     assert torch.equal(loaded, features) and torch.equal(loaded_owner, owner)
 
 
-@pytest.mark.parametrize("bad_owner", [[3, 5, 4, 5], [3, 3, 3, 3], [3, 4, 5, 6]])
-def test_owner_that_does_not_list_the_shard_images_in_order_is_refused(shards, bad_owner):
+@pytest.mark.parametrize("bad_owner", [[3, 5, 4, 5], [2, 3, 4, 5], [3, 4, 5, 6]])
+def test_owner_out_of_order_or_outside_the_shard_is_refused(shards, bad_owner):
     store, _, _ = shards
     store.write(1, store.read_rows(1, 0, 4), torch.tensor(bad_owner), {})
-    with pytest.raises(ValueError, match="shard-00001.safetensors: owner must list images 3..5 in order"):
+    with pytest.raises(ValueError, match="shard-00001.safetensors: owner must hold image ids 3..5 in ascending"):
         store.read_owner(1)
+
+
+def test_images_may_own_no_rows(shards):
+    store, _, _ = shards
+    store.write(1, store.read_rows(1, 0, 3), torch.tensor([3, 5, 5]), {})     # image 4 was unreadable
+    assert store.read_owner(1).tolist() == [3, 5, 5]
 
 
 def test_missing_shard_names_the_file(shards):

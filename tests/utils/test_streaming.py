@@ -154,10 +154,41 @@ def test_relevant_pairs_follow_datasets_relevance():
 
 
 def test_blocks_hold_whole_images_within_the_row_budget():
-    owner = torch.tensor([10, 11, 11, 11, 12, 12, 13, 13, 13, 13, 13, 14])
-    blocks = [(a, b, r0, r1, lengths.tolist()) for a, b, r0, r1, lengths in _blocks(owner, 4)]
+    owner = torch.tensor([10, 11, 11, 11, 12, 12, 13, 13, 13, 13, 13, 15])       # image 14 owns no row
+    blocks = [(images.tolist(), r0, r1, lengths.tolist()) for images, r0, r1, lengths in _blocks(owner, 4)]
     # image 13 alone exceeds the budget: it gets a block of its own
-    assert blocks == [(10, 12, 0, 4, [1, 3]), (12, 13, 4, 6, [2]), (13, 14, 6, 11, [5]), (14, 15, 11, 12, [1])]
+    assert blocks == [([10, 11], 0, 4, [1, 3]), ([12], 4, 6, [2]), ([13], 6, 11, [5]), ([15], 11, 12, [1])]
+
+
+def test_images_without_rows_are_left_out_like_search_index_does(tmp_path):
+    """Unreadable images (bad_images=skip) own no rows: they are not in the evaluated gallery, the
+    other images keep their order (ties: lower index first)."""
+    rng = np.random.default_rng(9)
+    num_gallery = 40
+    rows_per_image = rng.integers(1, 4, num_gallery)
+    rows_per_image[[0, 7, 8, 23, 39]] = 0
+    gallery_ins = [sorted(map(int, rng.choice(4, rng.integers(0, 3), replace=False))) for _ in range(num_gallery)]
+    gallery, gallery_features, gallery_owner = write_split(tmp_path / "gallery", gallery_ins, 8, rows_per_image,
+                                                           dyadic_rows(rng, 5))
+    queries, query_features, query_owner = write_split(tmp_path / "queries", [[i % 4] for i in range(6)], 8,
+                                                       np.ones(6, dtype=int), dyadic_rows(rng, 5))
+    kept = np.flatnonzero(rows_per_image > 0)
+    renumber = np.cumsum(rows_per_image > 0) - 1
+    scores = search_index.image_scores(query_features.numpy(), query_owner.numpy(), range(6),
+                                       gallery_features.numpy(), renumber[gallery_owner.numpy()], len(kept))
+    relevant = relevance(search_index.as_annotations(queries.records, True),
+                         search_index.as_annotations([gallery.records[g] for g in kept], False))
+    expected = per_query_metrics(scores, relevant, precision_ks=PRECISION_KS, map_at=MAP_AT)
+    top = kept[np.argsort(-scores, axis=1, kind="stable")[:, :K]]
+
+    query, image = relevant_pairs([r["ins"][0] for r in queries.records], [r["ins"] for r in gallery.records])
+    has_rows = rows_per_image[image] > 0
+    with pytest.raises(ValueError, match=r"gallery images \[.*\] own no rows"):
+        streamed_search(QueryRows.load(queries), gallery, query, image, K)
+    result = streamed_search(QueryRows.load(queries), gallery, query[has_rows], image[has_rows], K,
+                             precision_ks=PRECISION_KS, map_at=MAP_AT, block_bytes=300)
+    assert_same_metrics(result.per_query, expected)
+    np.testing.assert_array_equal(result.top_index, top)
 
 
 def test_ordered_keys_keep_float_order_and_round_trip():
