@@ -118,7 +118,7 @@ def run_method(args) -> dict:
         for shard in range(gallery.num_shards):
             owner = gallery.read_owner(shard)
             max_rows = block_rows(queries, len(gallery.image_range(shard)) / len(owner))  # score_shards' blocks
-            for _, _, row0, row1, _ in _blocks(owner, max_rows):
+            for _, row0, row1, _ in _blocks(owner, max_rows):
                 rows = gallery.read_rows(shard, row0, row1)
                 t, c = time.perf_counter(), time.process_time()
                 features @ rows.T
