@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,10 @@ class FeatureShards:
 
     def __post_init__(self):
         self.folder = Path(self.folder)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.records)
 
     @property
     def num_shards(self) -> int:
@@ -87,8 +93,9 @@ class FeatureShards:
         return [s for s in range(self.num_shards) if not self.shard_path(s).exists()]
 
     def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int],
-              mask_index: torch.Tensor, failed: torch.Tensor | None = None) -> None:
-        """Save one complete shard atomically. ``stats`` are counts kept for the run summary.
+              mask_index: torch.Tensor | None = None, failed: torch.Tensor | None = None) -> None:
+        """Save one complete shard atomically. ``stats`` are counts kept for the run summary;
+        ``mask_index`` None = -1 for every row (no single source mask).
 
         Raises SoIRError naming the images when a vector is not finite (a shard of NaNs would
         otherwise be searched as if it were features).
@@ -101,7 +108,7 @@ class FeatureShards:
         # Counts are stored as tensors: safetensors metadata is a hash map whose order (and so the
         # file's bytes) changes between runs, which would break byte-identical resumes.
         tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous(),
-                   "mask_index": mask_index.long().contiguous(),
+                   "mask_index": (torch.full((len(owner),), -1) if mask_index is None else mask_index).long().contiguous(),
                    "failed": (torch.zeros(0) if failed is None else failed).long().contiguous()}
         tensors.update({f"stat.{k}": torch.tensor([v], dtype=torch.long) for k, v in stats.items()})
         atomic_write(self.shard_path(shard), lambda handle: handle.write(save(tensors)))
@@ -143,6 +150,63 @@ class FeatureShards:
                 if key.startswith("stat."):
                     stats[key[5:]] = stats.get(key[5:], 0) + int(value)
         return torch.cat(features), torch.cat(owners), stats
+
+    # --- lazy reading: one shard (or a row range of it) at a time, never the whole split ----------
+    def _open(self, shard: int):
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise SoIRError(f"{path} is missing (shard {shard} of {self.num_shards}); rerun create_index.py "
+                            "with the same settings to compute it")
+        return safe_open(path, framework="pt")   # memory-maps the file; tensors are read on access
+
+    def row_count(self, shard: int) -> int:
+        """Number of rows of one shard, from its header (no feature data is read)."""
+        with self._open(shard) as f:
+            return f.get_slice("owner").get_shape()[0]
+
+    def row_offsets(self) -> list[int]:
+        """[num_shards + 1]: shard s holds the split's global rows offsets[s]:offsets[s + 1] (the row ids a
+        FAISS index built from the shards in order uses). Reads the headers only."""
+        offsets = [0]
+        for shard in range(self.num_shards):
+            offsets.append(offsets[-1] + self.row_count(shard))
+        return offsets
+
+    def read_owner(self, shard: int) -> torch.Tensor:
+        """owner [R] int64 of one shard, checked: non-decreasing (rows of one image are contiguous) and
+        within ``image_range(shard)``. An image may own no rows (unreadable, skipped at extraction)."""
+        with self._open(shard) as f:
+            owner = f.get_tensor("owner")
+        images = self.image_range(shard)
+        if (owner.dim() != 1 or bool((owner[1:] < owner[:-1]).any())
+                or (len(owner) and (int(owner[0]) < images.start or int(owner[-1]) >= images.stop))):
+            raise SoIRError(f"{self.shard_path(shard)}: owner must hold image ids {images.start}.."
+                            f"{images.stop - 1} in ascending order; the file is damaged or from another "
+                            f"run: delete it and rerun create_index.py")
+        return owner
+
+    @contextmanager
+    def mapped(self, shard: int) -> Iterator[torch.Tensor]:
+        """features [R, D] float32 of one shard as a view of the memory-mapped file, valid inside the
+        ``with`` only (do not keep it, or slices of it): pages are read on access, nothing is copied.
+        Reading whole shards into fresh buffers instead fragments the heap when small results are kept
+        between reads (+15 MB RSS per 15 MB shard, seen while sampling training rows)."""
+        with self._open(shard) as f:
+            yield f.get_slice("features")[:]
+
+    def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
+        """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""
+        return self.read_ranges(shard, [start], [stop])
+
+    def read_ranges(self, shard: int, starts: Sequence[int], stops: Sequence[int]) -> torch.Tensor:
+        """The rows of several ranges [starts[i], stops[i]) of one shard, concatenated [R, D] float32;
+        the file is opened once and only those rows are read."""
+        with self._open(shard) as f:
+            rows = f.get_slice("features")
+            # Copies (cat/clone): a slice is a view that keeps the file mapped, and every mapping's pages
+            # count in RSS again (1000 small slices of 20 files showed as 0.9 GB).
+            parts = [rows[int(a):int(b)] for a, b in zip(starts, stops)]
+            return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def _image_of(record: dict) -> tuple:

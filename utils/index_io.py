@@ -57,11 +57,18 @@ def save_index(index: faiss.Index, path: Path) -> None:
     atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
 
 
-def load_index(path: Path) -> faiss.Index:
-    if not Path(path).is_file():
+def load_index(path: Path, mmap: bool = False) -> faiss.Index:
+    """Read an index file. An on-disk IVF (utils.index_build) finds its ``.ivfdata`` next to the file,
+    wherever the folder was moved, and is always memory-mapped. ``mmap``: map the vectors or codes of
+    other indexes too, instead of reading them into RAM."""
+    path = Path(path)
+    if not path.is_file():
         raise SoIRError(f"no FAISS index at {path}; run create_index.py with this index= first")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    if mmap and not path.with_suffix(".ivfdata").is_file():   # FAISS crashes on IO_FLAG_MMAP + on-disk lists
+        flags |= faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), flags)
     except RuntimeError as err:
         raise SoIRError(f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1]}); delete it "
                         "and rerun create_index.py with the same settings") from None
