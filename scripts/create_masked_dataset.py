@@ -64,7 +64,8 @@ from scripts.mask_models import (  # noqa: E402
 )
 
 # Pipeline order, for the summary.
-STAGES = ("load_models", "load", "owlv2_preprocess", "owlv2", "sam_embed", "sam_decode", "rle", "preview", "write")
+STAGES = ("load_models", "load", "owlv2_preprocess", "owlv2", "sam_embed", "sam_decode", "sam_automatic", "rle",
+          "preview", "write")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SHARD_FORMAT = "soir-mask-shard-v1"
 _LISTED = 20  # failed images printed in the summary; all of them go to failed_images.txt
@@ -245,18 +246,24 @@ class StageTimer:
 # ----------------------------------------------------------------------------------------------
 
 def masks_for_image(segmenter: SamSegmenter, image: np.ndarray, boxes: torch.Tensor, scores: torch.Tensor,
-                    timer: StageTimer) -> tuple[ImageMasks, torch.Tensor, int]:
+                    timer: StageTimer, fallback: str = "none") -> tuple[ImageMasks, torch.Tensor, int]:
     """SAM masks for ``boxes`` [K, 4] of ``image`` [H, W, 3] -> (ImageMasks, masks [K', H, W], dropped).
 
-    No boxes: no SAM call at all (empty entry). Masks that come out empty (possible for a
-    box on a flat region) are dropped with their box and score; ``dropped`` counts them.
+    No boxes: with ``fallback="automatic"`` SAM's automatic mask generator finds the masks (the
+    original's fallback; boxes are the masks' boxes, scores SAM's predicted IoU), else no SAM call
+    at all (empty entry). Masks that come out empty (possible for a box on a flat region) are
+    dropped with their box and score; ``dropped`` counts them.
     """
-    if len(boxes) == 0:
+    if len(boxes) == 0 and fallback == "automatic":
+        with timer.stage("sam_automatic"):
+            masks, boxes, scores = segmenter.automatic(image)
+    elif len(boxes) == 0:
         return ImageMasks(), torch.zeros((0, *image.shape[:2]), dtype=torch.bool), 0
-    with timer.stage("sam_embed"):
-        segmenter.embed(image)
-    with timer.stage("sam_decode"):
-        masks, _ = segmenter.decode(boxes)
+    else:
+        with timer.stage("sam_embed"):
+            segmenter.embed(image)
+        with timer.stage("sam_decode"):
+            masks, _ = segmenter.decode(boxes)
     keep = masks.flatten(1).any(dim=1)
     masks, boxes, scores = masks[keep], boxes[keep], scores[keep]
     with timer.stage("rle"):
@@ -356,7 +363,9 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
                     failed[item.key] = f"'{item.path}': {err}"
                     tqdm.write(f"skipped: {failed[item.key]}", file=sys.stderr)
                     continue
-            entry, masks, dropped = masks_for_image(segmenter, record.image, *detection, timer)
+            fallback = args.fallback if detector is not None else "none"
+            stats["automatic_fallback"] += fallback == "automatic" and len(detection[0]) == 0
+            entry, masks, dropped = masks_for_image(segmenter, record.image, *detection, timer, fallback)
             results[item.key] = entry.to_dict()
             areas[item.key] = masks.flatten(1).float().mean(dim=1).tolist()  # share of the image, per mask
             stats["objects"] += len(entry)
@@ -412,6 +421,7 @@ def summarize(captions: dict[str, dict], failed: dict[str, str], areas: Sequence
         "mean_mask_area_percent": float(np.mean(areas) * 100) if len(areas) else 0.0,
         "processed_this_run": processed,
         "empty_masks_dropped_this_run": run_stats.get("empty_masks_dropped", 0),
+        "automatic_fallback_this_run": run_stats.get("automatic_fallback", 0),
         "seconds_this_run": round(elapsed, 3),
         "images_per_second_this_run": round(processed / elapsed, 3) if processed and elapsed > 0 else None,
         "stage_seconds_this_run": {k: round(timer.seconds[k], 4) for k in STAGES if k in timer.seconds},
@@ -438,6 +448,9 @@ def print_summary(summary: dict, failed: dict[str, str], skipped_no_bbox: Sequen
     lines += [f"objects              {summary['objects']}, mean mask area "
               f"{summary['mean_mask_area_percent']:.2f} % of the image",
               f"objects per image    {histogram or '-'}"]
+    if summary["automatic_fallback_this_run"]:
+        lines.append(f"no detection, SAM automatic masks instead (--fallback automatic): "
+                     f"{summary['automatic_fallback_this_run']} images")
     if summary["empty_masks_dropped_this_run"]:
         lines.append(f"empty SAM masks dropped (with their boxes): {summary['empty_masks_dropped_this_run']}")
     shares = " | ".join(f"{k} {100 * v:.0f}%" for k, v in summary["stage_share_this_run"].items())
@@ -479,7 +492,8 @@ def run(args: argparse.Namespace) -> dict:
         source = {"mode": "detect", "input_dir": str(args.input_dir.resolve()), "absolute_keys": args.absolute_keys,
                   "owlv2_model": args.owlv2_model, "queries": list(args.queries or []),
                   "score_threshold": args.score_threshold, "nms_iou": args.nms_iou,
-                  "max_objects": args.max_objects, "min_box_size": args.min_box_size,
+                  "max_objects": args.max_objects, "min_box_size": args.min_box_size, "fallback": args.fallback,
+                  "automatic_thresholds": [args.automatic_pred_iou_thresh, args.automatic_stability_thresh],
                   "exact_owlv2_resize": args.exact_owlv2_resize}
     if not items:
         raise RunError(f"no images to process in {args.anns_file or args.input_dir} "
@@ -518,7 +532,8 @@ def _run_locked(args: argparse.Namespace, items: list[WorkItem], skipped_no_bbox
                 detector = Owlv2Detector.from_pretrained(args.owlv2_model, options, queries=args.queries or (),
                                                          device=device, exact_resize=args.exact_owlv2_resize)
         atomic_write_json(output_dir / "run_config.json", config)
-        run_stats = process_shards(items, pending, args, detector, SamSegmenter(sam), timer)
+        segmenter = SamSegmenter(sam, args.automatic_pred_iou_thresh, args.automatic_stability_thresh)
+        run_stats = process_shards(items, pending, args, detector, segmenter, timer)
 
     remaining = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
     if remaining:
@@ -552,9 +567,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     det.add_argument("--queries", nargs="+", metavar="TEXT",
                      help='text queries ("a mug" "a toy"); default: class-agnostic objectness')
     det.add_argument("--score_threshold", type=float, default=0.2, help="keep boxes scoring above this")
-    det.add_argument("--nms_iou", type=float, default=0.5, help="NMS IoU threshold (class-agnostic)")
-    det.add_argument("--max_objects", type=int, default=20, help="at most this many boxes per image")
-    det.add_argument("--min_box_size", type=float, default=8.0, help="drop boxes narrower or lower (pixels)")
+    det.add_argument("--nms_iou", type=float, default=0.4, help="NMS IoU threshold (class-agnostic; the original's 0.4)")
+    det.add_argument("--max_objects", type=int, default=None,
+                     help="at most this many boxes per image (default: no cap, as the original)")
+    det.add_argument("--min_box_size", type=float, default=0.0,
+                     help="drop boxes narrower or lower (pixels; default 0, as the original)")
+    det.add_argument("--fallback", choices=("automatic", "none"), default="automatic",
+                     help="an image where OWLv2 finds nothing: SAM's automatic mask generator (the original's "
+                          "fallback) or no masks")
+    det.add_argument("--automatic_pred_iou_thresh", type=float, default=0.88,
+                     help="--fallback automatic: keep masks SAM predicts above this IoU (SAM's default)")
+    det.add_argument("--automatic_stability_thresh", type=float, default=0.95,
+                     help="--fallback automatic: keep masks with a stability score above this (SAM's default)")
     det.add_argument("--exact_owlv2_resize", action="store_true",
                      help="use the OWLv2 processor's Gaussian anti-aliasing on full-size images (30x slower "
                           "on 12 MP photos) instead of a PIL pre-shrink to the model's input size")
