@@ -1,4 +1,4 @@
-"""scripts/create_masked_dataset.py and scripts/mask_models.py with tiny random OWLv2 and SAM.
+"""scripts/create_masked_dataset.py (the CLI), utils/mask_creation.py and utils/mask_models.py with tiny random OWLv2 and SAM.
 
 The models are saved to a temp folder and loaded through the same loaders a user's run uses
 (``Owlv2Detector.from_pretrained``, ``load_sam`` with ``--sam_config``).
@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, Owlv2ForObjectDetection, Owlv2Process
 
 from datasets.captions import decode_mask, encode_mask, load_captions
 from scripts import create_masked_dataset as cmd
-from scripts.mask_models import (
+from utils.mask_models import (
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamSegmenter, filter_detections,
     infer_sam_model_type, load_sam, sam_state_dict_shapes,
 )
