@@ -16,12 +16,12 @@ from datasets.images import to_rgb
 
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.lora import add_lora
-from extractors.views import NO_MASK, View, ViewMaker, Views
+from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
 from utils.errors import SoIRError
 from utils.files import sha256_file
 from utils.hub import model_weights_identity
 from utils.mask_inversion import global_embedding
-from utils.preprocessing import Preprocess
+from utils.preprocessing import NaFlexPreprocess, Preprocess
 
 log = logging.getLogger("soir.extractors")
 
@@ -67,6 +67,7 @@ class Extractor:
     default_model: str = ""
     uses_masks = False
     attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
+    preprocess_class: type[Preprocess] | type[NaFlexPreprocess] = Preprocess   # NaFlexPreprocess: SigLIP2
 
     def __init__(self, model_name: str | None = None, device: str = "auto", precision: str = "fp32",
                  lora_rank: int | None = None, lora_alpha: float | None = None,
@@ -81,7 +82,7 @@ class Extractor:
             model, lora = add_lora(model, self.family, lora_rank or 256, lora_alpha, lora_weights)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
-        self.preprocess = Preprocess.from_pretrained(self.model_name)
+        self.preprocess = self.preprocess_class.from_pretrained(self.model_name)
         self.lora = None if lora_weights is None else {
             "weights_sha256": sha256_file(lora_weights), **dataclasses.asdict(lora)}
 
@@ -108,10 +109,11 @@ class Extractor:
         dtype = _DTYPES[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W]."""
+    def embed(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+        """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W] (NaFlex: patch
+        sequences [B, N, 3 p p] with spatial_shapes [B, 2])."""
         with torch.inference_mode(), self.autocast():
-            return global_embedding(self.model, pixel_values.to(self.device)).float()
+            return global_embedding(self.model, pixel_values.to(self.device), spatial_shapes).float()
 
     def describe(self, batch: list[Views]) -> list[Rows]:
         """Descriptor rows of each image in ``batch``."""
@@ -124,7 +126,7 @@ class Extractor:
         for key, items in groups.items():  # each group runs as one batch
             views = [v for _, v in items]
             if key is None:
-                out = list(self.embed(torch.stack([v.pixel_values for v in views]))[:, None].cpu())
+                out = list(self.embed(*stack_views(views))[:, None].cpu())
             else:
                 out = self.invert_views(views)
             for (i, view), rows in zip(items, out):

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
-from extractors.views import NO_MASK, View, ViewMaker, padded_box
+from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views
 from utils.mask_inversion import legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
 
@@ -89,19 +89,18 @@ class MIExtractor(Extractor):
         return 1 << (count - 1).bit_length() if self.mi["beta"] == 0 else count
 
     def invert_views(self, views: list[View]) -> list[torch.Tensor]:
-        counts = [len(v.masks) for v in views]
-        masks = torch.zeros(len(views), max(counts), *views[0].masks.shape[1:])
-        for i, view in enumerate(views):
-            masks[i, :counts[i]] = view.masks
-        vectors = self.invert(torch.stack([v.pixel_values for v in views]), masks).cpu()
-        return [v[:n] for v, n in zip(vectors, counts)]
+        pixels, spatial_shapes = stack_views(views)
+        vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
+        return [v[:len(view.masks)] for v, view in zip(vectors, views)]
 
-    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False):
+    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False,
+               spatial_shapes: torch.Tensor | None = None):
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
-        (and ``mask_inversion``'s history dict when ``return_history``)."""
+        (and ``mask_inversion``'s history dict when ``return_history``). NaFlex: patch sequences,
+        masks on their canvas and spatial_shapes [B, 2] (see ``utils.mask_inversion.mask_inversion``)."""
         with self.autocast():
             out = mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device),
-                                 **self.mi, return_history=return_history)
+                                 **self.mi, return_history=return_history, spatial_shapes=spatial_shapes)
         return (out[0].float(), out[1]) if return_history else out.float()
 
     def explain(self, image: Image.Image, masks: np.ndarray | torch.Tensor) -> Explanation:
@@ -116,13 +115,14 @@ class MIExtractor(Extractor):
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
         # One image's views all hold the same number of masks (one view with all masks, the union, or
         # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
-        pixels = torch.stack([v.pixel_values for v in views.views])
-        vectors, history = self.invert(pixels, torch.stack([v.masks for v in views.views]), return_history=True)
+        pixels, spatial_shapes = stack_views(views.views)
+        vectors, history = self.invert(pixels, stack_masks(views.views), return_history=True,
+                                       spatial_shapes=spatial_shapes)
         rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), torch.cat([v.mask_index for v in views.views])))
         source = to_binary_masks(masks)
         boxes = [padded_box(source[i], self.smart_crop_pad) if self.mode == "smart_crop" and i >= 0 else None
                  for i in rows.mask_index.tolist()]
-        global_vector = self.embed(self.preprocess.image(image)[None])[0].cpu()
+        global_vector = self.embed(*stack_views(self.global_view_maker()(image).views))[0].cpu()
         return Explanation(
             vectors=rows.vectors, mask_index=rows.mask_index,
             maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
@@ -141,9 +141,10 @@ class MIExtractor(Extractor):
         """
         height, width = size or (image.height, image.width)
         view = image if box is None else image.crop(box)
-        pixels = self.preprocess.image(view)[None].to(self.device)
+        pixels, spatial_shapes = stack_views(self.global_view_maker()(view).views)
         with self.autocast():
-            maps = legrad_map(self.model, pixels, vectors[None].to(self.device), self.mi["layer_index"])[0]
+            maps = legrad_map(self.model, pixels.to(self.device), vectors[None].to(self.device), self.mi["layer_index"],
+                              spatial_shapes=spatial_shapes)[0]
         if box is None:
             return F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0].cpu()
         # The crop's place in the output: box corners scaled from image pixels to output pixels.
