@@ -204,12 +204,12 @@ def table(kernels: list[dict], cpu_checks: list[dict], timings: list[dict], head
     lines = [header, "", "Kernels against the dense relevance step (random problems on the device):"]
     lines += [f"  {row['check']:34} {row['result']}" for row in kernels]
     lines += ["", "Device against CPU (1 image x 2 masks):",
-              f"  {'model':16} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}"]
-    lines += [f"  {r['family']:16} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} "
+              f"  {'model':19} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}"]
+    lines += [f"  {r['family']:19} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} "
               f"{r['cosine']:10.7f}" for r in cpu_checks]
     lines += ["", "Speed (ms per object = one call's wall time / objects) and agreement (min cosine over objects):",
-              f"  {'model':16} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}"]
-    lines += [f"  {r['family']:16} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
+              f"  {'model':19} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}"]
+    lines += [f"  {r['family']:19} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
               f"{fmt(r['utilisation'], '10.0f'):>10} {r['cos_today']:9.6f} {r['cos_fused_fp32']:9.6f}"
               for r in timings]
     return "\n".join(lines)

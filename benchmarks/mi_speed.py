@@ -294,7 +294,7 @@ def main() -> None:
     base = args.impls[0]
     print(f"Mask Inversion speed, {args.iterations} iterations, {args.images} image(s) per call, {where}, "
           f"torch {torch.__version__}")
-    header = (f"{'family':16} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
+    header = (f"{'family':19} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
               f"{'vs ' + base:>9} {'setup s':>7} {'peak MB':>7} {'ref s/it/mask':>13} {'ref s/obj*':>10} "
               f"{'vs ref':>7}")
     print(header + "\n" + "-" * len(header))
@@ -317,7 +317,7 @@ def main() -> None:
                 else:
                     ref_cols = f"{'-':>13} {'-':>10} {'-':>7}"
                 speedup = engines[base]["per_iteration"] / eng["per_iteration"]
-                print(f"{name:16} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
+                print(f"{name:19} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
                       f"{1e3 * eng['per_iteration']:9.2f} {1e3 * eng['cpu_per_iteration']:13.2f} "
                       f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}", flush=True)
         if not args.no_products:
@@ -336,16 +336,16 @@ def main() -> None:
         peak = matmul_gflops(device)
         print(f"\nOne iteration's products at {args.images}x{max(args.masks)} masks, per mask (min of 3), against "
               f"a 2048^3 fp32 matmul at {peak:.0f} GFLOP/s measured now:")
-        header = f"{'family':16} {'step':34} {'impl':>9} {'ms/mask':>8} {'GFLOP/s':>8} {'of matmul':>9}"
+        header = f"{'family':19} {'step':34} {'impl':>9} {'ms/mask':>8} {'GFLOP/s':>8} {'of matmul':>9}"
         print(header + "\n" + "-" * len(header))
         for name, step, impl, ms, gflops in products:
-            print(f"{name:16} {step:34} {impl:>9} {ms:8.2f} {gflops:8.1f} {100 * gflops / peak:8.0f}%")
+            print(f"{name:19} {step:34} {impl:>9} {ms:8.2f} {gflops:8.1f} {100 * gflops / peak:8.0f}%")
     if bf16:
         print(f"\nCosine to fp32 MI ({args.iterations} iterations, min over masks):")
-        header = f"{'family':16} {'P':>3} {'bf16 autocast':>13} {'pixels rounded to bf16':>22}"
+        header = f"{'family':19} {'P':>3} {'bf16 autocast':>13} {'pixels rounded to bf16':>22}"
         print(header + "\n" + "-" * len(header))
         for name, P, autocast, rounded in bf16:
-            print(f"{name:16} {P:3d} {autocast:13.5f} {rounded:22.5f}")
+            print(f"{name:19} {P:3d} {autocast:13.5f} {rounded:22.5f}")
 
 
 if __name__ == "__main__":

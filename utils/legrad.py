@@ -154,6 +154,8 @@ class LeGrad:
             raise ValueError(f"{parts.family}: padded token sequences need a per-token head (token_norm)")
         if self.valid is not None:
             self._cell_token, self._cell_valid = _grid_cells(self.grids, self.grid, self.dtype, pixel_values.device)
+            self._row_scale = (self.valid.shape[1] / self.valid.sum(1).to(self.dtype))[:, None, None]  # T / N_b
+        self._layouts: dict[tuple[int, int], list] = {}
         with torch.no_grad(), no_autocast(pixel_values.device):
             self.blocks = [self._constants(b, c) for b, c in zip(blocks, captured)]
 
@@ -169,9 +171,7 @@ class LeGrad:
                 rel = sum(self._block_relevance(k, e) for k in self.blocks)
             else:
                 rel = sum(_BlockRelevance.apply(e @ k.J, k, self.impl, self.precision) for k in self.blocks)
-        if self.valid is not None:
-            rel = rel * (self.valid.shape[1] / self.valid.sum(1).to(rel.dtype))[:, None, None]
-        return rel
+        return rel * self._row_scale if self.valid is not None else rel
 
     def patch_relevance(self, e: torch.Tensor) -> torch.Tensor:
         """Relevance of the patch tokens on the patch grid, [B, P, *grid] (prefix tokens dropped;
@@ -194,19 +194,20 @@ class LeGrad:
         rel = self.patch_relevance(e)
         size = tuple(size) if size is not None else self.image_size
         layout = self._layout(size)
-        out = None
+        (h, w, rh, rw), _ = layout[0]
+        if len(layout) == 1 and (rh, rw) == size:                    # fixed size: one grid, no canvas
+            return self._map(rel, (rh, rw))
+        out = rel.new_zeros(*rel.shape[:2], *size)
         for (h, w, rh, rw), images in layout:
-            E = F.interpolate(rel[images, :, :h, :w], scale_factor=self.parts.patch_size, mode="bilinear",
-                              align_corners=False)
-            E = min_max(E)
-            if tuple(E.shape[-2:]) != (rh, rw):
-                E = F.interpolate(E, size=(rh, rw), mode="bilinear", align_corners=False)
-            if len(layout) == 1 and (rh, rw) == size:
-                return E                                              # the fixed-size case: no canvas
-            if out is None:
-                out = E.new_zeros(*rel.shape[:2], *size)
-            out[images, :, :rh, :rw] = E
+            out[images, :, :rh, :rw] = self._map(rel[images, :, :h, :w], (rh, rw))
         return out
+
+    def _map(self, rel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Patch relevance [.., h, w] -> min-max normalised bilinear map [.., *size]."""
+        E = min_max(F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False))
+        if tuple(E.shape[-2:]) != size:
+            E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
+        return E
 
     def regions(self, size: tuple[int, int]) -> torch.Tensor:
         """[B, 2] pixel rows, columns that image b's map fills in a ``size`` output, from its top-left.
@@ -225,11 +226,14 @@ class LeGrad:
         return regions
 
     def _layout(self, size: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
-        """Images grouped by (grid rows, grid columns, region rows, region columns), for batched resizing."""
-        keys = torch.cat([self.grids, self.regions(size)], dim=1)
-        groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        return [(tuple(int(n) for n in key), torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
-                for i, key in enumerate(groups)]
+        """Images grouped by (grid rows, grid columns, region rows, region columns), for batched resizing;
+        cached per size (the iterations, and a CUDA graph capture, then do no host work here)."""
+        if size not in self._layouts:
+            keys = torch.cat([self.grids, self.regions(size)], dim=1)
+            groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            self._layouts[size] = [(tuple(int(n) for n in key), torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
+                                   for i, key in enumerate(groups)]
+        return self._layouts[size]
 
     def _block_relevance(self, k: _BlockConstants, e: torch.Tensor) -> torch.Tensor:
         """impl="dense": the formulas of the module docstring, differentiated by autograd."""

@@ -194,3 +194,12 @@ def test_fixed_resolution_siglip2_works_through_the_siglip_family(tiny_variant_d
     torch.testing.assert_close(extractor.extract(image), torch.nn.functional.normalize(out.pooler_output[0], dim=-1))
     with pytest.raises(ValueError, match="not a NaFlex processor config.*siglip extractors"):
         SigLIP2Extractor.preprocess_class.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls, family", [(DINOv2RegExtractor, "dinov2reg"), (DINOv3Extractor, "dinov3"),
+                                         (SigLIP2Extractor, "siglip2")])
+def test_lora_is_refused_for_the_new_families(tiny_model_dirs, tmp_path, cls, family):
+    """extractors.lora knows DINOv2's and CLIP's module names only; the others say so, naming the family."""
+    torch.save({}, tmp_path / "lora.ckpt")
+    with pytest.raises(SoIRError, match=f"LoRA weights are supported for dinov2, clip, not {family}"):
+        cls(str(tiny_model_dirs[family]), device="cpu", lora_rank=4, lora_weights=tmp_path / "lora.ckpt")
