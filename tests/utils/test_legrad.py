@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import utils.legrad as legrad_module
-from tests.utils.test_mask_inversion import FAMILIES, _inputs, _load, _out_dim, _region
+from tests.utils.test_mask_inversion import FAMILIES, MODELS, _inputs, _load, _out_dim, _region
 from utils.legrad import LeGrad, MapDice, _BlockRelevance, _interpolation_matrix, _run_ends, resolve_impl
 from utils.mask_inversion import dice_loss
 from utils.vit_adapters import vit_parts
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dirs):
-    return {family: _load(tiny_model_dirs[family], family) for family in FAMILIES}
+def models(tiny_model_dirs, tiny_variant_dirs):
+    folders = {**tiny_model_dirs, **tiny_variant_dirs}
+    return {name: _load(folders[name], name) for name in MODELS}
 
 
 def _embeddings(model, B: int, P: int, seed: int = 0) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _value_and_grad(fn, e: torch.Tensor):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("layer_index", [-1, -2])
 def test_blockwise_relevance_matches_dense(models, family, layer_index):
     model = models[family]
@@ -66,7 +67,7 @@ def test_mask_chunks_give_the_same_relevance(models, monkeypatch, masks_per_chun
     torch.testing.assert_close(chunked_grad, whole_grad, atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_block_relevance_backward_passes_gradcheck(models, family):
     """The written-out backward of u(w) against finite differences (independent of the dense path)."""
     model = models[family]

@@ -156,7 +156,7 @@ def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
     assert (ours - legrad_map(plain, pixels, e)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_blockwise_engine_matches_dense_engine(models, family):
     """impl="blockwise" (the CPU default: row blocks, patch-grid Dice) == impl="dense" (full-resolution)."""
     model = models[family]
