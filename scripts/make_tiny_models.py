@@ -3,7 +3,8 @@
     python scripts/make_tiny_models.py --out demo_data/tiny_models
 
 Backbones (dinov2/, dinov2reg/, dinov3/, siglip/, siglip2/, clip/) are saved with an image-processor
-config and loaded through the same ``from_pretrained`` path as real hub ids; owlv2/ is an Owlv2ForObjectDetection with a processor
+config and loaded through the same ``from_pretrained`` path as real hub ids; owlv2/ is an
+Owlv2ForObjectDetection with a processor
 whose CLIP tokenizer is built here (no hub access); sam/ holds a SAM built from segment-anything's
 own modules, ``torch.save``'d like a released checkpoint, with its architecture as ``--sam_config``.
 Random weights: numbers made with them mean nothing.

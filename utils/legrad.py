@@ -231,7 +231,8 @@ class LeGrad:
         if size not in self._layouts:
             keys = torch.cat([self.grids, self.regions(size)], dim=1)
             groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
-            self._layouts[size] = [(tuple(int(n) for n in key), torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
+            self._layouts[size] = [(tuple(int(n) for n in key),
+                                    torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
                                    for i, key in enumerate(groups)]
         return self._layouts[size]
 

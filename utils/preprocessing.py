@@ -114,7 +114,8 @@ class NaFlexPreprocess:
         if "max_num_patches" not in cfg or "patch_size" not in cfg:
             raise ValueError(f"{model_name}: not a NaFlex processor config (no max_num_patches / patch_size; "
                              f"image_processor_type={cfg.get('image_processor_type')!r}); a fixed-size "
-                             f"checkpoint (e.g. a fixed-resolution SigLIP2, model_type 'siglip') uses the siglip extractors")
+                             f"checkpoint (e.g. a fixed-resolution SigLIP2, model_type 'siglip') uses the siglip "
+                             f"extractors")
         mean, std, resample = _normalisation(model_name, cfg, default_resample=2)
         return cls(int(cfg["patch_size"]), int(cfg["max_num_patches"]), mean, std, resample)
 
@@ -140,7 +141,8 @@ class NaFlexPreprocess:
         image's patch grid x patch size), nearest-neighbour like :meth:`Preprocess.masks`."""
         masks = to_binary_masks(masks)
         size = self.resized_size(*masks.shape[-2:])
-        return T.functional.resize(masks[:, None], list(size), interpolation=InterpolationMode.NEAREST_EXACT)[:, 0].float()
+        resized = T.functional.resize(masks[:, None], list(size), interpolation=InterpolationMode.NEAREST_EXACT)
+        return resized[:, 0].float()
 
 
 def _normalisation(model_name: str, cfg: dict, default_resample: int = 3):

@@ -118,8 +118,8 @@ class VitParts:
             raise ValueError("a NaFlex model needs spatial_shapes [B, 2] (patch rows, columns of each image)")
         if (spatial_shapes.shape != (B, 2) or spatial_shapes.is_floating_point()
                 or (spatial_shapes < 1).any() or (spatial_shapes.prod(-1) > N).any()):
-            raise ValueError(f"spatial_shapes must be [B={B}, 2] integers h, w >= 1 with h*w <= N={N}, got "
-                             f"{spatial_shapes.tolist() if spatial_shapes.numel() < 20 else tuple(spatial_shapes.shape)}")
+            shown = spatial_shapes.tolist() if spatial_shapes.numel() < 20 else tuple(spatial_shapes.shape)
+            raise ValueError(f"spatial_shapes must be [B={B}, 2] integers h, w >= 1 with h*w <= N={N}, got {shown}")
         spatial_shapes = spatial_shapes.to(pixel_values.device)
         return dict(pixel_values=pixel_values, spatial_shapes=spatial_shapes,
                     pixel_attention_mask=patch_token_mask(spatial_shapes, N))

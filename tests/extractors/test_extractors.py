@@ -58,7 +58,8 @@ def test_naflex_preprocessing_is_the_siglip2_processors(tiny_model_dirs):
         shape = extractor.preprocess.spatial_shape(image)
         torch.testing.assert_close(shape, theirs["spatial_shapes"][0].long())
         assert int(theirs["pixel_attention_mask"][0].sum()) == int(shape.prod())
-        torch.testing.assert_close(extractor.preprocess.image(image), theirs["pixel_values"][0], atol=2.01 / 255, rtol=0)
+        torch.testing.assert_close(extractor.preprocess.image(image), theirs["pixel_values"][0],
+                                   atol=2.01 / 255, rtol=0)
         masks = np.zeros((1, height, width), dtype=bool)
         masks[0, : height // 2] = True                              # the top half
         resized = extractor.preprocess.masks(masks)
@@ -178,7 +179,8 @@ def test_checkpoint_of_another_family_is_refused(tiny_model_dirs):
     # a registers checkpoint loads into Dinov2Model with every weight used but the registers: silently wrong
     (DINOv2Extractor, "dinov2reg", "is a dinov2reg checkpoint .*'dinov2_with_registers'.*dinov2reg_features"),
     (DINOv3Extractor, "dinov2", "is a dinov2 checkpoint"),
-    (SigLIP2Extractor, "siglip", r"is a siglip checkpoint \(config.model_type='siglip'\), not siglip2.*siglip_features"),
+    (SigLIP2Extractor, "siglip",
+     r"is a siglip checkpoint \(config.model_type='siglip'\), not siglip2.*siglip_features"),
     (SigLIPExtractor, "siglip2", "is a siglip2 checkpoint.*siglip2_mi_features")])
 def test_checkpoint_of_a_related_family_is_refused(tiny_model_dirs, cls, folder, message):
     with pytest.raises(SoIRError, match=message):
