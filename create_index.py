@@ -32,6 +32,7 @@ from extractors import capabilities, extractor_from_config
 from search_index import search
 from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
 from utils.errors import SoIRError, exit_on_error
+from utils.families import lora_families
 from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
 from utils.files import atomic_write_json, cached_sha256
 from utils.index_io import build_index, check_factory, index_path, save_index
@@ -98,6 +99,10 @@ def query_extractor(cfg: DictConfig, gallery_extractor):
 def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
     """Every input that needs no model, read and checked: the jobs of each split, the images' facts
     (sha256, size) by key, and the images left out under bad_images=skip."""
+    for name in {cfg.extractor, cfg.query_extractor or cfg.extractor}:
+        if cfg.lora_adapt and not capabilities(name)["supports_lora"]:
+            raise SoIRError(f"lora_adapt=true: {name} has no LoRA support; LoRA adapters exist for the families "
+                            f"{', '.join(lora_families())} (their _features / _mi_features extractors)")
     if not cfg.anns_file:
         raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
     anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)

@@ -1,39 +1,18 @@
-"""Loading HF vision backbones and their global embedding, one small table per family."""
+"""Loading HF vision backbones (the family's class and checks from utils/families.py)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
-                          Siglip2VisionModel, SiglipVisionModel)
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from utils.errors import SoIRError
 from utils.hub import check_model_available, hf_offline
-from utils.vit_adapters import FAMILIES as MODEL_TYPES        # config.model_type -> family
+from utils.families import MODEL_TYPES, family_spec
 
 log = logging.getLogger("soir.extractors")
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between backbone families: the class to load and where the output size lives."""
-
-    model_class: type
-    dim_key: str                      # config attribute holding the embedding size
-
-
-FAMILIES = {
-    "dinov2": Family(Dinov2Model, "hidden_size"),
-    "dinov2reg": Family(Dinov2WithRegistersModel, "hidden_size"),
-    "dinov3": Family(DINOv3ViTModel, "hidden_size"),
-    "siglip": Family(SiglipVisionModel, "hidden_size"),
-    "siglip2": Family(Siglip2VisionModel, "hidden_size"),
-    "clip": Family(CLIPVisionModelWithProjection, "projection_dim"),
-}
 
 
 def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa") -> nn.Module:
@@ -52,7 +31,7 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     hf_logging.disable_progress_bar()          # a "Loading weights" bar per model is noise in our logs
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
-        model, info = FAMILIES[family].model_class.from_pretrained(
+        model, info = family_spec(family).model_class.from_pretrained(
             model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True)
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
@@ -97,4 +76,4 @@ def _other_family(model_name: str, family: str, model_type: str | None) -> str |
 
 def embedding_dim(model: nn.Module, family: str) -> int:
     """Size of the global embedding of ``model`` as declared by its config."""
-    return int(getattr(model.config, FAMILIES[family].dim_key))
+    return int(getattr(model.config, family_spec(family).dim_key))

@@ -18,6 +18,7 @@ from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
 from utils.errors import SoIRError
+from utils.families import FAMILIES
 from utils.files import sha256_file
 from utils.hub import model_weights_identity
 from utils.mask_inversion import global_embedding
@@ -73,8 +74,7 @@ class Extractor:
             (the original code's dict input ``{"image": ..., "img_path": ...}``).
     """
 
-    family: str = ""
-    default_models: dict[str, str] = {}  # {"base": hub id, "large": hub id}
+    family: str = ""                  # a key of utils.families.FAMILIES (its spec: classes, default models)
     uses_masks = False
     attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
     preprocess_class: type[Preprocess] | type[NaFlexPreprocess] = Preprocess   # NaFlexPreprocess: SigLIP2
@@ -108,10 +108,10 @@ class Extractor:
     @classmethod
     def default_model(cls, B_model: bool = True) -> str:
         """The family's default hub id: base, or large when ``B_model`` is False (where it has one)."""
-        if not B_model and "large" not in cls.default_models:
-            log.warning("B_model=false: %s has no large default model; using %s", cls.family,
-                        cls.default_models["base"])
-        return cls.default_models["base" if B_model or "large" not in cls.default_models else "large"]
+        models = FAMILIES[cls.family].default_models
+        if not B_model and "large" not in models:
+            log.warning("B_model=false: %s has no large default model; using %s", cls.family, models["base"])
+        return models["base" if B_model or "large" not in models else "large"]
 
     def identity(self) -> dict:
         """What pins this extractor's output, for the features folder's identity: the weights

@@ -1,12 +1,9 @@
-"""The backbone families, plain and with Mask Inversion, and their registry entries.
+"""The extractors of each backbone family, plain and with Mask Inversion, and their registry entries.
 
-Default checkpoints (vec_dim), ``B_model=true`` / ``false``: DINOv2 facebook/dinov2-base (768) /
--large (1024); DINOv2 with registers facebook/dinov2-with-registers-base (768) / -large (1024);
-DINOv3 facebook/dinov3-vitb16-pretrain-lvd1689m (768) / vitl16 (1024); SigLIP
-google/siglip-base-patch16-384 (768) / google/siglip-so400m-patch14-384 (1152); SigLIP2 NaFlex
-google/siglip2-base-patch16-naflex (768) / so400m-patch16-naflex (1152); CLIP
-openai/clip-vit-base-patch16 (512). The fixed-resolution SigLIP2 checkpoints (e.g.
-google/siglip2-base-patch16-224) are SigLIP models (model_type "siglip"): use the siglip extractors.
+What a family is (model class, model types, default checkpoints, vec_dim, LoRA) is data in
+utils/families.py; a class here only names its family (and SigLIP2 its NaFlex preprocessing). The
+fixed-resolution SigLIP2 checkpoints (e.g. google/siglip2-base-patch16-224) are SigLIP models
+(model_type "siglip"): use the siglip extractors.
 """
 from __future__ import annotations
 
@@ -18,36 +15,29 @@ from utils.preprocessing import NaFlexPreprocess
 
 class DINOv2Extractor(Extractor):
     family = "dinov2"
-    default_models = {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"}
 
 
 class DINOv2RegExtractor(Extractor):
     family = "dinov2reg"
-    default_models = {"base": "facebook/dinov2-with-registers-base", "large": "facebook/dinov2-with-registers-large"}
 
 
 class DINOv3Extractor(Extractor):
     family = "dinov3"
-    default_models = {"base": "facebook/dinov3-vitb16-pretrain-lvd1689m",
-                      "large": "facebook/dinov3-vitl16-pretrain-lvd1689m"}
 
 
 class SigLIPExtractor(Extractor):
     family = "siglip"
-    default_models = {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"}
 
 
 class SigLIP2Extractor(Extractor):
     """SigLIP2 NaFlex: each image at its own aspect ratio, as a patch sequence (NaFlexPreprocess)."""
 
     family = "siglip2"
-    default_models = {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"}
     preprocess_class = NaFlexPreprocess
 
 
 class CLIPExtractor(Extractor):
     family = "clip"
-    default_models = {"base": "openai/clip-vit-base-patch16"}
 
 
 class DINOv2MIExtractor(MIExtractor, DINOv2Extractor):

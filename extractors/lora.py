@@ -31,12 +31,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from utils.errors import SoIRError
+from utils.families import FAMILIES, lora_families
 
 log = logging.getLogger("soir.extractors")
 
 DEFAULT_ALPHA = 32.0                       # the original code's lora_alpha default
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj")   # DINOv2 and CLIP attention in transformers 5.x
-LORA_FAMILIES = ("dinov2", "clip")
 STATE_KEYS = ("model_state_dict", "state_dict", "model")    # wrappers around the state dict
 METADATA_KEY = "lora"
 
@@ -55,7 +54,7 @@ class LoraSettings:
 
     rank: int
     alpha: float = DEFAULT_ALPHA
-    target_modules: tuple[str, ...] = TARGET_MODULES
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")   # a family's: FamilySpec.lora_targets
     dropout: float = 0.0
     family: str | None = None
 
@@ -79,8 +78,8 @@ def canonical_key(key: str) -> str:
 
 def wrap_with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """peft LoRA on ``settings.target_modules`` of ``model`` (a DINOv2 or CLIP vision model)."""
-    if settings.family is not None and settings.family not in LORA_FAMILIES:
-        raise SoIRError(f"LoRA adapters are supported for {', '.join(LORA_FAMILIES)}, not {settings.family}")
+    if settings.family is not None:
+        _check_family(settings.family, "adapters")
     return get_peft_model(model, settings.peft_config())
 
 
@@ -105,14 +104,18 @@ def add_lora(model: nn.Module, family: str, rank: int, alpha: float | None,
         SoIRError: ``weights`` does not exist or is not a checkpoint; stored rank / family differ from
             the requested ones; the tensors do not fit (lists missing LoRA keys and unexpected keys).
     """
-    if family not in LORA_FAMILIES:
-        raise SoIRError(f"LoRA weights are supported for {', '.join(LORA_FAMILIES)}, not {family}")
+    _check_family(family, "weights")
     weights = Path(weights)
     state, stored, source = read_lora_checkpoint(weights)
     settings = resolve_settings(weights, family, rank, alpha, stored, source)
     peft_model = wrap_with_lora(model, settings)
     load_lora_state(peft_model, state, weights, settings)
     return peft_model.merge_and_unload(), settings
+
+
+def _check_family(family: str, what: str) -> None:
+    if family not in lora_families():
+        raise SoIRError(f"LoRA {what} are supported for {', '.join(lora_families())}, not {family}")
 
 
 def read_lora_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
@@ -199,7 +202,8 @@ def resolve_settings(weights: Path, family: str, rank: int, alpha: float | None,
         log.warning("LoRA alpha %g stored in %s is used (lora_alpha=%g ignored)", stored["alpha"], source,
                     requested)
     settings = LoraSettings(rank=rank, alpha=float(stored.get("alpha", requested)),
-                            target_modules=tuple(stored.get("target_modules", TARGET_MODULES)), family=family)
+                            target_modules=tuple(stored.get("target_modules", FAMILIES[family].lora_targets)),
+                            family=family)
     # The scaling alpha / rank must be the one the adapters were trained with: say which one is used.
     log.info("LoRA rank %d, alpha %g (scaling %.4g, %s) on %s", settings.rank, settings.alpha,
              settings.alpha / settings.rank, f"from {source}" if "alpha" in stored else "lora_alpha",

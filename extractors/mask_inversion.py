@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from torchvision.transforms import InterpolationMode
 
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
 from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views, zero_outside
 from utils.errors import SoIRError
+from utils.families import FAMILIES
 from utils.mask_inversion import legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
 
@@ -48,14 +48,6 @@ class Explanation:
     history: dict[str, torch.Tensor]
 
 
-# The original code's resampling on the MI path and smart-crop padding, per family (compat=original:
-# mi_resample=original, smart_crop_source=resized). DINOv2 used LANCZOS and int(0.1 x the longer side);
-# SigLIP and CLIP BILINEAR and 5 px.
-ORIGINAL_MI_RESAMPLE = {"dinov2": InterpolationMode.LANCZOS, "siglip": InterpolationMode.BILINEAR,
-                        "clip": InterpolationMode.BILINEAR}
-ORIGINAL_SMART_CROP_PAD_PIXELS = {"dinov2": None, "siglip": 5, "clip": 5}
-# Families for which the original's mi_sum fitted one vector to the mean of the per-mask Dice terms.
-MEAN_DICE_FAMILIES = ("siglip", "clip")
 
 
 class MIExtractor(Extractor):
@@ -107,12 +99,13 @@ class MIExtractor(Extractor):
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
         self.crop_source = str(smart_crop_source)
-        if (mi_resample != "processor" or self.crop_source != "original") and self.family not in ORIGINAL_MI_RESAMPLE:
+        original = FAMILIES[self.family].original          # what the original code did for this family
+        if (mi_resample != "processor" or self.crop_source != "original") and original is None:
             raise SoIRError(f"mi_resample / smart_crop_source (compat=original) reproduce the original code, which has "
                             f"no {self.family} extractor: use compat=none with {self.family}")
         # What MI sees; plain embeddings (global_view_maker) keep the processor's resampling.
         self.mi_preprocess = self.preprocess if mi_resample == "processor" else \
-            dataclasses.replace(self.preprocess, resample=ORIGINAL_MI_RESAMPLE[self.family])
+            dataclasses.replace(self.preprocess, resample=original.mi_resample)
 
     def _mode(self, global_features: bool, mi_sum: bool, smart_crop: bool, single_from_sc: bool,
               mi_sum_loss: str) -> str:
@@ -130,10 +123,12 @@ class MIExtractor(Extractor):
                      "original computes it (the same as smart_crop alone)")
             return "smart_crop"
         if mi_sum and mi_sum_loss == "mean_dice":
-            if self.family in MEAN_DICE_FAMILIES:
+            original = FAMILIES[self.family].original
+            if original is not None and original.mi_sum_mean_dice:
                 return "mean_dice"
-            log.info("mi_sum_loss=mean_dice applies to %s only; %s uses the union of the masks, as the "
-                     "original did", "/".join(MEAN_DICE_FAMILIES), self.family)
+            log.info("mi_sum_loss=mean_dice applies to %s only; %s uses the union of the masks%s",
+                     "/".join(n for n, s in FAMILIES.items() if s.original and s.original.mi_sum_mean_dice),
+                     self.family, ", as the original did" if original else "")
         return "union" if mi_sum else "smart_crop" if smart_crop else "per_mask"
 
     def identity(self) -> dict:
@@ -144,7 +139,7 @@ class MIExtractor(Extractor):
     def view_maker(self) -> ViewMaker:
         if self.mode == "global":
             return self.global_view_maker()
-        pad_pixels = ORIGINAL_SMART_CROP_PAD_PIXELS[self.family] if self.crop_source == "resized" else None
+        pad_pixels = FAMILIES[self.family].original.smart_crop_pad_pixels if self.crop_source == "resized" else None
         return ViewMaker(self.mi_preprocess, "per_mask" if self.mode == "mean_dice" else self.mode,
                          self.smart_crop_pad, keep_empty=self.keep_empty, crop_source=self.crop_source,
                          pad_pixels=pad_pixels)

@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from utils.errors import SoIRError
+from utils.families import FAMILIES
 
 _EXTRACTORS: dict[str, type] = {}
 
@@ -47,9 +48,10 @@ def constructor_keys(cls: type) -> set[str]:
 
 def capabilities(name: str) -> dict[str, Any]:
     """What a registered extractor can do, without building it: ``uses_masks``, ``family``,
-    ``keys`` (the config keys its constructor takes)."""
+    ``supports_lora`` (its family's spec, utils/families.py), ``keys`` (the config keys its constructor takes)."""
     cls = extractor_class(name)
-    return {"uses_masks": cls.uses_masks, "family": cls.family, "keys": constructor_keys(cls)}
+    return {"uses_masks": cls.uses_masks, "family": cls.family, "supports_lora": FAMILIES[cls.family].supports_lora,
+            "keys": constructor_keys(cls)}
 
 
 def build_extractor(name: str, **kwargs: Any):

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError
+from utils.families import FAMILIES
 
 
 def choice(name: str, values: str) -> type[Enum]:
@@ -47,7 +48,7 @@ class SoIRConfig:
     experiment: Optional[str] = "default"    # a name; used in run folder names only
     extractor: str = "siglip_mi_features"    # a name from extractors.list_extractors()
     model_name: Optional[str] = None         # HF hub id or local folder; null = extractor default
-    vec_dim: int = 768                       # must equal the model's output size (checked)
+    vec_dim: int = 768                       # must equal the model's output size (checked); set by configs/extractor
     B_model: bool = True                     # default model: base (true) or large (false: DINOv2-L, SigLIP so400m)
     # --- names of runs and folders (the original's keys) ---------------------------------
     run_type: str = "retrieval"              # run folder name part: <dataset>_<run_type>
@@ -187,6 +188,15 @@ def register() -> None:
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
     if not OmegaConf.has_resolver("soir_name"):
         OmegaConf.register_new_resolver("soir_name", run_label)
+    if not OmegaConf.has_resolver("soir_vec_dim"):
+        OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
+
+
+def default_vec_dim(family: str, B_model: bool) -> int:
+    """The embedding size of ``family``'s default model (base, or large with ``B_model=false`` where the
+    family has one): the ``vec_dim`` that configs/extractor/<name>.yaml sets (utils/families.py)."""
+    dims = FAMILIES[family].vec_dims
+    return dims["base" if B_model or "large" not in dims else "large"]
 
 
 def run_label(run_name: str | None, experiment: str, tag: str | None = "", add_string: str | None = "") -> str:
@@ -262,8 +272,6 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError(f"mi_layer_index={cfg.mi_layer_index} must be negative (-1 = last block)")
     if not 0 <= cfg.smart_crop_pad <= 2:
         raise SoIRError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
-    if cfg.lora_adapt and not cfg.extractor.startswith(("dinov2", "clip")):
-        raise SoIRError(f"lora_adapt=true is for DINOv2 and CLIP extractors, not {cfg.extractor}")
     if cfg.masks_from == "anns" and cfg.captions_file:
         raise SoIRError("masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
                         "drop captions_file or use masks_from=captions")

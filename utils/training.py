@@ -54,6 +54,7 @@ from extractors.backbones import load_backbone
 from extractors.base import resolve_device
 from extractors.lora import LoraSettings, lora_checkpoint, wrap_with_lora
 from utils.errors import SoIRError
+from utils.families import FAMILIES, lora_families
 from utils.files import atomic_write_text
 from utils.metrics import retrieval_metrics
 from utils.preprocessing import Preprocess
@@ -63,7 +64,6 @@ from utils.vit_adapters import vit_parts
 
 log = logging.getLogger("soir.training")
 
-DEFAULT_MODELS = {"dinov2": "facebook/dinov2-base", "clip": "openai/clip-vit-base-patch16"}
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainConfig:
     val_captions_file: Optional[str] = None  # boxes of the held-out scenes; null = captions_file
     val_fraction: float = 0.05
     # --- model ---------------------------------------------------------------------------
-    family: str = "dinov2"                   # dinov2 | clip
+    family: str = "dinov2"                   # a family that supports LoRA (utils.families.lora_families)
     model_name: Optional[str] = None         # null = facebook/dinov2-base | openai/clip-vit-base-patch16
     image_size: int = 224                    # model input side in pixels
     lora_rank: int = 256
@@ -123,7 +123,7 @@ def register() -> None:
 
 def check_train_config(cfg: Any) -> None:
     """Cross-key checks, before anything is loaded. Raises SoIRError naming the key."""
-    choices = {"family": ("dinov2", "clip"), "box_source": ("captions", "anns"), "precision": ("bf16", "fp32")}
+    choices = {"family": tuple(lora_families()), "box_source": ("captions", "anns"), "precision": ("bf16", "fp32")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise SoIRError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -153,8 +153,8 @@ def check_train_config(cfg: Any) -> None:
 def build_model(cfg: Any) -> tuple[nn.Module, LoraSettings]:
     """The backbone (``extractors.backbones.load_backbone``) wrapped with trainable LoRA (seeded init)."""
     settings = LoraSettings(rank=cfg.lora_rank, alpha=float(cfg.lora_alpha), dropout=cfg.lora_dropout,
-                            family=cfg.family)
-    backbone = load_backbone(cfg.family, cfg.model_name or DEFAULT_MODELS[cfg.family], "sdpa")
+                            target_modules=FAMILIES[cfg.family].lora_targets, family=cfg.family)
+    backbone = load_backbone(cfg.family, cfg.model_name or FAMILIES[cfg.family].default_models["base"], "sdpa")
     torch.manual_seed(cfg.seed)
     model = wrap_with_lora(backbone, settings)   # only the LoRA tensors require gradients
     return model, settings
@@ -409,7 +409,7 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     if cfg.batch_size % (ctx.world * cfg.micro_batch):
         raise SoIRError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} "
                          f"x {ctx.world} processes")
-    model_name = cfg.model_name or DEFAULT_MODELS[cfg.family]
+    model_name = cfg.model_name or FAMILIES[cfg.family].default_models["base"]
     preprocess = Preprocess.from_pretrained(model_name)
     if preprocess.size != (cfg.image_size, cfg.image_size):
         log.warning("image_size=%d, but %s's processor (used by create_index.py) resizes to %s",

@@ -40,14 +40,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
-                          Siglip2VisionModel, SiglipVisionModel)
 
-# config.model_type -> family
-FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2reg", "dinov3_vit": "dinov3",
-            "siglip_vision_model": "siglip", "siglip": "siglip",
-            "siglip2_vision_model": "siglip2", "siglip2": "siglip2",
-            "clip_vision_model": "clip", "clip": "clip"}
+from utils.families import FAMILIES, MODEL_TYPES
 
 
 @dataclass
@@ -75,7 +69,7 @@ class BlockParts:
 class VitParts:
     """A supported model, unwrapped from peft, with the pieces Mask Inversion needs."""
 
-    family: str                   # a value of FAMILIES
+    family: str                   # a key of utils.families.FAMILIES
     model: nn.Module              # the transformers model (peft wrapper removed; LoRA layers stay inside)
     blocks: list[BlockParts]
     num_heads: int
@@ -146,7 +140,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def vit_parts(model: nn.Module) -> VitParts:
-    """Locate the blocks, head and global embedding of a supported vision model (see FAMILIES).
+    """Locate the blocks, head and global embedding of a supported vision model (utils/families.py).
 
     Raises:
         ValueError: unknown family (``model.config.model_type``) or a model class / block layout
@@ -154,42 +148,39 @@ def vit_parts(model: nn.Module) -> VitParts:
     """
     base = unwrap(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type)
+    family = MODEL_TYPES.get(model_type)
     if family is None:
-        raise ValueError(f"Mask Inversion supports DINOv2 (with registers), DINOv3, SigLIP, SigLIP2 and CLIP "
-                         f"vision models; got {type(base).__name__} with config.model_type={model_type!r} "
-                         f"(known: {sorted(FAMILIES)})")
+        raise ValueError(f"Mask Inversion supports the families {', '.join(FAMILIES)}; got {type(base).__name__} "
+                         f"with config.model_type={model_type!r} (known: {sorted(MODEL_TYPES)})")
+    cls = FAMILIES[family].model_class
+    if not isinstance(base, cls):
+        raise ValueError(f"config.model_type={model_type!r} needs a {cls.__name__} (the vision tower with its "
+                         f"head), got {type(base).__name__}")
     return ADAPTERS[family](base)
 
 
 # ---------------------------------------------------------------------- one adapter per family
 def dinov2_parts(base: nn.Module) -> VitParts:
-    _require(base, Dinov2Model)
     return _dino_like("dinov2", base, base.encoder.layer, base.layernorm)
 
 
 def dinov2reg_parts(base: nn.Module) -> VitParts:
-    _require(base, Dinov2WithRegistersModel)
     return _dino_like("dinov2reg", base, base.encoder.layer, base.layernorm)
 
 
 def dinov3_parts(base: nn.Module) -> VitParts:
-    _require(base, DINOv3ViTModel)
     return _dino_like("dinov3", base, base.model.layer, base.norm)
 
 
 def siglip_parts(base: nn.Module) -> VitParts:
-    _require(base, SiglipVisionModel)
     return _siglip_like("siglip", base)
 
 
 def siglip2_parts(base: nn.Module) -> VitParts:
-    _require(base, Siglip2VisionModel)
     return _siglip_like("siglip2", base, naflex=True)
 
 
 def clip_parts(base: nn.Module) -> VitParts:
-    _require(base, CLIPVisionModelWithProjection)
     vision = base.vision_model
     return VitParts("clip", base, _clip_like_blocks(vision.encoder.layers), base.config.num_attention_heads,
                     base.config.patch_size, 1, None, nn.Sequential(vision.post_layernorm, base.visual_projection),
@@ -239,12 +230,6 @@ def _dino_block(b: nn.Module) -> BlockParts:
 def _clip_like_blocks(layers: nn.ModuleList) -> list[BlockParts]:
     return [BlockParts(b, b.self_attn.v_proj, b.self_attn.out_proj, None, b.layer_norm2,
                        b.mlp.fc1, b.mlp.activation_fn, b.mlp.fc2, None) for b in layers]
-
-
-def _require(model: nn.Module, cls: type) -> None:
-    if not isinstance(model, cls):
-        raise ValueError(f"config.model_type={model.config.model_type!r} needs a {cls.__name__} "
-                         f"(the vision tower with its head), got {type(model).__name__}")
 
 
 def hooked_blocks(parts: VitParts, layer_index: int) -> list[BlockParts]:

@@ -56,7 +56,6 @@ def test_anns_file_is_required():
     (["mask_input=true", "query_mi=true"], "pick one"),
     (["crop=true", "no_query_crop=true"], "contradict"),
     (["mi_layer_index=0"], "mi_layer_index=0 must be negative"),
-    (["lora_adapt=true", "extractor=siglip_features"], "lora_adapt=true is for DINOv2 and CLIP"),
     (["weights=/x.ckpt"], "needs lora_adapt=true"),
     (["batch_size=0"], "batch_size=0 must be positive"),
     (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),

@@ -1,0 +1,109 @@
+"""What a backbone family is, as data: one :class:`FamilySpec` row per family.
+
+Everything that differs between families and can be written down as data lives in :data:`FAMILIES`:
+the Hugging Face class to load, the ``config.model_type`` values it accepts, the default checkpoints
+and their embedding sizes, where the embedding size is read, LoRA's target modules, and what the
+original research code did for it. Code reads this table; nothing parses extractor names.
+
+The one piece of code per family is its adapter in ``utils/vit_adapters.py`` (where q/k/v/o, the
+LayerNorms, the MLP and the head are), registered in ``vit_adapters.ADAPTERS`` under the same name.
+The extractor classes (``extractors/families.py``), the Hydra config files
+(``configs/extractor/<name>.yaml``) and the tiny test models (``scripts/make_tiny_models.py``) are
+keyed by the same name; ``tests/utils/test_families.py`` checks they all agree with this table.
+See the README's "Adding a backbone".
+
+This module imports nothing from SoIR, so every layer can read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchvision.transforms import InterpolationMode
+from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+                          Siglip2VisionModel, SiglipVisionModel)
+
+
+@dataclass(frozen=True)
+class OriginalCode:
+    """What the original research code did for a family (``compat=original`` reproduces it).
+
+    mi_resample: the resampling of the image on its MI path (``mi_resample=original``).
+    smart_crop_pad_pixels: its smart-crop padding in input pixels; None: int(0.1 x the box's longer side)
+        (``smart_crop_source=resized``).
+    mi_sum_mean_dice: its ``mi_sum`` fitted one vector to the mean of the per-mask Dice terms
+        (``mi_sum_loss=mean_dice``) instead of inverting the union of the masks.
+    """
+
+    mi_resample: InterpolationMode
+    smart_crop_pad_pixels: int | None
+    mi_sum_mean_dice: bool
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One backbone family.
+
+    name: the family's name; extractors ``<name>_features`` and ``<name>_mi_features``.
+    model_class: the transformers class loaded for the vision tower (``from_pretrained``).
+    model_types: the ``config.model_type`` values of checkpoints of this family (a whole SigLIP / CLIP
+        checkpoint and its vision tower have different ones).
+    default_models: hub ids, ``{"base": ..., "large": ...}`` (``B_model=false`` picks "large").
+    vec_dims: embedding size (``vec_dim``) of each default model, same keys.
+    dim_key: the config attribute that holds the embedding size of any checkpoint.
+    lora_targets: module names LoRA adapts (q/k/v); empty: LoRA is refused for this family.
+    original: what the original code did for it; None: the original code had no such family.
+    naflex: images enter as patch sequences at their own aspect ratio (SigLIP2 NaFlex).
+    """
+
+    name: str
+    model_class: type
+    model_types: tuple[str, ...]
+    default_models: dict[str, str]
+    vec_dims: dict[str, int]
+    dim_key: str = "hidden_size"
+    lora_targets: tuple[str, ...] = ()
+    original: OriginalCode | None = None
+    naflex: bool = False
+
+    @property
+    def supports_lora(self) -> bool:
+        return bool(self.lora_targets)
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")        # DINOv2 and CLIP attention in transformers 5.x
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
+    FamilySpec("dinov2", Dinov2Model, ("dinov2",),
+               {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"}, {"base": 768, "large": 1024},
+               lora_targets=_QKV, original=OriginalCode(InterpolationMode.LANCZOS, None, False)),
+    FamilySpec("dinov2reg", Dinov2WithRegistersModel, ("dinov2_with_registers",),
+               {"base": "facebook/dinov2-with-registers-base", "large": "facebook/dinov2-with-registers-large"},
+               {"base": 768, "large": 1024}),
+    FamilySpec("dinov3", DINOv3ViTModel, ("dinov3_vit",),
+               {"base": "facebook/dinov3-vitb16-pretrain-lvd1689m", "large": "facebook/dinov3-vitl16-pretrain-lvd1689m"},
+               {"base": 768, "large": 1024}),
+    FamilySpec("siglip", SiglipVisionModel, ("siglip", "siglip_vision_model"),
+               {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
+               {"base": 768, "large": 1152}, original=OriginalCode(InterpolationMode.BILINEAR, 5, True)),
+    FamilySpec("siglip2", Siglip2VisionModel, ("siglip2", "siglip2_vision_model"),
+               {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"},
+               {"base": 768, "large": 1152}, naflex=True),
+    FamilySpec("clip", CLIPVisionModelWithProjection, ("clip", "clip_vision_model"),
+               {"base": "openai/clip-vit-base-patch16"}, {"base": 512}, dim_key="projection_dim",
+               lora_targets=_QKV, original=OriginalCode(InterpolationMode.BILINEAR, 5, True)),
+)}
+
+# config.model_type -> family name
+MODEL_TYPES: dict[str, str] = {model_type: spec.name for spec in FAMILIES.values() for model_type in spec.model_types}
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The spec of family ``name``; ValueError naming the known families otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown backbone family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def lora_families() -> list[str]:
+    """Families whose extractors load LoRA adapters (``lora_adapt=true``)."""
+    return [name for name, spec in FAMILIES.items() if spec.supports_lora]
