@@ -14,7 +14,7 @@ this one run, it reports
     time (the latter is less sensitive to other processes on a shared machine); t(0) is the minimum
     of 3 calls and t(20) of 2, and the implementations' calls are interleaved so that load from
     other processes hits both alike;
-  * the plain reference (tests/utils/mi_reference.py: autograd.grad(create_graph=True) through the
+  * the plain reference (utils/mi_reference.py: autograd.grad(create_graph=True) through the
     frozen block every iteration, one mask at a time): per-iteration cost per mask, measured the
     same way with ONE mask and one image, and its seconds per object EXTRAPOLATED to N iterations
     as t(0 it) / P + N * per-iteration (it is not run for N iterations x P masks);
@@ -57,7 +57,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov
 
 import torch.nn.functional as F  # noqa: E402
 
-from tests.utils.mi_reference import reference_mask_inversion  # noqa: E402
+from utils.mi_reference import reference_mask_inversion  # noqa: E402
 from utils import legrad_kernels  # noqa: E402
 from utils.legrad import IMPLS, LeGrad, _PositiveColumnMean, _token_gradients, _token_gradients_backward  # noqa: E402
 from utils.mask_inversion import mask_inversion  # noqa: E402

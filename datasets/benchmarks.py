@@ -28,7 +28,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .anns import load_anns, select_set, split
-from .gt_masks import annotation_masks, upright_size
+from .gt_masks import annotation_masks
+from .images import upright_size
 
 
 # The paper's statistics ("-": not reported). Issue 12 / VoxDet-SoIR README table.

@@ -9,21 +9,16 @@ unchanged.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
-
 from .anns import Annotation, AnnotationError, pixel_box
 from .captions import ImageMasks, bbox_from_mask, encode_mask
-from .images import ImageLoadError
+from .images import upright_size
 from .voxdet import decode_annotated_mask
 
 logger = logging.getLogger("soir.datasets")
 
-_EXIF_ORIENTATION = 0x0112
-_SIDEWAYS = {5, 6, 7, 8}      # EXIF orientations that swap width and height
 _MAX_LISTED = 5
 
 
@@ -84,18 +79,3 @@ def annotation_masks(annotations: Sequence[Annotation], box_masks: bool = False)
                        "RLE.py decoder convention; using their complement, which fits the annotated box "
                        "(e.g. %s)", len(complemented), complemented[:_MAX_LISTED])
     return out
-
-
-def upright_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image as :func:`datasets.load_rgb` returns it (EXIF orientation applied),
-    read from the file header only."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(_EXIF_ORIENTATION, 1) in _SIDEWAYS:
-                width, height = height, width
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file does not exist") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(path, f"{type(err).__name__}: {err}") from err
-    return height, width

@@ -99,15 +99,35 @@ def _read_facts(path: Path) -> dict:
              "error": None}
     try:
         with Image.open(io.BytesIO(data)) as image:   # reads the header only, no pixel decoding
-            width, height = image.size
-            orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+            height, width, orientation = upright_header(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         facts["error"] = f"{type(err).__name__}: {err}"
         return facts
+    facts.update(width=width, height=height, exif_orientation=orientation)
+    return facts
+
+
+def upright_header(image: Image.Image) -> tuple[int, int, int]:
+    """(height, width, EXIF orientation 1-8) of an opened image as :func:`load_rgb` returns it (EXIF
+    orientation applied), from its header only."""
+    width, height = image.size
+    orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
     if orientation in (5, 6, 7, 8):                  # a quarter turn: exif_transpose swaps the sides
         width, height = height, width
-    facts.update(width=width, height=height, exif_orientation=orientation if 1 <= orientation <= 8 else 1)
-    return facts
+    return height, width, orientation if 1 <= orientation <= 8 else 1
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as :func:`load_rgb` returns it, from its header only; an
+    unreadable file raises :class:`ImageLoadError` naming it."""
+    try:
+        with Image.open(path) as image:
+            height, width, _ = upright_header(image)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(path, f"{type(err).__name__}: {err}") from err
+    return height, width
 
 
 def image_facts(paths: Sequence[str | Path]) -> list[ImageFacts]:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from datasets import AnnotationError, annotation_masks, load_anns
-from datasets.gt_masks import upright_size
+from datasets.images import upright_size
 from tests.datasets.voxdet_replica import builder_rle
 
 

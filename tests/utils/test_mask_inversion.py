@@ -16,7 +16,7 @@ from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2With
                           Siglip2VisionModel, SiglipVisionModel, ViTConfig, ViTModel)
 
 from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS
-from tests.utils.mi_reference import reference_legrad_map, reference_mask_inversion
+from utils.mi_reference import reference_legrad_map, reference_mask_inversion
 from utils.legrad import LeGrad
 from utils.mask_inversion import dice_loss, global_embedding, legrad_map, mask_inversion
 from utils.vit_adapters import vit_parts
