@@ -31,6 +31,37 @@ The model's parameters never enter it. SigLIP's head normalises every token befo
 makes w_t differ per token: w_t = kappa_t (w - c_t x_hat_t) (a common vector minus a per-token
 multiple of the normalised token), and the x_hat_t part is folded into a per-image constant ``C``.
 
+Derivations (what the constants of :class:`_BlockConstants` are). Write x_hat = (x - mean x) / sigma,
+sigma = sqrt(var x + eps), for a LayerNorm's input x [D] (``_layer_norm_stats``).
+
+1. The LayerNorm Jacobian fold (LN2 before the MLP, input r_t). LN(r) = gamma * r_hat + beta and
+
+       d r_hat / d r = (I - 1 1^T / D - r_hat r_hat^T / D) / sigma_r,
+
+   so a gradient q at LN2's output comes back as LN'(r)^T q = (q' - r_hat (r_hat . q') / D) / sigma_r with
+   q' = gamma * q - mean(gamma * q). For q = dS/dz @ W1 the centring is folded into the weights once,
+   W1c = (W1 * gamma) minus its mean over D (``W1c`` in ``_constants``), so q' = dS/dz @ W1c. With
+   dS/dz_t = act'(z_t) * y_t, y = w @ W2s (W2s = diag(ls2) W2), and u = dS/dr @ Wo_s (Wo_s = diag(ls1) Wo):
+
+       u_t = w_t @ Wo_s + ((act'(z_t) / sigma_r) * y_t) @ (W1c @ Wo_s)
+                        - (y_t . act'(z_t) * (r_hat_t @ W1c^T) / (D sigma_r)) (r_hat_t @ Wo_s)
+           = w_t @ Wo_s + (a_s * y_t) @ M - (y_t . Sig_t) Q_t,
+
+   the ``a_s``, ``M``, ``Sig`` and ``Q`` of :class:`_BlockConstants` (``sigma_r`` is a standard deviation).
+
+2. SigLIP's per-token head. f = normalize(mean_t LN(X_t)) (post_layernorm on every token, then the mean;
+   Jn = the Jacobian of normalize at the mean). By 1. applied to post_layernorm,
+
+       dS/dX_t = LN'(X_t)^T (Jn^T e) / T = kappa_t (w - c_t x_hat_t),
+       w = J^T e with J = centred(Jn * gamma),  kappa_t = 1 / (T sigma_t),  c_t = (x_hat_t . w) / D,
+
+   (x_hat_t . (zeta - mean zeta) = x_hat_t . zeta, since x_hat_t sums to 0). u is linear in dS/dX_t, so
+   u_t = kappa_t (u_t(w) - c_t u_t(x_hat_t)): the common vector w goes through the chain of 1. per mask,
+   and x_hat_t goes through it once per image, giving ``C`` = u(x_hat) (``_head_constants``):
+   C_t = x_hat_t @ Wo_s + (R_t @ Wo_s - (r_hat_t . R_t) / D Q_t) / sigma_r, R = (act'(z) * (x_hat @ W2s)) @ W1c.
+   The attention-pooling (MAP) head gives g, the start of the optimisation, not f: it does not enter.
+   DINO families and CLIP: f = normalize(head(mean_t X_t)), so dS/dX_t = J(mean X)^T e / T for every t.
+
 A gated MLP, h = act(z_g) * z with z_g = gate(LN2(r)) and z = fc1(LN2(r)), has
 dh = act(z_g) dz + z act'(z_g) dz_g: two plain-MLP paths that share fc2. So the chain above holds with
 fc1 replaced by [fc1; gate] (2F rows), act'(z) by [act(z_g), z act'(z_g)] and fc2 by [fc2, fc2].
@@ -88,8 +119,8 @@ class _BlockConstants:
     W2s: torch.Tensor            # [D, F]  diag(ls2) fc2.weight
     Wo_s: torch.Tensor           # [D, D]  diag(ls1) o_proj.weight
     M: torch.Tensor              # [F, D]  centred(fc1.weight * gamma2) @ Wo_s
-    a_s: torch.Tensor            # [B, T, F] act'(z) / sigma2
-    Sig: torch.Tensor            # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma2)
+    a_s: torch.Tensor            # [B, T, F] act'(z) / sigma_r (sigma_r: LN2's standard deviation of r)
+    Sig: torch.Tensor            # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma_r)
     Q: torch.Tensor              # [B, T, D] r_hat @ Wo_s
     x_hat: torch.Tensor | None = None    # [B, T, D] token-normalised X (SigLIP)
     kappa: torch.Tensor | None = None    # [B, T]    1 / (T sigma_post); NaFlex: valid_t / (N_b sigma_post)
@@ -274,15 +305,15 @@ class LeGrad:
         W2s = _scale_vector(block.layer_scale2, D, V)[:, None] * W2
         W1c = W1 * _ln_weight(block.norm2, D, V)
         W1c = W1c - W1c.mean(dim=1, keepdim=True)     # LN2's mean removal, folded into fc1
-        r_hat, sigma2 = _layer_norm_stats(r, block.norm2.eps)
+        r_hat, sigma_r = _layer_norm_stats(r, block.norm2.eps)
         Q = r_hat @ Wo_s
-        head = self._head_constants(X, W2s, W1c, Wo_s, act_d, r_hat, sigma2, Q)
+        head = self._head_constants(X, W2s, W1c, Wo_s, act_d, r_hat, sigma_r, Q)
         return _BlockConstants(
             V=V.reshape(B, T, H, D // H).transpose(1, 2).contiguous(), W2s=W2s, Wo_s=Wo_s, M=W1c @ Wo_s,
-            a_s=act_d / sigma2[..., None], Sig=act_d * (r_hat @ W1c.T) / (D * sigma2[..., None]),
+            a_s=act_d / sigma_r[..., None], Sig=act_d * (r_hat @ W1c.T) / (D * sigma_r[..., None]),
             Q=Q, **head)
 
-    def _head_constants(self, X, W2s, W1c, Wo_s, act_d, r_hat, sigma2, Q) -> dict:
+    def _head_constants(self, X, W2s, W1c, Wo_s, act_d, r_hat, sigma_r, Q) -> dict:
         """J (and SigLIP's per-token pieces) for dS/dX_t; see the module docstring."""
         parts, dt = self.parts, self.dtype
         B, T, D = X.shape
@@ -304,7 +335,7 @@ class LeGrad:
         # The x_hat_t part of dS/dX_t, pushed through the same chain as the common part:
         R = (act_d * (x_hat @ W2s)) @ W1c                                         # [B, T, D]
         rho = (r_hat * R).sum(-1, keepdim=True)
-        C = x_hat @ Wo_s + (R @ Wo_s - rho / D * Q) / sigma2[..., None]
+        C = x_hat @ Wo_s + (R @ Wo_s - rho / D * Q) / sigma_r[..., None]
         return dict(J=J, x_hat=x_hat, kappa=weights / sigma, C=C)
 
 

@@ -80,12 +80,6 @@ class VitParts:
     global_embedding: Callable[[object], torch.Tensor]             # model output -> raw g [B, D_out]
     naflex: bool = False          # pixel_values are patch sequences with spatial_shapes (SigLIP2 NaFlex)
 
-    def head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Un-normalised LeGrad feature head(X) [B, D_out] of block output tokens X [B, T, D]."""
-        if self.token_norm is not None:
-            tokens = self.token_norm(tokens)
-        return self.pooled_head(tokens.mean(dim=1))
-
     def model_inputs(self, pixel_values: torch.Tensor,
                      spatial_shapes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The model's forward keyword arguments for a batch, after checking the shapes.

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import utils.legrad as legrad_module
 from tests.utils.test_mask_inversion import FAMILIES, MODELS, _inputs, _load, _out_dim, _region
-from utils.legrad import LeGrad, MapDice, _BlockRelevance, _interpolation_matrix, _run_ends, resolve_impl
+from utils.legrad import (LeGrad, MapDice, _BlockRelevance, _interpolation_matrix, _PositiveColumnMean, _run_ends,
+                          resolve_impl)
 from utils.mask_inversion import dice_loss
 from utils.vit_adapters import vit_parts
 
@@ -77,6 +78,18 @@ def test_block_relevance_backward_passes_gradcheck(models, family):
     w = (_embeddings(model, 1, 2) @ k.J).detach().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda w: _BlockRelevance.apply(w, k, "blockwise", "fp32"), (w,),
                                     eps=1e-7, atol=1e-6)
+
+
+def test_positive_column_mean_passes_gradcheck():
+    """The dense path's hand-written backward (sign of G folded into V) against finite differences,
+    on u with entries well away from G's kink at 0 (where the derivative jumps)."""
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 3, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(2, 3, 5, 4, generator=generator, dtype=torch.float64)
+    G = u.detach() @ V.mT
+    assert G.abs().min() > 1e-5 and (G > 0).any() and (G < 0).any()
+    assert torch.autograd.gradcheck(lambda u: _PositiveColumnMean.apply(u, V), (u,), eps=1e-7, atol=1e-8)
+    torch.testing.assert_close(_PositiveColumnMean.apply(u, V), (u @ V.mT).clamp_min(0).mean(dim=(-3, -2)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
