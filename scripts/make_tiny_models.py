@@ -38,7 +38,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
     sys.path.insert(0, str(ROOT))
-from scripts.mask_models import SamArchitecture, build_sam  # noqa: E402
+from utils.mask_models import SamArchitecture, build_sam  # noqa: E402
 
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
 # a 4x4 patch grid.

@@ -289,3 +289,26 @@ def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene
     batch = extractor.extract_batch([image, image.transpose(Image.FLIP_LEFT_RIGHT)], [masks, masks[:, :, ::-1].copy()])
     torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
     assert batch[1].shape == (2, 32)
+
+
+def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, tmp_path):
+    """The same words in a notebook and on the command line give the same vectors."""
+    from datasets import crop_box, load_captions, load_rgb
+    settings = dict(mi_alpha=0.05, mi_iterations=3, mi_sum=True, batch_size=1)
+    proc = run_script("create_index.py", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
+                      "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}", f"captions_file={demo_dir / 'captions.pt'}",
+                      *(f"{k}={str(v).lower()}" for k, v in settings.items()), "num_workers=0", "only_create=true",
+                      cwd=tmp_path)
+    folder = features_dir_from(proc, tmp_path)
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), device="cpu", **settings)
+    captions = load_captions(demo_dir / "captions.pt")
+    gallery = json.loads((folder / "gallery" / "images.json").read_text())
+    stored = load_file(sorted((folder / "gallery").glob("shard-*.safetensors"))[0])
+    for i in range(2):
+        rows = stored["features"][stored["owner"] == i]
+        torch.testing.assert_close(extractor.extract(gallery[i]["file"], captions[gallery[i]["key"]]), rows[0],
+                                   atol=1e-6, rtol=0)
+    query = json.loads((folder / "queries" / "images.json").read_text())[0]
+    stored = load_file(sorted((folder / "queries").glob("shard-*.safetensors"))[0])
+    crop = crop_box(load_rgb(query["file"]), query["bbox"], "q", square=True)
+    torch.testing.assert_close(extractor.extract(crop), stored["features"][0], atol=1e-6, rtol=0)
