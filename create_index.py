@@ -8,12 +8,24 @@ Order of work, so that mistakes cost seconds, not hours: (1) read and check ever
 needs no model (annotations, masks, image headers, boxes, the index string); (2) load the model;
 (3) claim and lock the features folder, which must hold nothing made with another identity;
 (4) extract the missing shards; (5) build the index.
+
+``stage=all`` (the default) does all of it in one process, then searches. For galleries that need
+many processes the same work is split into stages (README "Scaling out")::
+
+    stage=prepare    (1)-(3), one process: writes the identity, images.json and per shard a job file
+    stage=extract    (4), ``workers=W worker=w``: the missing shards s with s % W == w (any W resumes);
+                     no lock, the identity is checked read-only; unreadable pixels are recorded in
+                     their shard (bad_images=error is enforced by stage=index)
+    stage=index      (5), one process: an IVF index is trained on a sample, added in resumable blocks
+                     and merged on disk (utils/index_build.py); writes summary.json
+    stage=search     search_index.py
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,12 +33,13 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import (annotation_masks, drop_queries_without_positives, load_anns, load_captions, select_indices,
                       select_set, split)
-from datasets.extraction import ImageJob, ViewDataset, check_jobs, gallery_jobs, jobs_digest, query_jobs
+from datasets.extraction import (ImageJob, ViewDataset, check_jobs, gallery_jobs, job_from_dict, job_to_dict,
+                                 jobs_digest, query_jobs)
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
 from search_index import search
@@ -34,8 +47,9 @@ from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_a
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
 from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
-from utils.files import atomic_write_json, cached_sha256
-from utils.index_io import build_index, check_factory, index_path, save_index
+from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
+from utils.index_build import build_ondisk, shard_blocks
+from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
 from utils.processes import worker_init_fn
 
 log = logging.getLogger("soir.create_index")
@@ -47,18 +61,14 @@ register()
 def main(cfg: DictConfig) -> None:
     resolve_aliases(cfg)
     check_config(cfg)
-    started = time.time()
-    jobs, facts, skipped = plan(cfg)
-    extractor = extractor_from_config(cfg)
-    extractors = {"gallery": extractor, "queries": query_extractor(cfg, extractor)}
-    log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
-             extractor.dim, extractor.device, len(jobs.get("queries", [])), len(jobs["gallery"]))
+    STAGES[cfg.stage](cfg)
 
-    gallery_identity = feature_identity(cfg, extractor, jobs["gallery"], facts, queries=False)
-    query_identity = {**gallery_identity, **feature_identity(cfg, extractors["queries"], jobs.get("queries", []),
-                                                             facts, queries=True)}
-    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
-    with FeaturesFolder(out).open(gallery_identity, query_identity, OmegaConf.to_yaml(cfg, resolve=True)):
+
+def run_all(cfg: DictConfig) -> None:
+    """``stage=all``: every step in this process, then the search (unless only_create / only_gallery)."""
+    started = time.time()
+    jobs, facts, skipped, extractors, out, identities = plan_and_load(cfg)
+    with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
         atomic_write_json(out / "sources.json", sources(cfg))
         stats, rows = {}, {}
@@ -80,6 +90,150 @@ def main(cfg: DictConfig) -> None:
         return
     # As the original: the search runs at the end of create_index.py unless only_create=true.
     search(cfg, out, Path(HydraConfig.get().runtime.output_dir))
+
+
+def plan_and_load(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list, dict, Path, tuple[dict, dict]]:
+    """:func:`plan`, then the extractors (gallery, queries), the features folder and its two identities
+    (gallery, queries)."""
+    jobs, facts, skipped = plan(cfg)
+    extractor = extractor_from_config(cfg)
+    extractors = {"gallery": extractor, "queries": query_extractor(cfg, extractor)}
+    log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
+             extractor.dim, extractor.device, len(jobs.get("queries", [])), len(jobs["gallery"]))
+    gallery_identity = feature_identity(cfg, extractor, jobs["gallery"], facts, queries=False)
+    query_identity = {**gallery_identity, **feature_identity(cfg, extractors["queries"], jobs.get("queries", []),
+                                                             facts, queries=True)}
+    out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
+    return jobs, facts, skipped, extractors, out, (gallery_identity, query_identity)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages for many processes
+# ---------------------------------------------------------------------------------------------------
+def prepare(cfg: DictConfig) -> None:
+    """``stage=prepare``: every input checked and hashed (once, here), the folder claimed under its
+    lock, its identity, ``images.json`` and the per-shard job files written. Loads the model for its
+    identity (weights, preprocessing, device): run it with the workers' settings and device type."""
+    jobs, _, skipped, extractors, out, identities = plan_and_load(cfg)
+    with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
+        write_bad_images(out, skipped)
+        atomic_write_json(out / "sources.json", sources(cfg))
+        for name, split_jobs in jobs.items():
+            shards = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
+            shards.prepare()
+            shards.write_jobs([job_to_dict(job) for job in split_jobs])
+            log.info("%s: %d images in %d shards, %d missing", name, shards.num_images, shards.num_shards,
+                     len(shards.missing()))
+    print(f"prepared: {out}\nnext: python create_index.py <the same settings> stage=extract features_dir={out} "
+          f"[-m workers=W 'worker=range(0,W)' hydra/launcher=submitit_slurm ...], then stage=index, stage=search")
+
+
+def extract(cfg: DictConfig) -> None:
+    """``stage=extract``: worker ``worker`` of ``workers`` computes the missing shards ``s`` with
+    ``s % workers == worker`` of each split that ``stage=prepare`` wrote. Takes no lock (many workers
+    write one folder; each shard file is written atomically under a host+pid temporary name) and checks
+    the folder's identity read-only: the same settings, model and device as ``stage=prepare``.
+
+    An image whose pixels cannot be decoded is recorded in its shard (``failed``, ``stat.bad_images``)
+    and the worker goes on, whatever ``bad_images`` says: a dead array task would cost the rest of its
+    shards. ``stage=index`` refuses such a gallery under ``bad_images=error``."""
+    out = Path(cfg.features_dir)
+    extractor = extractor_from_config(cfg)
+    extractors = {"gallery": extractor, "queries": query_extractor(cfg, extractor)}
+    splits = prepared_splits(out)
+    check_prepared_identity(out, cfg, extractors, splits)
+    for name, shards in splits.items():
+        todo = [s for s in shards.missing() if s % cfg.workers == cfg.worker]
+        log.info("%s: worker %d of %d: %d shards to compute (%d of %d missing in all)", name, cfg.worker,
+                 cfg.workers, len(todo), len(shards.missing()), shards.num_shards)
+        progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
+        for shard in todo:
+            jobs = [job_from_dict(line["record"], line["job"], is_query=name == "queries")
+                    for line in shards.read_jobs(shard)]
+            extract_shard(shards, shard, jobs, extractors[name], cfg, progress, record_bad_pixels=True)
+        progress.close()
+    left = {name: len(shards.missing()) for name, shards in splits.items()}
+    print(f"worker {cfg.worker} of {cfg.workers} done; shards still missing (other workers): {left}")
+
+
+def prepared_splits(out: Path) -> dict[str, FeatureShards]:
+    """The splits ``stage=prepare`` wrote into ``out`` (gallery, and queries unless only_gallery)."""
+    if folder_kind(out) != "features" or not (out / "identity.json").is_file():
+        raise SoIRError(f"{out} is not a prepared features folder; run create_index.py stage=prepare with the same "
+                        "settings first (it prints the features_dir)")
+    return {name: FeatureShards.prepared(out / name) for name in ("gallery", "queries")
+            if name == "gallery" or (out / name / "jobs.json").is_file()}
+
+
+def check_prepared_identity(out: Path, cfg: DictConfig, extractors: dict, splits: dict[str, FeatureShards]) -> None:
+    """Refuse a worker whose settings or model differ from the folder's (what ``stage=prepare`` saved);
+    the inputs' digests, hashed by prepare, are taken from the saved identities (a worker hashes nothing)."""
+    fix = "run every stage with the settings (and model, device type) of stage=prepare"
+    saved = read_json(out / "identity.json", fix="rerun stage=prepare")
+    gallery = {**settings_identity(cfg, extractors["gallery"], queries=False), "gallery_sha256": saved.get("gallery_sha256")}
+    check_identity(out / "identity.json", gallery, "features", fix=fix, save=False)
+    if "queries" in splits:
+        saved = read_json(out / "queries" / "identity.json", fix="rerun stage=prepare")
+        queries = {**gallery, **settings_identity(cfg, extractors["queries"], queries=True),
+                   "queries_sha256": saved.get("queries_sha256")}
+        check_identity(out / "queries" / "identity.json", queries, "query features", fix=fix, save=False)
+
+
+def build(cfg: DictConfig) -> None:
+    """``stage=index``: after every shard is extracted, one process (under the folder's lock) builds
+    the FAISS index and writes ``summary.json``. IVF indexes are built without holding the gallery in RAM
+    (utils/index_build.py: trained on ``index_train_rows`` sampled rows, added in ``index_blocks``
+    resumable blocks, merged on disk); other factories (Flat, HNSW) are built in RAM, as stage=all does."""
+    started = time.time()
+    out = Path(cfg.features_dir)
+    splits = prepared_splits(out)
+    with FolderLock(out):
+        stats = {name: shards.stats() for name, shards in splits.items()}    # every shard must exist
+        refuse_undecodable(cfg, splits, stats)
+        gallery = splits["gallery"]
+        offsets = gallery.row_offsets()
+        if not cfg.no_faiss:
+            build_gallery_index(cfg, gallery, out)
+        skipped = (out / "bad_images.txt").read_text().splitlines() if (out / "bad_images.txt").is_file() else []
+        summary = dict(features_dir=str(out), gallery_images=gallery.num_images, gallery_rows=offsets[-1],
+                       queries=splits["queries"].num_images if "queries" in splits else 0,
+                       skipped_bad_images=len(skipped), seconds=round(time.time() - started, 1),
+                       gallery_counts=stats["gallery"], query_counts=stats.get("queries", {}))
+        atomic_write_json(out / "summary.json", summary)
+    log.info("done: %s", json.dumps(summary))
+    print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
+
+
+def refuse_undecodable(cfg: DictConfig, splits: dict[str, FeatureShards], stats: dict[str, dict]) -> None:
+    """Under ``bad_images=error``, images whose pixels the workers could not decode are an error here."""
+    if cfg.bad_images != "error" or not any(s.get("bad_images") for s in stats.values()):
+        return
+    keys = [f"{name}/{shards.records[i]['key']}" for name, shards in splits.items() if stats[name].get("bad_images")
+            for i in shards.failed_images()]
+    raise SoIRError(f"{len(keys)} images could not be decoded at extraction (first: {keys[:5]}); fix or remove them, "
+                    "delete their shards and rerun stage=prepare and stage=extract, or set bad_images=skip")
+
+
+def build_gallery_index(cfg: DictConfig, gallery: FeatureShards, out: Path) -> None:
+    """The index of ``cfg.index`` over the gallery rows, at ``utils.index_io.index_path`` (see :func:`build`)."""
+    path = index_path(out, cfg.index)
+    if not is_ivf(cfg.index, cfg.vec_dim):
+        log.info("index=%s is not an IVF: built in RAM from all gallery rows (an IVF is built in blocks)", cfg.index)
+        save_index(build_index(gallery.load()[0].numpy(), cfg.index), path)
+        return
+    rows = gallery.row_offsets()[-1]
+    blocks = len(shard_blocks(gallery.num_shards, cfg.index_blocks or -(-rows // 1_000_000)))
+    work = path.with_name(path.stem + "-blocks")
+    # The trained index and the blocks are reused by a rerun: only with the settings they were made with.
+    check_identity(work / "identity.json", {"index": cfg.index, "index_train_rows": cfg.index_train_rows,
+                                            "blocks": blocks}, "index blocks", fix=f"delete {work}")
+    build_ondisk(gallery, cfg.index, path, work, blocks, cfg.index_train_rows)
+    log.info("%s: %d rows in %d blocks, merged on disk (%s)", path.name, rows, blocks, path.with_suffix(".ivfdata").name)
+
+
+def search_stage(cfg: DictConfig) -> None:
+    """``stage=search``: what search_index.py does."""
+    search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
 
 
 def query_extractor(cfg: DictConfig, gallery_extractor):
@@ -152,37 +306,50 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
     if len(todo) < shards.num_shards:
         log.info("%s: resuming, %d of %d shards already on disk", name, shards.num_shards - len(todo),
                  shards.num_shards)
-    dataset = ViewDataset(jobs, extractor.view_maker(), extractor.global_view_maker(),
-                          empty_to_global=cfg.missing_masks == "global")
     progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
     for shard in todo:
-        loader = DataLoader(Subset(dataset, shards.image_range(shard)), batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, collate_fn=list,
-                            worker_init_fn=worker_init_fn() if cfg.num_workers else None)
-        features, owner, mask_index, failed = [], [], [], []
-        stats = {"dropped_masks": 0, "global_fallback": 0, "bad_images": 0}
-        for batch in loader:
-            indices, views = zip(*batch)
-            for i, v in zip(indices, views):
-                if v.error is not None:            # header fine, pixels not: bad_images decides
-                    if cfg.bad_images == "error":
-                        raise SoIRError(f"{v.error}; fix or remove the image, or set bad_images=skip")
-                    log.warning("bad_images=skip: %s", v.error)
-                    failed.append(i)
-                    stats["bad_images"] += 1
-            good = [(i, v) for i, v in zip(indices, views) if v.error is None]
-            for (i, v), rows in zip(good, extractor.describe([v for _, v in good]) if good else []):
-                features.append(rows.vectors)
-                mask_index.append(rows.mask_index)
-                owner.append(torch.full((len(rows),), i, dtype=torch.long))  # image index in the split
-                stats["dropped_masks"] += v.dropped_masks
-                stats["global_fallback"] += v.global_fallback
-            progress.update(len(batch))
-        empty = torch.empty(0, dtype=torch.long)
-        shards.write(shard, torch.cat(features) if features else torch.empty(0, extractor.dim),
-                     torch.cat(owner) if owner else empty, stats,
-                     torch.cat(mask_index) if mask_index else empty, torch.tensor(failed, dtype=torch.long))
+        images = shards.image_range(shard)
+        extract_shard(shards, shard, jobs[images.start:images.stop], extractor, cfg, progress)
     progress.close()
+
+
+def extract_shard(shards: FeatureShards, shard: int, jobs: list[ImageJob], extractor, cfg: DictConfig,
+                  progress: tqdm, record_bad_pixels: bool = False) -> None:
+    """Compute and write one shard from its ``jobs`` (the images of ``shards.image_range(shard)``).
+
+    An image whose pixels cannot be decoded is an error under ``bad_images=error``, unless
+    ``record_bad_pixels`` (stage=extract workers); it is left out, listed in the shard's ``failed`` and
+    counted in ``stat.bad_images`` otherwise."""
+    first = shards.image_range(shard).start
+    dataset = ViewDataset(jobs, extractor.view_maker(), extractor.global_view_maker(),
+                          empty_to_global=cfg.missing_masks == "global")
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=list,
+                        worker_init_fn=worker_init_fn() if cfg.num_workers else None)
+    features, owner, mask_index, failed = [], [], [], []
+    stats = {"dropped_masks": 0, "global_fallback": 0, "bad_images": 0}
+    for batch in loader:
+        indices, views = zip(*batch)
+        indices = [first + i for i in indices]           # image index in the split
+        for i, v in zip(indices, views):
+            if v.error is not None:            # header fine, pixels not: bad_images decides
+                if cfg.bad_images == "error" and not record_bad_pixels:
+                    raise SoIRError(f"{v.error}; fix or remove the image, or set bad_images=skip")
+                log.warning("%s: %s", "recorded in its shard" if cfg.bad_images == "error" else "bad_images=skip",
+                            v.error)
+                failed.append(i)
+                stats["bad_images"] += 1
+        good = [(i, v) for i, v in zip(indices, views) if v.error is None]
+        for (i, v), rows in zip(good, extractor.describe([v for _, v in good]) if good else []):
+            features.append(rows.vectors)
+            mask_index.append(rows.mask_index)
+            owner.append(torch.full((len(rows),), i, dtype=torch.long))
+            stats["dropped_masks"] += v.dropped_masks
+            stats["global_fallback"] += v.global_fallback
+        progress.update(len(batch))
+    empty = torch.empty(0, dtype=torch.long)
+    shards.write(shard, torch.cat(features) if features else torch.empty(0, extractor.dim),
+                 torch.cat(owner) if owner else empty, stats,
+                 torch.cat(mask_index) if mask_index else empty, torch.tensor(failed, dtype=torch.long))
 
 
 def record(ann) -> dict:
@@ -198,15 +365,20 @@ def feature_identity(cfg: DictConfig, extractor, jobs: list[ImageJob], facts: di
     its jobs (keys, image bytes, masks). Queries: the query-only settings and the query jobs' digest
     (stored together with the gallery identity).
     """
+    identity = settings_identity(cfg, extractor, queries)
+    identity["queries_sha256" if queries else "gallery_sha256"] = jobs_digest(jobs, facts)
+    return json.loads(json.dumps(identity))
+
+
+def settings_identity(cfg: DictConfig, extractor, queries: bool) -> dict:
+    """:func:`feature_identity` without the inputs' digest: the settings and the extractor's identity."""
     settings = OmegaConf.to_container(cfg, resolve=True)
     if queries:
         identity = {k: settings[k] for k in sorted(QUERY_KEYS - RUN_KEYS)}
-        identity["queries_sha256"] = jobs_digest(jobs, facts)
         identity["query_extractor_identity"] = extractor.identity()
-        return json.loads(json.dumps(identity))
-    identity = {k: v for k, v in settings.items() if k not in RUN_KEYS and k not in QUERY_KEYS}
-    identity["extractor_identity"] = extractor.identity()
-    identity["gallery_sha256"] = jobs_digest(jobs, facts)
+    else:
+        identity = {k: v for k, v in settings.items() if k not in RUN_KEYS and k not in QUERY_KEYS}
+        identity["extractor_identity"] = extractor.identity()
     return json.loads(json.dumps(identity))
 
 
@@ -231,5 +403,19 @@ def default_features_dir(cfg: DictConfig, identity: dict) -> Path:
     return Path("outputs/features") / cfg.dataset / run_label(f"{cfg.extractor}-{digest}", "", cfg.tag, cfg.add_string)
 
 
+STAGES = {"all": run_all, "prepare": prepare, "extract": extract, "index": build, "search": search_stage}
+
+
+def repository_on_pythonpath() -> None:
+    """Put this repository on ``PYTHONPATH`` for the processes a Hydra launcher starts (submitit's jobs,
+    local or SLURM, inherit the environment): they unpickle ``main`` and import ``utils``, ``datasets``
+    ... from wherever the command was run, not from the script's folder as this process does."""
+    root = str(Path(__file__).resolve().parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
 if __name__ == "__main__":
+    repository_on_pythonpath()
     main()

@@ -7,6 +7,8 @@
   model is loaded, so a bad box or mask is found in seconds, not after hours of gallery work.
 * :func:`jobs_digest`: the hash of exactly what a split's features depend on (keys, image bytes,
   boxes used, masks), the inputs part of the features folder's identity.
+* :func:`job_to_dict`, :func:`job_from_dict`: a job as JSON, for the per-shard job files that
+  ``create_index.py stage=prepare`` writes and its workers read (``utils.feature_store``).
 * :class:`ViewDataset`: ``dataset[i]`` -> (i, views), decoded in DataLoader workers.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -207,6 +210,31 @@ def jobs_digest(jobs: Sequence[ImageJob], facts: dict[str, ImageFacts]) -> str:
                                   job.full_mask, job.zero_background, job.global_fallback],
                                  sort_keys=True).encode())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ job files
+def job_to_dict(job: ImageJob) -> dict:
+    """What of ``job`` decides how its image is read, as JSON-able values (the annotation travels as
+    its ``images.json`` record, see :func:`job_from_dict`)."""
+    masks = None
+    if job.masks is not None:
+        masks = {**job.masks.to_dict(), "error": job.masks.error, "made_before_exif": job.masks.made_before_exif,
+                 "exif_orientation": job.masks.exif_orientation}
+    return {"crop": job.crop, "masks": masks, "bbox_as_mask": job.bbox_as_mask, "full_mask": job.full_mask,
+            "zero_background": job.zero_background, "global_fallback": job.global_fallback}
+
+
+def job_from_dict(record: dict, job: dict, is_query: bool) -> ImageJob:
+    """The :class:`ImageJob` of :func:`job_to_dict`'s ``job`` for the image of ``record`` (key, file,
+    ins, bbox, obj_name: ``create_index.record``). Annotation fields that no view uses (``set``,
+    ``boxes``, the anns' own masks, already turned into ``job.masks``) are not restored."""
+    annotation = Annotation(key=record["key"], file=Path(record["file"]), ins=tuple(record["ins"]), is_query=is_query,
+                            bbox=tuple(record["bbox"]) if record["bbox"] is not None else None,
+                            obj_name=record["obj_name"])
+    masks = None if job["masks"] is None else ImageMasks(**job["masks"])
+    return ImageJob(annotation, crop=job["crop"], masks=masks, bbox_as_mask=job["bbox_as_mask"],
+                    full_mask=job["full_mask"], zero_background=job["zero_background"],
+                    global_fallback=job["global_fallback"])
 
 
 # --------------------------------------------------------------------------------------- reading

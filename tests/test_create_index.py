@@ -288,3 +288,135 @@ def test_report_settings_are_not_part_of_the_features_identity():
         identity = feature_identity(default, extractor, [], {}, queries=queries)
         assert identity == feature_identity(changed, extractor, [], {}, queries=queries)
         assert not any(key.startswith("report") for key in identity)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages for many processes: prepare, extract (workers, submitit), index (IVF in blocks), search
+# ---------------------------------------------------------------------------------------------------
+def _stage_args(tiny_model_dirs, anns, *extra):
+    return ("extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32",
+            f"anns_file={anns}", "num_workers=0", "batch_size=1", "shard_size=1", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dirs, demo_dir, tmp_path_factory):
+    """stage=all (today's single command) with the stage tests' settings: the reference."""
+    cwd = tmp_path_factory.mktemp("one_process")
+    run_script("create_index.py", *_stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={cwd / 'feats'}"),
+               cwd=cwd)
+    return cwd / "feats"
+
+
+def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_ram_index(
+        tiny_model_dirs, demo_dir, one_process, tmp_path):
+    import faiss
+    import numpy as np
+    from utils.feature_store import FeatureShards
+    from utils.index_io import build_index, load_index
+
+    args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
+    prepared = run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    assert f"prepared: {tmp_path / 'feats'}" in prepared.stdout and not _shard_bytes(tmp_path / "feats")
+    run_script("create_index.py", "-m", *args, "stage=extract", "workers=2", "worker=range(0,2)",
+               "hydra/launcher=submitit_local", cwd=tmp_path)
+    logs = "".join(p.read_text() for p in (tmp_path / "outputs" / "multirun").rglob("*_log.out"))
+    assert "worker 0 of 2 done" in logs and "worker 1 of 2 done" in logs        # two jobs, one half each
+    assert _shard_bytes(tmp_path / "feats") == _shard_bytes(one_process)
+
+    # The IVF built in 3 blocks, merged on disk, answers with the ids of the one built in RAM.
+    run_script("create_index.py", *args, "stage=index", "index='IVF2,Flat'", "index_blocks=3", cwd=tmp_path)
+    blocks = sorted(p.name for p in (tmp_path / "feats" / "index-IVF2_Flat-blocks").glob("block-*.faiss"))
+    assert blocks == ["block-00000.faiss", "block-00001.faiss", "block-00002.faiss"]
+    assert (tmp_path / "feats" / "index-IVF2_Flat.ivfdata").is_file()
+    features = FeatureShards.prepared(tmp_path / "feats" / "gallery").load()[0].numpy()
+    merged, in_ram = load_index(tmp_path / "feats" / "index-IVF2_Flat.faiss"), build_index(features, "IVF2,Flat")
+    for index in (merged, in_ram):
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 1)   # approximate: the lists must agree
+    (d_blocks, i_blocks), (d_ram, i_ram) = merged.search(features, 5), in_ram.search(features, 5)
+    np.testing.assert_array_equal(i_blocks, i_ram)
+    np.testing.assert_allclose(d_blocks, d_ram, atol=1e-6)
+    summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
+    assert (summary["gallery_images"], summary["gallery_rows"]) == (16, 16)
+
+    # stage=search is search_index.py: the same numbers as the one-process run's search.
+    from tests.pipeline import read_results, results_dir_from
+    staged, _ = read_results(results_dir_from(run_script("create_index.py", *args, "stage=search", "index='IVF2,Flat'",
+                                                         cwd=tmp_path)))
+    reference, _ = read_results(results_dir_from(run_script("search_index.py", f"features_dir={one_process}",
+                                                            cwd=tmp_path)))
+    assert 0 < staged.pop("index_recall@16") <= 1 and staged.pop("index") == "IVF2,Flat"
+    assert {k: v for k, v in staged.items() if k != "features_dir"} == \
+        {k: v for k, v in reference.items() if k not in ("features_dir", "index")}
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def test_a_preempted_worker_is_requeued_by_submitit_and_resumes(tiny_model_dirs, demo_dir, one_process, tmp_path):
+    """SIGUSR2 is what SLURM (and submitit's local executor, before its time-out) sends before it stops a
+    job: submitit checkpoints the Hydra job and requeues it; the rerun computes only the missing shards."""
+    args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
+    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "create_index.py"), "-m", *args, "stage=extract",
+                                 "hydra/launcher=submitit_local"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "feats" / "gallery" / "shard-00000.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    tasks = [p for p in _descendants(launcher.pid) if b"submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(tasks) == 1, "the submitit job is not running"
+    os.kill(tasks[0], signal.SIGUSR2)
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, output[-3000:]
+    log = "".join(p.read_text() for p in (tmp_path / "outputs" / "multirun").rglob("*_log.*"))
+    assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]
+    starts = [line for line in log.splitlines() if "gallery: worker 0 of 1:" in line]
+    assert len(starts) == 2 and "(16 of 16 missing in all)" in starts[0] and "(16 of 16" not in starts[1]
+    assert _shard_bytes(tmp_path / "feats") == _shard_bytes(one_process)
+    assert not list((tmp_path / "feats").rglob("*.tmp"))                 # the interrupted shard left nothing
+
+
+def test_workers_take_no_lock_and_refuse_other_settings(tiny_model_dirs, demo_dir, tmp_path):
+    from utils.files import FolderLock
+    args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
+    refused = run_script("create_index.py", *args, "stage=extract", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "run create_index.py stage=prepare" in refused.stderr
+    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    refused = run_script("create_index.py", *args, "stage=extract", "batch_size=2", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "(batch_size: 1 -> 2)" in refused.stderr
+    assert "settings (and model, device type) of stage=prepare" in refused.stderr
+    refused = run_script("create_index.py", *args, "stage=extract", "worker=2", "workers=2", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "worker=2 must lie in [0, workers=2)" in refused.stderr
+    with FolderLock(tmp_path / "feats"):                     # e.g. another host's prepare, still running
+        run_script("create_index.py", *args, "stage=extract", "workers=3", "worker=1", cwd=tmp_path)
+        blocked = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
+    assert blocked.returncode == 1 and "is being written by process" in blocked.stderr
+    gallery = sorted(p.name for p in (tmp_path / "feats" / "gallery").glob("shard-*"))
+    assert gallery == [f"shard-{s:05d}.safetensors" for s in range(16) if s % 3 == 1]
+    assert sorted(p.name for p in (tmp_path / "feats" / "queries").glob("shard-*")) == ["shard-00001.safetensors"]
+    missing = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
+    assert missing.returncode == 1 and "shards are missing" in missing.stderr
+
+
+def test_undecodable_pixels_are_recorded_by_workers_and_refused_by_stage_index(tiny_model_dirs, demo_dir, tmp_path):
+    """Before: a worker died on the first truncated image, and with it the rest of its array task."""
+    data = _copy(demo_dir, tmp_path / "data")
+    broken = sorted((data / "gallery").glob("*.jpg"))[1]
+    broken.write_bytes(broken.read_bytes()[:1500])                       # header fine, pixels truncated
+    args = _stage_args(tiny_model_dirs, data / "anns.pt", f"features_dir={tmp_path / 'feats'}")
+    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    run_script("create_index.py", *args, "stage=extract", cwd=tmp_path)
+    shard = load_file(tmp_path / "feats" / "gallery" / "shard-00001.safetensors")
+    assert shard["failed"].tolist() == [1] and int(shard["stat.bad_images"]) == 1 and len(shard["owner"]) == 0
+    assert len(_shard_bytes(tmp_path / "feats")) == 20                  # the worker went on: every shard
+    refused = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and f"gallery/gallery/{broken.name}" in refused.stderr
+    assert "set bad_images=skip" in refused.stderr
+    run_script("create_index.py", *args, "stage=index", "bad_images=skip", cwd=tmp_path)
+    summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
+    assert summary["gallery_counts"]["bad_images"] == 1 and summary["gallery_rows"] == 15

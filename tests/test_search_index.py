@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -80,3 +81,56 @@ def test_best_rows_is_the_argmax_behind_each_image_score():
         by_row = [max(float(queries[i] @ gallery[r]) for i in np.flatnonzero(query_owner == q)) for r in candidates]
         assert row == candidates[int(np.argmax(by_row))]          # the first of equal rows on ties
         assert max(by_row) == pytest.approx(scores[q, g], abs=1e-6)
+
+
+def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(tiny_model_dirs, demo_dir, tmp_path):
+    """A gallery larger than search_block_mb is streamed from its shards (utils/streaming.py): every output
+    equals the in-RAM search's. Two byte-identical gallery images give exactly tied scores."""
+    import shutil
+
+    import torch
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    anns = torch.load(data / "anns.pt", weights_only=True)
+    query = next(k for k, v in anns.items() if v["is_query"])
+    positive = next(k for k, v in anns.items() if not v["is_query"] and anns[query]["ins"] in np.atleast_1d(v["ins"]))
+    shutil.copy(data / positive, data / "gallery" / "zz_copy.jpg")
+    anns["gallery/zz_copy.jpg"] = dict(anns[positive])
+    torch.save(anns, data / "anns.pt")
+    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={tiny_model_dirs['clip']}",
+                      "vec_dim=24", f"anns_file={data / 'anns.pt'}", "num_workers=0", "batch_size=1", "shard_size=5",
+                      "only_create=true", cwd=tmp_path)
+    folder = features_dir_from(proc, tmp_path)
+    runs = {}
+    for name, extra in (("ram", ()), ("streamed", ("search_block_mb=0.0001",))):
+        search = run_script("search_index.py", f"features_dir={folder}", "k_search=8", "map_at=5",
+                            f"experiment={name}", *extra, cwd=tmp_path)
+        assert ("streamed" if extra else "in RAM") in search.stdout + search.stderr
+        runs[name] = results_dir_from(search)
+    (results, rankings), (streamed, streamed_rankings) = (read_results(runs[name]) for name in ("ram", "streamed"))
+    assert streamed == results
+    per_query = [(runs[name] / "per_query.csv").read_text() for name in runs]
+    assert per_query[0] == per_query[1]
+    assert min(int(r["positives"]) for r in csv.DictReader(per_query[0].splitlines())) >= 2
+    tied = [line for line in rankings if len({s for _, s in line["ranking"]}) < len(line["ranking"])]
+    assert tied, "the copy must tie with its original"
+    for a, b in zip(rankings, streamed_rankings):
+        assert [key for key, _ in a["ranking"]] == [key for key, _ in b["ranking"]]
+        assert [s for _, s in a["ranking"]] == pytest.approx([s for _, s in b["ranking"]], abs=1e-6)
+    figure = re.compile(r'data-gallery="[^"]*" data-mask-index="-?\d+" data-row="\d+"')
+    rows = [figure.findall((runs[name] / "report.html").read_text()) for name in runs]
+    assert rows[0] and rows[0] == rows[1]          # the report shows the same images and matching rows
+
+
+def test_faiss_search_ranks_candidates_and_says_map_is_a_lower_bound(features):
+    cwd, folder = features
+    exact, _ = read_results(results_dir_from(run_script("search_index.py", f"features_dir={folder}", cwd=cwd)))
+    proc = run_script("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1000", cwd=cwd)
+    everything, _ = read_results(results_dir_from(proc))
+    assert "mAP(lb)" in proc.stdout and "lower bound" in proc.stdout
+    assert everything["mAP_is_lower_bound"] is True and everything["candidate_coverage"] == 1.0
+    assert everything["mAP"] == pytest.approx(exact["mAP"], abs=1e-7)     # every image a candidate: exact
+    proc = run_script("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1", cwd=cwd)
+    one, rankings = read_results(results_dir_from(proc))
+    assert one["candidate_coverage"] < 1 and one["mAP"] <= exact["mAP"] and one["search_candidates"] == 1
+    assert all(len(line["ranking"]) == 1 for line in rankings)            # one candidate image per query row

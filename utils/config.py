@@ -39,6 +39,8 @@ MiSumLoss = choice("MiSumLoss", "union mean_dice")
 SmartCropSource = choice("SmartCropSource", "original resized")
 MiResample = choice("MiResample", "processor original")
 QueryMasks = choice("QueryMasks", "best all")
+Stage = choice("Stage", "all prepare extract index search")
+SearchMode = choice("SearchMode", "exact faiss")
 
 
 @dataclass
@@ -123,10 +125,22 @@ class SoIRConfig:
     only_create: bool = False                # stop after the index (else the search runs at the end)
     only_gallery: bool = False               # extract the gallery only (no queries, no search)
     no_faiss: bool = False                   # build no FAISS index (the search is exact either way)
+    # --- stages, for galleries that need many processes (README "Scaling out") ------------
+    stage: Stage = Stage.all                 # all (one process, as always) | prepare | extract | index | search
+    workers: int = 1                         # stage=extract: the shards are split among this many workers,
+    worker: int = 0                          # ... this one computing the missing shards s with s % workers == worker
+    index_train_rows: Optional[int] = None   # stage=index, IVF: rows sampled to train it; null = 100 per list
+    index_blocks: Optional[int] = None       # stage=index, IVF: blocks added separately (resumable); null = 1 per 10^6 rows
     # --- index and search -------------------------------------------------------------------
     features_dir: Optional[str] = None       # create: null = outputs/features/<dataset>/<extractor>-<hash>
     index: str = "Flat"                      # faiss index_factory string (inner product)
     k_search: int = 100                      # rankings saved per query (all images are scored)
+    search: SearchMode = SearchMode.exact    # exact: every gallery image scored | faiss: FAISS candidates,
+                                             # re-scored exactly (mAP is then a lower bound, see results.json)
+    search_block_mb: float = 256             # exact search: a gallery whose features exceed this is streamed
+                                             # from its shards in blocks of this working memory
+    search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
+    search_nprobe: int = 16                  # search=faiss with an IVF index: inverted lists probed
     max_k_search: int = 1000000              # cap on k_search (the original's)
     save_knns: bool = True                   # write rankings.jsonl
     map_at: Optional[int] = None             # also report mAP@k
@@ -168,7 +182,9 @@ RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_searc
                       "masks_from", "box_masks", "report", "report_k", "report_thumb_size", "report_maps",
                       "run_type", "run_name", "tag", "add_string", "subset", "ds_inds_file", "max_ds_index",
                       "full_mask", "gallery_chunk_size", "only_create", "only_gallery", "no_faiss",
-                      "max_k_search", "save_knns", "T2I", "debug", "single_from_sc", *UNREAD_ORIGINAL_KEYS})
+                      "max_k_search", "save_knns", "T2I", "debug", "single_from_sc", "stage", "workers", "worker",
+                      "index_train_rows", "index_blocks", "search", "search_block_mb", "search_candidates",
+                      "search_nprobe", *UNREAD_ORIGINAL_KEYS})
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
 # the adapters' content and the device actually used, not the names. The original's aliases
@@ -281,6 +297,16 @@ def check_config(cfg: DictConfig) -> None:
         raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")
     if not 32 <= cfg.report_thumb_size <= 1024:
         raise SoIRError(f"report_thumb_size={cfg.report_thumb_size} must be in [32, 1024] pixels")
+    if not 0 <= cfg.worker < cfg.workers:
+        raise SoIRError(f"worker={cfg.worker} must lie in [0, workers={cfg.workers}): worker w of W computes the "
+                        "shards s with s % W == w")
+    if cfg.workers > 1 and cfg.stage != "extract":
+        raise SoIRError(f"workers={cfg.workers} splits stage=extract among processes; stage={cfg.stage} runs in one")
+    if cfg.stage in ("extract", "index", "search") and not cfg.features_dir:
+        raise SoIRError(f"stage={cfg.stage} needs features_dir=, the folder stage=prepare printed")
+    for key in ("search_block_mb", "search_candidates", "search_nprobe", "index_train_rows", "index_blocks"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise SoIRError(f"{key}={cfg[key]} must be positive")
     if cfg.report_maps and not cfg.report:
         raise SoIRError("report_maps=true adds maps to the report; it needs report=true")
     if cfg.gallery_crop:

@@ -13,6 +13,10 @@ A features folder (made by ``create_index.py``)::
 Layout of one split folder::
 
     images.json              one record per image: key, file, ins, bbox, obj_name
+    jobs.json, jobs-00000.jsonl, ...   (written by ``stage=prepare``) the image count and shard size;
+                             per shard one JSON line per image: {"record": <images.json record>,
+                             "job": <how it is read: datasets.extraction.job_to_dict>}, so a worker
+                             reads the few images of its shards, never the whole list
     shard-00000.safetensors  features [R, D] float32, owner [R] int64 (image index in images.json),
                              mask_index [R] int64 (the row's mask in the image's captions entry;
                              -1: global embedding, union or average of masks), failed [F] int64
@@ -44,19 +48,88 @@ log = logging.getLogger("soir.features")
 
 # Files of a split folder that SoIR writes (and so may delete when the queries are recomputed).
 SPLIT_FILES = ("shard-*.safetensors", "images.json", "identity.json", ".shard-*.tmp", ".images.json.*.tmp",
-               ".identity.json.*.tmp")
+               ".identity.json.*.tmp", "jobs.json", "jobs-*.jsonl", ".jobs.json.*.tmp", ".jobs-*.tmp")
+JOBS_MANIFEST = "jobs.json"
 
 
 @dataclass
 class FeatureShards:
-    """The shards of one split. ``records`` are JSON-able dicts, one per image, in index order."""
+    """The shards of one split. ``records`` are JSON-able dicts, one per image, in index order (a list,
+    or :class:`ShardedRecords` for a split written by ``stage=prepare``: see :meth:`prepared`)."""
 
     folder: Path
-    records: list[dict]
+    records: Sequence[dict]
     shard_size: int
 
     def __post_init__(self):
         self.folder = Path(self.folder)
+
+    @classmethod
+    def prepared(cls, folder: str | Path) -> "FeatureShards":
+        """The split ``stage=prepare`` wrote into ``folder``, from its ``jobs.json`` (no image list is read:
+        records are read one shard at a time, when asked for)."""
+        folder = Path(folder)
+        manifest = folder / JOBS_MANIFEST
+        if not manifest.is_file():
+            raise SoIRError(f"{manifest} is missing: {folder.parent} was not made by create_index.py stage=prepare "
+                            "(or an older SoIR); run stage=prepare with the same settings first")
+        facts = read_json(manifest, fix="rerun create_index.py stage=prepare with the same settings")
+        return cls(folder, ShardedRecords(folder, facts["num_images"], facts["shard_size"]), facts["shard_size"])
+
+    def jobs_path(self, shard: int) -> Path:
+        return self.folder / f"jobs-{shard:05d}.jsonl"
+
+    def write_jobs(self, jobs: Sequence[dict]) -> None:
+        """``stage=prepare``: one JSON line per image (``jobs[i]``: JSON-able, how image i is read) in
+        ``jobs-<shard>.jsonl`` next to its shard, each line ``{"record": records[i], "job": jobs[i]}``;
+        then ``jobs.json`` (image count, shard size), last, so a manifest means complete job files."""
+        if len(jobs) != self.num_images:
+            raise ValueError(f"{len(jobs)} jobs for {self.num_images} images")
+        for shard in range(self.num_shards):
+            lines = "".join(json.dumps({"record": self.records[i], "job": jobs[i]}, sort_keys=True) + "\n"
+                            for i in self.image_range(shard))
+            atomic_write_text(self.jobs_path(shard), lines)
+        atomic_write_json(self.folder / JOBS_MANIFEST, {"num_images": self.num_images, "shard_size": self.shard_size,
+                                                         "format": 1})
+
+    def read_jobs(self, shard: int) -> list[dict]:
+        """The lines of ``jobs-<shard>.jsonl`` (``{"record", "job"}`` per image of the shard), checked
+        against the shard's image count."""
+        path = self.jobs_path(shard)
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+        except (OSError, ValueError) as err:
+            raise SoIRError(f"{path} is missing or damaged ({type(err).__name__}: {err}); rerun create_index.py "
+                            "stage=prepare with the same settings") from None
+        if len(lines) != len(self.image_range(shard)):
+            raise SoIRError(f"{path} lists {len(lines)} images, shard {shard} has {len(self.image_range(shard))}; "
+                            "rerun create_index.py stage=prepare with the same settings")
+        return lines
+
+    def stats(self) -> dict[str, int]:
+        """The shards' ``stat.*`` counts, summed (every shard must exist; no features are read)."""
+        self.check_complete()
+        total: dict[str, int] = {}
+        for s in range(self.num_shards):
+            with self._open(s) as f:
+                for key in (k for k in f.keys() if k.startswith("stat.")):
+                    total[key[5:]] = total.get(key[5:], 0) + int(f.get_tensor(key))
+        return total
+
+    def failed_images(self) -> list[int]:
+        """Images whose pixels could not be decoded at extraction (they own no rows), from every shard."""
+        failed = []
+        for s in range(self.num_shards):
+            with self._open(s) as f:
+                failed += f.get_tensor("failed").tolist()
+        return failed
+
+    def check_complete(self) -> None:
+        """SoIRError naming the missing shards (the extraction did not finish), if any."""
+        if missing := self.missing():
+            raise SoIRError(f"{self.folder}: {len(missing)} of {self.num_shards} shards are missing "
+                            f"(first: {[self.shard_path(s).name for s in missing[:5]]}); the extraction did not "
+                            "finish: rerun create_index.py with the same settings, it resumes and computes them")
 
     @property
     def num_images(self) -> int:
@@ -137,10 +210,7 @@ class FeatureShards:
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """All rows of the split: features [R, D], owner [R], and the summed shard stats."""
-        if missing := self.missing():
-            raise SoIRError(f"{self.folder}: {len(missing)} of {self.num_shards} shards are missing "
-                            f"(first: {[self.shard_path(s).name for s in missing[:5]]}); the extraction did not "
-                            "finish: rerun create_index.py with the same settings, it resumes and computes them")
+        self.check_complete()
         features, owners, stats = [], [], {}
         for s in range(self.num_shards):
             tensors = self.read(s)
@@ -157,7 +227,11 @@ class FeatureShards:
         if not path.is_file():
             raise SoIRError(f"{path} is missing (shard {shard} of {self.num_shards}); rerun create_index.py "
                             "with the same settings to compute it")
-        return safe_open(path, framework="pt")   # memory-maps the file; tensors are read on access
+        try:
+            return safe_open(path, framework="pt")   # memory-maps the file; tensors are read on access
+        except (SafetensorError, OSError) as err:
+            raise SoIRError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
+                            "create_index.py with the same settings, which recomputes it") from None
 
     def row_count(self, shard: int) -> int:
         """Number of rows of one shard, from its header (no feature data is read)."""
@@ -194,6 +268,13 @@ class FeatureShards:
         with self._open(shard) as f:
             yield f.get_slice("features")[:]
 
+    def take(self, name: str, shard: int, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (ids within the shard) of one per-row tensor (``features``, ``mask_index``, ...)
+        of one shard, copied; only those rows are read."""
+        with self._open(shard) as f:
+            column = f.get_slice(name)
+            return torch.cat([column[int(r):int(r) + 1] for r in rows])
+
     def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
         """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""
         return self.read_ranges(shard, [start], [stop])
@@ -207,6 +288,28 @@ class FeatureShards:
             # count in RSS again (1000 small slices of 20 files showed as 0.9 GB).
             parts = [rows[int(a):int(b)] for a, b in zip(starts, stops)]
             return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+
+class ShardedRecords(Sequence[dict]):
+    """The ``images.json`` records of a prepared split (``len`` = image count), read from the shards'
+    ``jobs-<shard>.jsonl`` when indexed; the last shard read is kept."""
+
+    def __init__(self, folder: Path, num_images: int, shard_size: int):
+        self.folder, self.num_images, self.shard_size = Path(folder), num_images, shard_size
+        self._shard, self._records = -1, []
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(self.num_images)[i]                      # IndexError outside, negative indices allowed
+        shard = i // self.shard_size
+        if shard != self._shard:
+            shards = FeatureShards(self.folder, self, self.shard_size)
+            self._records, self._shard = [line["record"] for line in shards.read_jobs(shard)], shard
+        return self._records[i - shard * self.shard_size]
 
 
 def _image_of(record: dict) -> tuple:

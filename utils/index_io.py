@@ -37,6 +37,15 @@ def check_factory(factory: str, dim: int, rows: int | None = None) -> None:
                         f"rows; faiss needs at least one training row per list (and ~39 per list to train well)")
 
 
+def is_ivf(factory: str, dim: int) -> bool:
+    """Whether ``factory`` (a valid index_factory string) makes an index with inverted lists."""
+    try:
+        faiss.extract_index_ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    except RuntimeError:
+        return False
+    return True
+
+
 def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
     """Inner-product index over unit vectors ``features`` [N, D] float32 (trained if it needs to be)."""
     features = np.ascontiguousarray(features, dtype=np.float32)

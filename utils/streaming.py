@@ -88,6 +88,34 @@ class QueryRows:
         return torch.bincount(self.owner, minlength=self.num_queries)
 
 
+class ShardRows:
+    """One per-row tensor of a split (``features`` [R, D], ``mask_index`` [R], ...) indexed by global row
+    id and read from the shards on indexing: ``rows[ids]`` -> numpy array of shape ``ids.shape`` (+ the
+    tensor's trailing dims). For the few rows a report shows, never the whole column."""
+
+    def __init__(self, shards: FeatureShards, name: str):
+        self.shards, self.name = shards, name
+        self.offsets = np.asarray(shards.row_offsets())
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.ravel()
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.offsets[-1]):
+            raise IndexError(f"row ids must lie in [0, {self.offsets[-1]})")
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        parts, order = [], []
+        for shard in np.unique(shard_of):
+            here = np.flatnonzero(shard_of == shard)
+            parts.append(self.shards.take(self.name, int(shard), flat[here] - self.offsets[shard]).numpy())
+            order.append(here)
+        if not parts:
+            return np.empty(ids.shape, dtype=np.float32)
+        values = np.concatenate(parts)
+        out = np.empty_like(values)
+        out[np.concatenate(order)] = values
+        return out.reshape(ids.shape + values.shape[1:])
+
+
 def relevant_pairs(query_instances: Sequence[int],
                    gallery_instances: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(query [N], image [N]) int64 of every relevant pair, sorted by query then image.

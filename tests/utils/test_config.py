@@ -62,6 +62,11 @@ def test_anns_file_is_required():
     (["report_k=0"], "report_k=0 must be positive"),
     (["report_thumb_size=8"], "report_thumb_size=8 must be in"),
     (["report=false", "report_maps=true"], "it needs report=true"),
+    (["search_block_mb=0"], "search_block_mb=0.0 must be positive"),
+    (["search=faiss", "search_candidates=0"], "search_candidates=0 must be positive"),
+    (["stage=extract", "features_dir=f", "workers=2", "worker=2"], "worker=2 must lie in"),
+    (["stage=index", "features_dir=f", "workers=2"], "workers=2 splits stage=extract"),
+    (["stage=extract"], "stage=extract needs features_dir="),
 ])
 def test_inconsistent_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
