@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from tests.pipeline import ROOT, features_dir_from, run_script
 
 
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+
 def _args(tiny_model_dirs, demo_dir, *extra):
     return ("extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32",
             f"anns_file={demo_dir / 'anns.pt'}", "num_workers=0", "batch_size=2", "shard_size=2", *extra)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from datasets import encode_mask_row_major, load_captions
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 
+
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
 
 def _shards(folder):
     return [load_file(p) for p in sorted(folder.glob("shard-*.safetensors"))]

@@ -13,6 +13,8 @@ from sklearn.metrics import average_precision_score
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 
 
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+
 @pytest.fixture(scope="module")
 def features(tiny_model_dirs, demo_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("search")

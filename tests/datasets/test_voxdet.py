@@ -139,6 +139,7 @@ def _pipeline_args(tiny_model_dirs, path, *extra):
             "batch_size=4", "mi_iterations=2", *extra)
 
 
+@pytest.mark.slow
 def test_end_to_end_roboTools_with_its_own_masks(tiny_model_dirs, voxdet, tmp_path):
     path, facts = voxdet
     proc = run_script("create_index.py", *_pipeline_args(tiny_model_dirs, path), cwd=tmp_path, check=False)

@@ -164,6 +164,7 @@ def test_naflex_explain_maps_cover_the_image(siglip2_mi, scene):
 
 @pytest.mark.parametrize("family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32), ("dinov2reg", 32),
                                         ("dinov3", 32), ("siglip2", 32)])
+@pytest.mark.slow
 def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family, dim):
     proc = run_script("create_index.py", f"extractor={family}_mi_features", f"model_name={tiny_model_dirs[family]}",
                       f"vec_dim={dim}", f"anns_file={demo_dir / 'anns.pt'}",
@@ -354,6 +355,7 @@ def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene
     assert batch[1].shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, tmp_path):
     """The same words in a notebook and on the command line give the same vectors."""
     from datasets import crop_box, load_captions, load_rgb

@@ -21,6 +21,8 @@ from tests.datasets.voxdet_replica import rect, write_voxdet_soir
 from tests.pipeline import ROOT
 
 # One run per branch of reproduce.sh: global, ground-truth masks, detector masks + LoRA weights.
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+
 SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
 
 

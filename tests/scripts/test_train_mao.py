@@ -23,6 +23,8 @@ from utils.preprocessing import Preprocess
 from utils.training import Context, TrainConfig, embed, train
 
 
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+
 def _small_patch_dinov2(folder: Path) -> Path:
     """A tiny random DINOv2 with 4-px patches at 32 px (8 x 8 patches, width 48).
 

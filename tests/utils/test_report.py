@@ -20,6 +20,8 @@ from datasets import load_captions, save_captions
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.report import report_captions
 
+pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+
 THUMB = 96
 
 
@@ -144,8 +146,9 @@ def _best_gallery_rows(features: Path) -> dict[tuple[str, str], int]:
 
 def _painted_cyan(thumb: Path, image_file: str) -> np.ndarray:
     """Pixels of a thumbnail that are cyan where a plain resize of its image is not: the outline."""
-    pixels = np.asarray(Image.open(thumb).convert("RGB")).astype(int)
-    plain = np.asarray(Image.open(image_file).convert("RGB").resize(Image.open(thumb).size, Image.BILINEAR)).astype(int)
+    with Image.open(thumb) as t, Image.open(image_file) as image:
+        pixels = np.asarray(t.convert("RGB")).astype(int)
+        plain = np.asarray(image.convert("RGB").resize(t.size, Image.BILINEAR)).astype(int)
     cyan = (pixels[..., 0] < 90) & (pixels[..., 1] > 170) & (pixels[..., 2] > 170)
     return cyan & (np.abs(pixels - plain).sum(-1) > 90)
 
@@ -163,12 +166,15 @@ def test_outlines_show_the_matching_mask_where_there_is_one(mi_run):
             key, mask = hit["data-gallery"], int(hit["data-mask-index"])
             assert mask == best[query, key]
             thumb = run / hit["src"]
-            assert max(Image.open(thumb).size) <= THUMB
+            with Image.open(thumb) as t:
+                thumb_size = t.size
+            assert max(thumb_size) <= THUMB
             painted = _painted_cyan(thumb, files[key])
             if mask >= 0:
                 assert hit["src"].endswith(f"_m{mask}.jpg") and painted.sum() > 10
                 # The outline hugs that mask: every painted pixel lies within 3 px of its box.
-                scale = Image.open(thumb).width / Image.open(files[key]).width
+                with Image.open(files[key]) as image:
+                    scale = thumb_size[0] / image.width
                 x1, y1, x2, y2 = (v * scale for v in captions[key].bboxes[mask])
                 ys, xs = np.nonzero(painted)
                 assert xs.min() >= x1 - 4 and xs.max() <= x2 + 3 and ys.min() >= y1 - 4 and ys.max() <= y2 + 3
