@@ -14,6 +14,7 @@ from extractors.families import (CLIPExtractor, CLIPMIExtractor, DINOv2Extractor
                                  SigLIPExtractor, SigLIPMIExtractor)
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, capabilities, list_extractors, register_extractor
+from extractors.text import TextEncoder, has_text_tower
 from utils.config import SoIRConfig
 from utils.errors import SoIRError
 
@@ -21,7 +22,8 @@ log = logging.getLogger("soir.extractors")
 
 __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CLIPExtractor",
            "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "build_extractor",
-           "list_extractors", "register_extractor", "capabilities", "extractor_from_config"]
+           "list_extractors", "register_extractor", "capabilities", "extractor_from_config", "TextEncoder",
+           "has_text_tower"]
 
 
 def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | None = None) -> Extractor:

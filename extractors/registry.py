@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from extractors.text import has_text_tower
 from utils.errors import SoIRError
 
 _EXTRACTORS: dict[str, type] = {}
@@ -47,9 +48,11 @@ def constructor_keys(cls: type) -> set[str]:
 
 def capabilities(name: str) -> dict[str, Any]:
     """What a registered extractor can do, without building it: ``uses_masks``, ``family``,
-    ``keys`` (the config keys its constructor takes)."""
+    ``keys`` (the config keys its constructor takes), ``has_text_tower`` (its checkpoints hold a
+    text tower for text queries: extractors/text.py ``TEXT_TOWERS``)."""
     cls = extractor_class(name)
-    return {"uses_masks": cls.uses_masks, "family": cls.family, "keys": constructor_keys(cls)}
+    return {"uses_masks": cls.uses_masks, "family": cls.family, "keys": constructor_keys(cls),
+            "has_text_tower": has_text_tower(cls.family)}
 
 
 def build_extractor(name: str, **kwargs: Any):
