@@ -8,6 +8,13 @@ exact top-k rows that index finds.
 
 Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv, and
 report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
+
+``T2I=true``: text-to-image retrieval, each query's text is ``text_prompt`` with its ``obj_name``
+(SigLIP / CLIP text tower); the same metrics. Your own query, embedded as the folder's queries were
+(utils/own_queries.py; no metrics, there is no ground truth)::
+
+    python search_index.py features_dir=... query_image=photo.jpg [query_bbox=[x1,y1,x2,y2]] k_search=20
+    python search_index.py features_dir=... query_text="a red mug"
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
+from utils.own_queries import own_query, text_query_rows
 from utils.report import Shown, write_report
 
 log = logging.getLogger("soir.search_index")
@@ -45,6 +53,9 @@ def main(cfg: DictConfig) -> None:
     check_config(cfg)
     if not cfg.features_dir:
         raise SoIRError("features_dir is required: the folder create_index.py printed")
+    if cfg.query_image is not None or cfg.query_text is not None:
+        own_query(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
+        return
     search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -84,6 +95,9 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     if len(kept) < len(query_anns):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
         query_features, query_anns = query_rows["features"], kept
+    if cfg.T2I:       # the queries' texts replace their image vectors; ground truth and gallery unchanged
+        query_features, query_owner, texts = text_query_rows(cfg, folder, made_with, queries, gallery_features.shape[1])
+        queries = [{**q, "text": t} for q, t in zip(queries, texts)]
     log.info("%s: %d queries x %d gallery images (%d rows), extractor %s", folder, len(queries),
              len(gallery), len(gallery_owner), made_with.extractor)
 
@@ -103,11 +117,14 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
                 shown.append(Shown.top(top[:, :cfg.report_k], scores, relevant))
             for q, order, row in zip(queries[chunk.start:chunk.stop], top, scores) if cfg.save_knns else ():
                 ranking = [[gallery[g]["key"], float(row[g])] for g in order[:k]]
-                rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], "ranking": ranking}) + "\n")
+                text = {"text": q["text"]} if cfg.T2I else {}
+                rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], **text, "ranking": ranking}) + "\n")
     metrics = {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]}
     results = summarize(metrics, recall_ks=cfg.recall_at, no_positive=cfg.no_positive)
     results.update(num_gallery_images=len(gallery), num_gallery_rows=len(gallery_owner),
                    features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index)
+    if cfg.T2I:
+        results.update(T2I=True, text_prompt=cfg.text_prompt)
     if index is not None and not is_exact(index):
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
         results[f"index_recall@{k}"] = index_recall(index, query_features, gallery_features, k)
