@@ -151,16 +151,16 @@ def check_against_cpu(family: str, device: torch.device, iterations: int) -> dic
     """The device's default engine against the CPU's, 1 image x 2 masks of a full-size random model."""
     name, cpu_model, size = build(family, torch.device("cpu"))
     _, model, _ = build(family, device)
-    pixels, masks = inputs(size, 1, 2, torch.device("cpu"))
+    pixels, masks, kw = inputs(cpu_model, size, 1, 2, torch.device("cpu"))
     e = F.normalize(torch.randn(1, 2, cpu_model_out_dim(cpu_model), generator=torch.Generator().manual_seed(0)),
                     dim=-1)
     results = []
     for m, where in ((cpu_model, torch.device("cpu")), (model, device)):
-        legrad = LeGrad(vit_parts(m), pixels.to(where))
+        legrad = LeGrad(vit_parts(m), pixels.to(where), **kw)
         x = e.to(where).requires_grad_(True)
         relevance = legrad.patch_relevance(x)
         grad, = torch.autograd.grad((relevance ** 2).sum(), x)
-        vectors = mask_inversion(m, pixels.to(where), masks.to(where), iterations=iterations)
+        vectors = mask_inversion(m, pixels.to(where), masks.to(where), iterations=iterations, **kw)
         results.append((legrad.impl, relevance.detach().cpu(), grad.cpu(), vectors.cpu()))
     (cpu_impl, cpu_rel, cpu_grad, cpu_vec), (impl, rel, grad, vec) = results
     return dict(family=name, impl=f"{impl} vs cpu {cpu_impl}", relevance_err=relative_error(rel, cpu_rel),
@@ -174,15 +174,15 @@ def cpu_model_out_dim(model) -> int:
 def time_variants(family: str, device: torch.device, images: int, masks_per_image: int, iterations: int,
                   variants: dict) -> tuple[str, list[dict]]:
     name, model, size = build(family, device)
-    pixels, masks = inputs(size, images, masks_per_image, device)
+    pixels, masks, kw = inputs(model, size, images, masks_per_image, device)
     objects = images * masks_per_image
     rows, vectors = [], {}
     for variant, kwargs in variants.items():
-        mask_inversion(model, pixels, masks, iterations=2, **kwargs)           # compile / warm up
+        mask_inversion(model, pixels, masks, iterations=2, **kwargs, **kw)     # compile / warm up
         synchronize(device)
         with Utilisation(device) as load:
             start = time.perf_counter()
-            vectors[variant] = mask_inversion(model, pixels, masks, iterations=iterations, **kwargs)
+            vectors[variant] = mask_inversion(model, pixels, masks, iterations=iterations, **kwargs, **kw)
             synchronize(device)
             seconds = time.perf_counter() - start
         rows.append(dict(family=name, variant=variant, ms_per_object=1e3 * seconds / objects,
@@ -192,7 +192,7 @@ def time_variants(family: str, device: torch.device, images: int, masks_per_imag
         row["cos_today"] = min_cosine(vectors[row["variant"]], baseline)
         row["cos_fused_fp32"] = min_cosine(vectors[row["variant"]], fused)
     # the scale of fp32 rounding after `iterations` steps: today's engine in fp32 against float64
-    fp64 = mask_inversion(model.double(), pixels.double(), masks, iterations=iterations, impl="dense")
+    fp64 = mask_inversion(model.double(), pixels.double(), masks, iterations=iterations, impl="dense", **kw)
     rows.append(dict(family=name, variant="fp32 noise: dense fp32 vs fp64", ms_per_object=None, utilisation=None,
                      cos_today=min_cosine(baseline, fp64), cos_fused_fp32=min_cosine(fused, fp64)))
     return name, rows
@@ -204,12 +204,12 @@ def table(kernels: list[dict], cpu_checks: list[dict], timings: list[dict], head
     lines = [header, "", "Kernels against the dense relevance step (random problems on the device):"]
     lines += [f"  {row['check']:34} {row['result']}" for row in kernels]
     lines += ["", "Device against CPU (1 image x 2 masks):",
-              f"  {'model':16} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}"]
-    lines += [f"  {r['family']:16} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} "
+              f"  {'model':19} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}"]
+    lines += [f"  {r['family']:19} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} "
               f"{r['cosine']:10.7f}" for r in cpu_checks]
     lines += ["", "Speed (ms per object = one call's wall time / objects) and agreement (min cosine over objects):",
-              f"  {'model':16} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}"]
-    lines += [f"  {r['family']:16} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
+              f"  {'model':19} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}"]
+    lines += [f"  {r['family']:19} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
               f"{fmt(r['utilisation'], '10.0f'):>10} {r['cos_today']:9.6f} {r['cos_fused_fp32']:9.6f}"
               for r in timings]
     return "\n".join(lines)

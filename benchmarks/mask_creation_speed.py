@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor  # noqa: E402
 
 from scripts import create_masked_dataset  # noqa: E402
-from scripts.mask_models import SAM_ARCHITECTURES, build_sam  # noqa: E402
+from utils import mask_creation  # noqa: E402
+from utils.mask_models import SAM_ARCHITECTURES, build_sam  # noqa: E402
 from scripts.make_tiny_models import redraw_owlv2_heads  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main() -> None:
             "--owlv2_model", str(owlv2_dir), "--sam_checkpoint", str(checkpoint),
             "--device", args.device, "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
             "--max_objects", str(args.max_objects)])
-        summary = create_masked_dataset.run(run_args)
+        summary = mask_creation.run(run_args)
 
     stages = {k: v for k, v in summary["stage_seconds_this_run"].items() if k != "load_models"}
     total = sum(stages.values())

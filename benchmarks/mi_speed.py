@@ -1,7 +1,9 @@
 """Speed of the Mask Inversion engine, today's evaluation against the blockwise one and the plain reference.
 
-Models: SigLIP-B/16 at 384 (T=576), DINOv2-B/14 at 224 (T=257), CLIP-B/16 at 224 (T=197), built
-from default configs with random weights and eager attention (no download).
+Models: SigLIP-B/16 at 384 (T=576), DINOv2-B/14 at 224 (T=257), CLIP-B/16 at 224 (T=197),
+DINOv2-B/14 with 4 registers at 224 (T=261), DINOv3-B/16 at 224 (RoPE, 4 registers, T=201) and SigLIP2-B/16
+NaFlex (256 patches; a 480 x 640 photo becomes 14 x 18 = 252 patches + 4 padding tokens, T=256), built
+from ViT-B configs with random weights and eager attention (no download).
 
 Per family, masks-per-image P and engine implementation (``--impls``, default ``dense blockwise``:
 ``dense`` is the engine before the blockwise path, the relevance step materialising [.., heads, T, T]
@@ -49,7 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config,  # noqa: E402
-                          Dinov2Model, SiglipVisionConfig, SiglipVisionModel)
+                          Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, DINOv3ViTConfig,
+                          DINOv3ViTModel, Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig,
+                          SiglipVisionModel)
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -57,12 +61,20 @@ from tests.utils.mi_reference import reference_mask_inversion  # noqa: E402
 from utils import legrad_kernels  # noqa: E402
 from utils.legrad import IMPLS, LeGrad, _PositiveColumnMean, _token_gradients, _token_gradients_backward  # noqa: E402
 from utils.mask_inversion import mask_inversion  # noqa: E402
+from utils.preprocessing import NaFlexPreprocess  # noqa: E402
 from utils.vit_adapters import vit_parts  # noqa: E402
 
+# family: (label, model builder, image size: square side in pixels, or for NaFlex the (height, width) of a photo)
 FAMILIES = {
     "siglip": ("SigLIP-B/16-384", lambda: SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=16)), 384),
     "dinov2": ("DINOv2-B/14-224", lambda: Dinov2Model(Dinov2Config(image_size=224, patch_size=14)), 224),
     "clip": ("CLIP-B/16-224", lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=224, patch_size=16)), 224),
+    "dinov2reg": ("DINOv2reg-B/14-224", lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        image_size=224, patch_size=14, num_register_tokens=4)), 224),
+    "dinov3": ("DINOv3-B/16-224", lambda: DINOv3ViTModel(DINOv3ViTConfig(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_register_tokens=4,
+        image_size=224, patch_size=16)), 224),
+    "siglip2": ("SigLIP2-B/16-NaFlex", lambda: Siglip2VisionModel(Siglip2VisionConfig(num_patches=256)), (480, 640)),
 }
 PER_ITERATION_RUN = 20
 warnings.filterwarnings("ignore", category=FutureWarning)   # torch.jit deprecation noise from transformers
@@ -114,25 +126,40 @@ def build(family: str, device: torch.device):
     return name, model, size
 
 
-def inputs(size: int, images: int, masks: int, device: torch.device):
+def inputs(model, size, images: int, masks: int, device: torch.device):
+    """(pixel_values, masks, extra MI keyword arguments) of random images with random box masks.
+
+    NaFlex models: patch sequences of a ``size`` = (height, width) photo resized as Siglip2ImageProcessor
+    does (within the model's num_patches), with spatial_shapes; masks at the resized photo's size."""
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(images, 3, size, size, generator=generator)
+    config = model.config
+    if vit_parts(model).naflex:
+        p = config.patch_size
+        naflex = NaFlexPreprocess(p, config.num_patches, (0.5,) * 3, (0.5,) * 3)
+        height, width = naflex.resized_size(*size)
+        pixels = torch.randn(images, config.num_patches, 3 * p * p, generator=generator)
+        kw = dict(spatial_shapes=torch.tensor([[height // p, width // p]] * images))
+    else:
+        height = width = size
+        pixels = torch.randn(images, 3, size, size, generator=generator)
+        kw = {}
     # random boxes covering 5-40 % of the image side each way
-    m = torch.zeros(images, masks, size, size)
+    m = torch.zeros(images, masks, height, width)
     for b in range(images):
         for p in range(masks):
-            h, w = (torch.randint(size // 20, size * 2 // 5, (2,), generator=generator)).tolist()
-            y, x = torch.randint(0, size - h, (1,), generator=generator).item(), \
-                torch.randint(0, size - w, (1,), generator=generator).item()
+            h = torch.randint(height // 20, height * 2 // 5, (1,), generator=generator).item()
+            w = torch.randint(width // 20, width * 2 // 5, (1,), generator=generator).item()
+            y, x = torch.randint(0, height - h, (1,), generator=generator).item(), \
+                torch.randint(0, width - w, (1,), generator=generator).item()
             m[b, p, y:y + h, x:x + w] = 1
-    return pixels.to(device), m.to(device)
+    return pixels.to(device), m.to(device), kw
 
 
-def bench_engines(model, pixels, masks, iterations: int, device: torch.device, impls: list[str]) -> dict:
+def bench_engines(model, pixels, masks, kw: dict, iterations: int, device: torch.device, impls: list[str]) -> dict:
     """Per implementation: full-call and per-iteration cost per object (see the module docstring)."""
     objects = masks.shape[0] * masks.shape[1]
     runs = {impl: (lambda n, impl=impl: timed(lambda: mask_inversion(model, pixels, masks, iterations=n,
-                                                                     impl=impl), device))
+                                                                     impl=impl, **kw), device))
             for impl in impls}
     for run in runs.values():
         run(1)                                               # warm-up (allocator, lazy init, kernels)
@@ -161,9 +188,9 @@ def bench_engines(model, pixels, masks, iterations: int, device: torch.device, i
 def _child_peak_rss(family: str, images: int, masks: int, threads: int, impl: str, queue) -> None:
     torch.set_num_threads(threads)
     _, model, size = build(family, torch.device("cpu"))
-    pixels, m = inputs(size, images, masks, torch.device("cpu"))
+    pixels, m, kw = inputs(model, size, images, masks, torch.device("cpu"))
     with PeakRSS() as rss:
-        mask_inversion(model, pixels, m, iterations=3, impl=impl)
+        mask_inversion(model, pixels, m, iterations=3, impl=impl, **kw)
     queue.put(rss.growth)
 
 
@@ -178,11 +205,12 @@ def cpu_peak_mb(family: str, images: int, masks: int, threads: int, impl: str) -
     return growth / 2**20
 
 
-def bench_reference(model, pixels, masks, device: torch.device) -> dict:
+def bench_reference(model, pixels, masks, kw: dict, device: torch.device) -> dict:
     """One image, one mask: t(0) and per-iteration cost of the plain reference."""
     one_pixels, one_mask = pixels[:1], masks[:1, :1]
+    one_kw = {k: v[:1] for k, v in kw.items()}
     run = lambda n: timed(lambda: reference_mask_inversion(model, one_pixels, one_mask,  # noqa: E731
-                                                            iterations=n), device)[0]
+                                                            iterations=n, **one_kw), device)[0]
     run(1)
     t0 = min(run(0) for _ in range(3))
     t20 = min(run(PER_ITERATION_RUN) for _ in range(2))
@@ -201,9 +229,9 @@ def matmul_gflops(device: torch.device, n: int = 2048) -> float:
     return 2 * n ** 3 / best_of(lambda: a @ b, device) / 1e9
 
 
-def bench_products(model, pixels, masks, device: torch.device, impls: list[str]) -> list[tuple]:
+def bench_products(model, pixels, masks, kw: dict, device: torch.device, impls: list[str]) -> list[tuple]:
     """Rows (step, impl, ms per mask, GFLOP/s) for the relevance step and the u chain of one iteration."""
-    legrad = LeGrad(vit_parts(model), pixels, impl="blockwise")
+    legrad = LeGrad(vit_parts(model), pixels, impl="blockwise", **kw)
     k = legrad.blocks[0]
     B, P = masks.shape[:2]
     H, T, dh = k.V.shape[1:]
@@ -235,12 +263,12 @@ def bench_products(model, pixels, masks, device: torch.device, impls: list[str])
     return [(name, impl, seconds * 1e3, flops / seconds / 1e9) for name, impl, seconds, flops in rows]
 
 
-def bf16_cosines(model, pixels, masks, iterations: int) -> tuple[float, float]:
+def bf16_cosines(model, pixels, masks, kw: dict, iterations: int) -> tuple[float, float]:
     """min cosine to fp32 MI of (MI under bf16 autocast, MI of pixels rounded to bf16)."""
-    fp32 = mask_inversion(model, pixels, masks, iterations=iterations)
+    fp32 = mask_inversion(model, pixels, masks, iterations=iterations, **kw)
     with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
-        autocast = mask_inversion(model, pixels, masks, iterations=iterations)
-    rounded = mask_inversion(model, pixels.bfloat16().float(), masks, iterations=iterations)
+        autocast = mask_inversion(model, pixels, masks, iterations=iterations, **kw)
+    rounded = mask_inversion(model, pixels.bfloat16().float(), masks, iterations=iterations, **kw)
     return ((autocast * fp32).sum(-1).min().item(), (rounded * fp32).sum(-1).min().item())
 
 
@@ -266,7 +294,7 @@ def main() -> None:
     base = args.impls[0]
     print(f"Mask Inversion speed, {args.iterations} iterations, {args.images} image(s) per call, {where}, "
           f"torch {torch.__version__}")
-    header = (f"{'family':16} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
+    header = (f"{'family':19} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
               f"{'vs ' + base:>9} {'setup s':>7} {'peak MB':>7} {'ref s/it/mask':>13} {'ref s/obj*':>10} "
               f"{'vs ref':>7}")
     print(header + "\n" + "-" * len(header))
@@ -275,10 +303,10 @@ def main() -> None:
         name, model, size = build(family, device)
         reference = None
         for P in args.masks:
-            pixels, masks = inputs(size, args.images, P, device)
-            engines = bench_engines(model, pixels, masks, args.iterations, device, args.impls)
+            pixels, masks, kw = inputs(model, size, args.images, P, device)
+            engines = bench_engines(model, pixels, masks, kw, args.iterations, device, args.impls)
             if reference is None and not args.no_reference:
-                reference = bench_reference(model, pixels, masks, device)
+                reference = bench_reference(model, pixels, masks, kw, device)
             for impl, eng in engines.items():
                 if eng["peak_mb"] is None:
                     eng["peak_mb"] = cpu_peak_mb(family, args.images, P, args.threads, impl)
@@ -289,15 +317,15 @@ def main() -> None:
                 else:
                     ref_cols = f"{'-':>13} {'-':>10} {'-':>7}"
                 speedup = engines[base]["per_iteration"] / eng["per_iteration"]
-                print(f"{name:16} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
+                print(f"{name:19} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
                       f"{1e3 * eng['per_iteration']:9.2f} {1e3 * eng['cpu_per_iteration']:13.2f} "
                       f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}", flush=True)
         if not args.no_products:
-            pixels, masks = inputs(size, args.images, max(args.masks), device)
-            products += [(name, *row) for row in bench_products(model, pixels, masks, device, args.impls)]
+            pixels, masks, kw = inputs(model, size, args.images, max(args.masks), device)
+            products += [(name, *row) for row in bench_products(model, pixels, masks, kw, device, args.impls)]
         if args.bf16_check:
-            pixels, masks = inputs(size, args.images, args.masks[0], device)
-            bf16.append((name, args.masks[0], *bf16_cosines(model, pixels, masks, args.iterations)))
+            pixels, masks, kw = inputs(model, size, args.images, args.masks[0], device)
+            bf16.append((name, args.masks[0], *bf16_cosines(model, pixels, masks, kw, args.iterations)))
         del model
     print(f"\ns/obj: measured wall time of one full call / (B*P). ms/it/obj: (t(20 it) - t(0 it)) / 20 / (B*P), "
           f"each t the minimum of repeated calls (3 and 2), implementations interleaved; cpu: the same in "
@@ -308,16 +336,16 @@ def main() -> None:
         peak = matmul_gflops(device)
         print(f"\nOne iteration's products at {args.images}x{max(args.masks)} masks, per mask (min of 3), against "
               f"a 2048^3 fp32 matmul at {peak:.0f} GFLOP/s measured now:")
-        header = f"{'family':16} {'step':34} {'impl':>9} {'ms/mask':>8} {'GFLOP/s':>8} {'of matmul':>9}"
+        header = f"{'family':19} {'step':34} {'impl':>9} {'ms/mask':>8} {'GFLOP/s':>8} {'of matmul':>9}"
         print(header + "\n" + "-" * len(header))
         for name, step, impl, ms, gflops in products:
-            print(f"{name:16} {step:34} {impl:>9} {ms:8.2f} {gflops:8.1f} {100 * gflops / peak:8.0f}%")
+            print(f"{name:19} {step:34} {impl:>9} {ms:8.2f} {gflops:8.1f} {100 * gflops / peak:8.0f}%")
     if bf16:
         print(f"\nCosine to fp32 MI ({args.iterations} iterations, min over masks):")
-        header = f"{'family':16} {'P':>3} {'bf16 autocast':>13} {'pixels rounded to bf16':>22}"
+        header = f"{'family':19} {'P':>3} {'bf16 autocast':>13} {'pixels rounded to bf16':>22}"
         print(header + "\n" + "-" * len(header))
         for name, P, autocast, rounded in bf16:
-            print(f"{name:16} {P:3d} {autocast:13.5f} {rounded:22.5f}")
+            print(f"{name:19} {P:3d} {autocast:13.5f} {rounded:22.5f}")
 
 
 if __name__ == "__main__":

@@ -301,23 +301,28 @@ def crop_box(image: Image.Image, bbox: Sequence[float], source: str, square: boo
 
 def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[int, int, int, int]:
     """``bbox`` = [x1, y1, x2, y2] (pixel-edge coords) as integer pixels of a width x height image,
-    rounded outward.
+    rounded outward (after :func:`clip_bbox`); a box empty after clipping is an error naming ``source``.
+    """
+    x1, y1, x2, y2 = clip_bbox(bbox, width, height, source)
+    left, top, right, bottom = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+    if right <= left or bottom <= top:
+        raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the "
+                              f"{width}x{height} image")
+    return left, top, right, bottom
 
-    Boxes computed on a slightly different resize may overshoot the border by a fraction of
-    a pixel; up to 1 pixel is clipped silently. More than that means the box belongs to a
-    different image (or size), and is an error naming ``source``, as is a box that is empty
-    after clipping.
+
+def clip_bbox(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[float, float, float, float]:
+    """``bbox`` clipped to a width x height image: the one rule for boxes meeting images.
+
+    Boxes computed on a slightly different resize may overshoot the border by a fraction of a
+    pixel; up to 1 pixel is clipped silently. More than that means the box belongs to a different
+    image (or size), and is an error naming ``source``.
     """
     x1, y1, x2, y2 = _as_bbox_loose(bbox, source)
     if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
         raise AnnotationError(f"{source}: bbox {list(bbox)} lies outside the {width}x{height} image "
                               "by more than 1 pixel")
-    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
-    right, bottom = min(width, math.ceil(x2)), min(height, math.ceil(y2))
-    if right <= left or bottom <= top:
-        raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the "
-                              f"{width}x{height} image")
-    return left, top, right, bottom
+    return max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)
 
 
 def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, float, float]:

@@ -31,6 +31,9 @@ from PIL import ExifTags, Image, ImageOps
 from utils.errors import SoIRError
 from utils.files import FileFacts
 
+# File name extensions SoIR takes for images when it lists a folder (mask creation, annotation builders).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
 # Pillow modes whose samples do not fit in 8 bits.
 _HIGH_BIT_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}

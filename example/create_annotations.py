@@ -26,13 +26,13 @@ if str(ROOT) not in sys.path:  # run as `python example/create_annotations.py`
     sys.path.insert(0, str(ROOT))
 
 from datasets.anns import AnnotationError, parse_bbox, save_anns  # noqa: E402
+from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DISTRACTORS = "_distractors"
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _instance_folders(split_dir: Path) -> dict[str, Path]:
@@ -65,7 +65,7 @@ def build_annotations(root: str | Path, bboxes: dict[str, list[float]] | None = 
         for name, folder in folders.items():
             files = _images(folder)
             if not files:
-                raise ValueError(f"'{folder}' contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ValueError(f"'{folder}' contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             for file in files:
                 ins = instance_id[name]
                 anns[file.relative_to(root).as_posix()] = {

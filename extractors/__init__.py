@@ -11,7 +11,8 @@ from typing import Any
 
 from extractors.base import Extractor
 from extractors.families import (CLIPExtractor, CLIPMIExtractor, DINOv2Extractor, DINOv2MIExtractor,
-                                 SigLIPExtractor, SigLIPMIExtractor)
+                                 DINOv2RegExtractor, DINOv2RegMIExtractor, DINOv3Extractor, DINOv3MIExtractor,
+                                 SigLIP2Extractor, SigLIP2MIExtractor, SigLIPExtractor, SigLIPMIExtractor)
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, capabilities, list_extractors, register_extractor
 from extractors.text import TextEncoder, has_text_tower
@@ -21,7 +22,9 @@ from utils.errors import SoIRError
 log = logging.getLogger("soir.extractors")
 
 __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CLIPExtractor",
-           "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "build_extractor",
+           "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "DINOv2RegExtractor",
+           "DINOv2RegMIExtractor", "DINOv3Extractor", "DINOv3MIExtractor", "SigLIP2Extractor",
+           "SigLIP2MIExtractor", "build_extractor",
            "list_extractors", "register_extractor", "capabilities", "extractor_from_config", "TextEncoder",
            "has_text_tower"]
 

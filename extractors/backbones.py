@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel
+from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+                          Siglip2VisionModel, SiglipVisionModel)
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from utils.errors import SoIRError
 from utils.hub import check_model_available, hf_offline
+from utils.vit_adapters import FAMILIES as MODEL_TYPES        # config.model_type -> family
 
 log = logging.getLogger("soir.extractors")
 
@@ -25,7 +28,10 @@ class Family:
 
 FAMILIES = {
     "dinov2": Family(Dinov2Model, "hidden_size"),
+    "dinov2reg": Family(Dinov2WithRegistersModel, "hidden_size"),
+    "dinov3": Family(DINOv3ViTModel, "hidden_size"),
     "siglip": Family(SiglipVisionModel, "hidden_size"),
+    "siglip2": Family(Siglip2VisionModel, "hidden_size"),
     "clip": Family(CLIPVisionModelWithProjection, "projection_dim"),
 }
 
@@ -54,7 +60,8 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
         raise SoIRError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
     except (RuntimeError, ValueError) as err:   # e.g. tensors of other shapes: another architecture or size
-        raise SoIRError(f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}") from None
+        raise SoIRError(_other_family(model_name, family, _model_type(model_name))
+                        or f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -65,7 +72,29 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     if missing:
         raise SoIRError(f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
                          f"mismatched (e.g. {missing[:3]}); check extractor= and model_name=")
+    # A checkpoint of a related family can load with all weights present (a DINOv2-with-registers
+    # folder into Dinov2Model: the register tokens are just unused), giving wrong features silently.
+    wrong = _other_family(model_name, family, model.config.model_type)
+    if wrong:
+        raise SoIRError(wrong)
     return model.eval().requires_grad_(False)
+
+
+def _model_type(model_name: str) -> str | None:
+    """config.model_type of a checkpoint, or None if its config cannot be read."""
+    try:
+        return AutoConfig.from_pretrained(model_name).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def _other_family(model_name: str, family: str, model_type: str | None) -> str | None:
+    """The refusal for a checkpoint whose model_type belongs to another known family, else None."""
+    other = MODEL_TYPES.get(model_type)
+    if other is None or other == family:
+        return None
+    return (f"{model_name!r} is a {other} checkpoint (config.model_type={model_type!r}), not {family}; use the "
+            f"{other}_features / {other}_mi_features extractors")
 
 
 def embedding_dim(model: nn.Module, family: str) -> int:

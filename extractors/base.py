@@ -16,12 +16,12 @@ from datasets.captions import find_masks, load_captions
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
-from extractors.views import NO_MASK, View, ViewMaker, Views
+from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
 from utils.errors import SoIRError
 from utils.files import sha256_file
 from utils.hub import model_weights_identity
 from utils.mask_inversion import global_embedding
-from utils.preprocessing import Preprocess
+from utils.preprocessing import NaFlexPreprocess, Preprocess
 
 log = logging.getLogger("soir.extractors")
 
@@ -77,6 +77,7 @@ class Extractor:
     default_models: dict[str, str] = {}  # {"base": hub id, "large": hub id}
     uses_masks = False
     attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
+    preprocess_class: type[Preprocess] | type[NaFlexPreprocess] = Preprocess   # NaFlexPreprocess: SigLIP2
 
     def __init__(self, model_name: str | None = None, *, B_model: bool = True, device: str = "auto",
                  precision: str = "fp32", lora_adapt: bool = False, lora_rank: int = 256,
@@ -101,7 +102,7 @@ class Extractor:
             self.lora = {"weights_sha256": sha256_file(weights), **dataclasses.asdict(lora)}
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
-        self.preprocess = Preprocess.from_pretrained(self.model_name)
+        self.preprocess = self.preprocess_class.from_pretrained(self.model_name)
         self.captions = load_captions(captions_file) if captions_file else None
 
     @classmethod
@@ -135,10 +136,11 @@ class Extractor:
         dtype = _DTYPES[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W]."""
+    def embed(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+        """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W] (NaFlex: patch
+        sequences [B, N, 3 p p] with spatial_shapes [B, 2])."""
         with torch.inference_mode(), self.autocast():
-            return global_embedding(self.model, pixel_values.to(self.device)).float()
+            return global_embedding(self.model, pixel_values.to(self.device), spatial_shapes).float()
 
     def describe(self, batch: list[Views]) -> list[Rows]:
         """Descriptor rows of each image in ``batch``; views that fit one batch run together."""
@@ -150,8 +152,7 @@ class Extractor:
         for key, items in groups.items():
             views = [v for _, v in items]
             if key is None:
-                out = [Rows(v[None], torch.tensor([NO_MASK]))
-                       for v in self.embed(torch.stack([v.pixel_values for v in views])).cpu()]
+                out = [Rows(v[None], torch.tensor([NO_MASK])) for v in self.embed(*stack_views(views)).cpu()]
             else:
                 out = self.invert_views(views)
             for (i, _), rows in zip(items, out):

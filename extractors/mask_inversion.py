@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
-from extractors.views import NO_MASK, View, ViewMaker, padded_box, zero_outside
+from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views, zero_outside
 from utils.errors import SoIRError
 from utils.mask_inversion import legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
@@ -107,6 +107,9 @@ class MIExtractor(Extractor):
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
         self.crop_source = str(smart_crop_source)
+        if (mi_resample != "processor" or self.crop_source != "original") and self.family not in ORIGINAL_MI_RESAMPLE:
+            raise SoIRError(f"mi_resample / smart_crop_source (compat=original) reproduce the original code, which has "
+                            f"no {self.family} extractor: use compat=none with {self.family}")
         # What MI sees; plain embeddings (global_view_maker) keep the processor's resampling.
         self.mi_preprocess = self.preprocess if mi_resample == "processor" else \
             dataclasses.replace(self.preprocess, resample=ORIGINAL_MI_RESAMPLE[self.family])
@@ -157,21 +160,22 @@ class MIExtractor(Extractor):
         return 1 << (count - 1).bit_length() if independent else count
 
     def invert_views(self, views: list[View]) -> list[Rows]:
-        counts = [len(v.masks) for v in views]
-        masks = torch.zeros(len(views), max(counts), *views[0].masks.shape[1:])
-        for i, view in enumerate(views):
-            masks[i, :counts[i]] = view.masks
-        vectors = self.invert(torch.stack([v.pixel_values for v in views]), masks).cpu()
+        pixels, spatial_shapes = stack_views(views)
+        vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
         if self.mode == "mean_dice":
             return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
-        return [Rows(v[:n], view.mask_index) for v, n, view in zip(vectors, counts, views)]
+        return [Rows(v[:len(view.masks)], view.mask_index) for v, view in zip(vectors, views)]
 
-    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False):
+    def invert(self, pixel_values: torch.Tensor, masks: torch.Tensor, return_history: bool = False,
+               spatial_shapes: torch.Tensor | None = None):
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
-        ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``."""
+        ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``.
+        NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
+        ``utils.mask_inversion.mask_inversion``)."""
         with self.autocast():
             out = mask_inversion(self.model, pixel_values.to(self.device), masks.to(self.device), **self.mi,
-                                 shared=self.mode == "mean_dice", return_history=return_history or self.debug)
+                                 shared=self.mode == "mean_dice", return_history=return_history or self.debug,
+                                 spatial_shapes=spatial_shapes)
         if self.debug:
             for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
                 log.info("MI iteration %d: loss %.5f, Dice loss %.5f (mean over %d masks)", i, float(loss.mean()),
@@ -192,15 +196,16 @@ class MIExtractor(Extractor):
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
         # One image's views all hold the same number of masks (one view with all masks, the union, or
         # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
-        pixels = torch.stack([v.pixel_values for v in views.views])
-        vectors, history = self.invert(pixels, torch.stack([v.masks for v in views.views]), return_history=True)
+        pixels, spatial_shapes = stack_views(views.views)
+        vectors, history = self.invert(pixels, stack_masks(views.views), return_history=True,
+                                       spatial_shapes=spatial_shapes)
         index = torch.full((len(views.views),), NO_MASK) if self.mode == "mean_dice" else \
             torch.cat([v.mask_index for v in views.views])
         rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), index))
         source = to_binary_masks(masks)
         boxes = [padded_box(source[i], self.smart_crop_pad) if self.mode == "smart_crop" and i >= 0 else None
                  for i in rows.mask_index.tolist()]
-        global_vector = self.embed(self.mi_preprocess.image(image)[None])[0].cpu()
+        global_vector = self.embed(*stack_views(ViewMaker(self.mi_preprocess, "global")(image).views))[0].cpu()
         return Explanation(
             vectors=rows.vectors, mask_index=rows.mask_index,
             maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
@@ -219,9 +224,10 @@ class MIExtractor(Extractor):
         """
         height, width = size or (image.height, image.width)
         view = image if box is None else image.crop(box)
-        pixels = self.mi_preprocess.image(view)[None].to(self.device)
+        pixels, spatial_shapes = stack_views(ViewMaker(self.mi_preprocess, "global")(view).views)
         with self.autocast():
-            maps = legrad_map(self.model, pixels, vectors[None].to(self.device), self.mi["layer_index"])[0]
+            maps = legrad_map(self.model, pixels.to(self.device), vectors[None].to(self.device), self.mi["layer_index"],
+                              spatial_shapes=spatial_shapes)[0]
         if box is None:
             return F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0].cpu()
         # The crop's place in the output: box corners scaled from image pixels to output pixels.

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.preprocessing import Preprocess, to_binary_masks
+from utils.errors import SoIRError
+from utils.preprocessing import NaFlexPreprocess, Preprocess, to_binary_masks
 
 MODES = ("global", "per_mask", "union", "smart_crop")
 
@@ -24,11 +25,16 @@ NO_MASK = -1
 class View:
     """pixel_values [3, H, W] normalised; masks [P, H, W] float in {0, 1}, or None for the global
     embedding. ``mask_index`` [P] int64: which of the image's source masks each mask row is (its
-    position in the captions entry), ``NO_MASK`` for a union; None for the global embedding."""
+    position in the captions entry), ``NO_MASK`` for a union; None for the global embedding.
+
+    SigLIP2 NaFlex: pixel_values [N, 3 p p] is a padded patch sequence, ``spatial_shape`` [2] its patch
+    rows and columns (h, w), and masks are [P, h p, w p] (the image's own resized size); None otherwise.
+    """
 
     pixel_values: torch.Tensor
     masks: torch.Tensor | None = None
     mask_index: torch.Tensor | None = None
+    spatial_shape: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,7 +67,7 @@ class ViewMaker:
             (input pixels) when given, else by int(``pad`` x the box's longer side).
     """
 
-    preprocess: Preprocess
+    preprocess: Preprocess | NaFlexPreprocess
     mode: str = "global"
     pad: float = 0.1
     keep_empty: bool = False
@@ -73,10 +79,14 @@ class ViewMaker:
             raise ValueError(f"unknown view mode {self.mode!r}; one of {MODES}")
         if self.crop_source not in ("original", "resized"):
             raise ValueError(f"crop_source={self.crop_source!r}; one of original, resized")
+        if self.crop_source == "resized" and isinstance(self.preprocess, NaFlexPreprocess):
+            # The original's crops are cut from its fixed-size input; a NaFlex input has no fixed size.
+            raise SoIRError("the original code's smart crops (compat=original) need a fixed-size model input; "
+                            "SigLIP2 NaFlex has none: use compat=none")
 
     def __call__(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> Views:
         if self.mode == "global" or masks is None:
-            return Views([View(self.preprocess.image(image))])
+            return Views([self._view(image)])
         masks = to_binary_masks(masks)
         if tuple(masks.shape[1:]) != (image.height, image.width):
             raise ValueError(f"masks of size {tuple(masks.shape[1:])} do not match the image "
@@ -86,7 +96,7 @@ class ViewMaker:
         if self.mode == "union" and len(masks):
             masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
         if self.mode != "smart_crop":
-            views = self._keep_nonempty(self.preprocess.image(image), self.preprocess.masks(masks), index)
+            views = self._keep_nonempty(self._view(image), self.preprocess.masks(masks), index)
         elif self.crop_source == "resized":
             views = self._crops_of_resized(image, masks, index)
         else:
@@ -105,8 +115,8 @@ class ViewMaker:
             x1, y1, x2, y2 = padded_box(mask, 0.0, 0)
             margin = self.pad_pixels if self.pad_pixels is not None else int(self.pad * max(x2 - x1, y2 - y1))
             x1, y1, x2, y2 = padded_box(mask, 0.0, margin)
-            crop = self.preprocess.image(small_image.crop((x1, y1, x2, y2)))
-            views.append(View(crop, self.preprocess.masks(mask[None, y1:y2, x1:x2]), i[None]))
+            views.append(self._view(small_image.crop((x1, y1, x2, y2)), self.preprocess.masks(mask[None, y1:y2, x1:x2]),
+                                    i[None]))
         return Views(views, dropped)
 
     def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
@@ -115,19 +125,44 @@ class ViewMaker:
             x1, y1, x2, y2 = padded_box(mask, self.pad)
             crop = self.preprocess.masks(mask[None, y1:y2, x1:x2])
             if crop.any():
-                views.append(View(self.preprocess.image(image.crop((x1, y1, x2, y2))), crop, i[None]))
+                views.append(self._view(image.crop((x1, y1, x2, y2)), crop, i[None]))
             else:
                 dropped += 1
         return Views(views, dropped)
 
-    def _keep_nonempty(self, pixel_values: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> Views:
+    def _view(self, image: Image.Image, masks: torch.Tensor | None = None,
+              mask_index: torch.Tensor | None = None) -> View:
+        """The model input of ``image`` (and its NaFlex patch grid) with masks already at its resolution."""
+        return View(self.preprocess.image(image), masks, mask_index, self.preprocess.spatial_shape(image))
+
+    def _keep_nonempty(self, view: View, masks: torch.Tensor, index: torch.Tensor) -> Views:
         # Nearest-neighbour resizing can erase a mask thinner than one input pixel; such a mask
         # would give a meaningless vector, so it is dropped and counted (kept with keep_empty).
         keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
         if self.keep_empty:
             keep = torch.ones_like(keep)
-        views = [View(pixel_values, masks[keep], index[keep])] if keep.any() else []
-        return Views(views, int((~keep).sum()))
+        if keep.any():
+            view.masks, view.mask_index = masks[keep], index[keep]
+        return Views([view] if keep.any() else [], int((~keep).sum()))
+
+
+def stack_views(views: list[View]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pixel_values [B, ...] of views and their spatial_shapes [B, 2] (NaFlex), or None (fixed size)."""
+    pixel_values = torch.stack([v.pixel_values for v in views])
+    if views[0].spatial_shape is None:
+        return pixel_values, None
+    return pixel_values, torch.stack([v.spatial_shape for v in views])
+
+
+def stack_masks(views: list[View]) -> torch.Tensor:
+    """[B, P, H, W] masks of views with P_i masks each: zero-padded to the most masks and (NaFlex, where
+    each image has its own resolution) to the largest canvas, each view's masks in the top-left corner."""
+    count = max(len(v.masks) for v in views)
+    height, width = (max(v.masks.shape[axis] for v in views) for axis in (1, 2))
+    masks = torch.zeros(len(views), count, height, width)
+    for i, view in enumerate(views):
+        masks[i, :len(view.masks), :view.masks.shape[1], :view.masks.shape[2]] = view.masks
+    return masks
 
 
 def padded_box(mask: torch.Tensor, pad: float, pad_pixels: int | None = None) -> tuple[int, int, int, int]:

@@ -63,10 +63,11 @@ def usable_masks(entry: ImageMasks, chosen: Sequence[int] | None, max_masks: int
     bad = [i for i in indices if not 0 <= i < len(entry)]
     if bad:
         raise SystemExit(f"--masks {bad}: the entry has {len(entry)} masks (0..{len(entry) - 1})")
-    visible = extractor.preprocess.masks(masks[indices]).flatten(1).any(1).tolist()
+    resized = extractor.preprocess.masks(masks[indices])
+    visible = resized.flatten(1).any(1).tolist()
     if not all(visible):
         print(f"skipped masks {[i for i, v in zip(indices, visible) if not v]}: empty at the model's input size "
-              f"{extractor.preprocess.size}")
+              f"{tuple(resized.shape[-2:])}")
     indices = [i for i, v in zip(indices, visible) if v]
     if not indices:
         raise SystemExit("no mask left to invert")

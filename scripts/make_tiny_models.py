@@ -2,9 +2,10 @@
 
     python scripts/make_tiny_models.py --out demo_data/tiny_models
 
-Backbones (dinov2/, siglip/, clip/) are saved with an image-processor config and loaded through the
-same ``from_pretrained`` path as real hub ids; siglip/ and clip/ are whole SiglipModel / CLIPModel
-checkpoints with a tiny tokenizer built here (text queries: extractors/text.py); owlv2/ is an Owlv2ForObjectDetection with a processor
+Backbones (dinov2/, dinov2reg/, dinov3/, siglip/, siglip2/, clip/) are saved with an image-processor
+config and loaded through the same ``from_pretrained`` path as real hub ids; siglip/ and clip/ are whole
+SiglipModel / CLIPModel checkpoints with a tiny tokenizer built here (text queries: extractors/text.py);
+owlv2/ is an Owlv2ForObjectDetection with a processor
 whose CLIP tokenizer is built here (no hub access); sam/ holds a SAM built from segment-anything's
 own modules, ``torch.save``'d like a released checkpoint, with its architecture as ``--sam_config``.
 Random weights: numbers made with them mean nothing.
@@ -28,10 +29,18 @@ from transformers import (
     CLIPTokenizer,
     Dinov2Config,
     Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTImageProcessor,
+    DINOv3ViTModel,
     Owlv2Config,
     Owlv2ForObjectDetection,
     Owlv2ImageProcessor,
     Owlv2Processor,
+    Siglip2Config,
+    Siglip2ImageProcessor,
+    Siglip2Model,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
@@ -42,7 +51,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
     sys.path.insert(0, str(ROOT))
-from scripts.mask_models import SamArchitecture, build_sam  # noqa: E402
+from utils.mask_models import SamArchitecture, build_sam  # noqa: E402
 
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
 # a 4x4 patch grid.
@@ -60,6 +69,27 @@ def save_tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
     return _save(model, processor, folder)
 
 
+def save_tiny_dinov2reg(folder: str | Path, seed: int = 0, gated: bool = False) -> Path:
+    """Dinov2WithRegistersModel, patch 14, 56x56 input (4x4 patches + CLS + 2 registers), BitImageProcessor
+    crop 56 (as facebook/dinov2-with-registers-base); ``gated``: the SwiGLU MLP of the giant model."""
+    torch.manual_seed(seed)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**_COMMON, image_size=56, patch_size=14,
+                                                               num_register_tokens=2, use_swiglu_ffn=gated))
+    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return _save(model, processor, folder)
+
+
+def save_tiny_dinov3(folder: str | Path, seed: int = 0, gated: bool = False) -> Path:
+    """DINOv3ViTModel (RoPE, layer scale), patch 16, 64x64 input (4x4 patches + CLS + 2 registers),
+    DINOv3ViTImageProcessor 64x64; ``gated``: the gated MLP of ViT-S+/H+/7B (``use_gated_mlp``)."""
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(DINOv3ViTConfig(**_COMMON, image_size=64, patch_size=16, num_register_tokens=2,
+                                           use_gated_mlp=gated))
+    processor = DINOv3ViTImageProcessor(size={"height": 64, "width": 64})
+    return _save(model, processor, folder)
+
+
 def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
     """A whole SiglipModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
     64x64 input (4x4 patches, no CLS), with the attention-pooling head; and a 64-piece sentencepiece
@@ -73,6 +103,27 @@ def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
     folder = _save(model, processor, folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_siglip2(folder: str | Path, seed: int = 0) -> Path:
+    """A whole Siglip2Model (NaFlex: patch sequences, each image its own grid) whose vision tower is patch
+    16 with a 4x4 position grid, and a Siglip2ImageProcessor that keeps the aspect ratio within 16 patches."""
+    torch.manual_seed(seed)
+    model = Siglip2Model(Siglip2Config(text_config=dict(**_COMMON, vocab_size=64),
+                                       vision_config=dict(**_COMMON, num_patches=16, patch_size=16)))
+    processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=16)
+    return _save(model, processor, folder)
+
+
+def save_tiny_siglip2_fixres(folder: str | Path, seed: int = 0) -> Path:
+    """A fixed-resolution SigLIP2 checkpoint as google/siglip2-base-patch16-224 ships it: model_type
+    "siglip" (a SiglipModel, Gemma-sized vocabulary in the real one) and a SiglipImageProcessor with
+    bilinear resampling; it loads through the siglip family (64x64 input, 4x4 patches)."""
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, vocab_size=256),
+                                     vision_config=dict(**_COMMON, image_size=64, patch_size=16)))
+    processor = SiglipImageProcessor(size={"height": 64, "width": 64}, resample=2)
+    return _save(model, processor, folder)
 
 
 def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
@@ -100,7 +151,23 @@ def _save(model: torch.nn.Module, processor, folder: str | Path) -> Path:
     return folder
 
 
-TINY_BUILDERS = {"dinov2": save_tiny_dinov2, "siglip": save_tiny_siglip, "clip": save_tiny_clip}
+def save_tiny_dinov2_swiglu(folder: str | Path, seed: int = 0) -> Path:
+    """:func:`save_tiny_dinov2` with the SwiGLU MLP of dinov2-giant (``use_swiglu_ffn``)."""
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**_COMMON, image_size=56, patch_size=14, use_swiglu_ffn=True))
+    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    return _save(model, processor, folder)
+
+
+# One tiny model per backbone family (the demo and the end-to-end tests run each) ...
+TINY_BUILDERS = {"dinov2": save_tiny_dinov2, "dinov2reg": save_tiny_dinov2reg, "dinov3": save_tiny_dinov3,
+                 "siglip": save_tiny_siglip, "siglip2": save_tiny_siglip2, "clip": save_tiny_clip}
+# ... and configurations of those families that the MI engine must handle too: gated MLPs, and the
+# fixed-resolution SigLIP2 checkpoints, which are SigLIP models (model_type "siglip").
+TINY_VARIANTS = {"dinov2_swiglu": save_tiny_dinov2_swiglu,
+                 "dinov2reg_gated": lambda folder, seed=0: save_tiny_dinov2reg(folder, seed, gated=True),
+                 "dinov3_gated": lambda folder, seed=0: save_tiny_dinov3(folder, seed, gated=True),
+                 "siglip2_fixres": save_tiny_siglip2_fixres}
 
 
 TINY_SAM = SamArchitecture(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,

@@ -31,6 +31,16 @@ The model's parameters never enter it. SigLIP's head normalises every token befo
 makes w_t differ per token: w_t = kappa_t (w - c_t x_hat_t) (a common vector minus a per-token
 multiple of the normalised token), and the x_hat_t part is folded into a per-image constant ``C``.
 
+A gated MLP, h = act(z_g) * z with z_g = gate(LN2(r)) and z = fc1(LN2(r)), has
+dh = act(z_g) dz + z act'(z_g) dz_g: two plain-MLP paths that share fc2. So the chain above holds with
+fc1 replaced by [fc1; gate] (2F rows), act'(z) by [act(z_g), z act'(z_g)] and fc2 by [fc2, fc2].
+
+SigLIP2 NaFlex batches (``spatial_shapes``; see utils/vit_adapters.py): the feature's mean runs over
+image b's N_b patch tokens only (kappa_t = 0 on padding, so u_t = 0 there and padding rows add nothing
+to G's column sums), the relevance is the mean over heads and those N_b query rows, and its padding
+columns are dropped. Each image keeps its own h_b x w_b patch grid; maps of a batch share one canvas
+(image b's map in its top-left h_b p x w_b p pixels, 0 elsewhere; see :meth:`LeGrad.maps`).
+
 Per mask and iteration the [T, 4D] x [4D, D] products (u and its gradient, 2 x 2 T F D flops: 5.4
 GFLOP for SigLIP-384) cost about five times the relevance step (2 x 2 H T^2 dh = 1 GFLOP).
 Implementations (``impl``), all with the same values and gradients:
@@ -67,8 +77,10 @@ class _BlockConstants:
     """Per-image constants of one hooked block (B images, T tokens, D width, F MLP width, H heads).
 
     With w [B, P, D] = dS/dX (common part) and y = w @ W2s [B, P, F]:
-        u = w @ Wo_s + (a_s * y) @ M - (y . Sig) Q             (DINOv2, CLIP)
-        u = kappa * (that - c C),  c = w @ x_hat^T / D         (SigLIP, per-token head)
+        u = w @ Wo_s + (a_s * y) @ M - (y . Sig) Q             (DINO families, CLIP)
+        u = kappa * (that - c C),  c = w @ x_hat^T / D         (SigLIP / SigLIP2, per-token head)
+
+    F is the MLP width (2F for a gated MLP: see the module docstring).
     """
 
     V: torch.Tensor              # [B, H, T, dh] value states (v_proj output, LoRA included)
@@ -80,7 +92,7 @@ class _BlockConstants:
     Sig: torch.Tensor            # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma2)
     Q: torch.Tensor              # [B, T, D] r_hat @ Wo_s
     x_hat: torch.Tensor | None = None    # [B, T, D] token-normalised X (SigLIP)
-    kappa: torch.Tensor | None = None    # [B, T]    1 / (T sigma_post)
+    kappa: torch.Tensor | None = None    # [B, T]    1 / (T sigma_post); NaFlex: valid_t / (N_b sigma_post)
     C: torch.Tensor | None = None        # [B, T, D]
 
 
@@ -92,18 +104,23 @@ class LeGrad:
 
     Args:
         parts: the model's pieces (:func:`utils.vit_adapters.vit_parts`).
-        pixel_values: [B, 3, H, W] preprocessed images.
+        pixel_values: [B, 3, H, W] preprocessed images; NaFlex: [B, N, C p p] patch sequences.
         layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
         impl: "dense", "blockwise", "fused" (see the module docstring) or "auto": "fused" for CUDA
             tensors when Triton is installed, else "blockwise".
         precision: of the evaluation's products (explicit only; the default is exact float32):
             "fp32"; "tf32" (CUDA: float32 matmuls and the fused kernel's products on TF32 tensor
             cores); "bf16" (the fused kernel's u . V products with bfloat16 inputs, float32 sums).
+        spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
 
     Attributes:
         g: [B, D_out] the model's own (un-normalised) global embedding of each image.
         dtype: float64 for float64 models, float32 otherwise (the precision of the maps).
         impl: the implementation in use ("dense", "blockwise" or "fused").
+        grids: [B, 2] int64 patch rows and columns of each image (all equal unless NaFlex).
+        grid: (rows, columns) of the patch grid the batch's relevance is laid out on: the largest
+            rows and columns of ``grids`` (image b's relevance in its top-left corner, 0 elsewhere).
+        image_size: the default size of :meth:`maps` (the images' size; NaFlex: grid x patch size).
 
     The forward pass runs with autocast off even under an active autocast context (see
     :func:`_capture`), the constants are folded with autocast off, and callers evaluate :meth:`maps`
@@ -112,54 +129,114 @@ class LeGrad:
     """
 
     def __init__(self, parts: VitParts, pixel_values: torch.Tensor, layer_index: int = -1,
-                 impl: str = "auto", precision: str = "fp32"):
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+                 impl: str = "auto", precision: str = "fp32", spatial_shapes: torch.Tensor | None = None):
+        inputs = parts.model_inputs(pixel_values, spatial_shapes)                 # checks the shapes
         self.impl = resolve_impl(impl, precision, pixel_values.device)
         self.precision = precision
         self.parts = parts
         model_dtype = next(parts.model.parameters()).dtype
         self.dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
         blocks = hooked_blocks(parts, layer_index)
-        captured, output = _capture(parts, blocks, pixel_values)
+        captured, output = _capture(parts, blocks, inputs)
         self.g = parts.global_embedding(output).detach().to(self.dtype)
-        self.image_size = tuple(pixel_values.shape[-2:])
         p = parts.patch_size
-        self.grid = (self.image_size[0] // p, self.image_size[1] // p)
+        self.grids = parts.patch_grids(pixel_values, spatial_shapes)
+        self.grid = tuple(int(n) for n in self.grids.amax(0))
+        self.image_size = tuple(pixel_values.shape[-2:]) if not parts.naflex else (self.grid[0] * p, self.grid[1] * p)
         tokens = captured[0]["x"].shape[1]
-        if tokens != parts.num_prefix_tokens + self.grid[0] * self.grid[1]:
-            raise ValueError(f"{tokens} tokens do not match {parts.num_prefix_tokens} prefix tokens + a "
-                             f"{self.grid} patch grid for a {self.image_size} image and patch {p}")
+        patches = pixel_values.shape[1] if parts.naflex else self.grid[0] * self.grid[1]
+        if tokens != parts.num_prefix_tokens + patches:
+            raise ValueError(f"{tokens} tokens do not match {parts.num_prefix_tokens} prefix tokens + {patches} "
+                             f"patches ({self.grid} grid of a {tuple(pixel_values.shape[-2:])} image, patch {p})")
+        # NaFlex: which tokens are patches (the rest is padding), and where each grid cell's token is.
+        self.valid = inputs["pixel_attention_mask"].bool() if parts.naflex else None
+        if self.valid is not None and parts.token_norm is None:
+            raise ValueError(f"{parts.family}: padded token sequences need a per-token head (token_norm)")
+        if self.valid is not None:
+            self._cell_token, self._cell_valid = _grid_cells(self.grids, self.grid, self.dtype, pixel_values.device)
+            self._row_scale = (self.valid.shape[1] / self.valid.sum(1).to(self.dtype))[:, None, None]  # T / N_b
+        self._layouts: dict[tuple[int, int], list] = {}
         with torch.no_grad(), no_autocast(pixel_values.device):
             self.blocks = [self._constants(b, c) for b, c in zip(blocks, captured)]
 
     # ------------------------------------------------------------------ evaluation (differentiable)
     def relevance(self, e: torch.Tensor) -> torch.Tensor:
-        """Token relevance summed over hooked blocks, [B, P, T], for unit embeddings e [B, P, D_out]."""
+        """Token relevance summed over hooked blocks, [B, P, T], for unit embeddings e [B, P, D_out].
+
+        Each block's relevance is the mean over heads and query rows (NaFlex: image b's N_b patch
+        rows; padding rows carry u = 0, so the sum over all T rows is rescaled by T / N_b).
+        """
         with _matmul_precision(self.precision, e.device):
             if self.impl == "dense":
-                return sum(self._block_relevance(k, e) for k in self.blocks)
-            return sum(_BlockRelevance.apply(e @ k.J, k, self.impl, self.precision) for k in self.blocks)
+                rel = sum(self._block_relevance(k, e) for k in self.blocks)
+            else:
+                rel = sum(_BlockRelevance.apply(e @ k.J, k, self.impl, self.precision) for k in self.blocks)
+        return rel * self._row_scale if self.valid is not None else rel
 
     def patch_relevance(self, e: torch.Tensor) -> torch.Tensor:
-        """Relevance of the patch tokens on the patch grid, [B, P, *grid] (prefix tokens dropped)."""
+        """Relevance of the patch tokens on the patch grid, [B, P, *grid] (prefix tokens dropped;
+        NaFlex: image b's h_b x w_b grid in the top-left corner, padding cells 0)."""
         B, P = e.shape[:2]
-        return self.relevance(e)[..., self.parts.num_prefix_tokens:].reshape(B, P, *self.grid)
+        rel = self.relevance(e)[..., self.parts.num_prefix_tokens:]
+        if self.valid is None:
+            return rel.reshape(B, P, *self.grid)
+        cells = rel.gather(-1, self._cell_token.expand(B, P, -1)) * self._cell_valid
+        return cells.reshape(B, P, *self.grid)
 
     def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None, joint: bool = False) -> torch.Tensor:
-        """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to the image size).
+        """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to ``image_size``).
 
-        Each map is min-max normalised on its own; ``joint=True`` uses one min and max for all P maps
-        of an image (the original code's accident, ``legrad_norm=joint``). A constant map (e.g. no
-        positive gradient anywhere) becomes all zeros, never NaN.
+        Each image's patch relevance is upsampled bilinearly by the patch size, min-max normalised on
+        its own and resized bilinearly to its region of the output (:meth:`regions`): the whole
+        ``size``, or NaFlex: its top-left grid x patch-size pixels, the rest of the canvas 0.
+        ``joint=True`` uses one min and max for all P maps of an image (the original code's accident,
+        ``legrad_norm=joint``). A constant map (e.g. no positive gradient anywhere) becomes all zeros,
+        never NaN.
         """
         rel = self.patch_relevance(e)
-        E = F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False)
-        E = min_max(E, joint)
         size = tuple(size) if size is not None else self.image_size
+        layout = self._layout(size)
+        (h, w, rh, rw), _ = layout[0]
+        if len(layout) == 1 and (rh, rw) == size:                    # fixed size: one grid, no canvas
+            return self._map(rel, (rh, rw), joint)
+        out = rel.new_zeros(*rel.shape[:2], *size)
+        for (h, w, rh, rw), images in layout:
+            out[images, :, :rh, :rw] = self._map(rel[images, :, :h, :w], (rh, rw), joint)
+        return out
+
+    def _map(self, rel: torch.Tensor, size: tuple[int, int], joint: bool = False) -> torch.Tensor:
+        """Patch relevance [.., h, w] -> min-max normalised bilinear map [.., *size]."""
+        E = min_max(F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False), joint)
         if tuple(E.shape[-2:]) != size:
             E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
         return E
+
+    def regions(self, size: tuple[int, int]) -> torch.Tensor:
+        """[B, 2] pixel rows, columns that image b's map fills in a ``size`` output, from its top-left.
+
+        Fixed-size families: the whole output (maps are resized to any size). NaFlex: grid x patch
+        size (no resizing: masks live at each image's own resolution, padded to a common canvas).
+        """
+        if not self.parts.naflex:
+            return torch.tensor([list(size)]).expand(len(self.grids), 2)
+        regions = self.grids * self.parts.patch_size
+        too_big = (regions > torch.tensor(size)).any(1)
+        if too_big.any():
+            b = int(too_big.nonzero()[0])
+            raise ValueError(f"a {tuple(size)} canvas cannot hold image {b}'s {tuple(regions[b].tolist())} pixels "
+                             f"(its {tuple(self.grids[b].tolist())} patch grid x patch size {self.parts.patch_size})")
+        return regions
+
+    def _layout(self, size: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+        """Images grouped by (grid rows, grid columns, region rows, region columns), for batched resizing;
+        cached per size (the iterations, and a CUDA graph capture, then do no host work here)."""
+        if size not in self._layouts:
+            keys = torch.cat([self.grids, self.regions(size)], dim=1)
+            groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            self._layouts[size] = [(tuple(int(n) for n in key),
+                                    torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
+                                   for i, key in enumerate(groups)]
+        return self._layouts[size]
 
     def _block_relevance(self, k: _BlockConstants, e: torch.Tensor) -> torch.Tensor:
         """impl="dense": the formulas of the module docstring, differentiated by autograd."""
@@ -186,11 +263,18 @@ class LeGrad:
             raise ValueError(f"expected nn.LayerNorm before the MLP, got {type(block.norm2).__name__}")
         Wo_s = _scale_vector(block.layer_scale1, D, V)[:, None] * _affine_weight(block.o_proj, D, dt)
         W1 = _affine_weight(block.fc1, D, dt)                                     # [F, D]
-        W2s = _scale_vector(block.layer_scale2, D, V)[:, None] * _affine_weight(block.fc2, W1.shape[0], dt)
+        W2 = _affine_weight(block.fc2, W1.shape[0], dt)                          # [D, F]
+        if block.gate is None:
+            act_d = _elementwise_derivative(block.activation, z)                  # [B, T, F]
+        else:   # h = act(z_g) * z: the paths through fc1 and through the gate (module docstring)
+            z_g = cap["g"].to(dt)
+            W1 = torch.cat([W1, _affine_weight(block.gate, D, dt)])               # [2F, D]
+            W2 = torch.cat([W2, W2], dim=1)                                       # [D, 2F]
+            act_d = torch.cat([block.activation(z_g), z * _elementwise_derivative(block.activation, z_g)], -1)
+        W2s = _scale_vector(block.layer_scale2, D, V)[:, None] * W2
         W1c = W1 * _ln_weight(block.norm2, D, V)
         W1c = W1c - W1c.mean(dim=1, keepdim=True)     # LN2's mean removal, folded into fc1
         r_hat, sigma2 = _layer_norm_stats(r, block.norm2.eps)
-        act_d = _elementwise_derivative(block.activation, z)                      # [B, T, F]
         Q = r_hat @ Wo_s
         head = self._head_constants(X, W2s, W1c, Wo_s, act_d, r_hat, sigma2, Q)
         return _BlockConstants(
@@ -208,8 +292,12 @@ class LeGrad:
             return dict(J=J)
         # f = normalize(mean_t LN(X_t)): dS/dX_t = LN'(X_t)^T Jn^T e / T
         #   = (1/(T sigma_t)) (zeta - mean(zeta) - x_hat_t (x_hat_t . zeta) / D),  zeta = gamma * (Jn^T e)
+        # NaFlex: the mean runs over image b's N_b patch tokens, so 1/T becomes valid_t / N_b.
         norm = parts.token_norm
-        Jn = _unit_jacobian(parts.pooled_head, norm(X.to(norm.weight.dtype)).mean(dim=1).to(dt))
+        weights = (torch.full((B, T), 1.0 / T, dtype=dt, device=X.device) if self.valid is None
+                   else self.valid.to(dt) / self.valid.sum(1, keepdim=True).to(dt))   # [B, T] token weights
+        pooled = (norm(X.to(norm.weight.dtype)).to(dt) * weights[..., None]).sum(dim=1)
+        Jn = _unit_jacobian(parts.pooled_head, pooled)
         J = Jn * _ln_weight(norm, D, X)
         J = J - J.mean(dim=-1, keepdim=True)
         x_hat, sigma = _layer_norm_stats(X, norm.eps)
@@ -217,7 +305,7 @@ class LeGrad:
         R = (act_d * (x_hat @ W2s)) @ W1c                                         # [B, T, D]
         rho = (r_hat * R).sum(-1, keepdim=True)
         C = x_hat @ Wo_s + (R @ Wo_s - rho / D * Q) / sigma2[..., None]
-        return dict(J=J, x_hat=x_hat, kappa=1.0 / (T * sigma), C=C)
+        return dict(J=J, x_hat=x_hat, kappa=weights / sigma, C=C)
 
 
 class _PositiveColumnMean(torch.autograd.Function):
@@ -343,6 +431,10 @@ class MapDice:
     columns of U rel are evaluated. Values and gradients equal the full-resolution evaluation (up to
     rounding) with O(grid) work per mask instead of O(pixels).
 
+    NaFlex batches: image b's map fills only its region of the masks' canvas (:meth:`LeGrad.regions`) and
+    is 0 elsewhere, so A is per image (zero rows outside the region, zero columns beyond its grid) and
+    N is its region's pixel count; the masks must be 0 outside the region (``mask_inversion`` checks).
+
     Args:
         legrad: the images' :class:`LeGrad`.
         masks: [B, P, Hm, Wm] in {0, 1}.
@@ -355,27 +447,47 @@ class MapDice:
         like = dict(dtype=masks.dtype, device=masks.device)
         p = legrad.parts.patch_size
         size = tuple(masks.shape[-2:])
-        axes = []
-        with no_autocast(masks.device):                        # exact weights even under autocast
-            for n, upsampled, out in zip(legrad.grid, (g * p for g in legrad.grid), size):
-                Up = _interpolation_matrix(n, dict(scale_factor=p), **like)       # [n p, n]
-                A = Up if upsampled == out else _interpolation_matrix(upsampled, dict(size=out), **like) @ Up
-                axes.append((Up[_run_ends(Up)], A))
-            (self.Up_y, A_y), (self.Up_x, A_x) = axes
-            self.mask_on_grid = A_y.T @ masks @ A_x                              # [B, P, *grid]  A^T m
-            self.ones_on_grid = A_y.sum(0)[:, None] * A_x.sum(0)                  # [*grid]        A^T 1
+        regions = legrad.regions(size)
+        axes = {}                                             # (grid n, region, canvas, padded grid) -> matrices
+        with no_autocast(masks.device):                       # exact weights even under autocast
+            per_image = []
+            for grid, region in zip(legrad.grids.tolist(), regions.tolist()):
+                per_image.append([axes.setdefault(key, _axis_matrices(*key, p, **like))
+                                  for key in zip(grid, region, size, legrad.grid)])
+            (self.Up_y, A_y), (self.Up_x, A_x) = (_stack_axis([image[axis] for image in per_image])
+                                                  for axis in (0, 1))
+            self.mask_on_grid = A_y.mT[:, None] @ masks @ A_x[:, None]          # [B, P, *grid]  A^T m
+            self.ones_on_grid = (A_y.sum(1)[:, :, None] * A_x.sum(1)[:, None, :])[:, None]   # [B, 1, *grid]  A^T 1
         self.mask_sum = masks.sum(dim=(-2, -1))
-        self.pixels = size[0] * size[1]
+        self.pixels = regions.prod(1).to(**like)[:, None]                         # [B, 1]
 
     def __call__(self, relevance: torch.Tensor) -> torch.Tensor:
         """Dice loss [B, P] of the maps of patch relevance [B, P, *grid] (:meth:`LeGrad.patch_relevance`;
         [B, 1, *grid] compares one map with each of the P masks)."""
-        extremes = self.Up_y @ relevance @ self.Up_x.T                            # rows / cols that hold them
+        extremes = self.Up_y @ relevance @ self.Up_x.mT                          # rows / cols that hold them
         lo = extremes.amin(dim=self.dims, keepdim=True).flatten(2).amin(-1)   # [B, P] or [B, 1]
         span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
+
+
+def _axis_matrices(n: int, region: int, canvas: int, padded: int, p: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of :class:`MapDice` for a grid of n patches whose map fills ``region`` of ``canvas`` pixels:
+    (the run-end rows of the upsampling U [r, padded], A = R U [canvas, padded]), zero-padded."""
+    Up = _interpolation_matrix(n, dict(scale_factor=p), dtype=dtype, device=device)      # [n p, n]
+    A = Up if n * p == region else _interpolation_matrix(n * p, dict(size=region), dtype=dtype, device=device) @ Up
+    ends = Up[_run_ends(Up)]
+    return F.pad(ends, (0, padded - n)), F.pad(A, (0, padded - n, 0, canvas - region))
+
+
+def _stack_axis(matrices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-image (run-end rows, A) of one axis: [B, 1, r, padded], [B, canvas, padded]. Images with
+    fewer run ends repeat their first one (a repeated row changes no extreme)."""
+    rows = max(len(ends) for ends, _ in matrices)
+    ends = [torch.cat([e, e[:1].expand(rows - len(e), -1)]) for e, _ in matrices]
+    return torch.stack(ends)[:, None], torch.stack([A for _, A in matrices])
 
 
 def _interpolation_matrix(n: int, how: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -442,9 +554,11 @@ def min_max(E: torch.Tensor, joint: bool = False) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- capture and small helpers
-def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tensor):
-    """One no-grad fp32 forward; per hooked block V (v_proj out), r (norm2 in), z (fc1 out), X (block out)."""
-    captured: list[dict[str, list]] = [{"v": [], "r": [], "z": [], "x": []} for _ in blocks]
+def _capture(parts: VitParts, blocks: list[BlockParts], inputs: dict[str, torch.Tensor]):
+    """One no-grad fp32 forward on the model's ``inputs`` (:meth:`VitParts.model_inputs`); per hooked
+    block V (v_proj out), r (norm2 in), z (fc1 out), X (block out) and, gated MLPs, g (gate out)."""
+    names = [("v", "r", "z", "x") + (("g",) if b.gate is not None else ()) for b in blocks]
+    captured: list[dict[str, list]] = [{n: [] for n in block_names} for block_names in names]
 
     def keep(store, name, use_input=False):
         def hook(module, args, output=None):
@@ -458,13 +572,16 @@ def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tens
                     block.norm2.register_forward_pre_hook(keep(store, "r", use_input=True)),
                     block.fc1.register_forward_hook(keep(store, "z")),
                     block.block.register_forward_hook(keep(store, "x"))]
+        if block.gate is not None:
+            handles.append(block.gate.register_forward_hook(keep(store, "g")))
+    device = inputs["pixel_values"].device
     try:
         # Always float32 (float64): a bf16 forward perturbs V, r, z, X by ~2^-8 relative, which 100
         # AdamW steps amplify (full-size SigLIP-384, random weights: pixel noise of 1e-4 alone moves
         # MI vectors to cosine 0.988 after 30 steps; a bf16 autocast forward to 0.92). The iterations
         # ran in fp32 already, so this is the only step that reduced precision changed.
-        with torch.no_grad(), no_autocast(pixel_values.device):
-            output = parts.model(pixel_values=pixel_values)
+        with torch.no_grad(), no_autocast(device):
+            output = parts.model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -473,6 +590,18 @@ def _capture(parts: VitParts, blocks: list[BlockParts], pixel_values: torch.Tens
             raise RuntimeError(f"expected each hooked module to run once per forward, got "
                                f"{ {k: len(v) for k, v in store.items()} }")
     return [{k: v[0] for k, v in store.items()} for store in captured], output
+
+
+def _grid_cells(grids: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaFlex: for each cell (r, c) of the padded ``grid``, the patch token of image b that lies there
+    (r * w_b + c, row-major; 0 outside the image) and whether one does: [B, 1, rows * columns] each."""
+    rows = torch.arange(grid[0])[:, None]
+    cols = torch.arange(grid[1])[None, :]
+    h, w = grids[:, 0, None, None], grids[:, 1, None, None]
+    inside = (rows < h) & (cols < w)                                              # [B, *grid]
+    token = torch.where(inside, rows * w + cols, 0)
+    return (token.flatten(1)[:, None].to(device), inside.flatten(1)[:, None].to(device=device, dtype=dtype))
 
 
 def _affine_weight(module: nn.Module, in_features: int, dtype: torch.dtype) -> torch.Tensor:

@@ -53,38 +53,44 @@ def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1e-6) / (E.sum(dim=(-2, -1)) + m.sum(dim=(-2, -1)) + 1e-6)
 
 
-def global_embedding(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def global_embedding(model: nn.Module, pixel_values: torch.Tensor,
+                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own global embedding, normalised, [B, D_out].
 
-    DINOv2: pooler_output (layer-normed CLS); SigLIP: pooler_output (attention-pooling head);
-    CLIP: image_embeds. Works with any attention implementation.
+    DINOv2 / DINOv2-reg / DINOv3: pooler_output (layer-normed CLS); SigLIP / SigLIP2: pooler_output
+    (attention-pooling head); CLIP: image_embeds. Works with any attention implementation.
+    ``spatial_shapes`` [B, 2]: NaFlex models only (utils/vit_adapters.py).
     """
     parts = vit_parts(model)
+    inputs = parts.model_inputs(pixel_values, spatial_shapes)
     with torch.no_grad(), _eval_mode(parts.model):
-        output = parts.model(pixel_values=pixel_values)
+        output = parts.model(**inputs)
     return F.normalize(parts.global_embedding(output), dim=-1)
 
 
 def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.Tensor,
-               layer_index: int = -1, joint: bool = False) -> torch.Tensor:
-    """LeGrad explainability maps of ``embeddings`` on the images.
+               layer_index: int = -1, joint: bool = False, spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+    """LeGrad explainability maps of ``embeddings`` on the images (patch tokens only; see
+    utils/vit_adapters.py for which tokens each family has).
 
     Args:
-        model: DINOv2 / SigLIP / CLIP vision model (optionally peft-wrapped), eager attention.
-        pixel_values: [B, 3, H, W].
+        model: a supported vision model (utils/vit_adapters.py; optionally peft-wrapped), eager attention.
+        pixel_values: [B, 3, H, W]; NaFlex: [B, N, C p p] patch sequences.
         embeddings: [B, P, D_out] query embeddings (normalised here).
         layer_index: hooked blocks L + layer_index + 1 .. L (-1 = last block).
         joint: one min-max normalisation for the P maps of an image (``legrad_norm=joint``).
+        spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
 
     Returns:
-        [B, P, H, W] maps in [0, 1] (float32, float64 for float64 models).
+        [B, P, H, W] maps in [0, 1] (float32, float64 for float64 models). NaFlex: on a canvas of the
+        batch's largest grid x patch size, image b's map in its top-left h_b p x w_b p pixels, 0 elsewhere.
     """
     if embeddings.ndim != 3 or embeddings.shape[0] != pixel_values.shape[0]:
         raise ValueError(f"embeddings must be [B, P, D] with B = {pixel_values.shape[0]} images, got "
                          f"shape {tuple(embeddings.shape)}")
     parts = vit_parts(model)
     with _eval_mode(parts.model):
-        legrad = LeGrad(parts, pixel_values, layer_index)
+        legrad = LeGrad(parts, pixel_values, layer_index, spatial_shapes=spatial_shapes)
         with torch.no_grad(), no_autocast(pixel_values.device):
             return legrad.maps(F.normalize(embeddings.to(legrad.g), dim=-1), joint=joint)
 
@@ -92,16 +98,19 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
 def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, alpha: float = 0.03,
                    iterations: int = 100, lr: float = 0.1, layer_index: int = -1, beta: float = 0.0,
                    return_history: bool = False, impl: str = "auto", precision: str = "fp32",
-                   cuda_graph: bool = False, joint_norm: bool = False, shared: bool = False):
+                   cuda_graph: bool = False, joint_norm: bool = False, shared: bool = False,
+                   spatial_shapes: torch.Tensor | None = None):
     """Mask Inversion embeddings of P masks per image.
 
     Args:
-        model: DINOv2 / SigLIP / CLIP vision model (optionally peft-wrapped), loaded with
-            attn_implementation="eager" (only its module tree and forward are used). It is run in
-            eval mode; its train/eval flags are restored afterwards.
-        pixel_values: [B, 3, H, W] preprocessed images.
+        model: a supported vision model (utils/vit_adapters.py: DINOv2, DINOv2-reg, DINOv3, SigLIP,
+            SigLIP2, CLIP; optionally peft-wrapped), loaded with attn_implementation="eager" (only its
+            module tree and forward are used). It is run in eval mode; its train/eval flags are
+            restored afterwards.
+        pixel_values: [B, 3, H, W] preprocessed images; NaFlex: [B, N, C p p] patch sequences.
         masks: [B, P, Hm, Wm] bool / float / integer masks with values in {0, 1}; the maps are
-            resized to (Hm, Wm).
+            resized to (Hm, Wm). NaFlex: a canvas holding image b's masks at its own resolution
+            (h_b p x w_b p pixels, top-left), 0 elsewhere (see :func:`legrad_map`).
         alpha: weight of 1 - cos(e, g).
         iterations: AdamW steps (0 returns normalize(g) for every mask).
         lr: AdamW learning rate (weight decay 0).
@@ -121,6 +130,7 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
             code's accident, ``legrad_norm=joint``): the masks of an image then interact.
         shared: ONE embedding per image for all its P masks, fitted to the mean of the P Dice terms
             (the original's ``mi_sum`` for SigLIP / CLIP, ``mi_sum_loss=mean_dice``); returns [B, 1, D].
+        spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -131,12 +141,13 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
     On CUDA, AdamW runs fused (``fused=True``: one kernel, same update).
 
     Raises:
-        ValueError: wrong shapes, mask batch != image batch, mask values outside {0, 1}, an impl /
-            precision / cuda_graph that cannot run on this device.
+        ValueError: wrong shapes, mask batch != image batch, mask values outside {0, 1} (NaFlex: or
+            outside the image's region of the canvas), an impl / precision / cuda_graph that cannot
+            run on this device.
         RuntimeError: called under torch.inference_mode (MI needs autograd for e).
     """
-    if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
+    parts = vit_parts(model)
+    grids = parts.patch_grids(pixel_values, spatial_shapes)              # checks pixel_values' shape
     if masks.ndim != 4:
         raise ValueError(f"masks must be [B, P, H, W], got shape {tuple(masks.shape)}")
     if masks.shape[0] != pixel_values.shape[0]:
@@ -153,10 +164,12 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
         raise RuntimeError("mask_inversion needs autograd for the embeddings; do not call it under "
                            "torch.inference_mode()")
     resolve_impl(impl, precision, pixel_values.device)        # refuse before the forward pass
+    if parts.naflex:
+        _check_canvas(masks, grids * parts.patch_size)
 
-    parts = vit_parts(model)
     with _eval_mode(parts.model):
-        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision)
+        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision,
+                        spatial_shapes=spatial_shapes)
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     g_unit = F.normalize(legrad.g, dim=-1)[:, None]                      # [B, 1, D]
@@ -199,6 +212,17 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
         history = history.float().cpu()
         return result, {"loss": history[:, 0], "dice": history[:, 1]}
     return result
+
+
+def _check_canvas(masks: torch.Tensor, regions: torch.Tensor) -> None:
+    """NaFlex: image b's masks must fit its region (rows, columns) [B, 2] of the canvas and be 0 outside it."""
+    for b, (rows, cols) in enumerate(regions.tolist()):
+        if rows > masks.shape[-2] or cols > masks.shape[-1]:
+            raise ValueError(f"masks of size {tuple(masks.shape[-2:])} cannot hold image {b}'s {rows} x {cols} "
+                             f"pixel grid (NaFlex masks live at each image's own resolution, padded to a canvas)")
+        if masks[b, :, rows:].any() or masks[b, :, :, cols:].any():
+            raise ValueError(f"image {b}'s masks are non-zero outside its {rows} x {cols} region of the canvas "
+                             f"(NaFlex: place each image's masks top-left at its own resolution)")
 
 
 def _replay_in_cuda_graph(step, iterations: int, raw: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -192,3 +192,39 @@ def test_keys_naming_one_file_are_duplicates(tmp_path):
     # A query and a gallery entry may show the same file (the query is cropped to its box).
     both = {"g/x.jpg": {"ins": 1, "is_query": False}, "./g/x.jpg": {"ins": 1, "is_query": True}}
     assert len(load_anns(_write(tmp_path, both))) == 2
+
+
+def test_square_query_crop_near_a_corner_fills_beyond_the_border_with_zeros():
+    """The original's query crop: side max(w, h) centred on the box, image around it, zeros outside."""
+    image = Image.fromarray(np.full((50, 80, 3), 200, dtype=np.uint8))
+    tight = crop_box(image, [2, 5, 30, 15], "q.jpg")                          # 28 x 10 near the top-left corner
+    square = crop_box(image, [2, 5, 30, 15], "q.jpg", square=True)
+    assert tight.size == (28, 10) and square.size == (28, 28)
+    pixels = np.asarray(square)
+    # centred: 9 rows above the box (y from -4 to 23), so the top 4 rows lie outside the image
+    assert (pixels[:4] == 0).all() and (pixels[4:] == 200).all()
+    # the box itself sits in the middle rows of the square
+    np.testing.assert_array_equal(pixels[9:19, :, 0], np.asarray(tight)[..., 0])
+    inside = crop_box(image, [20, 10, 30, 40], "q.jpg", square=True)          # 10 x 30: widened to 30 x 30
+    assert inside.size == (30, 30) and (np.asarray(inside) == 200).all()
+
+
+def test_select_indices_by_file_or_count(tmp_path):
+    from datasets.anns import select_indices
+    anns = [_ann(f"g/{i}.jpg", [i], False) for i in range(6)]
+    (tmp_path / "i.txt").write_text("4, 0 2")
+    assert [a.key for a in select_indices(anns, tmp_path / "i.txt")] == ["g/0.jpg", "g/2.jpg", "g/4.jpg"]
+    np.save(tmp_path / "i.npy", np.array([5, 1]))
+    assert [a.key for a in select_indices(anns, tmp_path / "i.npy", max_index=3)] == ["g/1.jpg"]
+    assert len(select_indices(anns, None, max_index=2)) == 2
+    (tmp_path / "bad.txt").write_text("1 9")
+    with pytest.raises(AnnotationError, match=r"bad.txt': indices \[9\] are outside \[0, 6\)"):
+        select_indices(anns, tmp_path / "bad.txt")
+
+
+def test_no_positive_zero_keeps_the_query(caplog):
+    queries = [_ann("q1", [1], True), _ann("q2", [9], True)]
+    gallery = [_ann("g1", [1], False)]
+    with caplog.at_level("WARNING"):
+        assert drop_queries_without_positives(queries, gallery, "zero") == queries
+    assert "count as AP 0" in caplog.text

@@ -99,3 +99,23 @@ def test_jobs_digest_ignores_labels_and_unused_boxes_but_not_pixels_or_masks(tmp
     cropped = jobs_digest([ImageJob(query, crop="tight")], {"q.jpg": facts["g.jpg"]})
     moved = Annotation("q.jpg", path, (1,), True, bbox=(2, 1, 5, 5))
     assert jobs_digest([ImageJob(moved, crop="tight")], {"q.jpg": facts["g.jpg"]}) != cropped
+
+
+def test_query_masks_all_and_gallery_crop_jobs():
+    from datasets.extraction import gallery_jobs, query_jobs
+    masks = ImageMasks([{"counts": "a", "size": [100, 100]}, {"counts": "b", "size": [100, 100]}],
+                       [[0, 0, 10, 10], [30, 30, 70, 70]], [0.9, 0.8])
+    query = Annotation("q.jpg", Path("q.jpg"), (1,), True, bbox=(40, 40, 60, 60))
+    best, = query_jobs([query], {"q.jpg": masks}, None, use_masks="zeroed")
+    every, = query_jobs([query], {"q.jpg": masks}, None, use_masks="zeroed", all_masks=True)
+    assert len(best.masks) == 1 and len(every.masks) == 2 and every.zero_background
+    unmasked, = query_jobs([query], {"q.jpg": masks}, None, use_masks="unmasked")
+    assert not unmasked.zero_background
+    boxed = Annotation("g.jpg", Path("g.jpg"), (1,), False, bbox=(1, 1, 5, 5))
+    plain = Annotation("h.jpg", Path("h.jpg"), (2,), False)
+    jobs = gallery_jobs([boxed, plain], None, uses_masks=False, missing_masks="error", source="-", crop="square")
+    assert [j.crop for j in jobs] == ["square", None]
+    with pytest.raises(SoIRError, match="gallery_crop=true with masks"):
+        gallery_jobs([boxed], {"g.jpg": masks}, uses_masks=True, missing_masks="error", source="-", crop="square")
+    full, = gallery_jobs([plain], {}, uses_masks=True, missing_masks="full_mask", source="-")
+    assert full.full_mask and not full.global_fallback

@@ -7,10 +7,10 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import Dinov2Model, SiglipImageProcessor, SiglipVisionModel
+from transformers import Dinov2Model, Siglip2ImageProcessor, SiglipImageProcessor, SiglipVisionModel
 
-from extractors import (CLIPExtractor, DINOv2Extractor, SigLIPExtractor, build_extractor,
-                        extractor_from_config, list_extractors)
+from extractors import (CLIPExtractor, DINOv2Extractor, DINOv2RegExtractor, DINOv3Extractor, SigLIP2Extractor,
+                        SigLIPExtractor, build_extractor, extractor_from_config, list_extractors)
 from utils.config import SoIRConfig
 from utils.errors import SoIRError
 
@@ -21,23 +21,51 @@ def image() -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
 
 
-def test_registry_lists_all_six_names():
-    assert list_extractors() == sorted(f"{f}{mi}_features" for f in ("dinov2", "siglip", "clip")
-                                       for mi in ("", "_mi"))
+def test_registry_lists_all_twelve_names():
+    assert list_extractors() == sorted(f"{f}{mi}_features" for f in ("dinov2", "dinov2reg", "dinov3", "siglip",
+                                                                     "siglip2", "clip") for mi in ("", "_mi"))
     with pytest.raises(ValueError, match="unknown extractor 'dino_features'.*siglip_mi_features"):
         build_extractor("dino_features")
 
 
-@pytest.mark.parametrize("cls,family,dim", [(DINOv2Extractor, "dinov2", 32), (SigLIPExtractor, "siglip", 32),
-                                            (CLIPExtractor, "clip", 24)])
+@pytest.mark.parametrize("cls,family,dim", [(DINOv2Extractor, "dinov2", 32), (DINOv2RegExtractor, "dinov2reg", 32),
+                                            (DINOv3Extractor, "dinov3", 32), (SigLIPExtractor, "siglip", 32),
+                                            (SigLIP2Extractor, "siglip2", 32), (CLIPExtractor, "clip", 24)])
 def test_extract_is_the_models_own_normalised_embedding(tiny_model_dirs, image, cls, family, dim):
     extractor = cls(str(tiny_model_dirs[family]), device="cpu")
     vector = extractor.extract(image)
     assert vector.shape == (dim,) and torch.isclose(vector.norm(), torch.tensor(1.0))
     pixels = extractor.preprocess.image(image)[None]
-    out = extractor.model(pixel_values=pixels)
+    if family == "siglip2":      # NaFlex: the 90 x 120 image as 3 x 4 patches of 16 padded to 16, masked
+        shape = extractor.preprocess.spatial_shape(image)
+        assert shape.tolist() == [3, 4] and pixels.shape == (1, 16, 3 * 16 * 16)
+        out = extractor.model(pixel_values=pixels, spatial_shapes=shape[None],
+                              pixel_attention_mask=(torch.arange(16) < 12)[None])
+    else:
+        out = extractor.model(pixel_values=pixels)
     expected = out.image_embeds if family == "clip" else out.pooler_output
     torch.testing.assert_close(vector, torch.nn.functional.normalize(expected[0], dim=-1))
+
+
+def test_naflex_preprocessing_is_the_siglip2_processors(tiny_model_dirs):
+    """Aspect ratio kept within max_num_patches, patches row by row, zero padding: as Siglip2ImageProcessor."""
+    extractor = SigLIP2Extractor(str(tiny_model_dirs["siglip2"]), device="cpu")
+    processor = Siglip2ImageProcessor.from_pretrained(tiny_model_dirs["siglip2"])
+    rng = np.random.default_rng(1)
+    for height, width in [(90, 120), (200, 40), (33, 33)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        theirs = processor(image, return_tensors="pt")
+        shape = extractor.preprocess.spatial_shape(image)
+        torch.testing.assert_close(shape, theirs["spatial_shapes"][0].long())
+        assert int(theirs["pixel_attention_mask"][0].sum()) == int(shape.prod())
+        torch.testing.assert_close(extractor.preprocess.image(image), theirs["pixel_values"][0],
+                                   atol=2.01 / 255, rtol=0)
+        masks = np.zeros((1, height, width), dtype=bool)
+        masks[0, : height // 2] = True                              # the top half
+        resized = extractor.preprocess.masks(masks)
+        assert resized.shape == (1, *(shape * 16).tolist())         # the image's own resized size
+        rows = resized[0].any(1).nonzero().flatten()
+        assert rows.min() == 0 and abs(int(rows.max()) + 1 - resized.shape[1] / 2) <= 1
 
 
 def test_preprocessing_resizes_whole_image_like_the_hf_processor(tiny_model_dirs, image):
@@ -145,3 +173,35 @@ def test_checkpoint_of_another_family_is_refused(tiny_model_dirs):
     """transformers would only warn and initialise the missing weights at random."""
     with pytest.raises(ValueError, match="is not a dinov2 checkpoint: .* weights missing"):
         DINOv2Extractor(str(tiny_model_dirs["siglip"]), device="cpu")
+
+
+@pytest.mark.parametrize("cls, folder, message", [
+    # a registers checkpoint loads into Dinov2Model with every weight used but the registers: silently wrong
+    (DINOv2Extractor, "dinov2reg", "is a dinov2reg checkpoint .*'dinov2_with_registers'.*dinov2reg_features"),
+    (DINOv3Extractor, "dinov2", "is a dinov2 checkpoint"),
+    (SigLIP2Extractor, "siglip",
+     r"is a siglip checkpoint \(config.model_type='siglip'\), not siglip2.*siglip_features"),
+    (SigLIPExtractor, "siglip2", "is a siglip2 checkpoint.*siglip2_mi_features")])
+def test_checkpoint_of_a_related_family_is_refused(tiny_model_dirs, cls, folder, message):
+    with pytest.raises(SoIRError, match=message):
+        cls(str(tiny_model_dirs[folder]), device="cpu")
+
+
+def test_fixed_resolution_siglip2_works_through_the_siglip_family(tiny_variant_dirs, image):
+    """google/siglip2-base-patch16-224 & co. are SiglipModel checkpoints (model_type "siglip")."""
+    folder = str(tiny_variant_dirs["siglip2_fixres"])
+    extractor = SigLIPExtractor(folder, device="cpu")
+    assert extractor.preprocess.size == (64, 64) and extractor.preprocess.resample.value == "bilinear"
+    out = SiglipVisionModel.from_pretrained(folder)(pixel_values=extractor.preprocess.image(image)[None])
+    torch.testing.assert_close(extractor.extract(image), torch.nn.functional.normalize(out.pooler_output[0], dim=-1))
+    with pytest.raises(ValueError, match="not a NaFlex processor config.*siglip extractors"):
+        SigLIP2Extractor.preprocess_class.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls, family", [(DINOv2RegExtractor, "dinov2reg"), (DINOv3Extractor, "dinov3"),
+                                         (SigLIP2Extractor, "siglip2")])
+def test_lora_is_refused_for_the_new_families(tiny_model_dirs, tmp_path, cls, family):
+    """extractors.lora knows DINOv2's and CLIP's module names only; the others say so, naming the family."""
+    torch.save({}, tmp_path / "lora.ckpt")
+    with pytest.raises(SoIRError, match=f"LoRA weights are supported for dinov2, clip, not {family}"):
+        cls(str(tiny_model_dirs[family]), device="cpu", lora_adapt=True, lora_rank=4, weights=tmp_path / "lora.ckpt")

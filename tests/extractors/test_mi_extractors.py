@@ -10,7 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
-from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPExtractor, SigLIPMIExtractor
+from extractors import (CLIPMIExtractor, DINOv2MIExtractor, DINOv2RegMIExtractor, DINOv3MIExtractor,
+                        SigLIP2MIExtractor, SigLIPExtractor, SigLIPMIExtractor)
 from extractors.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.mask_inversion import legrad_map, mask_inversion
@@ -94,13 +95,75 @@ def test_smart_crop_cuts_each_mask_box_from_the_original_image(siglip_mi, scene)
     torch.testing.assert_close(views.views[0].masks, mask_crop)
 
 
-@pytest.mark.parametrize("cls,family", [(DINOv2MIExtractor, "dinov2"), (CLIPMIExtractor, "clip")])
+@pytest.mark.parametrize("cls,family", [(DINOv2MIExtractor, "dinov2"), (CLIPMIExtractor, "clip"),
+                                        (DINOv2RegMIExtractor, "dinov2reg"), (DINOv3MIExtractor, "dinov3")])
 def test_other_families(tiny_model_dirs, scene, cls, family):
-    vectors = cls(str(tiny_model_dirs[family]), **MI).extract(*scene)
-    assert vectors.shape == (2, 32 if family == "dinov2" else 24) and torch.isfinite(vectors).all()
+    """The extractor's vectors are mask_inversion on its own resized image and masks."""
+    extractor = cls(str(tiny_model_dirs[family]), **MI)
+    image, masks = scene
+    vectors = extractor.extract(image, masks)
+    assert vectors.shape == (2, 24 if family == "clip" else 32) and torch.isfinite(vectors).all()
+    expected = mask_inversion(extractor.model, extractor.preprocess.image(image)[None],
+                              extractor.preprocess.masks(masks)[None], iterations=5)[0]
+    torch.testing.assert_close(vectors, expected)
 
 
-@pytest.mark.parametrize("family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32)])
+def test_fixed_resolution_siglip2_inverts_through_the_siglip_family(tiny_variant_dirs, scene):
+    extractor = SigLIPMIExtractor(str(tiny_variant_dirs["siglip2_fixres"]), **MI)
+    image, masks = scene
+    expected = mask_inversion(extractor.model, extractor.preprocess.image(image)[None],
+                              extractor.preprocess.masks(masks)[None], iterations=5)[0]
+    torch.testing.assert_close(extractor.extract(image, masks), expected)
+
+
+@pytest.fixture(scope="module")
+def siglip2_mi(tiny_model_dirs):
+    return SigLIP2MIExtractor(str(tiny_model_dirs["siglip2"]), **MI)
+
+
+def test_naflex_masks_follow_their_images_grid(siglip2_mi, scene):
+    """SigLIP2: a 96 x 128 image keeps its aspect ratio (3 x 4 patches of 16 within 16); its masks are resized
+    to those 48 x 64 pixels, and extract() is mask_inversion on that patch sequence and those masks."""
+    image, masks = scene
+    view = siglip2_mi.view_maker()(image, masks).views[0]
+    assert view.spatial_shape.tolist() == [3, 4] and view.masks.shape == (2, 48, 64)
+    torch.testing.assert_close(view.masks, siglip2_mi.preprocess.masks(masks))
+    vectors = siglip2_mi.extract(image, masks)
+    expected = mask_inversion(siglip2_mi.model, view.pixel_values[None], view.masks[None], iterations=5,
+                              spatial_shapes=view.spatial_shape[None])[0]
+    torch.testing.assert_close(vectors, expected)
+
+
+def test_naflex_images_of_different_aspect_ratios_share_a_batch(siglip2_mi, scene):
+    """A landscape and a portrait image (different patch grids, masks on one padded canvas) in one batch give
+    the vectors of each image alone."""
+    image, masks = scene
+    portrait, portrait_masks = image.transpose(Image.TRANSPOSE), masks[:1].transpose(0, 2, 1).copy()
+    maker = siglip2_mi.view_maker()
+    batch = [maker(image, masks), maker(portrait, portrait_masks)]
+    assert [v.views[0].spatial_shape.tolist() for v in batch] == [[3, 4], [4, 3]]
+    rows = siglip2_mi.describe(batch)
+    assert [len(r) for r in rows] == [2, 1]
+    # float32 model: the batch pads each image's tokens to 16 either way, so only the masks' canvas differs
+    torch.testing.assert_close(rows[0].vectors, siglip2_mi.extract(image, masks), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[1].vectors, siglip2_mi.extract(portrait, portrait_masks), atol=1e-5, rtol=0)
+
+
+def test_naflex_explain_maps_cover_the_image(siglip2_mi, scene):
+    image, masks = scene
+    explained = siglip2_mi.explain(image, masks)
+    torch.testing.assert_close(explained.vectors, siglip2_mi.extract(image, masks))
+    assert explained.maps.shape == (2, 96, 128) and explained.global_map.shape == (96, 128)
+    view = siglip2_mi.view_maker()(image, masks).views[0]
+    on_grid = legrad_map(siglip2_mi.model, view.pixel_values[None], explained.vectors[None],
+                         spatial_shapes=view.spatial_shape[None])[0]
+    assert on_grid.shape == (2, 48, 64)
+    expected = torch.nn.functional.interpolate(on_grid[None], size=(96, 128), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(explained.maps, expected)
+
+
+@pytest.mark.parametrize("family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32), ("dinov2reg", 32),
+                                        ("dinov3", 32), ("siglip2", 32)])
 def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family, dim):
     proc = run_script("create_index.py", f"extractor={family}_mi_features", f"model_name={tiny_model_dirs[family]}",
                       f"vec_dim={dim}", f"anns_file={demo_dir / 'anns.pt'}",
@@ -289,3 +352,26 @@ def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene
     batch = extractor.extract_batch([image, image.transpose(Image.FLIP_LEFT_RIGHT)], [masks, masks[:, :, ::-1].copy()])
     torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
     assert batch[1].shape == (2, 32)
+
+
+def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, tmp_path):
+    """The same words in a notebook and on the command line give the same vectors."""
+    from datasets import crop_box, load_captions, load_rgb
+    settings = dict(mi_alpha=0.05, mi_iterations=3, mi_sum=True, batch_size=1)
+    proc = run_script("create_index.py", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
+                      "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}", f"captions_file={demo_dir / 'captions.pt'}",
+                      *(f"{k}={str(v).lower()}" for k, v in settings.items()), "num_workers=0", "only_create=true",
+                      cwd=tmp_path)
+    folder = features_dir_from(proc, tmp_path)
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), device="cpu", **settings)
+    captions = load_captions(demo_dir / "captions.pt")
+    gallery = json.loads((folder / "gallery" / "images.json").read_text())
+    stored = load_file(sorted((folder / "gallery").glob("shard-*.safetensors"))[0])
+    for i in range(2):
+        rows = stored["features"][stored["owner"] == i]
+        torch.testing.assert_close(extractor.extract(gallery[i]["file"], captions[gallery[i]["key"]]), rows[0],
+                                   atol=1e-6, rtol=0)
+    query = json.loads((folder / "queries" / "images.json").read_text())[0]
+    stored = load_file(sorted((folder / "queries").glob("shard-*.safetensors"))[0])
+    crop = crop_box(load_rgb(query["file"]), query["bbox"], "q", square=True)
+    torch.testing.assert_close(extractor.extract(crop), stored["features"][0], atol=1e-6, rtol=0)

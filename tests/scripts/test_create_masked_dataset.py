@@ -1,4 +1,4 @@
-"""scripts/create_masked_dataset.py and scripts/mask_models.py with tiny random OWLv2 and SAM.
+"""scripts/create_masked_dataset.py (the CLI), utils/mask_creation.py and utils/mask_models.py with tiny random OWLv2 and SAM.
 
 The models are saved to a temp folder and loaded through the same loaders a user's run uses
 (``Owlv2Detector.from_pretrained``, ``load_sam`` with ``--sam_config``).
@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, Owlv2ForObjectDetection, Owlv2Process
 
 from datasets.captions import decode_mask, encode_mask, load_captions
 from scripts import create_masked_dataset as cmd
-from scripts.mask_models import (
+from utils.mask_models import (
     SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamSegmenter, filter_detections,
     infer_sam_model_type, load_sam, sam_state_dict_shapes,
 )
@@ -56,7 +56,7 @@ def _folder(root: Path, count: int, seed: int = 0) -> Path:
 def _base_args(models: dict, input_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["--input_dir", str(input_dir), "--output_dir", str(output_dir), "--owlv2_model", str(models["owlv2"]),
             "--sam_checkpoint", str(models["sam"]), "--sam_config", str(models["sam_config"]),
-            "--device", "cpu", "--num_workers", "0", "--min_box_size", "2", *extra]
+            "--device", "cpu", "--num_workers", "0", "--min_box_size", "2", "--fallback", "none", *extra]
 
 
 def _detector(models, **options) -> Owlv2Detector:
@@ -285,12 +285,32 @@ def test_images_without_detections_are_recorded_empty(models, tmp_path):
     images = _folder(tmp_path / "images", 3)
     out = tmp_path / "out"
     assert cmd.main(_base_args(models, images, out, "--score_threshold", "1.0",
-                               "--queries", "a mug", "a toy")) == 0
+                               "--queries", "a mug", "a toy")) == 0       # --fallback none
     captions = torch.load(out / "captions.pt", weights_only=True)
     assert captions == {f"img_{i:02d}.png": {"masks_rle": [], "bboxes": [], "scores": []} for i in range(3)}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objects_per_image"] == {"0": 3} and summary["images_without_detections"] == 3
     assert "sam_embed" not in summary["stage_seconds_this_run"]  # no boxes, no SAM call
+
+
+def test_defaults_are_the_originals_and_nothing_detected_falls_back_to_sams_automatic_masks(models, tmp_path):
+    args = cmd.parse_args(["--input_dir", "i", "--output_dir", "o", "--sam_checkpoint", "s.pth"])
+    assert (args.nms_iou, args.max_objects, args.min_box_size, args.fallback) == (0.4, None, 0.0, "automatic")
+    assert DetectionOptions() == DetectionOptions(0.2, 0.4, None, 0.0)
+    images = _folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    # A random tiny SAM predicts no mask above SAM's default thresholds: lower them for the test.
+    assert cmd.main([*_base_args(models, images, out, "--score_threshold", "1.0"), "--fallback", "automatic",
+                     "--automatic_pred_iou_thresh", "0", "--automatic_stability_thresh", "0"]) == 0
+    captions = load_captions(out / "captions.pt")
+    segmenter = SamSegmenter(load_sam(models["sam"], sam_config=models["sam_config"])[0], 0.0, 0.0)
+    for key, entry in captions.items():
+        image = np.array(Image.open(images / key).convert("RGB"))
+        masks, boxes, iou = segmenter.automatic(image)              # SAM's own generator, as the original
+        assert len(entry) == len(masks) > 0 and entry.scores == pytest.approx(iou.tolist())
+        assert np.array_equal(entry.masks(), masks.numpy()) and entry.bboxes == boxes.tolist()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["automatic_fallback_this_run"] == 2 and "sam_automatic" in summary["stage_seconds_this_run"]
 
 
 def test_absolute_keys(models, tmp_path):

@@ -7,27 +7,49 @@ import from utils/): its own family table, its own post-processing, its own loss
 
 The model is frozen (requires_grad False during the call, restored afterwards); the input image is
 marked requires_grad instead, which is what puts the attention maps into the autograd graph.
+
+Maps cover the patch tokens: CLS / register columns are dropped. SigLIP2 NaFlex inputs (patch
+sequences + spatial_shapes [B, 2]): image b's first h*w tokens are its patches, the rest padding;
+padding is left out of the feature's mean, of the query rows and of the columns, and image b's map
+sits in the top-left h*p x w*p pixels of the output canvas, 0 elsewhere.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+
+def _mean(x, valid):
+    """Mean over tokens [B, T, D] -> [B, D]; only the tokens with valid [B, T] True if given."""
+    if valid is None:
+        return x.mean(1)
+    return torch.stack([x[b, valid[b]].mean(0) for b in range(len(x))])
+
+
 def _family(model):
-    """(model, blocks, block -> attention module, head(X) -> un-normalised f, output -> g, #prefix tokens)."""
+    """(model, blocks, block -> attention module, head(X, valid) -> un-normalised f, output -> g,
+    #prefix tokens)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = model.config.model_type
     if kind == "dinov2":    # attention returning (output, probs): 5.24 / 5.17 layout
         return (model, list(model.encoder.layer),
                 lambda b: b.attention if hasattr(b.attention, "v_proj") else b.attention.attention,
-                lambda X: model.layernorm(X.mean(1)), lambda out: out.pooler_output, 1)
-    if kind == "siglip_vision_model":
+                lambda X, valid: model.layernorm(X.mean(1)), lambda out: out.pooler_output, 1)
+    if kind == "dinov2_with_registers":
+        return (model, list(model.encoder.layer), lambda b: b.attention,
+                lambda X, valid: model.layernorm(X.mean(1)), lambda out: out.pooler_output,
+                1 + model.config.num_register_tokens)
+    if kind == "dinov3_vit":
+        return (model, list(model.model.layer), lambda b: b.attention,
+                lambda X, valid: model.norm(X.mean(1)), lambda out: out.pooler_output,
+                1 + model.config.num_register_tokens)
+    if kind in ("siglip_vision_model", "siglip2_vision_model"):
         return (model, list(model.encoder.layers), lambda b: b.self_attn,
-                lambda X: model.post_layernorm(X).mean(1), lambda out: out.pooler_output, 0)
+                lambda X, valid: _mean(model.post_layernorm(X), valid), lambda out: out.pooler_output, 0)
     if kind == "clip_vision_model":
         vm = model.vision_model
         return (model, list(vm.encoder.layers), lambda b: b.self_attn,
-                lambda X: model.visual_projection(vm.post_layernorm(X.mean(1))),
+                lambda X, valid: model.visual_projection(vm.post_layernorm(X.mean(1))),
                 lambda out: out.image_embeds, 1)
     raise ValueError(kind)
 
@@ -35,34 +57,49 @@ def _family(model):
 class ReferenceLeGrad:
     """Forward once, keep A_l and X_l of the hooked blocks in the graph."""
 
-    def __init__(self, model, pixel_values, layer_index=-1):
+    def __init__(self, model, pixel_values, layer_index=-1, spatial_shapes=None):
         self.base, blocks, attention_of, self.head, g_of, self.prefix = _family(model)
         self.patch = self.base.config.patch_size
+        B = len(pixel_values)
+        if spatial_shapes is None:
+            self.grids = [(pixel_values.shape[-2] // self.patch, pixel_values.shape[-1] // self.patch)] * B
+            self.valid, extra = None, {}
+        else:
+            self.grids = [tuple(hw) for hw in spatial_shapes.tolist()]
+            self.valid = torch.zeros(B, pixel_values.shape[1], dtype=torch.bool)
+            for b, (h, w) in enumerate(self.grids):
+                self.valid[b, :h * w] = True
+            extra = dict(pixel_attention_mask=self.valid.long(), spatial_shapes=spatial_shapes)
         hooked = blocks[len(blocks) + layer_index:]
         self.A, self.X = [], []
         handles = [attention_of(b).register_forward_hook(lambda m, a, o: self.A.append(o[1])) for b in hooked]
         handles += [b.register_forward_hook(lambda m, a, o: self.X.append(o)) for b in hooked]
         self.pixel_values = pixel_values.clone().requires_grad_(True)
         with torch.enable_grad():
-            out = self.base(pixel_values=self.pixel_values)
+            out = self.base(pixel_values=self.pixel_values, **extra)
         for h in handles:
             h.remove()
         self.g = g_of(out).detach()
-        self.size = tuple(pixel_values.shape[-2:])
+        if spatial_shapes is None:
+            self.size = tuple(pixel_values.shape[-2:])
+        else:
+            self.size = (max(h for h, _ in self.grids) * self.patch, max(w for _, w in self.grids) * self.patch)
 
     def raw_map(self, e):
-        """Un-normalised LeGrad map [B, 1, H, W] of unit embeddings e [B, D] (one per image)."""
+        """Un-normalised LeGrad maps of unit embeddings e [B, D] (one per image): B tensors [1, 1, h p, w p]."""
         B = e.shape[0]
-        h, w = self.size[0] // self.patch, self.size[1] // self.patch
-        total = 0
+        totals = [0] * B
         for A, X in zip(self.A, self.X):
-            f = F.normalize(self.head(X), dim=-1)
+            f = F.normalize(self.head(X, self.valid), dim=-1)
             s = (e * f).sum()                                   # images are independent
             G = torch.autograd.grad(s, A, create_graph=True)[0]  # [B, heads, T, T]
-            relevance = G.clamp(min=0).mean(dim=1).mean(dim=1)[:, self.prefix:]
-            grid = relevance.reshape(B, 1, h, w)
-            total = total + F.interpolate(grid, scale_factor=self.patch, mode="bilinear", align_corners=False)
-        return total
+            for b, (h, w) in enumerate(self.grids):
+                rows = slice(None) if self.valid is None else self.valid[b]
+                relevance = G[b].clamp(min=0)[:, rows].mean(dim=(0, 1))     # [T]: mean over heads, query rows
+                grid = relevance[self.prefix:][:h * w].reshape(1, 1, h, w)
+                totals[b] = totals[b] + F.interpolate(grid, scale_factor=self.patch, mode="bilinear",
+                                                      align_corners=False)
+        return totals
 
     def map_one(self, e, size=None):
         """Explainability map [B, H, W] of unit embeddings e [B, D] (one per image); differentiable in e."""
@@ -70,12 +107,22 @@ class ReferenceLeGrad:
 
     def maps(self, e, size=None, joint=False):
         """[B, P, H, W] for e [B, P, D], one mask at a time; min-max per map, or with ``joint`` over the
-        P maps of an image together (the original code's batch-wide normalisation)."""
-        total = torch.cat([self.raw_map(e[:, p]) for p in range(e.shape[1])], dim=1)     # [B, P, H, W]
+        P maps of an image together (the original code's batch-wide normalisation). Fixed size: resized
+        to ``size``; NaFlex: each image's map at its own pixels, top-left on the ``size`` canvas."""
+        B, P = e.shape[:2]
+        size = size or self.size
+        raw = [self.raw_map(e[:, p]) for p in range(P)]                      # P lists of B [1, 1, h, w]
+        out = torch.zeros(B, P, *size, dtype=e.dtype)
         dims = (1, 2, 3) if joint else (2, 3)
-        lo, hi = total.amin(dim=dims, keepdim=True), total.amax(dim=dims, keepdim=True)
-        E = (total - lo) / (hi - lo).clamp_min(1e-12)
-        return F.interpolate(E, size=size or self.size, mode="bilinear", align_corners=False)
+        for b in range(B):
+            total = torch.cat([raw[p][b] for p in range(P)], dim=1)          # [1, P, h, w]
+            lo, hi = total.amin(dim=dims, keepdim=True), total.amax(dim=dims, keepdim=True)
+            E = (total - lo) / (hi - lo).clamp_min(1e-12)
+            if self.valid is None:                              # fixed size: resized to the output
+                out[b] = F.interpolate(E, size=size, mode="bilinear", align_corners=False)[0]
+            else:                                               # NaFlex: its own pixels, top-left
+                out[b, :, :E.shape[-2], :E.shape[-1]] = E[0]
+        return out
 
 
 class frozen:
@@ -94,20 +141,20 @@ class frozen:
             p.requires_grad_(flag)
 
 
-def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1, joint=False):
+def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1, joint=False, spatial_shapes=None):
     with frozen(model):
-        ref = ReferenceLeGrad(model, pixel_values, layer_index)
+        ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
         return ref.maps(F.normalize(embeddings, dim=-1), joint=joint).detach()
 
 
 def reference_mask_inversion(model, pixel_values, masks, alpha=0.03, iterations=100, lr=0.1,
-                             layer_index=-1, beta=0.0, joint=False, shared=False):
+                             layer_index=-1, beta=0.0, joint=False, shared=False, spatial_shapes=None):
     """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
     Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
     min-max normalised together."""
     masks = masks.to(pixel_values.dtype)
     with frozen(model):
-        ref = ReferenceLeGrad(model, pixel_values, layer_index)
+        ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
         B, P = masks.shape[:2]
         V = 1 if shared else P
         raw = ref.g[:, None].repeat(1, V, 1).requires_grad_(True)

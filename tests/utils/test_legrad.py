@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import utils.legrad as legrad_module
-from tests.utils.test_mask_inversion import FAMILIES, _inputs, _load, _out_dim
+from tests.utils.test_mask_inversion import FAMILIES, MODELS, _inputs, _load, _out_dim, _region
 from utils.legrad import LeGrad, MapDice, _BlockRelevance, _interpolation_matrix, _run_ends, resolve_impl
 from utils.mask_inversion import dice_loss
 from utils.vit_adapters import vit_parts
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dirs):
-    return {family: _load(tiny_model_dirs[family], family) for family in FAMILIES}
+def models(tiny_model_dirs, tiny_variant_dirs):
+    folders = {**tiny_model_dirs, **tiny_variant_dirs}
+    return {name: _load(folders[name], name) for name in MODELS}
 
 
 def _embeddings(model, B: int, P: int, seed: int = 0) -> torch.Tensor:
@@ -35,14 +36,14 @@ def _value_and_grad(fn, e: torch.Tensor):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("layer_index", [-1, -2])
 def test_blockwise_relevance_matches_dense(models, family, layer_index):
     model = models[family]
-    pixels, _ = _inputs(model, B=2, P=3)
+    pixels, _, kw = _inputs(model, B=2, P=3)
     e = _embeddings(model, 2, 3)
-    dense = LeGrad(vit_parts(model), pixels, layer_index, impl="dense")
-    blockwise = LeGrad(vit_parts(model), pixels, layer_index, impl="blockwise")
+    dense = LeGrad(vit_parts(model), pixels, layer_index, impl="dense", **kw)
+    blockwise = LeGrad(vit_parts(model), pixels, layer_index, impl="blockwise", **kw)
     assert (dense.impl, blockwise.impl) == ("dense", "blockwise")
     ref, ref_grad = _value_and_grad(dense.relevance, e)
     ours, grad = _value_and_grad(blockwise.relevance, e)
@@ -55,7 +56,7 @@ def test_blockwise_relevance_matches_dense(models, family, layer_index):
 def test_mask_chunks_give_the_same_relevance(models, monkeypatch, masks_per_chunk):
     """The CPU processes masks in chunks (CHUNK_ELEMENTS); any chunking gives the same result."""
     model = models["siglip"]
-    pixels, _ = _inputs(model, B=2, P=3)
+    pixels, _, _ = _inputs(model, B=2, P=3)
     legrad = LeGrad(vit_parts(model), pixels, -2, impl="blockwise")
     e = _embeddings(model, 2, 3)
     whole, whole_grad = _value_and_grad(legrad.relevance, e)          # tiny model: one chunk per image
@@ -66,12 +67,12 @@ def test_mask_chunks_give_the_same_relevance(models, monkeypatch, masks_per_chun
     torch.testing.assert_close(chunked_grad, whole_grad, atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_block_relevance_backward_passes_gradcheck(models, family):
     """The written-out backward of u(w) against finite differences (independent of the dense path)."""
     model = models[family]
-    pixels, _ = _inputs(model, B=1, P=2)
-    legrad = LeGrad(vit_parts(model), pixels, impl="blockwise")
+    pixels, _, kw = _inputs(model, B=1, P=2)
+    legrad = LeGrad(vit_parts(model), pixels, impl="blockwise", **kw)
     k = legrad.blocks[0]
     w = (_embeddings(model, 1, 2) @ k.J).detach().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda w: _BlockRelevance.apply(w, k, "blockwise", "fp32"), (w,),
@@ -82,12 +83,17 @@ def test_block_relevance_backward_passes_gradcheck(models, family):
 @pytest.mark.parametrize("mask_size", [None, (30, 40), (71, 90)])     # image size, smaller, larger
 def test_map_dice_matches_full_resolution_dice(models, family, mask_size):
     model = models[family]
-    pixels, masks = _inputs(model, B=2, P=3, seed=2)
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=2)
+    if kw and mask_size is not None and mask_size < masks.shape[-2:]:
+        pytest.skip("NaFlex maps are never resized: each image's masks live at its own resolution")
     if mask_size is not None:
         masks = (torch.rand(2, 3, *mask_size, generator=torch.Generator().manual_seed(3)) > 0.6).double()
+    regions = kw["spatial_shapes"] * model.config.patch_size if kw else torch.tensor([masks.shape[-2:]] * 2)
+    inside = _region(masks, regions)
+    masks = masks * inside                                            # NaFlex: 0 outside each image
     masks[0, 0] = 0                                                   # an empty mask
-    masks[1, 2] = 1                                                   # a full mask
-    legrad = LeGrad(vit_parts(model), pixels, -2, impl="blockwise")
+    masks[1, 2] = inside[1, 0]                                        # a full mask
+    legrad = LeGrad(vit_parts(model), pixels, -2, impl="blockwise", **kw)
     e = _embeddings(model, 2, 3, seed=4)
     ref, ref_grad = _value_and_grad(lambda e: dice_loss(legrad.maps(e, size=masks.shape[-2:]), masks.double()), e)
     map_dice = MapDice(legrad, masks)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
            "tests/utils/test_legrad_kernels.py::test_fused_kernels_in_triton_interpreter")
 
 from tests.utils.test_legrad_kernels import dense_relevance_and_grad, random_problem  # noqa: E402
-from tests.utils.test_mask_inversion import _inputs, _load  # noqa: E402
+from tests.utils.test_mask_inversion import MODELS, _inputs, _load  # noqa: E402
 from utils.legrad_kernels import fused_backward, fused_forward  # noqa: E402
 from utils.mask_inversion import mask_inversion  # noqa: E402
 
@@ -52,11 +52,11 @@ def test_fused_bf16_products_are_close():
     assert not torch.equal(relevance, fused_forward(u, V))     # the products really were bf16
 
 
-@pytest.mark.parametrize("family", ["dinov2", "siglip", "clip"])
-def test_fused_mask_inversion_matches_blockwise(tiny_model_dirs, family):
-    model = _load(tiny_model_dirs[family], family)
-    pixels, masks = _inputs(model, B=2, P=2, seed=1)
-    args = dict(iterations=5, layer_index=-2, beta=0.1)
+@pytest.mark.parametrize("family", MODELS)
+def test_fused_mask_inversion_matches_blockwise(tiny_model_dirs, tiny_variant_dirs, family):
+    model = _load({**tiny_model_dirs, **tiny_variant_dirs}[family], family)
+    pixels, masks, kw = _inputs(model, B=2, P=2, seed=1)
+    args = dict(iterations=5, layer_index=-2, beta=0.1, **kw)
     fused = mask_inversion(model, pixels, masks, impl="fused", **args)
     blockwise = mask_inversion(model, pixels, masks, impl="blockwise", **args)
     torch.testing.assert_close(fused, blockwise, atol=1e-12, rtol=0)

@@ -1,8 +1,10 @@
 """Mask Inversion engine (utils/mask_inversion.py) against the plain reference (mi_reference.py).
 
-Tiny random DINOv2 / SigLIP / CLIP models are loaded from disk with eager attention. For the
-comparisons they are cast to float64 and their LayerNorm / layer-scale parameters are perturbed
-(random init leaves them at 1 and 0, which would hide a forgotten gamma, beta or layer scale).
+Tiny random models of every family (DINOv2, DINOv2-reg, DINOv3, SigLIP, SigLIP2 NaFlex, CLIP) and of
+the variants the engine must handle too (gated MLPs, fixed-resolution SigLIP2) are loaded from disk
+with eager attention. For the comparisons they are cast to float64 and their LayerNorm / layer-scale
+parameters are perturbed (random init leaves them at 1 and 0, which would hide a forgotten gamma,
+beta or layer scale). SigLIP2 batches hold two images of different aspect ratios (and padding).
 """
 from __future__ import annotations
 
@@ -10,14 +12,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
-from transformers import (CLIPVisionModelWithProjection, Dinov2Model, SiglipVisionModel, ViTConfig,
-                          ViTModel)
+from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+                          Siglip2VisionModel, SiglipVisionModel, ViTConfig, ViTModel)
 
+from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS
 from tests.utils.mi_reference import reference_legrad_map, reference_mask_inversion
+from utils.legrad import LeGrad
 from utils.mask_inversion import dice_loss, global_embedding, legrad_map, mask_inversion
+from utils.vit_adapters import vit_parts
 
-CLASSES = {"dinov2": Dinov2Model, "siglip": SiglipVisionModel, "clip": CLIPVisionModelWithProjection}
-FAMILIES = list(CLASSES)
+CLASSES = {
+    "dinov2": Dinov2Model, "dinov2reg": Dinov2WithRegistersModel, "dinov3": DINOv3ViTModel,
+    "siglip": SiglipVisionModel, "siglip2": Siglip2VisionModel, "clip": CLIPVisionModelWithProjection,
+    "dinov2_swiglu": Dinov2Model, "dinov2reg_gated": Dinov2WithRegistersModel, "dinov3_gated": DINOv3ViTModel,
+    "siglip2_fixres": SiglipVisionModel}
+FAMILIES = list(TINY_BUILDERS)                      # one tiny model per family
+MODELS = FAMILIES + list(TINY_VARIANTS)             # + gated MLPs and the fixed-resolution SigLIP2
+NAFLEX_GRIDS = [(3, 5), (4, 2)]                     # SigLIP2 test images: landscape and portrait patch grids
 
 
 def _load(folder, family: str, double: bool = True, seed: int = 0):
@@ -33,12 +44,31 @@ def _load(folder, family: str, double: bool = True, seed: int = 0):
 
 
 def _inputs(model, B: int, P: int, seed: int = 0):
-    size = model.config.image_size
+    """(pixel_values, masks [B, P, H, W] in {0, 1}, extra keyword arguments of the MI functions).
+
+    SigLIP2 NaFlex: patch sequences of the NAFLEX_GRIDS grids in turn (padding tokens hold random
+    values too), spatial_shapes in the extra arguments, masks on their canvas (0 outside each image).
+    """
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
+    if vit_parts(model).naflex:
+        p, N = model.config.patch_size, model.config.num_patches
+        grids = torch.tensor([NAFLEX_GRIDS[b % len(NAFLEX_GRIDS)] for b in range(B)])
+        pixels = torch.randn(B, N, 3 * p * p, generator=generator).to(dtype)
+        masks = (torch.rand(B, P, *(grids.amax(0) * p).tolist(), generator=generator) > 0.6).float()
+        return pixels, masks * _region(masks, grids * p), {"spatial_shapes": grids}
+    size = model.config.image_size
     pixels = torch.randn(B, 3, size, size, generator=generator).to(dtype)
     masks = (torch.rand(B, P, size, size, generator=generator) > 0.6).float()
-    return pixels, masks
+    return pixels, masks, {}
+
+
+def _region(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W]: 1 on image b's top-left regions[b] pixels of the masks' canvas, 0 elsewhere."""
+    inside = torch.zeros(len(masks), 1, *masks.shape[-2:])
+    for b, (rows, cols) in enumerate(regions.tolist()):
+        inside[b, :, :rows, :cols] = 1
+    return inside
 
 
 def _out_dim(model) -> int:
@@ -46,8 +76,9 @@ def _out_dim(model) -> int:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dirs):
-    return {family: _load(tiny_model_dirs[family], family) for family in FAMILIES}
+def models(tiny_model_dirs, tiny_variant_dirs):
+    folders = {**tiny_model_dirs, **tiny_variant_dirs}
+    return {name: _load(folders[name], name) for name in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -63,39 +94,43 @@ def lora_dinov2(tiny_model_dirs):
 
 
 # ------------------------------------------------------------------ engine == reference
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("layer_index", [-1, -2])
 @pytest.mark.parametrize("P", [1, 3])
 def test_legrad_map_matches_reference(models, family, layer_index, P):
     model = models[family]
-    pixels, _ = _inputs(model, B=2, P=P)
+    pixels, masks, kw = _inputs(model, B=2, P=P)
     e = torch.randn(2, P, _out_dim(model), generator=torch.Generator().manual_seed(P), dtype=torch.float64)
-    ours = legrad_map(model, pixels, e, layer_index)
-    ref = reference_legrad_map(model, pixels, e, layer_index)
-    assert ours.shape == (2, P, *pixels.shape[-2:])
+    ours = legrad_map(model, pixels, e, layer_index, **kw)
+    ref = reference_legrad_map(model, pixels, e, layer_index, **kw)
+    assert ours.shape == masks.shape
     torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
-    assert ours.amin(dim=(-2, -1)).abs().max() < 1e-12 and (ours.amax(dim=(-2, -1)) - 1).abs().max() < 1e-12
+    inside = _region(masks, kw["spatial_shapes"] * model.config.patch_size) if kw else torch.ones(1)
+    shown = ours.masked_fill(inside == 0, float("nan"))         # NaFlex: each image's own pixels
+    assert shown.nan_to_num(2).amin(dim=(-2, -1)).abs().max() < 1e-12
+    assert (shown.nan_to_num(-1).amax(dim=(-2, -1)) - 1).abs().max() < 1e-12
+    assert (ours * (1 - inside)).abs().max() == 0                # and 0 outside them
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("P, layer_index, beta", [(1, -1, 0.0), (3, -2, 0.2)])
 def test_mask_inversion_matches_reference(models, family, P, layer_index, beta):
     model = models[family]
-    pixels, masks = _inputs(model, B=2, P=P, seed=1)
+    pixels, masks, kw = _inputs(model, B=2, P=P, seed=1)
     args = dict(alpha=0.03, iterations=10, lr=0.1, layer_index=layer_index, beta=beta)
-    ours = mask_inversion(model, pixels, masks, **args)
-    ref = reference_mask_inversion(model, pixels, masks, **args)
+    ours = mask_inversion(model, pixels, masks, **args, **kw)
+    ref = reference_mask_inversion(model, pixels, masks, **args, **kw)
     assert ours.shape == (2, P, _out_dim(model))
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(2, P, dtype=ours.dtype))
     cos = (ours * ref).sum(-1)
     assert cos.min() > 1 - 1e-9
     # the optimisation did move: the result is not simply the global embedding
-    g = global_embedding(model, pixels)[:, None]
+    g = global_embedding(model, pixels, **kw)[:, None]
     assert (ours * g).sum(-1).max() < 1 - 1e-4
 
 
 def test_lora_dinov2_matches_reference(lora_dinov2, models):
-    pixels, masks = _inputs(lora_dinov2, B=1, P=2, seed=2)
+    pixels, masks, _ = _inputs(lora_dinov2, B=1, P=2, seed=2)
     e = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ours = legrad_map(lora_dinov2, pixels, e, layer_index=-2)
     torch.testing.assert_close(ours, reference_legrad_map(lora_dinov2, pixels, e, -2), atol=1e-9, rtol=0)
@@ -113,7 +148,7 @@ def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
-    pixels, _ = _inputs(model, B=1, P=1)
+    pixels, _, _ = _inputs(model, B=1, P=1)
     e = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ours = legrad_map(model, pixels, e)
     torch.testing.assert_close(ours, reference_legrad_map(model, pixels, e), atol=1e-9, rtol=0)
@@ -121,13 +156,16 @@ def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
     assert (ours - legrad_map(plain, pixels, e)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_blockwise_engine_matches_dense_engine(models, family):
     """impl="blockwise" (the CPU default: row blocks, patch-grid Dice) == impl="dense" (full-resolution)."""
     model = models[family]
-    pixels, masks = _inputs(model, B=2, P=3, seed=7)
-    masks = F.interpolate(masks, size=(37, 45))                      # masks at another resolution
-    args = dict(iterations=10, layer_index=-2, beta=0.1, return_history=True)
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=7)
+    if kw:                                                           # NaFlex: a larger canvas
+        masks = F.pad(masks, (0, 9, 0, 5))
+    else:                                                            # masks at another resolution
+        masks = F.interpolate(masks, size=(37, 45))
+    args = dict(iterations=10, layer_index=-2, beta=0.1, return_history=True, **kw)
     dense, dense_history = mask_inversion(model, pixels, masks, impl="dense", **args)
     ours, history = mask_inversion(model, pixels, masks, impl="blockwise", **args)
     torch.testing.assert_close(ours, dense, atol=1e-12, rtol=0)
@@ -140,17 +178,17 @@ def test_bf16_autocast_leaves_mask_inversion_in_fp32(tiny_model_dirs, family):
     """precision=bf16 wraps MI in autocast; MI amplifies rounding of its forward pass (before this was
     fixed, 100 iterations on the tiny SigLIP gave cosine 0.843 to fp32), so the forward runs in fp32."""
     model = _load(tiny_model_dirs[family], family, double=False)
-    pixels, masks = _inputs(model, B=2, P=2, seed=1)
-    fp32 = mask_inversion(model, pixels, masks, iterations=20)
+    pixels, masks, kw = _inputs(model, B=2, P=2, seed=1)
+    fp32 = mask_inversion(model, pixels, masks, iterations=20, **kw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = mask_inversion(model, pixels, masks, iterations=20)
+        bf16 = mask_inversion(model, pixels, masks, iterations=20, **kw)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, atol=1e-6, rtol=0)
 
 
 def test_cuda_only_options_are_refused_on_cpu(models):
     model = models["dinov2"]
-    pixels, masks = _inputs(model, B=1, P=1)
+    pixels, masks, _ = _inputs(model, B=1, P=1)
     with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
         mask_inversion(model, pixels, masks, iterations=1, cuda_graph=True)
     with pytest.raises(ValueError, match="tf32"):
@@ -163,7 +201,7 @@ def test_cuda_only_options_are_refused_on_cpu(models):
 def test_masks_are_independent_and_batched(models):
     """beta = 0: a mask's embedding does not depend on the other masks or images in the batch."""
     model = models["siglip"]
-    pixels, masks = _inputs(model, B=2, P=3, seed=4)
+    pixels, masks, _ = _inputs(model, B=2, P=3, seed=4)
     together = mask_inversion(model, pixels, masks, iterations=5)
     alone = mask_inversion(model, pixels[1:], masks[1:, 2:], iterations=5)
     torch.testing.assert_close(together[1:, 2:], alone, atol=1e-10, rtol=0)
@@ -184,7 +222,7 @@ def test_dice_falls_and_map_fits_mask_better(tiny_model_dirs):
 
 def test_mask_dtypes_give_the_same_result(models):
     model = models["clip"]
-    pixels, masks = _inputs(model, B=1, P=2, seed=6)
+    pixels, masks, _ = _inputs(model, B=1, P=2, seed=6)
     as_float = mask_inversion(model, pixels, masks, iterations=3)
     torch.testing.assert_close(mask_inversion(model, pixels, masks.bool(), iterations=3), as_float)
     torch.testing.assert_close(mask_inversion(model, pixels, masks.to(torch.uint8), iterations=3), as_float)
@@ -192,7 +230,7 @@ def test_mask_dtypes_give_the_same_result(models):
 
 def test_mask_resolution_differs_from_image(models):
     model = models["dinov2"]
-    pixels, _ = _inputs(model, B=1, P=1)
+    pixels, _, _ = _inputs(model, B=1, P=1)
     masks = torch.zeros(1, 1, 30, 40)
     masks[..., 5:20, 10:30] = 1
     e, history = mask_inversion(model, pixels, masks, iterations=3, return_history=True)
@@ -201,7 +239,7 @@ def test_mask_resolution_differs_from_image(models):
 
 def test_bad_masks_are_refused(models):
     model = models["dinov2"]
-    pixels, masks = _inputs(model, B=2, P=1)
+    pixels, masks, _ = _inputs(model, B=2, P=1)
     with pytest.raises(ValueError, match=r"\{0, 1\}"):
         mask_inversion(model, pixels, masks * 255, iterations=1)
     with pytest.raises(ValueError, match=r"\{0, 1\}"):
@@ -217,12 +255,11 @@ def test_bad_masks_are_refused(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_full_and_sub_patch_masks_are_finite(models, family):
     model = models[family]
-    pixels, _ = _inputs(model, B=1, P=3)
-    size = pixels.shape[-1]
-    masks = torch.zeros(1, 3, size, size)
-    masks[0, 1] = 1                                 # full
+    pixels, masks, kw = _inputs(model, B=1, P=3)
+    masks = torch.zeros_like(masks)
+    masks[0, 1] = _region(masks, kw["spatial_shapes"] * model.config.patch_size)[0, 0] if kw else 1   # full
     masks[0, 2, 3:6, 4:7] = 1                       # 3 x 3 pixels, well inside one patch
-    e, history = mask_inversion(model, pixels, masks, iterations=8, return_history=True)
+    e, history = mask_inversion(model, pixels, masks, iterations=8, return_history=True, **kw)
     assert torch.isfinite(e).all() and torch.isfinite(history["loss"]).all()
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(1, 3, dtype=e.dtype))
     # empty mask: Dice = 1 - 1e-6 / (sum(E) + 1e-6), i.e. ~1 whatever the map
@@ -231,9 +268,51 @@ def test_empty_full_and_sub_patch_masks_are_finite(models, family):
     assert (history["dice"][:, 0, 1] < 1).all()
 
 
+def test_naflex_padding_changes_nothing(models):
+    """SigLIP2: two images of different aspect ratios in one padded batch give each image's relevance,
+    map and MI vectors without any padding (alone, N = h*w tokens), whatever the padding holds.
+
+    Padded and alone agree to float32 rounding only: SigLIP2's eager attention takes its softmax in
+    float32, whose sums round differently over 16 and 15 keys (relative ~2e-7 in float64 models)."""
+    model = models["siglip2"]
+    p = model.config.patch_size
+    pixels, masks, kw = _inputs(model, B=2, P=2, seed=3)
+    e = F.normalize(torch.randn(2, 2, _out_dim(model), generator=torch.Generator().manual_seed(4),
+                                dtype=torch.float64), dim=-1)
+    batch_maps = legrad_map(model, pixels, e, -2, **kw)
+    batch_mi = mask_inversion(model, pixels, masks, iterations=5, layer_index=-2, **kw)
+    garbage = pixels.clone()
+    garbage[vit_parts(model).model_inputs(pixels, **kw)["pixel_attention_mask"] == 0] = 1e3
+    torch.testing.assert_close(mask_inversion(model, garbage, masks, iterations=5, layer_index=-2, **kw),
+                               batch_mi, atol=1e-12, rtol=0)
+    for b, (h, w) in enumerate(kw["spatial_shapes"].tolist()):
+        alone = dict(pixel_values=pixels[b:b + 1, :h * w], spatial_shapes=kw["spatial_shapes"][b:b + 1])
+        legrad_batch = LeGrad(vit_parts(model), pixels, -2, **kw)
+        legrad_alone = LeGrad(vit_parts(model), alone["pixel_values"], -2, spatial_shapes=alone["spatial_shapes"])
+        torch.testing.assert_close(legrad_batch.relevance(e)[b:b + 1, :, :h * w], legrad_alone.relevance(e[b:b + 1]),
+                                   atol=0, rtol=1e-6)
+        torch.testing.assert_close(batch_maps[b:b + 1, :, :h * p, :w * p], legrad_map(model, **alone,
+                                   embeddings=e[b:b + 1], layer_index=-2), atol=1e-6, rtol=0)
+        torch.testing.assert_close(batch_mi[b:b + 1], mask_inversion(
+            model, masks=masks[b:b + 1, :, :h * p, :w * p], iterations=5, layer_index=-2, **alone), atol=1e-6, rtol=0)
+
+
+def test_naflex_masks_must_sit_in_their_image(models):
+    model = models["siglip2"]
+    pixels, masks, kw = _inputs(model, B=2, P=1)
+    outside = masks.clone()
+    outside[1, 0, -1, -1] = 1                        # image 1 is 4 x 2 patches: 64 x 32 pixels of an 64 x 80 canvas
+    with pytest.raises(ValueError, match="image 1's masks are non-zero outside its 64 x 32 region"):
+        mask_inversion(model, pixels, outside, iterations=1, **kw)
+    with pytest.raises(ValueError, match="cannot hold image 0's 48 x 80"):
+        mask_inversion(model, pixels, masks[..., :40], iterations=1, **kw)
+    with pytest.raises(ValueError, match="needs spatial_shapes"):
+        mask_inversion(model, pixels, masks, iterations=1)
+
+
 def test_zero_iterations_return_the_global_embedding(models):
     model = models["siglip"]
-    pixels, masks = _inputs(model, B=2, P=2)
+    pixels, masks, _ = _inputs(model, B=2, P=2)
     e = mask_inversion(model, pixels, masks, iterations=0)
     torch.testing.assert_close(e, global_embedding(model, pixels)[:, None].expand(2, 2, -1))
 
@@ -245,7 +324,7 @@ def test_model_is_left_untouched(tiny_model_dirs):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pixels, masks = _inputs(model, B=1, P=2)
+    pixels, masks, _ = _inputs(model, B=1, P=2)
     mask_inversion(model, pixels, masks, iterations=3)
     legrad_map(model, pixels, torch.randn(1, 2, _out_dim(model)))
     assert all(p.grad is None for p in model.parameters())
@@ -274,7 +353,7 @@ def test_dice_loss_values():
 
 def test_embeddings_are_normalised_inside_legrad_map(models):
     model = models["dinov2"]
-    pixels, _ = _inputs(model, B=1, P=1)
+    pixels, _, _ = _inputs(model, B=1, P=1)
     e = torch.randn(1, 1, 32, dtype=torch.float64)
     torch.testing.assert_close(legrad_map(model, pixels, 7 * e), legrad_map(model, pixels, e))
     torch.testing.assert_close(legrad_map(model, pixels, F.normalize(e, dim=-1)), legrad_map(model, pixels, e))
@@ -291,27 +370,27 @@ def test_joint_normalisation_matches_the_originals_rule(models, family, impl="bl
     depending on float summation order (thread count), so it is compared on the maps only.
     """
     model = models[family]
-    pixels, masks = _inputs(model, B=2, P=3, seed=4)
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=4)
     e = torch.randn(2, 3, _out_dim(model), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    joint = reference_legrad_map(model, pixels, e, joint=True)
-    per_map = reference_legrad_map(model, pixels, e)
+    joint = reference_legrad_map(model, pixels, e, joint=True, **kw)
+    per_map = reference_legrad_map(model, pixels, e, **kw)
     assert (joint - per_map).abs().max() > 1e-3                      # the rule matters on these inputs
-    torch.testing.assert_close(legrad_map(model, pixels, e, joint=True), joint, atol=1e-9, rtol=0)
+    torch.testing.assert_close(legrad_map(model, pixels, e, joint=True, **kw), joint, atol=1e-9, rtol=0)
     assert joint.amax(dim=(1, 2, 3)).sub(1).abs().max() < 1e-12      # one map per image reaches 1
-    args = dict(iterations=8, layer_index=-1)
+    args = dict(iterations=8, layer_index=-1, **kw)
     ours = mask_inversion(model, pixels, masks, impl=impl, joint_norm=True, **args)
     ref = reference_mask_inversion(model, pixels, masks, joint=True, **args)
     assert (ours * ref).sum(-1).min() > 1 - 1e-9
     assert (ours * mask_inversion(model, pixels, masks, impl=impl, **args)).sum(-1).min() < 1 - 1e-6
 
 
-@pytest.mark.parametrize("family", ["siglip", "clip"])
+@pytest.mark.parametrize("family", ["siglip", "clip", "siglip2"])
 @pytest.mark.parametrize("impl", ["dense", "blockwise"])
 def test_shared_vector_fits_the_mean_of_the_masks_dice_terms(models, family, impl):
     """mi_sum_loss=mean_dice: one vector per image fitted to the mean of its masks' Dice terms."""
     model = models[family]
-    pixels, masks = _inputs(model, B=2, P=3, seed=6)
-    args = dict(iterations=8, layer_index=-1, alpha=0.03)
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=6)
+    args = dict(iterations=8, layer_index=-1, alpha=0.03, **kw)
     ours = mask_inversion(model, pixels, masks, impl=impl, shared=True, **args)
     ref = reference_mask_inversion(model, pixels, masks, shared=True, **args)
     assert ours.shape == (2, 1, _out_dim(model)) and (ours * ref).sum(-1).min() > 1 - 1e-9

@@ -191,3 +191,20 @@ def test_max_per_image():
         max_per_image(scores, owner, num_images=4)
     with pytest.raises(ValueError, match=r"owner ids must lie in \[0, 2\)"):
         max_per_image(scores, owner, num_images=2)
+
+
+def test_no_positive_zero_counts_such_queries_as_ap_0_and_misses():
+    """The original's rule (compat=original): a query without a positive is an AP-0 miss."""
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(5, 40))
+    relevant = rng.random((5, 40)) < 0.1
+    relevant[2] = False
+    relevant[[0, 1, 3, 4], 0] = True
+    per_query = per_query_metrics(scores, relevant, precision_ks=(5,), map_at=5)
+    with pytest.raises(ValueError, match="no relevant gallery item"):
+        summarize(per_query, recall_ks=(1, 5))
+    out = summarize(per_query, recall_ks=(1, 5), no_positive="zero")
+    expected_ap = [average_precision_score(r, s) if r.any() else 0.0 for r, s in zip(relevant, scores)]
+    assert out["mAP"] == pytest.approx(np.mean(expected_ap)) and out["queries_without_positives"] == 1
+    hits = [bool(r[np.argsort(-s, kind="stable")[:5]].any()) for r, s in zip(relevant, scores)]
+    assert out["recall"]["5"] == pytest.approx(np.mean(hits))
