@@ -59,8 +59,8 @@ class TextEncoder:
 
     def __init__(self, model_name: str, family: str, device: str | torch.device = "cpu"):
         if family not in TEXT_TOWERS:
-            raise SoIRError(f"{family} checkpoints have no text tower: text queries need a SigLIP or CLIP "
-                            f"extractor (siglip_*, clip_*)")
+            raise SoIRError(f"{family} checkpoints have no text tower SoIR can use (DINOv2 / DINOv3 have none; "
+                            "SigLIP2's is not wired yet): text queries need a SigLIP or CLIP extractor (siglip_*, clip_*)")
         self.model_name, self.family, self.tower = model_name, family, TEXT_TOWERS[family]
         self.device = torch.device(device)
         self.model = load_backbone(family, model_name, "sdpa", self.tower.model_class).to(self.device)

@@ -242,8 +242,9 @@ def text_encoder(folder: Path, made_with: DictConfig, device: str):
     from extractors.base import resolve_device
     family = capabilities(made_with.extractor)["family"]
     if not capabilities(made_with.extractor)["has_text_tower"]:
-        raise SoIRError(f"{folder} holds {made_with.extractor} features: {family} checkpoints have no text tower; "
-                        "text queries need SigLIP or CLIP features (siglip_*, clip_*)")
+        raise SoIRError(f"{folder} holds {made_with.extractor} features: {family} checkpoints have no text tower SoIR can use "
+                        "(DINOv2 / DINOv3 have none; SigLIP2's is not wired yet); text queries need a features folder made "
+                        "by a SigLIP or CLIP extractor (siglip_*, clip_*)")
     saved = stored_identity(folder, queries=False)
     if saved.get("lora"):
         log.warning("the gallery's vision tower carries LoRA adapters (%s) and the text tower none: text and image "

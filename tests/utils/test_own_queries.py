@@ -217,8 +217,10 @@ def test_t2i_queries_without_obj_name_are_listed_before_any_model_loads(tmp_path
 
 def test_text_queries_need_a_text_tower(tmp_path):
     from utils.own_queries import text_encoder
-    with pytest.raises(SoIRError, match="dinov2_mi_features features: dinov2 checkpoints have no text tower"):
-        text_encoder(tmp_path, OmegaConf.create({"extractor": "dinov2_mi_features"}), "cpu")
+    for extractor, family in (("dinov2_mi_features", "dinov2"), ("dinov3_features", "dinov3"),
+                              ("siglip2_mi_features", "siglip2")):
+        with pytest.raises(SoIRError, match=f"{extractor} features: {family} checkpoints have no text tower SoIR can use"):
+            text_encoder(tmp_path, OmegaConf.create({"extractor": extractor}), "cpu")
 
 
 def test_a_changed_model_folder_is_refused(tiny_model_dirs, demo_dir, tmp_path):
