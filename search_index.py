@@ -12,6 +12,13 @@ positives).
 
 Writes to the run folder (printed at the end): results.json, rankings.jsonl, per_query.csv, and
 report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
+
+``T2I=true``: text-to-image retrieval, each query's text is ``text_prompt`` with its ``obj_name``
+(SigLIP / CLIP text tower); the same metrics. Your own query, embedded as the folder's queries were
+(utils/own_queries.py; no metrics, there is no ground truth)::
+
+    python search_index.py features_dir=... query_image=photo.jpg [query_bbox=[x1,y1,x2,y2]] k_search=20
+    python search_index.py features_dir=... query_text="a red mug"
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, summarize
+from utils.own_queries import own_query, text_query_rows
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
@@ -52,6 +60,9 @@ def main(cfg: DictConfig) -> None:
     check_config(cfg)
     if not cfg.features_dir:
         raise SoIRError("features_dir is required: the folder create_index.py printed")
+    if cfg.query_image is not None or cfg.query_text is not None:
+        own_query(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
+        return
     search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -94,11 +105,14 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         with open(out / "rankings.jsonl", "w") as rankings:
             for q, order, row in zip(ranked.queries, ranked.top[:, :k], ranked.top_scores[:, :k]):
                 ranking = [[ranked.gallery[g]["key"], float(v)] for g, v in zip(order, row) if g >= 0]
-                rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], "ranking": ranking}) + "\n")
+                text = {"text": q["text"]} if cfg.T2I else {}
+                rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], **text, "ranking": ranking}) + "\n")
     results = summarize(ranked.metrics, recall_ks=cfg.recall_at, no_positive=cfg.no_positive)
     results.update(num_gallery_images=len(ranked.gallery), num_gallery_rows=ranked.num_rows,
                    features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index,
                    search=str(cfg.search), **ranked.results)
+    if cfg.T2I:
+        results.update(T2I=True, text_prompt=cfg.text_prompt)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", ranked.queries, ranked.metrics)
     print_table(results)
@@ -160,6 +174,8 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     if len(kept) < len(query_anns):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
         query_features, query_anns = query_rows["features"], kept
+    if cfg.T2I:       # the queries' texts replace their image vectors; ground truth and gallery unchanged
+        query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
     per_query, top, top_scores, positive = [], [], [], []
     for chunk in query_chunks(len(queries), len(gallery_owner)):
@@ -194,6 +210,8 @@ def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards,
                                           cfg.no_positive)
     if len(kept) < len(queries):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
+    if cfg.T2I:
+        query_rows["features"], query_owner, queries = text_queries(cfg, folder, queries, features.shape[1])
     query_rows = QueryRows(torch.from_numpy(query_rows["features"]), torch.from_numpy(query_owner), len(queries))
     # Relevant pairs over the original image ids; images without rows have no pairs (and are never scored).
     query, image = relevant_pairs([q["ins"][0] for q in queries],
@@ -227,6 +245,13 @@ def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards,
                   lambda pairs: streamed_best_rows(query_rows, gallery_shards,
                                                    np.stack([pairs[:, 0], kept_ids[pairs[:, 1]]], axis=1)),
                   ShardRows(gallery_shards, "mask_index"), ShardRows(gallery_shards, "features"), results, True)
+
+
+def text_queries(cfg: DictConfig, folder: Path, queries: list[dict],
+                 dim: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """T2I: the queries' text vectors [Q, D], owner [Q] and records with their ``text`` (utils/own_queries.py)."""
+    features, owner, texts = text_query_rows(cfg, folder, OmegaConf.load(folder / "config.yaml"), queries, dim)
+    return features, owner, [{**q, "text": t} for q, t in zip(queries, texts)]
 
 
 def _has_nprobe(index) -> bool:

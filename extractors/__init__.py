@@ -15,6 +15,7 @@ from extractors.families import (CLIPExtractor, CLIPMIExtractor, DINOv2Extractor
                                  SigLIP2Extractor, SigLIP2MIExtractor, SigLIPExtractor, SigLIPMIExtractor)
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, capabilities, list_extractors, register_extractor
+from extractors.text import TextEncoder, has_text_tower
 from utils.config import SoIRConfig
 from utils.errors import SoIRError
 
@@ -24,7 +25,8 @@ __all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CL
            "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "DINOv2RegExtractor",
            "DINOv2RegMIExtractor", "DINOv3Extractor", "DINOv3MIExtractor", "SigLIP2Extractor",
            "SigLIP2MIExtractor", "build_extractor",
-           "list_extractors", "register_extractor", "capabilities", "extractor_from_config"]
+           "list_extractors", "register_extractor", "capabilities", "extractor_from_config", "TextEncoder",
+           "has_text_tower"]
 
 
 def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | None = None) -> Extractor:

@@ -15,11 +15,13 @@ from utils.families import MODEL_TYPES, family_spec
 log = logging.getLogger("soir.extractors")
 
 
-def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa") -> nn.Module:
+def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa",
+                  model_class: type | None = None) -> nn.Module:
     """``from_pretrained`` on a hub id or local folder; returns the frozen model in eval mode.
 
     ``attn_implementation="eager"`` is needed when attention probabilities must be observed
-    (Mask Inversion); "sdpa" is faster for plain embeddings.
+    (Mask Inversion); "sdpa" is faster for plain embeddings. ``model_class``: another tower of the
+    family's checkpoint (the text tower, extractors/text.py); None = the family's vision model.
     """
     check_model_available(model_name, f"{family} model")
     offline = hf_offline()
@@ -31,7 +33,7 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     hf_logging.disable_progress_bar()          # a "Loading weights" bar per model is noise in our logs
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
-        model, info = family_spec(family).model_class.from_pretrained(
+        model, info = (model_class or family_spec(family).model_class).from_pretrained(
             model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True)
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""

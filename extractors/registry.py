@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from extractors.text import has_text_tower
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 
@@ -48,10 +49,12 @@ def constructor_keys(cls: type) -> set[str]:
 
 def capabilities(name: str) -> dict[str, Any]:
     """What a registered extractor can do, without building it: ``uses_masks``, ``family``,
-    ``supports_lora`` (its family's spec, utils/families.py), ``keys`` (the config keys its constructor takes)."""
+    ``supports_lora`` (its family's spec, utils/families.py), ``keys`` (the config keys its constructor
+    takes), ``has_text_tower`` (its checkpoints hold a text tower for text queries: extractors/text.py
+    ``TEXT_TOWERS``)."""
     cls = extractor_class(name)
     return {"uses_masks": cls.uses_masks, "family": cls.family, "supports_lora": FAMILIES[cls.family].supports_lora,
-            "keys": constructor_keys(cls)}
+            "keys": constructor_keys(cls), "has_text_tower": has_text_tower(cls.family)}
 
 
 def build_extractor(name: str, **kwargs: Any):

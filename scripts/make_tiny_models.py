@@ -3,8 +3,9 @@
     python scripts/make_tiny_models.py --out demo_data/tiny_models
 
 Backbones (dinov2/, dinov2reg/, dinov3/, siglip/, siglip2/, clip/) are saved with an image-processor
-config and loaded through the same ``from_pretrained`` path as real hub ids; owlv2/ is an
-Owlv2ForObjectDetection with a processor
+config and loaded through the same ``from_pretrained`` path as real hub ids; siglip/ and clip/ are whole
+SiglipModel / CLIPModel checkpoints with a tiny tokenizer built here (text queries: extractors/text.py);
+owlv2/ is an Owlv2ForObjectDetection with a processor
 whose CLIP tokenizer is built here (no hub access); sam/ holds a SAM built from segment-anything's
 own modules, ``torch.save``'d like a released checkpoint, with its architecture as ``--sam_config``.
 Random weights: numbers made with them mean nothing.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
+import string
 import sys
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from transformers import (
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
+    SiglipTokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -52,6 +56,8 @@ from utils.mask_models import SamArchitecture, build_sam  # noqa: E402
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
 # a 4x4 patch grid.
 _COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+# Text towers of the tiny SigLIP / CLIP: their tokenizers below fit in this many ids.
+TINY_TEXT_VOCAB = 64
 
 
 def save_tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
@@ -86,12 +92,17 @@ def save_tiny_dinov3(folder: str | Path, seed: int = 0, gated: bool = False) -> 
 
 def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
     """A whole SiglipModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
-    64x64 input (4x4 patches, no CLS), with the attention-pooling head."""
+    64x64 input (4x4 patches, no CLS), with the attention-pooling head; and a 64-piece sentencepiece
+    tokenizer (:func:`tiny_siglip_tokenizer`)."""
+    tokenizer = tiny_siglip_tokenizer(folder)
+    ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, vocab_size=64),
+    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB),
                                      vision_config=dict(**_COMMON, image_size=64, patch_size=16)))
     processor = SiglipImageProcessor(size={"height": 64, "width": 64})
-    return _save(model, processor, folder)
+    folder = _save(model, processor, folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def save_tiny_siglip2(folder: str | Path, seed: int = 0) -> Path:
@@ -117,13 +128,20 @@ def save_tiny_siglip2_fixres(folder: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     """A whole CLIPModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
-    64x64 input (4x4 patches + CLS), projection 24."""
+    64x64 input (4x4 patches + CLS), projection 24; and a letters-only CLIP tokenizer
+    (:func:`tiny_clip_tokenizer` with ``symbols=string.ascii_lowercase``)."""
+    tokenizer = tiny_clip_tokenizer(77, symbols=string.ascii_lowercase)
+    # The text model pools at the first <|endoftext|> (eos_token_id); ids as the tokenizer's.
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=dict(**_COMMON, vocab_size=64, projection_dim=24),
+    model = CLIPModel(CLIPConfig(text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB, projection_dim=24),
                                  vision_config=dict(**_COMMON, image_size=64, patch_size=16, projection_dim=24),
                                  projection_dim=24))
     processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    return _save(model, processor, folder)
+    folder = _save(model, processor, folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _save(model: torch.nn.Module, processor, folder: str | Path) -> Path:
@@ -159,15 +177,42 @@ TINY_SAM = SamArchitecture(encoder_embed_dim=32, encoder_depth=2, encoder_num_he
 _MERGES = [("m", "u"), ("mu", "g</w>"), ("t", "o"), ("to", "y</w>")]
 
 
-def tiny_clip_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
-    """CLIP BPE over bytes: "a mug" -> <start> a</w> mug</w> <end>; "!" (id 0) pads, as in CLIP."""
-    symbols = list(bytes_to_unicode().values())  # "!" first, so the pad id is 0 like real CLIP
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols]
-                                        + ["".join(m) for m in _MERGES])}
-    # End-of-text must be the largest id: the OWL text model pools at input_ids.argmax(-1).
+def tiny_clip_tokenizer(model_max_length: int = 16, symbols: str | None = None) -> CLIPTokenizer:
+    """CLIP BPE: "a mug" -> <start> a</w> mug</w> <end>.
+
+    ``symbols`` None: over all bytes, "!" (id 0) pads, as in CLIP (518 ids). A string (e.g. the
+    lowercase letters): over those characters only, <|endoftext|> pads and stands for any other
+    character, as real CLIP's unknown token does (2 * len(symbols) + 6 ids: small enough for a tiny
+    text tower). <|endoftext|> is always the largest id: the OWL text model pools at
+    ``input_ids.argmax(-1)``.
+    """
+    base = list(bytes_to_unicode().values()) if symbols is None else list(symbols)  # "!" first for bytes
+    vocab = {s: i for i, s in enumerate(base + [s + "</w>" for s in base] + ["".join(m) for m in _MERGES])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), pad_token="!", model_max_length=model_max_length)
+    pad = "!" if symbols is None else "<|endoftext|>"
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), pad_token=pad, unk_token="<|endoftext|>",
+                         model_max_length=model_max_length)
+
+
+def tiny_siglip_tokenizer(folder: str | Path) -> SiglipTokenizer:
+    """A SigLIP sentencepiece tokenizer of ``TINY_TEXT_VOCAB`` pieces (<pad>, </s>, <unk>, the letters,
+    the digits and a few BPE merges), trained here on a fixed word list: deterministic, offline.
+    Its model is written to ``folder/spiece.model`` (SiglipTokenizer reads it from a file)."""
+    import sentencepiece                       # SigLIP's tokenizer needs it (and protobuf) anyway
+    words = "a photo of the mug toy cup box shoe lamp ball red blue green object star dots".split()
+    corpus = [" ".join(words), string.ascii_lowercase, string.digits]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=TINY_TEXT_VOCAB, model_type="bpe",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, normalization_rule_name="identity", hard_vocab_limit=False, num_threads=1,
+        minloglevel=2)
+    path = Path(folder) / "spiece.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    # 64 tokens: SiglipTextConfig's max_position_embeddings, the length SigLIP pads every text to.
+    return SiglipTokenizer(vocab_file=str(path), model_max_length=64)
 
 
 def save_tiny_owlv2(folder: str | Path, seed: int = 0) -> Path:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import string
 import uuid
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError
@@ -146,7 +148,18 @@ class SoIRConfig:
     map_at: Optional[int] = None             # also report mAP@k
     precision_at: tuple[int, ...] = (1, 5, 10)
     recall_at: tuple[int, ...] = (1, 5, 10)
-    T2I: bool = False                        # text-to-image search with each query's obj_name
+    T2I: bool = False                        # text-to-image search: each query's obj_name in text_prompt,
+                                             # embedded by the checkpoint's text tower (SigLIP, CLIP)
+    text_prompt: str = "a photo of {obj_name}"  # T2I: a query's text; {obj_name} is replaced by its obj_name
+    # --- your own queries: search_index.py's ad-hoc mode (nothing is written to the features folder)
+    query_image: Optional[str] = None        # an image to search with, embedded as the folder's queries were
+    query_bbox: Optional[tuple[float, ...]] = None  # [x1,y1,x2,y2] pixels in query_image: the object's box (crop,
+                                             # or the MI mask rectangle when no query_mask is given)
+    query_mask: Optional[str] = None         # mask image of the object (size of query_image; 0/255 or 0/1), for
+                                             # folders whose queries are MI vectors (mask_input / query_mi)
+    query_text: Optional[str] = None         # a sentence to search with (the text tower), used as given
+    query_exact_max_rows: int = 1000000      # ad-hoc queries: larger galleries are searched through the FAISS
+                                             # index (its candidates re-scored exactly); smaller ones exactly
     # --- report of a search run (search_index.py) -----------------------------------------
     report: bool = True                      # write report.html (+ thumbs/) next to results.json
     report_k: int = 10                       # gallery images shown per query
@@ -184,7 +197,8 @@ RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_searc
                       "full_mask", "gallery_chunk_size", "only_create", "only_gallery", "no_faiss",
                       "max_k_search", "save_knns", "T2I", "debug", "single_from_sc", "stage", "workers", "worker",
                       "index_train_rows", "index_blocks", "search", "search_block_mb", "search_candidates",
-                      "search_nprobe", *UNREAD_ORIGINAL_KEYS})
+                      "search_nprobe", "text_prompt", "query_image", "query_bbox", "query_mask", "query_text",
+                      "query_exact_max_rows", *UNREAD_ORIGINAL_KEYS})
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
 # the adapters' content and the device actually used, not the names. The original's aliases
@@ -264,9 +278,7 @@ def check_config(cfg: DictConfig) -> None:
         if cfg[key] != default:
             raise SoIRError(f"{key}={cfg[key]} is not supported: the original code accepted this key but never read "
                             f"it (so it did nothing there either); leave it at {default}")
-    if cfg.T2I:
-        raise SoIRError("T2I=true (text-to-image search) needs text queries, which SoIR does not implement yet; "
-                        "remove T2I")
+    check_own_queries(cfg)
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
@@ -313,3 +325,29 @@ def check_config(cfg: DictConfig) -> None:
         log.warning("gallery_crop=true crops gallery images to their annotated bbox, as the original code does: "
                     "this leaks the label into the gallery features; numbers made with it are not comparable "
                     "with SoIR's default")
+
+
+def check_own_queries(cfg: DictConfig) -> None:
+    """The text and ad-hoc query keys (T2I, text_prompt, query_*): one kind of query per run."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.text_prompt) if name is not None}
+    if fields != {"obj_name"}:
+        raise SoIRError(f"text_prompt={cfg.text_prompt!r} must contain {{obj_name}} and no other {{field}} "
+                        "(e.g. 'a photo of {obj_name}')")
+    if cfg.query_text is not None and not cfg.query_text.strip():
+        raise SoIRError("query_text is empty; give a sentence, e.g. query_text='a red mug'")
+    adhoc = [k for k in ("query_image", "query_text") if cfg[k] is not None]
+    if len(adhoc) > 1:
+        raise SoIRError("query_image and query_text are two ad-hoc queries; run one per search")
+    if cfg.T2I and adhoc:
+        raise SoIRError(f"T2I=true evaluates the features folder's queries as texts; {adhoc[0]} is an ad-hoc "
+                        "query: use one of them")
+    for key in ("query_bbox", "query_mask"):
+        if cfg[key] is not None and cfg.query_image is None:
+            raise SoIRError(f"{key} describes the object in query_image, which is not given")
+    if cfg.query_bbox is not None and len(cfg.query_bbox) != 4:
+        raise SoIRError(f"query_bbox={list(cfg.query_bbox)} must be [x1,y1,x2,y2] (pixels of query_image)")
+    if cfg.query_exact_max_rows < 0:
+        raise SoIRError(f"query_exact_max_rows={cfg.query_exact_max_rows} must be >= 0")
+    if adhoc and HydraConfig.initialized() and HydraConfig.get().job.name != "search_index":
+        raise SoIRError(f"{adhoc[0]} is search_index.py's ad-hoc mode: python search_index.py "
+                        f"features_dir=<features folder> {adhoc[0]}=...")

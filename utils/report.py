@@ -11,7 +11,8 @@ search_index.py writes it next to ``results.json`` (``report=true``, the default
                   from the thumbnails
 
 The page is plain HTML with inline CSS and a few lines of inline JS (filter, sort); it opens from
-disk, without a server or network. Rows with ``mask_index`` -1 (a global embedding, a union or an
+disk, without a server or network. An ad-hoc query (``query_image=`` / ``query_text=``, utils/own_queries.py)
+has no ground truth: no metrics, grey frames, and the page says so. A text query shows its text. Rows with ``mask_index`` -1 (a global embedding, a union or an
 average of masks) belong to no single mask and get no outline; the page says so.
 """
 from __future__ import annotations
@@ -50,12 +51,12 @@ MI_SETTINGS = ("mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index"
 @dataclass
 class Shown:
     """The top-k gallery images of each query, [Q, k] arrays: ``gallery`` image ids (best first),
-    their ``scores``, ``positive`` (ground truth) and ``rows``, the gallery row whose vector gave the
-    score (set by the caller, see ``search_index.best_rows``)."""
+    their ``scores``, ``positive`` (ground truth; None for ad-hoc queries, which have none) and ``rows``,
+    the gallery row whose vector gave the score (set by the caller, see ``search_index.best_rows``)."""
 
     gallery: np.ndarray
     scores: np.ndarray
-    positive: np.ndarray
+    positive: np.ndarray | None
     rows: np.ndarray | None = None
 
     @classmethod
@@ -171,6 +172,8 @@ def thumb_jobs(queries: list[dict], gallery: list[dict], shown: Shown, mask_inde
     gallery image (plain, or with the outline of each mask that matched some query)."""
     jobs = []
     for i, q in enumerate(queries):
+        if q["file"] is None:                       # a text query: nothing to show but its text
+            continue
         bbox = tuple(q["bbox"]) if q["bbox"] else None
         jobs.append(ThumbJob(q["file"], plain=None if bbox else f"q{i:06d}.jpg",
                              box=bbox and (f"q{i:06d}.jpg", bbox), crop=bbox and (f"q{i:06d}_crop.jpg", bbox)))
@@ -248,7 +251,7 @@ class Page:
     sections: list[str] = field(default_factory=list)
 
 
-def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, metrics: dict[str, np.ndarray],
+def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, metrics: dict[str, np.ndarray] | None,
                  shown: Shown, queries: list[dict], gallery: list[dict], gallery_mask_index: np.ndarray,
                  gallery_features: np.ndarray | None = None) -> Path:
     """Write ``report.html``, ``thumbs/`` (and ``maps/``) into the run folder ``out``.
@@ -257,7 +260,8 @@ def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, 
         cfg: the search run's config (``report_thumb_size``, ``report_maps``, ``num_workers``, ``device``).
         features_dir: the evaluated create_index.py folder.
         results: what results.json holds.
-        metrics: per-query arrays ``ap``, ``first_positive_rank``, ``num_positives`` (query order).
+        metrics: per-query arrays ``ap``, ``first_positive_rank``, ``num_positives`` (query order); None for
+            ad-hoc queries (no ground truth: no metrics, ``shown.positive`` None).
         shown: the top-k of every query, with ``rows`` set.
         queries, gallery: the evaluated images' ``images.json`` records (query / gallery ids of ``shown``).
         gallery_mask_index: [R] the ``mask_index`` of every evaluated gallery row (row ids of ``shown.rows``).
@@ -278,9 +282,11 @@ def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, 
         maps = write_maps(out / "maps", map_extractor(made_with, cfg.device), gallery, shown, mask_index,
                           gallery_features, captions, MAP_SCALE * cfg.report_thumb_size, problems)
     page = Page(title=f"SoIR report: {made_with.dataset} / {made_with.extractor}",
-                metrics=metric_cells(results), settings=setting_cells(features_dir, made_with, cfg),
-                notes=notes(captions, why_not, mask_index, problems))
-    order = np.lexsort((-metrics["first_positive_rank"], metrics["ap"]))     # worst AP first
+                metrics=metric_cells(results) if metrics is not None else [],
+                settings=setting_cells(features_dir, made_with, cfg),
+                notes=([NO_GROUND_TRUTH] if metrics is None else []) + notes(captions, why_not, mask_index, problems))
+    order = np.lexsort((-metrics["first_positive_rank"], metrics["ap"])) if metrics is not None \
+        else np.arange(len(queries))                                         # worst AP first
     page.sections = [query_section(int(q), queries, gallery, metrics, shown, mask_index, captions is not None,
                                    maps, problems) for q in order]
     path = out / "report.html"
@@ -289,6 +295,10 @@ def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, 
              len(queries), shown.gallery.shape[1], len(list((out / "thumbs").iterdir())), len(maps),
              time.time() - started, time.process_time() - cpu_started)
     return path
+
+
+NO_GROUND_TRUTH = ("No metrics: an ad-hoc query has no ground truth (nothing says which gallery images show its "
+                   "object), so the frames are grey. The ranking and the matching masks are the search's own.")
 
 
 def metric_cells(results: dict) -> list[tuple[str, str]]:
@@ -319,33 +329,43 @@ def notes(captions, why_not: str, mask_index: np.ndarray, problems: dict[str, st
     return said
 
 
-def query_section(q: int, queries: list[dict], gallery: list[dict], metrics: dict[str, np.ndarray], shown: Shown,
-                  mask_index: np.ndarray, outlines: bool, maps: dict[int, str], problems: dict[str, str]) -> str:
+def query_section(q: int, queries: list[dict], gallery: list[dict], metrics: dict[str, np.ndarray] | None,
+                  shown: Shown, mask_index: np.ndarray, outlines: bool, maps: dict[int, str],
+                  problems: dict[str, str]) -> str:
     record = queries[q]
-    ap, rank, positives = (metrics["ap"][q], int(metrics["first_positive_rank"][q]), int(metrics["num_positives"][q]))
     name = record.get("obj_name") or ""
-    pictures = [("query", f"q{q:06d}.jpg")] + ([("crop", f"q{q:06d}_crop.jpg")] if record["bbox"] else [])
+    if metrics is None:
+        ap, rank, hit, scored = 0.0, 0, 0, "ad-hoc query: no ground truth, no metrics"
+    else:
+        ap, rank, positives = (metrics["ap"][q], int(metrics["first_positive_rank"][q]), int(metrics["num_positives"][q]))
+        hit, scored = (int(shown.positive[q].any()),
+                       f"AP {100 * ap:.1f} % &middot; first positive at rank {rank} &middot; {positives} positive(s)")
+    text = f"<br>text: &ldquo;{html.escape(record['text'])}&rdquo;" if record.get("text") else ""
+    pictures = [] if record["file"] is None else \
+        [("query", f"q{q:06d}.jpg")] + ([("crop", f"q{q:06d}_crop.jpg")] if record["bbox"] else [])
     head = "".join(f'<figure class="q">{image_tag(n, label, record["file"], problems)}'
                    f"<figcaption>{label}</figcaption></figure>" for label, n in pictures)
-    hits = "".join(hit_figure(i, int(g), float(s), bool(p), int(row), int(m), gallery, outlines, maps, problems)
-                   for i, (g, s, p, row, m) in enumerate(zip(shown.gallery[q], shown.scores[q], shown.positive[q],
+    positive = shown.positive[q] if shown.positive is not None else [None] * shown.gallery.shape[1]
+    hits = "".join(hit_figure(i, int(g), float(s), p, int(row), int(m), gallery, outlines, maps, problems)
+                   for i, (g, s, p, row, m) in enumerate(zip(shown.gallery[q], shown.scores[q], positive,
                                                            shown.rows[q], mask_index[q])))
-    search = html.escape(f"{record['key']} {name}".lower(), quote=True)
-    return (f'<section class="query" data-ap="{ap:.6f}" data-rank="{rank}" data-hit="{int(shown.positive[q].any())}" '
+    search = html.escape(f"{record['key']} {name} {record.get('text') or ''}".lower(), quote=True)
+    return (f'<section class="query" data-ap="{ap:.6f}" data-rank="{rank}" data-hit="{hit}" '
             f'data-search="{search}"><div class="head">{head}<div class="info"><b>{html.escape(record["key"])}</b>'
-            f"{' &middot; ' + html.escape(name) if name else ''} &middot; ins {html.escape(str(record['ins']))}<br>"
-            f"AP {100 * ap:.1f} % &middot; first positive at rank {rank} &middot; {positives} positive(s)</div></div>"
+            f"{' &middot; ' + html.escape(name) if name else ''} &middot; ins {html.escape(str(record['ins']))}"
+            f"{text}<br>{scored}</div></div>"
             f'<div class="hits">{hits}</div></section>')
 
 
-def hit_figure(i: int, g: int, score: float, positive: bool, row: int, mask: int, gallery: list[dict],
+def hit_figure(i: int, g: int, score: float, positive: bool | None, row: int, mask: int, gallery: list[dict],
                outlines: bool, maps: dict[int, str], problems: dict[str, str]) -> str:
     record = gallery[g]
     picture = image_tag(gallery_name(g, mask if outlines else -1), record["key"], record["file"], problems)
     if row in maps:
         picture = f'<a href="maps/{maps[row]}">{picture}</a>'
     mask_text = f"mask {mask}" if mask >= 0 else "no single mask"
-    return (f'<figure class="hit {"pos" if positive else "neg"}" data-gallery="{html.escape(record["key"], quote=True)}" '
+    frame = "unknown" if positive is None else "pos" if positive else "neg"
+    return (f'<figure class="hit {frame}" data-gallery="{html.escape(record["key"], quote=True)}" '
             f'data-mask-index="{mask}" data-row="{row}">{picture}'
             f"<figcaption>{i + 1} &middot; {score:.3f} &middot; {mask_text}</figcaption></figure>")
 
@@ -368,6 +388,7 @@ th { background: #f3f3f3; text-align: left; } .note { color: #555; max-width: 70
 figure { margin: 0; font-size: 12px; text-align: center; }
 figure img { display: block; }
 .hit { border: 4px solid; padding: 1px; } .pos { border-color: #1a9641; } .neg { border-color: #d7191c; }
+.unknown { border-color: #999; }
 .missing { width: 120px; height: 90px; background: #eee; color: #888; display: flex; align-items: center;
            justify-content: center; }
 """
@@ -403,11 +424,12 @@ def render(page: Page) -> str:
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in cells) + "</table>"
     metrics = ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in page.metrics) + "</tr><tr>"
                + "".join(f"<td>{html.escape(v)}</td>" for _, v in page.metrics) + "</tr></table>")
+    metrics = "<h2>Metrics (%)</h2>" + metrics if page.metrics else ""
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in page.notes)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(page.title)}</title><style>{STYLE}</style></head>
 <body><h1>{html.escape(page.title)}</h1>
-<h2>Metrics (%)</h2>{metrics}
+{metrics}
 <details><summary>Settings</summary>{table(page.settings)}</details>
 {notes}
 <div class="controls"><label>filter <input id="filter" type="search" placeholder="query key or object name"></label>

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from utils.config import check_config, register
+from utils.config import RUN_KEYS, check_config, register
 from utils.errors import SoIRError
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -142,8 +142,34 @@ def test_aliases_of_the_original_and_their_conflicts():
     assert (cfg.shard_size, cfg.set) == (64, "RoboTools")
     with pytest.raises(SoIRError, match="gallery_chunk_size=64 .* and shard_size=32 disagree"):
         resolve_aliases(_compose("anns_file=a.pt", "gallery_chunk_size=64", "shard_size=32"))
-    with pytest.raises(SoIRError, match="T2I=true"):
-        check_config(_compose("anns_file=a.pt", "T2I=true"))
+
+
+def test_text_and_ad_hoc_query_keys():
+    cfg = _compose("anns_file=a.pt", "T2I=true", "text_prompt='a picture of a {obj_name}, small'")
+    check_config(cfg)                                   # T2I is implemented (it used to be refused)
+    assert cfg.text_prompt.format(obj_name="mug") == "a picture of a mug, small"
+    cfg = _compose("anns_file=a.pt", "query_image=q.jpg", "query_bbox=[1,2,30.5,40]", "query_mask=m.png")
+    check_config(cfg)
+    assert list(cfg.query_bbox) == [1, 2, 30.5, 40] and cfg.query_text is None
+    check_config(_compose("anns_file=a.pt", "query_text='a red mug'"))
+    for key in ("T2I", "text_prompt", "query_image", "query_bbox", "query_mask", "query_text", "query_exact_max_rows"):
+        assert key in RUN_KEYS                          # they change no stored feature
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["text_prompt='a photo'"], "must contain {obj_name}"),
+    (["text_prompt='{obj_name} in {place}'"], "no other {field}"),
+    (["query_text=' '"], "query_text is empty"),
+    (["query_image=q.jpg", "query_text=mug"], "run one per search"),
+    (["T2I=true", "query_text=mug"], "T2I=true evaluates the features folder's queries as texts"),
+    (["query_bbox=[1,2,3,4]"], "query_bbox describes the object in query_image"),
+    (["query_mask=m.png"], "query_mask describes the object in query_image"),
+    (["query_image=q.jpg", "query_bbox=[1,2,3]"], "must be \\[x1,y1,x2,y2\\]"),
+    (["query_exact_max_rows=-1"], "must be >= 0"),
+])
+def test_inconsistent_query_keys_are_refused(overrides, message):
+    with pytest.raises(SoIRError, match=message):
+        check_config(_compose("anns_file=a.pt", *overrides))
 
 
 def test_choice_keys_are_enums_that_name_the_key_and_the_choices():
