@@ -20,6 +20,7 @@ many processes the same work is split into stages (README "Scaling out")::
                      and merged on disk (utils/index_build.py); writes summary.json
     stage=search     search_index.py
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,17 +37,32 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import (annotation_masks, drop_queries_without_positives, load_anns, load_captions, select_indices,
-                      select_set, split)
-from datasets.extraction import (ImageJob, ViewDataset, check_jobs, gallery_jobs, job_from_dict, job_to_dict,
-                                 jobs_digest, query_jobs)
+from datasets import (
+    annotation_masks,
+    drop_queries_without_positives,
+    load_anns,
+    load_captions,
+    select_indices,
+    select_set,
+    split,
+)
+from datasets.extraction import (
+    ImageJob,
+    ViewDataset,
+    check_jobs,
+    gallery_jobs,
+    job_from_dict,
+    job_to_dict,
+    jobs_digest,
+    query_jobs,
+)
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
 from search_index import search
 from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
-from utils.feature_store import FeatureShards, FeaturesFolder, write_bad_images
+from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
 from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
 from utils.index_build import build_ondisk, shard_blocks
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
@@ -79,10 +95,16 @@ def run_all(cfg: DictConfig) -> None:
             rows[name] = len(features)
             if name == "gallery" and not cfg.no_faiss:
                 save_index(build_index(features.numpy(), cfg.index), index_path(out, cfg.index))
-        summary = dict(features_dir=str(out), gallery_images=len(jobs["gallery"]), gallery_rows=rows["gallery"],
-                       queries=len(jobs.get("queries", [])), skipped_bad_images=len(skipped),
-                       seconds=round(time.time() - started, 1), gallery_counts=stats["gallery"],
-                       query_counts=stats.get("queries", {}))
+        summary = dict(
+            features_dir=str(out),
+            gallery_images=len(jobs["gallery"]),
+            gallery_rows=rows["gallery"],
+            queries=len(jobs.get("queries", [])),
+            skipped_bad_images=len(skipped),
+            seconds=round(time.time() - started, 1),
+            gallery_counts=stats["gallery"],
+            query_counts=stats.get("queries", {}),
+        )
         atomic_write_json(out / "summary.json", summary)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
@@ -98,11 +120,20 @@ def plan_and_load(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, lis
     jobs, facts, skipped = plan(cfg)
     extractor = extractor_from_config(cfg)
     extractors = {"gallery": extractor, "queries": query_extractor(cfg, extractor)}
-    log.info("%s (%s, %d-d) on %s: %d queries, %d gallery images", cfg.extractor, extractor.model_name,
-             extractor.dim, extractor.device, len(jobs.get("queries", [])), len(jobs["gallery"]))
+    log.info(
+        "%s (%s, %d-d) on %s: %d queries, %d gallery images",
+        cfg.extractor,
+        extractor.model_name,
+        extractor.dim,
+        extractor.device,
+        len(jobs.get("queries", [])),
+        len(jobs["gallery"]),
+    )
     gallery_identity = feature_identity(cfg, extractor, jobs["gallery"], facts, queries=False)
-    query_identity = {**gallery_identity, **feature_identity(cfg, extractors["queries"], jobs.get("queries", []),
-                                                             facts, queries=True)}
+    query_identity = {
+        **gallery_identity,
+        **feature_identity(cfg, extractors["queries"], jobs.get("queries", []), facts, queries=True),
+    }
     out = Path(cfg.features_dir) if cfg.features_dir else default_features_dir(cfg, gallery_identity)
     return jobs, facts, skipped, extractors, out, (gallery_identity, query_identity)
 
@@ -122,10 +153,17 @@ def prepare(cfg: DictConfig) -> None:
             shards = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
             shards.prepare()
             shards.write_jobs([job_to_dict(job) for job in split_jobs])
-            log.info("%s: %d images in %d shards, %d missing", name, shards.num_images, shards.num_shards,
-                     len(shards.missing()))
-    print(f"prepared: {out}\nnext: python create_index.py <the same settings> stage=extract features_dir={out} "
-          f"[-m workers=W 'worker=range(0,W)' hydra/launcher=submitit_slurm ...], then stage=index, stage=search")
+            log.info(
+                "%s: %d images in %d shards, %d missing",
+                name,
+                shards.num_images,
+                shards.num_shards,
+                len(shards.missing()),
+            )
+    print(
+        f"prepared: {out}\nnext: python create_index.py <the same settings> stage=extract features_dir={out} "
+        f"[-m workers=W 'worker=range(0,W)' hydra/launcher=submitit_slurm ...], then stage=index, stage=search"
+    )
 
 
 def extract(cfg: DictConfig) -> None:
@@ -144,12 +182,21 @@ def extract(cfg: DictConfig) -> None:
     check_prepared_identity(out, cfg, extractors, splits)
     for name, shards in splits.items():
         todo = [s for s in shards.missing() if s % cfg.workers == cfg.worker]
-        log.info("%s: worker %d of %d: %d shards to compute (%d of %d missing in all)", name, cfg.worker,
-                 cfg.workers, len(todo), len(shards.missing()), shards.num_shards)
+        log.info(
+            "%s: worker %d of %d: %d shards to compute (%d of %d missing in all)",
+            name,
+            cfg.worker,
+            cfg.workers,
+            len(todo),
+            len(shards.missing()),
+            shards.num_shards,
+        )
         progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
         for shard in todo:
-            jobs = [job_from_dict(line["record"], line["job"], is_query=name == "queries")
-                    for line in shards.read_jobs(shard)]
+            jobs = [
+                job_from_dict(line["record"], line["job"], is_query=name == "queries")
+                for line in shards.read_jobs(shard)
+            ]
             extract_shard(shards, shard, jobs, extractors[name], cfg, progress, record_bad_pixels=True)
         progress.close()
     left = {name: len(shards.missing()) for name, shards in splits.items()}
@@ -159,10 +206,15 @@ def extract(cfg: DictConfig) -> None:
 def prepared_splits(out: Path) -> dict[str, FeatureShards]:
     """The splits ``stage=prepare`` wrote into ``out`` (gallery, and queries unless only_gallery)."""
     if folder_kind(out) != "features" or not (out / "identity.json").is_file():
-        raise SoIRError(f"{out} is not a prepared features folder; run create_index.py stage=prepare with the same "
-                        "settings first (it prints the features_dir)")
-    return {name: FeatureShards.prepared(out / name) for name in ("gallery", "queries")
-            if name == "gallery" or (out / name / "jobs.json").is_file()}
+        raise SoIRError(
+            f"{out} is not a prepared features folder; run create_index.py stage=prepare with the same "
+            "settings first (it prints the features_dir)"
+        )
+    return {
+        name: FeatureShards.prepared(out / name)
+        for name in ("gallery", "queries")
+        if name == "gallery" or (out / name / "jobs.json").is_file()
+    }
 
 
 def check_prepared_identity(out: Path, cfg: DictConfig, extractors: dict, splits: dict[str, FeatureShards]) -> None:
@@ -170,12 +222,18 @@ def check_prepared_identity(out: Path, cfg: DictConfig, extractors: dict, splits
     the inputs' digests, hashed by prepare, are taken from the saved identities (a worker hashes nothing)."""
     fix = "run every stage with the settings (and model, device type) of stage=prepare"
     saved = read_json(out / "identity.json", fix="rerun stage=prepare")
-    gallery = {**settings_identity(cfg, extractors["gallery"], queries=False), "gallery_sha256": saved.get("gallery_sha256")}
+    gallery = {
+        **settings_identity(cfg, extractors["gallery"], queries=False),
+        "gallery_sha256": saved.get("gallery_sha256"),
+    }
     check_identity(out / "identity.json", gallery, "features", fix=fix, save=False)
     if "queries" in splits:
         saved = read_json(out / "queries" / "identity.json", fix="rerun stage=prepare")
-        queries = {**gallery, **settings_identity(cfg, extractors["queries"], queries=True),
-                   "queries_sha256": saved.get("queries_sha256")}
+        queries = {
+            **gallery,
+            **settings_identity(cfg, extractors["queries"], queries=True),
+            "queries_sha256": saved.get("queries_sha256"),
+        }
         check_identity(out / "queries" / "identity.json", queries, "query features", fix=fix, save=False)
 
 
@@ -188,17 +246,23 @@ def build(cfg: DictConfig) -> None:
     out = Path(cfg.features_dir)
     splits = prepared_splits(out)
     with FolderLock(out):
-        stats = {name: shards.stats() for name, shards in splits.items()}    # every shard must exist
+        stats = {name: shards.stats() for name, shards in splits.items()}  # every shard must exist
         refuse_undecodable(cfg, splits, stats)
         gallery = splits["gallery"]
         offsets = gallery.row_offsets()
         if not cfg.no_faiss:
             build_gallery_index(cfg, gallery, out)
         skipped = (out / "bad_images.txt").read_text().splitlines() if (out / "bad_images.txt").is_file() else []
-        summary = dict(features_dir=str(out), gallery_images=gallery.num_images, gallery_rows=offsets[-1],
-                       queries=splits["queries"].num_images if "queries" in splits else 0,
-                       skipped_bad_images=len(skipped), seconds=round(time.time() - started, 1),
-                       gallery_counts=stats["gallery"], query_counts=stats.get("queries", {}))
+        summary = dict(
+            features_dir=str(out),
+            gallery_images=gallery.num_images,
+            gallery_rows=offsets[-1],
+            queries=splits["queries"].num_images if "queries" in splits else 0,
+            skipped_bad_images=len(skipped),
+            seconds=round(time.time() - started, 1),
+            gallery_counts=stats["gallery"],
+            query_counts=stats.get("queries", {}),
+        )
         atomic_write_json(out / "summary.json", summary)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
@@ -208,10 +272,16 @@ def refuse_undecodable(cfg: DictConfig, splits: dict[str, FeatureShards], stats:
     """Under ``bad_images=error``, images whose pixels the workers could not decode are an error here."""
     if cfg.bad_images != "error" or not any(s.get("bad_images") for s in stats.values()):
         return
-    keys = [f"{name}/{shards.records[i]['key']}" for name, shards in splits.items() if stats[name].get("bad_images")
-            for i in shards.failed_images()]
-    raise SoIRError(f"{len(keys)} images could not be decoded at extraction (first: {keys[:5]}); fix or remove them, "
-                    "delete their shards and rerun stage=prepare and stage=extract, or set bad_images=skip")
+    keys = [
+        f"{name}/{shards.records[i]['key']}"
+        for name, shards in splits.items()
+        if stats[name].get("bad_images")
+        for i in shards.failed_images()
+    ]
+    raise SoIRError(
+        f"{len(keys)} images could not be decoded at extraction (first: {keys[:5]}); fix or remove them, "
+        "delete their shards and rerun stage=prepare and stage=extract, or set bad_images=skip"
+    )
 
 
 def build_gallery_index(cfg: DictConfig, gallery: FeatureShards, out: Path) -> None:
@@ -225,10 +295,16 @@ def build_gallery_index(cfg: DictConfig, gallery: FeatureShards, out: Path) -> N
     blocks = len(shard_blocks(gallery.num_shards, cfg.index_blocks or -(-rows // 1_000_000)))
     work = path.with_name(path.stem + "-blocks")
     # The trained index and the blocks are reused by a rerun: only with the settings they were made with.
-    check_identity(work / "identity.json", {"index": cfg.index, "index_train_rows": cfg.index_train_rows,
-                                            "blocks": blocks}, "index blocks", fix=f"delete {work}")
+    check_identity(
+        work / "identity.json",
+        {"index": cfg.index, "index_train_rows": cfg.index_train_rows, "blocks": blocks},
+        "index blocks",
+        fix=f"delete {work}",
+    )
     build_ondisk(gallery, cfg.index, path, work, blocks, cfg.index_train_rows)
-    log.info("%s: %d rows in %d blocks, merged on disk (%s)", path.name, rows, blocks, path.with_suffix(".ivfdata").name)
+    log.info(
+        "%s: %d rows in %d blocks, merged on disk (%s)", path.name, rows, blocks, path.with_suffix(".ivfdata").name
+    )
 
 
 def search_stage(cfg: DictConfig) -> None:
@@ -244,8 +320,10 @@ def query_extractor(cfg: DictConfig, gallery_extractor):
     args = OmegaConf.to_container(cfg.query_extractor_args) if cfg.query_extractor_args else {}
     extractor = extractor_from_config(cfg, cfg.query_extractor, args)
     if extractor.dim != gallery_extractor.dim:
-        raise SoIRError(f"query_extractor={cfg.query_extractor} embeds into {extractor.dim}-d, the gallery's "
-                        f"{cfg.extractor} into {gallery_extractor.dim}-d: they cannot be compared")
+        raise SoIRError(
+            f"query_extractor={cfg.query_extractor} embeds into {extractor.dim}-d, the gallery's "
+            f"{cfg.extractor} into {gallery_extractor.dim}-d: they cannot be compared"
+        )
     log.info("queries: %s (%s), gallery: %s", cfg.query_extractor, extractor.model_name, cfg.extractor)
     return extractor
 
@@ -255,8 +333,10 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
     (sha256, size) by key, and the images left out under bad_images=skip."""
     for name in {cfg.extractor, cfg.query_extractor or cfg.extractor}:
         if cfg.lora_adapt and not capabilities(name)["supports_lora"]:
-            raise SoIRError(f"lora_adapt=true: {name} has no LoRA support; LoRA adapters exist for the families "
-                            f"{', '.join(lora_families())} (their _features / _mi_features extractors)")
+            raise SoIRError(
+                f"lora_adapt=true: {name} has no LoRA support; LoRA adapters exist for the families "
+                f"{', '.join(lora_families())} (their _features / _mi_features extractors)"
+            )
     if not cfg.anns_file:
         raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
     anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
@@ -264,7 +344,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
     queries, gallery = split(anns)
     query_crop = None if cfg.no_query_crop else "tight" if cfg.crop else "square"
     query_masks = "zeroed" if cfg.mask_input else "unmasked" if cfg.query_mi else None
-    if cfg.masks_from == "anns":   # the annotations' own masks (queries' only when they use masks)
+    if cfg.masks_from == "anns":  # the annotations' own masks (queries' only when they use masks)
         captions = annotation_masks(gallery + (queries if query_masks else []), cfg.box_masks)
         source = f"{cfg.anns_file} (masks_from=anns{'' if cfg.box_masks else '; box_masks=true uses boxes'})"
     else:
@@ -275,12 +355,15 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
     if not uses_masks and captions is not None:
         log.warning("the masks (%s) are not used by %s (whole-image embeddings)", source, cfg.extractor)
     if query_masks and not capabilities(cfg.query_extractor or cfg.extractor)["uses_masks"]:
-        raise SoIRError(f"mask_input / query_mi describe queries by Mask Inversion; "
-                        f"{cfg.query_extractor or cfg.extractor} is not an MI extractor")
+        raise SoIRError(
+            f"mask_input / query_mi describe queries by Mask Inversion; "
+            f"{cfg.query_extractor or cfg.extractor} is not an MI extractor"
+        )
     facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
     jobs, skipped = {}, []
-    wanted = gallery_jobs(gallery, captions, uses_masks, cfg.missing_masks, source,
-                          crop=query_crop if cfg.gallery_crop else None)
+    wanted = gallery_jobs(
+        gallery, captions, uses_masks, cfg.missing_masks, source, crop=query_crop if cfg.gallery_crop else None
+    )
     jobs["gallery"], bad = check_jobs(wanted, [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
     skipped += bad
     if not cfg.only_gallery:
@@ -291,8 +374,10 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
         jobs["queries"], bad = check_jobs(wanted, [facts[j.annotation.key] for j in wanted], "queries", cfg.bad_images)
         skipped += bad
     if not jobs["gallery"] or not (cfg.only_gallery or jobs["queries"]):
-        raise SoIRError(f"{cfg.anns_file}: {len(jobs.get('queries', []))} usable queries (with a positive) and "
-                        f"{len(jobs['gallery'])} gallery images; both are needed (only_gallery=true: the gallery)")
+        raise SoIRError(
+            f"{cfg.anns_file}: {len(jobs.get('queries', []))} usable queries (with a positive) and "
+            f"{len(jobs['gallery'])} gallery images; both are needed (only_gallery=true: the gallery)"
+        )
     if not cfg.no_faiss:
         expected_rows = sum(len(job.masks) if job.masks is not None else 1 for job in jobs["gallery"])
         check_factory(cfg.index, cfg.vec_dim, expected_rows if uses_masks else len(jobs["gallery"]))
@@ -304,38 +389,53 @@ def extract_split(name: str, shards: FeatureShards, jobs: list[ImageJob], extrac
     shards.prepare()
     todo = shards.missing()
     if len(todo) < shards.num_shards:
-        log.info("%s: resuming, %d of %d shards already on disk", name, shards.num_shards - len(todo),
-                 shards.num_shards)
+        log.info(
+            "%s: resuming, %d of %d shards already on disk", name, shards.num_shards - len(todo), shards.num_shards
+        )
     progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
     for shard in todo:
         images = shards.image_range(shard)
-        extract_shard(shards, shard, jobs[images.start:images.stop], extractor, cfg, progress)
+        extract_shard(shards, shard, jobs[images.start : images.stop], extractor, cfg, progress)
     progress.close()
 
 
-def extract_shard(shards: FeatureShards, shard: int, jobs: list[ImageJob], extractor, cfg: DictConfig,
-                  progress: tqdm, record_bad_pixels: bool = False) -> None:
+def extract_shard(
+    shards: FeatureShards,
+    shard: int,
+    jobs: list[ImageJob],
+    extractor,
+    cfg: DictConfig,
+    progress: tqdm,
+    record_bad_pixels: bool = False,
+) -> None:
     """Compute and write one shard from its ``jobs`` (the images of ``shards.image_range(shard)``).
 
     An image whose pixels cannot be decoded is an error under ``bad_images=error``, unless
     ``record_bad_pixels`` (stage=extract workers); it is left out, listed in the shard's ``failed`` and
     counted in ``stat.bad_images`` otherwise."""
     first = shards.image_range(shard).start
-    dataset = ViewDataset(jobs, extractor.view_maker(), extractor.global_view_maker(),
-                          empty_to_global=cfg.missing_masks == "global")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=list,
-                        worker_init_fn=worker_init_fn() if cfg.num_workers else None)
+    dataset = ViewDataset(
+        jobs, extractor.view_maker(), extractor.global_view_maker(), empty_to_global=cfg.missing_masks == "global"
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=list,
+        worker_init_fn=worker_init_fn() if cfg.num_workers else None,
+    )
     features, owner, mask_index, failed = [], [], [], []
     stats = {"dropped_masks": 0, "global_fallback": 0, "bad_images": 0}
     for batch in loader:
         indices, views = zip(*batch)
-        indices = [first + i for i in indices]           # image index in the split
+        indices = [first + i for i in indices]  # image index in the split
         for i, v in zip(indices, views):
-            if v.error is not None:            # header fine, pixels not: bad_images decides
+            if v.error is not None:  # header fine, pixels not: bad_images decides
                 if cfg.bad_images == "error" and not record_bad_pixels:
                     raise SoIRError(f"{v.error}; fix or remove the image, or set bad_images=skip")
-                log.warning("%s: %s", "recorded in its shard" if cfg.bad_images == "error" else "bad_images=skip",
-                            v.error)
+                log.warning(
+                    "%s: %s", "recorded in its shard" if cfg.bad_images == "error" else "bad_images=skip", v.error
+                )
                 failed.append(i)
                 stats["bad_images"] += 1
         good = [(i, v) for i, v in zip(indices, views) if v.error is None]
@@ -347,14 +447,24 @@ def extract_shard(shards: FeatureShards, shard: int, jobs: list[ImageJob], extra
             stats["global_fallback"] += v.global_fallback
         progress.update(len(batch))
     empty = torch.empty(0, dtype=torch.long)
-    shards.write(shard, torch.cat(features) if features else torch.empty(0, extractor.dim),
-                 torch.cat(owner) if owner else empty, stats,
-                 torch.cat(mask_index) if mask_index else empty, torch.tensor(failed, dtype=torch.long))
+    shards.write(
+        shard,
+        torch.cat(features) if features else torch.empty(0, extractor.dim),
+        torch.cat(owner) if owner else empty,
+        stats,
+        torch.cat(mask_index) if mask_index else empty,
+        torch.tensor(failed, dtype=torch.long),
+    )
 
 
 def record(ann) -> dict:
-    return {"key": ann.key, "file": str(Path(ann.file).resolve()), "ins": list(ann.ins),
-            "bbox": ann.bbox and list(ann.bbox), "obj_name": ann.obj_name}
+    return {
+        "key": ann.key,
+        "file": str(Path(ann.file).resolve()),
+        "ins": list(ann.ins),
+        "bbox": ann.bbox and list(ann.bbox),
+        "obj_name": ann.obj_name,
+    }
 
 
 def feature_identity(cfg: DictConfig, extractor, jobs: list[ImageJob], facts: dict, queries: bool) -> dict:

@@ -20,6 +20,7 @@ report.html with thumbs/ (``report=false`` turns it off; see utils/report.py).
     python search_index.py features_dir=... query_image=photo.jpg [query_bbox=[x1,y1,x2,y2]] k_search=20
     python search_index.py features_dir=... query_text="a red mug"
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import faiss
+import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -50,7 +51,7 @@ from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, 
 log = logging.getLogger("soir.search_index")
 register()
 
-SCORES_PER_CHUNK = 1 << 26        # query-chunk size bound: [chunk, gallery rows] float32 = 256 MiB
+SCORES_PER_CHUNK = 1 << 26  # query-chunk size bound: [chunk, gallery rows] float32 = 256 MiB
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
@@ -74,18 +75,24 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     streamed from its shards; ``search=faiss`` ranks FAISS's candidates (see the module doc).
     """
     if not (folder / "config.yaml").is_file():
-        raise SoIRError(f"{folder} has no config.yaml: not a create_index.py output folder (or its run "
-                        "stopped before it began; rerun create_index.py)")
+        raise SoIRError(
+            f"{folder} has no config.yaml: not a create_index.py output folder (or its run "
+            "stopped before it began; rerun create_index.py)"
+        )
     made_with = OmegaConf.load(folder / "config.yaml")
     if made_with.get("only_gallery"):
-        raise SoIRError(f"{folder} holds a gallery only (made with only_gallery=true); run create_index.py "
-                        "without only_gallery to add the queries, then search")
+        raise SoIRError(
+            f"{folder} holds a gallery only (made with only_gallery=true); run create_index.py "
+            "without only_gallery to add the queries, then search"
+        )
     shards = {}
     for name in ("gallery", "queries"):
         listing = folder / name / "images.json"
         if not listing.is_file():
-            raise SoIRError(f"{listing} is missing: the extraction did not finish; rerun create_index.py with the "
-                            "same settings, it resumes")
+            raise SoIRError(
+                f"{listing} is missing: the extraction did not finish; rerun create_index.py with the "
+                "same settings, it resumes"
+            )
         records = read_json(listing, fix="rerun create_index.py with the same settings")
         shards[name] = FeatureShards(folder / name, records, made_with.shard_size)
         shards[name].check_complete()
@@ -94,9 +101,15 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         ranked = rank_streamed(cfg, folder, shards["gallery"], shards["queries"])
     else:
         ranked = rank_in_ram(cfg, folder, shards["gallery"], shards["queries"])
-    log.info("%s: %d queries x %d gallery images (%d rows), extractor %s, %s", folder, len(ranked.queries),
-             len(ranked.gallery), ranked.num_rows, made_with.extractor,
-             "FAISS candidates" if cfg.search == "faiss" else "streamed" if ranked.streamed else "in RAM")
+    log.info(
+        "%s: %d queries x %d gallery images (%d rows), extractor %s, %s",
+        folder,
+        len(ranked.queries),
+        len(ranked.gallery),
+        ranked.num_rows,
+        made_with.extractor,
+        "FAISS candidates" if cfg.search == "faiss" else "streamed" if ranked.streamed else "in RAM",
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "config.yaml", out / "features_config.yaml")
@@ -108,9 +121,16 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
                 text = {"text": q["text"]} if cfg.T2I else {}
                 rankings.write(json.dumps({"query": q["key"], "ins": q["ins"], **text, "ranking": ranking}) + "\n")
     results = summarize(ranked.metrics, recall_ks=cfg.recall_at, no_positive=cfg.no_positive)
-    results.update(num_gallery_images=len(ranked.gallery), num_gallery_rows=ranked.num_rows,
-                   features_dir=str(folder), extractor=made_with.extractor, k_search=k, index=cfg.index,
-                   search=str(cfg.search), **ranked.results)
+    results.update(
+        num_gallery_images=len(ranked.gallery),
+        num_gallery_rows=ranked.num_rows,
+        features_dir=str(folder),
+        extractor=made_with.extractor,
+        k_search=k,
+        index=cfg.index,
+        search=str(cfg.search),
+        **ranked.results,
+    )
     if cfg.T2I:
         results.update(T2I=True, text_prompt=cfg.text_prompt)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -120,8 +140,18 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         report_k = min(cfg.report_k, ranked.shown_k())
         shown = Shown(ranked.top[:, :report_k], ranked.top_scores[:, :report_k], ranked.positive[:, :report_k])
         shown.rows = ranked.best_rows(shown.pairs()).reshape(shown.gallery.shape)
-        report = write_report(out, cfg, folder, results, ranked.metrics, shown, ranked.queries, ranked.gallery,
-                              ranked.mask_index, ranked.gallery_features)
+        report = write_report(
+            out,
+            cfg,
+            folder,
+            results,
+            ranked.metrics,
+            shown,
+            ranked.queries,
+            ranked.gallery,
+            ranked.mask_index,
+            ranked.gallery_features,
+        )
         print(f"report: {report}")
     print(f"results: {out}")
     return results
@@ -167,22 +197,24 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     if index_path(folder, cfg.index).is_file() or not OmegaConf.load(folder / "config.yaml").get("no_faiss"):
         index = load_index(index_path(folder, cfg.index))
         if index.ntotal != len(gallery_owner):
-            raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
-                            f"{len(gallery_owner)}; rerun create_index.py")
+            raise SoIRError(
+                f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
+                f"{len(gallery_owner)}; rerun create_index.py"
+            )
     query_anns, gallery_anns = as_annotations(queries, True), as_annotations(gallery, False)
     kept = drop_queries_without_positives(query_anns, gallery_anns, cfg.no_positive)
     if len(kept) < len(query_anns):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
         query_features, query_anns = query_rows["features"], kept
-    if cfg.T2I:       # the queries' texts replace their image vectors; ground truth and gallery unchanged
+    if cfg.T2I:  # the queries' texts replace their image vectors; ground truth and gallery unchanged
         query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
     per_query, top, top_scores, positive = [], [], [], []
     for chunk in query_chunks(len(queries), len(gallery_owner)):
         scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
-        relevant = relevance(query_anns[chunk.start:chunk.stop], gallery_anns)
+        relevant = relevance(query_anns[chunk.start : chunk.stop], gallery_anns)
         per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at, map_at=cfg.map_at))
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]      # ties: lower index first
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: lower index first
         top.append(order)
         top_scores.append(np.take_along_axis(scores, order, 1))
         positive.append(np.take_along_axis(relevant, order, 1))
@@ -190,65 +222,115 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     if index is not None and not is_exact(index):
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
         results[f"index_recall@{min(cfg.k_search, cfg.max_k_search, len(gallery))}"] = index_recall(
-            index, query_features, gallery_features, min(cfg.k_search, cfg.max_k_search, len(gallery)))
-    return Ranked(queries, gallery, len(gallery_owner),
-                  {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]},
-                  np.concatenate(top), np.concatenate(top_scores), np.concatenate(positive),
-                  lambda pairs: best_rows(query_features, query_owner, gallery_features, gallery_owner, pairs),
-                  gallery_rows["mask_index"], gallery_features, results)
+            index, query_features, gallery_features, min(cfg.k_search, cfg.max_k_search, len(gallery))
+        )
+    return Ranked(
+        queries,
+        gallery,
+        len(gallery_owner),
+        {key: np.concatenate([m[key] for m in per_query]) for key in per_query[0]},
+        np.concatenate(top),
+        np.concatenate(top_scores),
+        np.concatenate(positive),
+        lambda pairs: best_rows(query_features, query_owner, gallery_features, gallery_owner, pairs),
+        gallery_rows["mask_index"],
+        gallery_features,
+        results,
+    )
 
 
-def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards,
-                  query_shards: FeatureShards) -> Ranked:
+def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, query_shards: FeatureShards) -> Ranked:
     """The gallery streamed from its shards in blocks of ``search_block_mb`` (utils/streaming.py): exact,
     or (``search=faiss``) over FAISS's candidates. Queries are held in RAM."""
     gallery, has_rows = images_with_rows(gallery_shards)
     features, owner, _ = query_shards.load()
-    queries, query_owner, query_rows = keep_images_with_rows(list(query_shards.records), owner.numpy(),
-                                                             {"features": features.numpy()}, "queries")
-    kept = drop_queries_without_positives(as_annotations(queries, True), as_annotations(gallery, False),
-                                          cfg.no_positive)
+    queries, query_owner, query_rows = keep_images_with_rows(
+        list(query_shards.records), owner.numpy(), {"features": features.numpy()}, "queries"
+    )
+    kept = drop_queries_without_positives(
+        as_annotations(queries, True), as_annotations(gallery, False), cfg.no_positive
+    )
     if len(kept) < len(queries):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
     if cfg.T2I:
         query_rows["features"], query_owner, queries = text_queries(cfg, folder, queries, features.shape[1])
     query_rows = QueryRows(torch.from_numpy(query_rows["features"]), torch.from_numpy(query_owner), len(queries))
     # Relevant pairs over the original image ids; images without rows have no pairs (and are never scored).
-    query, image = relevant_pairs([q["ins"][0] for q in queries],
-                                  (r["ins"] if ok else () for r, ok in zip(gallery_shards.records, has_rows)))
+    query, image = relevant_pairs(
+        [q["ins"][0] for q in queries], (r["ins"] if ok else () for r, ok in zip(gallery_shards.records, has_rows))
+    )
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" \
-        else cfg.device
+    device = (
+        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device
+    )
     block_bytes = int(cfg.search_block_mb * 2**20)
     results = {}
     if cfg.search == "faiss":
         index = load_index(index_path(folder, cfg.index), mmap=True)
         if (num_rows := gallery_shards.row_offsets()[-1]) != index.ntotal:
-            raise SoIRError(f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
-                            f"{num_rows}; rerun create_index.py stage=index")
+            raise SoIRError(
+                f"{index_path(folder, cfg.index)} has {index.ntotal} rows, the gallery shards "
+                f"{num_rows}; rerun create_index.py stage=index"
+            )
         if _has_nprobe(index):
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", cfg.search_nprobe)
-        found = faiss_search(index, query_rows, gallery_shards, query, image, k, cfg.search_candidates,
-                             precision_ks=cfg.precision_at, map_at=cfg.map_at, device=device, block_bytes=block_bytes)
-        results = {"mAP_is_lower_bound": True, "candidate_coverage": float(np.nanmean(found.coverage)),
-                   "search_candidates": cfg.search_candidates or 10 * k}
+        found = faiss_search(
+            index,
+            query_rows,
+            gallery_shards,
+            query,
+            image,
+            k,
+            cfg.search_candidates,
+            precision_ks=cfg.precision_at,
+            map_at=cfg.map_at,
+            device=device,
+            block_bytes=block_bytes,
+        )
+        results = {
+            "mAP_is_lower_bound": True,
+            "candidate_coverage": float(np.nanmean(found.coverage)),
+            "search_candidates": cfg.search_candidates or 10 * k,
+        }
     else:
-        found = streamed_search(query_rows, gallery_shards, query, image, k, precision_ks=cfg.precision_at,
-                                map_at=cfg.map_at, device=device, block_bytes=block_bytes)
+        found = streamed_search(
+            query_rows,
+            gallery_shards,
+            query,
+            image,
+            k,
+            precision_ks=cfg.precision_at,
+            map_at=cfg.map_at,
+            device=device,
+            block_bytes=block_bytes,
+        )
         log.info("index_recall@k is not computed for a streamed gallery (it needs every row in RAM)")
     renumber = np.cumsum(has_rows) - 1
     top = np.where(found.top_index >= 0, renumber[found.top_index], -1)
     rows_of = np.arange(len(queries))[:, None] * len(has_rows) + found.top_index
     positive = (found.top_index >= 0) & np.isin(rows_of, query * len(has_rows) + image)
     kept_ids = np.flatnonzero(has_rows)
-    return Ranked(queries, gallery, gallery_shards.row_offsets()[-1], found.per_query, top, found.top_score, positive,
-                  lambda pairs: streamed_best_rows(query_rows, gallery_shards,
-                                                   np.stack([pairs[:, 0], kept_ids[pairs[:, 1]]], axis=1)),
-                  ShardRows(gallery_shards, "mask_index"), ShardRows(gallery_shards, "features"), results, True)
+    return Ranked(
+        queries,
+        gallery,
+        gallery_shards.row_offsets()[-1],
+        found.per_query,
+        top,
+        found.top_score,
+        positive,
+        lambda pairs: streamed_best_rows(
+            query_rows, gallery_shards, np.stack([pairs[:, 0], kept_ids[pairs[:, 1]]], axis=1)
+        ),
+        ShardRows(gallery_shards, "mask_index"),
+        ShardRows(gallery_shards, "features"),
+        results,
+        True,
+    )
 
 
-def text_queries(cfg: DictConfig, folder: Path, queries: list[dict],
-                 dim: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def text_queries(
+    cfg: DictConfig, folder: Path, queries: list[dict], dim: int
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """T2I: the queries' text vectors [Q, D], owner [Q] and records with their ``text`` (utils/own_queries.py)."""
     features, owner, texts = text_query_rows(cfg, folder, OmegaConf.load(folder / "config.yaml"), queries, dim)
     return features, owner, [{**q, "text": t} for q, t in zip(queries, texts)]
@@ -270,41 +352,52 @@ def images_with_rows(shards: FeatureShards) -> tuple[list[dict], np.ndarray]:
         has_rows[shards.read_owner(shard).numpy()] = True
     records = list(shards.records)
     if not has_rows.all():
-        log.warning("%d %s images have no features (unreadable, bad_images=skip) and are left out of the "
-                    "evaluation: %s", int((~has_rows).sum()), shards.folder.name,
-                    [r["key"] for r, ok in zip(records, has_rows) if not ok][:10])
+        log.warning(
+            "%d %s images have no features (unreadable, bad_images=skip) and are left out of the evaluation: %s",
+            int((~has_rows).sum()),
+            shards.folder.name,
+            [r["key"] for r, ok in zip(records, has_rows) if not ok][:10],
+        )
     return [r for r, ok in zip(records, has_rows) if ok], has_rows
 
 
-def keep_images_with_rows(records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray],
-                          split: str) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
+def keep_images_with_rows(
+    records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray], split: str
+) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
     """Leave out the images that own no rows (their pixels could not be decoded, bad_images=skip;
     logged with the count), renumbering ``owner``; ``rows`` holds per-row arrays (features, ...)."""
     has_rows = np.bincount(owner, minlength=len(records)) > 0
     if has_rows.all():
         return records, owner, rows
-    log.warning("%d %s images have no features (unreadable, bad_images=skip) and are left out of the "
-                "evaluation: %s", int((~has_rows).sum()), split,
-                [r["key"] for r, ok in zip(records, has_rows) if not ok][:10])
+    log.warning(
+        "%d %s images have no features (unreadable, bad_images=skip) and are left out of the evaluation: %s",
+        int((~has_rows).sum()),
+        split,
+        [r["key"] for r, ok in zip(records, has_rows) if not ok][:10],
+    )
     return select_images(records, owner, rows, [r["key"] for r, ok in zip(records, has_rows) if ok])
 
 
-def select_images(records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray],
-                  keys: list[str]) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
+def select_images(
+    records: list[dict], owner: np.ndarray, rows: dict[str, np.ndarray], keys: list[str]
+) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray]]:
     """The images named by ``keys`` (in record order) and their rows, with ``owner`` renumbered."""
     wanted = set(keys)
     keep = np.array([r["key"] in wanted for r in records], dtype=bool)
     new_index = np.cumsum(keep) - 1
     kept_rows = keep[owner]
-    return ([r for r, k in zip(records, keep) if k], new_index[owner[kept_rows]],
-            {name: values[kept_rows] for name, values in rows.items()})
+    return (
+        [r for r, k in zip(records, keep) if k],
+        new_index[owner[kept_rows]],
+        {name: values[kept_rows] for name, values in rows.items()},
+    )
 
 
 def index_recall(index, query_features: np.ndarray, gallery_features: np.ndarray, k: int) -> float:
     """Neighbour recall@k of ``index`` over all query rows, against exact top-k rows (in chunks)."""
     hits = 0.0
     for chunk in query_chunks(len(query_features), len(gallery_features)):
-        queries = query_features[chunk.start:chunk.stop]
+        queries = query_features[chunk.start : chunk.stop]
         exact_top = np.argpartition(-(queries @ gallery_features.T), k - 1, axis=1)[:, :k]
         hits += neighbour_recall(index, queries, exact_top) * len(queries)
     return hits / len(query_features)
@@ -315,8 +408,14 @@ def query_chunks(num_queries: int, num_rows: int) -> list[range]:
     return [range(i, min(num_queries, i + size)) for i in range(0, num_queries, size)]
 
 
-def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: range,
-                 gallery_features: np.ndarray, gallery_owner: np.ndarray, num_gallery: int) -> np.ndarray:
+def image_scores(
+    query_features: np.ndarray,
+    query_owner: np.ndarray,
+    chunk: range,
+    gallery_features: np.ndarray,
+    gallery_owner: np.ndarray,
+    num_gallery: int,
+) -> np.ndarray:
     """Exact [len(chunk), num_gallery] scores (inner products of unit vectors): max over the rows of
     each gallery image, and over the rows of each query (a query with several masks matches an image
     if any of its vectors does)."""
@@ -325,8 +424,13 @@ def image_scores(query_features: np.ndarray, query_owner: np.ndarray, chunk: ran
     return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
 
 
-def best_rows(query_features: np.ndarray, query_owner: np.ndarray, gallery_features: np.ndarray,
-              gallery_owner: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def best_rows(
+    query_features: np.ndarray,
+    query_owner: np.ndarray,
+    gallery_features: np.ndarray,
+    gallery_owner: np.ndarray,
+    pairs: np.ndarray,
+) -> np.ndarray:
     """The gallery row that gives each (query image, gallery image) pair its :func:`image_scores`
     score: the row of the pair's best (query row, gallery row) inner product, the first one on ties.
 
@@ -352,10 +456,15 @@ def streamed_best_rows(queries: QueryRows, gallery: FeatureShards, pairs: np.nda
         starts, stops = np.searchsorted(shard_owner, wanted, "left"), np.searchsorted(shard_owner, wanted, "right")
         ids = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])
         features.append(gallery.read_ranges(int(shard), starts, stops).numpy())
-        owner.append(np.searchsorted(images, shard_owner[ids]))              # compact ids: position in images
+        owner.append(np.searchsorted(images, shard_owner[ids]))  # compact ids: position in images
         row_ids.append(offsets[shard] + ids)
-    local = best_rows(queries.features.numpy(), queries.owner.numpy(), np.concatenate(features), np.concatenate(owner),
-                      np.stack([pairs[:, 0], np.searchsorted(images, pairs[:, 1])], axis=1))
+    local = best_rows(
+        queries.features.numpy(),
+        queries.owner.numpy(),
+        np.concatenate(features),
+        np.concatenate(owner),
+        np.stack([pairs[:, 0], np.searchsorted(images, pairs[:, 1])], axis=1),
+    )
     return np.concatenate(row_ids)[local]
 
 
@@ -367,8 +476,17 @@ def rows_by_owner(owner: np.ndarray) -> list[np.ndarray]:
 
 def as_annotations(records: list[dict], is_query: bool) -> list[Annotation]:
     """The ``images.json`` records written by create_index.py, back as annotations."""
-    return [Annotation(key=r["key"], file=Path(r["file"]), ins=tuple(r["ins"]), is_query=is_query,
-                       bbox=r["bbox"] and tuple(r["bbox"]), obj_name=r["obj_name"]) for r in records]
+    return [
+        Annotation(
+            key=r["key"],
+            file=Path(r["file"]),
+            ins=tuple(r["ins"]),
+            is_query=is_query,
+            bbox=r["bbox"] and tuple(r["bbox"]),
+            obj_name=r["obj_name"],
+        )
+        for r in records
+    ]
 
 
 def write_per_query_csv(path: Path, queries: list[dict], metrics: dict[str, np.ndarray]) -> None:
@@ -376,8 +494,15 @@ def write_per_query_csv(path: Path, queries: list[dict], metrics: dict[str, np.n
         writer = csv.writer(f)
         writer.writerow(["query", "ins", "positives", "first_positive_rank", "ap"])
         for i, q in enumerate(queries):
-            writer.writerow([q["key"], " ".join(map(str, q["ins"])), int(metrics["num_positives"][i]),
-                             int(metrics["first_positive_rank"][i]), f"{metrics['ap'][i]:.6f}"])
+            writer.writerow(
+                [
+                    q["key"],
+                    " ".join(map(str, q["ins"])),
+                    int(metrics["num_positives"][i]),
+                    int(metrics["first_positive_rank"][i]),
+                    f"{metrics['ap'][i]:.6f}",
+                ]
+            )
 
 
 def print_table(results: dict) -> None:
@@ -389,8 +514,11 @@ def print_table(results: dict) -> None:
     print(" | ".join(f"{100 * value:7.2f}" for _, value in cells))
     print(f"{results['num_queries']} queries, {results['num_gallery_images']} gallery images (numbers in %)")
     if lower:
-        print(f"search=faiss: ranked among FAISS's candidates only, which hold {100 * results['candidate_coverage']:.2f}% "
-              "of the positives; mAP (lb) is a lower bound of the full-gallery mAP")
+        print(
+            f"search=faiss: ranked among FAISS's candidates only, which hold "
+            f"{100 * results['candidate_coverage']:.2f}% "
+            "of the positives; mAP (lb) is a lower bound of the full-gallery mAP"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ by DataLoader workers) and the model (``Extractor.embed``, batched, inference mo
 
     python benchmarks/extract_speed.py [--families siglip dinov2 clip] [--images 32] [--batch 16] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,40 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from extractors import CLIPExtractor, DINOv2Extractor, SigLIPExtractor  # noqa: E402
-from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model, SiglipImageProcessor,
-                          SiglipVisionConfig, SiglipVisionModel)
+from transformers import (
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from extractors import CLIPExtractor, DINOv2Extractor, SigLIPExtractor
 
 # Full-size ViT-B configs of the default checkpoints (random weights).
 FAMILIES = {
-    "siglip": ("SigLIP-B/16-384", SigLIPExtractor,
-               lambda: SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=16)),
-               lambda: SiglipImageProcessor(size={"height": 384, "width": 384})),
-    "dinov2": ("DINOv2-B/14-224", DINOv2Extractor,
-               lambda: Dinov2Model(Dinov2Config(image_size=518, patch_size=14)),
-               lambda: BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
-    "clip": ("CLIP-B/16-224", CLIPExtractor,
-             lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512)),
-             lambda: CLIPImageProcessor()),
+    "siglip": (
+        "SigLIP-B/16-384",
+        SigLIPExtractor,
+        lambda: SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=16)),
+        lambda: SiglipImageProcessor(size={"height": 384, "width": 384}),
+    ),
+    "dinov2": (
+        "DINOv2-B/14-224",
+        DINOv2Extractor,
+        lambda: Dinov2Model(Dinov2Config(image_size=518, patch_size=14)),
+        lambda: BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}),
+    ),
+    "clip": (
+        "CLIP-B/16-224",
+        CLIPExtractor,
+        lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512)),
+        lambda: CLIPImageProcessor(),
+    ),
 }
 
 
@@ -50,8 +69,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)) for _ in range(args.images)]
 
-    print(f"device={args.device} precision={args.precision} torch threads={args.threads} "
-          f"images={args.images} (1024x768) batch={args.batch}")
+    print(
+        f"device={args.device} precision={args.precision} torch threads={args.threads} "
+        f"images={args.images} (1024x768) batch={args.batch}"
+    )
     print(f"{'model':<18}{'preprocess img/s':>18}{'model img/s':>14}{'end-to-end img/s':>19}")
     for name in args.families:
         label, cls, build_model, build_processor = FAMILIES[name]
@@ -62,10 +83,10 @@ def main() -> None:
             start = time.perf_counter()
             pixels = torch.stack([extractor.preprocess.image(im) for im in images])
             t_pre = time.perf_counter() - start
-            extractor.embed(pixels[:2])                                   # warm-up
+            extractor.embed(pixels[:2])  # warm-up
             start = time.perf_counter()
             for i in range(0, len(pixels), args.batch):
-                extractor.embed(pixels[i:i + args.batch])
+                extractor.embed(pixels[i : i + args.batch])
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t_model = time.perf_counter() - start

@@ -24,6 +24,7 @@ in fp32 to itself in float64 (``fp32 noise``), the scale the other cosines must 
     python benchmarks/gpu_check.py --device cpu --quick  # logic check anywhere (fused variants skipped)
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --device cpu --quick   # fused kernels interpreted too
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.mi_speed import FAMILIES, build, inputs  # noqa: E402
-from utils import legrad_kernels  # noqa: E402
-from utils.legrad import LeGrad, _PositiveColumnMean  # noqa: E402
-from utils.mask_inversion import mask_inversion  # noqa: E402
-from utils.vit_adapters import vit_parts  # noqa: E402
+from benchmarks.mi_speed import FAMILIES, build, inputs
+from utils import legrad_kernels
+from utils.legrad import LeGrad, _PositiveColumnMean
+from utils.mask_inversion import mask_inversion
+from utils.vit_adapters import vit_parts
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 # name -> mask_inversion keyword arguments; "dense" is today's engine, the baseline of every cosine
@@ -76,12 +77,16 @@ class Utilisation:
     def _read(self) -> float | None:
         try:
             return float(torch.cuda.utilization(self.device))
-        except Exception:                                           # noqa: BLE001 - no NVML: try the CLI
+        except Exception:  # noqa: BLE001 - no NVML: try the CLI
             if shutil.which("nvidia-smi") is None:
                 return None
             index = self.device.index or 0
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                  "-i", str(index)], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             return float(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
     def _watch(self):
@@ -125,7 +130,7 @@ def check_kernels(device: torch.device) -> list[dict]:
     if not legrad_kernels.triton_available() or (device.type != "cuda" and not INTERPRETED):
         return [dict(check="fused kernels", result="skipped: needs CUDA (or TRITON_INTERPRET=1) and Triton")]
     cases = [(torch.float64, "fp32", 200), (torch.float32, "fp32", 576)]
-    if device.type == "cuda":          # the interpreter has no TF32 and multiplies bf16 bit patterns
+    if device.type == "cuda":  # the interpreter has no TF32 and multiplies bf16 bit patterns
         cases += [(torch.float32, "tf32", 576), (torch.float32, "bf16", 576)]
     rows = []
     for dtype, precision, T in cases:
@@ -136,13 +141,17 @@ def check_kernels(device: torch.device) -> list[dict]:
         grad = torch.randn(B, P, T, generator=generator, dtype=dtype).to(device)
         uh = u.unflatten(-1, (H, dh)).transpose(2, 3).detach().requires_grad_(True)
         ref = _PositiveColumnMean.apply(uh, V[:, None])
-        ref_du, = torch.autograd.grad(ref, uh, grad)
+        (ref_du,) = torch.autograd.grad(ref, uh, grad)
         ref_du = ref_du.transpose(2, 3).flatten(-2)
         relevance = legrad_kernels.fused_forward(u, V, precision)
         du = legrad_kernels.fused_backward(u, V, grad, precision)
-        rows.append(dict(check=f"fused kernels {str(dtype)[6:]} {precision} T={T}",
-                         result=f"relevance rel. err {relative_error(relevance, ref):.1e}, "
-                                f"gradient rel. err {relative_error(du, ref_du):.1e}"))
+        rows.append(
+            dict(
+                check=f"fused kernels {str(dtype)[6:]} {precision} T={T}",
+                result=f"relevance rel. err {relative_error(relevance, ref):.1e}, "
+                f"gradient rel. err {relative_error(du, ref_du):.1e}",
+            )
+        )
     return rows
 
 
@@ -152,49 +161,61 @@ def check_against_cpu(family: str, device: torch.device, iterations: int) -> dic
     name, cpu_model, size = build(family, torch.device("cpu"))
     _, model, _ = build(family, device)
     pixels, masks, kw = inputs(cpu_model, size, 1, 2, torch.device("cpu"))
-    e = F.normalize(torch.randn(1, 2, cpu_model_out_dim(cpu_model), generator=torch.Generator().manual_seed(0)),
-                    dim=-1)
+    e = F.normalize(torch.randn(1, 2, cpu_model_out_dim(cpu_model), generator=torch.Generator().manual_seed(0)), dim=-1)
     results = []
     for m, where in ((cpu_model, torch.device("cpu")), (model, device)):
         legrad = LeGrad(vit_parts(m), pixels.to(where), **kw)
         x = e.to(where).requires_grad_(True)
         relevance = legrad.patch_relevance(x)
-        grad, = torch.autograd.grad((relevance ** 2).sum(), x)
+        (grad,) = torch.autograd.grad((relevance**2).sum(), x)
         vectors = mask_inversion(m, pixels.to(where), masks.to(where), iterations=iterations, **kw)
         results.append((legrad.impl, relevance.detach().cpu(), grad.cpu(), vectors.cpu()))
     (cpu_impl, cpu_rel, cpu_grad, cpu_vec), (impl, rel, grad, vec) = results
-    return dict(family=name, impl=f"{impl} vs cpu {cpu_impl}", relevance_err=relative_error(rel, cpu_rel),
-                grad_err=relative_error(grad, cpu_grad), cosine=min_cosine(vec, cpu_vec))
+    return dict(
+        family=name,
+        impl=f"{impl} vs cpu {cpu_impl}",
+        relevance_err=relative_error(rel, cpu_rel),
+        grad_err=relative_error(grad, cpu_grad),
+        cosine=min_cosine(vec, cpu_vec),
+    )
 
 
 def cpu_model_out_dim(model) -> int:
     return getattr(model.config, "projection_dim", None) or model.config.hidden_size
 
 
-def time_variants(family: str, device: torch.device, images: int, masks_per_image: int, iterations: int,
-                  variants: dict) -> tuple[str, list[dict]]:
+def time_variants(
+    family: str, device: torch.device, images: int, masks_per_image: int, iterations: int, variants: dict
+) -> tuple[str, list[dict]]:
     name, model, size = build(family, device)
     pixels, masks, kw = inputs(model, size, images, masks_per_image, device)
     objects = images * masks_per_image
     rows, vectors = [], {}
     for variant, kwargs in variants.items():
-        mask_inversion(model, pixels, masks, iterations=2, **kwargs, **kw)     # compile / warm up
+        mask_inversion(model, pixels, masks, iterations=2, **kwargs, **kw)  # compile / warm up
         synchronize(device)
         with Utilisation(device) as load:
             start = time.perf_counter()
             vectors[variant] = mask_inversion(model, pixels, masks, iterations=iterations, **kwargs, **kw)
             synchronize(device)
             seconds = time.perf_counter() - start
-        rows.append(dict(family=name, variant=variant, ms_per_object=1e3 * seconds / objects,
-                         utilisation=load.mean))
+        rows.append(dict(family=name, variant=variant, ms_per_object=1e3 * seconds / objects, utilisation=load.mean))
     baseline, fused = vectors["dense (today)"], vectors.get("fused", vectors.get("blockwise"))
     for row in rows:
         row["cos_today"] = min_cosine(vectors[row["variant"]], baseline)
         row["cos_fused_fp32"] = min_cosine(vectors[row["variant"]], fused)
     # the scale of fp32 rounding after `iterations` steps: today's engine in fp32 against float64
     fp64 = mask_inversion(model.double(), pixels.double(), masks, iterations=iterations, impl="dense", **kw)
-    rows.append(dict(family=name, variant="fp32 noise: dense fp32 vs fp64", ms_per_object=None, utilisation=None,
-                     cos_today=min_cosine(baseline, fp64), cos_fused_fp32=min_cosine(fused, fp64)))
+    rows.append(
+        dict(
+            family=name,
+            variant="fp32 noise: dense fp32 vs fp64",
+            ms_per_object=None,
+            utilisation=None,
+            cos_today=min_cosine(baseline, fp64),
+            cos_fused_fp32=min_cosine(fused, fp64),
+        )
+    )
     return name, rows
 
 
@@ -203,15 +224,25 @@ def table(kernels: list[dict], cpu_checks: list[dict], timings: list[dict], head
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     lines = [header, "", "Kernels against the dense relevance step (random problems on the device):"]
     lines += [f"  {row['check']:34} {row['result']}" for row in kernels]
-    lines += ["", "Device against CPU (1 image x 2 masks):",
-              f"  {'model':19} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}"]
-    lines += [f"  {r['family']:19} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} "
-              f"{r['cosine']:10.7f}" for r in cpu_checks]
-    lines += ["", "Speed (ms per object = one call's wall time / objects) and agreement (min cosine over objects):",
-              f"  {'model':19} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}"]
-    lines += [f"  {r['family']:19} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
-              f"{fmt(r['utilisation'], '10.0f'):>10} {r['cos_today']:9.6f} {r['cos_fused_fp32']:9.6f}"
-              for r in timings]
+    lines += [
+        "",
+        "Device against CPU (1 image x 2 masks):",
+        f"  {'model':19} {'engines':28} {'relevance err':>13} {'gradient err':>12} {'MI cosine':>10}",
+    ]
+    lines += [
+        f"  {r['family']:19} {r['impl']:28} {r['relevance_err']:13.1e} {r['grad_err']:12.1e} {r['cosine']:10.7f}"
+        for r in cpu_checks
+    ]
+    lines += [
+        "",
+        "Speed (ms per object = one call's wall time / objects) and agreement (min cosine over objects):",
+        f"  {'model':19} {'variant':32} {'ms/object':>9} {'GPU util %':>10} {'cos today':>9} {'cos fused':>9}",
+    ]
+    lines += [
+        f"  {r['family']:19} {r['variant']:32} {fmt(r['ms_per_object'], '9.2f'):>9} "
+        f"{fmt(r['utilisation'], '10.0f'):>10} {r['cos_today']:9.6f} {r['cos_fused_fp32']:9.6f}"
+        for r in timings
+    ]
     return "\n".join(lines)
 
 
@@ -236,8 +267,10 @@ def main() -> None:
         sys.exit("gpu_check: --device cuda but torch sees no CUDA device; use --device cpu for a logic check")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     triton_version = getattr(legrad_kernels.triton, "__version__", "not installed")
-    header = (f"gpu_check: {where}, torch {torch.__version__}, triton {triton_version}; {args.images} images x "
-              f"{args.masks} masks, {args.iterations} iterations, full-size random weights")
+    header = (
+        f"gpu_check: {where}, torch {torch.__version__}, triton {triton_version}; {args.images} images x "
+        f"{args.masks} masks, {args.iterations} iterations, full-size random weights"
+    )
     print(header, flush=True)
     started = time.perf_counter()
     kernels = check_kernels(device)
@@ -257,8 +290,9 @@ def main() -> None:
         out = Path(os.environ["OUT"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.txt").write_text(text + "\n")
-        (out / "gpu_check.json").write_text(json.dumps(dict(kernels=kernels, cpu=cpu_checks, timings=timings),
-                                                       indent=1))
+        (out / "gpu_check.json").write_text(
+            json.dumps(dict(kernels=kernels, cpu=cpu_checks, timings=timings), indent=1)
+        )
 
 
 if __name__ == "__main__":

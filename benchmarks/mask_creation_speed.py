@@ -1,7 +1,8 @@
 """Speed of scripts/create_masked_dataset.py with full-size random OWLv2-B/16 (960 px) and SAM ViT-B.
 
 Models are built from configs with random weights (no download): ``Owlv2Config()`` defaults
-(ViT-B/16) with ``image_size=960`` as in google/owlv2-base-patch16-ensemble (3600 boxes per image) with the detection heads redrawn at
+(ViT-B/16) with ``image_size=960`` as in google/owlv2-base-patch16-ensemble (3600 boxes per image)
+with the detection heads redrawn at
 1/sqrt(fan_in) (``scripts/make_tiny_models.redraw_owlv2_heads``; OWLv2's own init
 saturates every score to 0 or 1 and no box survives), and SAM ``vit_b``. Both are saved to a
 temp folder and the script's real ``run()`` processes ``--images`` synthetic photos (smooth
@@ -16,6 +17,7 @@ upsampling to full size), rle (pycocotools encoding), write (shards). With ``--n
     python benchmarks/mask_creation_speed.py                       # CPU, 4 images 1024x768
     python benchmarks/mask_creation_speed.py --device cuda --images 32 --batch_size 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +33,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor  # noqa: E402
+from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-from scripts import create_masked_dataset  # noqa: E402
-from utils import mask_creation  # noqa: E402
-from utils.mask_models import SAM_ARCHITECTURES, build_sam  # noqa: E402
-from scripts.make_tiny_models import redraw_owlv2_heads  # noqa: E402
+from scripts import create_masked_dataset
+from scripts.make_tiny_models import redraw_owlv2_heads
+from utils import mask_creation
+from utils.mask_models import SAM_ARCHITECTURES, build_sam
 
 
 def save_models(folder: Path) -> tuple[Path, Path]:
@@ -79,20 +81,39 @@ def main() -> None:
         owlv2_dir, checkpoint = save_models(tmp)
         save_images(tmp / "images", args.images, width, height)
         print(f"built and saved random OWLv2-B/16 + SAM ViT-B in {time.perf_counter() - start:.1f} s")
-        run_args = create_masked_dataset.parse_args([
-            "--input_dir", str(tmp / "images"), "--output_dir", str(tmp / "out"),
-            "--owlv2_model", str(owlv2_dir), "--sam_checkpoint", str(checkpoint),
-            "--device", args.device, "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
-            "--max_objects", str(args.max_objects)])
+        run_args = create_masked_dataset.parse_args(
+            [
+                "--input_dir",
+                str(tmp / "images"),
+                "--output_dir",
+                str(tmp / "out"),
+                "--owlv2_model",
+                str(owlv2_dir),
+                "--sam_checkpoint",
+                str(checkpoint),
+                "--device",
+                args.device,
+                "--batch_size",
+                str(args.batch_size),
+                "--num_workers",
+                str(args.num_workers),
+                "--max_objects",
+                str(args.max_objects),
+            ]
+        )
         summary = mask_creation.run(run_args)
 
     stages = {k: v for k, v in summary["stage_seconds_this_run"].items() if k != "load_models"}
     total = sum(stages.values())
     objects = summary["objects"]
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.images} images {width}x{height}, batch {args.batch_size}, {device}: "
-          f"{args.images / total:.3f} images/s, {objects} objects, "
-          f"{1000 * total / max(objects, 1):.0f} ms per object, {1000 * total / args.images:.0f} ms per image")
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"\n{args.images} images {width}x{height}, batch {args.batch_size}, {device}: "
+        f"{args.images / total:.3f} images/s, {objects} objects, "
+        f"{1000 * total / max(objects, 1):.0f} ms per object, {1000 * total / args.images:.0f} ms per image"
+    )
     print("\n| stage | s total | ms / image | share |\n|---|---:|---:|---:|")
     for name, seconds in stages.items():
         print(f"| {name} | {seconds:.2f} | {1000 * seconds / args.images:.0f} | {100 * seconds / total:.1f} % |")

@@ -5,6 +5,7 @@ metric functions, the way an evaluation loop over query batches uses them; only 
 
     python benchmarks/metrics_speed.py [--queries 10000] [--gallery 100000] [--positives 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import metrics  # noqa: E402
+from utils import metrics
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ mask) in each implementation, and the [T, 4D] x [4D, D] chain that computes u an
     python benchmarks/mi_speed.py --families dinov2 --iterations 20 --masks 1   # quick
     python benchmarks/mi_speed.py --device cuda --images 8 --masks 8 --no-reference --impls dense fused
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,34 +51,63 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config,  # noqa: E402
-                          Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, DINOv3ViTConfig,
-                          DINOv3ViTModel, Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig,
-                          SiglipVisionModel)
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
-import torch.nn.functional as F  # noqa: E402
-
-from utils.mi_reference import reference_mask_inversion  # noqa: E402
-from utils import legrad_kernels  # noqa: E402
-from utils.legrad import IMPLS, LeGrad, _PositiveColumnMean, _token_gradients, _token_gradients_backward  # noqa: E402
-from utils.mask_inversion import mask_inversion  # noqa: E402
-from utils.preprocessing import NaFlexPreprocess  # noqa: E402
-from utils.vit_adapters import vit_parts  # noqa: E402
+from utils import legrad_kernels
+from utils.legrad import IMPLS, LeGrad, _PositiveColumnMean, _token_gradients, _token_gradients_backward
+from utils.mask_inversion import mask_inversion
+from utils.mi_reference import reference_mask_inversion
+from utils.preprocessing import NaFlexPreprocess
+from utils.vit_adapters import vit_parts
 
 # family: (label, model builder, image size: square side in pixels, or for NaFlex the (height, width) of a photo)
 FAMILIES = {
     "siglip": ("SigLIP-B/16-384", lambda: SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=16)), 384),
     "dinov2": ("DINOv2-B/14-224", lambda: Dinov2Model(Dinov2Config(image_size=224, patch_size=14)), 224),
-    "clip": ("CLIP-B/16-224", lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=224, patch_size=16)), 224),
-    "dinov2reg": ("DINOv2reg-B/14-224", lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
-        image_size=224, patch_size=14, num_register_tokens=4)), 224),
-    "dinov3": ("DINOv3-B/16-224", lambda: DINOv3ViTModel(DINOv3ViTConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_register_tokens=4,
-        image_size=224, patch_size=16)), 224),
+    "clip": (
+        "CLIP-B/16-224",
+        lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=224, patch_size=16)),
+        224,
+    ),
+    "dinov2reg": (
+        "DINOv2reg-B/14-224",
+        lambda: Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(image_size=224, patch_size=14, num_register_tokens=4)
+        ),
+        224,
+    ),
+    "dinov3": (
+        "DINOv3-B/16-224",
+        lambda: DINOv3ViTModel(
+            DINOv3ViTConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_register_tokens=4,
+                image_size=224,
+                patch_size=16,
+            )
+        ),
+        224,
+    ),
     "siglip2": ("SigLIP2-B/16-NaFlex", lambda: Siglip2VisionModel(Siglip2VisionConfig(num_patches=256)), (480, 640)),
 }
 PER_ITERATION_RUN = 20
-warnings.filterwarnings("ignore", category=FutureWarning)   # torch.jit deprecation noise from transformers
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation noise from transformers
 
 
 class PeakRSS:
@@ -149,23 +179,30 @@ def inputs(model, size, images: int, masks: int, device: torch.device):
         for p in range(masks):
             h = torch.randint(height // 20, height * 2 // 5, (1,), generator=generator).item()
             w = torch.randint(width // 20, width * 2 // 5, (1,), generator=generator).item()
-            y, x = torch.randint(0, height - h, (1,), generator=generator).item(), \
-                torch.randint(0, width - w, (1,), generator=generator).item()
-            m[b, p, y:y + h, x:x + w] = 1
+            y, x = (
+                torch.randint(0, height - h, (1,), generator=generator).item(),
+                torch.randint(0, width - w, (1,), generator=generator).item(),
+            )
+            m[b, p, y : y + h, x : x + w] = 1
     return pixels.to(device), m.to(device), kw
 
 
 def bench_engines(model, pixels, masks, kw: dict, iterations: int, device: torch.device, impls: list[str]) -> dict:
     """Per implementation: full-call and per-iteration cost per object (see the module docstring)."""
     objects = masks.shape[0] * masks.shape[1]
-    runs = {impl: (lambda n, impl=impl: timed(lambda: mask_inversion(model, pixels, masks, iterations=n,
-                                                                     impl=impl, **kw), device))
-            for impl in impls}
+    runs = {
+        impl: (
+            lambda n, impl=impl: timed(
+                lambda: mask_inversion(model, pixels, masks, iterations=n, impl=impl, **kw), device
+            )
+        )
+        for impl in impls
+    }
     for run in runs.values():
-        run(1)                                               # warm-up (allocator, lazy init, kernels)
+        run(1)  # warm-up (allocator, lazy init, kernels)
     t0 = {impl: [] for impl in impls}
     t20 = {impl: [] for impl in impls}
-    for repeat in range(3):                                  # interleaved: A B A B ...
+    for repeat in range(3):  # interleaved: A B A B ...
         for impl, run in runs.items():
             t0[impl].append(run(0))
             if repeat < 2:
@@ -179,9 +216,13 @@ def bench_engines(model, pixels, masks, kw: dict, iterations: int, device: torch
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
         wall0, cpu0 = min(w for w, _ in t0[impl]), min(c for _, c in t0[impl])
         wall20, cpu20 = min(w for w, _ in t20[impl]), min(c for _, c in t20[impl])
-        results[impl] = dict(per_object=t_full / objects, setup=wall0, peak_mb=peak,
-                             per_iteration=(wall20 - wall0) / PER_ITERATION_RUN / objects,
-                             cpu_per_iteration=(cpu20 - cpu0) / PER_ITERATION_RUN / objects)
+        results[impl] = dict(
+            per_object=t_full / objects,
+            setup=wall0,
+            peak_mb=peak,
+            per_iteration=(wall20 - wall0) / PER_ITERATION_RUN / objects,
+            cpu_per_iteration=(cpu20 - cpu0) / PER_ITERATION_RUN / objects,
+        )
     return results
 
 
@@ -209,8 +250,16 @@ def bench_reference(model, pixels, masks, kw: dict, device: torch.device) -> dic
     """One image, one mask: t(0) and per-iteration cost of the plain reference."""
     one_pixels, one_mask = pixels[:1], masks[:1, :1]
     one_kw = {k: v[:1] for k, v in kw.items()}
-    run = lambda n: timed(lambda: reference_mask_inversion(model, one_pixels, one_mask,  # noqa: E731
-                                                            iterations=n, **one_kw), device)[0]
+    run = lambda n: timed(
+        lambda: reference_mask_inversion(
+            model,
+            one_pixels,
+            one_mask,  # noqa: E731
+            iterations=n,
+            **one_kw,
+        ),
+        device,
+    )[0]
     run(1)
     t0 = min(run(0) for _ in range(3))
     t20 = min(run(PER_ITERATION_RUN) for _ in range(2))
@@ -226,7 +275,7 @@ def best_of(fn, device: torch.device, repeats: int = 3) -> float:
 def matmul_gflops(device: torch.device, n: int = 2048) -> float:
     """fp32 GFLOP/s of an n x n x n matmul: the machine's yardstick for the tables' GFLOP/s."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n ** 3 / best_of(lambda: a @ b, device) / 1e9
+    return 2 * n**3 / best_of(lambda: a @ b, device) / 1e9
 
 
 def bench_products(model, pixels, masks, kw: dict, device: torch.device, impls: list[str]) -> list[tuple]:
@@ -236,8 +285,12 @@ def bench_products(model, pixels, masks, kw: dict, device: torch.device, impls: 
     B, P = masks.shape[:2]
     H, T, dh = k.V.shape[1:]
     F_mlp, D = k.M.shape
-    w = F.normalize(torch.randn(B, P, legrad.g.shape[-1], generator=torch.Generator().manual_seed(0)).to(legrad.g),
-                    dim=-1) @ k.J
+    w = (
+        F.normalize(
+            torch.randn(B, P, legrad.g.shape[-1], generator=torch.Generator().manual_seed(0)).to(legrad.g), dim=-1
+        )
+        @ k.J
+    )
     everything = slice(0, B)
     u = _token_gradients(k, everything, w)
     grad = torch.randn(B, P, T, generator=torch.Generator().manual_seed(1)).to(u)
@@ -247,18 +300,22 @@ def bench_products(model, pixels, masks, kw: dict, device: torch.device, impls: 
     relevance_flops = 4 * H * T * T * dh
     for impl in impls:
         if impl == "dense":
+
             def step():
                 uh = u.unflatten(-1, (H, dh)).transpose(2, 3).detach().requires_grad_(True)
                 relevance = _PositiveColumnMean.apply(uh, k.V[:, None])
                 torch.autograd.grad(relevance, uh, grad)
         elif impl == "blockwise":
+
             def step():
                 _, positive = legrad_kernels.blockwise_forward(u, k.V)
                 legrad_kernels.blockwise_backward(positive, k.V, grad)
         else:
+
             def step():
                 legrad_kernels.fused_forward(u, k.V)
                 legrad_kernels.fused_backward(u, k.V, grad)
+
         rows.append(("relevance u.V, fwd + bwd", impl, best_of(step, device) / (B * P), relevance_flops))
     return [(name, impl, seconds * 1e3, flops / seconds / 1e9) for name, impl, seconds, flops in rows]
 
@@ -280,8 +337,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--impls", nargs="+", choices=[i for i in IMPLS if i != "auto"],
-                        default=["dense", "blockwise"], help="engine implementations, first = baseline")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=[i for i in IMPLS if i != "auto"],
+        default=["dense", "blockwise"],
+        help="engine implementations, first = baseline",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the plain reference")
     parser.add_argument("--no-products", action="store_true", help="skip the GFLOP/s table")
     parser.add_argument("--bf16-check", action="store_true", help="cosine of bf16 autocast MI to fp32")
@@ -289,14 +351,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = f"{args.threads} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    memory = ("peak RSS growth of one call (3 it) in a fresh process" if device.type == "cpu"
-              else "peak CUDA allocated growth during the full call")
+    memory = (
+        "peak RSS growth of one call (3 it) in a fresh process"
+        if device.type == "cpu"
+        else "peak CUDA allocated growth during the full call"
+    )
     base = args.impls[0]
-    print(f"Mask Inversion speed, {args.iterations} iterations, {args.images} image(s) per call, {where}, "
-          f"torch {torch.__version__}")
-    header = (f"{'family':19} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
-              f"{'vs ' + base:>9} {'setup s':>7} {'peak MB':>7} {'ref s/it/mask':>13} {'ref s/obj*':>10} "
-              f"{'vs ref':>7}")
+    print(
+        f"Mask Inversion speed, {args.iterations} iterations, {args.images} image(s) per call, {where}, "
+        f"torch {torch.__version__}"
+    )
+    header = (
+        f"{'family':19} {'BxP':>6} {'impl':>9} {'s/obj':>7} {'ms/it/obj':>9} {'cpu ms/it/obj':>13} "
+        f"{'vs ' + base:>9} {'setup s':>7} {'peak MB':>7} {'ref s/it/mask':>13} {'ref s/obj*':>10} "
+        f"{'vs ref':>7}"
+    )
     print(header + "\n" + "-" * len(header))
     products, bf16 = [], []
     for family in args.families:
@@ -317,9 +386,12 @@ def main() -> None:
                 else:
                     ref_cols = f"{'-':>13} {'-':>10} {'-':>7}"
                 speedup = engines[base]["per_iteration"] / eng["per_iteration"]
-                print(f"{name:19} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
-                      f"{1e3 * eng['per_iteration']:9.2f} {1e3 * eng['cpu_per_iteration']:13.2f} "
-                      f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}", flush=True)
+                print(
+                    f"{name:19} {f'{args.images}x{P}':>6} {impl:>9} {eng['per_object']:7.3f} "
+                    f"{1e3 * eng['per_iteration']:9.2f} {1e3 * eng['cpu_per_iteration']:13.2f} "
+                    f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}",
+                    flush=True,
+                )
         if not args.no_products:
             pixels, masks, kw = inputs(model, size, args.images, max(args.masks), device)
             products += [(name, *row) for row in bench_products(model, pixels, masks, kw, device, args.impls)]
@@ -327,15 +399,19 @@ def main() -> None:
             pixels, masks, kw = inputs(model, size, args.images, args.masks[0], device)
             bf16.append((name, args.masks[0], *bf16_cosines(model, pixels, masks, kw, args.iterations)))
         del model
-    print(f"\ns/obj: measured wall time of one full call / (B*P). ms/it/obj: (t(20 it) - t(0 it)) / 20 / (B*P), "
-          f"each t the minimum of repeated calls (3 and 2), implementations interleaved; cpu: the same in "
-          f"process CPU time. vs {base}: per-iteration speed-up (wall). peak MB: {memory}.\n*ref s/obj: "
-          f"EXTRAPOLATED, t(0 it) / P + {args.iterations} x the per-iteration cost measured with one image "
-          f"and one mask (the reference handles masks one at a time). vs ref: ref s/it/mask / ms/it/obj.")
+    print(
+        f"\ns/obj: measured wall time of one full call / (B*P). ms/it/obj: (t(20 it) - t(0 it)) / 20 / (B*P), "
+        f"each t the minimum of repeated calls (3 and 2), implementations interleaved; cpu: the same in "
+        f"process CPU time. vs {base}: per-iteration speed-up (wall). peak MB: {memory}.\n*ref s/obj: "
+        f"EXTRAPOLATED, t(0 it) / P + {args.iterations} x the per-iteration cost measured with one image "
+        f"and one mask (the reference handles masks one at a time). vs ref: ref s/it/mask / ms/it/obj."
+    )
     if products:
         peak = matmul_gflops(device)
-        print(f"\nOne iteration's products at {args.images}x{max(args.masks)} masks, per mask (min of 3), against "
-              f"a 2048^3 fp32 matmul at {peak:.0f} GFLOP/s measured now:")
+        print(
+            f"\nOne iteration's products at {args.images}x{max(args.masks)} masks, per mask (min of 3), against "
+            f"a 2048^3 fp32 matmul at {peak:.0f} GFLOP/s measured now:"
+        )
         header = f"{'family':19} {'step':34} {'impl':>9} {'ms/mask':>8} {'GFLOP/s':>8} {'of matmul':>9}"
         print(header + "\n" + "-" * len(header))
         for name, step, impl, ms, gflops in products:

@@ -8,6 +8,7 @@ is decoded from its own path as in a real run. search_index.py then runs as a us
 
     python benchmarks/report_speed.py [--queries 1000 --gallery 10000 --report_k 10 --workers 0 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from datasets import encode_mask, save_captions  # noqa: E402
-from utils.config import SoIRConfig  # noqa: E402
-from utils.feature_store import FeatureShards  # noqa: E402
-from utils.index_io import build_index, index_path, save_index  # noqa: E402
+from datasets import encode_mask, save_captions
+from utils.config import SoIRConfig
+from utils.feature_store import FeatureShards
+from utils.index_io import build_index, index_path, save_index
 
 WIDTH, HEIGHT, MASKS, DIM = 1024, 768, 10, 64
 
@@ -60,8 +61,13 @@ def make_run(root: Path, queries: int, gallery: int, distinct: int, seed: int) -
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, quality=90)
         files.append(path)
-        entries.append({"masks_rle": [encode_mask(m) for m in masks],
-                        "bboxes": [[float(v) for v in _box(m)] for m in masks], "scores": [1.0] * MASKS})
+        entries.append(
+            {
+                "masks_rle": [encode_mask(m) for m in masks],
+                "bboxes": [[float(v) for v in _box(m)] for m in masks],
+                "scores": [1.0] * MASKS,
+            }
+        )
     records = {}
     for split, count in (("gallery", gallery), ("queries", queries)):
         records[split] = []
@@ -70,29 +76,47 @@ def make_run(root: Path, queries: int, gallery: int, distinct: int, seed: int) -
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(files[i % distinct])
             bbox = [100.0, 100.0, 400.0, 350.0] if split == "queries" else None
-            records[split].append({"key": f"{split}/{i:06d}.jpg", "file": str(link), "ins": [int(i % 500)],
-                                   "bbox": bbox, "obj_name": None})
+            records[split].append(
+                {
+                    "key": f"{split}/{i:06d}.jpg",
+                    "file": str(link),
+                    "ins": [int(i % 500)],
+                    "bbox": bbox,
+                    "obj_name": None,
+                }
+            )
     captions = root / "captions.pt"
     save_captions({r["key"]: entries[i % distinct] for i, r in enumerate(records["gallery"])}, captions)
 
     features = root / "features"
-    cfg = OmegaConf.merge(OmegaConf.structured(SoIRConfig), {"anns_file": "synthetic", "dataset": "synthetic",
-                                                              "captions_file": str(captions), "vec_dim": DIM})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(SoIRConfig),
+        {"anns_file": "synthetic", "dataset": "synthetic", "captions_file": str(captions), "vec_dim": DIM},
+    )
     features.mkdir()
     (features / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     with open(captions, "rb") as f:
         import hashlib
+
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    (features / "identity.json").write_text(json.dumps({"captions_file": str(captions), "captions_file_sha256": digest}))
+    (features / "identity.json").write_text(
+        json.dumps({"captions_file": str(captions), "captions_file_sha256": digest})
+    )
     generator = torch.Generator().manual_seed(seed)
     for split, rows_per_image in (("gallery", MASKS), ("queries", 1)):
         shards = FeatureShards(features / split, records[split], cfg.shard_size)
         shards.prepare()
         for s in range(shards.num_shards):
             images = shards.image_range(s)
-            vectors = torch.nn.functional.normalize(torch.randn(len(images) * rows_per_image, DIM, generator=generator), dim=-1)
+            vectors = torch.nn.functional.normalize(
+                torch.randn(len(images) * rows_per_image, DIM, generator=generator), dim=-1
+            )
             owner = torch.arange(images.start, images.stop).repeat_interleave(rows_per_image)
-            mask_index = torch.arange(rows_per_image).repeat(len(images)) if split == "gallery" else torch.full((len(images),), -1)
+            mask_index = (
+                torch.arange(rows_per_image).repeat(len(images))
+                if split == "gallery"
+                else torch.full((len(images),), -1)
+            )
             shards.write(s, vectors, owner, {}, mask_index)
     gallery_features, _, _ = FeatureShards(features / "gallery", records["gallery"], cfg.shard_size).load()
     save_index(build_index(gallery_features.numpy()), index_path(features, "Flat"))
@@ -109,11 +133,19 @@ def search(features: Path, cwd: Path, *overrides: str) -> tuple[float, float, st
     counts (from its log line; "-" without a report)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, str(ROOT / "search_index.py"), f"features_dir={features}", *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "search_index.py"), f"features_dir={features}", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = re.search(r"report: (\d+ queries x \d+ images, \d+ thumbnails), \d+ maps in ([\d.]+) s \(CPU ([\d.]+) s",
-                     proc.stdout + proc.stderr)
+    line = re.search(
+        r"report: (\d+ queries x \d+ images, \d+ thumbnails), \d+ maps in ([\d.]+) s \(CPU ([\d.]+) s",
+        proc.stdout + proc.stderr,
+    )
     report = line.groups() if line else ("", "-", "-")
     return wall, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, report[1], report[2], report[0]
 
@@ -132,15 +164,23 @@ def main() -> None:
         root = Path(tmp)
         started = time.perf_counter()
         features = make_run(root, args.queries, args.gallery, args.distinct_files, args.seed)
-        print(f"synthetic run: {args.queries} queries, {args.gallery} gallery images of {WIDTH}x{HEIGHT} "
-              f"({MASKS} masks and rows each), made in {time.perf_counter() - started:.0f} s; "
-              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        print(
+            f"synthetic run: {args.queries} queries, {args.gallery} gallery images of {WIDTH}x{HEIGHT} "
+            f"({MASKS} masks and rows each), made in {time.perf_counter() - started:.0f} s; "
+            f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+        )
         rows = [("report=false", *search(features, root, "report=false", f"report_k={args.report_k}"))]
         for workers in args.workers:
-            rows.append((f"report=true num_workers={workers}",
-                         *search(features, root, f"report_k={args.report_k}", f"num_workers={workers}")))
-    print(f"load average while measuring: {os.getloadavg()[0]:.1f} (wall times are only meaningful on a quiet machine; "
-          "CPU seconds count the work)")
+            rows.append(
+                (
+                    f"report=true num_workers={workers}",
+                    *search(features, root, f"report_k={args.report_k}", f"num_workers={workers}"),
+                )
+            )
+    print(
+        f"load average while measuring: {os.getloadavg()[0]:.1f} (wall times are only meaningful on a quiet machine; "
+        "CPU seconds count the work)"
+    )
     print("| run | search_index.py wall s | CPU s | report wall s | report CPU s | shown |")
     print("|---|---:|---:|---:|---:|---|")
     for name, wall, cpu, report_wall, report_cpu, shown in rows:

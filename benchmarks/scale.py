@@ -19,6 +19,7 @@ Methods:
              query chunk + top-k argsort (skipped when the fp32 gallery exceeds --in-ram-limit-gb)
   faiss      utils.streaming.faiss_search on an on-disk IVF built by utils.index_build (build timed apart)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.feature_store import FeatureShards  # noqa: E402
+from utils.feature_store import FeatureShards
 
 DIM = 768
 
@@ -42,7 +43,9 @@ DIM = 768
 # Synthetic data
 # ----------------------------------------------------------------------------------------------------
 def folder_of(args) -> Path:
-    return Path(args.dir) / f"rows{args.rows}-rpi{args.rows_per_image}-q{args.queries}-p{args.positives}-seed{args.seed}"
+    return (
+        Path(args.dir) / f"rows{args.rows}-rpi{args.rows_per_image}-q{args.queries}-p{args.positives}-seed{args.seed}"
+    )
 
 
 def split(folder: Path, num_images: int, shard_size: int) -> FeatureShards:
@@ -59,9 +62,13 @@ def planted(args) -> dict[str, np.ndarray]:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     image = np.stack([rng.choice(num_images, args.positives, replace=False) for _ in range(args.queries)])
     query = np.repeat(np.arange(args.queries), args.positives)
-    pairs = np.unique(query * num_images + image.ravel())       # two queries may share an image
-    return {"queries": queries, "query": pairs // num_images, "image": pairs % num_images,
-            "noise": rng.uniform(1.0, 20.0, len(pairs)).astype(np.float32)}
+    pairs = np.unique(query * num_images + image.ravel())  # two queries may share an image
+    return {
+        "queries": queries,
+        "query": pairs // num_images,
+        "image": pairs % num_images,
+        "noise": rng.uniform(1.0, 20.0, len(pairs)).astype(np.float32),
+    }
 
 
 def write_data(args) -> None:
@@ -76,8 +83,12 @@ def write_data(args) -> None:
     queries.folder.mkdir(parents=True, exist_ok=True)
     for s in range(queries.num_shards):
         images = queries.image_range(s)
-        queries.write(s, torch.from_numpy(plant["queries"][images.start:images.stop]),
-                      torch.arange(images.start, images.stop), {})
+        queries.write(
+            s,
+            torch.from_numpy(plant["queries"][images.start : images.stop]),
+            torch.arange(images.start, images.stop),
+            {},
+        )
     gallery.folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.perf_counter()
@@ -87,8 +98,10 @@ def write_data(args) -> None:
         # Positives: the image's first row becomes the query plus noise.
         here = np.flatnonzero((plant["image"] >= images.start) & (plant["image"] < images.stop))
         for i in here:
-            noisy = torch.from_numpy(plant["queries"][plant["query"][i]]) + plant["noise"][i] * \
-                torch.randn(DIM, generator=generator) / DIM ** 0.5
+            noisy = (
+                torch.from_numpy(plant["queries"][plant["query"][i]])
+                + plant["noise"][i] * torch.randn(DIM, generator=generator) / DIM**0.5
+            )
             rows[(plant["image"][i] - images.start) * args.rows_per_image] = noisy
         rows /= rows.norm(dim=1, keepdim=True)
         owner = torch.arange(images.start, images.stop).repeat_interleave(args.rows_per_image)
@@ -137,8 +150,10 @@ def run_method(args) -> dict:
         out["seconds"], out["cpu"] = time.perf_counter() - t0, time.process_time() - c0
     elif args.run == "faiss":
         from utils.index_io import load_index
+
         index = load_index(folder / f"index-{args.factory.replace(',', '_')}.faiss")
         import faiss
+
         faiss.extract_index_ivf(index).nprobe = args.nprobe
         t0, c0 = time.perf_counter(), time.process_time()
         result = faiss_search(index, queries, gallery, query, image, k, precision_ks=(1, 5, 10))
@@ -174,20 +189,31 @@ def in_ram(gallery: FeatureShards, queries, query: np.ndarray, image: np.ndarray
         parts.append(per_query_metrics(scores, relevant, precision_ks=(1, 5, 10)))
         tops.append(np.argsort(-scores, axis=1, kind="stable")[:, :k])
     per_query = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    return {"summary": summarize(per_query), "top": np.concatenate(tops)[:, :10].tolist(),
-            "ap": per_query["ap"].tolist(), "first": per_query["first_positive_rank"].tolist()}
+    return {
+        "summary": summarize(per_query),
+        "top": np.concatenate(tops)[:, :10].tolist(),
+        "ap": per_query["ap"].tolist(),
+        "first": per_query["first_positive_rank"].tolist(),
+    }
 
 
 def build_faiss(args) -> float:
     from utils.index_build import build_ondisk
+
     folder = folder_of(args)
     out = folder / f"index-{args.factory.replace(',', '_')}.faiss"
     if out.is_file():
         return float("nan")
     t0 = time.perf_counter()
     gallery = split(folder / "gallery", args.rows // args.rows_per_image, args.shard_size)
-    build_ondisk(gallery, args.factory, out, folder / f"build-{args.factory.replace(',', '_')}",
-                 num_blocks=args.blocks, train_rows=args.train_rows)
+    build_ondisk(
+        gallery,
+        args.factory,
+        out,
+        folder / f"build-{args.factory.replace(',', '_')}",
+        num_blocks=args.blocks,
+        train_rows=args.train_rows,
+    )
     return time.perf_counter() - t0
 
 
@@ -210,17 +236,23 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/soir-scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's)")
-    parser.add_argument("--run", help=argparse.SUPPRESS)          # internal: one method, JSON on stdout
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one method, JSON on stdout
     args = parser.parse_args()
     if args.ten_million:
         args.rows = 10_000_000
     if args.threads:
         import faiss
+
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     if args.run:
-        print(json.dumps(run_method(args) if args.run != "baseline" else
-                         {"seconds": 0.0, "cpu": 0.0, "peak_rss_gb": peak_rss_gb()}))
+        print(
+            json.dumps(
+                run_method(args)
+                if args.run != "baseline"
+                else {"seconds": 0.0, "cpu": 0.0, "peak_rss_gb": peak_rss_gb()}
+            )
+        )
         return
 
     print(f"data: {folder_of(args)}", flush=True)
@@ -232,27 +264,45 @@ def main() -> None:
         methods.remove("in_ram")
     if "faiss" in methods:
         seconds = build_faiss(args)
-        print(f"faiss index {args.factory}: built in {seconds:.0f} s (train {args.train_rows} rows, "
-              f"{args.blocks} blocks, merge_ondisk)" if seconds == seconds else f"faiss index {args.factory}: reused")
+        print(
+            f"faiss index {args.factory}: built in {seconds:.0f} s (train {args.train_rows} rows, "
+            f"{args.blocks} blocks, merge_ondisk)"
+            if seconds == seconds
+            else f"faiss index {args.factory}: reused"
+        )
     results = {}
     passthrough = [a for a in sys.argv[1:]]
     for method in methods:
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
-                                   if args.threads else {}))
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--run", method], capture_output=True,
-                              text=True, env=env)
+        env = dict(
+            os.environ,
+            **(
+                {"OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
+                if args.threads
+                else {}
+            ),
+        )
+        proc = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--run", method], capture_output=True, text=True, env=env
+        )
         if proc.returncode:
             print(f"{method} failed:\n{proc.stderr[-3000:]}")
             continue
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[method]
-        print(f"  {method}: {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU), peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+        print(
+            f"  {method}: {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU), peak RSS {r['peak_rss_gb']:.2f} GB", flush=True
+        )
 
-    print(f"\n{args.rows} rows x {DIM} ({args.rows // args.rows_per_image} images, {args.rows_per_image} rows each), "
-          f"{args.queries} queries, {args.positives} positives each; torch threads {torch.get_num_threads()}")
+    print(
+        f"\n{args.rows} rows x {DIM} ({args.rows // args.rows_per_image} images, {args.rows_per_image} rows each), "
+        f"{args.queries} queries, {args.positives} positives each; torch threads {torch.get_num_threads()}"
+    )
     # CPU seconds are the fairer ratio on a shared machine: waiting for a core does not count.
     matmul = results.get("matmul", {}).get("cpu")
-    print(f"{'method':<10}{'wall s':>8}{'CPU s':>8}{'x matmul (CPU)':>16}{'peak RSS GB':>13}{'mAP':>9}{'R@1':>8}{'R@10':>8}  notes")
+    print(
+        f"{'method':<10}{'wall s':>8}{'CPU s':>8}{'x matmul (CPU)':>16}{'peak RSS GB':>13}"
+        f"{'mAP':>9}{'R@1':>8}{'R@10':>8}  notes"
+    )
     for method, r in results.items():
         ratio = f"{r['cpu'] / matmul:>16.2f}" if matmul and method != "baseline" else f"{'':>16}"
         s = r.get("summary")

@@ -14,6 +14,7 @@ the hours of a full run can be estimated for any accelerator from its sustained 
 
     python benchmarks/train_speed.py [--family dinov2] [--batch 8] [--crops 3] [--steps 2] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,29 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model)
+from transformers import (
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+)
 
-from utils.training import Context, TrainConfig, build_model, embed, train_step  # noqa: E402
+from utils.training import Context, TrainConfig, build_model, embed, train_step
 
 # Full-size ViT-B configs of the default checkpoints (random weights).
 FAMILIES = {
-    "dinov2": ("DINOv2-B/14", lambda: Dinov2Model(Dinov2Config(image_size=518, patch_size=14)),
-               lambda: BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
-    "clip": ("CLIP-B/16", lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512)),
-             CLIPImageProcessor),
+    "dinov2": (
+        "DINOv2-B/14",
+        lambda: Dinov2Model(Dinov2Config(image_size=518, patch_size=14)),
+        lambda: BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}),
+    ),
+    "clip": (
+        "CLIP-B/16",
+        lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512)),
+        CLIPImageProcessor,
+    ),
 }
 
 
@@ -60,9 +73,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         build_backbone().save_pretrained(folder)
         build_processor().save_pretrained(folder)
-        cfg = OmegaConf.structured(TrainConfig(anns_file="-", family=args.family, model_name=folder,
-                                               lora_rank=args.rank, batch_size=pairs, micro_batch=pairs))
-        model, settings = build_model(cfg)       # the real loading path: load_backbone + peft LoRA
+        cfg = OmegaConf.structured(
+            TrainConfig(
+                anns_file="-",
+                family=args.family,
+                model_name=folder,
+                lora_rank=args.rank,
+                batch_size=pairs,
+                micro_batch=pairs,
+            )
+        )
+        model, settings = build_model(cfg)  # the real loading path: load_backbone + peft LoRA
     device = torch.device(args.device)
     model.to(device).train()
     ctx = Context(device, args.precision)
@@ -72,7 +93,9 @@ def main() -> None:
     crops = torch.randn(pairs * args.crops, 3, 224, 224, generator=generator)
     counts = torch.full((pairs,), args.crops)
     positives = torch.eye(pairs, dtype=torch.bool)
-    split = [(queries[i:i + 1], crops[i * args.crops:(i + 1) * args.crops], counts[i:i + 1]) for i in range(pairs)]
+    split = [
+        (queries[i : i + 1], crops[i * args.crops : (i + 1) * args.crops], counts[i : i + 1]) for i in range(pairs)
+    ]
 
     def inference() -> None:
         with torch.no_grad(), ctx.autocast():
@@ -83,15 +106,20 @@ def main() -> None:
         train_step(model, micro_batches, positives, cfg, 0, ctx)
         optimizer.step()
 
-    rows = [("inference (no grad)", inference), ("plain step", lambda: step([(queries, crops, counts)])),
-            (f"cached step ({pairs} micro-batches)", lambda: step(split))]
+    rows = [
+        ("inference (no grad)", inference),
+        ("plain step", lambda: step([(queries, crops, counts)])),
+        (f"cached step ({pairs} micro-batches)", lambda: step(split)),
+    ]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{label} + LoRA r={settings.rank} alpha={settings.alpha:g} on {list(settings.target_modules)} "
-          f"({trainable / 1e6:.1f}M trainable), 224 px, device={args.device} precision={args.precision} "
-          f"torch threads={args.threads}; batch {args.batch} images = {pairs} pairs x (1 query + {args.crops} crops)")
+    print(
+        f"{label} + LoRA r={settings.rank} alpha={settings.alpha:g} on {list(settings.target_modules)} "
+        f"({trainable / 1e6:.1f}M trainable), 224 px, device={args.device} precision={args.precision} "
+        f"torch threads={args.threads}; batch {args.batch} images = {pairs} pairs x (1 query + {args.crops} crops)"
+    )
     print(f"{'row':<30}{'s/step':>9}{'steps/s':>10}{'images/s':>10}{'GFLOP/image':>13}")
     for name, run in rows:
-        run()                                                   # warm-up
+        run()  # warm-up
         with FlopCounterMode(display=False) as counter:
             run()
         gflop = counter.get_total_flops() / 1e9 / args.batch

@@ -4,6 +4,7 @@ This top-level package shadows HuggingFace ``datasets`` when the repo root is on
 SoIR never uses the HF library (tests/test_hf_datasets_shadowing.py checks transformers
 still works).
 """
+
 from .anns import (
     Annotation,
     AnnotationError,
@@ -25,19 +26,39 @@ from .captions import (
     decode_mask,
     encode_mask,
     encode_mask_row_major,
-    rle_runs,
     find_masks,
     load_captions,
+    rle_runs,
     save_captions,
 )
 from .gt_masks import annotation_masks
 from .images import ImageLoadError, load_rgb, to_rgb
 
 __all__ = [
-    "Annotation", "AnnotationError", "crop_box", "drop_queries_without_positives", "load_anns",
-    "parse_bbox", "relevance", "save_anns", "select_indices", "select_set", "split", "annotation_masks",
-    "CaptionsError", "ImageMasks", "atomic_torch_save", "bbox_from_mask", "decode_mask", "encode_mask",
-    "encode_mask_row_major", "rle_runs",
-    "find_masks", "load_captions", "save_captions",
-    "ImageLoadError", "load_rgb", "to_rgb",
+    "Annotation",
+    "AnnotationError",
+    "crop_box",
+    "drop_queries_without_positives",
+    "load_anns",
+    "parse_bbox",
+    "relevance",
+    "save_anns",
+    "select_indices",
+    "select_set",
+    "split",
+    "annotation_masks",
+    "CaptionsError",
+    "ImageMasks",
+    "atomic_torch_save",
+    "bbox_from_mask",
+    "decode_mask",
+    "encode_mask",
+    "encode_mask_row_major",
+    "rle_runs",
+    "find_masks",
+    "load_captions",
+    "save_captions",
+    "ImageLoadError",
+    "load_rgb",
+    "to_rgb",
 ]

@@ -15,6 +15,7 @@ Boxes use pixel-edge coordinates as ``PIL.Image.crop``: columns 3..5 are ``x1 = 
 Files written by VoxDet-SoIR's builder (per-object box lists, masks, ``num_ins``) are read as they
 are by :mod:`datasets.voxdet`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,8 @@ _MAX_LISTED = 10
 # Allowing exactly these dtypes keeps weights_only safe (no object dtype) while accepting
 # anns files written with np.int64 instance ids.
 _NUMPY_SCALAR_GLOBALS = [np.dtype, np.dtypes.BoolDType] + [
-    type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64,
-                                np.uint8, np.uint16, np.uint32, np.uint64)]
+    type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+]
 try:
     _NUMPY_SCALAR_GLOBALS.append(np._core.multiarray.scalar)  # numpy >= 2
 except AttributeError:  # pragma: no cover - numpy 1.x
@@ -63,14 +64,18 @@ class Annotation:
     is_query: bool
     bbox: tuple[float, float, float, float] | None = None
     obj_name: str | None = None
-    set: str | None = None                                    # split name, e.g. VoxDet-SoIR "RoboTools"
+    set: str | None = None  # split name, e.g. VoxDet-SoIR "RoboTools"
     boxes: tuple[tuple[float, float, float, float], ...] = ()  # every annotated object's box (VoxDet-SoIR)
     masks: tuple = ()  # the objects' own masks, parallel to boxes or empty: datasets.voxdet.AnnotatedMask | None
 
 
-def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
-              queries_dir: str | Path | None = None, check_files: bool = True,
-              duplicates: str = "error") -> list[Annotation]:
+def load_anns(
+    anns_file: str | Path,
+    galleries_dir: str | Path | None = None,
+    queries_dir: str | Path | None = None,
+    check_files: bool = True,
+    duplicates: str = "error",
+) -> list[Annotation]:
     """Read and validate ``anns.pt``; returns annotations sorted by key.
 
     Two keys of one split that name the same file (``./g/x.jpg`` and ``g/x.jpg``, a relative and an
@@ -102,8 +107,10 @@ def load_anns(anns_file: str | Path, galleries_dir: str | Path | None = None,
         missing = [a for a in annotations if not a.file.is_file()]
         if missing:
             listed = "\n  ".join(f"{a.key} -> {a.file}" for a in missing[:_MAX_LISTED])
-            raise AnnotationError(f"anns file '{anns_file}': {len(missing)} of {len(annotations)} "
-                                  f"image files do not exist, e.g.:\n  {listed}")
+            raise AnnotationError(
+                f"anns file '{anns_file}': {len(missing)} of {len(annotations)} "
+                f"image files do not exist, e.g.:\n  {listed}"
+            )
     return _drop_duplicates(annotations, duplicates, anns_file)
 
 
@@ -123,12 +130,20 @@ def _drop_duplicates(annotations: list[Annotation], policy: str, anns_file: Path
     listed = "; ".join(" = ".join(a.key for a in group) for group in repeated[:_MAX_LISTED])
     conflicting = [g for g in repeated if len({(a.ins, a.bbox, a.obj_name) for a in g}) > 1]
     if policy == "error" or conflicting:
-        why = (f"with different annotations ({' = '.join(a.key for a in conflicting[0])})" if conflicting
-               else "(set duplicates=merge to keep each file once)")
-        raise AnnotationError(f"anns file '{anns_file}': {len(repeated)} files are listed under several keys "
-                              f"{why}: {listed}")
-    logger.warning("duplicates=merge: %d files were listed under several keys with the same annotation; "
-                   "each is kept once under its first key: %s", len(repeated), listed)
+        why = (
+            f"with different annotations ({' = '.join(a.key for a in conflicting[0])})"
+            if conflicting
+            else "(set duplicates=merge to keep each file once)"
+        )
+        raise AnnotationError(
+            f"anns file '{anns_file}': {len(repeated)} files are listed under several keys {why}: {listed}"
+        )
+    logger.warning(
+        "duplicates=merge: %d files were listed under several keys with the same annotation; "
+        "each is kept once under its first key: %s",
+        len(repeated),
+        listed,
+    )
     kept = {id(ann) for ann in first.values()}
     return [ann for ann in annotations if id(ann) in kept]
 
@@ -158,7 +173,8 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     """Validated Annotation with ``file = Path(key)`` (resolved by the caller)."""
     if not isinstance(entry, dict):
         raise AnnotationError(f"{where}: expected a dict, got {type(entry).__name__}")
-    from .voxdet import is_voxdet_entry, parse_voxdet_entry   # (voxdet.py imports this module)
+    from .voxdet import is_voxdet_entry, parse_voxdet_entry  # (voxdet.py imports this module)
+
     entry, extra = parse_voxdet_entry(entry, where) if is_voxdet_entry(entry) else (entry, {})
     unknown = set(entry) - _KNOWN_KEYS
     if unknown:
@@ -180,8 +196,9 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     set_name = entry.get("set")
     if set_name is not None and not isinstance(set_name, str):
         raise AnnotationError(f"{where}: 'set' must be str, got {type(set_name).__name__}")
-    return Annotation(key=key, file=Path(key), ins=ins, is_query=is_query, bbox=bbox, obj_name=obj_name,
-                      set=set_name, **extra)
+    return Annotation(
+        key=key, file=Path(key), ins=ins, is_query=is_query, bbox=bbox, obj_name=obj_name, set=set_name, **extra
+    )
 
 
 def _scalar(value: Any) -> Any:
@@ -255,8 +272,9 @@ def relevance(queries: Sequence[Annotation], gallery: Sequence[Annotation]) -> n
     return out
 
 
-def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Sequence[Annotation],
-                                   policy: str = "error") -> list[Annotation]:
+def drop_queries_without_positives(
+    queries: Sequence[Annotation], gallery: Sequence[Annotation], policy: str = "error"
+) -> list[Annotation]:
     """Queries that have at least one relevant gallery image.
 
     A query with no positive has undefined AP. ``policy="error"`` raises (naming up to 10 such
@@ -274,14 +292,21 @@ def drop_queries_without_positives(queries: Sequence[Annotation], gallery: Seque
         return list(queries)
     names = ", ".join(f"{q.key} (ins {q.ins[0]})" for q in orphans[:_MAX_LISTED])
     if policy == "error":
-        raise AnnotationError(f"{len(orphans)} of {len(queries)} queries have no positive gallery image: "
-                              f"{names}. Fix the annotations or use no_positive=skip (or zero).")
+        raise AnnotationError(
+            f"{len(orphans)} of {len(queries)} queries have no positive gallery image: "
+            f"{names}. Fix the annotations or use no_positive=skip (or zero)."
+        )
     if policy == "zero":
-        logger.warning("no_positive=zero: %d of %d queries have no positive gallery image and count as AP 0: %s",
-                       len(orphans), len(queries), names)
+        logger.warning(
+            "no_positive=zero: %d of %d queries have no positive gallery image and count as AP 0: %s",
+            len(orphans),
+            len(queries),
+            names,
+        )
         return list(queries)
-    logger.warning("Skipping %d of %d queries that have no positive gallery image: %s",
-                   len(orphans), len(queries), names)
+    logger.warning(
+        "Skipping %d of %d queries that have no positive gallery image: %s", len(orphans), len(queries), names
+    )
     return [q for q, ok in zip(queries, has_positive) if ok]
 
 
@@ -298,7 +323,7 @@ def crop_box(image: Image.Image, bbox: Sequence[float], source: str, square: boo
         side = max(width, height)
         left, top = left - (side - width) // 2, top - (side - height) // 2
         right, bottom = left + side, top + side
-    return image.crop((left, top, right, bottom))   # PIL fills what lies outside the image with 0
+    return image.crop((left, top, right, bottom))  # PIL fills what lies outside the image with 0
 
 
 def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[int, int, int, int]:
@@ -308,8 +333,7 @@ def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tu
     x1, y1, x2, y2 = clip_bbox(bbox, width, height, source)
     left, top, right, bottom = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
     if right <= left or bottom <= top:
-        raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the "
-                              f"{width}x{height} image")
+        raise AnnotationError(f"{source}: bbox {list(bbox)} is empty after clipping to the {width}x{height} image")
     return left, top, right, bottom
 
 
@@ -322,8 +346,9 @@ def clip_bbox(bbox: Sequence[float], width: int, height: int, source: str) -> tu
     """
     x1, y1, x2, y2 = _as_bbox_loose(bbox, source)
     if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
-        raise AnnotationError(f"{source}: bbox {list(bbox)} lies outside the {width}x{height} image "
-                              "by more than 1 pixel")
+        raise AnnotationError(
+            f"{source}: bbox {list(bbox)} lies outside the {width}x{height} image by more than 1 pixel"
+        )
     return max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)
 
 
@@ -331,14 +356,18 @@ def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, fl
     if isinstance(bbox, (torch.Tensor, np.ndarray)):
         bbox = bbox.tolist()
     values = [_scalar(v) for v in bbox] if isinstance(bbox, (list, tuple)) else None
-    if values is None or len(values) != 4 or not all(
-            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    if (
+        values is None
+        or len(values) != 4
+        or not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
         raise AnnotationError(f"{source}: bbox must be 4 finite numbers [x1, y1, x2, y2], got {bbox!r}")
     return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
-def select_indices(annotations: Sequence[Annotation], indices_file: str | Path | None = None,
-                   max_index: int | None = None) -> list[Annotation]:
+def select_indices(
+    annotations: Sequence[Annotation], indices_file: str | Path | None = None, max_index: int | None = None
+) -> list[Annotation]:
     """The annotations at the positions listed in ``indices_file`` and/or before ``max_index``, in
     the sorted-key order :func:`load_anns` returns (the original's ``ds_inds_file`` / ``max_ds_index``).
 
@@ -368,6 +397,7 @@ def _read_indices(path: Path, count: int) -> list[int]:
             values = values.ravel().tolist() if isinstance(values, torch.Tensor) else list(values)
         elif path.suffix == ".json":
             import json
+
             values = json.loads(path.read_text())
         else:
             values = path.read_text().replace(",", " ").split()
@@ -376,8 +406,9 @@ def _read_indices(path: Path, count: int) -> list[int]:
         raise AnnotationError(f"{where}: expected a list of integer indices ({type(err).__name__}: {err})") from None
     bad = [i for i in indices if not 0 <= i < count]
     if bad:
-        raise AnnotationError(f"{where}: indices {bad[:10]} are outside [0, {count}) (positions in the anns file's "
-                              "sorted keys)")
+        raise AnnotationError(
+            f"{where}: indices {bad[:10]} are outside [0, {count}) (positions in the anns file's sorted keys)"
+        )
     return indices
 
 
@@ -396,15 +427,17 @@ def select_set(annotations: Sequence[Annotation], name: str | None) -> list[Anno
         sets.setdefault(ann.set, set()).update(ann.ins)
     if name is None:
         names = sorted(sets, key=str)
-        shared = [(a, b, sorted(sets[a] & sets[b])) for i, a in enumerate(names) for b in names[i + 1:]
-                  if sets[a] & sets[b]]
+        shared = [
+            (a, b, sorted(sets[a] & sets[b])) for i, a in enumerate(names) for b in names[i + 1 :] if sets[a] & sets[b]
+        ]
         if shared:
             a, b, ids = shared[0]
-            raise AnnotationError(f"sets {a!r} and {b!r} share instance ids (e.g. {ids[:5]}), so their images "
-                                  f"would count as positives of each other's queries; evaluate one with "
-                                  f"set={a} or set={b}")
+            raise AnnotationError(
+                f"sets {a!r} and {b!r} share instance ids (e.g. {ids[:5]}), so their images "
+                f"would count as positives of each other's queries; evaluate one with "
+                f"set={a} or set={b}"
+            )
         return list(annotations)
     if name not in sets:
-        raise AnnotationError(f"set={name!r}: no annotation has this set; the file has sets "
-                              f"{sorted(map(str, sets))}")
+        raise AnnotationError(f"set={name!r}: no annotation has this set; the file has sets {sorted(map(str, sets))}")
     return [ann for ann in annotations if ann.set == name]

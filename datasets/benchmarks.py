@@ -17,6 +17,7 @@ instances), ``objects_per_image`` (mean number of annotated objects per gallery 
 ``mean_area_pct`` (mean over the annotated objects of the gallery images of box area / image area,
 in %; the box is the annotated box, or the mask's tight box for PerMiR).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,18 +32,28 @@ from .anns import load_anns, select_set, split
 from .gt_masks import annotation_masks
 from .images import upright_size
 
-
 # The paper's statistics ("-": not reported). Issue 12 / VoxDet-SoIR README table.
 PAPER_STATS = {
     "voxdet": {"instances": 20, "scenes": 24, "objects_per_image": 5.8, "mean_area_pct": 1.1},
-    "permir": {"queries": 150, "gallery_images": 450, "categories": 16, "objects_per_image": 4.7,
-               "mean_area_pct": 13.3},
+    "permir": {
+        "queries": 150,
+        "gallery_images": 450,
+        "categories": 16,
+        "objects_per_image": 4.7,
+        "mean_area_pct": 13.3,
+    },
     "instre_xs": {"queries": 2428, "gallery_images": 2065, "mean_area_pct": 6.6},
     "instre_xxs": {"queries": 106, "gallery_images": 120, "mean_area_pct": 2.2},
 }
-STAT_LABELS = {"queries": "queries", "gallery_images": "gallery images", "instances": "instances",
-               "scenes": "scenes", "categories": "categories", "objects_per_image": "annotated objects per image",
-               "mean_area_pct": "mean object area %"}
+STAT_LABELS = {
+    "queries": "queries",
+    "gallery_images": "gallery images",
+    "instances": "instances",
+    "scenes": "scenes",
+    "categories": "categories",
+    "objects_per_image": "annotated objects per image",
+    "mean_area_pct": "mean object area %",
+}
 LABELS = {"voxdet": "VoxDet", "permir": "PerMiR", "instre_xs": "INSTRE-XS", "instre_xxs": "INSTRE-XXS"}
 
 # The paper's mAP (%), rows as in its table; None: not reported.
@@ -82,9 +93,14 @@ def _fmt(value) -> str:
 
 def _stats(queries: int, gallery_areas: list[list[float]], instances: int, **extra) -> dict:
     areas = [a for image in gallery_areas for a in image]
-    return {"queries": queries, "gallery_images": len(gallery_areas), "instances": instances,
-            "objects_per_image": round(float(np.mean([len(a) for a in gallery_areas])), 3) if gallery_areas else 0.0,
-            "mean_area_pct": round(100 * float(np.mean(areas)), 3) if areas else 0.0, **extra}
+    return {
+        "queries": queries,
+        "gallery_images": len(gallery_areas),
+        "instances": instances,
+        "objects_per_image": round(float(np.mean([len(a) for a in gallery_areas])), 3) if gallery_areas else 0.0,
+        "mean_area_pct": round(100 * float(np.mean(areas)), 3) if areas else 0.0,
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------- INSTRE
@@ -98,7 +114,8 @@ INSTRE_RULE = (
     "objects); files starting with '._' are skipped. Instances: the 200 '<subset>/<class>' folders, numbered "
     "in sorted order. Per instance, its candidates sorted by file name alternate query, gallery, query, ... "
     "(positions 0, 2, 4 are queries, 1, 3, 5 gallery); an instance with fewer than 2 candidates is dropped. "
-    "Queries are cropped to their box; gallery images keep theirs (not cropped; box_masks uses it).")
+    "Queries are cropped to their box; gallery images keep theirs (not cropped; box_masks uses it)."
+)
 
 
 def read_instre_boxes(txt: Path) -> list[tuple[int, int, int, int]]:
@@ -126,8 +143,9 @@ def build_instre(root: str | Path, benchmark: str) -> tuple[dict, BenchmarkRepor
     candidates: dict[str, list[tuple[str, tuple[float, ...], float]]] = {}
     for subset in INSTRE_SUBSETS:
         if not (root / subset).is_dir():
-            raise ValueError(f"{root / subset} does not exist: --root must be the INSTRE folder holding "
-                             f"{', '.join(INSTRE_SUBSETS)}")
+            raise ValueError(
+                f"{root / subset} does not exist: --root must be the INSTRE folder holding {', '.join(INSTRE_SUBSETS)}"
+            )
         for class_dir in sorted(p for p in (root / subset).iterdir() if p.is_dir()):
             instance = f"{subset}/{class_dir.name}"
             candidates[instance] = []
@@ -161,19 +179,27 @@ def build_instre(root: str | Path, benchmark: str) -> tuple[dict, BenchmarkRepor
         obj_name = instance.split("/", 1)[1]
         for position, (key, box, area) in enumerate(images):
             is_query = position % 2 == 0
-            anns[key] = {"ins": ins if is_query else [ins], "is_query": is_query, "bbox": list(box),
-                         "obj_name": obj_name}
+            anns[key] = {
+                "ins": ins if is_query else [ins],
+                "is_query": is_query,
+                "bbox": list(box),
+                "obj_name": obj_name,
+            }
             if not is_query:
                 gallery_areas.append([area])
     queries = sum(entry["is_query"] for entry in anns.values())
-    return anns, BenchmarkReport(benchmark, _stats(queries, gallery_areas, instances), dict(excluded),
-                                 INSTRE_RULE.format(pct=f"{100 * max_area:g}"))
+    return anns, BenchmarkReport(
+        benchmark,
+        _stats(queries, gallery_areas, instances),
+        dict(excluded),
+        INSTRE_RULE.format(pct=f"{100 * max_area:g}"),
+    )
 
 
 # --------------------------------------------------------------------------------------- PerMiR
-PERMIR_EXCLUDED_DATASETS = ("HACS", "AVA", "LaSOT")     # PDM PerMIRS/dataset.py
-PERMIR_MIN_FRAME_GAP = 15                               # PDM video.py filter_dataset_for_benchmark
-PERMIR_MIN_CROP_SHARE = 0.005                           # PDM pdm_permir.py "remove small frames"
+PERMIR_EXCLUDED_DATASETS = ("HACS", "AVA", "LaSOT")  # PDM PerMIRS/dataset.py
+PERMIR_MIN_FRAME_GAP = 15  # PDM video.py filter_dataset_for_benchmark
+PERMIR_MIN_CROP_SHARE = 0.005  # PDM pdm_permir.py "remove small frames"
 PERMIR_RULE = (
     "Source: BURST (Athar et al.) annotations <split>/all_classes.json and frames <root>/<split>/<dataset>/"
     "<seq_name>/<annotated_image_paths[t]>; protocol of dvirsamuel/PDM (PerMIRS/dataset.py, video.py, "
@@ -190,7 +216,8 @@ PERMIR_RULE = (
     "track of the 3 frames (BURST RLE masks). A video whose candidate track has an empty mask in a counted "
     "frame is skipped (PDM's code fails on it). Note: the paper reports 450 gallery images (3 per video); "
     "PDM's protocol puts 2 per video in the gallery, and one anns.pt key cannot be both a query and a "
-    "gallery image.")
+    "gallery image."
+)
 
 
 def build_permir(annotations_file: str | Path, images_dir: str | Path) -> tuple[dict, dict, BenchmarkReport]:
@@ -228,19 +255,28 @@ def build_permir(annotations_file: str | Path, images_dir: str | Path) -> tuple[
         for position, t in enumerate(frames):
             key = f"{content['split']}/{video['dataset']}/{video['seq_name']}/{video['annotated_image_paths'][t]}"
             objects = _burst_objects(video, t, size)
-            captions[key] = {"masks_rle": [o[0] for o in objects], "bboxes": [o[1] for o in objects],
-                             "scores": [1.0] * len(objects)}
+            captions[key] = {
+                "masks_rle": [o[0] for o in objects],
+                "bboxes": [o[1] for o in objects],
+                "scores": [1.0] * len(objects),
+            }
             if position == query:
                 ys, xs = np.nonzero(target[position])
-                anns[key] = {"ins": int(video["id"]), "is_query": True, "obj_name": category,
-                             "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]}
+                anns[key] = {
+                    "ins": int(video["id"]),
+                    "is_query": True,
+                    "obj_name": category,
+                    "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
+                }
             else:
                 anns[key] = {"ins": [int(video["id"])], "is_query": False, "obj_name": category}
                 gallery_areas.append([o[2] for o in objects])
     missing = [key for key in anns if not (images_dir / key).is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(anns)} selected frames are not under {images_dir} (it must hold "
-                         f"<split>/<dataset>/<seq_name>/<frame>, as BURST's images_base_dir), e.g. {missing[:3]}")
+        raise ValueError(
+            f"{len(missing)} of {len(anns)} selected frames are not under {images_dir} (it must hold "
+            f"<split>/<dataset>/<seq_name>/<frame>, as BURST's images_base_dir), e.g. {missing[:3]}"
+        )
     queries = sum(entry["is_query"] for entry in anns.values())
     stats = _stats(queries, gallery_areas, queries, categories=len(categories))
     return anns, captions, BenchmarkReport("permir", stats, dict(excluded), PERMIR_RULE)
@@ -296,7 +332,7 @@ def pdm_crop_share(mask: np.ndarray) -> float:
     if last > right:
         left, right = left + (last - right), last
     left, top, right, bottom = (round(v) for v in (left, top, right, bottom))
-    inside = mask[max(top, 0):max(bottom, 0), max(left, 0):max(right, 0)].sum()
+    inside = mask[max(top, 0) : max(bottom, 0), max(left, 0) : max(right, 0)].sum()
     return float(inside) / ((right - left) * (bottom - top))
 
 
@@ -305,7 +341,7 @@ def _burst_rle(annotation: dict, video: dict) -> dict:
 
 
 def _burst_mask(video: dict, frame: int, track: int, size: list[int]) -> np.ndarray:
-    annotation = video["segmentations"][frame][str(track)]      # JSON keys: track ids as str
+    annotation = video["segmentations"][frame][str(track)]  # JSON keys: track ids as str
     return mask_utils.decode({"counts": annotation["rle"].encode("utf-8"), "size": size}).astype(bool)
 
 
@@ -317,8 +353,9 @@ def _burst_objects(video: dict, frame: int, size: list[int]) -> list[tuple[dict,
         x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
         if w == 0 or h == 0:
             continue
-        objects.append(({"counts": annotation["rle"], "size": list(size)}, [x, y, x + w, y + h],
-                        w * h / (size[0] * size[1])))
+        objects.append(
+            ({"counts": annotation["rle"], "size": list(size)}, [x, y, x + w, y + h], w * h / (size[0] * size[1]))
+        )
     return objects
 
 
@@ -328,7 +365,8 @@ VOXDET_RULE = (
     "loaded as it is; every image file is checked and every mask decoded (VoxDet RLE.py convention, COCO "
     "segmentations). The paper evaluates set=RoboTools. Object areas are the annotated boxes (RoboTools "
     "galleries have no masks). Scenes: the <scene> folders of gallery images stored as <scene>/rgb/<frame> "
-    "(RoboTools' BOP layout test/<scene>/rgb/).")
+    "(RoboTools' BOP layout test/<scene>/rgb/)."
+)
 
 
 def voxdet_report(anns_file: str | Path, set_name: str | None) -> BenchmarkReport:
@@ -336,7 +374,7 @@ def voxdet_report(anns_file: str | Path, set_name: str | None) -> BenchmarkRepor
     measure one set of it (None: all sets)."""
     annotations = select_set(load_anns(anns_file), set_name)
     queries, gallery = split(annotations)
-    annotation_masks(annotations)                  # decodes every mask: sizes, boxes, inversions
+    annotation_masks(annotations)  # decodes every mask: sizes, boxes, inversions
     gallery_areas = []
     for image in gallery:
         height, width = upright_size(image.file)

@@ -33,6 +33,7 @@ clipped. Each of these is counted in :attr:`CaptionsFile.notes` and logged once.
 computed on the image before EXIF rotation (:attr:`ImageMasks.exif_orientation` says how to turn
 them, set by the pipeline from the image's header).
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,7 +89,7 @@ def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
     height, width = (int(s) for s in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, list):
-        values = np.arange(len(counts)) % 2 == 1               # 0-run, 1-run, 0-run, ...
+        values = np.arange(len(counts)) % 2 == 1  # 0-run, 1-run, 0-run, ...
         return np.repeat(values, np.asarray(counts, dtype=np.int64)).reshape(height, width)
     raw = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
     return mask_utils.decode({"counts": raw, "size": [height, width]}).astype(bool)
@@ -116,7 +117,7 @@ def rle_runs(counts: str | bytes) -> np.ndarray:
     lengths = np.diff(np.concatenate((starts, [len(c)])))
     if lengths.max() > 7:
         raise ValueError("a count longer than 35 bits")
-    k = np.arange(len(c)) - np.repeat(starts, lengths)        # group position inside its count
+    k = np.arange(len(c)) - np.repeat(starts, lengths)  # group position inside its count
     x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
     last = c[ends]
     x = np.where(last & 0x10, x - (1 << (5 * lengths)), x)  # sign-extend negative deltas
@@ -193,21 +194,27 @@ class ImageMasks:
         if self.exif_orientation == 1 or not self.masks_rle:
             return replace(self, made_before_exif=False)
         height, width = self.size
-        return ImageMasks([encode_mask(m) for m in self.masks()],
-                          [_turn_box(box, self.exif_orientation, width, height) for box in self.bboxes],
-                          list(self.scores))
+        return ImageMasks(
+            [encode_mask(m) for m in self.masks()],
+            [_turn_box(box, self.exif_orientation, width, height) for box in self.bboxes],
+            list(self.scores),
+        )
 
     def select(self, indices: list[int]) -> "ImageMasks":
         """The masks at ``indices`` (their boxes and scores too)."""
-        return replace(self, masks_rle=[self.masks_rle[i] for i in indices],
-                       bboxes=[self.bboxes[i] for i in indices],
-                       scores=[self.scores[i] for i in indices] if self.scores else [])
+        return replace(
+            self,
+            masks_rle=[self.masks_rle[i] for i in indices],
+            bboxes=[self.bboxes[i] for i in indices],
+            scores=[self.scores[i] for i in indices] if self.scores else [],
+        )
 
     def to_dict(self) -> dict:
         """Plain-types dict for ``torch.save`` (counts as ``str``, boxes and scores as floats)."""
         return {
-            "masks_rle": [{"counts": _counts_to_plain(r["counts"]), "size": [int(s) for s in r["size"]]}
-                          for r in self.masks_rle],
+            "masks_rle": [
+                {"counts": _counts_to_plain(r["counts"]), "size": [int(s) for s in r["size"]]} for r in self.masks_rle
+            ],
             "bboxes": [[float(v) for v in box] for box in self.bboxes],
             "scores": [float(s) for s in self.scores],
         }
@@ -216,17 +223,27 @@ class ImageMasks:
 def _turn_box(box: list[float], orientation: int, width: int, height: int) -> list[float]:
     """A pixel-edge box of a width x height image, turned like the image by EXIF ``orientation``."""
     x1, y1, x2, y2 = box
-    return {2: [width - x2, y1, width - x1, y2], 3: [width - x2, height - y2, width - x1, height - y1],
-            4: [x1, height - y2, x2, height - y1], 5: [y1, x1, y2, x2],
-            6: [height - y2, x1, height - y1, x2], 7: [height - y2, width - x2, height - y1, width - x1],
-            8: [y1, width - x2, y2, width - x1]}[orientation]
+    return {
+        2: [width - x2, y1, width - x1, y2],
+        3: [width - x2, height - y2, width - x1, height - y1],
+        4: [x1, height - y2, x2, height - y1],
+        5: [y1, x1, y2, x2],
+        6: [height - y2, x1, height - y1, x2],
+        7: [height - y2, width - x2, height - y1, width - x1],
+        8: [y1, width - x2, y2, width - x1],
+    }[orientation]
 
 
 # EXIF orientation -> the transpose ImageOps.exif_transpose applies (Pillow's own table).
-_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                   8: Image.Transpose.ROTATE_90}
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _counts_to_plain(counts: str | bytes | list) -> str | list[int]:
@@ -248,8 +265,11 @@ def validate_entry(entry: Any, where: str, notes: Counter | None = None) -> Imag
     if isinstance(entry, ImageMasks):
         if entry.error is not None:
             return entry
-        return replace(validate_entry(entry.to_dict(), where, notes), made_before_exif=entry.made_before_exif,
-                       exif_orientation=entry.exif_orientation)
+        return replace(
+            validate_entry(entry.to_dict(), where, notes),
+            made_before_exif=entry.made_before_exif,
+            exif_orientation=entry.exif_orientation,
+        )
     if not isinstance(entry, Mapping):
         raise CaptionsError(f"{where}: expected a dict with keys {list(_ENTRY_KEYS)}, got {type(entry).__name__}")
     if set(entry) == {"error"}:
@@ -265,27 +285,34 @@ def validate_entry(entry: Any, where: str, notes: Counter | None = None) -> Imag
         if not isinstance(value, (list, tuple)):
             raise CaptionsError(f"{where}: '{name}' must be a list, got {type(value).__name__}")
     if original and len(scores) != len(rles):
-        notes["scores_dropped"] += 1           # the original kept its pre-NMS scores
+        notes["scores_dropped"] += 1  # the original kept its pre-NMS scores
         scores = []
     if len(rles) != len(boxes) or len(scores) not in (0, len(rles)):
-        raise CaptionsError(f"{where}: list lengths differ: {len(rles)} masks_rle, "
-                            f"{len(boxes)} bboxes, {len(scores)} scores")
+        raise CaptionsError(
+            f"{where}: list lengths differ: {len(rles)} masks_rle, {len(boxes)} bboxes, {len(scores)} scores"
+        )
     sizes = {_check_rle(rle, f"{where}, mask {i}") for i, rle in enumerate(rles)}
     if len(sizes) > 1:
         raise CaptionsError(f"{where}: masks have different sizes {sorted(sizes)}")
     boxes = [_check_box(box, f"{where}, bbox {i}") for i, box in enumerate(boxes)]
     if original and sizes:
         height, width = next(iter(sizes))
-        clipped = [[min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
-                    min(max(y2, 0.0), height)] for x1, y1, x2, y2 in boxes]
+        clipped = [
+            [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+            for x1, y1, x2, y2 in boxes
+        ]
         notes["boxes_clipped"] += sum(a != b for a, b in zip(clipped, boxes))
         boxes = clipped
     for i, score in enumerate(scores):
         if not _is_number(score):
             raise CaptionsError(f"{where}, score {i}: expected a number, got {score!r}")
     notes["original_format_entries"] += original
-    return ImageMasks(masks_rle=[{"counts": r["counts"], "size": [int(s) for s in r["size"]]} for r in rles],
-                      bboxes=boxes, scores=[float(s) for s in scores], made_before_exif=original)
+    return ImageMasks(
+        masks_rle=[{"counts": r["counts"], "size": [int(s) for s in r["size"]]} for r in rles],
+        bboxes=boxes,
+        scores=[float(s) for s in scores],
+        made_before_exif=original,
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -297,8 +324,11 @@ def _check_rle(rle: Any, where: str) -> tuple[int, int]:
     if not isinstance(rle, Mapping) or set(rle) != {"counts", "size"}:
         raise CaptionsError(f"{where}: RLE must be a dict with keys 'counts' and 'size', got {rle!r:.80}")
     size = rle["size"]
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(s, Integral) and not isinstance(s, bool) and s >= 0 for s in size)):
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(s, Integral) and not isinstance(s, bool) and s >= 0 for s in size)
+    ):
         raise CaptionsError(f"{where}: 'size' must be [H, W] non-negative ints, got {size!r}")
     counts = rle["counts"]
     if isinstance(counts, list):
@@ -311,11 +341,12 @@ def _check_rle(rle: Any, where: str) -> tuple[int, int]:
         except ValueError as err:
             raise CaptionsError(f"{where}: 'counts' is not a valid compressed RLE ({err})") from None
     else:
-        raise CaptionsError(f"{where}: 'counts' must be str, bytes or a list of ints, "
-                            f"got {type(counts).__name__}")
+        raise CaptionsError(f"{where}: 'counts' must be str, bytes or a list of ints, got {type(counts).__name__}")
     if total != size[0] * size[1]:
-        raise CaptionsError(f"{where}: 'counts' sum to {total}, expected H*W = {size[0] * size[1]} for size "
-                            f"{list(size)} (truncated counts or an edited size?)")
+        raise CaptionsError(
+            f"{where}: 'counts' sum to {total}, expected H*W = {size[0] * size[1]} for size "
+            f"{list(size)} (truncated counts or an edited size?)"
+        )
     return int(size[0]), int(size[1])
 
 
@@ -346,10 +377,16 @@ def load_captions(path: str | Path) -> dict[str, ImageMasks]:
             raise CaptionsError(f"captions file '{path}': keys must be str, got {key!r}")
         captions[key] = validate_entry(entry, f"captions file '{path}', image '{key}'", notes)
     if notes["original_format_entries"] or notes["failed_images"]:
-        log.warning("%s is in the original code's format: %d entries; %d failed images ({'error': ...}, "
-                    "treated as images without masks); %d score lists dropped (their length differs from "
-                    "the masks); %d boxes clipped to the mask", path, notes["original_format_entries"],
-                    notes["failed_images"], notes["scores_dropped"], notes["boxes_clipped"])
+        log.warning(
+            "%s is in the original code's format: %d entries; %d failed images ({'error': ...}, "
+            "treated as images without masks); %d score lists dropped (their length differs from "
+            "the masks); %d boxes clipped to the mask",
+            path,
+            notes["original_format_entries"],
+            notes["failed_images"],
+            notes["scores_dropped"],
+            notes["boxes_clipped"],
+        )
     return captions
 
 

@@ -11,6 +11,7 @@
   ``create_index.py stage=prepare`` writes and its workers read (``utils.feature_store``).
 * :class:`ViewDataset`: ``dataset[i]`` -> (i, views), decoded in DataLoader workers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,12 +46,12 @@ class ImageJob:
     """How one image is read: crop it to its bbox? Which masks (None = global embedding)?"""
 
     annotation: Annotation
-    crop: str | None = None           # "square" (the original's query crop) | "tight" | None: no crop
+    crop: str | None = None  # "square" (the original's query crop) | "tight" | None: no crop
     masks: ImageMasks | None = None
-    bbox_as_mask: bool = False        # query with mask_input and no caption mask: its bbox rectangle
-    full_mask: bool = False           # no masks, missing_masks=full_mask: MI with one full-image mask
-    zero_background: bool = False     # mask_input: pixels outside the mask(s) set to zero before MI
-    global_fallback: bool = False     # masks were wanted but there are none (missing_masks=global)
+    bbox_as_mask: bool = False  # query with mask_input and no caption mask: its bbox rectangle
+    full_mask: bool = False  # no masks, missing_masks=full_mask: MI with one full-image mask
+    zero_background: bool = False  # mask_input: pixels outside the mask(s) set to zero before MI
+    global_fallback: bool = False  # masks were wanted but there are none (missing_masks=global)
 
     def __post_init__(self):
         if self.crop not in (None, *CROPS):
@@ -58,8 +59,14 @@ class ImageJob:
 
 
 # ---------------------------------------------------------------------------------- building jobs
-def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, uses_masks: bool,
-                 missing_masks: str, source: str, crop: str | None = None) -> list[ImageJob]:
+def gallery_jobs(
+    gallery: Sequence[Annotation],
+    captions: dict[str, ImageMasks] | None,
+    uses_masks: bool,
+    missing_masks: str,
+    source: str,
+    crop: str | None = None,
+) -> list[ImageJob]:
     """Gallery images are not cropped: cropping to a ground-truth box would leak the label. ``crop``
     ("square" / "tight") crops those that have a bbox anyway, as the original code does
     (``gallery_crop=true``, for comparable numbers only).
@@ -69,6 +76,7 @@ def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] 
     for); with ``missing_masks="global"`` it gets its global embedding, with ``"full_mask"`` MI with
     one full-image mask (counted and logged).
     """
+
     def job(ann: Annotation, **kwargs) -> ImageJob:
         return ImageJob(ann, crop=crop if ann.bbox is not None else None, **kwargs)
 
@@ -78,23 +86,38 @@ def gallery_jobs(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] 
     missing = [ann.key for ann, m in zip(gallery, masks) if m is None or len(m) == 0]
     if missing and missing_masks == "error":
         example = f"; captions keys look like {next(iter(captions))!r}" if captions else ""
-        raise SoIRError(f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
-                        f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
-                        f"global embedding")
+        raise SoIRError(
+            f"{len(missing)} of {len(gallery)} gallery images have no masks in {source} "
+            f"(first: {missing[:5]}{example}); set missing_masks=global to use their "
+            f"global embedding"
+        )
     if crop is not None and any(ann.bbox is not None and m for ann, m in zip(gallery, masks)):
-        raise SoIRError("gallery_crop=true with masks: the captions' masks are made for the whole gallery image, "
-                        "not for its bbox crop (the original misaligned them); use gallery_crop with a plain "
-                        "extractor or without masks")
+        raise SoIRError(
+            "gallery_crop=true with masks: the captions' masks are made for the whole gallery image, "
+            "not for its bbox crop (the original misaligned them); use gallery_crop with a plain "
+            "extractor or without masks"
+        )
     if missing:
         what = "their global embedding" if missing_masks == "global" else "MI with one full-image mask"
-        log.warning("missing_masks=%s: %d of %d gallery images have no masks and get %s", missing_masks,
-                    len(missing), len(gallery), what)
+        log.warning(
+            "missing_masks=%s: %d of %d gallery images have no masks and get %s",
+            missing_masks,
+            len(missing),
+            len(gallery),
+            what,
+        )
     fallback = {"global_fallback": True} if missing_masks == "global" else {"full_mask": True}
     return [job(ann, masks=m) if m else job(ann, **fallback) for ann, m in zip(gallery, masks)]
 
 
-def query_jobs(queries: Sequence[Annotation], captions: dict[str, ImageMasks] | None, crop: str | None,
-               use_masks: str | None = None, all_masks: bool = False, anns_file: str = "anns.pt") -> list[ImageJob]:
+def query_jobs(
+    queries: Sequence[Annotation],
+    captions: dict[str, ImageMasks] | None,
+    crop: str | None,
+    use_masks: str | None = None,
+    all_masks: bool = False,
+    anns_file: str = "anns.pt",
+) -> list[ImageJob]:
     """Queries: the global embedding of their bbox crop (``crop``: "square" / "tight" / None), or
     Mask Inversion with their mask(s) on the whole query image (``use_masks``):
 
@@ -123,11 +146,14 @@ def query_jobs(queries: Sequence[Annotation], captions: dict[str, ImageMasks] | 
             jobs.append(ImageJob(ann, bbox_as_mask=True, zero_background=zero))
             rectangles += 1
         else:
-            raise SoIRError(f"{ann.file}: query without a mask in the captions and without a bbox in {anns_file}; "
-                            "mask_input / query_mi need one of them")
+            raise SoIRError(
+                f"{ann.file}: query without a mask in the captions and without a bbox in {anns_file}; "
+                "mask_input / query_mi need one of them"
+            )
     if rectangles:
-        log.warning("%d of %d queries have no mask overlapping their bbox and use the bbox rectangle",
-                    rectangles, len(queries))
+        log.warning(
+            "%d of %d queries have no mask overlapping their bbox and use the bbox rectangle", rectangles, len(queries)
+        )
     return jobs
 
 
@@ -146,8 +172,9 @@ def query_mask(masks: ImageMasks, ann: Annotation) -> ImageMasks | None:
 
 
 # ------------------------------------------------------------------------------ checks, identity
-def check_jobs(jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str,
-               bad_images: str) -> tuple[list[ImageJob], list[tuple[str, str, str]]]:
+def check_jobs(
+    jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str, bad_images: str
+) -> tuple[list[ImageJob], list[tuple[str, str, str]]]:
     """Check every job against its image's header, before any model runs.
 
     * an image whose header cannot be read: an error (``bad_images="error"``) or, with ``"skip"``,
@@ -179,21 +206,33 @@ def check_jobs(jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str
                     masks, turned = replace(masks, exif_orientation=fact.exif_orientation), turned + 1
                     job = replace(job, masks=masks)
                 if masks.upright_size != (fact.height, fact.width):
-                    problems.append(f"{ann.file}: its masks are {masks.upright_size[0]}x{masks.upright_size[1]} "
-                                    f"(H x W) but the image is {fact.height}x{fact.width} (after EXIF rotation)")
+                    problems.append(
+                        f"{ann.file}: its masks are {masks.upright_size[0]}x{masks.upright_size[1]} "
+                        f"(H x W) but the image is {fact.height}x{fact.width} (after EXIF rotation)"
+                    )
         except AnnotationError as err:
             problems.append(str(err))
         kept.append(job)
     if problems:
         more = f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
         fix = "; set bad_images=skip to leave unreadable images out" if any("unreadable" in p for p in problems) else ""
-        raise SoIRError(f"{len(problems)} {split} images cannot be used{fix}:\n  " + "\n  ".join(problems[:_LISTED]) + more)
+        raise SoIRError(
+            f"{len(problems)} {split} images cannot be used{fix}:\n  " + "\n  ".join(problems[:_LISTED]) + more
+        )
     if turned:
-        log.warning("%s: the masks of %d images were made before EXIF rotation (original code's format) "
-                    "and are turned like their images", split, turned)
+        log.warning(
+            "%s: the masks of %d images were made before EXIF rotation (original code's format) "
+            "and are turned like their images",
+            split,
+            turned,
+        )
     if skipped:
-        log.warning("bad_images=skip: %d %s images cannot be read and are left out: %s", len(skipped), split,
-                    [k for _, k, _ in skipped[:_LISTED]])
+        log.warning(
+            "bad_images=skip: %d %s images cannot be read and are left out: %s",
+            len(skipped),
+            split,
+            [k for _, k, _ in skipped[:_LISTED]],
+        )
     return kept, skipped
 
 
@@ -206,9 +245,22 @@ def jobs_digest(jobs: Sequence[ImageJob], facts: dict[str, ImageFacts]) -> str:
         ann = job.annotation
         box = list(ann.bbox) if ann.bbox is not None and (job.crop or job.bbox_as_mask) else None
         masks = None if job.masks is None else {**job.masks.to_dict(), "exif": job.masks.exif_orientation}
-        digest.update(json.dumps([ann.key, facts[ann.key].sha256, box, job.crop, masks, job.bbox_as_mask,
-                                  job.full_mask, job.zero_background, job.global_fallback],
-                                 sort_keys=True).encode())
+        digest.update(
+            json.dumps(
+                [
+                    ann.key,
+                    facts[ann.key].sha256,
+                    box,
+                    job.crop,
+                    masks,
+                    job.bbox_as_mask,
+                    job.full_mask,
+                    job.zero_background,
+                    job.global_fallback,
+                ],
+                sort_keys=True,
+            ).encode()
+        )
     return digest.hexdigest()
 
 
@@ -218,23 +270,44 @@ def job_to_dict(job: ImageJob) -> dict:
     its ``images.json`` record, see :func:`job_from_dict`)."""
     masks = None
     if job.masks is not None:
-        masks = {**job.masks.to_dict(), "error": job.masks.error, "made_before_exif": job.masks.made_before_exif,
-                 "exif_orientation": job.masks.exif_orientation}
-    return {"crop": job.crop, "masks": masks, "bbox_as_mask": job.bbox_as_mask, "full_mask": job.full_mask,
-            "zero_background": job.zero_background, "global_fallback": job.global_fallback}
+        masks = {
+            **job.masks.to_dict(),
+            "error": job.masks.error,
+            "made_before_exif": job.masks.made_before_exif,
+            "exif_orientation": job.masks.exif_orientation,
+        }
+    return {
+        "crop": job.crop,
+        "masks": masks,
+        "bbox_as_mask": job.bbox_as_mask,
+        "full_mask": job.full_mask,
+        "zero_background": job.zero_background,
+        "global_fallback": job.global_fallback,
+    }
 
 
 def job_from_dict(record: dict, job: dict, is_query: bool) -> ImageJob:
     """The :class:`ImageJob` of :func:`job_to_dict`'s ``job`` for the image of ``record`` (key, file,
     ins, bbox, obj_name: ``create_index.record``). Annotation fields that no view uses (``set``,
     ``boxes``, the anns' own masks, already turned into ``job.masks``) are not restored."""
-    annotation = Annotation(key=record["key"], file=Path(record["file"]), ins=tuple(record["ins"]), is_query=is_query,
-                            bbox=tuple(record["bbox"]) if record["bbox"] is not None else None,
-                            obj_name=record["obj_name"])
+    annotation = Annotation(
+        key=record["key"],
+        file=Path(record["file"]),
+        ins=tuple(record["ins"]),
+        is_query=is_query,
+        bbox=tuple(record["bbox"]) if record["bbox"] is not None else None,
+        obj_name=record["obj_name"],
+    )
     masks = None if job["masks"] is None else ImageMasks(**job["masks"])
-    return ImageJob(annotation, crop=job["crop"], masks=masks, bbox_as_mask=job["bbox_as_mask"],
-                    full_mask=job["full_mask"], zero_background=job["zero_background"],
-                    global_fallback=job["global_fallback"])
+    return ImageJob(
+        annotation,
+        crop=job["crop"],
+        masks=masks,
+        bbox_as_mask=job["bbox_as_mask"],
+        full_mask=job["full_mask"],
+        zero_background=job["zero_background"],
+        global_fallback=job["global_fallback"],
+    )
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -252,8 +325,9 @@ class ViewDataset(Dataset):
             view (True, counted in ``Views.global_fallback``) or is an error (False).
     """
 
-    def __init__(self, jobs: Sequence[ImageJob], view_maker: Callable, global_view_maker: Callable,
-                 empty_to_global: bool = False):
+    def __init__(
+        self, jobs: Sequence[ImageJob], view_maker: Callable, global_view_maker: Callable, empty_to_global: bool = False
+    ):
         self.jobs, self.view_maker, self.global_view_maker = list(jobs), view_maker, global_view_maker
         self.empty_to_global = empty_to_global
 
@@ -293,8 +367,10 @@ class ViewDataset(Dataset):
             views.dropped_masks, views.global_fallback = 1, 0
         if not views.views:
             if not self.empty_to_global:
-                raise SoIRError(f"{ann.file}: all {views.dropped_masks} masks are empty at the model's "
-                                f"input size (missing_masks=global would use the global embedding)")
+                raise SoIRError(
+                    f"{ann.file}: all {views.dropped_masks} masks are empty at the model's "
+                    f"input size (missing_masks=global would use the global embedding)"
+                )
             fallback = self.global_view_maker(image)
             fallback.dropped_masks, fallback.global_fallback = views.dropped_masks, 1
             return i, fallback

@@ -6,12 +6,14 @@ ground-truth setting of the paper's VoxDet column). :func:`annotation_masks` bui
 source with the same type as :func:`datasets.captions.load_captions`, so everything downstream is
 unchanged.
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Sequence
 
 import numpy as np
+
 from .anns import Annotation, AnnotationError, pixel_box
 from .captions import ImageMasks, bbox_from_mask, encode_mask
 from .images import upright_size
@@ -72,10 +74,18 @@ def annotation_masks(annotations: Sequence[Annotation], box_masks: bool = False)
             image_masks.scores.append(1.0)
         if len(image_masks):
             out[ann.key] = image_masks
-    logger.info("masks_from=anns: %d of %d images have masks (%s)", len(out), len(annotations),
-                ", ".join(f"{k} {v}" for k, v in counts.items()))
+    logger.info(
+        "masks_from=anns: %d of %d images have masks (%s)",
+        len(out),
+        len(annotations),
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+    )
     if complemented:
-        logger.warning("masks_from=anns: %d VoxDet masks start with a 1-pixel and were read inverted by the "
-                       "RLE.py decoder convention; using their complement, which fits the annotated box "
-                       "(e.g. %s)", len(complemented), complemented[:_MAX_LISTED])
+        logger.warning(
+            "masks_from=anns: %d VoxDet masks start with a 1-pixel and were read inverted by the "
+            "RLE.py decoder convention; using their complement, which fits the annotated box "
+            "(e.g. %s)",
+            len(complemented),
+            complemented[:_MAX_LISTED],
+        )
     return out

@@ -17,6 +17,7 @@ person sees. Files in the wild are not like that, so :func:`load_rgb` normalises
 
 Unreadable, missing or truncated files raise :class:`ImageLoadError` naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,10 +65,10 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     try:
         with Image.open(path) as opened:
             if min_side:
-                opened.draft(opened.mode, (min_side, min_side))      # a no-op for other formats
+                opened.draft(opened.mode, (min_side, min_side))  # a no-op for other formats
             # Image.open is lazy; load() decodes now so truncation errors surface here.
             opened.load()
-            ImageOps.exif_transpose(opened, in_place=True)           # no copy of the decoded pixels
+            ImageOps.exif_transpose(opened, in_place=True)  # no copy of the decoded pixels
             image = opened
     except FileNotFoundError:
         raise ImageLoadError(path, "file does not exist") from None
@@ -95,10 +96,9 @@ class ImageFacts:
 
 def _read_facts(path: Path) -> dict:
     data = path.read_bytes()
-    facts = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "exif_orientation": 1,
-             "error": None}
+    facts = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "exif_orientation": 1, "error": None}
     try:
-        with Image.open(io.BytesIO(data)) as image:   # reads the header only, no pixel decoding
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only, no pixel decoding
             height, width, orientation = upright_header(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         facts["error"] = f"{type(err).__name__}: {err}"
@@ -112,7 +112,7 @@ def upright_header(image: Image.Image) -> tuple[int, int, int]:
     orientation applied), from its header only."""
     width, height = image.size
     orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
-    if orientation in (5, 6, 7, 8):                  # a quarter turn: exif_transpose swaps the sides
+    if orientation in (5, 6, 7, 8):  # a quarter turn: exif_transpose swaps the sides
         width, height = height, width
     return height, width, orientation if 1 <= orientation <= 8 else 1
 

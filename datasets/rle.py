@@ -34,6 +34,7 @@ seen in the counts (a mask and its complement have the same runs), so :func:`vox
 tells them apart with the object's annotated box: it returns the complement when the complement's
 tight box is the annotated box and the decoded mask's is not.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -52,8 +53,7 @@ def voxdet_encode(mask: np.ndarray) -> dict:
         raise ValueError(f"voxdet_encode expects a non-empty [H, W] mask, got shape {mask.shape}")
     flat = mask.reshape(-1)
     starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
-    return {"counts": np.diff(starts).tolist(), "size": (int(mask.shape[0]), int(mask.shape[1])),
-            "transpose": False}
+    return {"counts": np.diff(starts).tolist(), "size": (int(mask.shape[0]), int(mask.shape[1])), "transpose": False}
 
 
 def voxdet_decode(rle: Mapping[str, Any]) -> np.ndarray:
@@ -69,8 +69,10 @@ def voxdet_decode(rle: Mapping[str, Any]) -> np.ndarray:
     rows, cols = _size(rle)
     counts = np.asarray(rle["counts"], dtype=np.int64)
     if counts.ndim != 1 or (counts < 0).any() or int(counts.sum()) != rows * cols:
-        raise ValueError(f"VoxDet RLE counts must be non-negative and sum to {rows}*{cols} = {rows * cols}, "
-                         f"got {len(counts)} runs summing to {int(counts.sum()) if counts.ndim == 1 else '?'}")
+        raise ValueError(
+            f"VoxDet RLE counts must be non-negative and sum to {rows}*{cols} = {rows * cols}, "
+            f"got {len(counts)} runs summing to {int(counts.sum()) if counts.ndim == 1 else '?'}"
+        )
     values = np.arange(len(counts)) % 2 == 1
     mask = np.repeat(values, counts).reshape(rows, cols)
     return mask.T if rle.get("transpose", True) else mask
@@ -95,8 +97,10 @@ def voxdet_decode_with_box(rle: Mapping[str, Any], box: Sequence[float]) -> tupl
     complement = ~decoded
     if _tight_box(complement) == wanted:
         return complement, True
-    raise ValueError(f"neither the decoded mask (box {_tight_box(decoded)}) nor its complement "
-                     f"(box {_tight_box(complement)}) has the annotated box {wanted}")
+    raise ValueError(
+        f"neither the decoded mask (box {_tight_box(decoded)}) nor its complement "
+        f"(box {_tight_box(complement)}) has the annotated box {wanted}"
+    )
 
 
 def voxdet_shape(rle: Mapping[str, Any]) -> tuple[int, int]:
@@ -107,8 +111,11 @@ def voxdet_shape(rle: Mapping[str, Any]) -> tuple[int, int]:
 
 def _size(rle: Mapping[str, Any]) -> tuple[int, int]:
     size = rle.get("size")
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)):
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
         raise ValueError(f"VoxDet RLE 'size' must be 2 positive ints, got {size!r}")
     return int(size[0]), int(size[1])
 

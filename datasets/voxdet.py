@@ -28,6 +28,7 @@ The first released version also wrote ``is_val`` (bool). Conventions, as the bui
 The parsed entry is an ordinary :class:`datasets.anns.Annotation`: queries keep their box as
 ``bbox``; every object's box goes to ``boxes`` and its mask (when there is one) to ``masks``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,13 +74,15 @@ def parse_voxdet_entry(entry: Mapping, where: str) -> tuple[dict, dict]:
     Raises:
         AnnotationError: unknown or missing keys, or values that do not have the builder's shapes.
     """
-    from .anns import AnnotationError, parse_bbox   # anns.py imports this module
+    from .anns import AnnotationError, parse_bbox  # anns.py imports this module
 
     unknown = set(entry) - VOXDET_KEYS
     missing = [k for k in _REQUIRED if k not in entry]
     if unknown or missing:
-        raise AnnotationError(f"{where}: a VoxDet-SoIR entry has keys {sorted(VOXDET_KEYS)}; unknown "
-                              f"{sorted(map(str, unknown))}, missing {missing}")
+        raise AnnotationError(
+            f"{where}: a VoxDet-SoIR entry has keys {sorted(VOXDET_KEYS)}; unknown "
+            f"{sorted(map(str, unknown))}, missing {missing}"
+        )
     if "is_val" in entry and not isinstance(_scalar(entry["is_val"]), (bool, np.bool_)):
         raise AnnotationError(f"{where}: 'is_val' must be a bool, got {entry['is_val']!r}")
     plain = {k: entry[k] for k in ("ins", "is_query", "set") if k in entry}
@@ -111,7 +114,7 @@ def _query(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, AnnotatedMask
     if sum(int(c) for c in rle["counts"]) != height * width:
         raise ValueError(f"'mask' counts sum to {sum(int(c) for c in rle['counts'])}, size says {height * width}")
     raw = _numbers(entry["bbox"], "query 'bbox'")
-    if raw == [0.0, 0.0, float(width), float(height)]:     # the builder's box of an empty mask
+    if raw == [0.0, 0.0, float(width), float(height)]:  # the builder's box of an empty mask
         return (0.0, 0.0, float(width), float(height)), AnnotatedMask("voxdet_rle", dict(rle), None)
     box = parse_bbox([raw[0], raw[1], raw[2] + 1, raw[3] + 1], f"{where}: query 'bbox' {tuple(raw)} (inclusive ends)")
     return box, AnnotatedMask("voxdet_rle", dict(rle), box)
@@ -119,8 +122,9 @@ def _query(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, AnnotatedMask
 
 def _gallery(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, tuple]:
     raw_boxes, ins, segs = entry["bbox"], entry["ins"], entry["mask"]
-    if not isinstance(raw_boxes, (list, tuple)) or not all(isinstance(b, (list, tuple, np.ndarray, torch.Tensor))
-                                                           for b in raw_boxes):
+    if not isinstance(raw_boxes, (list, tuple)) or not all(
+        isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in raw_boxes
+    ):
         raise ValueError(f"gallery 'bbox' must be a list of boxes (x1, y1, x2, y2), got {raw_boxes!r:.80}")
     boxes = tuple(parse_bbox(b, f"{where}: gallery 'bbox' {i}") for i, b in enumerate(raw_boxes))
     if not isinstance(ins, (list, tuple)) or len(ins) != len(boxes):
@@ -128,12 +132,16 @@ def _gallery(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, tuple]:
     for name in ("mask", "num_ins"):
         value = entry.get(name, [])
         if not isinstance(value, (list, tuple)) or len(value) not in (0, len(boxes)):
-            raise ValueError(f"gallery '{name}' must be [] or a list with one item per box ({len(boxes)}), "
-                             f"got {len(value) if isinstance(value, (list, tuple)) else type(value).__name__}")
+            raise ValueError(
+                f"gallery '{name}' must be [] or a list with one item per box ({len(boxes)}), "
+                f"got {len(value) if isinstance(value, (list, tuple)) else type(value).__name__}"
+            )
     if not all(_is_int(n) for n in entry.get("num_ins", [])):
         raise ValueError("gallery 'num_ins' must hold ints")
-    masks = tuple(None if _is_empty_segmentation(seg) else AnnotatedMask("coco", _check_coco(seg, i), box)
-                  for i, (seg, box) in enumerate(zip(segs, boxes)))
+    masks = tuple(
+        None if _is_empty_segmentation(seg) else AnnotatedMask("coco", _check_coco(seg, i), box)
+        for i, (seg, box) in enumerate(zip(segs, boxes))
+    )
     return boxes, masks
 
 
@@ -141,15 +149,22 @@ def _check_coco(seg: Any, i: int) -> Any:
     """A COCO segmentation: polygons [[x, y, x, y, ...], ...] or an RLE dict {counts, size}."""
     if isinstance(seg, Mapping):
         size, counts = seg.get("size"), seg.get("counts")
-        if (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(s) and s > 0 for s in size)
-                or not (isinstance(counts, (str, bytes)) or isinstance(counts, list) and all(_is_int(c) for c in counts))):
+        if (
+            not isinstance(size, (list, tuple))
+            or len(size) != 2
+            or not all(_is_int(s) and s > 0 for s in size)
+            or not (isinstance(counts, (str, bytes)) or isinstance(counts, list) and all(_is_int(c) for c in counts))
+        ):
             raise ValueError(f"gallery 'mask' {i}: a COCO RLE needs 'size' [H, W] and 'counts' (str or list)")
         return seg
-    if (isinstance(seg, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0
-                                              and all(_is_number(v) for v in p) for p in seg)):
+    if isinstance(seg, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in seg
+    ):
         return seg
-    raise ValueError(f"gallery 'mask' {i}: expected COCO polygons [[x, y, ...], ...] (at least 3 points "
-                     f"each) or an RLE dict, got {seg!r:.80}")
+    raise ValueError(
+        f"gallery 'mask' {i}: expected COCO polygons [[x, y, ...], ...] (at least 3 points "
+        f"each) or an RLE dict, got {seg!r:.80}"
+    )
 
 
 def decode_annotated_mask(mask: AnnotatedMask, height: int, width: int) -> tuple[np.ndarray, bool]:
@@ -165,7 +180,7 @@ def decode_annotated_mask(mask: AnnotatedMask, height: int, width: int) -> tuple
     if mask.encoding == "voxdet_rle":
         if voxdet_shape(mask.data) != (height, width):
             raise ValueError(f"mask is {voxdet_shape(mask.data)} (H, W), the image {(height, width)}")
-        if mask.box is None:                          # the builder's empty mask: counts [H * W]
+        if mask.box is None:  # the builder's empty mask: counts [H * W]
             if len(mask.data["counts"]) != 1:
                 raise ValueError("the bbox (0, 0, W, H) marks an empty mask, but the mask has several runs")
             return np.zeros((height, width), dtype=bool), False
@@ -177,9 +192,11 @@ def decode_annotated_mask(mask: AnnotatedMask, height: int, width: int) -> tuple
         if tuple(int(s) for s in seg["size"]) != (height, width):
             raise ValueError(f"mask is {tuple(seg['size'])} (H, W), the image {(height, width)}")
         counts = seg["counts"]
-        rle = (mask_utils.frPyObjects({"counts": list(counts), "size": [height, width]}, height, width)
-               if isinstance(counts, list) else
-               {"counts": counts.encode() if isinstance(counts, str) else counts, "size": [height, width]})
+        rle = (
+            mask_utils.frPyObjects({"counts": list(counts), "size": [height, width]}, height, width)
+            if isinstance(counts, list)
+            else {"counts": counts.encode() if isinstance(counts, str) else counts, "size": [height, width]}
+        )
     else:
         rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in seg], height, width))
     return mask_utils.decode(rle).astype(bool), False

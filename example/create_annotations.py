@@ -14,6 +14,7 @@ Keys are paths relative to ``DIR`` (load with ``load_anns(out, galleries_dir=DIR
 queries_dir=DIR)`` or keep ``anns.pt`` in ``DIR``). ``--bboxes`` is a JSON object mapping a
 query's relative path to ``[x1, y1, x2, y2]`` in pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def _instance_folders(split_dir: Path) -> dict[str, Path]:
     """{instance name: folder}; image files lying directly in ``split_dir`` are an error."""
     loose = _images(split_dir)
     if loose:
-        raise ValueError(f"'{split_dir}' holds images outside instance folders, e.g. '{loose[0].name}'; "
-                         "put each image in <split>/<instance_name>/")
+        raise ValueError(
+            f"'{split_dir}' holds images outside instance folders, e.g. '{loose[0].name}'; "
+            "put each image in <split>/<instance_name>/"
+        )
     return {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir()}
 
 
@@ -50,8 +53,9 @@ def build_annotations(root: str | Path, bboxes: dict[str, list[float]] | None = 
     queries_dir, gallery_dir = root / "queries", root / "gallery"
     for folder in (queries_dir, gallery_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"'{folder}' does not exist; expected {root}/queries/<instance>/ "
-                                    f"and {root}/gallery/<instance>/")
+            raise FileNotFoundError(
+                f"'{folder}' does not exist; expected {root}/queries/<instance>/ and {root}/gallery/<instance>/"
+            )
     query_folders = _instance_folders(queries_dir)
     gallery_folders = _instance_folders(gallery_dir)
     if DISTRACTORS in query_folders:
@@ -69,7 +73,10 @@ def build_annotations(root: str | Path, bboxes: dict[str, list[float]] | None = 
             for file in files:
                 ins = instance_id[name]
                 anns[file.relative_to(root).as_posix()] = {
-                    "ins": ins if is_query else [ins], "is_query": is_query, "obj_name": name}
+                    "ins": ins if is_query else [ins],
+                    "is_query": is_query,
+                    "obj_name": name,
+                }
     if distractor_dir is not None:
         for file in _images(distractor_dir):
             anns[file.relative_to(root).as_posix()] = {"ins": [], "is_query": False}
@@ -102,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     save_anns(anns, args.out)
     queries = [a for a in anns.values() if a["is_query"]]
     instances = {a["obj_name"] for a in anns.values() if "obj_name" in a}
-    print(f"wrote {args.out}: {len(instances)} instances, {len(queries)} queries "
-          f"({sum('bbox' in q for q in queries)} with bbox), {len(anns) - len(queries)} gallery images "
-          f"(distractors: {sum(a['ins'] == [] for a in anns.values())})")
+    print(
+        f"wrote {args.out}: {len(instances)} instances, {len(queries)} queries "
+        f"({sum('bbox' in q for q in queries)} with bbox), {len(anns) - len(queries)} gallery images "
+        f"(distractors: {sum(a['ins'] == [] for a in anns.values())})"
+    )
 
 
 if __name__ == "__main__":

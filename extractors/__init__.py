@@ -1,18 +1,30 @@
 """SoIR extractors behind one registry.
 
-    from extractors import build_extractor, SigLIPMIExtractor
-    extractor = build_extractor("siglip_mi_features")          # or SigLIPMIExtractor()
-    vectors = extractor.extract(image, masks)                   # [P, D]; no masks -> [D]
+from extractors import build_extractor, SigLIPMIExtractor
+extractor = build_extractor("siglip_mi_features")          # or SigLIPMIExtractor()
+vectors = extractor.extract(image, masks)                   # [P, D]; no masks -> [D]
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any
 
 from extractors.base import Extractor
-from extractors.families import (CLIPExtractor, CLIPMIExtractor, DINOv2Extractor, DINOv2MIExtractor,
-                                 DINOv2RegExtractor, DINOv2RegMIExtractor, DINOv3Extractor, DINOv3MIExtractor,
-                                 SigLIP2Extractor, SigLIP2MIExtractor, SigLIPExtractor, SigLIPMIExtractor)
+from extractors.families import (
+    CLIPExtractor,
+    CLIPMIExtractor,
+    DINOv2Extractor,
+    DINOv2MIExtractor,
+    DINOv2RegExtractor,
+    DINOv2RegMIExtractor,
+    DINOv3Extractor,
+    DINOv3MIExtractor,
+    SigLIP2Extractor,
+    SigLIP2MIExtractor,
+    SigLIPExtractor,
+    SigLIPMIExtractor,
+)
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, capabilities, list_extractors, register_extractor
 from extractors.text import TextEncoder, has_text_tower
@@ -21,12 +33,29 @@ from utils.errors import SoIRError
 
 log = logging.getLogger("soir.extractors")
 
-__all__ = ["Extractor", "MIExtractor", "DINOv2Extractor", "SigLIPExtractor", "CLIPExtractor",
-           "DINOv2MIExtractor", "SigLIPMIExtractor", "CLIPMIExtractor", "DINOv2RegExtractor",
-           "DINOv2RegMIExtractor", "DINOv3Extractor", "DINOv3MIExtractor", "SigLIP2Extractor",
-           "SigLIP2MIExtractor", "build_extractor",
-           "list_extractors", "register_extractor", "capabilities", "extractor_from_config", "TextEncoder",
-           "has_text_tower"]
+__all__ = [
+    "Extractor",
+    "MIExtractor",
+    "DINOv2Extractor",
+    "SigLIPExtractor",
+    "CLIPExtractor",
+    "DINOv2MIExtractor",
+    "SigLIPMIExtractor",
+    "CLIPMIExtractor",
+    "DINOv2RegExtractor",
+    "DINOv2RegMIExtractor",
+    "DINOv3Extractor",
+    "DINOv3MIExtractor",
+    "SigLIP2Extractor",
+    "SigLIP2MIExtractor",
+    "build_extractor",
+    "list_extractors",
+    "register_extractor",
+    "capabilities",
+    "extractor_from_config",
+    "TextEncoder",
+    "has_text_tower",
+]
 
 
 def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | None = None) -> Extractor:
@@ -54,13 +83,32 @@ def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | N
         log.warning("%s ignores %s (Mask Inversion settings)", name, ", ".join(ignored))
     extractor = build_extractor(name, **kwargs)
     if extractor.dim != cfg.vec_dim:
-        raise SoIRError(f"vec_dim={cfg.vec_dim} but {extractor.model_name} outputs {extractor.dim}-d "
-                        f"embeddings; set vec_dim={extractor.dim}")
+        raise SoIRError(
+            f"vec_dim={cfg.vec_dim} but {extractor.model_name} outputs {extractor.dim}-d "
+            f"embeddings; set vec_dim={extractor.dim}"
+        )
     return extractor
 
 
 # Settings of the MI extractors; those in _NEEDS_MI change what a plain extractor would compute.
-_MI_ONLY_KEYS = {"mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index", "mi_impl", "mi_precision",
-                 "mi_cuda_graph", "mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "smart_crop_pad",
-                 "mask_input", "legrad_norm", "mi_sum_loss", "smart_crop_source", "mi_resample"}
+_MI_ONLY_KEYS = {
+    "mi_alpha",
+    "mi_beta",
+    "mi_lr",
+    "mi_iterations",
+    "mi_layer_index",
+    "mi_impl",
+    "mi_precision",
+    "mi_cuda_graph",
+    "mi_sum",
+    "full_mask",
+    "avg_multiple_vecs",
+    "smart_crop",
+    "smart_crop_pad",
+    "mask_input",
+    "legrad_norm",
+    "mi_sum_loss",
+    "smart_crop_source",
+    "mi_resample",
+}
 _NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input"}

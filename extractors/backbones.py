@@ -1,4 +1,5 @@
 """Loading HF vision backbones (the family's class and checks from utils/families.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -9,14 +10,15 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from utils.errors import SoIRError
-from utils.hub import check_model_available, hf_offline
 from utils.families import MODEL_TYPES, family_spec
+from utils.hub import check_model_available, hf_offline
 
 log = logging.getLogger("soir.extractors")
 
 
-def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa",
-                  model_class: type | None = None) -> nn.Module:
+def load_backbone(
+    family: str, model_name: str, attn_implementation: str = "sdpa", model_class: type | None = None
+) -> nn.Module:
     """``from_pretrained`` on a hub id or local folder; returns the frozen model in eval mode.
 
     ``attn_implementation="eager"`` is needed when attention probabilities must be observed
@@ -30,17 +32,20 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     # text tower too); missing weights, the case that matters, are checked below.
     hf_logging.set_verbosity_error()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()          # a "Loading weights" bar per model is noise in our logs
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise in our logs
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
         model, info = (model_class or family_spec(family).model_class).from_pretrained(
-            model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True)
+            model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True
+        )
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: use a local folder or a cached model)" if offline else ""
         raise SoIRError(f"cannot load {family} model {model_name!r}{hint}: {err}") from None
-    except (RuntimeError, ValueError) as err:   # e.g. tensors of other shapes: another architecture or size
-        raise SoIRError(_other_family(model_name, family, _model_type(model_name))
-                        or f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, ValueError) as err:  # e.g. tensors of other shapes: another architecture or size
+        raise SoIRError(
+            _other_family(model_name, family, _model_type(model_name))
+            or f"{model_name!r} does not fit a {family} model: {str(err).splitlines()[0]}"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -49,8 +54,10 @@ def load_backbone(family: str, model_name: str, attn_implementation: str = "sdpa
     # with random layers would give plausible-looking but meaningless features.
     missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info.get("mismatched_keys", []))
     if missing:
-        raise SoIRError(f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
-                         f"mismatched (e.g. {missing[:3]}); check extractor= and model_name=")
+        raise SoIRError(
+            f"{model_name!r} is not a {family} checkpoint: {len(missing)} weights missing or "
+            f"mismatched (e.g. {missing[:3]}); check extractor= and model_name="
+        )
     # A checkpoint of a related family can load with all weights present (a DINOv2-with-registers
     # folder into Dinov2Model: the register tokens are just unused), giving wrong features silently.
     wrong = _other_family(model_name, family, model.config.model_type)
@@ -72,8 +79,10 @@ def _other_family(model_name: str, family: str, model_type: str | None) -> str |
     other = MODEL_TYPES.get(model_type)
     if other is None or other == family:
         return None
-    return (f"{model_name!r} is a {other} checkpoint (config.model_type={model_type!r}), not {family}; use the "
-            f"{other}_features / {other}_mi_features extractors")
+    return (
+        f"{model_name!r} is a {other} checkpoint (config.model_type={model_type!r}), not {family}; use the "
+        f"{other}_features / {other}_mi_features extractors"
+    )
 
 
 def embedding_dim(model: nn.Module, family: str) -> int:

@@ -1,4 +1,5 @@
 """Extractors: a backbone plus the rule that turns an image (and its masks) into descriptor rows."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,6 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any, Sequence
 
 import torch
@@ -28,7 +28,7 @@ log = logging.getLogger("soir.extractors")
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA is an error."""
+    """ "auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device=auto -> %s", device)
@@ -74,15 +74,25 @@ class Extractor:
             (the original code's dict input ``{"image": ..., "img_path": ...}``).
     """
 
-    family: str = ""                  # a key of utils.families.FAMILIES (its spec: classes, default models)
+    family: str = ""  # a key of utils.families.FAMILIES (its spec: classes, default models)
     uses_masks = False
-    attn_implementation = "sdpa"      # MI extractors need "eager" to observe attention
-    preprocess_class: type[Preprocess] | type[NaFlexPreprocess] = Preprocess   # NaFlexPreprocess: SigLIP2
+    attn_implementation = "sdpa"  # MI extractors need "eager" to observe attention
+    preprocess_class: type[Preprocess] | type[NaFlexPreprocess] = Preprocess  # NaFlexPreprocess: SigLIP2
 
-    def __init__(self, model_name: str | None = None, *, B_model: bool = True, device: str = "auto",
-                 precision: str = "fp32", lora_adapt: bool = False, lora_rank: int = 256,
-                 lora_alpha: float | None = 32, weights: str | Path | None = None, batch_size: int = 16,
-                 captions_file: str | Path | None = None):
+    def __init__(
+        self,
+        model_name: str | None = None,
+        *,
+        B_model: bool = True,
+        device: str = "auto",
+        precision: str = "fp32",
+        lora_adapt: bool = False,
+        lora_rank: int = 256,
+        lora_alpha: float | None = 32,
+        weights: str | Path | None = None,
+        batch_size: int = 16,
+        captions_file: str | Path | None = None,
+    ):
         self.model_name = model_name or self.default_model(B_model)
         if model_name and not B_model:
             log.warning("B_model=false is ignored: model_name=%s is given", model_name)
@@ -93,8 +103,10 @@ class Extractor:
         if weights is not None and not lora_adapt:
             raise SoIRError("weights= is a LoRA checkpoint and needs lora_adapt=true")
         if lora_adapt and weights is None:
-            raise SoIRError("lora_adapt=true needs weights=/path/to/lora_weights.ckpt (untrained LoRA adapters "
-                            "leave the model unchanged)")
+            raise SoIRError(
+                "lora_adapt=true needs weights=/path/to/lora_weights.ckpt (untrained LoRA adapters "
+                "leave the model unchanged)"
+            )
         model = load_backbone(self.family, self.model_name, self.attn_implementation)
         self.lora = None
         if lora_adapt:
@@ -117,10 +129,18 @@ class Extractor:
         """What pins this extractor's output, for the features folder's identity: the weights
         actually loaded (file hashes of a local folder, or the hub commit), the preprocessing, the
         LoRA adapters' content, precision and device (CPU and CUDA kernels round differently)."""
-        preprocess = {k: str(v) if not isinstance(v, (int, float, tuple)) else v
-                      for k, v in dataclasses.asdict(self.preprocess).items()}
-        return {"class": type(self).__name__, **model_weights_identity(self.model_name), "preprocess": preprocess,
-                "lora": self.lora, "precision": self.precision, "device": str(self.device)}
+        preprocess = {
+            k: str(v) if not isinstance(v, (int, float, tuple)) else v
+            for k, v in dataclasses.asdict(self.preprocess).items()
+        }
+        return {
+            "class": type(self).__name__,
+            **model_weights_identity(self.model_name),
+            "preprocess": preprocess,
+            "lora": self.lora,
+            "precision": self.precision,
+            "device": str(self.device),
+        }
 
     # -- the part that runs in DataLoader workers ---------------------------------------------------
     def view_maker(self) -> ViewMaker:
@@ -157,9 +177,15 @@ class Extractor:
                 out = self.invert_views(views)
             for (i, _), rows in zip(items, out):
                 parts[i].append(rows)
-        return [self.finish(Rows(torch.cat([r.vectors for r in rows]) if rows else torch.empty(0, self.dim),
-                                 torch.cat([r.mask_index for r in rows]) if rows else torch.empty(0, dtype=torch.long)))
-                for rows in parts]
+        return [
+            self.finish(
+                Rows(
+                    torch.cat([r.vectors for r in rows]) if rows else torch.empty(0, self.dim),
+                    torch.cat([r.mask_index for r in rows]) if rows else torch.empty(0, dtype=torch.long),
+                )
+            )
+            for rows in parts
+        ]
 
     def mask_group(self, view: View) -> object:
         """Views with equal keys are inverted in one batch (MI extractors may pool more)."""
@@ -191,11 +217,13 @@ class Extractor:
             raise SoIRError(f"{len(images)} images but {len(masks)} mask entries")
         out = []
         for start in range(0, len(images), self.batch_size):
-            chunk = list(images[start:start + self.batch_size])
-            chunk_masks = list(masks[start:start + self.batch_size]) if masks is not None else [None] * len(chunk)
+            chunk = list(images[start : start + self.batch_size])
+            chunk_masks = list(masks[start : start + self.batch_size]) if masks is not None else [None] * len(chunk)
             views = [self._views(image, m) for image, m in zip(chunk, chunk_masks)]
-            out += [self._shape(rows.vectors, has_masks) for rows, (_, has_masks) in
-                    zip(self.describe([v for v, _ in views]), views)]
+            out += [
+                self._shape(rows.vectors, has_masks)
+                for rows, (_, has_masks) in zip(self.describe([v for v, _ in views]), views)
+            ]
         return out
 
     def _views(self, image: ImageLike, masks: Any) -> tuple[Views, bool]:
@@ -214,4 +242,4 @@ class Extractor:
     def _shape(self, rows: torch.Tensor, has_masks: bool) -> torch.Tensor:
         return rows[0] if len(rows) == 1 and (not has_masks or self.one_vector_per_image) else rows
 
-    one_vector_per_image = True       # plain extractors: one global embedding
+    one_vector_per_image = True  # plain extractors: one global embedding

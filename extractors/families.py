@@ -5,6 +5,7 @@ utils/families.py; a class here only names its family (and SigLIP2 its NaFlex pr
 fixed-resolution SigLIP2 checkpoints (e.g. google/siglip2-base-patch16-224) are SigLIP models
 (model_type "siglip"): use the siglip extractors.
 """
+
 from __future__ import annotations
 
 from extractors.base import Extractor

@@ -7,6 +7,7 @@
   passed uint8 0/255), RLE dicts (``{"counts", "size"}``), a captions entry (``ImageMasks`` or its
   dict ``{"masks_rle", ...}``); all become a bool array [P, H, W].
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def as_image(image: ImageLike) -> tuple[Image.Image, Path | None]:
         return load_rgb(image), Path(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise SoIRError(f"an image array must be uint8 H x W (grey) or H x W x 3/4, got {image.dtype} "
-                            f"{image.shape}")
+            raise SoIRError(
+                f"an image array must be uint8 H x W (grey) or H x W x 3/4, got {image.dtype} {image.shape}"
+            )
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise SoIRError(f"expected a PIL image, a numpy array, a path or a dict, got {type(image).__name__}")

@@ -14,6 +14,7 @@ in this order:
 A stored alpha wins over the caller's and is logged; a stored rank or family that differs from the
 requested one is an error.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,17 @@ from utils.families import FAMILIES, lora_families
 
 log = logging.getLogger("soir.extractors")
 
-DEFAULT_ALPHA = 32.0                       # the original code's lora_alpha default
-STATE_KEYS = ("model_state_dict", "state_dict", "model")    # wrappers around the state dict
+DEFAULT_ALPHA = 32.0  # the original code's lora_alpha default
+STATE_KEYS = ("model_state_dict", "state_dict", "model")  # wrappers around the state dict
 METADATA_KEY = "lora"
 
 # transformers 5.x renamed DINOv2's attention projections; checkpoints saved with 4.x use the old names.
-_V4_TO_V5 = [(r"attention\.attention\.query\.", "attention.q_proj."),
-             (r"attention\.attention\.key\.", "attention.k_proj."),
-             (r"attention\.attention\.value\.", "attention.v_proj."),
-             (r"attention\.output\.dense\.", "attention.o_proj.")]
+_V4_TO_V5 = [
+    (r"attention\.attention\.query\.", "attention.q_proj."),
+    (r"attention\.attention\.key\.", "attention.k_proj."),
+    (r"attention\.attention\.value\.", "attention.v_proj."),
+    (r"attention\.output\.dense\.", "attention.o_proj."),
+]
 _V4_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
 
@@ -54,13 +57,14 @@ class LoraSettings:
 
     rank: int
     alpha: float = DEFAULT_ALPHA
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")   # a family's: FamilySpec.lora_targets
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # a family's: FamilySpec.lora_targets
     dropout: float = 0.0
     family: str | None = None
 
     def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
-                          lora_dropout=self.dropout)
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=self.dropout
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for the checkpoint's ``"lora"`` entry (loadable with ``weights_only=True``)."""
@@ -92,8 +96,9 @@ def lora_checkpoint(peft_model: nn.Module, settings: LoraSettings, **extra: Any)
     return {"state_dict": state, METADATA_KEY: settings.to_dict(), **extra}
 
 
-def add_lora(model: nn.Module, family: str, rank: int, alpha: float | None,
-             weights: str | Path) -> tuple[nn.Module, LoraSettings]:
+def add_lora(
+    model: nn.Module, family: str, rank: int, alpha: float | None, weights: str | Path
+) -> tuple[nn.Module, LoraSettings]:
     """Wrap a DINOv2 / CLIP vision model with LoRA, load ``weights`` and merge them into the base weights.
 
     Merging gives a plain transformers model with the same function (up to float rounding), so the
@@ -138,8 +143,10 @@ def read_lora_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[s
                 ckpt = ckpt[key]
                 break
     if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise SoIRError(f"{weights}: not a LoRA state-dict checkpoint (expected a dict of tensors, bare "
-                         f"or under one of {list(STATE_KEYS)})")
+        raise SoIRError(
+            f"{weights}: not a LoRA state-dict checkpoint (expected a dict of tensors, bare "
+            f"or under one of {list(STATE_KEYS)})"
+        )
     return ckpt, stored, source
 
 
@@ -156,14 +163,20 @@ def _load_file(weights: Path) -> Any:
         # weights_only refuses pickled classes ("Unsupported global: GLOBAL argparse.Namespace ...").
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found:
-            raise SoIRError(f"{weights}: the checkpoint holds Python objects ({found.group(1)}), not only "
-                             f"tensors and plain containers; SoIR loads only those (save the state dict "
-                             f"alone: torch.save(model.state_dict(), path))") from None
-        raise SoIRError(f"{weights}: not a PyTorch checkpoint (cannot unpickle it); expected a file "
-                         f"written by torch.save or a .safetensors file") from None
+            raise SoIRError(
+                f"{weights}: the checkpoint holds Python objects ({found.group(1)}), not only "
+                f"tensors and plain containers; SoIR loads only those (save the state dict "
+                f"alone: torch.save(model.state_dict(), path))"
+            ) from None
+        raise SoIRError(
+            f"{weights}: not a PyTorch checkpoint (cannot unpickle it); expected a file "
+            f"written by torch.save or a .safetensors file"
+        ) from None
     except Exception as err:  # unpickling errors come in many types (KeyError for a text file, ...)
-        raise SoIRError(f"{weights}: not a PyTorch checkpoint ({_first_line(err)}); expected a file "
-                         f"written by torch.save or a .safetensors file") from None
+        raise SoIRError(
+            f"{weights}: not a PyTorch checkpoint ({_first_line(err)}); expected a file "
+            f"written by torch.save or a .safetensors file"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -187,32 +200,44 @@ def _peft_adapter_config(path: Path) -> dict[str, Any]:
     return stored
 
 
-def resolve_settings(weights: Path, family: str, rank: int, alpha: float | None, stored: dict[str, Any],
-                     source: str | None) -> LoraSettings:
+def resolve_settings(
+    weights: Path, family: str, rank: int, alpha: float | None, stored: dict[str, Any], source: str | None
+) -> LoraSettings:
     """The settings to build the adapters with: stored ones win for alpha and targets (logged); a
     stored rank or family that contradicts the request is an error naming the file."""
     if stored.get("family") not in (None, family):
-        raise SoIRError(f"{weights} holds LoRA adapters for {stored['family']}, not {family}; use a "
-                         f"{stored['family']} extractor")
+        raise SoIRError(
+            f"{weights} holds LoRA adapters for {stored['family']}, not {family}; use a {stored['family']} extractor"
+        )
     if stored.get("rank") not in (None, rank):
-        raise SoIRError(f"{weights} was trained with LoRA rank {stored['rank']} (stored in {source}), "
-                         f"but lora_rank={rank}; set lora_rank={stored['rank']}")
+        raise SoIRError(
+            f"{weights} was trained with LoRA rank {stored['rank']} (stored in {source}), "
+            f"but lora_rank={rank}; set lora_rank={stored['rank']}"
+        )
     requested = DEFAULT_ALPHA if alpha is None else float(alpha)
     if stored.get("alpha") is not None and float(stored["alpha"]) != requested:
-        log.warning("LoRA alpha %g stored in %s is used (lora_alpha=%g ignored)", stored["alpha"], source,
-                    requested)
-    settings = LoraSettings(rank=rank, alpha=float(stored.get("alpha", requested)),
-                            target_modules=tuple(stored.get("target_modules", FAMILIES[family].lora_targets)),
-                            family=family)
+        log.warning("LoRA alpha %g stored in %s is used (lora_alpha=%g ignored)", stored["alpha"], source, requested)
+    settings = LoraSettings(
+        rank=rank,
+        alpha=float(stored.get("alpha", requested)),
+        target_modules=tuple(stored.get("target_modules", FAMILIES[family].lora_targets)),
+        family=family,
+    )
     # The scaling alpha / rank must be the one the adapters were trained with: say which one is used.
-    log.info("LoRA rank %d, alpha %g (scaling %.4g, %s) on %s", settings.rank, settings.alpha,
-             settings.alpha / settings.rank, f"from {source}" if "alpha" in stored else "lora_alpha",
-             list(settings.target_modules))
+    log.info(
+        "LoRA rank %d, alpha %g (scaling %.4g, %s) on %s",
+        settings.rank,
+        settings.alpha,
+        settings.alpha / settings.rank,
+        f"from {source}" if "alpha" in stored else "lora_alpha",
+        list(settings.target_modules),
+    )
     return settings
 
 
-def load_lora_state(peft_model: nn.Module, state: dict[str, torch.Tensor], weights: Path,
-                    settings: LoraSettings) -> None:
+def load_lora_state(
+    peft_model: nn.Module, state: dict[str, torch.Tensor], weights: Path, settings: LoraSettings
+) -> None:
     """Load a checkpoint's tensors into a peft-wrapped model, matching keys by :func:`canonical_key`."""
     model_keys = {canonical_key(k): k for k in peft_model.state_dict()}
     mapped, unexpected = {}, []
@@ -221,13 +246,15 @@ def load_lora_state(peft_model: nn.Module, state: dict[str, torch.Tensor], weigh
         (unexpected.append(key) if name not in model_keys else mapped.__setitem__(model_keys[name], value))
     missing = sorted(k for c, k in model_keys.items() if "lora_" in c and k not in mapped)
     if missing or unexpected:
-        raise SoIRError(f"{weights} does not match {settings.family} + LoRA(rank={settings.rank}, "
-                         f"targets={list(settings.target_modules)}): {len(missing)} missing LoRA keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+        raise SoIRError(
+            f"{weights} does not match {settings.family} + LoRA(rank={settings.rank}, "
+            f"targets={list(settings.target_modules)}): {len(missing)} missing LoRA keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
     try:
         peft_model.load_state_dict(mapped, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. another lora_rank
-        lines = [l.strip() for l in str(err).splitlines() if "size mismatch" in l] or [_first_line(err)]
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line] or [_first_line(err)]
         raise SoIRError(f"{weights}: tensors do not fit the model (check lora_rank): {lines[0][:300]}") from None
     n_lora = sum("lora_" in k for k in mapped)
     log.info("loaded %s: %d LoRA tensors, %d base tensors", weights, n_lora, len(mapped) - n_lora)

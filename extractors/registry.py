@@ -4,6 +4,7 @@ An entry carries its capabilities (``uses_masks``, its constructor's keyword arg
 that only needs to know what an extractor can do (config checks, the data layer) never builds a
 model or parses the name.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,8 +54,13 @@ def capabilities(name: str) -> dict[str, Any]:
     takes), ``has_text_tower`` (its checkpoints hold a text tower for text queries: extractors/text.py
     ``TEXT_TOWERS``)."""
     cls = extractor_class(name)
-    return {"uses_masks": cls.uses_masks, "family": cls.family, "supports_lora": FAMILIES[cls.family].supports_lora,
-            "keys": constructor_keys(cls), "has_text_tower": has_text_tower(cls.family)}
+    return {
+        "uses_masks": cls.uses_masks,
+        "family": cls.family,
+        "supports_lora": FAMILIES[cls.family].supports_lora,
+        "keys": constructor_keys(cls),
+        "has_text_tower": has_text_tower(cls.family),
+    }
 
 
 def build_extractor(name: str, **kwargs: Any):

@@ -9,6 +9,7 @@ family is added or restructured): the text model class, how texts are padded, an
 the embedding. The embedding is exactly the checkpoint's ``get_text_features`` (``SiglipModel`` /
 ``CLIPModel``), L2-normalised, like the image side (``utils.mask_inversion.global_embedding``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,10 @@ class TextEncoder:
 
     def __init__(self, model_name: str, family: str, device: str | torch.device = "cpu"):
         if family not in TEXT_TOWERS:
-            raise SoIRError(f"{family} checkpoints have no text tower SoIR can use (DINOv2 / DINOv3 have none; "
-                            "SigLIP2's is not wired yet): text queries need a SigLIP or CLIP extractor (siglip_*, clip_*)")
+            raise SoIRError(
+                f"{family} checkpoints have no text tower SoIR can use (DINOv2 / DINOv3 have none; "
+                "SigLIP2's is not wired yet): text queries need a SigLIP or CLIP extractor (siglip_*, clip_*)"
+            )
         self.model_name, self.family, self.tower = model_name, family, TEXT_TOWERS[family]
         self.device = torch.device(device)
         self.model = load_backbone(family, model_name, "sdpa", self.tower.model_class).to(self.device)
@@ -68,8 +71,9 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(model_name)
         except (OSError, ValueError, ImportError) as err:
             hint = " (SigLIP's tokenizer needs `pip install sentencepiece protobuf`)" if family == "siglip" else ""
-            raise SoIRError(f"cannot load the tokenizer of {model_name!r}{hint}: "
-                            f"{str(err).strip().splitlines()[0]}") from None
+            raise SoIRError(
+                f"cannot load the tokenizer of {model_name!r}{hint}: {str(err).strip().splitlines()[0]}"
+            ) from None
         self.max_length = min(int(self.tokenizer.model_max_length), int(self.model.config.max_position_embeddings))
         self._check_tokenizer()
 
@@ -80,11 +84,15 @@ class TextEncoder:
         vocab_size = int(self.model.config.vocab_size)
         ids = self.tokenizer("a photo of", add_special_tokens=False)["input_ids"]
         if self.tokenizer.unk_token_id in ids:
-            raise SoIRError(f"the tokenizer of {self.model_name!r} does not know the words of 'a photo of' (a folder "
-                            "without tokenizer files gets an empty one): save the checkpoint's tokenizer there")
+            raise SoIRError(
+                f"the tokenizer of {self.model_name!r} does not know the words of 'a photo of' (a folder "
+                "without tokenizer files gets an empty one): save the checkpoint's tokenizer there"
+            )
         if len(self.tokenizer) > vocab_size:
-            raise SoIRError(f"the tokenizer of {self.model_name!r} has {len(self.tokenizer)} tokens, its text model "
-                            f"{vocab_size}: they are not from one checkpoint")
+            raise SoIRError(
+                f"the tokenizer of {self.model_name!r} has {len(self.tokenizer)} tokens, its text model "
+                f"{vocab_size}: they are not from one checkpoint"
+            )
 
     def identity(self) -> dict:
         """The weights behind the text tower (and so the tokenizer files of a local folder)."""
@@ -98,10 +106,15 @@ class TextEncoder:
         full = self.tokenizer(texts)["input_ids"]
         long = [t for t, ids in zip(texts, full) if len(ids) > self.max_length]
         if long:
-            log.warning("%d text(s) longer than %d tokens are cut to it (the text tower's context): %s",
-                        len(long), self.max_length, long[:3])
-        tokens = self.tokenizer(texts, padding=self.tower.padding, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
+            log.warning(
+                "%d text(s) longer than %d tokens are cut to it (the text tower's context): %s",
+                len(long),
+                self.max_length,
+                long[:3],
+            )
+        tokens = self.tokenizer(
+            texts, padding=self.tower.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         with torch.inference_mode():
             output = self.model(**tokens)
         return F.normalize(getattr(output, self.tower.output).float(), dim=-1).cpu()

@@ -3,6 +3,7 @@
 A view is the model-size input tensor plus, for Mask Inversion, the masks to invert on it.
 Building views is pure preprocessing, so it runs in DataLoader workers (no model here).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,8 @@ class Views:
 
     views: list[View]
     dropped_masks: int = 0
-    global_fallback: int = 0          # 1 when the image fell back to its global embedding
-    error: str | None = None          # the image's pixels could not be decoded (no views)
+    global_fallback: int = 0  # 1 when the image fell back to its global embedding
+    error: str | None = None  # the image's pixels could not be decoded (no views)
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,19 @@ class ViewMaker:
             raise ValueError(f"crop_source={self.crop_source!r}; one of original, resized")
         if self.crop_source == "resized" and isinstance(self.preprocess, NaFlexPreprocess):
             # The original's crops are cut from its fixed-size input; a NaFlex input has no fixed size.
-            raise SoIRError("the original code's smart crops (compat=original) need a fixed-size model input; "
-                            "SigLIP2 NaFlex has none: use compat=none")
+            raise SoIRError(
+                "the original code's smart crops (compat=original) need a fixed-size model input; "
+                "SigLIP2 NaFlex has none: use compat=none"
+            )
 
     def __call__(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> Views:
         if self.mode == "global" or masks is None:
             return Views([self._view(image)])
         masks = to_binary_masks(masks)
         if tuple(masks.shape[1:]) != (image.height, image.width):
-            raise ValueError(f"masks of size {tuple(masks.shape[1:])} do not match the image "
-                             f"({image.height}, {image.width})")
+            raise ValueError(
+                f"masks of size {tuple(masks.shape[1:])} do not match the image ({image.height}, {image.width})"
+            )
         nonempty = masks.flatten(1).any(1)  # an empty source mask describes nothing
         empty, masks, index = int((~nonempty).sum()), masks[nonempty], torch.nonzero(nonempty).flatten()
         if self.mode == "union" and len(masks):
@@ -115,8 +119,9 @@ class ViewMaker:
             x1, y1, x2, y2 = padded_box(mask, 0.0, 0)
             margin = self.pad_pixels if self.pad_pixels is not None else int(self.pad * max(x2 - x1, y2 - y1))
             x1, y1, x2, y2 = padded_box(mask, 0.0, margin)
-            views.append(self._view(small_image.crop((x1, y1, x2, y2)), self.preprocess.masks(mask[None, y1:y2, x1:x2]),
-                                    i[None]))
+            views.append(
+                self._view(small_image.crop((x1, y1, x2, y2)), self.preprocess.masks(mask[None, y1:y2, x1:x2]), i[None])
+            )
         return Views(views, dropped)
 
     def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
@@ -130,8 +135,9 @@ class ViewMaker:
                 dropped += 1
         return Views(views, dropped)
 
-    def _view(self, image: Image.Image, masks: torch.Tensor | None = None,
-              mask_index: torch.Tensor | None = None) -> View:
+    def _view(
+        self, image: Image.Image, masks: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
+    ) -> View:
         """The model input of ``image`` (and its NaFlex patch grid) with masks already at its resolution."""
         return View(self.preprocess.image(image), masks, mask_index, self.preprocess.spatial_shape(image))
 
@@ -161,7 +167,7 @@ def stack_masks(views: list[View]) -> torch.Tensor:
     height, width = (max(v.masks.shape[axis] for v in views) for axis in (1, 2))
     masks = torch.zeros(len(views), count, height, width)
     for i, view in enumerate(views):
-        masks[i, :len(view.masks), :view.masks.shape[1], :view.masks.shape[2]] = view.masks
+        masks[i, : len(view.masks), : view.masks.shape[1], : view.masks.shape[2]] = view.masks
     return masks
 
 

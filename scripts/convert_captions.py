@@ -9,6 +9,7 @@ ignored EXIF: its masks are on the stored pixels), failed images (``{"error": ..
 listed, scores that do not line up with the masks dropped, boxes clipped to the image (each counted).
 Images are found by their key (an absolute path, or relative to ``--images_root``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `utils` importable
     sys.path.insert(0, str(ROOT))
 
-from datasets import ImageMasks, encode_mask, load_captions, save_captions  # noqa: E402
-from datasets.images import image_facts  # noqa: E402
-from utils.errors import SoIRError  # noqa: E402
+from datasets import ImageMasks, encode_mask, load_captions, save_captions
+from datasets.images import image_facts
+from utils.errors import SoIRError
 
 
 def convert(source: Path, out: Path, images_root: Path | None) -> dict[str, int]:
@@ -33,9 +34,11 @@ def convert(source: Path, out: Path, images_root: Path | None) -> dict[str, int]
     files = {k: Path(k) if Path(k).is_absolute() else (images_root or source.parent) / k for k in kept}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
-        raise SoIRError(f"{len(missing)} images of {source} were not found (e.g. {missing[:3]}); their EXIF "
-                        "orientation is needed to turn the masks: pass --images_root, the folder the keys are "
-                        "relative to")
+        raise SoIRError(
+            f"{len(missing)} images of {source} were not found (e.g. {missing[:3]}); their EXIF "
+            "orientation is needed to turn the masks: pass --images_root, the folder the keys are "
+            "relative to"
+        )
     turned = 0
     for (key, masks), facts in zip(kept.items(), image_facts(list(files.values()))):
         if facts.error is not None:
@@ -58,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.out.exists():
-            raise SoIRError(f"{args.out} exists; choose a new file name (SoIR does not overwrite files it did "
-                            "not write)")
+            raise SoIRError(
+                f"{args.out} exists; choose a new file name (SoIR does not overwrite files it did not write)"
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         counts = convert(args.source, args.out, args.images_root)
     except SoIRError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {counts['images']} images ({counts['turned']} masks turned to their EXIF "
-          f"orientation), {counts['failed']} failed images left out")
+    print(
+        f"wrote {args.out}: {counts['images']} images ({counts['turned']} masks turned to their EXIF "
+        f"orientation), {counts['failed']} failed images left out"
+    )
     return 0
 
 

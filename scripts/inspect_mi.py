@@ -14,6 +14,7 @@ The masks come from the image's entry in ``--captions`` (``captions.pt`` format)
 else by the path as given, its absolute path, or its path relative to the captions file's folder.
 Maps and vectors are those of ``extractor.explain`` (the same as create_index.py computes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +31,30 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/inspect_mi.py`
     sys.path.insert(0, str(ROOT))
 
-from datasets import ImageMasks, load_captions, load_rgb  # noqa: E402
-from extractors import build_extractor, list_extractors  # noqa: E402
-from extractors.mask_inversion import Explanation  # noqa: E402
-from utils.visualize import draw_outline, overlay, resize_mask  # noqa: E402
+from datasets import ImageMasks, load_captions, load_rgb
+from extractors import build_extractor, list_extractors
+from extractors.mask_inversion import Explanation
+from utils.visualize import draw_outline, overlay, resize_mask
 
 # Distinct colours per mask (matplotlib's tab10), shared by the mask cells and the curves.
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 LABEL_HEIGHT = 22
 
 
-def find_entry(captions: dict[str, ImageMasks], image: Path, captions_file: Path, key: str | None) -> tuple[str, ImageMasks]:
+def find_entry(
+    captions: dict[str, ImageMasks], image: Path, captions_file: Path, key: str | None
+) -> tuple[str, ImageMasks]:
     """The captions entry of ``image``: by ``key``, else by the path as given, absolute, or relative to the
     captions file's folder. A miss is an error naming the keys tried and an example key of the file."""
     tried = [key] if key else [str(image), str(image.resolve())]
@@ -51,11 +64,14 @@ def find_entry(captions: dict[str, ImageMasks], image: Path, captions_file: Path
         if candidate in captions:
             return candidate, captions[candidate]
     example = next(iter(captions), None)
-    raise SystemExit(f"{captions_file} has no entry for {image} (tried keys {tried}; its keys look like "
-                     f"{example!r}); pass --key")
+    raise SystemExit(
+        f"{captions_file} has no entry for {image} (tried keys {tried}; its keys look like {example!r}); pass --key"
+    )
 
 
-def usable_masks(entry: ImageMasks, chosen: Sequence[int] | None, max_masks: int, extractor) -> tuple[list[int], np.ndarray]:
+def usable_masks(
+    entry: ImageMasks, chosen: Sequence[int] | None, max_masks: int, extractor
+) -> tuple[list[int], np.ndarray]:
     """Indices and [P, H, W] masks to invert: ``chosen``, or the first ``max_masks``; masks that vanish at
     the model's input size are skipped and said."""
     masks = entry.masks()
@@ -66,8 +82,10 @@ def usable_masks(entry: ImageMasks, chosen: Sequence[int] | None, max_masks: int
     resized = extractor.preprocess.masks(masks[indices])
     visible = resized.flatten(1).any(1).tolist()
     if not all(visible):
-        print(f"skipped masks {[i for i, v in zip(indices, visible) if not v]}: empty at the model's input size "
-              f"{tuple(resized.shape[-2:])}")
+        print(
+            f"skipped masks {[i for i, v in zip(indices, visible) if not v]}: empty at the model's input size "
+            f"{tuple(resized.shape[-2:])}"
+        )
     indices = [i for i, v in zip(indices, visible) if v]
     if not indices:
         raise SystemExit("no mask left to invert")
@@ -116,8 +134,10 @@ def curves(history: dict[str, torch.Tensor], labels: list[str], size: tuple[int,
             draw.text((x - 6, down + 4), str(step), fill="black", font=font(11))
         for m in range(history[name].shape[1] if iterations else 0):
             values = history[name][:, m].tolist()
-            points = [(left + (right - left) * i / max(1, iterations - 1), down - (down - up) * v / top)
-                      for i, v in enumerate(values)]
+            points = [
+                (left + (right - left) * i / max(1, iterations - 1), down - (down - up) * v / top)
+                for i, v in enumerate(values)
+            ]
             draw.line(points if len(points) > 1 else points * 2, fill=PALETTE[m % len(PALETTE)], width=2)
     x = 50
     for m, label in enumerate(labels + [f"(x: iteration, {iterations} in all)"]):
@@ -131,10 +151,12 @@ def grid(image: Image.Image, indices: list[int], masks: np.ndarray, explained: E
     """The PNG grid described in the module docstring."""
     columns = 1 + max(len(indices), len(explained.vectors))
     picture = image.copy()
-    picture.thumbnail((2 * cell, 2 * cell), Image.Resampling.BILINEAR)   # work at display resolution
+    picture.thumbnail((2 * cell, 2 * cell), Image.Resampling.BILINEAR)  # work at display resolution
     row1 = [labelled(image, f"image {image.width}x{image.height}", cell)]
-    row1 += [labelled(mask_picture(picture, m, PALETTE[n % len(PALETTE)]), f"mask {i}", cell)
-             for n, (i, m) in enumerate(zip(indices, masks))]
+    row1 += [
+        labelled(mask_picture(picture, m, PALETTE[n % len(PALETTE)]), f"mask {i}", cell)
+        for n, (i, m) in enumerate(zip(indices, masks))
+    ]
     row2 = [labelled(overlay(picture, explained.global_map), "map of the global vector", cell)]
     # explain() numbers masks by their position in ``masks``; ``indices`` maps them back to the entry.
     for position, values in zip(explained.mask_index.tolist(), explained.maps):
@@ -146,7 +168,7 @@ def grid(image: Image.Image, indices: list[int], masks: np.ndarray, explained: E
     for r, row in enumerate((row1, row2)):
         for c, tile in enumerate(row):
             sheet.paste(tile, (c * cell, r * tile_h))
-    dice = explained.history["dice"]                       # [iterations, inverted masks]
+    dice = explained.history["dice"]  # [iterations, inverted masks]
     names = [f"mask {i}" for i in indices] if dice.shape[1] == len(indices) else ["union of the masks"]
     labels = [f"{name}: Dice loss {float(dice[-1, n]):.3f}" if len(dice) else name for n, name in enumerate(names)]
     sheet.paste(curves(explained.history, labels, (columns * cell, tile_h)), (0, 2 * tile_h))
@@ -156,6 +178,7 @@ def grid(image: Image.Image, indices: list[int], masks: np.ndarray, explained: E
 def tiny_model(family: str, folder: Path) -> str:
     """A tiny random model of ``family`` saved in ``folder`` (scripts/make_tiny_models.py): offline."""
     from scripts.make_tiny_models import TINY_BUILDERS
+
     return str(TINY_BUILDERS[family](folder / family))
 
 
@@ -164,15 +187,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--captions", type=Path, required=True, help="captions.pt with the image's masks")
     parser.add_argument("--key", help="the image's key in --captions (default: found from --image)")
-    parser.add_argument("--masks", type=int, nargs="+", help="mask indices in the entry (default: the first --max_masks)")
+    parser.add_argument(
+        "--masks", type=int, nargs="+", help="mask indices in the entry (default: the first --max_masks)"
+    )
     parser.add_argument("--max_masks", type=int, default=6)
-    parser.add_argument("--extractor", default="siglip_mi_features",
-                        choices=[n for n in list_extractors() if n.endswith("_mi_features")])
+    parser.add_argument(
+        "--extractor",
+        default="siglip_mi_features",
+        choices=[n for n in list_extractors() if n.endswith("_mi_features")],
+    )
     parser.add_argument("--model", help="HF hub id or local folder (default: the extractor's default model)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny RANDOM model built here: offline, maps mean nothing")
-    for name, kind, default in (("mi_alpha", float, 0.03), ("mi_beta", float, 0.0), ("mi_lr", float, 0.1),
-                                ("mi_iterations", int, 100), ("mi_layer_index", int, -1), ("smart_crop_pad", float, 0.1)):
-        parser.add_argument(f"--{name}", type=kind, default=default, help=f"as create_index.py's {name} (default {default})")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny RANDOM model built here: offline, maps mean nothing"
+    )
+    for name, kind, default in (
+        ("mi_alpha", float, 0.03),
+        ("mi_beta", float, 0.0),
+        ("mi_lr", float, 0.1),
+        ("mi_iterations", int, 100),
+        ("mi_layer_index", int, -1),
+        ("smart_crop_pad", float, 0.1),
+    ):
+        parser.add_argument(
+            f"--{name}", type=kind, default=default, help=f"as create_index.py's {name} (default {default})"
+        )
     parser.add_argument("--smart_crop", action="store_true", help="MI inside each mask's padded box")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cell", type=int, default=256, help="grid cell size, pixels")
@@ -194,14 +232,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     image = load_rgb(args.image)
     key, entry = find_entry(load_captions(args.captions), args.image, args.captions, args.key)
     if entry.size != (image.height, image.width):
-        raise SystemExit(f"{args.captions}, image {key!r}: masks of size {entry.size} do not match the "
-                         f"{image.width}x{image.height} image")
+        raise SystemExit(
+            f"{args.captions}, image {key!r}: masks of size {entry.size} do not match the "
+            f"{image.width}x{image.height} image"
+        )
     with tempfile.TemporaryDirectory(prefix="soir_tiny_") as tmp:
         model = tiny_model(args.extractor.split("_")[0], Path(tmp)) if args.tiny else args.model
-        extractor = build_extractor(args.extractor, model_name=model, device=args.device, mi_alpha=args.mi_alpha,
-                                    mi_beta=args.mi_beta, mi_lr=args.mi_lr, mi_iterations=args.mi_iterations,
-                                    mi_layer_index=args.mi_layer_index, smart_crop=args.smart_crop,
-                                    smart_crop_pad=args.smart_crop_pad)
+        extractor = build_extractor(
+            args.extractor,
+            model_name=model,
+            device=args.device,
+            mi_alpha=args.mi_alpha,
+            mi_beta=args.mi_beta,
+            mi_lr=args.mi_lr,
+            mi_iterations=args.mi_iterations,
+            mi_layer_index=args.mi_layer_index,
+            smart_crop=args.smart_crop,
+            smart_crop_pad=args.smart_crop_pad,
+        )
     if args.tiny:
         print("--tiny: a tiny RANDOMLY initialised model; the maps show the mechanics, not a trained model")
     indices, masks = usable_masks(entry, args.masks, args.max_masks, extractor)

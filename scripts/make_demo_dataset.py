@@ -20,6 +20,7 @@ barcode-like label, so instances are unique and recognisable but share parts wit
 Everything is drawn from one ``numpy.random.Generator(seed)``, so output is byte-identical
 for a given seed (and Pillow version).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/make_demo_dataset.py`
     sys.path.insert(0, str(ROOT))
 
-from datasets.anns import save_anns  # noqa: E402
-from datasets.captions import ImageMasks, bbox_from_mask, encode_mask, save_captions  # noqa: E402
+from datasets.anns import save_anns
+from datasets.captions import ImageMasks, bbox_from_mask, encode_mask, save_captions
 
 SPRITE_SIZE = 256  # canonical object rendering, px; downscaled for the gallery
 GALLERY_AREA_SHARE = (0.015, 0.04)  # object mask area / image area in gallery scenes
@@ -61,6 +62,7 @@ class ObjectSpec:
 # ---------------------------------------------------------------------------------------------
 # Shapes and sprites
 # ---------------------------------------------------------------------------------------------
+
 
 def _outline(kind: str, rng: np.random.Generator) -> np.ndarray:
     """Closed outline of a shape, [N, 2] (x, y) in unit coords, max radius 1, min radius >= 0.5
@@ -167,6 +169,7 @@ def _clutter_sprite(diameter: int, rng: np.random.Generator) -> tuple[np.ndarray
 # Compositing
 # ---------------------------------------------------------------------------------------------
 
+
 def _composite(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, x: int, y: int) -> np.ndarray:
     """Alpha-blend a sprite with top-left corner (x, y) into ``canvas`` [H, W, 3] in place,
     clipping at the border; returns the sprite's [H, W] bool mask (alpha >= 0.5)."""
@@ -176,16 +179,17 @@ def _composite(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, x: int, y
     mask = np.zeros((height, width), dtype=bool)
     if x1 <= x0 or y1 <= y0:
         return mask
-    a = alpha[y0 - y:y1 - y, x0 - x:x1 - x, None]
+    a = alpha[y0 - y : y1 - y, x0 - x : x1 - x, None]
     region = canvas[y0:y1, x0:x1]
     region *= 1 - a
-    region += rgb[y0 - y:y1 - y, x0 - x:x1 - x] * a
+    region += rgb[y0 - y : y1 - y, x0 - x : x1 - x] * a
     mask[y0:y1, x0:x1] = a[..., 0] >= 0.5
     return mask
 
 
-def _transform_object(obj: ObjectSpec, angle: float, target_px: float, measure: str,
-                      brightness: float) -> tuple[np.ndarray, np.ndarray]:
+def _transform_object(
+    obj: ObjectSpec, angle: float, target_px: float, measure: str, brightness: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Rotate the sprite by ``angle`` degrees, then scale it so that its mask area
     (``measure="mask"``) or its box area (``measure="box"``) is ``target_px`` pixels.
 
@@ -206,6 +210,7 @@ def _transform_object(obj: ObjectSpec, angle: float, target_px: float, measure: 
 
 def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Textured scene background: smooth colour blobs + finer texture + random lines, float32."""
+
     def smooth(cells: int, lo: float, hi: float) -> np.ndarray:
         grid = rng.uniform(lo, hi, (cells, cells, 3)).astype(np.uint8)
         return np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32)
@@ -225,8 +230,9 @@ def _finish(canvas: np.ndarray, rng: np.random.Generator, noise: float) -> Image
     return Image.fromarray(np.rint(canvas).clip(0, 255).astype(np.uint8))
 
 
-def _free_position(rng: np.random.Generator, size: tuple[int, int], canvas: tuple[int, int],
-                   taken: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+def _free_position(
+    rng: np.random.Generator, size: tuple[int, int], canvas: tuple[int, int], taken: list[tuple[int, int, int, int]]
+) -> tuple[int, int]:
     """Random top-left so a (w, h) box lies inside the canvas and overlaps no ``taken`` box."""
     (w, h), (width, height) = size, canvas
     for _ in range(200):
@@ -236,8 +242,9 @@ def _free_position(rng: np.random.Generator, size: tuple[int, int], canvas: tupl
     raise RuntimeError(f"no free place for a {w}x{h} object in a {width}x{height} scene")
 
 
-def render_gallery_scene(objects: list[ObjectSpec], instance_ids: list[int], height: int, width: int,
-                         rng: np.random.Generator) -> tuple[Image.Image, ImageMasks]:
+def render_gallery_scene(
+    objects: list[ObjectSpec], instance_ids: list[int], height: int, width: int, rng: np.random.Generator
+) -> tuple[Image.Image, ImageMasks]:
     """Cluttered scene with the given objects (possibly none) and its ground-truth masks."""
     canvas = _background(height, width, rng)
     layers: list[np.ndarray] = []  # masks in drawing order; later ones occlude earlier ones
@@ -252,8 +259,9 @@ def render_gallery_scene(objects: list[ObjectSpec], instance_ids: list[int], hei
     taken: list[tuple[int, int, int, int]] = []
     for instance in instance_ids:
         target = rng.uniform(*GALLERY_AREA_SHARE) * height * width
-        rgb, alpha = _transform_object(objects[instance], rng.uniform(0, 360), target, "mask",
-                                       brightness=rng.uniform(0.8, 1.15))
+        rgb, alpha = _transform_object(
+            objects[instance], rng.uniform(0, 360), target, "mask", brightness=rng.uniform(0.8, 1.15)
+        )
         x, y = _free_position(rng, (alpha.shape[1], alpha.shape[0]), (width, height), taken)
         taken.append((x, y, alpha.shape[1], alpha.shape[0]))
         layers.append(_composite(canvas, rgb, alpha, x, y))
@@ -274,7 +282,8 @@ def render_gallery_scene(objects: list[ObjectSpec], instance_ids: list[int], hei
     return _finish(canvas, rng, noise=4.0), ImageMasks(
         masks_rle=[encode_mask(masks[i]) for i in order],
         bboxes=[bbox_from_mask(masks[i]) for i in order],
-        scores=[float(scores[i]) for i in order])
+        scores=[float(scores[i]) for i in order],
+    )
 
 
 def render_query(obj: ObjectSpec, size: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
@@ -297,9 +306,16 @@ def render_query(obj: ObjectSpec, size: int, rng: np.random.Generator) -> tuple[
 # Dataset
 # ---------------------------------------------------------------------------------------------
 
-def make_demo_dataset(out: str | Path, num_objects: int = 6, gallery_per_object: int = 4,
-                      distractors: int = 8, image_size: int = 320, seed: int = 0,
-                      overwrite: bool = False) -> Path:
+
+def make_demo_dataset(
+    out: str | Path,
+    num_objects: int = 6,
+    gallery_per_object: int = 4,
+    distractors: int = 8,
+    image_size: int = 320,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write the demo set to ``out`` (queries/, gallery/, anns.pt, captions.pt); returns ``out``.
 
     Gallery scenes are ``image_size`` high and ``image_size`` or 4/3 * ``image_size`` wide.
@@ -312,8 +328,10 @@ def make_demo_dataset(out: str | Path, num_objects: int = 6, gallery_per_object:
     out = Path(out)
     previous = [out / n for n in ("queries", "gallery", "anns.pt", "captions.pt") if (out / n).exists()]
     if previous and not overwrite:
-        raise FileExistsError(f"'{out}' already holds a dataset ({', '.join(p.name for p in previous)}); "
-                              "pass overwrite=True / --overwrite to replace it")
+        raise FileExistsError(
+            f"'{out}' already holds a dataset ({', '.join(p.name for p in previous)}); "
+            "pass overwrite=True / --overwrite to replace it"
+        )
     for path in previous:
         if path.is_dir():
             shutil.rmtree(path)
@@ -367,11 +385,13 @@ def _summary(out: Path, seconds: float) -> str:
         masks = captions[image.key]
         height, width = masks.size
         shares += [m.sum() / (height * width) for m, s in zip(masks.masks(), masks.scores) if s == 1.0]
-    return (f"demo dataset in {out} ({seconds:.1f} s): {len(queries)} queries, {len(gallery)} gallery images "
-            f"(with two instances: {sum(len(g.ins) == 2 for g in gallery)}, "
-            f"distractors: {sum(len(g.ins) == 0 for g in gallery)}); object area share in gallery "
-            f"{min(shares):.2%}..{max(shares):.2%} (mean {np.mean(shares):.2%}); "
-            f"files: queries/, gallery/, anns.pt, captions.pt")
+    return (
+        f"demo dataset in {out} ({seconds:.1f} s): {len(queries)} queries, {len(gallery)} gallery images "
+        f"(with two instances: {sum(len(g.ins) == 2 for g in gallery)}, "
+        f"distractors: {sum(len(g.ins) == 0 for g in gallery)}); object area share in gallery "
+        f"{min(shares):.2%}..{max(shares):.2%} (mean {np.mean(shares):.2%}); "
+        f"files: queries/, gallery/, anns.pt, captions.pt"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -386,9 +406,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = make_demo_dataset(args.out, num_objects=args.num_objects, gallery_per_object=args.gallery_per_object,
-                                distractors=args.distractors, image_size=args.image_size, seed=args.seed,
-                                overwrite=args.overwrite)
+        out = make_demo_dataset(
+            args.out,
+            num_objects=args.num_objects,
+            gallery_per_object=args.gallery_per_object,
+            distractors=args.distractors,
+            image_size=args.image_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
     except (FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     print(_summary(out, time.perf_counter() - start))

@@ -10,6 +10,7 @@ whose CLIP tokenizer is built here (no hub access); sam/ holds a SAM built from 
 own modules, ``torch.save``'d like a released checkpoint, with its architecture as ``--sam_config``.
 Random weights: numbers made with them mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
     sys.path.insert(0, str(ROOT))
-from utils.mask_models import SamArchitecture, build_sam  # noqa: E402
+from utils.mask_models import SamArchitecture, build_sam
 
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
 # a 4x4 patch grid.
@@ -64,8 +65,12 @@ def save_tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
     """Dinov2Model, patch 14, 56x56 input (4x4 patches + CLS), BitImageProcessor crop 56."""
     torch.manual_seed(seed)
     model = Dinov2Model(Dinov2Config(**_COMMON, image_size=56, patch_size=14))
-    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
-                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor = BitImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 56, "width": 56},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     return _save(model, processor, folder)
 
 
@@ -73,10 +78,15 @@ def save_tiny_dinov2reg(folder: str | Path, seed: int = 0, gated: bool = False) 
     """Dinov2WithRegistersModel, patch 14, 56x56 input (4x4 patches + CLS + 2 registers), BitImageProcessor
     crop 56 (as facebook/dinov2-with-registers-base); ``gated``: the SwiGLU MLP of the giant model."""
     torch.manual_seed(seed)
-    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**_COMMON, image_size=56, patch_size=14,
-                                                               num_register_tokens=2, use_swiglu_ffn=gated))
-    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
-                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model = Dinov2WithRegistersModel(
+        Dinov2WithRegistersConfig(**_COMMON, image_size=56, patch_size=14, num_register_tokens=2, use_swiglu_ffn=gated)
+    )
+    processor = BitImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 56, "width": 56},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     return _save(model, processor, folder)
 
 
@@ -84,8 +94,9 @@ def save_tiny_dinov3(folder: str | Path, seed: int = 0, gated: bool = False) -> 
     """DINOv3ViTModel (RoPE, layer scale), patch 16, 64x64 input (4x4 patches + CLS + 2 registers),
     DINOv3ViTImageProcessor 64x64; ``gated``: the gated MLP of ViT-S+/H+/7B (``use_gated_mlp``)."""
     torch.manual_seed(seed)
-    model = DINOv3ViTModel(DINOv3ViTConfig(**_COMMON, image_size=64, patch_size=16, num_register_tokens=2,
-                                           use_gated_mlp=gated))
+    model = DINOv3ViTModel(
+        DINOv3ViTConfig(**_COMMON, image_size=64, patch_size=16, num_register_tokens=2, use_gated_mlp=gated)
+    )
     processor = DINOv3ViTImageProcessor(size={"height": 64, "width": 64})
     return _save(model, processor, folder)
 
@@ -97,8 +108,12 @@ def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = tiny_siglip_tokenizer(folder)
     ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB),
-                                     vision_config=dict(**_COMMON, image_size=64, patch_size=16)))
+    model = SiglipModel(
+        SiglipConfig(
+            text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB),
+            vision_config=dict(**_COMMON, image_size=64, patch_size=16),
+        )
+    )
     processor = SiglipImageProcessor(size={"height": 64, "width": 64})
     folder = _save(model, processor, folder)
     tokenizer.save_pretrained(folder)
@@ -109,8 +124,11 @@ def save_tiny_siglip2(folder: str | Path, seed: int = 0) -> Path:
     """A whole Siglip2Model (NaFlex: patch sequences, each image its own grid) whose vision tower is patch
     16 with a 4x4 position grid, and a Siglip2ImageProcessor that keeps the aspect ratio within 16 patches."""
     torch.manual_seed(seed)
-    model = Siglip2Model(Siglip2Config(text_config=dict(**_COMMON, vocab_size=64),
-                                       vision_config=dict(**_COMMON, num_patches=16, patch_size=16)))
+    model = Siglip2Model(
+        Siglip2Config(
+            text_config=dict(**_COMMON, vocab_size=64), vision_config=dict(**_COMMON, num_patches=16, patch_size=16)
+        )
+    )
     processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=16)
     return _save(model, processor, folder)
 
@@ -120,8 +138,11 @@ def save_tiny_siglip2_fixres(folder: str | Path, seed: int = 0) -> Path:
     "siglip" (a SiglipModel, Gemma-sized vocabulary in the real one) and a SiglipImageProcessor with
     bilinear resampling; it loads through the siglip family (64x64 input, 4x4 patches)."""
     torch.manual_seed(seed)
-    model = SiglipModel(SiglipConfig(text_config=dict(**_COMMON, vocab_size=256),
-                                     vision_config=dict(**_COMMON, image_size=64, patch_size=16)))
+    model = SiglipModel(
+        SiglipConfig(
+            text_config=dict(**_COMMON, vocab_size=256), vision_config=dict(**_COMMON, image_size=64, patch_size=16)
+        )
+    )
     processor = SiglipImageProcessor(size={"height": 64, "width": 64}, resample=2)
     return _save(model, processor, folder)
 
@@ -132,12 +153,17 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     (:func:`tiny_clip_tokenizer` with ``symbols=string.ascii_lowercase``)."""
     tokenizer = tiny_clip_tokenizer(77, symbols=string.ascii_lowercase)
     # The text model pools at the first <|endoftext|> (eos_token_id); ids as the tokenizer's.
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB, projection_dim=24),
-                                 vision_config=dict(**_COMMON, image_size=64, patch_size=16, projection_dim=24),
-                                 projection_dim=24))
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB, projection_dim=24),
+            vision_config=dict(**_COMMON, image_size=64, patch_size=16, projection_dim=24),
+            projection_dim=24,
+        )
+    )
     processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     folder = _save(model, processor, folder)
     tokenizer.save_pretrained(folder)
@@ -160,20 +186,38 @@ def save_tiny_dinov2_swiglu(folder: str | Path, seed: int = 0) -> Path:
 
 
 # One tiny model per backbone family (the demo and the end-to-end tests run each) ...
-TINY_BUILDERS = {"dinov2": save_tiny_dinov2, "dinov2reg": save_tiny_dinov2reg, "dinov3": save_tiny_dinov3,
-                 "siglip": save_tiny_siglip, "siglip2": save_tiny_siglip2, "clip": save_tiny_clip}
+TINY_BUILDERS = {
+    "dinov2": save_tiny_dinov2,
+    "dinov2reg": save_tiny_dinov2reg,
+    "dinov3": save_tiny_dinov3,
+    "siglip": save_tiny_siglip,
+    "siglip2": save_tiny_siglip2,
+    "clip": save_tiny_clip,
+}
 # ... and configurations of those families that the MI engine must handle too: gated MLPs, and the
 # fixed-resolution SigLIP2 checkpoints, which are SigLIP models (model_type "siglip").
-TINY_VARIANTS = {"dinov2_swiglu": save_tiny_dinov2_swiglu,
-                 "dinov2reg_gated": lambda folder, seed=0: save_tiny_dinov2reg(folder, seed, gated=True),
-                 "dinov3_gated": lambda folder, seed=0: save_tiny_dinov3(folder, seed, gated=True),
-                 "siglip2_fixres": save_tiny_siglip2_fixres}
+TINY_VARIANTS = {
+    "dinov2_swiglu": save_tiny_dinov2_swiglu,
+    "dinov2reg_gated": lambda folder, seed=0: save_tiny_dinov2reg(folder, seed, gated=True),
+    "dinov3_gated": lambda folder, seed=0: save_tiny_dinov3(folder, seed, gated=True),
+    "siglip2_fixres": save_tiny_siglip2_fixres,
+}
 
 
-TINY_SAM = SamArchitecture(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                           encoder_global_attn_indexes=(1,), image_size=64, patch_size=16, window_size=2,
-                           prompt_embed_dim=32, mask_in_chans=4, decoder_mlp_dim=64, decoder_num_heads=2,
-                           iou_head_hidden_dim=32)
+TINY_SAM = SamArchitecture(
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    image_size=64,
+    patch_size=16,
+    window_size=2,
+    prompt_embed_dim=32,
+    mask_in_chans=4,
+    decoder_mlp_dim=64,
+    decoder_num_heads=2,
+    iou_head_hidden_dim=32,
+)
 _MERGES = [("m", "u"), ("mu", "g</w>"), ("t", "o"), ("to", "y</w>")]
 
 
@@ -191,23 +235,38 @@ def tiny_clip_tokenizer(model_max_length: int = 16, symbols: str | None = None) 
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     pad = "!" if symbols is None else "<|endoftext|>"
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), pad_token=pad, unk_token="<|endoftext|>",
-                         model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab=vocab, merges=list(_MERGES), pad_token=pad, unk_token="<|endoftext|>", model_max_length=model_max_length
+    )
 
 
 def tiny_siglip_tokenizer(folder: str | Path) -> SiglipTokenizer:
     """A SigLIP sentencepiece tokenizer of ``TINY_TEXT_VOCAB`` pieces (<pad>, </s>, <unk>, the letters,
     the digits and a few BPE merges), trained here on a fixed word list: deterministic, offline.
     Its model is written to ``folder/spiece.model`` (SiglipTokenizer reads it from a file)."""
-    import sentencepiece                       # SigLIP's tokenizer needs it (and protobuf) anyway
+    import sentencepiece  # SigLIP's tokenizer needs it (and protobuf) anyway
+
     words = "a photo of the mug toy cup box shoe lamp ball red blue green object star dots".split()
     corpus = [" ".join(words), string.ascii_lowercase, string.digits]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=TINY_TEXT_VOCAB, model_type="bpe",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=1.0, normalization_rule_name="identity", hard_vocab_limit=False, num_threads=1,
-        minloglevel=2)
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=TINY_TEXT_VOCAB,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     path = Path(folder) / "spiece.model"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.getvalue())
@@ -222,16 +281,24 @@ def save_tiny_owlv2(folder: str | Path, seed: int = 0) -> Path:
     vocab_size = len(tokenizer)
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     config = Owlv2Config(
-        text_config=dict(common, vocab_size=vocab_size, max_position_embeddings=16,
-                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0),
+        text_config=dict(
+            common,
+            vocab_size=vocab_size,
+            max_position_embeddings=16,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=0,
+        ),
         vision_config=dict(common, image_size=64, patch_size=16),
-        projection_dim=32)
+        projection_dim=32,
+    )
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config)
     redraw_owlv2_heads(model)
     model.save_pretrained(folder)
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}),
-                               tokenizer=tokenizer)
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    )
     processor.save_pretrained(folder)
     return folder
 
@@ -248,7 +315,7 @@ def redraw_owlv2_heads(model: Owlv2ForObjectDetection) -> None:
     for head in (model.box_head, model.objectness_head, model.class_head):
         for layer in head.modules():
             if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
                 torch.nn.init.zeros_(layer.bias)
     model.box_head.dense2.weight.mul_(0.3)  # small offsets from the patch-cell prior
     model.objectness_head.dense2.weight.mul_(3.0)  # objectness spread over ~(0.05, 0.95)

@@ -8,6 +8,7 @@ written by reproduce.sh), takes mAP from each run's ``results.json`` and prints 
 the paper's rows, one column pair (ours, paper) per benchmark. ``args`` prints, one per line, what
 reproduce.sh passes to create_index.py for a benchmark prepared by scripts/prepare_benchmark.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/paper_table.py`
     sys.path.insert(0, str(ROOT))
 
-from datasets.benchmarks import LABELS, PAPER_MAP  # noqa: E402
+from datasets.benchmarks import LABELS, PAPER_MAP
 
 # (paper row, our setting, what differs) in the paper's order; reproduce.sh runs the settings.
 ROWS = [

@@ -11,6 +11,7 @@ masks; PerMiR) and ``benchmark.json`` (statistics, the paper's, the subset rule,
 ``scripts/reproduce.sh`` passes to create_index.py). VoxDet's own ``anns.pt`` is used where it is.
 The rules: datasets/benchmarks.py (``INSTRE_RULE``, ``PERMIR_RULE``, ``VOXDET_RULE``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/prepare_benchmark.py`
     sys.path.insert(0, str(ROOT))
 
-from datasets import AnnotationError, CaptionsError, ImageLoadError, save_anns, save_captions  # noqa: E402
-from datasets.benchmarks import (LABELS, PAPER_STATS, build_instre, build_permir,  # noqa: E402
-                                 voxdet_report)
-from utils.feature_store import atomic_write_text  # noqa: E402
+from datasets import AnnotationError, CaptionsError, ImageLoadError, save_anns, save_captions
+from datasets.benchmarks import (
+    LABELS,
+    PAPER_STATS,
+    build_instre,
+    build_permir,
+    voxdet_report,
+)
+from utils.feature_store import atomic_write_text
 
 OUTPUTS = ("anns.pt", "captions.pt", "benchmark.json")
 
 
-def prepare(benchmark: str, root: Path, out: Path, burst_annotations: Path | None = None,
-            voxdet_anns: Path | None = None, voxdet_set: str | None = "RoboTools", overwrite: bool = False) -> dict:
+def prepare(
+    benchmark: str,
+    root: Path,
+    out: Path,
+    burst_annotations: Path | None = None,
+    voxdet_anns: Path | None = None,
+    voxdet_set: str | None = "RoboTools",
+    overwrite: bool = False,
+) -> dict:
     """Build ``benchmark`` from ``root`` into ``out``; returns the benchmark.json dict."""
     root = root.resolve()
     _check_out(out, overwrite)
@@ -53,11 +66,17 @@ def prepare(benchmark: str, root: Path, out: Path, burst_annotations: Path | Non
     else:
         index_args = [f"anns_file={anns_file}", f"galleries_dir={root}", f"queries_dir={root}"]
     info = {
-        "benchmark": benchmark, "label": LABELS[benchmark], "source": str(root), "anns_file": str(anns_file),
-        "captions_file": captions_file and str(captions_file), "index_args": index_args,
+        "benchmark": benchmark,
+        "label": LABELS[benchmark],
+        "source": str(root),
+        "anns_file": str(anns_file),
+        "captions_file": captions_file and str(captions_file),
+        "index_args": index_args,
         # ground-truth masks for Mask Inversion: the captions.pt written here, else the anns boxes/masks
         "gt_mask_args": [f"captions_file={captions_file}"] if captions_file else ["masks_from=anns", "box_masks=true"],
-        "stats": report.stats, "paper_stats": PAPER_STATS[benchmark], "excluded": report.excluded,
+        "stats": report.stats,
+        "paper_stats": PAPER_STATS[benchmark],
+        "excluded": report.excluded,
         "rule": report.rule,
     }
     atomic_write_text(out / "benchmark.json", json.dumps(info, indent=1))
@@ -72,8 +91,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(present)}; use another --out or --overwrite")
     if not (out / "benchmark.json").is_file():
-        raise FileExistsError(f"{out} holds {', '.join(present)} but no benchmark.json, so they were not written "
-                              f"by prepare_benchmark.py; not overwriting them")
+        raise FileExistsError(
+            f"{out} holds {', '.join(present)} but no benchmark.json, so they were not written "
+            f"by prepare_benchmark.py; not overwriting them"
+        )
     for name in present:
         (out / name).unlink()
 
@@ -81,19 +102,33 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark", choices=sorted(LABELS))
-    parser.add_argument("--root", required=True, type=Path,
-                        help="instre_*: the INSTRE folder (INSTRE-S1, INSTRE-S2, INSTRE-M); permir: BURST's "
-                             "images_base_dir (<split>/<dataset>/<seq_name>/...); voxdet: the VoxDet root")
+    parser.add_argument(
+        "--root",
+        required=True,
+        type=Path,
+        help="instre_*: the INSTRE folder (INSTRE-S1, INSTRE-S2, INSTRE-M); permir: BURST's "
+        "images_base_dir (<split>/<dataset>/<seq_name>/...); voxdet: the VoxDet root",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--burst_annotations", type=Path, help="permir: BURST <split>/all_classes.json")
     parser.add_argument("--anns", type=Path, help="voxdet: the VoxDet-SoIR anns.pt (default: <root>/anns.pt)")
-    parser.add_argument("--set", default="RoboTools",
-                        help="voxdet: the set to measure and evaluate (default RoboTools, the paper's; 'all': all)")
+    parser.add_argument(
+        "--set",
+        default="RoboTools",
+        help="voxdet: the set to measure and evaluate (default RoboTools, the paper's; 'all': all)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote to --out")
     args = parser.parse_args(argv)
     try:
-        info = prepare(args.benchmark, args.root, args.out, args.burst_annotations, args.anns,
-                       None if args.set == "all" else args.set, args.overwrite)
+        info = prepare(
+            args.benchmark,
+            args.root,
+            args.out,
+            args.burst_annotations,
+            args.anns,
+            None if args.set == "all" else args.set,
+            args.overwrite,
+        )
     except (FileExistsError, FileNotFoundError, ValueError, AnnotationError, CaptionsError, ImageLoadError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{info['label']} from {info['source']}")
@@ -101,8 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     for reason, count in info["excluded"].items():
         print(f"left out: {count} {reason}")
     print(f"rule: {info['rule']}")
-    print(f"wrote {args.out / 'benchmark.json'}" + (f", anns {info['anns_file']}" if args.benchmark != "voxdet" else "")
-          + (f", captions {info['captions_file']}" if info["captions_file"] else ""))
+    print(
+        f"wrote {args.out / 'benchmark.json'}"
+        + (f", anns {info['anns_file']}" if args.benchmark != "voxdet" else "")
+        + (f", captions {info['captions_file']}" if info["captions_file"] else "")
+    )
     print(f"evaluate: bash scripts/reproduce.sh {args.out}")
 
 

@@ -17,6 +17,7 @@ Every key is in configs/train.yaml / utils/training.py:TrainConfig. The output f
 A rerun of the same command resumes from last.ckpt (also after kill -9); a rerun with other settings in
 the same folder is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,17 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/train_mao.py`
     sys.path.insert(0, str(ROOT))
 
-from utils import config as soir_config  # noqa: E402
-from utils import training  # noqa: E402
-from utils.errors import exit_on_error  # noqa: E402
-from utils.files import FolderLock, atomic_write_text, cached_sha256, check_identity, claim_folder  # noqa: E402
+from utils import config as soir_config
+from utils import training
+from utils.errors import exit_on_error
+from utils.files import FolderLock, atomic_write_text, cached_sha256, check_identity, claim_folder
 
 log = logging.getLogger("soir.train_mao")
-soir_config.register()      # the soir_uid resolver of the run folder names
+soir_config.register()  # the soir_uid resolver of the run folder names
 training.register()
 
-INPUT_FILES = ("anns_file", "captions_file", "val_anns_file", "val_captions_file", "galleries_dir",
-               "queries_dir", "model_name")
+INPUT_FILES = (
+    "anns_file",
+    "captions_file",
+    "val_anns_file",
+    "val_captions_file",
+    "galleries_dir",
+    "queries_dir",
+    "model_name",
+)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -61,15 +69,16 @@ def main(cfg: DictConfig) -> None:
     else:
         training.train(cfg, out, ctx)
     if ctx.rank == 0:
-        print(f"LoRA weights: {out / 'final.ckpt'} (best held-out mAP: {out / 'best.ckpt'})\n"
-              f"use: python create_index.py extractor={cfg.family}_mi_features lora_adapt=true "
-              f"lora_rank={cfg.lora_rank} weights={out / 'final.ckpt'} ...")
+        print(
+            f"LoRA weights: {out / 'final.ckpt'} (best held-out mAP: {out / 'best.ckpt'})\n"
+            f"use: python create_index.py extractor={cfg.family}_mi_features lora_adapt=true "
+            f"lora_rank={cfg.lora_rank} weights={out / 'final.ckpt'} ..."
+        )
 
 
 def train_identity(cfg: DictConfig) -> dict:
     """The settings the weights depend on (paths resolved) and the sha256 of every input file."""
-    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in training.NOT_RESULT_KEYS}
+    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in training.NOT_RESULT_KEYS}
     for key in INPUT_FILES:
         path = Path(identity[key]) if identity.get(key) else None
         if path is not None and path.exists():

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random backbones saved once per test session."""
+
 from __future__ import annotations
 
 import os
@@ -43,5 +44,7 @@ def tiny_variant_dirs(tmp_path_factory) -> dict[str, Path]:
 def demo_dir(tmp_path_factory) -> Path:
     """The demo set of scripts/make_demo_dataset.py (small objects in cluttered scenes, GT masks)."""
     from scripts.make_demo_dataset import make_demo_dataset
-    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_objects=4, gallery_per_object=3,
-                             distractors=4, image_size=160)
+
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("demo") / "demo", num_objects=4, gallery_per_object=3, distractors=4, image_size=160
+    )

@@ -1,6 +1,7 @@
 """Our top-level ``datasets`` package shadows HuggingFace ``datasets`` when the repo root is
 sys.path[0] (``python create_index.py`` from the root). transformers must still import,
 build and load a model, and ``import datasets`` must give our package."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,8 @@ _SCRIPT = textwrap.dedent("""
 def test_transformers_works_and_datasets_is_ours():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().startswith("OK"), result.stdout

@@ -7,6 +7,7 @@ meaning" table under "## Training MaO adapters". They are compared with the sche
 validates against: ``utils.config.SoIRConfig`` (plus the config groups of configs/defaults.yaml) and
 ``utils.training.TrainConfig``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,14 +62,17 @@ def unread_original_keys(text: str) -> set[str]:
 
 def assert_same(documented: set[str], schema: set[str], where: str) -> None:
     missing, extra = sorted(schema - documented), sorted(documented - schema)
-    assert not missing and not extra, (f"{where}: keys missing from README.md: {missing}; "
-                                       f"README.md documents keys that do not exist: {extra}")
+    assert not missing and not extra, (
+        f"{where}: keys missing from README.md: {missing}; README.md documents keys that do not exist: {extra}"
+    )
 
 
 def test_table_keys_reads_names_and_aliases_and_skips_other_tables():
-    text = ("| key | default | meaning |\n|---|---|---|\n| `a` / `b_2` | `1` | x `not_a_key` |\n"
-            "| `set` (or the original's `subset`) | `null` | y |\n\n| option | default | meaning |\n"
-            "|---|---|---|\n| `--flag` | 1 | z |\n| `other` | 1 | z |\n")
+    text = (
+        "| key | default | meaning |\n|---|---|---|\n| `a` / `b_2` | `1` | x `not_a_key` |\n"
+        "| `set` (or the original's `subset`) | `null` | y |\n\n| option | default | meaning |\n"
+        "|---|---|---|\n| `--flag` | 1 | z |\n| `other` | 1 | z |\n"
+    )
     assert table_keys(text) == {"a", "b_2", "set", "subset"}
 
 
@@ -100,6 +104,7 @@ def test_a_missing_key_is_caught(name):
 
 def test_a_key_that_does_not_exist_is_caught():
     reference = section(README, "Configuration reference").replace(
-        "| `mi_alpha` |", "| `mi_gamma` | `0` | no such key |\n| `mi_alpha` |")
+        "| `mi_alpha` |", "| `mi_gamma` | `0` | no such key |\n| `mi_alpha` |"
+    )
     with pytest.raises(AssertionError, match=r"do not exist: \['mi_gamma'\]"):
         _reference_check(reference)

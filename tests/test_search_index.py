@@ -1,4 +1,5 @@
 """search_index.py end to end: output contract and numbers checked against sklearn."""
+
 from __future__ import annotations
 
 import csv
@@ -12,22 +13,30 @@ from sklearn.metrics import average_precision_score
 
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
-pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
 
 @pytest.fixture(scope="module")
 def features(tiny_model_dirs, demo_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("search")
-    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={tiny_model_dirs['clip']}",
-                      "vec_dim=24", f"anns_file={demo_dir / 'anns.pt'}", "num_workers=1", "shard_size=5",
-                      cwd=cwd)
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={tiny_model_dirs['clip']}",
+        "vec_dim=24",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        "num_workers=1",
+        "shard_size=5",
+        cwd=cwd,
+    )
     return cwd, features_dir_from(proc, cwd)
 
 
 def test_results_follow_the_output_contract_and_standard_definitions(features):
     cwd, folder = features
-    proc = run_script("search_index.py", f"features_dir={folder}", "k_search=3", "map_at=5",
-                      "experiment=contract", cwd=cwd)
+    proc = run_script(
+        "search_index.py", f"features_dir={folder}", "k_search=3", "map_at=5", "experiment=contract", cwd=cwd
+    )
     results, rankings = read_results(results_dir_from(proc))
     gallery = json.loads((folder / "gallery" / "images.json").read_text())
     queries = json.loads((folder / "queries" / "images.json").read_text())
@@ -37,10 +46,12 @@ def test_results_follow_the_output_contract_and_standard_definitions(features):
 
     # Independent recomputation: scores from the stored features, AP by sklearn over the whole gallery.
     g = load_file(folder / "gallery" / "shard-00000.safetensors")
-    gallery_features = np.concatenate([load_file(p)["features"].numpy()
-                                       for p in sorted((folder / "gallery").glob("shard-*.safetensors"))])
-    query_features = np.concatenate([load_file(p)["features"].numpy()
-                                     for p in sorted((folder / "queries").glob("shard-*.safetensors"))])
+    gallery_features = np.concatenate(
+        [load_file(p)["features"].numpy() for p in sorted((folder / "gallery").glob("shard-*.safetensors"))]
+    )
+    query_features = np.concatenate(
+        [load_file(p)["features"].numpy() for p in sorted((folder / "queries").glob("shard-*.safetensors"))]
+    )
     assert g["features"].shape[1] == query_features.shape[1] == 24
     scores = query_features @ gallery_features.T
     relevant = np.array([[bool(set(q["ins"]) & set(im["ins"])) for im in gallery] for q in queries])
@@ -68,12 +79,13 @@ def test_missing_features_dir_is_a_clear_error(tmp_path):
 
 def test_best_rows_is_the_argmax_behind_each_image_score():
     from search_index import best_rows, image_scores
+
     rng = np.random.default_rng(0)
-    gallery_owner = rng.permutation(np.repeat(np.arange(7), rng.integers(1, 5, 7)))   # 1-4 rows per image, shuffled
+    gallery_owner = rng.permutation(np.repeat(np.arange(7), rng.integers(1, 5, 7)))  # 1-4 rows per image, shuffled
     query_owner = np.repeat(np.arange(3), [1, 3, 2])
     gallery = rng.normal(size=(len(gallery_owner), 8)).astype(np.float32)
     queries = rng.normal(size=(len(query_owner), 8)).astype(np.float32)
-    gallery[np.flatnonzero(gallery_owner == 4)] = gallery[np.flatnonzero(gallery_owner == 4)[0]]   # a tie
+    gallery[np.flatnonzero(gallery_owner == 4)] = gallery[np.flatnonzero(gallery_owner == 4)[0]]  # a tie
     pairs = np.array([(q, g) for q in range(3) for g in range(7)])
     rows = best_rows(queries, query_owner, gallery, gallery_owner, pairs)
     scores = image_scores(queries, query_owner, range(3), gallery, gallery_owner, 7)
@@ -81,7 +93,7 @@ def test_best_rows_is_the_argmax_behind_each_image_score():
         assert gallery_owner[row] == g
         candidates = np.flatnonzero(gallery_owner == g)
         by_row = [max(float(queries[i] @ gallery[r]) for i in np.flatnonzero(query_owner == q)) for r in candidates]
-        assert row == candidates[int(np.argmax(by_row))]          # the first of equal rows on ties
+        assert row == candidates[int(np.argmax(by_row))]  # the first of equal rows on ties
         assert max(by_row) == pytest.approx(scores[q, g], abs=1e-6)
 
 
@@ -91,6 +103,7 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
     import shutil
 
     import torch
+
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
     anns = torch.load(data / "anns.pt", weights_only=True)
@@ -99,14 +112,30 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
     shutil.copy(data / positive, data / "gallery" / "zz_copy.jpg")
     anns["gallery/zz_copy.jpg"] = dict(anns[positive])
     torch.save(anns, data / "anns.pt")
-    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={tiny_model_dirs['clip']}",
-                      "vec_dim=24", f"anns_file={data / 'anns.pt'}", "num_workers=0", "batch_size=1", "shard_size=5",
-                      "only_create=true", cwd=tmp_path)
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={tiny_model_dirs['clip']}",
+        "vec_dim=24",
+        f"anns_file={data / 'anns.pt'}",
+        "num_workers=0",
+        "batch_size=1",
+        "shard_size=5",
+        "only_create=true",
+        cwd=tmp_path,
+    )
     folder = features_dir_from(proc, tmp_path)
     runs = {}
     for name, extra in (("ram", ()), ("streamed", ("search_block_mb=0.0001",))):
-        search = run_script("search_index.py", f"features_dir={folder}", "k_search=8", "map_at=5",
-                            f"experiment={name}", *extra, cwd=tmp_path)
+        search = run_script(
+            "search_index.py",
+            f"features_dir={folder}",
+            "k_search=8",
+            "map_at=5",
+            f"experiment={name}",
+            *extra,
+            cwd=tmp_path,
+        )
         assert ("streamed" if extra else "in RAM") in search.stdout + search.stderr
         runs[name] = results_dir_from(search)
     (results, rankings), (streamed, streamed_rankings) = (read_results(runs[name]) for name in ("ram", "streamed"))
@@ -121,7 +150,7 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
         assert [s for _, s in a["ranking"]] == pytest.approx([s for _, s in b["ranking"]], abs=1e-6)
     figure = re.compile(r'data-gallery="[^"]*" data-mask-index="-?\d+" data-row="\d+"')
     rows = [figure.findall((runs[name] / "report.html").read_text()) for name in runs]
-    assert rows[0] and rows[0] == rows[1]          # the report shows the same images and matching rows
+    assert rows[0] and rows[0] == rows[1]  # the report shows the same images and matching rows
 
 
 def test_faiss_search_ranks_candidates_and_says_map_is_a_lower_bound(features):
@@ -131,8 +160,8 @@ def test_faiss_search_ranks_candidates_and_says_map_is_a_lower_bound(features):
     everything, _ = read_results(results_dir_from(proc))
     assert "mAP(lb)" in proc.stdout and "lower bound" in proc.stdout
     assert everything["mAP_is_lower_bound"] is True and everything["candidate_coverage"] == 1.0
-    assert everything["mAP"] == pytest.approx(exact["mAP"], abs=1e-7)     # every image a candidate: exact
+    assert everything["mAP"] == pytest.approx(exact["mAP"], abs=1e-7)  # every image a candidate: exact
     proc = run_script("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1", cwd=cwd)
     one, rankings = read_results(results_dir_from(proc))
     assert one["candidate_coverage"] < 1 and one["mAP"] <= exact["mAP"] and one["search_candidates"] == 1
-    assert all(len(line["ranking"]) == 1 for line in rankings)            # one candidate image per query row
+    assert all(len(line["ranking"]) == 1 for line in rankings)  # one candidate image per query row

@@ -3,6 +3,7 @@
 Hydra validates every override against this dataclass: a misspelt key or a value of the wrong type
 is an error that names the key. Checks that involve several keys live in :func:`check_config`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,123 +49,123 @@ SearchMode = choice("SearchMode", "exact faiss")
 @dataclass
 class SoIRConfig:
     # --- what to run -------------------------------------------------------------------
-    dataset: str = "pe"                      # a name; used in output paths only (features, runs)
-    experiment: Optional[str] = "default"    # a name; used in run folder names only
-    extractor: str = "siglip_mi_features"    # a name from extractors.list_extractors()
-    model_name: Optional[str] = None         # HF hub id or local folder; null = extractor default
-    vec_dim: int = 768                       # must equal the model's output size (checked); set by configs/extractor
-    B_model: bool = True                     # default model: base (true) or large (false: DINOv2-L, SigLIP so400m)
+    dataset: str = "pe"  # a name; used in output paths only (features, runs)
+    experiment: Optional[str] = "default"  # a name; used in run folder names only
+    extractor: str = "siglip_mi_features"  # a name from extractors.list_extractors()
+    model_name: Optional[str] = None  # HF hub id or local folder; null = extractor default
+    vec_dim: int = 768  # must equal the model's output size (checked); set by configs/extractor
+    B_model: bool = True  # default model: base (true) or large (false: DINOv2-L, SigLIP so400m)
     # --- names of runs and folders (the original's keys) ---------------------------------
-    run_type: str = "retrieval"              # run folder name part: <dataset>_<run_type>
-    run_name: Optional[str] = None           # run folder name part; null = experiment
-    tag: str = ""                            # appended to run and features folder names as _<tag>
-    add_string: str = ""                     # appended to run and features folder names as _<add_string>
+    run_type: str = "retrieval"  # run folder name part: <dataset>_<run_type>
+    run_name: Optional[str] = None  # run folder name part; null = experiment
+    tag: str = ""  # appended to run and features folder names as _<tag>
+    add_string: str = ""  # appended to run and features folder names as _<add_string>
     # --- data --------------------------------------------------------------------------
-    anns_file: Optional[str] = MISSING       # anns.pt (required by create_index.py)
-    captions_file: Optional[str] = None      # captions.pt with object masks (MI extractors)
+    anns_file: Optional[str] = MISSING  # anns.pt (required by create_index.py)
+    captions_file: Optional[str] = None  # captions.pt with object masks (MI extractors)
     query_captions_file: Optional[str] = None  # query masks for mask_input; null = captions_file
-    galleries_dir: Optional[str] = None      # root of relative gallery paths; null = anns folder
-    queries_dir: Optional[str] = None        # root of relative query paths; null = anns folder
-    no_query_crop: bool = False              # true: do not crop queries to their bbox
-    crop: bool = False                       # true: queries cropped tight to their bbox (default: the
-                                             # original's square crop of side max(w, h) around the box)
+    galleries_dir: Optional[str] = None  # root of relative gallery paths; null = anns folder
+    queries_dir: Optional[str] = None  # root of relative query paths; null = anns folder
+    no_query_crop: bool = False  # true: do not crop queries to their bbox
+    crop: bool = False  # true: queries cropped tight to their bbox (default: the
+    # original's square crop of side max(w, h) around the box)
     no_positive: NoPositive = NoPositive.error  # query without a positive: error|skip|zero (AP 0, original)
-    duplicates: Duplicates = Duplicates.error   # keys naming one file: error|merge (when labels agree)
-    bad_images: BadImages = BadImages.error     # unreadable image: error|skip (counted, listed)
-    set: Optional[str] = None                # evaluate one split: the images whose anns `set` is this
-                                             # (VoxDet-SoIR: OWID | RoboTools); null = all
-    subset: str = "all"                      # the original's name for `set` (all = every image)
-    ds_inds_file: Optional[str] = None       # evaluate on the images at these positions of the sorted anns keys
-    max_ds_index: Optional[int] = None       # evaluate on the first N images of the sorted anns keys
+    duplicates: Duplicates = Duplicates.error  # keys naming one file: error|merge (when labels agree)
+    bad_images: BadImages = BadImages.error  # unreadable image: error|skip (counted, listed)
+    set: Optional[str] = None  # evaluate one split: the images whose anns `set` is this
+    # (VoxDet-SoIR: OWID | RoboTools); null = all
+    subset: str = "all"  # the original's name for `set` (all = every image)
+    ds_inds_file: Optional[str] = None  # evaluate on the images at these positions of the sorted anns keys
+    max_ds_index: Optional[int] = None  # evaluate on the first N images of the sorted anns keys
     masks_from: MasksFrom = MasksFrom.captions  # MI masks: captions (captions_file, e.g. OWLv2 + SAM) |
-                                             # anns (the anns file's own object masks: ground truth)
-    box_masks: bool = False                  # masks_from=anns: an object with a box and no mask gets
-                                             # its box rectangle (else it has no mask: missing_masks)
+    # anns (the anns file's own object masks: ground truth)
+    box_masks: bool = False  # masks_from=anns: an object with a box and no mask gets
+    # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
-    global_features: bool = True             # false: MI extractors compute no MI (the plain global embedding)
-    smart_crop: bool = False                 # MI inside each mask's padded box crop
-    smart_crop_pad: float = 0.1              # crop padding, share of the box's longer side
-    single_from_sc: bool = True              # mi_sum + smart_crop: one MI vector per mask on its smart crop
-    mi_alpha: float = 0.03                   # pull towards the global embedding
-    mi_beta: float = 0.0                     # penalty on |cos| between masks of one image
+    global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
+    smart_crop: bool = False  # MI inside each mask's padded box crop
+    smart_crop_pad: float = 0.1  # crop padding, share of the box's longer side
+    single_from_sc: bool = True  # mi_sum + smart_crop: one MI vector per mask on its smart crop
+    mi_alpha: float = 0.03  # pull towards the global embedding
+    mi_beta: float = 0.0  # penalty on |cos| between masks of one image
     mi_lr: float = 0.1
     mi_iterations: int = 100
-    mi_layer_index: int = -1                 # hooked blocks: L + mi_layer_index + 1 .. L
-    mi_impl: MiImpl = MiImpl.auto            # auto | blockwise | fused | dense: same results up to rounding
+    mi_layer_index: int = -1  # hooked blocks: L + mi_layer_index + 1 .. L
+    mi_impl: MiImpl = MiImpl.auto  # auto | blockwise | fused | dense: same results up to rounding
     mi_precision: MiPrecision = MiPrecision.fp32  # fp32 | tf32 (CUDA) | bf16 (fused): MI's products
-    mi_cuda_graph: bool = False              # CUDA: replay each MI iteration as a CUDA graph
-    mi_sum: bool = False                     # one vector per image, MI on the union of its masks
-    full_mask: bool = False                  # the original's name for mi_sum
-    avg_multiple_vecs: bool = False          # one vector per image: mean of its mask vectors
+    mi_cuda_graph: bool = False  # CUDA: replay each MI iteration as a CUDA graph
+    mi_sum: bool = False  # one vector per image, MI on the union of its masks
+    full_mask: bool = False  # the original's name for mi_sum
+    avg_multiple_vecs: bool = False  # one vector per image: mean of its mask vectors
     missing_masks: MissingMasks = MissingMasks.error  # gallery image with no mask: error|global|full_mask
-    mask_input: bool = False                 # queries: MI with their mask on the query image with its
-                                             # pixels outside the mask(s) set to zero (the original's)
-    query_mi: bool = False                   # queries: MI with their mask on the unmasked query image
+    mask_input: bool = False  # queries: MI with their mask on the query image with its
+    # pixels outside the mask(s) set to zero (the original's)
+    query_mi: bool = False  # queries: MI with their mask on the unmasked query image
     query_masks: QueryMasks = QueryMasks.best  # mask_input / query_mi: the mask best overlapping the bbox,
-                                             # or all of the query's masks (several rows, max-scored)
-    query_extractor: Optional[str] = None    # another registered extractor for the queries (same space)
+    # or all of the query's masks (several rows, max-scored)
+    query_extractor: Optional[str] = None  # another registered extractor for the queries (same space)
     query_extractor_args: Optional[dict[str, Any]] = None  # settings of the query extractor that differ
-    debug: bool = False                      # log the MI loss of every iteration
+    debug: bool = False  # log the MI loss of every iteration
     # --- compat=original switches (see configs/compat/original.yaml) -------------------
-    legrad_norm: LegradNorm = LegradNorm.per_map       # joint: min-max over all masks of an image at once
-    mi_sum_loss: MiSumLoss = MiSumLoss.union           # mean_dice: mi_sum fits the mean of per-mask Dice
+    legrad_norm: LegradNorm = LegradNorm.per_map  # joint: min-max over all masks of an image at once
+    mi_sum_loss: MiSumLoss = MiSumLoss.union  # mean_dice: mi_sum fits the mean of per-mask Dice
     smart_crop_source: SmartCropSource = SmartCropSource.original  # resized: cut from the model-size copy
-    mi_resample: MiResample = MiResample.processor     # original: MI-path resize LANCZOS/BILINEAR per family
-    gallery_crop: bool = False               # crop gallery images that have a bbox like queries (leaks the label)
+    mi_resample: MiResample = MiResample.processor  # original: MI-path resize LANCZOS/BILINEAR per family
+    gallery_crop: bool = False  # crop gallery images that have a bbox like queries (leaks the label)
     # --- DINOv2 / CLIP LoRA --------------------------------------------------------------
     lora_adapt: bool = False
     lora_rank: int = 256
-    lora_alpha: Optional[float] = 32         # as the original (scaling 32/256); an alpha stored with the weights wins
-    weights: Optional[str] = None            # LoRA state-dict checkpoint
+    lora_alpha: Optional[float] = 32  # as the original (scaling 32/256); an alpha stored with the weights wins
+    weights: Optional[str] = None  # LoRA state-dict checkpoint
     # --- compute -------------------------------------------------------------------------
-    device: str = "auto"                     # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: Precision = Precision.fp32    # fp32 | fp16 | bf16 (autocast of global embeddings)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32  # fp32 | fp16 | bf16 (autocast of global embeddings)
     batch_size: int = 16
     num_workers: int = 2
-    shard_size: int = 512                    # images per feature shard (resume granularity)
+    shard_size: int = 512  # images per feature shard (resume granularity)
     gallery_chunk_size: Optional[int] = None  # the original's name for shard_size
     # --- what create_index.py does -----------------------------------------------------
-    only_create: bool = False                # stop after the index (else the search runs at the end)
-    only_gallery: bool = False               # extract the gallery only (no queries, no search)
-    no_faiss: bool = False                   # build no FAISS index (the search is exact either way)
+    only_create: bool = False  # stop after the index (else the search runs at the end)
+    only_gallery: bool = False  # extract the gallery only (no queries, no search)
+    no_faiss: bool = False  # build no FAISS index (the search is exact either way)
     # --- stages, for galleries that need many processes (README "Scaling out") ------------
-    stage: Stage = Stage.all                 # all (one process, as always) | prepare | extract | index | search
-    workers: int = 1                         # stage=extract: the shards are split among this many workers,
-    worker: int = 0                          # ... this one computing the missing shards s with s % workers == worker
-    index_train_rows: Optional[int] = None   # stage=index, IVF: rows sampled to train it; null = 100 per list
-    index_blocks: Optional[int] = None       # stage=index, IVF: blocks added separately (resumable); null = 1 per 10^6 rows
+    stage: Stage = Stage.all  # all (one process, as always) | prepare | extract | index | search
+    workers: int = 1  # stage=extract: the shards are split among this many workers,
+    worker: int = 0  # ... this one computing the missing shards s with s % workers == worker
+    index_train_rows: Optional[int] = None  # stage=index, IVF: rows sampled to train it; null = 100 per list
+    index_blocks: Optional[int] = None  # stage=index, IVF: blocks added separately (resumable); null = 1 per 10^6 rows
     # --- index and search -------------------------------------------------------------------
-    features_dir: Optional[str] = None       # create: null = outputs/features/<dataset>/<extractor>-<hash>
-    index: str = "Flat"                      # faiss index_factory string (inner product)
-    k_search: int = 100                      # rankings saved per query (all images are scored)
-    search: SearchMode = SearchMode.exact    # exact: every gallery image scored | faiss: FAISS candidates,
-                                             # re-scored exactly (mAP is then a lower bound, see results.json)
-    search_block_mb: float = 256             # exact search: a gallery whose features exceed this is streamed
-                                             # from its shards in blocks of this working memory
+    features_dir: Optional[str] = None  # create: null = outputs/features/<dataset>/<extractor>-<hash>
+    index: str = "Flat"  # faiss index_factory string (inner product)
+    k_search: int = 100  # rankings saved per query (all images are scored)
+    search: SearchMode = SearchMode.exact  # exact: every gallery image scored | faiss: FAISS candidates,
+    # re-scored exactly (mAP is then a lower bound, see results.json)
+    search_block_mb: float = 256  # exact search: a gallery whose features exceed this is streamed
+    # from its shards in blocks of this working memory
     search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
-    search_nprobe: int = 16                  # search=faiss with an IVF index: inverted lists probed
-    max_k_search: int = 1000000              # cap on k_search (the original's)
-    save_knns: bool = True                   # write rankings.jsonl
-    map_at: Optional[int] = None             # also report mAP@k
+    search_nprobe: int = 16  # search=faiss with an IVF index: inverted lists probed
+    max_k_search: int = 1000000  # cap on k_search (the original's)
+    save_knns: bool = True  # write rankings.jsonl
+    map_at: Optional[int] = None  # also report mAP@k
     precision_at: tuple[int, ...] = (1, 5, 10)
     recall_at: tuple[int, ...] = (1, 5, 10)
-    T2I: bool = False                        # text-to-image search: each query's obj_name in text_prompt,
-                                             # embedded by the checkpoint's text tower (SigLIP, CLIP)
+    T2I: bool = False  # text-to-image search: each query's obj_name in text_prompt,
+    # embedded by the checkpoint's text tower (SigLIP, CLIP)
     text_prompt: str = "a photo of {obj_name}"  # T2I: a query's text; {obj_name} is replaced by its obj_name
     # --- your own queries: search_index.py's ad-hoc mode (nothing is written to the features folder)
-    query_image: Optional[str] = None        # an image to search with, embedded as the folder's queries were
+    query_image: Optional[str] = None  # an image to search with, embedded as the folder's queries were
     query_bbox: Optional[tuple[float, ...]] = None  # [x1,y1,x2,y2] pixels in query_image: the object's box (crop,
-                                             # or the MI mask rectangle when no query_mask is given)
-    query_mask: Optional[str] = None         # mask image of the object (size of query_image; 0/255 or 0/1), for
-                                             # folders whose queries are MI vectors (mask_input / query_mi)
-    query_text: Optional[str] = None         # a sentence to search with (the text tower), used as given
-    query_exact_max_rows: int = 1000000      # ad-hoc queries: larger galleries are searched through the FAISS
-                                             # index (its candidates re-scored exactly); smaller ones exactly
+    # or the MI mask rectangle when no query_mask is given)
+    query_mask: Optional[str] = None  # mask image of the object (size of query_image; 0/255 or 0/1), for
+    # folders whose queries are MI vectors (mask_input / query_mi)
+    query_text: Optional[str] = None  # a sentence to search with (the text tower), used as given
+    query_exact_max_rows: int = 1000000  # ad-hoc queries: larger galleries are searched through the FAISS
+    # index (its candidates re-scored exactly); smaller ones exactly
     # --- report of a search run (search_index.py) -----------------------------------------
-    report: bool = True                      # write report.html (+ thumbs/) next to results.json
-    report_k: int = 10                       # gallery images shown per query
-    report_thumb_size: int = 160             # longer side of the thumbnails, pixels
-    report_maps: bool = False                # link each shown gallery image to its LeGrad map (runs the model)
+    report: bool = True  # write report.html (+ thumbs/) next to results.json
+    report_k: int = 10  # gallery images shown per query
+    report_thumb_size: int = 160  # longer side of the thumbnails, pixels
+    report_maps: bool = False  # link each shown gallery image to its LeGrad map (runs the model)
     # --- keys of the original's config that its code never read: accepted at its default only
     dumb_crop: bool = False
     no_center_crop: bool = False
@@ -178,27 +179,104 @@ class SoIRConfig:
 
 # Keys of the original code's config that its code never read: SoIR accepts them at the original's
 # default (so its config files and commands compose) and refuses any other value.
-UNREAD_ORIGINAL_KEYS = {"dumb_crop": False, "no_center_crop": False, "no_gallery_crop": False, "no_resize": False,
-                        "gallery": None, "read_dataset": True, "save_gallery_embeddings": False, "rerank": False}
+UNREAD_ORIGINAL_KEYS = {
+    "dumb_crop": False,
+    "no_center_crop": False,
+    "no_gallery_crop": False,
+    "no_resize": False,
+    "gallery": None,
+    "read_dataset": True,
+    "save_gallery_embeddings": False,
+    "rerank": False,
+}
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
 # query features only; RUN_KEYS change no feature: names, search settings, and the input paths,
 # whose effect (which images, their bytes, boxes and masks) is hashed from the inputs themselves,
 # so moving or fixing anns.pt without changing the gallery keeps the gallery. Every other key
 # changes the gallery features (and so the queries').
-QUERY_KEYS = frozenset({"mask_input", "query_mi", "query_masks", "query_captions_file", "no_query_crop", "crop",
-                        "queries_dir", "no_positive", "query_extractor", "query_extractor_args"})
-RUN_KEYS = frozenset({"dataset", "experiment", "features_dir", "index", "k_search", "map_at", "precision_at",
-                      "recall_at", "num_workers", "anns_file", "captions_file", "galleries_dir", "duplicates",
-                      "bad_images", "vec_dim", "model_name", "B_model", "lora_adapt", "lora_rank",
-                      "lora_alpha", "weights", "device", "queries_dir", "query_captions_file", "set",
-                      "masks_from", "box_masks", "report", "report_k", "report_thumb_size", "report_maps",
-                      "run_type", "run_name", "tag", "add_string", "subset", "ds_inds_file", "max_ds_index",
-                      "full_mask", "gallery_chunk_size", "only_create", "only_gallery", "no_faiss",
-                      "max_k_search", "save_knns", "T2I", "debug", "single_from_sc", "stage", "workers", "worker",
-                      "index_train_rows", "index_blocks", "search", "search_block_mb", "search_candidates",
-                      "search_nprobe", "text_prompt", "query_image", "query_bbox", "query_mask", "query_text",
-                      "query_exact_max_rows", *UNREAD_ORIGINAL_KEYS})
+QUERY_KEYS = frozenset(
+    {
+        "mask_input",
+        "query_mi",
+        "query_masks",
+        "query_captions_file",
+        "no_query_crop",
+        "crop",
+        "queries_dir",
+        "no_positive",
+        "query_extractor",
+        "query_extractor_args",
+    }
+)
+RUN_KEYS = frozenset(
+    {
+        "dataset",
+        "experiment",
+        "features_dir",
+        "index",
+        "k_search",
+        "map_at",
+        "precision_at",
+        "recall_at",
+        "num_workers",
+        "anns_file",
+        "captions_file",
+        "galleries_dir",
+        "duplicates",
+        "bad_images",
+        "vec_dim",
+        "model_name",
+        "B_model",
+        "lora_adapt",
+        "lora_rank",
+        "lora_alpha",
+        "weights",
+        "device",
+        "queries_dir",
+        "query_captions_file",
+        "set",
+        "masks_from",
+        "box_masks",
+        "report",
+        "report_k",
+        "report_thumb_size",
+        "report_maps",
+        "run_type",
+        "run_name",
+        "tag",
+        "add_string",
+        "subset",
+        "ds_inds_file",
+        "max_ds_index",
+        "full_mask",
+        "gallery_chunk_size",
+        "only_create",
+        "only_gallery",
+        "no_faiss",
+        "max_k_search",
+        "save_knns",
+        "T2I",
+        "debug",
+        "single_from_sc",
+        "stage",
+        "workers",
+        "worker",
+        "index_train_rows",
+        "index_blocks",
+        "search",
+        "search_block_mb",
+        "search_candidates",
+        "search_nprobe",
+        "text_prompt",
+        "query_image",
+        "query_bbox",
+        "query_mask",
+        "query_text",
+        "query_exact_max_rows",
+        *UNREAD_ORIGINAL_KEYS,
+    }
+)
 # model_name, B_model, the LoRA keys and device are RUN keys here because the extractor's own
 # identity (extractors.base.Extractor.identity) records what they resolve to: the model's weights,
 # the adapters' content and the device actually used, not the names. The original's aliases
@@ -248,8 +326,10 @@ def resolve_aliases(cfg: DictConfig) -> None:
         cfg.mi_sum = True
     if cfg.gallery_chunk_size is not None:
         if cfg.shard_size != default.shard_size and cfg.shard_size != cfg.gallery_chunk_size:
-            raise SoIRError(f"gallery_chunk_size={cfg.gallery_chunk_size} (the original's name for shard_size) and "
-                            f"shard_size={cfg.shard_size} disagree; set one of them")
+            raise SoIRError(
+                f"gallery_chunk_size={cfg.gallery_chunk_size} (the original's name for shard_size) and "
+                f"shard_size={cfg.shard_size} disagree; set one of them"
+            )
         cfg.shard_size = cfg.gallery_chunk_size
     if cfg.subset != "all":
         if cfg.set is not None and cfg.set != cfg.subset:
@@ -257,11 +337,15 @@ def resolve_aliases(cfg: DictConfig) -> None:
         cfg.set = cfg.subset
     if cfg.mi_sum and cfg.smart_crop:
         if not cfg.single_from_sc:
-            raise SoIRError("mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original applied "
-                            "the crops' masks to the full image); use smart_crop=true (one vector per mask on its "
-                            "crop) or mi_sum=true (one vector per image)")
-        log.info("mi_sum=true smart_crop=true single_from_sc=true: one MI vector per mask on its smart crop, as "
-                 "the original computes it (the same as smart_crop=true alone)")
+            raise SoIRError(
+                "mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original applied "
+                "the crops' masks to the full image); use smart_crop=true (one vector per mask on its "
+                "crop) or mi_sum=true (one vector per image)"
+            )
+        log.info(
+            "mi_sum=true smart_crop=true single_from_sc=true: one MI vector per mask on its smart crop, as "
+            "the original computes it (the same as smart_crop=true alone)"
+        )
         cfg.mi_sum = False
 
 
@@ -276,21 +360,35 @@ def check_config(cfg: DictConfig) -> None:
             raise SoIRError(f"{field.name}={value} is not a finite number")
     for key, default in UNREAD_ORIGINAL_KEYS.items():
         if cfg[key] != default:
-            raise SoIRError(f"{key}={cfg[key]} is not supported: the original code accepted this key but never read "
-                            f"it (so it did nothing there either); leave it at {default}")
+            raise SoIRError(
+                f"{key}={cfg[key]} is not supported: the original code accepted this key but never read "
+                f"it (so it did nothing there either); leave it at {default}"
+            )
     check_own_queries(cfg)
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
-        raise SoIRError("mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
-                        "inversion has a single mask, so it would do nothing")
+        raise SoIRError(
+            "mi_beta acts between the masks of one image; with mi_sum or smart_crop each "
+            "inversion has a single mask, so it would do nothing"
+        )
     if cfg.mask_input and cfg.query_mi:
-        raise SoIRError("mask_input=true (MI on the query with its background zeroed) and query_mi=true (MI on the "
-                        "unmasked query) are two ways of describing a query; pick one")
+        raise SoIRError(
+            "mask_input=true (MI on the query with its background zeroed) and query_mi=true (MI on the "
+            "unmasked query) are two ways of describing a query; pick one"
+        )
     if cfg.crop and cfg.no_query_crop:
         raise SoIRError("crop=true (tight query crop) and no_query_crop=true (no query crop) contradict; pick one")
-    for key in ("batch_size", "shard_size", "mi_iterations", "k_search", "max_k_search", "vec_dim", "lora_rank",
-                "report_k"):
+    for key in (
+        "batch_size",
+        "shard_size",
+        "mi_iterations",
+        "k_search",
+        "max_k_search",
+        "vec_dim",
+        "lora_rank",
+        "report_k",
+    ):
         if cfg[key] < (0 if key == "mi_iterations" else 1):
             raise SoIRError(f"{key}={cfg[key]} must be positive")
     for key in ("num_workers", "max_ds_index"):
@@ -301,8 +399,10 @@ def check_config(cfg: DictConfig) -> None:
     if not 0 <= cfg.smart_crop_pad <= 2:
         raise SoIRError(f"smart_crop_pad={cfg.smart_crop_pad} must be in [0, 2]")
     if cfg.masks_from == "anns" and cfg.captions_file:
-        raise SoIRError("masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
-                        "drop captions_file or use masks_from=captions")
+        raise SoIRError(
+            "masks_from=anns takes the masks from anns_file, so captions_file would be ignored; "
+            "drop captions_file or use masks_from=captions"
+        )
     if cfg.box_masks and cfg.masks_from != "anns":
         raise SoIRError("box_masks=true turns the anns file's boxes into masks and needs masks_from=anns")
     if cfg.weights is not None and not cfg.lora_adapt:
@@ -310,8 +410,10 @@ def check_config(cfg: DictConfig) -> None:
     if not 32 <= cfg.report_thumb_size <= 1024:
         raise SoIRError(f"report_thumb_size={cfg.report_thumb_size} must be in [32, 1024] pixels")
     if not 0 <= cfg.worker < cfg.workers:
-        raise SoIRError(f"worker={cfg.worker} must lie in [0, workers={cfg.workers}): worker w of W computes the "
-                        "shards s with s % W == w")
+        raise SoIRError(
+            f"worker={cfg.worker} must lie in [0, workers={cfg.workers}): worker w of W computes the "
+            "shards s with s % W == w"
+        )
     if cfg.workers > 1 and cfg.stage != "extract":
         raise SoIRError(f"workers={cfg.workers} splits stage=extract among processes; stage={cfg.stage} runs in one")
     if cfg.stage in ("extract", "index", "search") and not cfg.features_dir:
@@ -322,25 +424,30 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.report_maps and not cfg.report:
         raise SoIRError("report_maps=true adds maps to the report; it needs report=true")
     if cfg.gallery_crop:
-        log.warning("gallery_crop=true crops gallery images to their annotated bbox, as the original code does: "
-                    "this leaks the label into the gallery features; numbers made with it are not comparable "
-                    "with SoIR's default")
+        log.warning(
+            "gallery_crop=true crops gallery images to their annotated bbox, as the original code does: "
+            "this leaks the label into the gallery features; numbers made with it are not comparable "
+            "with SoIR's default"
+        )
 
 
 def check_own_queries(cfg: DictConfig) -> None:
     """The text and ad-hoc query keys (T2I, text_prompt, query_*): one kind of query per run."""
     fields = {name for _, name, _, _ in string.Formatter().parse(cfg.text_prompt) if name is not None}
     if fields != {"obj_name"}:
-        raise SoIRError(f"text_prompt={cfg.text_prompt!r} must contain {{obj_name}} and no other {{field}} "
-                        "(e.g. 'a photo of {obj_name}')")
+        raise SoIRError(
+            f"text_prompt={cfg.text_prompt!r} must contain {{obj_name}} and no other {{field}} "
+            "(e.g. 'a photo of {obj_name}')"
+        )
     if cfg.query_text is not None and not cfg.query_text.strip():
         raise SoIRError("query_text is empty; give a sentence, e.g. query_text='a red mug'")
     adhoc = [k for k in ("query_image", "query_text") if cfg[k] is not None]
     if len(adhoc) > 1:
         raise SoIRError("query_image and query_text are two ad-hoc queries; run one per search")
     if cfg.T2I and adhoc:
-        raise SoIRError(f"T2I=true evaluates the features folder's queries as texts; {adhoc[0]} is an ad-hoc "
-                        "query: use one of them")
+        raise SoIRError(
+            f"T2I=true evaluates the features folder's queries as texts; {adhoc[0]} is an ad-hoc query: use one of them"
+        )
     for key in ("query_bbox", "query_mask"):
         if cfg[key] is not None and cfg.query_image is None:
             raise SoIRError(f"{key} describes the object in query_image, which is not given")
@@ -349,5 +456,7 @@ def check_own_queries(cfg: DictConfig) -> None:
     if cfg.query_exact_max_rows < 0:
         raise SoIRError(f"query_exact_max_rows={cfg.query_exact_max_rows} must be >= 0")
     if adhoc and HydraConfig.initialized() and HydraConfig.get().job.name != "search_index":
-        raise SoIRError(f"{adhoc[0]} is search_index.py's ad-hoc mode: python search_index.py "
-                        f"features_dir=<features folder> {adhoc[0]}=...")
+        raise SoIRError(
+            f"{adhoc[0]} is search_index.py's ad-hoc mode: python search_index.py "
+            f"features_dir=<features folder> {adhoc[0]}=..."
+        )

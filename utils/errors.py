@@ -7,6 +7,7 @@ features folder made with other settings, a model that is not cached offline, ..
 user never has to read a library traceback to learn what to change. Anything else that goes wrong
 is a bug in SoIR and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import functools

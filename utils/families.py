@@ -14,13 +14,20 @@ See the README's "Adding a backbone".
 
 This module imports nothing from SoIR, so every layer can read it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torchvision.transforms import InterpolationMode
-from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
-                          Siglip2VisionModel, SiglipVisionModel)
+from transformers import (
+    CLIPVisionModelWithProjection,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    DINOv3ViTModel,
+    Siglip2VisionModel,
+    SiglipVisionModel,
+)
 
 
 @dataclass(frozen=True)
@@ -70,28 +77,62 @@ class FamilySpec:
         return bool(self.lora_targets)
 
 
-_QKV = ("q_proj", "k_proj", "v_proj")        # DINOv2 and CLIP attention in transformers 5.x
+_QKV = ("q_proj", "k_proj", "v_proj")  # DINOv2 and CLIP attention in transformers 5.x
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
-    FamilySpec("dinov2", Dinov2Model, ("dinov2",),
-               {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"}, {"base": 768, "large": 1024},
-               lora_targets=_QKV, original=OriginalCode(InterpolationMode.LANCZOS, None, False)),
-    FamilySpec("dinov2reg", Dinov2WithRegistersModel, ("dinov2_with_registers",),
-               {"base": "facebook/dinov2-with-registers-base", "large": "facebook/dinov2-with-registers-large"},
-               {"base": 768, "large": 1024}),
-    FamilySpec("dinov3", DINOv3ViTModel, ("dinov3_vit",),
-               {"base": "facebook/dinov3-vitb16-pretrain-lvd1689m", "large": "facebook/dinov3-vitl16-pretrain-lvd1689m"},
-               {"base": 768, "large": 1024}),
-    FamilySpec("siglip", SiglipVisionModel, ("siglip", "siglip_vision_model"),
-               {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
-               {"base": 768, "large": 1152}, original=OriginalCode(InterpolationMode.BILINEAR, 5, True)),
-    FamilySpec("siglip2", Siglip2VisionModel, ("siglip2", "siglip2_vision_model"),
-               {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"},
-               {"base": 768, "large": 1152}, naflex=True),
-    FamilySpec("clip", CLIPVisionModelWithProjection, ("clip", "clip_vision_model"),
-               {"base": "openai/clip-vit-base-patch16"}, {"base": 512}, dim_key="projection_dim",
-               lora_targets=_QKV, original=OriginalCode(InterpolationMode.BILINEAR, 5, True)),
-)}
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            "dinov2",
+            Dinov2Model,
+            ("dinov2",),
+            {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"},
+            {"base": 768, "large": 1024},
+            lora_targets=_QKV,
+            original=OriginalCode(InterpolationMode.LANCZOS, None, False),
+        ),
+        FamilySpec(
+            "dinov2reg",
+            Dinov2WithRegistersModel,
+            ("dinov2_with_registers",),
+            {"base": "facebook/dinov2-with-registers-base", "large": "facebook/dinov2-with-registers-large"},
+            {"base": 768, "large": 1024},
+        ),
+        FamilySpec(
+            "dinov3",
+            DINOv3ViTModel,
+            ("dinov3_vit",),
+            {"base": "facebook/dinov3-vitb16-pretrain-lvd1689m", "large": "facebook/dinov3-vitl16-pretrain-lvd1689m"},
+            {"base": 768, "large": 1024},
+        ),
+        FamilySpec(
+            "siglip",
+            SiglipVisionModel,
+            ("siglip", "siglip_vision_model"),
+            {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
+            {"base": 768, "large": 1152},
+            original=OriginalCode(InterpolationMode.BILINEAR, 5, True),
+        ),
+        FamilySpec(
+            "siglip2",
+            Siglip2VisionModel,
+            ("siglip2", "siglip2_vision_model"),
+            {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"},
+            {"base": 768, "large": 1152},
+            naflex=True,
+        ),
+        FamilySpec(
+            "clip",
+            CLIPVisionModelWithProjection,
+            ("clip", "clip_vision_model"),
+            {"base": "openai/clip-vit-base-patch16"},
+            {"base": 512},
+            dim_key="projection_dim",
+            lora_targets=_QKV,
+            original=OriginalCode(InterpolationMode.BILINEAR, 5, True),
+        ),
+    )
+}
 
 # config.model_type -> family name
 MODEL_TYPES: dict[str, str] = {model_type: spec.name for spec in FAMILIES.values() for model_type in spec.model_types}

@@ -27,6 +27,7 @@ Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``. A shard fil
 complete (:func:`utils.files.atomic_write`), so after a crash the missing shards are exactly the
 work left, and rerunning computes them in the same batches as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,14 +42,33 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from utils.errors import SoIRError
-from utils.files import (FolderLock, atomic_write, atomic_write_json, atomic_write_text, changed_keys,
-                         check_identity, claim_folder, read_json, remove_own_files)
+from utils.files import (
+    FolderLock,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    changed_keys,
+    check_identity,
+    claim_folder,
+    read_json,
+    remove_own_files,
+)
 
 log = logging.getLogger("soir.features")
 
 # Files of a split folder that SoIR writes (and so may delete when the queries are recomputed).
-SPLIT_FILES = ("shard-*.safetensors", "images.json", "identity.json", ".shard-*.tmp", ".images.json.*.tmp",
-               ".identity.json.*.tmp", "jobs.json", "jobs-*.jsonl", ".jobs.json.*.tmp", ".jobs-*.tmp")
+SPLIT_FILES = (
+    "shard-*.safetensors",
+    "images.json",
+    "identity.json",
+    ".shard-*.tmp",
+    ".images.json.*.tmp",
+    ".identity.json.*.tmp",
+    "jobs.json",
+    "jobs-*.jsonl",
+    ".jobs.json.*.tmp",
+    ".jobs-*.tmp",
+)
 JOBS_MANIFEST = "jobs.json"
 
 
@@ -71,8 +91,10 @@ class FeatureShards:
         folder = Path(folder)
         manifest = folder / JOBS_MANIFEST
         if not manifest.is_file():
-            raise SoIRError(f"{manifest} is missing: {folder.parent} was not made by create_index.py stage=prepare "
-                            "(or an older SoIR); run stage=prepare with the same settings first")
+            raise SoIRError(
+                f"{manifest} is missing: {folder.parent} was not made by create_index.py stage=prepare "
+                "(or an older SoIR); run stage=prepare with the same settings first"
+            )
         facts = read_json(manifest, fix="rerun create_index.py stage=prepare with the same settings")
         return cls(folder, ShardedRecords(folder, facts["num_images"], facts["shard_size"]), facts["shard_size"])
 
@@ -86,11 +108,14 @@ class FeatureShards:
         if len(jobs) != self.num_images:
             raise ValueError(f"{len(jobs)} jobs for {self.num_images} images")
         for shard in range(self.num_shards):
-            lines = "".join(json.dumps({"record": self.records[i], "job": jobs[i]}, sort_keys=True) + "\n"
-                            for i in self.image_range(shard))
+            lines = "".join(
+                json.dumps({"record": self.records[i], "job": jobs[i]}, sort_keys=True) + "\n"
+                for i in self.image_range(shard)
+            )
             atomic_write_text(self.jobs_path(shard), lines)
-        atomic_write_json(self.folder / JOBS_MANIFEST, {"num_images": self.num_images, "shard_size": self.shard_size,
-                                                         "format": 1})
+        atomic_write_json(
+            self.folder / JOBS_MANIFEST, {"num_images": self.num_images, "shard_size": self.shard_size, "format": 1}
+        )
 
     def read_jobs(self, shard: int) -> list[dict]:
         """The lines of ``jobs-<shard>.jsonl`` (``{"record", "job"}`` per image of the shard), checked
@@ -99,11 +124,15 @@ class FeatureShards:
         try:
             lines = [json.loads(line) for line in path.read_text().splitlines()]
         except (OSError, ValueError) as err:
-            raise SoIRError(f"{path} is missing or damaged ({type(err).__name__}: {err}); rerun create_index.py "
-                            "stage=prepare with the same settings") from None
+            raise SoIRError(
+                f"{path} is missing or damaged ({type(err).__name__}: {err}); rerun create_index.py "
+                "stage=prepare with the same settings"
+            ) from None
         if len(lines) != len(self.image_range(shard)):
-            raise SoIRError(f"{path} lists {len(lines)} images, shard {shard} has {len(self.image_range(shard))}; "
-                            "rerun create_index.py stage=prepare with the same settings")
+            raise SoIRError(
+                f"{path} lists {len(lines)} images, shard {shard} has {len(self.image_range(shard))}; "
+                "rerun create_index.py stage=prepare with the same settings"
+            )
         return lines
 
     def stats(self) -> dict[str, int]:
@@ -127,9 +156,11 @@ class FeatureShards:
     def check_complete(self) -> None:
         """SoIRError naming the missing shards (the extraction did not finish), if any."""
         if missing := self.missing():
-            raise SoIRError(f"{self.folder}: {len(missing)} of {self.num_shards} shards are missing "
-                            f"(first: {[self.shard_path(s).name for s in missing[:5]]}); the extraction did not "
-                            "finish: rerun create_index.py with the same settings, it resumes and computes them")
+            raise SoIRError(
+                f"{self.folder}: {len(missing)} of {self.num_shards} shards are missing "
+                f"(first: {[self.shard_path(s).name for s in missing[:5]]}); the extraction did not "
+                "finish: rerun create_index.py with the same settings, it resumes and computes them"
+            )
 
     @property
     def num_images(self) -> int:
@@ -165,8 +196,15 @@ class FeatureShards:
     def missing(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.shard_path(s).exists()]
 
-    def write(self, shard: int, features: torch.Tensor, owner: torch.Tensor, stats: dict[str, int],
-              mask_index: torch.Tensor | None = None, failed: torch.Tensor | None = None) -> None:
+    def write(
+        self,
+        shard: int,
+        features: torch.Tensor,
+        owner: torch.Tensor,
+        stats: dict[str, int],
+        mask_index: torch.Tensor | None = None,
+        failed: torch.Tensor | None = None,
+    ) -> None:
         """Save one complete shard atomically. ``stats`` are counts kept for the run summary;
         ``mask_index`` None = -1 for every row (no single source mask).
 
@@ -176,13 +214,18 @@ class FeatureShards:
         bad = ~torch.isfinite(features).all(dim=1)
         if bad.any():
             keys = [self.records[int(i)]["key"] for i in owner[bad].unique()[:5]]
-            raise SoIRError(f"{self.folder.name}: {int(bad.sum())} non-finite feature vectors (NaN/inf), images "
-                            f"{keys}; check the MI settings (mi_lr, mi_alpha) and these images")
+            raise SoIRError(
+                f"{self.folder.name}: {int(bad.sum())} non-finite feature vectors (NaN/inf), images "
+                f"{keys}; check the MI settings (mi_lr, mi_alpha) and these images"
+            )
         # Counts are stored as tensors: safetensors metadata is a hash map whose order (and so the
         # file's bytes) changes between runs, which would break byte-identical resumes.
-        tensors = {"features": features.float().contiguous(), "owner": owner.long().contiguous(),
-                   "mask_index": (torch.full((len(owner),), -1) if mask_index is None else mask_index).long().contiguous(),
-                   "failed": (torch.zeros(0) if failed is None else failed).long().contiguous()}
+        tensors = {
+            "features": features.float().contiguous(),
+            "owner": owner.long().contiguous(),
+            "mask_index": (torch.full((len(owner),), -1) if mask_index is None else mask_index).long().contiguous(),
+            "failed": (torch.zeros(0) if failed is None else failed).long().contiguous(),
+        }
         tensors.update({f"stat.{k}": torch.tensor([v], dtype=torch.long) for k, v in stats.items()})
         atomic_write(self.shard_path(shard), lambda handle: handle.write(save(tensors)))
 
@@ -192,8 +235,10 @@ class FeatureShards:
         try:
             return load_file(path)
         except (SafetensorError, ValueError, OSError) as err:
-            raise SoIRError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
-                            "create_index.py with the same settings, which recomputes it") from None
+            raise SoIRError(
+                f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
+                "create_index.py with the same settings, which recomputes it"
+            ) from None
 
     def column(self, name: str) -> torch.Tensor:
         """One per-row tensor (e.g. ``mask_index``) of every shard, concatenated, without reading the
@@ -204,8 +249,10 @@ class FeatureShards:
                 with safe_open(self.shard_path(s), "pt") as shard:
                     parts.append(shard.get_tensor(name))
             except (SafetensorError, OSError) as err:
-                raise SoIRError(f"{self.shard_path(s)} is damaged ({type(err).__name__}: {err}); delete it and "
-                                "rerun create_index.py with the same settings, which recomputes it") from None
+                raise SoIRError(
+                    f"{self.shard_path(s)} is damaged ({type(err).__name__}: {err}); delete it and "
+                    "rerun create_index.py with the same settings, which recomputes it"
+                ) from None
         return torch.cat(parts)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
@@ -225,13 +272,17 @@ class FeatureShards:
     def _open(self, shard: int):
         path = self.shard_path(shard)
         if not path.is_file():
-            raise SoIRError(f"{path} is missing (shard {shard} of {self.num_shards}); rerun create_index.py "
-                            "with the same settings to compute it")
+            raise SoIRError(
+                f"{path} is missing (shard {shard} of {self.num_shards}); rerun create_index.py "
+                "with the same settings to compute it"
+            )
         try:
-            return safe_open(path, framework="pt")   # memory-maps the file; tensors are read on access
+            return safe_open(path, framework="pt")  # memory-maps the file; tensors are read on access
         except (SafetensorError, OSError) as err:
-            raise SoIRError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
-                            "create_index.py with the same settings, which recomputes it") from None
+            raise SoIRError(
+                f"{path} is damaged ({type(err).__name__}: {err}); delete it and rerun "
+                "create_index.py with the same settings, which recomputes it"
+            ) from None
 
     def row_count(self, shard: int) -> int:
         """Number of rows of one shard, from its header (no feature data is read)."""
@@ -252,11 +303,16 @@ class FeatureShards:
         with self._open(shard) as f:
             owner = f.get_tensor("owner")
         images = self.image_range(shard)
-        if (owner.dim() != 1 or bool((owner[1:] < owner[:-1]).any())
-                or (len(owner) and (int(owner[0]) < images.start or int(owner[-1]) >= images.stop))):
-            raise SoIRError(f"{self.shard_path(shard)}: owner must hold image ids {images.start}.."
-                            f"{images.stop - 1} in ascending order; the file is damaged or from another "
-                            f"run: delete it and rerun create_index.py")
+        if (
+            owner.dim() != 1
+            or bool((owner[1:] < owner[:-1]).any())
+            or (len(owner) and (int(owner[0]) < images.start or int(owner[-1]) >= images.stop))
+        ):
+            raise SoIRError(
+                f"{self.shard_path(shard)}: owner must hold image ids {images.start}.."
+                f"{images.stop - 1} in ascending order; the file is damaged or from another "
+                f"run: delete it and rerun create_index.py"
+            )
         return owner
 
     @contextmanager
@@ -273,7 +329,7 @@ class FeatureShards:
         of one shard, copied; only those rows are read."""
         with self._open(shard) as f:
             column = f.get_slice(name)
-            return torch.cat([column[int(r):int(r) + 1] for r in rows])
+            return torch.cat([column[int(r) : int(r) + 1] for r in rows])
 
     def read_rows(self, shard: int, start: int, stop: int) -> torch.Tensor:
         """features[start:stop] [stop - start, D] float32 of one shard; only those rows are read."""
@@ -286,7 +342,7 @@ class FeatureShards:
             rows = f.get_slice("features")
             # Copies (cat/clone): a slice is a view that keeps the file mapped, and every mapping's pages
             # count in RSS again (1000 small slices of 20 files showed as 0.9 GB).
-            parts = [rows[int(a):int(b)] for a, b in zip(starts, stops)]
+            parts = [rows[int(a) : int(b)] for a, b in zip(starts, stops)]
             return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
@@ -304,7 +360,7 @@ class ShardedRecords(Sequence[dict]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        i = range(self.num_images)[i]                      # IndexError outside, negative indices allowed
+        i = range(self.num_images)[i]  # IndexError outside, negative indices allowed
         shard = i // self.shard_size
         if shard != self._shard:
             shards = FeatureShards(self.folder, self, self.shard_size)

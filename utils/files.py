@@ -14,6 +14,7 @@ Three promises rest on this module:
   kernel releases it when the process ends in any way (``kill -9`` included), so there is never a
   stale lock to take over, and two processes can never both hold it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through :func:`atomic_write`."""
-    import torch      # here, so that processes using only the lock or the writers stay light
+    import torch  # here, so that processes using only the lock or the writers stay light
+
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -94,8 +96,10 @@ def claim_folder(folder: str | Path, kind: str) -> Path:
         raise SoIRError(f"{folder} is a file, not a folder; choose a folder for SoIR's {kind} output")
     owner = folder_kind(folder)
     if owner is None and folder.is_dir() and any(folder.iterdir()):
-        raise SoIRError(f"{folder} is not empty and was not made by SoIR (no {MARKER}); SoIR only writes "
-                        f"into folders it created: choose a new or empty folder for the {kind} output")
+        raise SoIRError(
+            f"{folder} is not empty and was not made by SoIR (no {MARKER}); SoIR only writes "
+            f"into folders it created: choose a new or empty folder for the {kind} output"
+        )
     if owner is not None and owner != kind:
         raise SoIRError(f"{folder} is a SoIR {owner} folder, not a {kind} folder; choose another folder")
     if owner is None:
@@ -147,7 +151,7 @@ def check_identity(path: str | Path, identity: dict, what: str, fix: str, save: 
             <fix>" (scalar values are shown, nested ones by key only).
     """
     path = Path(path)
-    identity = json.loads(json.dumps(identity))            # as it reads back (tuples -> lists)
+    identity = json.loads(json.dumps(identity))  # as it reads back (tuples -> lists)
     if not path.exists():
         if save:
             atomic_write_json(path, identity)
@@ -155,10 +159,13 @@ def check_identity(path: str | Path, identity: dict, what: str, fix: str, save: 
     saved = read_json(path, fix=f"delete {path.parent} or use another folder")
     changed = changed_keys(saved, identity)
     if changed:
-        described = [f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" if _short(saved.get(k)) and _short(identity.get(k))
-                     else k for k in changed]
-        raise SoIRError(f"{path.parent} holds {what} made with other settings or inputs ({'; '.join(described)}); "
-                        f"{fix}")
+        described = [
+            f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" if _short(saved.get(k)) and _short(identity.get(k)) else k
+            for k in changed
+        ]
+        raise SoIRError(
+            f"{path.parent} holds {what} made with other settings or inputs ({'; '.join(described)}); {fix}"
+        )
 
 
 def _short(value: Any) -> bool:
@@ -188,8 +195,10 @@ class FolderLock:
             os.close(fd)
             host, _, pid = holder.partition(" ")
             who = f"process {pid} on {host}" if pid else holder
-            raise SoIRError(f"{self.path.parent} is being written by {who}; wait for it to finish "
-                            f"(the lock is released when that process ends)") from None
+            raise SoIRError(
+                f"{self.path.parent} is being written by {who}; wait for it to finish "
+                f"(the lock is released when that process ends)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
         self.fd = fd
@@ -234,8 +243,7 @@ class FileFacts:
         with contextlib.suppress(OSError, sqlite3.Error):
             cache_dir().mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(cache_dir() / "file_facts.sqlite", timeout=60)
-            self.db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} "
-                            "(path TEXT PRIMARY KEY, stat TEXT, facts TEXT)")
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT PRIMARY KEY, stat TEXT, facts TEXT)")
 
     @staticmethod
     def _stat(path: Path) -> str:
@@ -252,21 +260,26 @@ class FileFacts:
         if self.db is not None:
             with contextlib.suppress(sqlite3.Error):
                 for i in range(0, len(keys), 500):
-                    chunk = keys[i:i + 500]
-                    rows = self.db.execute(f"SELECT path, stat, facts FROM {self.table} WHERE path IN "
-                                           f"({','.join('?' * len(chunk))})", chunk)
+                    chunk = keys[i : i + 500]
+                    rows = self.db.execute(
+                        f"SELECT path, stat, facts FROM {self.table} WHERE path IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
                     cached.update({path: (stat, facts) for path, stat, facts in rows})
         todo = [i for i, (k, s) in enumerate(zip(keys, stats)) if cached.get(k, ("",))[0] != s]
-        with ThreadPoolExecutor(threads) as pool:       # hashing and decoding release the GIL
+        with ThreadPoolExecutor(threads) as pool:  # hashing and decoding release the GIL
             fresh = dict(zip(todo, pool.map(lambda i: self.compute(Path(keys[i])), todo)))
         if self.db is not None and todo:
             with contextlib.suppress(sqlite3.Error), self.db:
-                self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?)",
-                                    [(keys[i], stats[i], json.dumps(fresh[i])) for i in todo])
+                self.db.executemany(
+                    f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?)",
+                    [(keys[i], stats[i], json.dumps(fresh[i])) for i in todo],
+                )
         return [fresh[i] if i in fresh else json.loads(cached[k][1]) for i, k in enumerate(keys)]
 
 
 def cached_sha256(paths: list[str | Path]) -> list[str]:
     """sha256 of each file, through the :class:`FileFacts` cache (read again only when changed)."""
-    return [f["sha256"] for f in FileFacts("sha256", lambda path: {"sha256": sha256_file(path)})(
-        [Path(p) for p in paths])]
+    return [
+        f["sha256"] for f in FileFacts("sha256", lambda path: {"sha256": sha256_file(path)})([Path(p) for p in paths])
+    ]

@@ -14,6 +14,7 @@ Features are read one shard at a time, never all at once. Ids are global gallery
 order, rows in shard order), the ids ``utils.index_io.build_index`` gives, so both indexes answer alike.
 :func:`propose_factory` suggests a factory string for a row count and a memory budget.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,9 @@ log = logging.getLogger("soir.index_build")
 # trains on 100 per centroid. PQ codebooks have 256 centroids each: 39 * 256 points avoid FAISS's warning.
 TRAIN_ROWS_PER_LIST = 100
 MIN_TRAIN_ROWS = 39 * 256
-PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)   # bytes per code, autofaiss's list, best first
-ID_BYTES = 8                                      # an int64 id per vector in the inverted lists
-DEFAULT_TRAIN_BYTES = 8 << 30                     # RAM for the training sample
+PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # bytes per code, autofaiss's list, best first
+ID_BYTES = 8  # an int64 id per vector in the inverted lists
+DEFAULT_TRAIN_BYTES = 8 << 30  # RAM for the training sample
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,11 +53,11 @@ def num_lists(num_rows: int) -> int:
     if num_rows < 1_000_000:
         lists = 2 ** round(math.log2(4 * math.sqrt(max(num_rows, 1))))
     elif num_rows < 10_000_000:
-        lists = 2 ** 14
+        lists = 2**14
     elif num_rows < 300_000_000:
-        lists = 2 ** 16
+        lists = 2**16
     else:
-        lists = 2 ** 17
+        lists = 2**17
     return max(1, min(lists, 2 ** int(math.log2(max(num_rows // 39, 1)))))
 
 
@@ -65,8 +66,8 @@ def index_bytes(factory: str, num_rows: int, dim: int) -> int:
     coarse quantizer and transforms, measured on an empty instance of ``factory``."""
     empty = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = _ivf(empty, factory)
-    quantizer = ivf.nlist * ivf.d * 4                    # the centroids
-    if hnsw := re.search(r"_HNSW(\d+)", factory):        # + 2M int32 links per centroid at level 0
+    quantizer = ivf.nlist * ivf.d * 4  # the centroids
+    if hnsw := re.search(r"_HNSW(\d+)", factory):  # + 2M int32 links per centroid at level 0
         quantizer += ivf.nlist * 2 * int(hnsw.group(1)) * 4
     transform = dim * ivf.d * 4 if factory.startswith("OPQ") else 0
     return num_rows * (ivf.code_size + ID_BYTES) + quantizer + transform
@@ -88,9 +89,11 @@ def propose_factory(num_rows: int, dim: int, memory_bytes: int) -> str:
         factory = f"OPQ{m}_{(min(dim // m, 6) + 1) * m},{ivf},PQ{m}x8"
         if index_bytes(factory, num_rows, dim) <= memory_bytes:
             return factory
-    raise SoIRError(f"no IVF-PQ index of {num_rows} vectors of {dim} dims fits in {memory_bytes / 2**30:.2f} GiB "
-                     f"(PQ4 needs {index_bytes(f'OPQ4_28,{ivf},PQ4x8', num_rows, dim) / 2**30:.2f} GiB); "
-                     "raise the memory budget")
+    raise SoIRError(
+        f"no IVF-PQ index of {num_rows} vectors of {dim} dims fits in {memory_bytes / 2**30:.2f} GiB "
+        f"(PQ4 needs {index_bytes(f'OPQ4_28,{ivf},PQ4x8', num_rows, dim) / 2**30:.2f} GiB); "
+        "raise the memory budget"
+    )
 
 
 def default_train_rows(factory: str, dim: int, num_rows: int, memory_bytes: int = DEFAULT_TRAIN_BYTES) -> int:
@@ -100,8 +103,14 @@ def default_train_rows(factory: str, dim: int, num_rows: int, memory_bytes: int 
     lists = _ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), factory).nlist
     rows = min(num_rows, max(TRAIN_ROWS_PER_LIST * lists, MIN_TRAIN_ROWS), memory_bytes // (4 * dim))
     if rows < min(num_rows, 39 * lists):
-        log.warning("index_train_rows=%d gives %.0f rows per inverted list of %s (k-means wants >= 39): "
-                    "raise the training memory (%.1f GiB now)", rows, rows / lists, factory, memory_bytes / 2**30)
+        log.warning(
+            "index_train_rows=%d gives %.0f rows per inverted list of %s (k-means wants >= 39): "
+            "raise the training memory (%.1f GiB now)",
+            rows,
+            rows / lists,
+            factory,
+            memory_bytes / 2**30,
+        )
     return rows
 
 
@@ -109,8 +118,10 @@ def _ivf(index: faiss.Index, factory: str) -> faiss.IndexIVF:
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
-        raise SoIRError(f"index={factory!r} has no inverted lists; building in blocks and merging on disk "
-                         "needs an IVF factory (e.g. IVF4096,PQ64 or propose_factory())") from None
+        raise SoIRError(
+            f"index={factory!r} has no inverted lists; building in blocks and merging on disk "
+            "needs an IVF factory (e.g. IVF4096,PQ64 or propose_factory())"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,13 +134,14 @@ def sample_rows(gallery: FeatureShards, offsets: np.ndarray, num: int, seed: int
     shard_of = np.searchsorted(offsets, ids, side="right") - 1
     parts = []
     for shard in np.unique(shard_of):
-        with gallery.mapped(int(shard)) as rows:                  # copies the sampled rows only
+        with gallery.mapped(int(shard)) as rows:  # copies the sampled rows only
             parts.append(rows[torch.from_numpy(ids[shard_of == shard] - offsets[shard])])
     return torch.cat(parts).numpy()
 
 
-def train_index(gallery: FeatureShards, factory: str, offsets: np.ndarray, train_rows: int | None = None,
-                seed: int = 0) -> faiss.Index:
+def train_index(
+    gallery: FeatureShards, factory: str, offsets: np.ndarray, train_rows: int | None = None, seed: int = 0
+) -> faiss.Index:
     """The trained, empty inner-product index of ``factory`` (an IVF), trained on ``train_rows`` rows
     sampled uniformly across the shards."""
     dim = gallery.read_rows(0, 0, 1).shape[1]
@@ -140,8 +152,10 @@ def train_index(gallery: FeatureShards, factory: str, offsets: np.ndarray, train
     lists = _ivf(index, factory).nlist
     num = default_train_rows(factory, dim, int(offsets[-1])) if train_rows is None else int(train_rows)
     if not lists <= num <= offsets[-1]:
-        raise SoIRError(f"index_train_rows={num} must lie between the {lists} inverted lists of {factory!r} "
-                         f"and the {int(offsets[-1])} gallery rows")
+        raise SoIRError(
+            f"index_train_rows={num} must lie between the {lists} inverted lists of {factory!r} "
+            f"and the {int(offsets[-1])} gallery rows"
+        )
     log.info("training %s on %d of %d gallery rows (%.2f GiB)", factory, num, int(offsets[-1]), num * dim * 4 / 2**30)
     index.train(sample_rows(gallery, offsets, num, seed))
     return index
@@ -156,8 +170,7 @@ def shard_blocks(num_shards: int, num_blocks: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def add_block(trained: Path, gallery: FeatureShards, shards: Sequence[int], offsets: np.ndarray,
-              out: Path) -> Path:
+def add_block(trained: Path, gallery: FeatureShards, shards: Sequence[int], offsets: np.ndarray, out: Path) -> Path:
     """Add the rows of ``shards`` (global row ids) to a copy of the ``trained`` index file and save it to
     ``out`` atomically. A resumable task: if ``out`` exists the block is done and is not recomputed."""
     out = Path(out)
@@ -165,7 +178,7 @@ def add_block(trained: Path, gallery: FeatureShards, shards: Sequence[int], offs
         return out
     index = load_index(trained)
     for shard in shards:
-        with gallery.mapped(shard) as rows:                        # FAISS reads the mapped file
+        with gallery.mapped(shard) as rows:  # FAISS reads the mapped file
             index.add_with_ids(rows.numpy(), np.arange(offsets[shard], offsets[shard + 1]))
     save_index(index, out)
     return out
@@ -182,8 +195,15 @@ def merge_blocks(trained: Path, blocks: Sequence[Path], out: Path) -> Path:
     return out
 
 
-def build_ondisk(gallery: FeatureShards, factory: str, out: Path, work_dir: Path, num_blocks: int,
-                 train_rows: int | None = None, seed: int = 0) -> Path:
+def build_ondisk(
+    gallery: FeatureShards,
+    factory: str,
+    out: Path,
+    work_dir: Path,
+    num_blocks: int,
+    train_rows: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Train, add ``num_blocks`` blocks and merge, in one process; each stage is skipped when its file
     exists (``work_dir``: trained.faiss, block-NNNNN.faiss). Workers can run ``add_block`` for their blocks
     instead and one process ``merge_blocks`` after them."""
@@ -193,8 +213,10 @@ def build_ondisk(gallery: FeatureShards, factory: str, out: Path, work_dir: Path
     trained = work_dir / "trained.faiss"
     if not trained.is_file():
         save_index(train_index(gallery, factory, offsets, train_rows, seed), trained)
-    blocks = [add_block(trained, gallery, shards, offsets, work_dir / f"block-{b:05d}.faiss")
-              for b, shards in enumerate(shard_blocks(gallery.num_shards, num_blocks))]
+    blocks = [
+        add_block(trained, gallery, shards, offsets, work_dir / f"block-{b:05d}.faiss")
+        for b, shards in enumerate(shard_blocks(gallery.num_shards, num_blocks))
+    ]
     return merge_blocks(trained, blocks, out)
 
 
@@ -202,8 +224,10 @@ def to_all_gpus(index: faiss.Index, fp16: bool = True) -> faiss.Index:
     """Serve ``index`` sharded over all GPUs (each holds 1/n of the vectors; fp16 lookup tables when
     ``fp16``, needed for PQ codes above 48 bytes on most GPUs). Needs faiss-gpu; untested on CPU-only CI."""
     if not hasattr(faiss, "GpuMultipleClonerOptions") or faiss.get_num_gpus() == 0:
-        raise RuntimeError("no GPU visible to faiss (faiss-cpu, or no device): install faiss-gpu-cu12 on a "
-                           "GPU machine, or search on the CPU with the memory-mapped index")
+        raise RuntimeError(
+            "no GPU visible to faiss (faiss-cpu, or no device): install faiss-gpu-cu12 on a "
+            "GPU machine, or search on the CPU with the memory-mapped index"
+        )
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True
     options.useFloat16 = fp16

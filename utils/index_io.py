@@ -1,4 +1,5 @@
 """FAISS index I/O: build from an index-factory string (inner product), save, load, check recall."""
+
 from __future__ import annotations
 
 import re
@@ -26,15 +27,19 @@ def check_factory(factory: str, dim: int, rows: int | None = None) -> None:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(err).strip().splitlines()[-1])
-        raise SoIRError(f"index={factory!r} is not a valid faiss index_factory string for {dim}-d vectors "
-                        f"({reason}); e.g. index=Flat, index=HNSW32, 'index=\"IVF1024,Flat\"'") from None
+        raise SoIRError(
+            f"index={factory!r} is not a valid faiss index_factory string for {dim}-d vectors "
+            f"({reason}); e.g. index=Flat, index=HNSW32, 'index=\"IVF1024,Flat\"'"
+        ) from None
     try:
         nlist = faiss.extract_index_ivf(index).nlist
-    except RuntimeError:      # not an IVF index
+    except RuntimeError:  # not an IVF index
         return
     if rows is not None and rows < nlist:
-        raise SoIRError(f"index={factory!r} has {nlist} inverted lists but the gallery will have about {rows} "
-                        f"rows; faiss needs at least one training row per list (and ~39 per list to train well)")
+        raise SoIRError(
+            f"index={factory!r} has {nlist} inverted lists but the gallery will have about {rows} "
+            f"rows; faiss needs at least one training row per list (and ~39 per list to train well)"
+        )
 
 
 def is_ivf(factory: str, dim: int) -> bool:
@@ -56,7 +61,7 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> faiss.Index:
     if not index.is_trained:
         try:
             index.train(features)
-        except RuntimeError as err:   # e.g. IVF with more lists than training vectors
+        except RuntimeError as err:  # e.g. IVF with more lists than training vectors
             raise ValueError(f"index={factory!r} cannot be trained on {len(features)} gallery rows: {err}") from None
     index.add(features)
     return index
@@ -74,13 +79,15 @@ def load_index(path: Path, mmap: bool = False) -> faiss.Index:
     if not path.is_file():
         raise SoIRError(f"no FAISS index at {path}; run create_index.py with this index= first")
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR
-    if mmap and not path.with_suffix(".ivfdata").is_file():   # FAISS crashes on IO_FLAG_MMAP + on-disk lists
+    if mmap and not path.with_suffix(".ivfdata").is_file():  # FAISS crashes on IO_FLAG_MMAP + on-disk lists
         flags |= faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as err:
-        raise SoIRError(f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1]}); delete it "
-                        "and rerun create_index.py with the same settings") from None
+        raise SoIRError(
+            f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1]}); delete it "
+            "and rerun create_index.py with the same settings"
+        ) from None
 
 
 def is_exact(index: faiss.Index) -> bool:

@@ -87,6 +87,7 @@ Implementations (``impl``), all with the same values and gradients:
 :class:`MapDice` evaluates Mask Inversion's Dice loss of the map on the patch grid instead of at pixel
 resolution (exactly; see there).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,7 +101,7 @@ from utils import legrad_kernels
 from utils.vit_adapters import BlockParts, VitParts, hooked_blocks
 
 IMPLS = ("auto", "dense", "blockwise", "fused")
-CHUNK_ELEMENTS = 2 ** 23        # CPU: masks per chunk such that the [n, T, 4D] intermediates are ~32 MB (fp32)
+CHUNK_ELEMENTS = 2**23  # CPU: masks per chunk such that the [n, T, 4D] intermediates are ~32 MB (fp32)
 
 
 @dataclass
@@ -114,17 +115,17 @@ class _BlockConstants:
     F is the MLP width (2F for a gated MLP: see the module docstring).
     """
 
-    V: torch.Tensor              # [B, H, T, dh] value states (v_proj output, LoRA included)
-    J: torch.Tensor              # [B, D_out, D] e -> w (head Jacobian, see _head_constants)
-    W2s: torch.Tensor            # [D, F]  diag(ls2) fc2.weight
-    Wo_s: torch.Tensor           # [D, D]  diag(ls1) o_proj.weight
-    M: torch.Tensor              # [F, D]  centred(fc1.weight * gamma2) @ Wo_s
-    a_s: torch.Tensor            # [B, T, F] act'(z) / sigma_r (sigma_r: LN2's standard deviation of r)
-    Sig: torch.Tensor            # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma_r)
-    Q: torch.Tensor              # [B, T, D] r_hat @ Wo_s
-    x_hat: torch.Tensor | None = None    # [B, T, D] token-normalised X (SigLIP)
-    kappa: torch.Tensor | None = None    # [B, T]    1 / (T sigma_post); NaFlex: valid_t / (N_b sigma_post)
-    C: torch.Tensor | None = None        # [B, T, D]
+    V: torch.Tensor  # [B, H, T, dh] value states (v_proj output, LoRA included)
+    J: torch.Tensor  # [B, D_out, D] e -> w (head Jacobian, see _head_constants)
+    W2s: torch.Tensor  # [D, F]  diag(ls2) fc2.weight
+    Wo_s: torch.Tensor  # [D, D]  diag(ls1) o_proj.weight
+    M: torch.Tensor  # [F, D]  centred(fc1.weight * gamma2) @ Wo_s
+    a_s: torch.Tensor  # [B, T, F] act'(z) / sigma_r (sigma_r: LN2's standard deviation of r)
+    Sig: torch.Tensor  # [B, T, F] act'(z) * (r_hat @ W1c^T) / (D sigma_r)
+    Q: torch.Tensor  # [B, T, D] r_hat @ Wo_s
+    x_hat: torch.Tensor | None = None  # [B, T, D] token-normalised X (SigLIP)
+    kappa: torch.Tensor | None = None  # [B, T]    1 / (T sigma_post); NaFlex: valid_t / (N_b sigma_post)
+    C: torch.Tensor | None = None  # [B, T, D]
 
 
 class LeGrad:
@@ -159,9 +160,16 @@ class LeGrad:
     captured constants, and one fp32 forward costs about as much as one iteration for one mask.
     """
 
-    def __init__(self, parts: VitParts, pixel_values: torch.Tensor, layer_index: int = -1,
-                 impl: str = "auto", precision: str = "fp32", spatial_shapes: torch.Tensor | None = None):
-        inputs = parts.model_inputs(pixel_values, spatial_shapes)                 # checks the shapes
+    def __init__(
+        self,
+        parts: VitParts,
+        pixel_values: torch.Tensor,
+        layer_index: int = -1,
+        impl: str = "auto",
+        precision: str = "fp32",
+        spatial_shapes: torch.Tensor | None = None,
+    ):
+        inputs = parts.model_inputs(pixel_values, spatial_shapes)  # checks the shapes
         self.impl = resolve_impl(impl, precision, pixel_values.device)
         self.precision = precision
         self.parts = parts
@@ -177,8 +185,10 @@ class LeGrad:
         tokens = captured[0]["x"].shape[1]
         patches = pixel_values.shape[1] if parts.naflex else self.grid[0] * self.grid[1]
         if tokens != parts.num_prefix_tokens + patches:
-            raise ValueError(f"{tokens} tokens do not match {parts.num_prefix_tokens} prefix tokens + {patches} "
-                             f"patches ({self.grid} grid of a {tuple(pixel_values.shape[-2:])} image, patch {p})")
+            raise ValueError(
+                f"{tokens} tokens do not match {parts.num_prefix_tokens} prefix tokens + {patches} "
+                f"patches ({self.grid} grid of a {tuple(pixel_values.shape[-2:])} image, patch {p})"
+            )
         # NaFlex: which tokens are patches (the rest is padding), and where each grid cell's token is.
         self.valid = inputs["pixel_attention_mask"].bool() if parts.naflex else None
         if self.valid is not None and parts.token_norm is None:
@@ -208,7 +218,7 @@ class LeGrad:
         """Relevance of the patch tokens on the patch grid, [B, P, *grid] (prefix tokens dropped;
         NaFlex: image b's h_b x w_b grid in the top-left corner, padding cells 0)."""
         B, P = e.shape[:2]
-        rel = self.relevance(e)[..., self.parts.num_prefix_tokens:]
+        rel = self.relevance(e)[..., self.parts.num_prefix_tokens :]
         if self.valid is None:
             return rel.reshape(B, P, *self.grid)
         cells = rel.gather(-1, self._cell_token.expand(B, P, -1)) * self._cell_valid
@@ -228,7 +238,7 @@ class LeGrad:
         size = tuple(size) if size is not None else self.image_size
         layout = self._layout(size)
         (h, w, rh, rw), _ = layout[0]
-        if len(layout) == 1 and (rh, rw) == size:                    # fixed size: one grid, no canvas
+        if len(layout) == 1 and (rh, rw) == size:  # fixed size: one grid, no canvas
             return self._map(rel, (rh, rw), joint)
         out = rel.new_zeros(*rel.shape[:2], *size)
         for (h, w, rh, rw), images in layout:
@@ -254,8 +264,10 @@ class LeGrad:
         too_big = (regions > torch.tensor(size)).any(1)
         if too_big.any():
             b = int(too_big.nonzero()[0])
-            raise ValueError(f"a {tuple(size)} canvas cannot hold image {b}'s {tuple(regions[b].tolist())} pixels "
-                             f"(its {tuple(self.grids[b].tolist())} patch grid x patch size {self.parts.patch_size})")
+            raise ValueError(
+                f"a {tuple(size)} canvas cannot hold image {b}'s {tuple(regions[b].tolist())} pixels "
+                f"(its {tuple(self.grids[b].tolist())} patch grid x patch size {self.parts.patch_size})"
+            )
         return regions
 
     def _layout(self, size: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
@@ -264,25 +276,28 @@ class LeGrad:
         if size not in self._layouts:
             keys = torch.cat([self.grids, self.regions(size)], dim=1)
             groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
-            self._layouts[size] = [(tuple(int(n) for n in key),
-                                    torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
-                                   for i, key in enumerate(groups)]
+            self._layouts[size] = [
+                (tuple(int(n) for n in key), torch.nonzero(inverse == i).squeeze(1).to(self.g.device))
+                for i, key in enumerate(groups)
+            ]
         return self._layouts[size]
 
     def _block_relevance(self, k: _BlockConstants, e: torch.Tensor) -> torch.Tensor:
         """impl="dense": the formulas of the module docstring, differentiated by autograd."""
         B, P, _ = e.shape
         H, T, dh = k.V.shape[1:]
-        w = e @ k.J                                                   # [B, P, D]  dS/dX
-        y = w @ k.W2s                                                 # [B, P, F]  dS/dh / act'
-        u = ((w @ k.Wo_s)[:, :, None]                                 # residual path
-             + (k.a_s[:, None] * y[:, :, None]) @ k.M                 # MLP path, [B, P, T, D]
-             - (y @ k.Sig.transpose(1, 2))[..., None] * k.Q[:, None])  # LN2's projection
-        if k.C is not None:                                           # per-token head (SigLIP)
-            c = w @ k.x_hat.transpose(1, 2) / w.shape[-1]             # [B, P, T]
+        w = e @ k.J  # [B, P, D]  dS/dX
+        y = w @ k.W2s  # [B, P, F]  dS/dh / act'
+        u = (
+            (w @ k.Wo_s)[:, :, None]  # residual path
+            + (k.a_s[:, None] * y[:, :, None]) @ k.M  # MLP path, [B, P, T, D]
+            - (y @ k.Sig.transpose(1, 2))[..., None] * k.Q[:, None]
+        )  # LN2's projection
+        if k.C is not None:  # per-token head (SigLIP)
+            c = w @ k.x_hat.transpose(1, 2) / w.shape[-1]  # [B, P, T]
             u = k.kappa[:, None, :, None] * (u - c[..., None] * k.C[:, None])
-        u = u.reshape(B, P, T, H, dh).transpose(2, 3)                 # [B, P, H, T, dh] dS/d(A V)
-        return _PositiveColumnMean.apply(u, k.V[:, None])             # [B, P, T]
+        u = u.reshape(B, P, T, H, dh).transpose(2, 3)  # [B, P, H, T, dh] dS/d(A V)
+        return _PositiveColumnMean.apply(u, k.V[:, None])  # [B, P, T]
 
     # ------------------------------------------------------------------ constants (no grad)
     def _constants(self, block: BlockParts, cap: dict[str, torch.Tensor]) -> _BlockConstants:
@@ -293,25 +308,31 @@ class LeGrad:
         if not isinstance(block.norm2, nn.LayerNorm):
             raise ValueError(f"expected nn.LayerNorm before the MLP, got {type(block.norm2).__name__}")
         Wo_s = _scale_vector(block.layer_scale1, D, V)[:, None] * _affine_weight(block.o_proj, D, dt)
-        W1 = _affine_weight(block.fc1, D, dt)                                     # [F, D]
-        W2 = _affine_weight(block.fc2, W1.shape[0], dt)                          # [D, F]
+        W1 = _affine_weight(block.fc1, D, dt)  # [F, D]
+        W2 = _affine_weight(block.fc2, W1.shape[0], dt)  # [D, F]
         if block.gate is None:
-            act_d = _elementwise_derivative(block.activation, z)                  # [B, T, F]
-        else:   # h = act(z_g) * z: the paths through fc1 and through the gate (module docstring)
+            act_d = _elementwise_derivative(block.activation, z)  # [B, T, F]
+        else:  # h = act(z_g) * z: the paths through fc1 and through the gate (module docstring)
             z_g = cap["g"].to(dt)
-            W1 = torch.cat([W1, _affine_weight(block.gate, D, dt)])               # [2F, D]
-            W2 = torch.cat([W2, W2], dim=1)                                       # [D, 2F]
+            W1 = torch.cat([W1, _affine_weight(block.gate, D, dt)])  # [2F, D]
+            W2 = torch.cat([W2, W2], dim=1)  # [D, 2F]
             act_d = torch.cat([block.activation(z_g), z * _elementwise_derivative(block.activation, z_g)], -1)
         W2s = _scale_vector(block.layer_scale2, D, V)[:, None] * W2
         W1c = W1 * _ln_weight(block.norm2, D, V)
-        W1c = W1c - W1c.mean(dim=1, keepdim=True)     # LN2's mean removal, folded into fc1
+        W1c = W1c - W1c.mean(dim=1, keepdim=True)  # LN2's mean removal, folded into fc1
         r_hat, sigma_r = _layer_norm_stats(r, block.norm2.eps)
         Q = r_hat @ Wo_s
         head = self._head_constants(X, W2s, W1c, Wo_s, act_d, r_hat, sigma_r, Q)
         return _BlockConstants(
-            V=V.reshape(B, T, H, D // H).transpose(1, 2).contiguous(), W2s=W2s, Wo_s=Wo_s, M=W1c @ Wo_s,
-            a_s=act_d / sigma_r[..., None], Sig=act_d * (r_hat @ W1c.T) / (D * sigma_r[..., None]),
-            Q=Q, **head)
+            V=V.reshape(B, T, H, D // H).transpose(1, 2).contiguous(),
+            W2s=W2s,
+            Wo_s=Wo_s,
+            M=W1c @ Wo_s,
+            a_s=act_d / sigma_r[..., None],
+            Sig=act_d * (r_hat @ W1c.T) / (D * sigma_r[..., None]),
+            Q=Q,
+            **head,
+        )
 
     def _head_constants(self, X, W2s, W1c, Wo_s, act_d, r_hat, sigma_r, Q) -> dict:
         """J (and SigLIP's per-token pieces) for dS/dX_t; see the module docstring."""
@@ -325,15 +346,18 @@ class LeGrad:
         #   = (1/(T sigma_t)) (zeta - mean(zeta) - x_hat_t (x_hat_t . zeta) / D),  zeta = gamma * (Jn^T e)
         # NaFlex: the mean runs over image b's N_b patch tokens, so 1/T becomes valid_t / N_b.
         norm = parts.token_norm
-        weights = (torch.full((B, T), 1.0 / T, dtype=dt, device=X.device) if self.valid is None
-                   else self.valid.to(dt) / self.valid.sum(1, keepdim=True).to(dt))   # [B, T] token weights
+        weights = (
+            torch.full((B, T), 1.0 / T, dtype=dt, device=X.device)
+            if self.valid is None
+            else self.valid.to(dt) / self.valid.sum(1, keepdim=True).to(dt)
+        )  # [B, T] token weights
         pooled = (norm(X.to(norm.weight.dtype)).to(dt) * weights[..., None]).sum(dim=1)
         Jn = _unit_jacobian(parts.pooled_head, pooled)
         J = Jn * _ln_weight(norm, D, X)
         J = J - J.mean(dim=-1, keepdim=True)
         x_hat, sigma = _layer_norm_stats(X, norm.eps)
         # The x_hat_t part of dS/dX_t, pushed through the same chain as the common part:
-        R = (act_d * (x_hat @ W2s)) @ W1c                                         # [B, T, D]
+        R = (act_d * (x_hat @ W2s)) @ W1c  # [B, T, D]
         rho = (r_hat * R).sum(-1, keepdim=True)
         C = x_hat @ Wo_s + (R @ Wo_s - rho / D * Q) / sigma_r[..., None]
         return dict(J=J, x_hat=x_hat, kappa=weights / sigma, C=C)
@@ -350,10 +374,10 @@ class _PositiveColumnMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        G = u @ V.transpose(-1, -2)                         # [..., H, T, T]
+        G = u @ V.transpose(-1, -2)  # [..., H, T, T]
         G.clamp_min_(0)
         relevance = G.sum(dim=(-3, -2)) / (G.shape[-3] * G.shape[-2])
-        ctx.save_for_backward(G.sign_(), V)                 # 1 where G > 0, else 0
+        ctx.save_for_backward(G.sign_(), V)  # 1 where G > 0, else 0
         return relevance
 
     @staticmethod
@@ -379,7 +403,7 @@ class _BlockRelevance(torch.autograd.Function):
         relevance = torch.empty(B, P, T, dtype=w.dtype, device=w.device)
         saved = []
         for images, masks in _chunks(B, P, T, k.M.shape[0], w.device, impl):
-            u = _token_gradients(k, images, w[images, masks])                  # [b, n, T, D]
+            u = _token_gradients(k, images, w[images, masks])  # [b, n, T, D]
             V = k.V[images]
             if impl == "fused":
                 relevance[images, masks] = legrad_kernels.fused_forward(u, V, precision)
@@ -396,7 +420,7 @@ class _BlockRelevance(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         k = ctx.k
         dw = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
-        with _matmul_precision(ctx.precision, grad.device):        # autograd runs this outside relevance()
+        with _matmul_precision(ctx.precision, grad.device):  # autograd runs this outside relevance()
             for images, masks, state in ctx.saved:
                 V, g = k.V[images], grad[images, masks]
                 if ctx.impl == "fused":
@@ -422,12 +446,12 @@ def _chunks(B: int, P: int, T: int, F_mlp: int, device: torch.device, impl: str)
 def _token_gradients(k: _BlockConstants, images: slice, w: torch.Tensor) -> torch.Tensor:
     """u = dS/d(A V) [b, n, T, D] of w [b, n, D] on images k[images] (the module docstring's chain)."""
     a_s, Sig, Q = k.a_s[images], k.Sig[images], k.Q[images]
-    y = w @ k.W2s                                                             # [b, n, F]
-    u = (a_s[:, None] * y[:, :, None]) @ k.M                                  # MLP path
-    u += (w @ k.Wo_s)[:, :, None]                                             # residual path
-    u -= (y @ Sig.transpose(1, 2))[..., None] * Q[:, None]                    # LN2's projection
-    if k.C is not None:                                                       # per-token head (SigLIP)
-        c = w @ k.x_hat[images].transpose(1, 2) / w.shape[-1]                 # [b, n, T]
+    y = w @ k.W2s  # [b, n, F]
+    u = (a_s[:, None] * y[:, :, None]) @ k.M  # MLP path
+    u += (w @ k.Wo_s)[:, :, None]  # residual path
+    u -= (y @ Sig.transpose(1, 2))[..., None] * Q[:, None]  # LN2's projection
+    if k.C is not None:  # per-token head (SigLIP)
+        c = w @ k.x_hat[images].transpose(1, 2) / w.shape[-1]  # [b, n, T]
         u -= c[..., None] * k.C[images][:, None]
         u *= k.kappa[images][:, None, :, None]
     return u
@@ -439,10 +463,10 @@ def _token_gradients_backward(k: _BlockConstants, images: slice, du: torch.Tenso
     dw = 0
     if k.C is not None:
         du = du * k.kappa[images][:, None, :, None]
-        dc = -(du * k.C[images][:, None]).sum(-1)                             # [b, n, T]
+        dc = -(du * k.C[images][:, None]).sum(-1)  # [b, n, T]
         dw = dc @ k.x_hat[images] / du.shape[-1]
-    dy = ((du @ k.M.T) * a_s[:, None]).sum(2)                                 # MLP path, [b, n, F]
-    dy -= (du * Q[:, None]).sum(-1) @ Sig                                     # LN2's projection
+    dy = ((du @ k.M.T) * a_s[:, None]).sum(2)  # MLP path, [b, n, F]
+    dy -= (du * Q[:, None]).sum(-1) @ Sig  # LN2's projection
     return dw + du.sum(2) @ k.Wo_s.T + dy @ k.W2s.T
 
 
@@ -479,35 +503,39 @@ class MapDice:
         p = legrad.parts.patch_size
         size = tuple(masks.shape[-2:])
         regions = legrad.regions(size)
-        axes = {}                                             # (grid n, region, canvas, padded grid) -> matrices
-        with no_autocast(masks.device):                       # exact weights even under autocast
+        axes = {}  # (grid n, region, canvas, padded grid) -> matrices
+        with no_autocast(masks.device):  # exact weights even under autocast
             per_image = []
             for grid, region in zip(legrad.grids.tolist(), regions.tolist()):
-                per_image.append([axes.setdefault(key, _axis_matrices(*key, p, **like))
-                                  for key in zip(grid, region, size, legrad.grid)])
-            (self.Up_y, A_y), (self.Up_x, A_x) = (_stack_axis([image[axis] for image in per_image])
-                                                  for axis in (0, 1))
-            self.mask_on_grid = A_y.mT[:, None] @ masks @ A_x[:, None]          # [B, P, *grid]  A^T m
-            self.ones_on_grid = (A_y.sum(1)[:, :, None] * A_x.sum(1)[:, None, :])[:, None]   # [B, 1, *grid]  A^T 1
+                per_image.append(
+                    [
+                        axes.setdefault(key, _axis_matrices(*key, p, **like))
+                        for key in zip(grid, region, size, legrad.grid)
+                    ]
+                )
+            (self.Up_y, A_y), (self.Up_x, A_x) = (_stack_axis([image[axis] for image in per_image]) for axis in (0, 1))
+            self.mask_on_grid = A_y.mT[:, None] @ masks @ A_x[:, None]  # [B, P, *grid]  A^T m
+            self.ones_on_grid = (A_y.sum(1)[:, :, None] * A_x.sum(1)[:, None, :])[:, None]  # [B, 1, *grid]  A^T 1
         self.mask_sum = masks.sum(dim=(-2, -1))
-        self.pixels = regions.prod(1).to(**like)[:, None]                         # [B, 1]
+        self.pixels = regions.prod(1).to(**like)[:, None]  # [B, 1]
 
     def __call__(self, relevance: torch.Tensor) -> torch.Tensor:
         """Dice loss [B, P] of the maps of patch relevance [B, P, *grid] (:meth:`LeGrad.patch_relevance`;
         [B, 1, *grid] compares one map with each of the P masks)."""
-        extremes = self.Up_y @ relevance @ self.Up_x.mT                          # rows / cols that hold them
-        lo = extremes.amin(dim=self.dims, keepdim=True).flatten(2).amin(-1)   # [B, P] or [B, 1]
+        extremes = self.Up_y @ relevance @ self.Up_x.mT  # rows / cols that hold them
+        lo = extremes.amin(dim=self.dims, keepdim=True).flatten(2).amin(-1)  # [B, P] or [B, 1]
         span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
 
 
-def _axis_matrices(n: int, region: int, canvas: int, padded: int, p: int, dtype: torch.dtype,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _axis_matrices(
+    n: int, region: int, canvas: int, padded: int, p: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One axis of :class:`MapDice` for a grid of n patches whose map fills ``region`` of ``canvas`` pixels:
     (the run-end rows of the upsampling U [r, padded], A = R U [canvas, padded]), zero-padded."""
-    Up = _interpolation_matrix(n, dict(scale_factor=p), dtype=dtype, device=device)      # [n p, n]
+    Up = _interpolation_matrix(n, dict(scale_factor=p), dtype=dtype, device=device)  # [n p, n]
     A = Up if n * p == region else _interpolation_matrix(n * p, dict(size=region), dtype=dtype, device=device) @ Up
     ends = Up[_run_ends(Up)]
     return F.pad(ends, (0, padded - n)), F.pad(A, (0, padded - n, 0, canvas - region))
@@ -524,13 +552,13 @@ def _stack_axis(matrices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
 def _interpolation_matrix(n: int, how: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[n_out, n] matrix of 1-D linear interpolation (align_corners=False), i.e. the per-axis factor of
     F.interpolate(..., mode="bilinear", **how): obtained by interpolating the identity."""
-    eye = torch.eye(n, dtype=dtype, device=device)[None]                        # n channels of length n
+    eye = torch.eye(n, dtype=dtype, device=device)[None]  # n channels of length n
     return F.interpolate(eye, mode="linear", align_corners=False, **how)[0].T
 
 
 def _run_ends(W: torch.Tensor) -> torch.Tensor:
     """Rows of an interpolation matrix [n_out, n] that start or end a run with the same left neighbour."""
-    left = (W != 0).to(torch.int8).argmax(dim=1)                                  # first non-zero weight
+    left = (W != 0).to(torch.int8).argmax(dim=1)  # first non-zero weight
     change = left[1:] != left[:-1]
     first = torch.cat([change.new_ones(1), change])
     last = torch.cat([change, change.new_ones(1)])
@@ -595,14 +623,17 @@ def _capture(parts: VitParts, blocks: list[BlockParts], inputs: dict[str, torch.
         def hook(module, args, output=None):
             value = args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
             store[name].append(value.detach())
+
         return hook
 
     handles = []
     for block, store in zip(blocks, captured):
-        handles += [block.v_proj.register_forward_hook(keep(store, "v")),
-                    block.norm2.register_forward_pre_hook(keep(store, "r", use_input=True)),
-                    block.fc1.register_forward_hook(keep(store, "z")),
-                    block.block.register_forward_hook(keep(store, "x"))]
+        handles += [
+            block.v_proj.register_forward_hook(keep(store, "v")),
+            block.norm2.register_forward_pre_hook(keep(store, "r", use_input=True)),
+            block.fc1.register_forward_hook(keep(store, "z")),
+            block.block.register_forward_hook(keep(store, "x")),
+        ]
         if block.gate is not None:
             handles.append(block.gate.register_forward_hook(keep(store, "g")))
     device = inputs["pixel_values"].device
@@ -618,19 +649,21 @@ def _capture(parts: VitParts, blocks: list[BlockParts], inputs: dict[str, torch.
             handle.remove()
     for store in captured:
         if any(len(v) != 1 for v in store.values()):
-            raise RuntimeError(f"expected each hooked module to run once per forward, got "
-                               f"{ {k: len(v) for k, v in store.items()} }")
+            raise RuntimeError(
+                f"expected each hooked module to run once per forward, got { {k: len(v) for k, v in store.items()} }"
+            )
     return [{k: v[0] for k, v in store.items()} for store in captured], output
 
 
-def _grid_cells(grids: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid_cells(
+    grids: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NaFlex: for each cell (r, c) of the padded ``grid``, the patch token of image b that lies there
     (r * w_b + c, row-major; 0 outside the image) and whether one does: [B, 1, rows * columns] each."""
     rows = torch.arange(grid[0])[:, None]
     cols = torch.arange(grid[1])[None, :]
     h, w = grids[:, 0, None, None], grids[:, 1, None, None]
-    inside = (rows < h) & (cols < w)                                              # [B, *grid]
+    inside = (rows < h) & (cols < w)  # [B, *grid]
     token = torch.where(inside, rows * w + cols, 0)
     return (token.flatten(1)[:, None].to(device), inside.flatten(1)[:, None].to(device=device, dtype=dtype))
 

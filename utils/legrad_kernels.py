@@ -30,18 +30,19 @@ is read when ``@triton.jit`` decorates a function, and Triton decorates its own 
 (set later, the kernels fail with "0 active drivers" or "Cannot call @triton.jit'd outside of the
 scope of a kernel"); tests run the interpreted kernels in a fresh subprocess.
 """
+
 from __future__ import annotations
 
 import torch
 
-try:                                    # Triton ships with CUDA builds of torch; CPU-only installs may lack it
+try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
     import triton.language as tl
-except ImportError:                     # pragma: no cover - depends on the installation
+except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-BLOCK_ELEMENTS = 2 ** 22                # entries of G per CPU block (16 MB in fp32, within L3): few, large ops
-PRECISIONS = ("fp32", "tf32", "bf16")   # of the u . V products in the fused kernels (accumulation is fp32)
+BLOCK_ELEMENTS = 2**22  # entries of G per CPU block (16 MB in fp32, within L3): few, large ops
+PRECISIONS = ("fp32", "tf32", "bf16")  # of the u . V products in the fused kernels (accumulation is fp32)
 
 
 def triton_available() -> bool:
@@ -76,13 +77,13 @@ def blockwise_forward(u: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, t
     """
     B, P, T, _ = u.shape
     H = V.shape[1]
-    uh = _heads(u, H)                                              # [B, P, H, T, dh]
-    Vt = V.transpose(-1, -2)                                       # [B, H, dh, T]
+    uh = _heads(u, H)  # [B, P, H, T, dh]
+    Vt = V.transpose(-1, -2)  # [B, H, dh, T]
     relevance = torch.zeros(B, P, T, dtype=u.dtype, device=u.device)
     positive = torch.empty(B, P, H, T, T, dtype=torch.bool, device=u.device)
     for b in range(B):
         for masks, rows in _blocks(P, H, T):
-            G = torch.matmul(uh[b, masks, :, rows], Vt[b])         # [n, H, rows, T], stays in cache
+            G = torch.matmul(uh[b, masks, :, rows], Vt[b])  # [n, H, rows, T], stays in cache
             torch.gt(G, 0, out=positive[b, masks, :, rows])
             relevance[b, masks] += G.clamp_min_(0).sum(dim=(1, 2))
     return relevance / (H * T), positive
@@ -93,16 +94,17 @@ def blockwise_backward(positive: torch.Tensor, V: torch.Tensor, grad: torch.Tens
     B, P, H, T, _ = positive.shape
     dh = V.shape[-1]
     du = torch.empty(B, P, H, T, dh, dtype=V.dtype, device=V.device)
-    scaled_V = V[:, None] * (grad / (H * T))[:, :, None, :, None]      # [B, P, H, T, dh]: dL/drel_j V_j
+    scaled_V = V[:, None] * (grad / (H * T))[:, :, None, :, None]  # [B, P, H, T, dh]: dL/drel_j V_j
     for b in range(B):
         for masks, rows in _blocks(P, H, T):
-            sign = positive[b, masks, :, rows].to(V.dtype)             # [n, H, rows, T]
+            sign = positive[b, masks, :, rows].to(V.dtype)  # [n, H, rows, T]
             torch.matmul(sign, scaled_V[b, masks], out=du[b, masks, :, rows])
     return du.transpose(-3, -2).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------- Triton, fused
 if triton is not None:
+
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr):
         """a @ b with fp32 (or fp64) accumulation; PRECISION 0 = ieee, 1 = tf32, 2 = bf16 inputs."""
@@ -113,10 +115,28 @@ if triton is not None:
         return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
-    def _relevance_fwd_kernel(u_ptr, v_ptr, out_ptr, P, H, T, DH,
-                              su_b, su_p, su_t, sv_b, sv_h, sv_t, so_b, so_p, so_h,
-                              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                              PRECISION: tl.constexpr):
+    def _relevance_fwd_kernel(
+        u_ptr,
+        v_ptr,
+        out_ptr,
+        P,
+        H,
+        T,
+        DH,
+        su_b,
+        su_p,
+        su_t,
+        sv_b,
+        sv_h,
+        sv_t,
+        so_b,
+        so_p,
+        so_h,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """out[b, p, h, j] = sum_i max(u[b, p, i, h] . V[b, h, j], 0) for one (b, p, h) and a tile of j."""
         bph = tl.program_id(0)
         j0 = tl.program_id(1) * BLOCK_J
@@ -125,24 +145,49 @@ if triton is not None:
         b = bph // (H * P)
         d = tl.arange(0, BLOCK_D)
         j = j0 + tl.arange(0, BLOCK_J)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_t + d[None, :],
-                    mask=(j[:, None] < T) & (d[None, :] < DH), other=0.0)            # [BJ, BD]
+        v = tl.load(
+            v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_t + d[None, :],
+            mask=(j[:, None] < T) & (d[None, :] < DH),
+            other=0.0,
+        )  # [BJ, BD]
         vt = tl.trans(v)
-        acc = tl.zeros((BLOCK_J,), dtype=v.dtype)                    # fp32 (fp64 for fp64 inputs)
+        acc = tl.zeros((BLOCK_J,), dtype=v.dtype)  # fp32 (fp64 for fp64 inputs)
         base = u_ptr + b * su_b + p * su_p + h * DH
         for i0 in range(0, T, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
-            ut = tl.load(base + i[:, None] * su_t + d[None, :],
-                         mask=(i[:, None] < T) & (d[None, :] < DH), other=0.0)       # [BI, BD]
-            G = _dot(ut, vt, PRECISION)                                              # [BI, BJ]
-            acc += tl.sum(tl.maximum(G, 0.0), axis=0)                 # masked rows are 0: no effect
+            ut = tl.load(
+                base + i[:, None] * su_t + d[None, :], mask=(i[:, None] < T) & (d[None, :] < DH), other=0.0
+            )  # [BI, BD]
+            G = _dot(ut, vt, PRECISION)  # [BI, BJ]
+            acc += tl.sum(tl.maximum(G, 0.0), axis=0)  # masked rows are 0: no effect
         tl.store(out_ptr + b * so_b + p * so_p + h * so_h + j, acc, mask=j < T)
 
     @triton.jit
-    def _relevance_bwd_kernel(u_ptr, v_ptr, g_ptr, du_ptr, P, H, T, DH,
-                              su_b, su_p, su_t, sv_b, sv_h, sv_t, sg_b, sg_p, sd_b, sd_p, sd_t,
-                              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                              PRECISION: tl.constexpr):
+    def _relevance_bwd_kernel(
+        u_ptr,
+        v_ptr,
+        g_ptr,
+        du_ptr,
+        P,
+        H,
+        T,
+        DH,
+        su_b,
+        su_p,
+        su_t,
+        sv_b,
+        sv_h,
+        sv_t,
+        sg_b,
+        sg_p,
+        sd_b,
+        sd_p,
+        sd_t,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """du[b, p, i, h] = sum_j [u_i . V_j > 0] g[b, p, j] V[b, h, j] for one (b, p, h) and a tile of i."""
         bph = tl.program_id(0)
         i0 = tl.program_id(1) * BLOCK_I
@@ -151,19 +196,28 @@ if triton is not None:
         b = bph // (H * P)
         d = tl.arange(0, BLOCK_D)
         i = i0 + tl.arange(0, BLOCK_I)
-        ut = tl.load(u_ptr + b * su_b + p * su_p + h * DH + i[:, None] * su_t + d[None, :],
-                     mask=(i[:, None] < T) & (d[None, :] < DH), other=0.0)           # [BI, BD]
+        ut = tl.load(
+            u_ptr + b * su_b + p * su_p + h * DH + i[:, None] * su_t + d[None, :],
+            mask=(i[:, None] < T) & (d[None, :] < DH),
+            other=0.0,
+        )  # [BI, BD]
         acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=ut.dtype)
         for j0 in range(0, T, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_t + d[None, :],
-                        mask=(j[:, None] < T) & (d[None, :] < DH), other=0.0)        # [BJ, BD]
-            g = tl.load(g_ptr + b * sg_b + p * sg_p + j, mask=j < T, other=0.0)      # [BJ]
-            G = _dot(ut, tl.trans(v), PRECISION)                                     # [BI, BJ] recomputed
-            weights = tl.where(G > 0, g[None, :], 0.0).to(v.dtype)                  # sign x dL/drel_j
+            v = tl.load(
+                v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_t + d[None, :],
+                mask=(j[:, None] < T) & (d[None, :] < DH),
+                other=0.0,
+            )  # [BJ, BD]
+            g = tl.load(g_ptr + b * sg_b + p * sg_p + j, mask=j < T, other=0.0)  # [BJ]
+            G = _dot(ut, tl.trans(v), PRECISION)  # [BI, BJ] recomputed
+            weights = tl.where(G > 0, g[None, :], 0.0).to(v.dtype)  # sign x dL/drel_j
             acc += _dot(weights, v, PRECISION)
-        tl.store(du_ptr + b * sd_b + p * sd_p + h * DH + i[:, None] * sd_t + d[None, :],
-                 acc.to(du_ptr.dtype.element_ty), mask=(i[:, None] < T) & (d[None, :] < DH))
+        tl.store(
+            du_ptr + b * sd_b + p * sd_p + h * DH + i[:, None] * sd_t + d[None, :],
+            acc.to(du_ptr.dtype.element_ty),
+            mask=(i[:, None] < T) & (d[None, :] < DH),
+        )
 
 
 def _kernel_args(u: torch.Tensor, V: torch.Tensor, precision: str):
@@ -177,8 +231,7 @@ def _kernel_args(u: torch.Tensor, V: torch.Tensor, precision: str):
         raise ValueError(f"u {tuple(u.shape)} and V {tuple(V.shape)} do not match ([B, P, T, H*dh], [B, H, T, dh])")
     u, V = u.contiguous(), V.contiguous()
     block_d = max(16, triton.next_power_of_2(dh))
-    return u, V, (B, P, H, T, dh), dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_d,
-                                        PRECISION=PRECISIONS.index(precision))
+    return u, V, (B, P, H, T, dh), dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_d, PRECISION=PRECISIONS.index(precision))
 
 
 def fused_forward(u: torch.Tensor, V: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -186,9 +239,25 @@ def fused_forward(u: torch.Tensor, V: torch.Tensor, precision: str = "fp32") -> 
     u, V, (B, P, H, T, dh), meta = _kernel_args(u, V, precision)
     per_head = torch.empty(B, P, H, T, dtype=u.dtype, device=u.device)
     grid = (B * P * H, triton.cdiv(T, meta["BLOCK_J"]))
-    _relevance_fwd_kernel[grid](u, V, per_head, P, H, T, dh, u.stride(0), u.stride(1), u.stride(2),
-                                V.stride(0), V.stride(1), V.stride(2), per_head.stride(0),
-                                per_head.stride(1), per_head.stride(2), **meta)
+    _relevance_fwd_kernel[grid](
+        u,
+        V,
+        per_head,
+        P,
+        H,
+        T,
+        dh,
+        u.stride(0),
+        u.stride(1),
+        u.stride(2),
+        V.stride(0),
+        V.stride(1),
+        V.stride(2),
+        per_head.stride(0),
+        per_head.stride(1),
+        per_head.stride(2),
+        **meta,
+    )
     return per_head.sum(dim=2) / (H * T)
 
 
@@ -198,7 +267,26 @@ def fused_backward(u: torch.Tensor, V: torch.Tensor, grad: torch.Tensor, precisi
     scaled = (grad / (H * T)).contiguous()
     du = torch.empty_like(u)
     grid = (B * P * H, triton.cdiv(T, meta["BLOCK_I"]))
-    _relevance_bwd_kernel[grid](u, V, scaled, du, P, H, T, dh, u.stride(0), u.stride(1), u.stride(2),
-                                V.stride(0), V.stride(1), V.stride(2), scaled.stride(0), scaled.stride(1),
-                                du.stride(0), du.stride(1), du.stride(2), **meta)
+    _relevance_bwd_kernel[grid](
+        u,
+        V,
+        scaled,
+        du,
+        P,
+        H,
+        T,
+        dh,
+        u.stride(0),
+        u.stride(1),
+        u.stride(2),
+        V.stride(0),
+        V.stride(1),
+        V.stride(2),
+        scaled.stride(0),
+        scaled.stride(1),
+        du.stride(0),
+        du.stride(1),
+        du.stride(2),
+        **meta,
+    )
     return du

@@ -5,6 +5,7 @@ The pipeline behind ``scripts/create_masked_dataset.py`` (the CLI; its docstring
 input and the output folder before any image is read, then computes the missing shards
 (:func:`process_shards`, resumable) and merges them into ``captions.pt`` with a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,41 @@ from datasets.anns import AnnotationError, clip_bbox, load_anns
 from datasets.captions import ImageMasks, encode_mask, save_captions
 from datasets.images import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
 from utils.errors import SoIRError
-from utils.files import (FolderLock, atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text,
-                         check_identity, claim_folder, remove_own_files)
-from utils.mask_models import (SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector,
-                               SamArchitecture, SamSegmenter, infer_sam_model_type, load_sam)
+from utils.files import (
+    FolderLock,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_identity,
+    claim_folder,
+    remove_own_files,
+)
+from utils.mask_models import (
+    SAM_ARCHITECTURES,
+    DetectionOptions,
+    ModelLoadError,
+    Owlv2Detector,
+    SamArchitecture,
+    SamSegmenter,
+    infer_sam_model_type,
+    load_sam,
+)
 from utils.processes import worker_init_fn
 
 # Pipeline order, for the summary.
-STAGES = ("load_models", "load", "owlv2_preprocess", "owlv2", "sam_embed", "sam_decode", "sam_automatic", "rle",
-          "preview", "write")
+STAGES = (
+    "load_models",
+    "load",
+    "owlv2_preprocess",
+    "owlv2",
+    "sam_embed",
+    "sam_decode",
+    "sam_automatic",
+    "rle",
+    "preview",
+    "write",
+)
 SHARD_FORMAT = "soir-mask-shard-v1"
 _LISTED = 20  # failed images printed in the summary; all of them go to failed_images.txt
 
@@ -49,14 +76,17 @@ class RunError(SoIRError):
 
 
 # What a run writes into --output_dir (and so what --overwrite may delete), by folder.
-OWN_FILES = {".": ("run_config.json", "captions.pt", "summary.json", "failed_images.txt", ".*.tmp"),
-             "shards": ("shard_*.pt", ".shard_*.tmp"),
-             "preview": ("[0-9][0-9][0-9][0-9][0-9][0-9]_*.png", ".[0-9]*.tmp")}
+OWN_FILES = {
+    ".": ("run_config.json", "captions.pt", "summary.json", "failed_images.txt", ".*.tmp"),
+    "shards": ("shard_*.pt", ".shard_*.tmp"),
+    "preview": ("[0-9][0-9][0-9][0-9][0-9][0-9]_*.png", ".[0-9]*.tmp"),
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # What to process
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -85,8 +115,9 @@ def gallery_items(input_dir: Path, absolute_keys: bool, exclude: Path | None = N
     return sorted(items, key=lambda item: item.key)
 
 
-def query_items(anns_file: Path, galleries_dir: Path | None, queries_dir: Path | None
-                ) -> tuple[list[WorkItem], list[str]]:
+def query_items(
+    anns_file: Path, galleries_dir: Path | None, queries_dir: Path | None
+) -> tuple[list[WorkItem], list[str]]:
     """The queries of ``anns.pt`` with their bboxes -> (items, keys of queries without a bbox)."""
     try:
         anns = load_anns(anns_file, galleries_dir=galleries_dir, queries_dir=queries_dir)
@@ -102,9 +133,9 @@ class LoadedImage:
     """What a DataLoader worker hands to the GPU loop for one item."""
 
     index: int
-    image: np.ndarray | None = None          # [H, W, 3] uint8 RGB
+    image: np.ndarray | None = None  # [H, W, 3] uint8 RGB
     pixel_values: torch.Tensor | None = None  # [3, S, S] OWLv2 input (gallery mode)
-    error: str | None = None                  # why the image could not be used
+    error: str | None = None  # why the image could not be used
     seconds: dict[str, float] = field(default_factory=dict)  # load / owlv2_preprocess
 
 
@@ -144,6 +175,7 @@ def _as_list(batch: list[LoadedImage]) -> list[LoadedImage]:
 # Output folder: run config, shards
 # ----------------------------------------------------------------------------------------------
 
+
 def items_digest(items: Sequence[WorkItem]) -> str:
     """sha256 of the ordered (key, file, box) list: a resumed run must see the same images."""
     digest = hashlib.sha256()
@@ -167,12 +199,18 @@ def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
         return 0
     if not config_file.is_file():
         if shards:
-            raise RunError(f"'{output_dir}' holds {len(shards)} shards but no run_config.json; "
-                           "use a new --output_dir or --overwrite")
+            raise RunError(
+                f"'{output_dir}' holds {len(shards)} shards but no run_config.json; "
+                "use a new --output_dir or --overwrite"
+            )
         return 0
-    check_identity(config_file, config, "masks",
-                   fix="rerun with the same options to resume, or use a new --output_dir, or --overwrite to discard it",
-                   save=False)   # written once the models have loaded and work starts
+    check_identity(
+        config_file,
+        config,
+        "masks",
+        fix="rerun with the same options to resume, or use a new --output_dir, or --overwrite to discard it",
+        save=False,
+    )  # written once the models have loaded and work starts
     return len(shards)
 
 
@@ -185,17 +223,22 @@ def read_shard(path: Path, keys: Sequence[str]) -> dict:
     try:
         shard = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or overwritten: torch raises many types, all mean "damaged"
-        raise RunError(f"shard '{path}' is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                       "delete it and rerun the same command, which computes it again") from None
+        raise RunError(
+            f"shard '{path}' is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "delete it and rerun the same command, which computes it again"
+        ) from None
     if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT or shard.get("keys") != list(keys):
-        raise RunError(f"shard '{path}' does not belong to this run (other images or format); "
-                       "use --overwrite or a new --output_dir")
+        raise RunError(
+            f"shard '{path}' does not belong to this run (other images or format); "
+            "use --overwrite or a new --output_dir"
+        )
     return shard
 
 
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
+
 
 class StageTimer:
     """Seconds per stage; waits for the GPU at stage ends so the time lands on the right stage."""
@@ -218,8 +261,15 @@ class StageTimer:
 # Masks of one image
 # ----------------------------------------------------------------------------------------------
 
-def masks_for_image(segmenter: SamSegmenter, image: np.ndarray, boxes: torch.Tensor, scores: torch.Tensor,
-                    timer: StageTimer, fallback: str = "none") -> tuple[ImageMasks, torch.Tensor, int]:
+
+def masks_for_image(
+    segmenter: SamSegmenter,
+    image: np.ndarray,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    timer: StageTimer,
+    fallback: str = "none",
+) -> tuple[ImageMasks, torch.Tensor, int]:
     """SAM masks for ``boxes`` [K, 4] of ``image`` [H, W, 3] -> (ImageMasks, masks [K', H, W], dropped).
 
     No boxes: with ``fallback="automatic"`` SAM's automatic mask generator finds the masks (the
@@ -240,9 +290,11 @@ def masks_for_image(segmenter: SamSegmenter, image: np.ndarray, boxes: torch.Ten
     keep = masks.flatten(1).any(dim=1)
     masks, boxes, scores = masks[keep], boxes[keep], scores[keep]
     with timer.stage("rle"):
-        entry = ImageMasks(masks_rle=[encode_mask(m) for m in masks.numpy()],
-                           bboxes=[[float(v) for v in box] for box in boxes.tolist()],
-                           scores=[float(s) for s in scores.tolist()])
+        entry = ImageMasks(
+            masks_rle=[encode_mask(m) for m in masks.numpy()],
+            bboxes=[[float(v) for v in box] for box in boxes.tolist()],
+            scores=[float(s) for s in scores.tolist()],
+        )
     return entry, masks, int((~keep).sum())
 
 
@@ -257,8 +309,8 @@ def prompt_box(item: WorkItem, image_size: tuple[int, int]) -> torch.Tensor:
 # Preview
 # ----------------------------------------------------------------------------------------------
 
-def write_preview(path: Path, image: np.ndarray, masks: torch.Tensor, entry: ImageMasks,
-                  max_side: int = 1024) -> None:
+
+def write_preview(path: Path, image: np.ndarray, masks: torch.Tensor, entry: ImageMasks, max_side: int = 1024) -> None:
     """PNG of ``image`` with translucent masks, their boxes and scores, at most ``max_side`` px."""
     from torchvision.transforms.functional import resize
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -272,8 +324,13 @@ def write_preview(path: Path, image: np.ndarray, masks: torch.Tensor, entry: Ima
         colors = [tuple(int(c) for c in np.random.default_rng(i).integers(64, 256, 3)) for i in range(len(entry))]
         canvas = draw_segmentation_masks(canvas, small, alpha=0.45, colors=colors)
         boxes = torch.tensor(entry.bboxes) * scale
-        canvas = draw_bounding_boxes(canvas, boxes, labels=[f"{s:.2f}" for s in entry.scores], colors=colors,
-                                     width=max(1, round(max(size) / 400)))
+        canvas = draw_bounding_boxes(
+            canvas,
+            boxes,
+            labels=[f"{s:.2f}" for s in entry.scores],
+            colors=colors,
+            width=max(1, round(max(size) / 400)),
+        )
     preview = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     atomic_write(path, lambda handle: preview.save(handle, format="PNG"))
 
@@ -287,8 +344,15 @@ def preview_name(index: int, key: str) -> str:
 # The run
 # ----------------------------------------------------------------------------------------------
 
-def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argparse.Namespace,
-                   detector: Owlv2Detector | None, segmenter: SamSegmenter, timer: StageTimer) -> dict:
+
+def process_shards(
+    items: Sequence[WorkItem],
+    pending: Sequence[int],
+    args: argparse.Namespace,
+    detector: Owlv2Detector | None,
+    segmenter: SamSegmenter,
+    timer: StageTimer,
+) -> dict:
     """Compute and write the ``pending`` shards; returns this run's counters.
 
     Batches never cross a shard boundary, so a resumed run batches each shard exactly as an
@@ -296,11 +360,19 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
     """
     out, size = args.output_dir, args.shard_size
     shard_ranges = {s: range(s * size, min((s + 1) * size, len(items))) for s in pending}
-    batches = [(s, list(r[i: i + args.batch_size])) for s, r in shard_ranges.items()
-               for i in range(0, len(r), args.batch_size)]
+    batches = [
+        (s, list(r[i : i + args.batch_size]))
+        for s, r in shard_ranges.items()
+        for i in range(0, len(r), args.batch_size)
+    ]
     dataset = ImageItems(items, detector.preprocess if detector is not None else None)
-    loader = DataLoader(dataset, batch_sampler=[b for _, b in batches], collate_fn=_as_list,
-                        num_workers=args.num_workers, worker_init_fn=worker_init_fn() if args.num_workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[b for _, b in batches],
+        collate_fn=_as_list,
+        num_workers=args.num_workers,
+        worker_init_fn=worker_init_fn() if args.num_workers else None,
+    )
     preview_dir = out / "preview"
     previews_left = max(0, args.preview - len(list(preview_dir.glob("*.png")))) if args.preview else 0
     stats = Counter()
@@ -321,8 +393,9 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
                 tqdm.write(f"skipped: {record.error}", file=sys.stderr)
         if detector is not None and good:
             with timer.stage("owlv2"):
-                detections = detector.detect(torch.stack([r.pixel_values for r in good]),
-                                             [r.image.shape[:2] for r in good])
+                detections = detector.detect(
+                    torch.stack([r.pixel_values for r in good]), [r.image.shape[:2] for r in good]
+                )
         else:
             detections = [None] * len(good)
         for record, detection in zip(good, detections):
@@ -330,7 +403,7 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
             if detection is None:  # queries mode: the annotated box, score 1 (given, not predicted)
                 try:
                     detection = (prompt_box(item, record.image.shape[:2]), torch.ones(1))
-                except AnnotationError as err:      # names the image
+                except AnnotationError as err:  # names the image
                     failed[item.key] = str(err)
                     tqdm.write(f"skipped: {failed[item.key]}", file=sys.stderr)
                     continue
@@ -351,22 +424,28 @@ def process_shards(items: Sequence[WorkItem], pending: Sequence[int], args: argp
         if batch[-1].index == shard_ranges[shard][-1]:  # last batch of the shard: write it
             keys = [items[i].key for i in shard_ranges[shard]]
             with timer.stage("write"):
-                atomic_torch_save({"format": SHARD_FORMAT, "keys": keys,
-                                   "captions": {k: results.pop(k) for k in keys if k in results},
-                                   "failed": {k: failed[k] for k in keys if k in failed},
-                                   "mask_area": {k: areas.pop(k) for k in keys if k in areas}},
-                                  shard_path(out, shard))
+                atomic_torch_save(
+                    {
+                        "format": SHARD_FORMAT,
+                        "keys": keys,
+                        "captions": {k: results.pop(k) for k in keys if k in results},
+                        "failed": {k: failed[k] for k in keys if k in failed},
+                        "mask_area": {k: areas.pop(k) for k in keys if k in areas},
+                    },
+                    shard_path(out, shard),
+                )
             stats["shards"] += 1
     bar.close()
     return dict(stats)
 
 
-def merge_shards(items: Sequence[WorkItem], output_dir: Path, shard_size: int
-                 ) -> tuple[dict[str, dict], dict[str, str], list[float]]:
+def merge_shards(
+    items: Sequence[WorkItem], output_dir: Path, shard_size: int
+) -> tuple[dict[str, dict], dict[str, str], list[float]]:
     """All shards in item order -> (captions {key: entry}, failed {key: reason}, mask area shares)."""
     captions, failed, areas = {}, {}, []
     for shard in range(math.ceil(len(items) / shard_size)):
-        keys = [item.key for item in items[shard * shard_size: (shard + 1) * shard_size]]
+        keys = [item.key for item in items[shard * shard_size : (shard + 1) * shard_size]]
         content = read_shard(shard_path(output_dir, shard), keys)
         captions.update(content["captions"])
         failed.update(content["failed"])
@@ -374,8 +453,15 @@ def merge_shards(items: Sequence[WorkItem], output_dir: Path, shard_size: int
     return captions, failed, areas
 
 
-def summarize(captions: dict[str, dict], failed: dict[str, str], areas: Sequence[float],
-              skipped_no_bbox: Sequence[str], run_stats: dict, timer: StageTimer, elapsed: float) -> dict:
+def summarize(
+    captions: dict[str, dict],
+    failed: dict[str, str],
+    areas: Sequence[float],
+    skipped_no_bbox: Sequence[str],
+    run_stats: dict,
+    timer: StageTimer,
+    elapsed: float,
+) -> dict:
     """Numbers a user checks in the morning (see README): counts, objects/image, mask area, time."""
     per_image = Counter(len(entry["masks_rle"]) for entry in captions.values())
     per_image_stages = {k: v for k, v in timer.seconds.items() if k != "load_models"}
@@ -398,36 +484,45 @@ def summarize(captions: dict[str, dict], failed: dict[str, str], areas: Sequence
         "stage_seconds_this_run": {k: round(timer.seconds[k], 4) for k in STAGES if k in timer.seconds},
         # Share of the per-image work (model loading excluded). With --num_workers > 0, load and
         # owlv2_preprocess are summed over the workers and overlap the model stages.
-        "stage_share_this_run": {k: round(per_image_stages[k] / stage_total, 4)
-                                 for k in STAGES if k in per_image_stages},
+        "stage_share_this_run": {
+            k: round(per_image_stages[k] / stage_total, 4) for k in STAGES if k in per_image_stages
+        },
     }
 
 
 def print_summary(summary: dict, failed: dict[str, str], skipped_no_bbox: Sequence[str], output_dir: Path) -> None:
-    lines = [f"images               {summary['images']} ({summary['processed_this_run']} processed in this run)",
-             f"  with masks         {summary['images_with_masks']} "
-             f"(of which {summary['images_without_detections']} have no detections: empty lists)",
-             f"  unreadable/failed  {summary['failed_images']}"
-             + (f" (all in {output_dir / 'failed_images.txt'})" if failed else "")]
+    lines = [
+        f"images               {summary['images']} ({summary['processed_this_run']} processed in this run)",
+        f"  with masks         {summary['images_with_masks']} "
+        f"(of which {summary['images_without_detections']} have no detections: empty lists)",
+        f"  unreadable/failed  {summary['failed_images']}"
+        + (f" (all in {output_dir / 'failed_images.txt'})" if failed else ""),
+    ]
     lines += [f"    {key}: {reason}" for key, reason in list(failed.items())[:_LISTED]]
     if len(failed) > _LISTED:
         lines.append(f"    ... and {len(failed) - _LISTED} more")
     if skipped_no_bbox:
-        lines.append(f"  queries without bbox, not masked: {len(skipped_no_bbox)} "
-                     f"(e.g. {list(skipped_no_bbox)[:5]})")
+        lines.append(f"  queries without bbox, not masked: {len(skipped_no_bbox)} (e.g. {list(skipped_no_bbox)[:5]})")
     histogram = " | ".join(f"{k}: {v}" for k, v in summary["objects_per_image"].items())
-    lines += [f"objects              {summary['objects']}, mean mask area "
-              f"{summary['mean_mask_area_percent']:.2f} % of the image",
-              f"objects per image    {histogram or '-'}"]
+    lines += [
+        f"objects              {summary['objects']}, mean mask area "
+        f"{summary['mean_mask_area_percent']:.2f} % of the image",
+        f"objects per image    {histogram or '-'}",
+    ]
     if summary["automatic_fallback_this_run"]:
-        lines.append(f"no detection, SAM automatic masks instead (--fallback automatic): "
-                     f"{summary['automatic_fallback_this_run']} images")
+        lines.append(
+            f"no detection, SAM automatic masks instead (--fallback automatic): "
+            f"{summary['automatic_fallback_this_run']} images"
+        )
     if summary["empty_masks_dropped_this_run"]:
         lines.append(f"empty SAM masks dropped (with their boxes): {summary['empty_masks_dropped_this_run']}")
     shares = " | ".join(f"{k} {100 * v:.0f}%" for k, v in summary["stage_share_this_run"].items())
     rate = summary["images_per_second_this_run"]
-    lines.append(f"time                 {summary['seconds_this_run']:.1f} s"
-                 + (f", {rate:.3g} images/s" if rate else "") + (f" ({shares})" if shares else ""))
+    lines.append(
+        f"time                 {summary['seconds_this_run']:.1f} s"
+        + (f", {rate:.3g} images/s" if rate else "")
+        + (f" ({shares})" if shares else "")
+    )
     print("\n".join(lines))
 
 
@@ -437,8 +532,10 @@ def resolve_sam_type(args: argparse.Namespace) -> tuple[str, dict]:
         return f"custom:{args.sam_config.name}", dataclasses.asdict(SamArchitecture.from_json(args.sam_config))
     model_type = args.sam_model_type or infer_sam_model_type(args.sam_checkpoint)
     if model_type is None:
-        raise ModelLoadError(f"cannot tell the SAM type from the file name '{args.sam_checkpoint.name}'; "
-                             f"pass --sam_model_type ({' | '.join(SAM_ARCHITECTURES)})")
+        raise ModelLoadError(
+            f"cannot tell the SAM type from the file name '{args.sam_checkpoint.name}'; "
+            f"pass --sam_model_type ({' | '.join(SAM_ARCHITECTURES)})"
+        )
     return model_type, dataclasses.asdict(SAM_ARCHITECTURES[model_type])
 
 
@@ -451,36 +548,63 @@ def run(args: argparse.Namespace) -> dict:
         raise RunError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if args.anns_file is not None:
         items, skipped_no_bbox = query_items(args.anns_file, args.galleries_dir, args.queries_dir)
-        source = {"mode": "queries", "anns_file": str(args.anns_file.resolve()),
-                  "galleries_dir": str(args.galleries_dir), "queries_dir": str(args.queries_dir)}
+        source = {
+            "mode": "queries",
+            "anns_file": str(args.anns_file.resolve()),
+            "galleries_dir": str(args.galleries_dir),
+            "queries_dir": str(args.queries_dir),
+        }
     else:
         if not args.input_dir.is_dir():
             raise RunError(f"--input_dir '{args.input_dir}' is not a folder")
         if args.input_dir.resolve().is_relative_to(output_dir.resolve()):
-            raise RunError(f"--output_dir '{output_dir}' contains --input_dir '{args.input_dir}'; choose an "
-                           "output folder outside the images (a new folder, or one inside --input_dir)")
+            raise RunError(
+                f"--output_dir '{output_dir}' contains --input_dir '{args.input_dir}'; choose an "
+                "output folder outside the images (a new folder, or one inside --input_dir)"
+            )
         items, skipped_no_bbox = gallery_items(args.input_dir, args.absolute_keys, exclude=output_dir), []
-        source = {"mode": "detect", "input_dir": str(args.input_dir.resolve()), "absolute_keys": args.absolute_keys,
-                  "owlv2_model": args.owlv2_model, "queries": list(args.queries or []),
-                  "score_threshold": args.score_threshold, "nms_iou": args.nms_iou,
-                  "max_objects": args.max_objects, "min_box_size": args.min_box_size, "fallback": args.fallback,
-                  "automatic_thresholds": [args.automatic_pred_iou_thresh, args.automatic_stability_thresh],
-                  "exact_owlv2_resize": args.exact_owlv2_resize}
+        source = {
+            "mode": "detect",
+            "input_dir": str(args.input_dir.resolve()),
+            "absolute_keys": args.absolute_keys,
+            "owlv2_model": args.owlv2_model,
+            "queries": list(args.queries or []),
+            "score_threshold": args.score_threshold,
+            "nms_iou": args.nms_iou,
+            "max_objects": args.max_objects,
+            "min_box_size": args.min_box_size,
+            "fallback": args.fallback,
+            "automatic_thresholds": [args.automatic_pred_iou_thresh, args.automatic_stability_thresh],
+            "exact_owlv2_resize": args.exact_owlv2_resize,
+        }
     if not items:
-        raise RunError(f"no images to process in {args.anns_file or args.input_dir} "
-                       f"(extensions {sorted(IMAGE_EXTENSIONS)})")
+        raise RunError(
+            f"no images to process in {args.anns_file or args.input_dir} (extensions {sorted(IMAGE_EXTENSIONS)})"
+        )
     sam_type, sam_arch = resolve_sam_type(args)
-    config = {**source, "sam_checkpoint": str(args.sam_checkpoint.resolve()), "sam_model_type": sam_type,
-              "sam_architecture": sam_arch, "shard_size": args.shard_size,
-              "num_images": len(items), "images_sha256": items_digest(items)}
+    config = {
+        **source,
+        "sam_checkpoint": str(args.sam_checkpoint.resolve()),
+        "sam_model_type": sam_type,
+        "sam_architecture": sam_arch,
+        "shard_size": args.shard_size,
+        "num_images": len(items),
+        "images_sha256": items_digest(items),
+    }
     config = json.loads(json.dumps(config))  # as run_config.json will read back (tuples -> lists)
     claim_folder(output_dir, "masks")
     with FolderLock(output_dir):
         return _run_locked(args, items, skipped_no_bbox, config, device, start)
 
 
-def _run_locked(args: argparse.Namespace, items: list[WorkItem], skipped_no_bbox: list[str], config: dict,
-                device: torch.device, start: float) -> dict:
+def _run_locked(
+    args: argparse.Namespace,
+    items: list[WorkItem],
+    skipped_no_bbox: list[str],
+    config: dict,
+    device: torch.device,
+    start: float,
+) -> dict:
     """The part of :func:`run` that writes, holding the output folder's lock."""
     output_dir: Path = args.output_dir
     done = check_run_config(output_dir, config, args.overwrite)
@@ -495,21 +619,29 @@ def _run_locked(args: argparse.Namespace, items: list[WorkItem], skipped_no_bbox
     run_stats: dict = {}
     if pending:
         with timer.stage("load_models"):
-            sam, _ = load_sam(args.sam_checkpoint, model_type=args.sam_model_type, sam_config=args.sam_config,
-                              device=device)
+            sam, _ = load_sam(
+                args.sam_checkpoint, model_type=args.sam_model_type, sam_config=args.sam_config, device=device
+            )
             detector = None
             if args.anns_file is None:
                 options = DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
-                detector = Owlv2Detector.from_pretrained(args.owlv2_model, options, queries=args.queries or (),
-                                                         device=device, exact_resize=args.exact_owlv2_resize)
+                detector = Owlv2Detector.from_pretrained(
+                    args.owlv2_model,
+                    options,
+                    queries=args.queries or (),
+                    device=device,
+                    exact_resize=args.exact_owlv2_resize,
+                )
         atomic_write_json(output_dir / "run_config.json", config)
         segmenter = SamSegmenter(sam, args.automatic_pred_iou_thresh, args.automatic_stability_thresh)
         run_stats = process_shards(items, pending, args, detector, segmenter, timer)
 
     remaining = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
     if remaining:
-        print(f"stopped after --max_shards {args.max_shards}: {num_shards - len(remaining)} of {num_shards} "
-              "shards done; run the same command again to continue")
+        print(
+            f"stopped after --max_shards {args.max_shards}: {num_shards - len(remaining)} of {num_shards} "
+            "shards done; run the same command again to continue"
+        )
         return {"shards_done": num_shards - len(remaining), "shards": num_shards, **run_stats}
     captions, failed, areas = merge_shards(items, output_dir, args.shard_size)
     save_captions(captions, output_dir / "captions.pt")

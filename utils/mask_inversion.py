@@ -24,6 +24,7 @@ Edge cases (all finite):
     * a constant map (no positive gradient anywhere) is all zeros; its Dice gradient is zero, so
       only the alpha term moves e.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,9 @@ def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1e-6) / (E.sum(dim=(-2, -1)) + m.sum(dim=(-2, -1)) + 1e-6)
 
 
-def global_embedding(model: nn.Module, pixel_values: torch.Tensor,
-                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+def global_embedding(
+    model: nn.Module, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None = None
+) -> torch.Tensor:
     """The model's own global embedding, normalised, [B, D_out].
 
     DINOv2 / DINOv2-reg / DINOv3: pooler_output (layer-normed CLS); SigLIP / SigLIP2: pooler_output
@@ -68,8 +70,14 @@ def global_embedding(model: nn.Module, pixel_values: torch.Tensor,
     return F.normalize(parts.global_embedding(output), dim=-1)
 
 
-def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.Tensor,
-               layer_index: int = -1, joint: bool = False, spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
+def legrad_map(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    embeddings: torch.Tensor,
+    layer_index: int = -1,
+    joint: bool = False,
+    spatial_shapes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LeGrad explainability maps of ``embeddings`` on the images (patch tokens only; see
     utils/vit_adapters.py for which tokens each family has).
 
@@ -86,8 +94,9 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
         batch's largest grid x patch size, image b's map in its top-left h_b p x w_b p pixels, 0 elsewhere.
     """
     if embeddings.ndim != 3 or embeddings.shape[0] != pixel_values.shape[0]:
-        raise ValueError(f"embeddings must be [B, P, D] with B = {pixel_values.shape[0]} images, got "
-                         f"shape {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"embeddings must be [B, P, D] with B = {pixel_values.shape[0]} images, got shape {tuple(embeddings.shape)}"
+        )
     parts = vit_parts(model)
     with _eval_mode(parts.model):
         legrad = LeGrad(parts, pixel_values, layer_index, spatial_shapes=spatial_shapes)
@@ -95,11 +104,23 @@ def legrad_map(model: nn.Module, pixel_values: torch.Tensor, embeddings: torch.T
             return legrad.maps(F.normalize(embeddings.to(legrad.g), dim=-1), joint=joint)
 
 
-def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, alpha: float = 0.03,
-                   iterations: int = 100, lr: float = 0.1, layer_index: int = -1, beta: float = 0.0,
-                   return_history: bool = False, impl: str = "auto", precision: str = "fp32",
-                   cuda_graph: bool = False, joint_norm: bool = False, shared: bool = False,
-                   spatial_shapes: torch.Tensor | None = None):
+def mask_inversion(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    masks: torch.Tensor,
+    alpha: float = 0.03,
+    iterations: int = 100,
+    lr: float = 0.1,
+    layer_index: int = -1,
+    beta: float = 0.0,
+    return_history: bool = False,
+    impl: str = "auto",
+    precision: str = "fp32",
+    cuda_graph: bool = False,
+    joint_norm: bool = False,
+    shared: bool = False,
+    spatial_shapes: torch.Tensor | None = None,
+):
     """Mask Inversion embeddings of P masks per image.
 
     Args:
@@ -147,7 +168,7 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
         RuntimeError: called under torch.inference_mode (MI needs autograd for e).
     """
     parts = vit_parts(model)
-    grids = parts.patch_grids(pixel_values, spatial_shapes)              # checks pixel_values' shape
+    grids = parts.patch_grids(pixel_values, spatial_shapes)  # checks pixel_values' shape
     if masks.ndim != 4:
         raise ValueError(f"masks must be [B, P, H, W], got shape {tuple(masks.shape)}")
     if masks.shape[0] != pixel_values.shape[0]:
@@ -161,33 +182,34 @@ def mask_inversion(model: nn.Module, pixel_values: torch.Tensor, masks: torch.Te
     if cuda_graph and pixel_values.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors, got pixel_values on {pixel_values.device}")
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("mask_inversion needs autograd for the embeddings; do not call it under "
-                           "torch.inference_mode()")
-    resolve_impl(impl, precision, pixel_values.device)        # refuse before the forward pass
+        raise RuntimeError(
+            "mask_inversion needs autograd for the embeddings; do not call it under torch.inference_mode()"
+        )
+    resolve_impl(impl, precision, pixel_values.device)  # refuse before the forward pass
     if parts.naflex:
         _check_canvas(masks, grids * parts.patch_size)
 
     with _eval_mode(parts.model):
-        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision,
-                        spatial_shapes=spatial_shapes)
+        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision, spatial_shapes=spatial_shapes)
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
-    g_unit = F.normalize(legrad.g, dim=-1)[:, None]                      # [B, 1, D]
+    g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
     vectors = 1 if shared else P
     raw = legrad.g[:, None].expand(B, vectors, -1).clone().requires_grad_(True)
     on_cuda = raw.device.type == "cuda"
-    optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None,
-                                  capturable=cuda_graph)
+    optimizer = torch.optim.AdamW(
+        [raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None, capturable=cuda_graph
+    )
     if legrad.impl == "dense":
         dice_of = lambda e: dice_loss(legrad.maps(e, size=target.shape[-2:], joint=joint_norm), target)  # noqa: E731
     else:
         map_dice = MapDice(legrad, target, joint=joint_norm)
-        dice_of = lambda e: map_dice(legrad.patch_relevance(e))                        # noqa: E731
+        dice_of = lambda e: map_dice(legrad.patch_relevance(e))  # noqa: E731
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         """One AdamW step on the summed loss; returns (loss, dice) [B, P] before the step."""
         e = F.normalize(raw, dim=-1)
-        dice = dice_of(e)                                                 # [B, P] (a shared e: one map, P masks)
+        dice = dice_of(e)  # [B, P] (a shared e: one map, P masks)
         if shared:
             dice = dice.mean(dim=1, keepdim=True)
         loss = dice + alpha * (1 - (e * g_unit).sum(-1))
@@ -218,15 +240,20 @@ def _check_canvas(masks: torch.Tensor, regions: torch.Tensor) -> None:
     """NaFlex: image b's masks must fit its region (rows, columns) [B, 2] of the canvas and be 0 outside it."""
     for b, (rows, cols) in enumerate(regions.tolist()):
         if rows > masks.shape[-2] or cols > masks.shape[-1]:
-            raise ValueError(f"masks of size {tuple(masks.shape[-2:])} cannot hold image {b}'s {rows} x {cols} "
-                             f"pixel grid (NaFlex masks live at each image's own resolution, padded to a canvas)")
+            raise ValueError(
+                f"masks of size {tuple(masks.shape[-2:])} cannot hold image {b}'s {rows} x {cols} "
+                f"pixel grid (NaFlex masks live at each image's own resolution, padded to a canvas)"
+            )
         if masks[b, :, rows:].any() or masks[b, :, :, cols:].any():
-            raise ValueError(f"image {b}'s masks are non-zero outside its {rows} x {cols} region of the canvas "
-                             f"(NaFlex: place each image's masks top-left at its own resolution)")
+            raise ValueError(
+                f"image {b}'s masks are non-zero outside its {rows} x {cols} region of the canvas "
+                f"(NaFlex: place each image's masks top-left at its own resolution)"
+            )
 
 
-def _replay_in_cuda_graph(step, iterations: int, raw: torch.Tensor, optimizer: torch.optim.Optimizer,
-                          history: torch.Tensor | None) -> None:
+def _replay_in_cuda_graph(
+    step, iterations: int, raw: torch.Tensor, optimizer: torch.optim.Optimizer, history: torch.Tensor | None
+) -> None:
     """Run ``iterations`` x ``step`` as replays of one captured CUDA graph (same updates as eager).
 
     Two warm-up steps on a side stream initialise cuBLAS, Triton and AdamW's state (as the capture
@@ -245,7 +272,7 @@ def _replay_in_cuda_graph(step, iterations: int, raw: torch.Tensor, optimizer: t
         raw.copy_(start)
         for state in optimizer.state.values():
             for value in state.values():
-                value.zero_()                               # step, exp_avg, exp_avg_sq: AdamW's initial state
+                value.zero_()  # step, exp_avg, exp_avg_sq: AdamW's initial state
     optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

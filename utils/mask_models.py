@@ -12,6 +12,7 @@ SAM model types are data (:data:`SAM_ARCHITECTURES`, a :class:`SamArchitecture` 
 mirroring ``segment_anything.build_sam``); a custom or tiny SAM is described by a JSON file of
 :class:`SamArchitecture` fields (``--sam_config``) and built by the same :func:`build_sam`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class ModelLoadError(SoIRError):
 # OWLv2 detection
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DetectionOptions:
     """Which OWLv2 boxes become SAM prompts (all sizes in original-image pixels).
@@ -49,10 +51,10 @@ class DetectionOptions:
     detected objects per image on average).
     """
 
-    score_threshold: float = 0.2   # keep boxes with score > threshold (objectness or query score)
-    nms_iou: float = 0.4           # suppress a box overlapping a higher-scored one by more (IoU)
+    score_threshold: float = 0.2  # keep boxes with score > threshold (objectness or query score)
+    nms_iou: float = 0.4  # suppress a box overlapping a higher-scored one by more (IoU)
     max_objects: int | None = None  # keep the top-scored boxes after NMS (None: all)
-    min_box_size: float = 0.0      # drop boxes whose width or height (after clipping) is smaller
+    min_box_size: float = 0.0  # drop boxes whose width or height (after clipping) is smaller
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -65,8 +67,9 @@ class DetectionOptions:
             raise ValueError(f"min_box_size must be >= 0, got {self.min_box_size}")
 
 
-def filter_detections(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int],
-                      options: DetectionOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def filter_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int], options: DetectionOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip, size-filter, NMS and cap the detections of one image.
 
     Args:
@@ -109,8 +112,9 @@ class Owlv2Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if not self.exact and max(image.size) > self.side:
             scale = self.side / max(image.size)
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.BILINEAR)
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+            )
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
@@ -122,8 +126,16 @@ class Owlv2Detector:
     text-query probability, as in ``Owlv2Processor.post_process_grounded_object_detection``.
     """
 
-    def __init__(self, model, image_processor, options: DetectionOptions, queries: Sequence[str] = (),
-                 tokenizer=None, device: str | torch.device = "cpu", exact_resize: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        image_processor,
+        options: DetectionOptions,
+        queries: Sequence[str] = (),
+        tokenizer=None,
+        device: str | torch.device = "cpu",
+        exact_resize: bool = False,
+    ) -> None:
         self.model = model.eval().to(device)
         self.image_processor = image_processor
         self.preprocess = Owlv2Preprocess(image_processor, exact=exact_resize)
@@ -135,12 +147,17 @@ class Owlv2Detector:
             if tokenizer is None:
                 raise ValueError("text queries need the OWLv2 tokenizer")
             # Same padding as Owlv2Processor: every query padded to the text model's length.
-            self.text_inputs = tokenizer(list(self.queries), padding="max_length", truncation=True,
-                                         return_tensors="pt")
+            self.text_inputs = tokenizer(list(self.queries), padding="max_length", truncation=True, return_tensors="pt")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, options: DetectionOptions, queries: Sequence[str] = (),
-                        device: str | torch.device = "cpu", exact_resize: bool = False) -> "Owlv2Detector":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        options: DetectionOptions,
+        queries: Sequence[str] = (),
+        device: str | torch.device = "cpu",
+        exact_resize: bool = False,
+    ) -> "Owlv2Detector":
         """Load model + image processor (+ tokenizer for queries) from a hub id or a local folder.
 
         Raises:
@@ -159,25 +176,39 @@ class Owlv2Detector:
                 raise ModelLoadError(
                     f"OWLv2 model '{name_or_path}' is not available offline (HF_HUB_OFFLINE=1): it is "
                     "neither a local folder nor in the Hugging Face cache. Download it once with network "
-                    f"access, or pass a local folder to --owlv2_model. ({type(err).__name__}: {err})") from err
-            raise ModelLoadError(f"OWLv2 model '{name_or_path}' could not be loaded: "
-                                 f"{type(err).__name__}: {err}") from err
+                    f"access, or pass a local folder to --owlv2_model. ({type(err).__name__}: {err})"
+                ) from err
+            raise ModelLoadError(
+                f"OWLv2 model '{name_or_path}' could not be loaded: {type(err).__name__}: {err}"
+            ) from err
         if config.model_type != "owlv2":
-            raise ModelLoadError(f"'{name_or_path}' is a '{config.model_type}' model, not OWLv2; use e.g. "
-                                 "google/owlv2-base-patch16-ensemble")
+            raise ModelLoadError(
+                f"'{name_or_path}' is a '{config.model_type}' model, not OWLv2; use e.g. "
+                "google/owlv2-base-patch16-ensemble"
+            )
         try:
             model = Owlv2ForObjectDetection.from_pretrained(name_or_path, **kwargs)
             image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs) if queries else None
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"OWLv2 model '{name_or_path}' could not be loaded "
-                                 f"({'offline, ' if offline else ''}{type(err).__name__}: {err})") from err
-        return cls(model, image_processor, options, queries=queries, tokenizer=tokenizer, device=device,
-                   exact_resize=exact_resize)
+            raise ModelLoadError(
+                f"OWLv2 model '{name_or_path}' could not be loaded "
+                f"({'offline, ' if offline else ''}{type(err).__name__}: {err})"
+            ) from err
+        return cls(
+            model,
+            image_processor,
+            options,
+            queries=queries,
+            tokenizer=tokenizer,
+            device=device,
+            exact_resize=exact_resize,
+        )
 
     @torch.inference_mode()
-    def detect(self, pixel_values: torch.Tensor, image_sizes: Sequence[tuple[int, int]]
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def detect(
+        self, pixel_values: torch.Tensor, image_sizes: Sequence[tuple[int, int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Boxes of a batch.
 
         Args:
@@ -193,9 +224,11 @@ class Owlv2Detector:
         pixel_values = pixel_values.to(self.device)
         batch = pixel_values.shape[0]
         if self.queries:
-            outputs = self.model(input_ids=self.text_inputs["input_ids"].repeat(batch, 1).to(self.device),
-                                 attention_mask=self.text_inputs["attention_mask"].repeat(batch, 1).to(self.device),
-                                 pixel_values=pixel_values)
+            outputs = self.model(
+                input_ids=self.text_inputs["input_ids"].repeat(batch, 1).to(self.device),
+                attention_mask=self.text_inputs["attention_mask"].repeat(batch, 1).to(self.device),
+                pixel_values=pixel_values,
+            )
         else:
             # Class-agnostic: the objectness head, as Owlv2ForObjectDetection.image_guided_detection
             # uses it, with objectness as the single "class" so the processor's own post-processing
@@ -204,17 +237,21 @@ class Owlv2Detector:
             image_feats = feature_map.flatten(1, 2)  # [B, patches, D]
             outputs = Owlv2ObjectDetectionOutput(
                 logits=self.model.objectness_predictor(image_feats)[..., None],
-                pred_boxes=self.model.box_predictor(image_feats, feature_map))
+                pred_boxes=self.model.box_predictor(image_feats, feature_map),
+            )
         results = self.image_processor.post_process_object_detection(
-            outputs, threshold=self.options.score_threshold, target_sizes=[tuple(s) for s in image_sizes])
-        return [tuple(t.float().cpu() for t in filter_detections(r["boxes"], r["scores"], tuple(size),
-                                                                 self.options))
-                for r, size in zip(results, image_sizes)]
+            outputs, threshold=self.options.score_threshold, target_sizes=[tuple(s) for s in image_sizes]
+        )
+        return [
+            tuple(t.float().cpu() for t in filter_detections(r["boxes"], r["scores"], tuple(size), self.options))
+            for r, size in zip(results, image_sizes)
+        ]
 
 
 # ----------------------------------------------------------------------------------------------
 # SAM segmentation
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SamArchitecture:
@@ -246,8 +283,9 @@ class SamArchitecture:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(values, dict) or set(values) - names:
             unknown = sorted(set(values) - names) if isinstance(values, dict) else values
-            raise ModelLoadError(f"SAM config '{path}': expected a JSON object with keys from "
-                                 f"{sorted(names)}; unknown: {unknown}")
+            raise ModelLoadError(
+                f"SAM config '{path}': expected a JSON object with keys from {sorted(names)}; unknown: {unknown}"
+            )
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         except TypeError as err:
@@ -267,20 +305,37 @@ def build_sam(arch: SamArchitecture) -> Sam:
     embedding_size = arch.image_size // arch.patch_size
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=arch.encoder_depth, embed_dim=arch.encoder_embed_dim, img_size=arch.image_size,
-            mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=arch.encoder_num_heads, patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=arch.encoder_global_attn_indexes, window_size=arch.window_size,
-            out_chans=arch.prompt_embed_dim),
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_embed_dim,
+            img_size=arch.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_num_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=arch.encoder_global_attn_indexes,
+            window_size=arch.window_size,
+            out_chans=arch.prompt_embed_dim,
+        ),
         prompt_encoder=PromptEncoder(
-            embed_dim=arch.prompt_embed_dim, image_embedding_size=(embedding_size, embedding_size),
-            input_image_size=(arch.image_size, arch.image_size), mask_in_chans=arch.mask_in_chans),
+            embed_dim=arch.prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(arch.image_size, arch.image_size),
+            mask_in_chans=arch.mask_in_chans,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=arch.decoder_depth, embedding_dim=arch.prompt_embed_dim,
-                                          mlp_dim=arch.decoder_mlp_dim, num_heads=arch.decoder_num_heads),
-            transformer_dim=arch.prompt_embed_dim, iou_head_depth=arch.iou_head_depth,
-            iou_head_hidden_dim=arch.iou_head_hidden_dim),
+            transformer=TwoWayTransformer(
+                depth=arch.decoder_depth,
+                embedding_dim=arch.prompt_embed_dim,
+                mlp_dim=arch.decoder_mlp_dim,
+                num_heads=arch.decoder_num_heads,
+            ),
+            transformer_dim=arch.prompt_embed_dim,
+            iou_head_depth=arch.iou_head_depth,
+            iou_head_hidden_dim=arch.iou_head_hidden_dim,
+        ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     ).eval()
@@ -303,23 +358,31 @@ def read_sam_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The checkpoint's {name: tensor}; raises ModelLoadError if it is missing or not a state dict."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise ModelLoadError(f"SAM checkpoint '{checkpoint}' does not exist (the released checkpoints are "
-                             "sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth, sam_vit_b_01ec64.pth)")
+        raise ModelLoadError(
+            f"SAM checkpoint '{checkpoint}' does not exist (the released checkpoints are "
+            "sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth, sam_vit_b_01ec64.pth)"
+        )
     try:
         state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling fails in many ways; all mean "not a usable checkpoint"
-        raise ModelLoadError(f"SAM checkpoint '{checkpoint}' could not be read as a PyTorch file: "
-                             f"{type(err).__name__}: {err}") from err
-    if (not isinstance(state_dict, Mapping) or not state_dict
-            or not all(isinstance(v, torch.Tensor) for v in state_dict.values())):
+        raise ModelLoadError(
+            f"SAM checkpoint '{checkpoint}' could not be read as a PyTorch file: {type(err).__name__}: {err}"
+        ) from err
+    if (
+        not isinstance(state_dict, Mapping)
+        or not state_dict
+        or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    ):
         keys = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise ModelLoadError(f"SAM checkpoint '{checkpoint}' is not a SAM state dict "
-                             f"({{parameter name: tensor}}); found {keys}")
+        raise ModelLoadError(
+            f"SAM checkpoint '{checkpoint}' is not a SAM state dict ({{parameter name: tensor}}); found {keys}"
+        )
     return dict(state_dict)
 
 
-def check_sam_state_dict(state_dict: Mapping[str, torch.Tensor], arch: SamArchitecture,
-                         model_type: str, checkpoint: str | Path) -> None:
+def check_sam_state_dict(
+    state_dict: Mapping[str, torch.Tensor], arch: SamArchitecture, model_type: str, checkpoint: str | Path
+) -> None:
     """Raise ModelLoadError listing missing, unexpected and wrongly shaped keys, with a hint."""
     expected = sam_state_dict_shapes(arch)
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -327,22 +390,29 @@ def check_sam_state_dict(state_dict: Mapping[str, torch.Tensor], arch: SamArchit
         return
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong_shape = [f"{k}: checkpoint {found[k]} vs model {expected[k]}"
-                   for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    wrong_shape = [
+        f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
     matches = [name for name, other in SAM_ARCHITECTURES.items() if sam_state_dict_shapes(other) == found]
-    hint = (f" The checkpoint matches SAM type '{matches[0]}': pass --sam_model_type {matches[0]}."
-            if matches else "")
+    hint = f" The checkpoint matches SAM type '{matches[0]}': pass --sam_model_type {matches[0]}." if matches else ""
 
     def listed(keys: list[str]) -> str:
         return f"{len(keys)}" + (f" (e.g. {keys[:3]})" if keys else "")
 
     raise ModelLoadError(
         f"SAM checkpoint '{checkpoint}' does not fit SAM type '{model_type}': missing keys {listed(missing)}, "
-        f"unexpected keys {listed(unexpected)}, shape mismatches {listed(wrong_shape)}.{hint}")
+        f"unexpected keys {listed(unexpected)}, shape mismatches {listed(wrong_shape)}.{hint}"
+    )
 
 
-def load_sam(checkpoint: str | Path, model_type: str | None = None, sam_config: str | Path | None = None,
-             device: str | torch.device = "cpu") -> tuple[Sam, str]:
+def load_sam(
+    checkpoint: str | Path,
+    model_type: str | None = None,
+    sam_config: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Sam, str]:
     """Build SAM and load ``checkpoint`` into it, validating first.
 
     The architecture comes from ``sam_config`` (JSON of :class:`SamArchitecture` fields), else
@@ -357,11 +427,15 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, sam_config: 
     else:
         model_type = model_type or infer_sam_model_type(checkpoint)
         if model_type is None:
-            raise ModelLoadError(f"cannot tell the SAM type from the file name '{Path(checkpoint).name}'; "
-                                 f"pass --sam_model_type ({' | '.join(SAM_ARCHITECTURES)})")
+            raise ModelLoadError(
+                f"cannot tell the SAM type from the file name '{Path(checkpoint).name}'; "
+                f"pass --sam_model_type ({' | '.join(SAM_ARCHITECTURES)})"
+            )
         if model_type not in SAM_ARCHITECTURES:
-            raise ModelLoadError(f"unknown SAM type '{model_type}'; known: {list(SAM_ARCHITECTURES)} "
-                                 "(or describe the model with --sam_config)")
+            raise ModelLoadError(
+                f"unknown SAM type '{model_type}'; known: {list(SAM_ARCHITECTURES)} "
+                "(or describe the model with --sam_config)"
+            )
         arch = SAM_ARCHITECTURES[model_type]
     state_dict = read_sam_state_dict(checkpoint)
     check_sam_state_dict(state_dict, arch, model_type, checkpoint)
@@ -398,9 +472,11 @@ class SamSegmenter:
             height, width = self.predictor.original_size
             return torch.zeros((0, height, width), dtype=torch.bool), torch.zeros(0)
         boxes = self.predictor.transform.apply_boxes_torch(
-            boxes.to(self.device, torch.float32), self.predictor.original_size)
-        masks, iou, _ = self.predictor.predict_torch(point_coords=None, point_labels=None, boxes=boxes,
-                                                     multimask_output=False)
+            boxes.to(self.device, torch.float32), self.predictor.original_size
+        )
+        masks, iou, _ = self.predictor.predict_torch(
+            point_coords=None, point_labels=None, boxes=boxes, multimask_output=False
+        )
         return masks[:, 0].cpu(), iou[:, 0].cpu()
 
     @torch.inference_mode()
@@ -412,8 +488,10 @@ class SamSegmenter:
             ``(masks [K, H, W] bool, boxes [K, 4] x1 y1 x2 y2 pixels, predicted IoU [K])`` on the CPU,
             by decreasing predicted IoU.
         """
-        found = sorted(SamAutomaticMaskGenerator(self.predictor.model, **self.automatic_options).generate(image),
-                       key=lambda m: -m["predicted_iou"])
+        found = sorted(
+            SamAutomaticMaskGenerator(self.predictor.model, **self.automatic_options).generate(image),
+            key=lambda m: -m["predicted_iou"],
+        )
         height, width = image.shape[:2]
         if not found:
             return torch.zeros((0, height, width), dtype=torch.bool), torch.zeros(0, 4), torch.zeros(0)

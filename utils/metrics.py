@@ -27,6 +27,7 @@ handful of vectorised comparisons over the gallery (much cheaper than sorting it
 is shared by another item costs one more pass to apply the gallery-index tie-break to its rank. Queries
 with more than MAX_POSITIVES_FOR_COUNTING positives use a stable sort of their gallery row instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -306,8 +307,9 @@ def first_positive_rank(scores: np.ndarray, relevant: np.ndarray, *, chunk_queri
     return per_query_metrics(scores, relevant, chunk_queries=chunk_queries)["first_positive_rank"]
 
 
-def summarize(per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int] = (1, 5, 10),
-              no_positive: str = "error") -> dict:
+def summarize(
+    per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int] = (1, 5, 10), no_positive: str = "error"
+) -> dict:
     """Dataset numbers from (possibly concatenated) :func:`per_query_metrics` arrays.
 
     Returns {"num_queries": Q, "mAP": float, "recall": {"K": hit rate}} plus "precision": {"k": mean P@k} and
@@ -334,12 +336,15 @@ def summarize(per_query: Mapping[str, np.ndarray], recall_ks: int | Sequence[int
             f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''}); they would silently count as misses. "
             "Drop them or fix the ground truth."
         )
-    zero = {key: np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
-            for key, values in per_query.items() if key == "ap" or key.startswith("ap@")}
+    zero = {
+        key: np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+        for key, values in per_query.items()
+        if key == "ap" or key.startswith("ap@")
+    }
     per_query = {**per_query, **zero}
 
     first_rank = np.asarray(per_query["first_positive_rank"])
-    hit = first_rank > 0                                         # 0: the query has no positive
+    hit = first_rank > 0  # 0: the query has no positive
     result: dict = {
         "num_queries": num_queries,
         "mAP": float(np.mean(per_query["ap"], dtype=np.float64)),

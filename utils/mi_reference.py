@@ -13,6 +13,7 @@ sequences + spatial_shapes [B, 2]): image b's first h*w tokens are its patches, 
 padding is left out of the feature's mean, of the query rows and of the columns, and image b's map
 sits in the top-left h*p x w*p pixels of the output canvas, 0 elsewhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,26 +32,52 @@ def _family(model):
     #prefix tokens)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = model.config.model_type
-    if kind == "dinov2":    # attention returning (output, probs): 5.24 / 5.17 layout
-        return (model, list(model.encoder.layer),
-                lambda b: b.attention if hasattr(b.attention, "v_proj") else b.attention.attention,
-                lambda X, valid: model.layernorm(X.mean(1)), lambda out: out.pooler_output, 1)
+    if kind == "dinov2":  # attention returning (output, probs): 5.24 / 5.17 layout
+        return (
+            model,
+            list(model.encoder.layer),
+            lambda b: b.attention if hasattr(b.attention, "v_proj") else b.attention.attention,
+            lambda X, valid: model.layernorm(X.mean(1)),
+            lambda out: out.pooler_output,
+            1,
+        )
     if kind == "dinov2_with_registers":
-        return (model, list(model.encoder.layer), lambda b: b.attention,
-                lambda X, valid: model.layernorm(X.mean(1)), lambda out: out.pooler_output,
-                1 + model.config.num_register_tokens)
+        return (
+            model,
+            list(model.encoder.layer),
+            lambda b: b.attention,
+            lambda X, valid: model.layernorm(X.mean(1)),
+            lambda out: out.pooler_output,
+            1 + model.config.num_register_tokens,
+        )
     if kind == "dinov3_vit":
-        return (model, list(model.model.layer), lambda b: b.attention,
-                lambda X, valid: model.norm(X.mean(1)), lambda out: out.pooler_output,
-                1 + model.config.num_register_tokens)
+        return (
+            model,
+            list(model.model.layer),
+            lambda b: b.attention,
+            lambda X, valid: model.norm(X.mean(1)),
+            lambda out: out.pooler_output,
+            1 + model.config.num_register_tokens,
+        )
     if kind in ("siglip_vision_model", "siglip2_vision_model"):
-        return (model, list(model.encoder.layers), lambda b: b.self_attn,
-                lambda X, valid: _mean(model.post_layernorm(X), valid), lambda out: out.pooler_output, 0)
+        return (
+            model,
+            list(model.encoder.layers),
+            lambda b: b.self_attn,
+            lambda X, valid: _mean(model.post_layernorm(X), valid),
+            lambda out: out.pooler_output,
+            0,
+        )
     if kind == "clip_vision_model":
         vm = model.vision_model
-        return (model, list(vm.encoder.layers), lambda b: b.self_attn,
-                lambda X, valid: model.visual_projection(vm.post_layernorm(X.mean(1))),
-                lambda out: out.image_embeds, 1)
+        return (
+            model,
+            list(vm.encoder.layers),
+            lambda b: b.self_attn,
+            lambda X, valid: model.visual_projection(vm.post_layernorm(X.mean(1))),
+            lambda out: out.image_embeds,
+            1,
+        )
     raise ValueError(kind)
 
 
@@ -68,9 +95,9 @@ class ReferenceLeGrad:
             self.grids = [tuple(hw) for hw in spatial_shapes.tolist()]
             self.valid = torch.zeros(B, pixel_values.shape[1], dtype=torch.bool)
             for b, (h, w) in enumerate(self.grids):
-                self.valid[b, :h * w] = True
+                self.valid[b, : h * w] = True
             extra = dict(pixel_attention_mask=self.valid.long(), spatial_shapes=spatial_shapes)
-        hooked = blocks[len(blocks) + layer_index:]
+        hooked = blocks[len(blocks) + layer_index :]
         self.A, self.X = [], []
         handles = [attention_of(b).register_forward_hook(lambda m, a, o: self.A.append(o[1])) for b in hooked]
         handles += [b.register_forward_hook(lambda m, a, o: self.X.append(o)) for b in hooked]
@@ -91,14 +118,15 @@ class ReferenceLeGrad:
         totals = [0] * B
         for A, X in zip(self.A, self.X):
             f = F.normalize(self.head(X, self.valid), dim=-1)
-            s = (e * f).sum()                                   # images are independent
+            s = (e * f).sum()  # images are independent
             G = torch.autograd.grad(s, A, create_graph=True)[0]  # [B, heads, T, T]
             for b, (h, w) in enumerate(self.grids):
                 rows = slice(None) if self.valid is None else self.valid[b]
-                relevance = G[b].clamp(min=0)[:, rows].mean(dim=(0, 1))     # [T]: mean over heads, query rows
-                grid = relevance[self.prefix:][:h * w].reshape(1, 1, h, w)
-                totals[b] = totals[b] + F.interpolate(grid, scale_factor=self.patch, mode="bilinear",
-                                                      align_corners=False)
+                relevance = G[b].clamp(min=0)[:, rows].mean(dim=(0, 1))  # [T]: mean over heads, query rows
+                grid = relevance[self.prefix :][: h * w].reshape(1, 1, h, w)
+                totals[b] = totals[b] + F.interpolate(
+                    grid, scale_factor=self.patch, mode="bilinear", align_corners=False
+                )
         return totals
 
     def map_one(self, e, size=None):
@@ -111,17 +139,17 @@ class ReferenceLeGrad:
         to ``size``; NaFlex: each image's map at its own pixels, top-left on the ``size`` canvas."""
         B, P = e.shape[:2]
         size = size or self.size
-        raw = [self.raw_map(e[:, p]) for p in range(P)]                      # P lists of B [1, 1, h, w]
+        raw = [self.raw_map(e[:, p]) for p in range(P)]  # P lists of B [1, 1, h, w]
         out = torch.zeros(B, P, *size, dtype=e.dtype)
         dims = (1, 2, 3) if joint else (2, 3)
         for b in range(B):
-            total = torch.cat([raw[p][b] for p in range(P)], dim=1)          # [1, P, h, w]
+            total = torch.cat([raw[p][b] for p in range(P)], dim=1)  # [1, P, h, w]
             lo, hi = total.amin(dim=dims, keepdim=True), total.amax(dim=dims, keepdim=True)
             E = (total - lo) / (hi - lo).clamp_min(1e-12)
-            if self.valid is None:                              # fixed size: resized to the output
+            if self.valid is None:  # fixed size: resized to the output
                 out[b] = F.interpolate(E, size=size, mode="bilinear", align_corners=False)[0]
-            else:                                               # NaFlex: its own pixels, top-left
-                out[b, :, :E.shape[-2], :E.shape[-1]] = E[0]
+            else:  # NaFlex: its own pixels, top-left
+                out[b, :, : E.shape[-2], : E.shape[-1]] = E[0]
         return out
 
 
@@ -147,8 +175,19 @@ def reference_legrad_map(model, pixel_values, embeddings, layer_index=-1, joint=
         return ref.maps(F.normalize(embeddings, dim=-1), joint=joint).detach()
 
 
-def reference_mask_inversion(model, pixel_values, masks, alpha=0.03, iterations=100, lr=0.1,
-                             layer_index=-1, beta=0.0, joint=False, shared=False, spatial_shapes=None):
+def reference_mask_inversion(
+    model,
+    pixel_values,
+    masks,
+    alpha=0.03,
+    iterations=100,
+    lr=0.1,
+    layer_index=-1,
+    beta=0.0,
+    joint=False,
+    shared=False,
+    spatial_shapes=None,
+):
     """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
     Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
     min-max normalised together."""
@@ -164,7 +203,7 @@ def reference_mask_inversion(model, pixel_values, masks, alpha=0.03, iterations=
         for _ in range(iterations):
             loss = 0
             e = F.normalize(raw, dim=-1)
-            E = ref.maps(e, size=size, joint=joint)                             # [B, V, H, W]
+            E = ref.maps(e, size=size, joint=joint)  # [B, V, H, W]
             dices = []
             for p in range(P):
                 Ep, m = E[:, 0 if shared else p], masks[:, p]

@@ -2,7 +2,8 @@
 
 search_index.py's ad-hoc mode (nothing is written to the features folder)::
 
-    python search_index.py features_dir=F query_image=photo.jpg [query_bbox=[x1,y1,x2,y2]] [query_mask=m.png] k_search=20
+    python search_index.py features_dir=F query_image=photo.jpg [query_bbox=[x1,y1,x2,y2]] \
+        [query_mask=m.png] k_search=20
     python search_index.py features_dir=F query_text="a red mug"
 
 **An image** is embedded exactly as create_index.py embedded the folder's queries: the folder's
@@ -27,6 +28,7 @@ The run folder gets ``results.json`` (the query, how it was embedded and searche
 ``rankings.jsonl`` (search_index.py's format), ``query.safetensors`` (the query's rows: ``features``
 [R, D], ``mask_index`` [R]) and ``report.html`` (no metrics: an ad-hoc query has no ground truth).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +55,7 @@ from utils.streaming import QueryRows, faiss_search, streamed_search
 
 log = logging.getLogger("soir.own_queries")
 
-TEXT_BATCH = 256                   # texts per forward pass of the text tower
+TEXT_BATCH = 256  # texts per forward pass of the text tower
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,8 +65,10 @@ def folder_config(folder: Path) -> DictConfig:
     """The config the features were made with (``config.yaml``), on the current schema: a key the file
     lacks (an older SoIR) has its default, as create_index.py assumed it then."""
     if not (folder / "config.yaml").is_file():
-        raise SoIRError(f"{folder} has no config.yaml: not a create_index.py output folder (or its run "
-                        "stopped before it began; rerun create_index.py)")
+        raise SoIRError(
+            f"{folder} has no config.yaml: not a create_index.py output folder (or its run "
+            "stopped before it began; rerun create_index.py)"
+        )
     made_with = OmegaConf.load(folder / "config.yaml")
     schema = OmegaConf.structured(SoIRConfig)
     return OmegaConf.merge(schema, {k: v for k, v in made_with.items() if k in schema})
@@ -78,8 +82,12 @@ def same_setting(given, stored) -> bool:
     """Equal values; two spellings of one existing folder or file (relative / absolute) are equal."""
     if given == stored:
         return True
-    return (isinstance(given, str) and isinstance(stored, str) and Path(given).exists()
-            and Path(given).resolve() == Path(stored).resolve())
+    return (
+        isinstance(given, str)
+        and isinstance(stored, str)
+        and Path(given).exists()
+        and Path(given).resolve() == Path(stored).resolve()
+    )
 
 
 def check_settings(cfg: DictConfig, made_with: DictConfig) -> None:
@@ -88,24 +96,36 @@ def check_settings(cfg: DictConfig, made_with: DictConfig) -> None:
     folder's (and than the default), is refused rather than silently ignored."""
     default = OmegaConf.to_container(OmegaConf.structured(SoIRConfig))
     given, folder = OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(made_with, resolve=True)
-    differ = sorted(k for k in folder if (k not in RUN_KEYS or k in MODEL_KEYS) and k in given
-                    and not same_setting(given[k], folder[k]) and given[k] != default.get(k))
+    differ = sorted(
+        k
+        for k in folder
+        if (k not in RUN_KEYS or k in MODEL_KEYS)
+        and k in given
+        and not same_setting(given[k], folder[k])
+        and given[k] != default.get(k)
+    )
     if differ:
-        raise SoIRError("ad-hoc queries are embedded as the features folder's queries were (its config.yaml); "
-                        f"these settings differ from it: {', '.join(f'{k}={given[k]} (folder: {folder[k]})' for k in differ)}; "
-                        "drop them, or make a features folder with them (create_index.py)")
+        raise SoIRError(
+            "ad-hoc queries are embedded as the features folder's queries were (its config.yaml); "
+            f"these settings differ from it: {', '.join(f'{k}={given[k]} (folder: {folder[k]})' for k in differ)}; "
+            "drop them, or make a features folder with them (create_index.py)"
+        )
 
 
 def gallery_shards(folder: Path, made_with: DictConfig) -> FeatureShards:
     listing = folder / "gallery" / "images.json"
     if not listing.is_file():
-        raise SoIRError(f"{listing} is missing: the extraction did not finish; rerun create_index.py with "
-                        "the same settings, it resumes")
+        raise SoIRError(
+            f"{listing} is missing: the extraction did not finish; rerun create_index.py with "
+            "the same settings, it resumes"
+        )
     records = read_json(listing, fix="rerun create_index.py with the same settings")
     shards = FeatureShards(folder / "gallery", records, made_with.shard_size)
     if missing := shards.missing():
-        raise SoIRError(f"{folder / 'gallery'}: {len(missing)} of {shards.num_shards} shards are missing; the "
-                        "extraction did not finish: rerun create_index.py with the same settings, it resumes")
+        raise SoIRError(
+            f"{folder / 'gallery'}: {len(missing)} of {shards.num_shards} shards are missing; the "
+            "extraction did not finish: rerun create_index.py with the same settings, it resumes"
+        )
     return shards
 
 
@@ -124,9 +144,11 @@ def stored_model(folder: Path, identity: dict) -> str:
     now = model_weights_identity(name)
     changed = [k for k in now if identity.get(k) != now[k]]
     if changed:
-        raise SoIRError(f"{name} is not the checkpoint {folder} was made with ({', '.join(changed)} changed): its "
-                        "features would not match a query embedded now; rerun create_index.py with this model, "
-                        "or restore the old one")
+        raise SoIRError(
+            f"{name} is not the checkpoint {folder} was made with ({', '.join(changed)} changed): its "
+            "features would not match a query embedded now; rerun create_index.py with this model, "
+            "or restore the old one"
+        )
     return name
 
 
@@ -136,11 +158,16 @@ def check_extractor(folder: Path, extractor, saved: dict) -> None:
     now = json.loads(json.dumps(extractor.identity()))
     changed = [k for k in changed_keys(saved, now) if k != "device"]
     if changed:
-        raise SoIRError(f"{folder} was made by another extractor than the one its config.yaml builds now "
-                        f"({', '.join(changed)} differ): rerun create_index.py")
+        raise SoIRError(
+            f"{folder} was made by another extractor than the one its config.yaml builds now "
+            f"({', '.join(changed)} differ): rerun create_index.py"
+        )
     if saved.get("device") != now["device"]:
-        log.warning("the features were made on %s, this query on %s: scores differ by rounding (~1e-6)",
-                    saved.get("device"), now["device"])
+        log.warning(
+            "the features were made on %s, this query on %s: scores differ by rounding (~1e-6)",
+            saved.get("device"),
+            now["device"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,6 +176,7 @@ def check_extractor(folder: Path, extractor, saved: dict) -> None:
 def mask_entry(path: str) -> ImageMasks:
     """``query_mask``: a mask image (nonzero = the object; 0/255 or 0/1), as one captions entry."""
     from extractors.inputs import as_masks
+
     try:
         with Image.open(path) as image:
             values = np.asarray(image.convert("L"))
@@ -167,50 +195,66 @@ def image_query(cfg: DictConfig, made_with: DictConfig) -> tuple[Annotation, lis
     file = Path(cfg.query_image)
     for key, path in (("query_image", file), ("query_mask", cfg.query_mask)):
         if path is not None and not Path(path).is_file():
-            raise SoIRError(f"{key}={path}: no such file (a relative path starts where you launched, "
-                            f"{Path.cwd()}); give the path of an image")
+            raise SoIRError(
+                f"{key}={path}: no such file (a relative path starts where you launched, "
+                f"{Path.cwd()}); give the path of an image"
+            )
     bbox = tuple(float(v) for v in cfg.query_bbox) if cfg.query_bbox is not None else None
     ann = Annotation(key=str(file), file=file.resolve(), ins=(), is_query=True, bbox=bbox)
     use_masks = "zeroed" if made_with.mask_input else "unmasked" if made_with.query_mi else None
     crop = None if made_with.no_query_crop else "tight" if made_with.crop else "square"
     if use_masks is None and crop is None and bbox is not None:
-        raise SoIRError("this folder's queries are whole images (no_query_crop=true), so query_bbox would not be "
-                        "used: drop query_bbox, or make a features folder without no_query_crop (create_index.py)")
+        raise SoIRError(
+            "this folder's queries are whole images (no_query_crop=true), so query_bbox would not be "
+            "used: drop query_bbox, or make a features folder without no_query_crop (create_index.py)"
+        )
     if use_masks is None and cfg.query_mask is not None:
-        raise SoIRError(f"query_mask is for folders whose queries are Mask Inversion vectors (mask_input / query_mi); "
-                        f"{made_with.extractor} queries of this folder are {'whole images' if crop is None else crop + ' crops'}: "
-                        "give query_bbox instead")
+        raise SoIRError(
+            f"query_mask is for folders whose queries are Mask Inversion vectors (mask_input / query_mi); "
+            f"{made_with.extractor} queries of this folder are {'whole images' if crop is None else crop + ' crops'}: "
+            "give query_bbox instead"
+        )
     if use_masks is not None and cfg.query_mask is None and bbox is None:
-        raise SoIRError(f"this folder's queries are Mask Inversion vectors ({'mask_input' if made_with.mask_input else 'query_mi'}"
-                        "=true): give query_mask=mask.png (the object's mask) or query_bbox=[x1,y1,x2,y2] (its box)")
+        raise SoIRError(
+            f"this folder's queries are Mask Inversion vectors ({'mask_input' if made_with.mask_input else 'query_mi'}"
+            "=true): give query_mask=mask.png (the object's mask) or query_bbox=[x1,y1,x2,y2] (its box)"
+        )
     captions = {ann.key: mask_entry(cfg.query_mask)} if cfg.query_mask is not None else None
     jobs = query_jobs([ann], captions, crop, use_masks, made_with.query_masks == "all", "query_bbox")
     facts = image_facts([ann.file])
     try:
         jobs, _ = check_jobs(jobs, facts, "query", "error")
-    except SoIRError as err:                 # check_jobs lists problems one per line; here there is one image
+    except SoIRError as err:  # check_jobs lists problems one per line; here there is one image
         problem = " ".join(line.strip() for line in str(err).splitlines()[1:])
-        raise SoIRError(f"{problem}; query_bbox is [x1,y1,x2,y2] in pixels of the image "
-                        f"({facts[0].width}x{facts[0].height}), a query_mask has its size") from None
+        raise SoIRError(
+            f"{problem}; query_bbox is [x1,y1,x2,y2] in pixels of the image "
+            f"({facts[0].width}x{facts[0].height}), a query_mask has its size"
+        ) from None
     job = jobs[0]
-    if cfg.query_mask is not None and job.bbox_as_mask:     # query_jobs fell back to the box: refused here
-        raise SoIRError(f"query_mask={cfg.query_mask} does not overlap query_bbox={list(bbox)}: give the box "
-                        "around the mask's object, or drop query_bbox")
+    if cfg.query_mask is not None and job.bbox_as_mask:  # query_jobs fell back to the box: refused here
+        raise SoIRError(
+            f"query_mask={cfg.query_mask} does not overlap query_bbox={list(bbox)}: give the box "
+            "around the mask's object, or drop query_bbox"
+        )
     if use_masks is None:
-        how = "global embedding of " + ("the whole image" if job.crop is None else
-                                        f"its {job.crop} crop around query_bbox")
+        how = "global embedding of " + (
+            "the whole image" if job.crop is None else f"its {job.crop} crop around query_bbox"
+        )
     else:
         what = "query_bbox's rectangle" if job.bbox_as_mask else "query_mask"
-        how = (f"Mask Inversion with {what} on the image"
-               + (" with the pixels outside the mask set to zero (mask_input=true)" if job.zero_background else
-                  " (query_mi=true)"))
+        how = f"Mask Inversion with {what} on the image" + (
+            " with the pixels outside the mask set to zero (mask_input=true)"
+            if job.zero_background
+            else " (query_mi=true)"
+        )
     return ann, jobs, how
 
 
 def build_query_extractor(made_with: DictConfig, device: str, model_name: str):
     """The extractor create_index.py used for the queries (its ``query_extractor`` if one was set), on
     ``model_name`` (the stored checkpoint) and ``device``."""
-    from extractors import extractor_from_config              # loads transformers: only when needed
+    from extractors import extractor_from_config  # loads transformers: only when needed
+
     cfg = OmegaConf.merge(made_with, {"device": device})
     if not made_with.query_extractor or made_with.only_gallery:
         cfg.model_name = model_name
@@ -224,14 +268,18 @@ def embed_image(cfg: DictConfig, folder: Path, made_with: DictConfig, jobs: list
     saved = stored_identity(folder, queries=not made_with.only_gallery)
     extractor = build_query_extractor(made_with, cfg.device, stored_model(folder, saved))
     check_extractor(folder, extractor, saved)
-    dataset = ViewDataset(jobs, extractor.view_maker(), extractor.global_view_maker(),
-                          empty_to_global=made_with.missing_masks == "global")
+    dataset = ViewDataset(
+        jobs, extractor.view_maker(), extractor.global_view_maker(), empty_to_global=made_with.missing_masks == "global"
+    )
     _, views = dataset[0]
     if views.error is not None:
         raise SoIRError(views.error)
     if views.dropped_masks or views.global_fallback:
-        log.warning("query_image: %d mask(s) vanished at the model's input size%s", views.dropped_masks,
-                    "; the global embedding is used" if views.global_fallback else "")
+        log.warning(
+            "query_image: %d mask(s) vanished at the model's input size%s",
+            views.dropped_masks,
+            "; the global embedding is used" if views.global_fallback else "",
+        )
     rows = extractor.describe([views])[0]
     return rows.vectors, rows.mask_index
 
@@ -240,31 +288,40 @@ def text_encoder(folder: Path, made_with: DictConfig, device: str):
     """The text tower of the checkpoint the gallery features were made from."""
     from extractors import TextEncoder, capabilities
     from extractors.base import resolve_device
+
     family = capabilities(made_with.extractor)["family"]
     if not capabilities(made_with.extractor)["has_text_tower"]:
-        raise SoIRError(f"{folder} holds {made_with.extractor} features: {family} checkpoints have no text tower SoIR can use "
-                        "(DINOv2 / DINOv3 have none; SigLIP2's is not wired yet); text queries need a features folder made "
-                        "by a SigLIP or CLIP extractor (siglip_*, clip_*)")
+        raise SoIRError(
+            f"{folder} holds {made_with.extractor} features: {family} checkpoints have no text tower SoIR can use "
+            "(DINOv2 / DINOv3 have none; SigLIP2's is not wired yet); text queries need a features folder made "
+            "by a SigLIP or CLIP extractor (siglip_*, clip_*)"
+        )
     saved = stored_identity(folder, queries=False)
     if saved.get("lora"):
-        log.warning("the gallery's vision tower carries LoRA adapters (%s) and the text tower none: text and image "
-                    "embeddings may no longer share one space", saved["lora"].get("weights_sha256", "")[:12])
+        log.warning(
+            "the gallery's vision tower carries LoRA adapters (%s) and the text tower none: text and image "
+            "embeddings may no longer share one space",
+            saved["lora"].get("weights_sha256", "")[:12],
+        )
     return TextEncoder(stored_model(folder, saved), family, resolve_device(device))
 
 
 def embed_texts(encoder, texts: list[str], dim: int) -> torch.Tensor:
     """[N, D] unit vectors of ``texts`` (each distinct text embedded once), checked against the gallery's ``dim``."""
     unique = sorted(set(texts))
-    vectors = torch.cat([encoder.embed(unique[i:i + TEXT_BATCH]) for i in range(0, len(unique), TEXT_BATCH)])
+    vectors = torch.cat([encoder.embed(unique[i : i + TEXT_BATCH]) for i in range(0, len(unique), TEXT_BATCH)])
     if vectors.shape[1] != dim:
-        raise SoIRError(f"the text tower of {encoder.model_name} embeds into {vectors.shape[1]}-d, the gallery "
-                        f"features are {dim}-d: they cannot be compared")
+        raise SoIRError(
+            f"the text tower of {encoder.model_name} embeds into {vectors.shape[1]}-d, the gallery "
+            f"features are {dim}-d: they cannot be compared"
+        )
     position = {t: i for i, t in enumerate(unique)}
     return vectors[[position[t] for t in texts]]
 
 
-def text_query_rows(cfg: DictConfig, folder: Path, made_with: DictConfig, queries: list[dict],
-                    dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def text_query_rows(
+    cfg: DictConfig, folder: Path, made_with: DictConfig, queries: list[dict], dim: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """T2I: each query's text ``text_prompt.format(obj_name=...)`` and its text-tower vector.
 
     Returns (features [Q, D] float32, owner [Q] = 0..Q-1, texts). A query without ``obj_name`` is an
@@ -272,9 +329,11 @@ def text_query_rows(cfg: DictConfig, folder: Path, made_with: DictConfig, querie
     missing = [q["key"] for q in queries if not q.get("obj_name")]
     if missing:
         more = f" ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise SoIRError(f"T2I=true needs each query's obj_name (its text); {len(missing)} of {len(queries)} queries "
-                        f"of {folder} have none: {missing[:10]}{more}; add obj_name to them in the anns file and "
-                        "rerun create_index.py (labels only: the features are kept)")
+        raise SoIRError(
+            f"T2I=true needs each query's obj_name (its text); {len(missing)} of {len(queries)} queries "
+            f"of {folder} have none: {missing[:10]}{more}; add obj_name to them in the anns file and "
+            "rerun create_index.py (labels only: the features are kept)"
+        )
     texts = [cfg.text_prompt.format(obj_name=q["obj_name"]) for q in queries]
     features = embed_texts(text_encoder(folder, made_with, cfg.device), texts, dim)
     log.info("T2I: %d queries, %d distinct texts (e.g. %r)", len(texts), len(set(texts)), texts[0])
@@ -289,11 +348,12 @@ def feature_dim(shards: FeatureShards) -> int:
         return int(features.shape[1])
 
 
-def search_gallery(cfg: DictConfig, folder: Path, shards: FeatureShards, features: torch.Tensor,
-                   k: int) -> tuple[np.ndarray, np.ndarray, str]:
+def search_gallery(
+    cfg: DictConfig, folder: Path, shards: FeatureShards, features: torch.Tensor, k: int
+) -> tuple[np.ndarray, np.ndarray, str]:
     """The query's top-``k`` gallery images: (image ids [n], scores [n], how they were found)."""
     queries = QueryRows(features.float(), torch.zeros(len(features), dtype=torch.long), 1)
-    none = np.empty(0, dtype=np.int64)                   # no relevant pairs: nothing to evaluate, only to rank
+    none = np.empty(0, dtype=np.int64)  # no relevant pairs: nothing to evaluate, only to rank
     rows = shards.row_offsets()[-1]
     path = index_path(folder, cfg.index)
     if rows > cfg.query_exact_max_rows and path.is_file():
@@ -301,8 +361,10 @@ def search_gallery(cfg: DictConfig, folder: Path, shards: FeatureShards, feature
         if index.ntotal != rows:
             raise SoIRError(f"{path} has {index.ntotal} rows, the gallery shards {rows}; rerun create_index.py")
         result = faiss_search(index, queries, shards, none, none, k)
-        how = (f"FAISS {cfg.index} candidates ({10 * k} rows per query row) re-scored exactly "
-               f"({rows} gallery rows > query_exact_max_rows={cfg.query_exact_max_rows})")
+        how = (
+            f"FAISS {cfg.index} candidates ({10 * k} rows per query row) re-scored exactly "
+            f"({rows} gallery rows > query_exact_max_rows={cfg.query_exact_max_rows})"
+        )
     else:
         if rows > cfg.query_exact_max_rows:
             log.warning("no FAISS index %s: scoring all %d gallery rows exactly", path, rows)
@@ -312,8 +374,7 @@ def search_gallery(cfg: DictConfig, folder: Path, shards: FeatureShards, feature
     return result.top_index[0][found], result.top_score[0][found], how
 
 
-def matching_rows(shards: FeatureShards, images: np.ndarray,
-                  features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def matching_rows(shards: FeatureShards, images: np.ndarray, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """For each image of ``images``: its row with the best inner product with any query row (the first
     on ties, as ``search_index.best_rows``). Returns (those rows' features [n, D], mask_index [n])."""
     mask_index = shards.column("mask_index").numpy()
@@ -339,8 +400,10 @@ def check_run_folder(out: Path) -> None:
     they are never overwritten."""
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if found:
-        raise SoIRError(f"{out} already holds another run's results ({', '.join(found)}); SoIR does not overwrite "
-                        "them: leave hydra.run.dir at its default (a new folder per run) or name a new folder")
+        raise SoIRError(
+            f"{out} already holds another run's results ({', '.join(found)}); SoIR does not overwrite "
+            "them: leave hydra.run.dir at its default (a new folder per run) or name a new folder"
+        )
 
 
 def own_query(cfg: DictConfig, folder: Path, out: Path) -> dict:
@@ -361,10 +424,19 @@ def own_query(cfg: DictConfig, folder: Path, out: Path) -> dict:
         query = {"text": cfg.query_text}
     else:
         ann, jobs, how = image_query(cfg, made_with)
-        record = {"key": ann.key, "file": str(ann.file), "ins": [], "bbox": ann.bbox and list(ann.bbox), "obj_name": None}
+        record = {
+            "key": ann.key,
+            "file": str(ann.file),
+            "ins": [],
+            "bbox": ann.bbox and list(ann.bbox),
+            "obj_name": None,
+        }
         features, mask_index = embed_image(cfg, folder, made_with, jobs)
-        query = {"image": str(ann.file), "bbox": record["bbox"],
-                 "mask": str(Path(cfg.query_mask).resolve()) if cfg.query_mask is not None else None}
+        query = {
+            "image": str(ann.file),
+            "bbox": record["bbox"],
+            "mask": str(Path(cfg.query_mask).resolve()) if cfg.query_mask is not None else None,
+        }
         if features.shape[1] != dim:
             raise SoIRError(f"the query is {features.shape[1]}-d, the gallery features {dim}-d: rerun create_index.py")
     log.info("query embedded: %s (%d row(s))", how, len(features))
@@ -374,17 +446,30 @@ def own_query(cfg: DictConfig, folder: Path, out: Path) -> dict:
     top_images, top_scores, searched = search_gallery(cfg, folder, shards, features, max(k, shown_k))
     images, scores = top_images[:k], top_scores[:k]
     gallery = shards.records
-    results = {"mode": "text" if cfg.query_text is not None else "image", "query": query, "embedded_as": how,
-               "search": searched, "features_dir": str(folder), "extractor": made_with.extractor, "k_search": k,
-               "num_gallery_images": shards.num_images, "num_gallery_rows": shards.row_offsets()[-1],
-               "metrics": None, "note": "ad-hoc query: no ground truth, so no metrics",
-               "ranking": [{"rank": r + 1, "key": gallery[g]["key"], "file": gallery[g]["file"], "score": float(s)}
-                           for r, (g, s) in enumerate(zip(images.tolist(), scores.tolist()))]}
+    results = {
+        "mode": "text" if cfg.query_text is not None else "image",
+        "query": query,
+        "embedded_as": how,
+        "search": searched,
+        "features_dir": str(folder),
+        "extractor": made_with.extractor,
+        "k_search": k,
+        "num_gallery_images": shards.num_images,
+        "num_gallery_rows": shards.row_offsets()[-1],
+        "metrics": None,
+        "note": "ad-hoc query: no ground truth, so no metrics",
+        "ranking": [
+            {"rank": r + 1, "key": gallery[g]["key"], "file": gallery[g]["file"], "score": float(s)}
+            for r, (g, s) in enumerate(zip(images.tolist(), scores.tolist()))
+        ],
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     ranking = [[gallery[g]["key"], float(s)] for g, s in zip(images.tolist(), scores.tolist())]
-    atomic_write_text(out / "rankings.jsonl", json.dumps({"query": record.get("text") or record["key"], "ins": [],
-                                                          "ranking": ranking}) + "\n")
+    atomic_write_text(
+        out / "rankings.jsonl",
+        json.dumps({"query": record.get("text") or record["key"], "ins": [], "ranking": ranking}) + "\n",
+    )
     tensors = {"features": features.float().contiguous(), "mask_index": mask_index.long().contiguous()}
     atomic_write(out / "query.safetensors", lambda handle: handle.write(save(tensors)))
     print_ranking(results)

@@ -11,6 +11,7 @@ as ``Siglip2ImageProcessor`` does; its masks are resized to that image's own res
 Both have ``image`` (the model input of a PIL image), ``spatial_shape`` (its patch grid for NaFlex,
 None for fixed-size models) and ``masks`` (the image's masks at the input's resolution).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,13 +22,21 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from transformers import AutoImageProcessor
-from transformers.models.siglip2.image_processing_siglip2 import (convert_image_to_patches,
-                                                                 get_image_size_for_max_num_patches,
-                                                                 pad_along_first_dim)
+from transformers.models.siglip2.image_processing_siglip2 import (
+    convert_image_to_patches,
+    get_image_size_for_max_num_patches,
+    pad_along_first_dim,
+)
 
 # PIL resampling codes used in HF processor configs -> torchvision modes.
-_RESAMPLE = {0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
-             3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
+_RESAMPLE = {
+    0: InterpolationMode.NEAREST,
+    1: InterpolationMode.LANCZOS,
+    2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC,
+    4: InterpolationMode.BOX,
+    5: InterpolationMode.HAMMING,
+}
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,17 @@ class Preprocess:
         """Read size, mean, std and resample from the processor config of ``model_name``."""
         cfg = AutoImageProcessor.from_pretrained(model_name, **hub_kwargs).to_dict()
         if "max_num_patches" in cfg:
-            raise ValueError(f"{model_name}: a NaFlex processor (max_num_patches={cfg['max_num_patches']}, no fixed "
-                             f"input size); use NaFlexPreprocess (the siglip2 extractors)")
+            raise ValueError(
+                f"{model_name}: a NaFlex processor (max_num_patches={cfg['max_num_patches']}, no fixed "
+                f"input size); use NaFlexPreprocess (the siglip2 extractors)"
+            )
         # The model's input is the crop when the processor crops, else the resize target.
         size = cfg.get("crop_size") if cfg.get("do_center_crop") else cfg.get("size")
         if not size or "height" not in size:
-            raise ValueError(f"{model_name}: cannot read a fixed input size from the processor config "
-                             f"(crop_size={cfg.get('crop_size')}, size={cfg.get('size')})")
+            raise ValueError(
+                f"{model_name}: cannot read a fixed input size from the processor config "
+                f"(crop_size={cfg.get('crop_size')}, size={cfg.get('size')})"
+            )
         mean, std, resample = _normalisation(model_name, cfg)
         return cls(size=(int(size["height"]), int(size["width"])), mean=mean, std=std, resample=resample)
 
@@ -66,8 +79,7 @@ class Preprocess:
         Other modes are refused: converting 16-bit or transparent images needs care
         (``datasets.images.to_rgb``), not PIL's plain ``convert``.
         """
-        transform = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                               T.Normalize(self.mean, self.std)])
+        transform = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
         return transform(self.resize(image))
 
     def resize(self, image: Image.Image) -> Image.Image:
@@ -87,8 +99,9 @@ class Preprocess:
         keeps masks aligned with the (centre-aligned) image resize. A mask smaller than one output
         pixel may vanish, which the caller sees as an empty mask.
         """
-        return T.functional.resize(to_binary_masks(masks)[:, None], list(self.size),
-                                   interpolation=InterpolationMode.NEAREST_EXACT)[:, 0].float()
+        return T.functional.resize(
+            to_binary_masks(masks)[:, None], list(self.size), interpolation=InterpolationMode.NEAREST_EXACT
+        )[:, 0].float()
 
 
 @dataclass(frozen=True)
@@ -118,10 +131,12 @@ class NaFlexPreprocess:
         """Read patch_size, max_num_patches, mean, std and resample from a Siglip2ImageProcessor config."""
         cfg = AutoImageProcessor.from_pretrained(model_name, **hub_kwargs).to_dict()
         if "max_num_patches" not in cfg or "patch_size" not in cfg:
-            raise ValueError(f"{model_name}: not a NaFlex processor config (no max_num_patches / patch_size; "
-                             f"image_processor_type={cfg.get('image_processor_type')!r}); a fixed-size "
-                             f"checkpoint (e.g. a fixed-resolution SigLIP2, model_type 'siglip') uses the siglip "
-                             f"extractors")
+            raise ValueError(
+                f"{model_name}: not a NaFlex processor config (no max_num_patches / patch_size; "
+                f"image_processor_type={cfg.get('image_processor_type')!r}); a fixed-size "
+                f"checkpoint (e.g. a fixed-resolution SigLIP2, model_type 'siglip') uses the siglip "
+                f"extractors"
+            )
         mean, std, resample = _normalisation(model_name, cfg, default_resample=2)
         return cls(int(cfg["patch_size"]), int(cfg["max_num_patches"]), mean, std, resample)
 
@@ -138,8 +153,9 @@ class NaFlexPreprocess:
         """PIL RGB image -> [max_num_patches, 3 * patch_size**2] patch sequence (rows of patches, then zeros)."""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode} (use datasets.images.to_rgb)")
-        pixels = _resize_and_normalise(image, self.resized_size(image.height, image.width), self.resample,
-                                       self.mean, self.std)
+        pixels = _resize_and_normalise(
+            image, self.resized_size(image.height, image.width), self.resample, self.mean, self.std
+        )
         return pad_along_first_dim(convert_image_to_patches(pixels, self.patch_size), self.max_num_patches)[0]
 
     def masks(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -159,11 +175,22 @@ def _normalisation(model_name: str, cfg: dict, default_resample: int = 3):
     return tuple(mean), tuple(std), _RESAMPLE[int(cfg.get("resample", default_resample))]
 
 
-def _resize_and_normalise(image: Image.Image, size: tuple[int, int], resample: InterpolationMode,
-                          mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def _resize_and_normalise(
+    image: Image.Image,
+    size: tuple[int, int],
+    resample: InterpolationMode,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> torch.Tensor:
     """PIL RGB image -> normalised float tensor [3, *size]."""
-    transform = T.Compose([T.Resize(size, interpolation=resample, antialias=True),
-                           T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    transform = T.Compose(
+        [
+            T.Resize(size, interpolation=resample, antialias=True),
+            T.PILToTensor(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
     return transform(image)
 
 

@@ -1,4 +1,5 @@
 """Worker processes that never outlive the run that started them."""
+
 from __future__ import annotations
 
 import ctypes
@@ -8,7 +9,7 @@ import signal
 import sys
 from typing import Callable
 
-_PR_SET_PDEATHSIG = 1     # linux/prctl.h
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def exit_with_parent(worker_id: int, parent: int) -> None:
@@ -18,7 +19,7 @@ def exit_with_parent(worker_id: int, parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:          # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -12,9 +12,11 @@ search_index.py writes it next to ``results.json`` (``report=true``, the default
 
 The page is plain HTML with inline CSS and a few lines of inline JS (filter, sort); it opens from
 disk, without a server or network. An ad-hoc query (``query_image=`` / ``query_text=``, utils/own_queries.py)
-has no ground truth: no metrics, grey frames, and the page says so. A text query shows its text. Rows with ``mask_index`` -1 (a global embedding, a union or an
-average of masks) belong to no single mask and get no outline; the page says so.
+has no ground truth: no metrics, grey frames, and the page says so. A text query shows its text.
+Rows with ``mask_index`` -1 (a global embedding, a union or an average of masks) belong to no single
+mask and get no outline; the page says so.
 """
+
 from __future__ import annotations
 
 import html
@@ -38,11 +40,22 @@ from utils.visualize import draw_outline, overlay
 
 log = logging.getLogger("soir.report")
 
-BOX_COLOR = (255, 200, 0)          # the query's bbox
-MAP_SCALE = 3                      # map overlays: longer side MAP_SCALE x report_thumb_size
+BOX_COLOR = (255, 200, 0)  # the query's bbox
+MAP_SCALE = 3  # map overlays: longer side MAP_SCALE x report_thumb_size
 JPEG_QUALITY = 85
-MI_SETTINGS = ("mi_alpha", "mi_beta", "mi_lr", "mi_iterations", "mi_layer_index", "mi_sum",
-               "avg_multiple_vecs", "smart_crop", "smart_crop_pad", "mask_input", "missing_masks")
+MI_SETTINGS = (
+    "mi_alpha",
+    "mi_beta",
+    "mi_lr",
+    "mi_iterations",
+    "mi_layer_index",
+    "mi_sum",
+    "avg_multiple_vecs",
+    "smart_crop",
+    "smart_crop_pad",
+    "mask_input",
+    "missing_masks",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +151,10 @@ def write_thumbs(job: ThumbJob, folder: Path, size: int) -> str | None:
     for name, rle in job.outlines:
         mask = decode_mask(rle)
         if abs(mask.shape[0] / mask.shape[1] - image.height / image.width) * image.height > 1.5:
-            return f"{job.file}: its {mask.shape[1]}x{mask.shape[0]} masks do not fit the {image.width}x{image.height} image"
+            return (
+                f"{job.file}: its {mask.shape[1]}x{mask.shape[0]} masks do not fit the "
+                f"{image.width}x{image.height} image"
+            )
         save(draw_outline(small, mask), name)
     if job.box:
         name, bbox = job.box
@@ -166,17 +182,28 @@ def gallery_name(image: int, mask: int) -> str:
     return f"g{image:06d}.jpg" if mask < 0 else f"g{image:06d}_m{mask}.jpg"
 
 
-def thumb_jobs(queries: list[dict], gallery: list[dict], shown: Shown, mask_index: np.ndarray,
-               captions: dict[str, ImageMasks] | None) -> list[ThumbJob]:
+def thumb_jobs(
+    queries: list[dict],
+    gallery: list[dict],
+    shown: Shown,
+    mask_index: np.ndarray,
+    captions: dict[str, ImageMasks] | None,
+) -> list[ThumbJob]:
     """One job per shown image: every query (whole image with its bbox, and its crop) and every shown
     gallery image (plain, or with the outline of each mask that matched some query)."""
     jobs = []
     for i, q in enumerate(queries):
-        if q["file"] is None:                       # a text query: nothing to show but its text
+        if q["file"] is None:  # a text query: nothing to show but its text
             continue
         bbox = tuple(q["bbox"]) if q["bbox"] else None
-        jobs.append(ThumbJob(q["file"], plain=None if bbox else f"q{i:06d}.jpg",
-                             box=bbox and (f"q{i:06d}.jpg", bbox), crop=bbox and (f"q{i:06d}_crop.jpg", bbox)))
+        jobs.append(
+            ThumbJob(
+                q["file"],
+                plain=None if bbox else f"q{i:06d}.jpg",
+                box=bbox and (f"q{i:06d}.jpg", bbox),
+                crop=bbox and (f"q{i:06d}_crop.jpg", bbox),
+            )
+        )
     needed: dict[int, set[int]] = {}
     for g, m in zip(shown.gallery.ravel().tolist(), mask_index.ravel().tolist()):
         needed.setdefault(g, set()).add(m if captions is not None else -1)
@@ -194,21 +221,32 @@ def thumb_jobs(queries: list[dict], gallery: list[dict], shown: Shown, mask_inde
 def map_extractor(made_with: DictConfig, device: str):
     """The features' extractor with eager attention, for LeGrad. A plain extractor is built as its MI
     variant: the same model and weights; its stored rows are global embeddings, mapped as they are."""
-    from extractors import extractor_from_config      # loads transformers: only when maps are asked for
+    from extractors import extractor_from_config  # loads transformers: only when maps are asked for
+
     cfg = OmegaConf.merge(made_with, {"device": device})
     if not cfg.extractor.endswith("_mi_features"):
         cfg.extractor = cfg.extractor.removesuffix("_features") + "_mi_features"
     return extractor_from_config(cfg)
 
 
-def write_maps(folder: Path, extractor, gallery: list[dict], shown: Shown, mask_index: np.ndarray,
-               gallery_features: np.ndarray, captions: dict[str, ImageMasks] | None, size: int,
-               unreadable: dict[str, str] | None = None) -> dict[int, str]:
+def write_maps(
+    folder: Path,
+    extractor,
+    gallery: list[dict],
+    shown: Shown,
+    mask_index: np.ndarray,
+    gallery_features: np.ndarray,
+    captions: dict[str, ImageMasks] | None,
+    size: int,
+    unreadable: dict[str, str] | None = None,
+) -> dict[int, str]:
     """One overlay per shown (gallery image, matching row): the row's LeGrad map over the image, with
     its mask's outline. One LeGrad evaluation per image for all its whole-image rows; a smart-crop
     row is mapped on its crop. Files in ``unreadable`` are skipped. Returns {gallery row: file name}."""
-    from extractors.views import padded_box
     import torch
+
+    from extractors.views import padded_box
+
     folder.mkdir(parents=True, exist_ok=True)
     rows_of: dict[int, dict[int, int]] = {}
     for g, row, m in zip(shown.gallery.ravel().tolist(), shown.rows.ravel().tolist(), mask_index.ravel().tolist()):
@@ -222,8 +260,11 @@ def write_maps(folder: Path, extractor, gallery: list[dict], shown: Shown, mask_
         picture = thumbnail(image, size)
         entry = find_masks(captions, record["key"], record["file"]) if captions is not None else None
         masks = {row: decode_mask(entry.masks_rle[m]) for row, m in rows.items() if m >= 0 and entry is not None}
-        crop = {row: padded_box(torch.from_numpy(masks[row]), extractor.smart_crop_pad)
-                for row in masks if extractor.mode == "smart_crop"}
+        crop = {
+            row: padded_box(torch.from_numpy(masks[row]), extractor.smart_crop_pad)
+            for row in masks
+            if extractor.mode == "smart_crop"
+        }
         whole = [row for row in rows if row not in crop]
         maps = {}
         if whole:
@@ -251,9 +292,18 @@ class Page:
     sections: list[str] = field(default_factory=list)
 
 
-def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, metrics: dict[str, np.ndarray] | None,
-                 shown: Shown, queries: list[dict], gallery: list[dict], gallery_mask_index: np.ndarray,
-                 gallery_features: np.ndarray | None = None) -> Path:
+def write_report(
+    out: Path,
+    cfg: DictConfig,
+    features_dir: Path,
+    results: dict,
+    metrics: dict[str, np.ndarray] | None,
+    shown: Shown,
+    queries: list[dict],
+    gallery: list[dict],
+    gallery_mask_index: np.ndarray,
+    gallery_features: np.ndarray | None = None,
+) -> Path:
     """Write ``report.html``, ``thumbs/`` (and ``maps/``) into the run folder ``out``.
 
     Args:
@@ -273,32 +323,58 @@ def write_report(out: Path, cfg: DictConfig, features_dir: Path, results: dict, 
     captions, why_not = (None, "") if not (mask_index >= 0).any() else report_captions(features_dir, made_with)
     if why_not:
         log.warning("report: no mask outlines: %s", why_not)
-    problems = make_thumbs(thumb_jobs(queries, gallery, shown, mask_index, captions), out / "thumbs",
-                           cfg.report_thumb_size, cfg.num_workers)
+    problems = make_thumbs(
+        thumb_jobs(queries, gallery, shown, mask_index, captions),
+        out / "thumbs",
+        cfg.report_thumb_size,
+        cfg.num_workers,
+    )
     for file, problem in problems.items():
         log.warning("report: no thumbnail for %s: %s", file, problem)
     maps = {}
     if cfg.report_maps:
-        maps = write_maps(out / "maps", map_extractor(made_with, cfg.device), gallery, shown, mask_index,
-                          gallery_features, captions, MAP_SCALE * cfg.report_thumb_size, problems)
-    page = Page(title=f"SoIR report: {made_with.dataset} / {made_with.extractor}",
-                metrics=metric_cells(results) if metrics is not None else [],
-                settings=setting_cells(features_dir, made_with, cfg),
-                notes=([NO_GROUND_TRUTH] if metrics is None else []) + notes(captions, why_not, mask_index, problems))
-    order = np.lexsort((-metrics["first_positive_rank"], metrics["ap"])) if metrics is not None \
-        else np.arange(len(queries))                                         # worst AP first
-    page.sections = [query_section(int(q), queries, gallery, metrics, shown, mask_index, captions is not None,
-                                   maps, problems) for q in order]
+        maps = write_maps(
+            out / "maps",
+            map_extractor(made_with, cfg.device),
+            gallery,
+            shown,
+            mask_index,
+            gallery_features,
+            captions,
+            MAP_SCALE * cfg.report_thumb_size,
+            problems,
+        )
+    page = Page(
+        title=f"SoIR report: {made_with.dataset} / {made_with.extractor}",
+        metrics=metric_cells(results) if metrics is not None else [],
+        settings=setting_cells(features_dir, made_with, cfg),
+        notes=([NO_GROUND_TRUTH] if metrics is None else []) + notes(captions, why_not, mask_index, problems),
+    )
+    order = (
+        np.lexsort((-metrics["first_positive_rank"], metrics["ap"])) if metrics is not None else np.arange(len(queries))
+    )  # worst AP first
+    page.sections = [
+        query_section(int(q), queries, gallery, metrics, shown, mask_index, captions is not None, maps, problems)
+        for q in order
+    ]
     path = out / "report.html"
     path.write_text(render(page))
-    log.info("report: %d queries x %d images, %d thumbnails, %d maps in %.1f s (CPU %.1f s, all threads)",
-             len(queries), shown.gallery.shape[1], len(list((out / "thumbs").iterdir())), len(maps),
-             time.time() - started, time.process_time() - cpu_started)
+    log.info(
+        "report: %d queries x %d images, %d thumbnails, %d maps in %.1f s (CPU %.1f s, all threads)",
+        len(queries),
+        shown.gallery.shape[1],
+        len(list((out / "thumbs").iterdir())),
+        len(maps),
+        time.time() - started,
+        time.process_time() - cpu_started,
+    )
     return path
 
 
-NO_GROUND_TRUTH = ("No metrics: an ad-hoc query has no ground truth (nothing says which gallery images show its "
-                   "object), so the frames are grey. The ranking and the matching masks are the search's own.")
+NO_GROUND_TRUTH = (
+    "No metrics: an ad-hoc query has no ground truth (nothing says which gallery images show its "
+    "object), so the frames are grey. The ranking and the matching masks are the search's own."
+)
 
 
 def metric_cells(results: dict) -> list[tuple[str, str]]:
@@ -306,68 +382,113 @@ def metric_cells(results: dict) -> list[tuple[str, str]]:
     cells += [(f"P@{k}", v) for k, v in results.get("precision", {}).items()]
     cells += [(key, v) for key, v in results.items() if key.startswith(("mAP@", "index_recall@"))]
     return [(name, f"{100 * value:.2f}") for name, value in cells] + [
-        ("queries", str(results["num_queries"])), ("gallery images", str(results["num_gallery_images"])),
-        ("gallery rows", str(results["num_gallery_rows"]))]
+        ("queries", str(results["num_queries"])),
+        ("gallery images", str(results["num_gallery_images"])),
+        ("gallery rows", str(results["num_gallery_rows"])),
+    ]
 
 
 def setting_cells(features_dir: Path, made_with: DictConfig, cfg: DictConfig) -> list[tuple[str, str]]:
     keys = ["extractor", "model_name", "vec_dim", "anns_file", "captions_file"]
     keys += list(MI_SETTINGS) if made_with.extractor.endswith("_mi_features") else []
-    return ([("features folder", str(features_dir.resolve()))] + [(k, str(made_with.get(k))) for k in keys]
-            + [("index", cfg.index), ("k_search", str(cfg.k_search))])
+    return (
+        [("features folder", str(features_dir.resolve()))]
+        + [(k, str(made_with.get(k))) for k in keys]
+        + [("index", cfg.index), ("k_search", str(cfg.k_search))]
+    )
 
 
 def notes(captions, why_not: str, mask_index: np.ndarray, problems: dict[str, str]) -> list[str]:
-    said = [f"Cyan outline: the mask whose vector gave the gallery image its score (the best-matching row). "
-            f"{int((mask_index < 0).sum())} of {mask_index.size} shown images matched through a row of no "
-            f"single mask (global embedding, union or average of masks: mask index -1) and have no outline."]
+    said = [
+        f"Cyan outline: the mask whose vector gave the gallery image its score (the best-matching row). "
+        f"{int((mask_index < 0).sum())} of {mask_index.size} shown images matched through a row of no "
+        f"single mask (global embedding, union or average of masks: mask index -1) and have no outline."
+    ]
     if why_not:
         said.append(f"No outlines at all: {why_not}.")
     if problems:
-        said.append(f"{len(problems)} image(s) could not be shown (see the log): "
-                    + "; ".join(f"{f}: {p}" for f, p in list(problems.items())[:3]))
+        said.append(
+            f"{len(problems)} image(s) could not be shown (see the log): "
+            + "; ".join(f"{f}: {p}" for f, p in list(problems.items())[:3])
+        )
     return said
 
 
-def query_section(q: int, queries: list[dict], gallery: list[dict], metrics: dict[str, np.ndarray] | None,
-                  shown: Shown, mask_index: np.ndarray, outlines: bool, maps: dict[int, str],
-                  problems: dict[str, str]) -> str:
+def query_section(
+    q: int,
+    queries: list[dict],
+    gallery: list[dict],
+    metrics: dict[str, np.ndarray] | None,
+    shown: Shown,
+    mask_index: np.ndarray,
+    outlines: bool,
+    maps: dict[int, str],
+    problems: dict[str, str],
+) -> str:
     record = queries[q]
     name = record.get("obj_name") or ""
     if metrics is None:
         ap, rank, hit, scored = 0.0, 0, 0, "ad-hoc query: no ground truth, no metrics"
     else:
-        ap, rank, positives = (metrics["ap"][q], int(metrics["first_positive_rank"][q]), int(metrics["num_positives"][q]))
-        hit, scored = (int(shown.positive[q].any()),
-                       f"AP {100 * ap:.1f} % &middot; first positive at rank {rank} &middot; {positives} positive(s)")
+        ap, rank, positives = (
+            metrics["ap"][q],
+            int(metrics["first_positive_rank"][q]),
+            int(metrics["num_positives"][q]),
+        )
+        hit, scored = (
+            int(shown.positive[q].any()),
+            f"AP {100 * ap:.1f} % &middot; first positive at rank {rank} &middot; {positives} positive(s)",
+        )
     text = f"<br>text: &ldquo;{html.escape(record['text'])}&rdquo;" if record.get("text") else ""
-    pictures = [] if record["file"] is None else \
-        [("query", f"q{q:06d}.jpg")] + ([("crop", f"q{q:06d}_crop.jpg")] if record["bbox"] else [])
-    head = "".join(f'<figure class="q">{image_tag(n, label, record["file"], problems)}'
-                   f"<figcaption>{label}</figcaption></figure>" for label, n in pictures)
+    pictures = (
+        []
+        if record["file"] is None
+        else [("query", f"q{q:06d}.jpg")] + ([("crop", f"q{q:06d}_crop.jpg")] if record["bbox"] else [])
+    )
+    head = "".join(
+        f'<figure class="q">{image_tag(n, label, record["file"], problems)}<figcaption>{label}</figcaption></figure>'
+        for label, n in pictures
+    )
     positive = shown.positive[q] if shown.positive is not None else [None] * shown.gallery.shape[1]
-    hits = "".join(hit_figure(i, int(g), float(s), p, int(row), int(m), gallery, outlines, maps, problems)
-                   for i, (g, s, p, row, m) in enumerate(zip(shown.gallery[q], shown.scores[q], positive,
-                                                           shown.rows[q], mask_index[q])))
+    hits = "".join(
+        hit_figure(i, int(g), float(s), p, int(row), int(m), gallery, outlines, maps, problems)
+        for i, (g, s, p, row, m) in enumerate(
+            zip(shown.gallery[q], shown.scores[q], positive, shown.rows[q], mask_index[q])
+        )
+    )
     search = html.escape(f"{record['key']} {name} {record.get('text') or ''}".lower(), quote=True)
-    return (f'<section class="query" data-ap="{ap:.6f}" data-rank="{rank}" data-hit="{hit}" '
-            f'data-search="{search}"><div class="head">{head}<div class="info"><b>{html.escape(record["key"])}</b>'
-            f"{' &middot; ' + html.escape(name) if name else ''} &middot; ins {html.escape(str(record['ins']))}"
-            f"{text}<br>{scored}</div></div>"
-            f'<div class="hits">{hits}</div></section>')
+    return (
+        f'<section class="query" data-ap="{ap:.6f}" data-rank="{rank}" data-hit="{hit}" '
+        f'data-search="{search}"><div class="head">{head}<div class="info"><b>{html.escape(record["key"])}</b>'
+        f"{' &middot; ' + html.escape(name) if name else ''} &middot; ins {html.escape(str(record['ins']))}"
+        f"{text}<br>{scored}</div></div>"
+        f'<div class="hits">{hits}</div></section>'
+    )
 
 
-def hit_figure(i: int, g: int, score: float, positive: bool | None, row: int, mask: int, gallery: list[dict],
-               outlines: bool, maps: dict[int, str], problems: dict[str, str]) -> str:
+def hit_figure(
+    i: int,
+    g: int,
+    score: float,
+    positive: bool | None,
+    row: int,
+    mask: int,
+    gallery: list[dict],
+    outlines: bool,
+    maps: dict[int, str],
+    problems: dict[str, str],
+) -> str:
     record = gallery[g]
     picture = image_tag(gallery_name(g, mask if outlines else -1), record["key"], record["file"], problems)
     if row in maps:
         picture = f'<a href="maps/{maps[row]}">{picture}</a>'
     mask_text = f"mask {mask}" if mask >= 0 else "no single mask"
     frame = "unknown" if positive is None else "pos" if positive else "neg"
-    return (f'<figure class="hit {frame}" data-gallery="{html.escape(record["key"], quote=True)}" '
-            f'data-mask-index="{mask}" data-row="{row}">{picture}'
-            f"<figcaption>{i + 1} &middot; {score:.3f} &middot; {mask_text}</figcaption></figure>")
+    return (
+        f'<figure class="hit {frame}" data-gallery="{html.escape(record["key"], quote=True)}" '
+        f'data-mask-index="{mask}" data-row="{row}">{picture}'
+        f"<figcaption>{i + 1} &middot; {score:.3f} &middot; {mask_text}</figcaption></figure>"
+    )
 
 
 def image_tag(name: str, label: str, file: str, problems: dict[str, str]) -> str:
@@ -420,10 +541,20 @@ update();
 
 
 def render(page: Page) -> str:
-    table = lambda cells: "<table>" + "".join(  # noqa: E731
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in cells) + "</table>"
-    metrics = ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in page.metrics) + "</tr><tr>"
-               + "".join(f"<td>{html.escape(v)}</td>" for _, v in page.metrics) + "</tr></table>")
+    table = lambda cells: (
+        "<table>"
+        + "".join(  # noqa: E731
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in cells
+        )
+        + "</table>"
+    )
+    metrics = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(k)}</th>" for k, _ in page.metrics)
+        + "</tr><tr>"
+        + "".join(f"<td>{html.escape(v)}</td>" for _, v in page.metrics)
+        + "</tr></table>"
+    )
     metrics = "<h2>Metrics (%)</h2>" + metrics if page.metrics else ""
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in page.notes)
     return f"""<!DOCTYPE html>

@@ -33,6 +33,7 @@ whenever the candidates are the exact top of the ranking (exact index; an approx
 miss images that outrank a retrieved positive). The result reports each query's coverage of its
 positives by the candidates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,11 +72,13 @@ class QueryRows:
     def __post_init__(self):
         owner = self.owner
         if self.features.ndim != 2 or owner.shape != (len(self.features),):
-            raise ValueError(f"query features {tuple(self.features.shape)} and owner {tuple(owner.shape)} "
-                             "must be [R, D] and [R]")
+            raise ValueError(
+                f"query features {tuple(self.features.shape)} and owner {tuple(owner.shape)} must be [R, D] and [R]"
+            )
         if not torch.equal(torch.unique_consecutive(owner), torch.arange(self.num_queries)):
-            raise ValueError(f"query rows must belong to queries 0..{self.num_queries - 1} in order, each "
-                             "with at least one row")
+            raise ValueError(
+                f"query rows must belong to queries 0..{self.num_queries - 1} in order, each with at least one row"
+            )
 
     @classmethod
     def load(cls, shards: FeatureShards) -> QueryRows:
@@ -116,8 +119,9 @@ class ShardRows:
         return out.reshape(ids.shape + values.shape[1:])
 
 
-def relevant_pairs(query_instances: Sequence[int],
-                   gallery_instances: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def relevant_pairs(
+    query_instances: Sequence[int], gallery_instances: Iterable[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
     """(query [N], image [N]) int64 of every relevant pair, sorted by query then image.
 
     Query ``q`` is relevant to gallery image ``g`` iff q's instance is among g's instances: the rule of
@@ -149,22 +153,25 @@ def _ordered(scores: torch.Tensor) -> torch.Tensor:
 
 def _unordered(ordered: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_ordered` (int64 -> float32)."""
-    bits = torch.where(ordered < 0, (-ordered) | 0x80000000, ordered)   # the uint32 bit pattern
+    bits = torch.where(ordered < 0, (-ordered) | 0x80000000, ordered)  # the uint32 bit pattern
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
 def _check_precision(device: torch.device) -> None:
     if torch.get_float32_matmul_precision() != "highest" or (
-            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
-        raise ValueError("float32 matmuls are set to reduced precision (TF32 / "
-                         "torch.set_float32_matmul_precision); scores would not be exact: set it to 'highest'")
+        device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    ):
+        raise ValueError(
+            "float32 matmuls are set to reduced precision (TF32 / "
+            "torch.set_float32_matmul_precision); scores would not be exact: set it to 'highest'"
+        )
 
 
 def _max_over_segments(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torch.Tensor:
     """Max of ``x`` over consecutive segments of ``lengths`` along ``dim`` (0 or 1 of a 2-D tensor):
     the rows of one image (dim 1) or of one query (dim 0)."""
     if len(lengths) == x.shape[dim]:
-        return x                                  # one row per segment
+        return x  # one row per segment
     if int(lengths.min()) == int(lengths.max()):  # equal segments: ~4x faster than segment_reduce
         r = int(lengths[0])
         if dim == 0:
@@ -177,8 +184,9 @@ def _max_over_segments(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torc
     return torch.segment_reduce(x, "max", lengths=lengths.expand(x.shape[0], -1), axis=1)
 
 
-def _image_scores(queries: torch.Tensor, query_lengths: torch.Tensor, rows: torch.Tensor,
-                  image_lengths: torch.Tensor) -> torch.Tensor:
+def _image_scores(
+    queries: torch.Tensor, query_lengths: torch.Tensor, rows: torch.Tensor, image_lengths: torch.Tensor
+) -> torch.Tensor:
     """[Q, n] image-level scores: inner products of query rows [Rq, D] with gallery rows [R, D], max over
     each image's rows (``image_lengths`` [n]) and each query's rows (``query_lengths`` [Q])."""
     per_row = queries @ rows.T
@@ -191,8 +199,9 @@ def _image_row_ranges(owner: torch.Tensor, images: np.ndarray) -> tuple[np.ndarr
     return np.searchsorted(owner, images, "left"), np.searchsorted(owner, images, "right")
 
 
-def _read_images(gallery: FeatureShards, images: np.ndarray,
-                 max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+def _read_images(
+    gallery: FeatureShards, images: np.ndarray, max_rows: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Rows of the sorted unique gallery ``images``, in batches of about ``max_rows`` rows (whole shards'
     worth of images): yields (images of the batch [n], their rows [R, D], rows per image [n]). Only those
     rows are read, each shard opened once."""
@@ -202,8 +211,10 @@ def _read_images(gallery: FeatureShards, images: np.ndarray,
         wanted = images[shard_of == shard]
         starts, stops = _image_row_ranges(gallery.read_owner(int(shard)), wanted)
         if (empty := wanted[starts == stops]).size:
-            raise SoIRError(f"gallery images {empty[:5].tolist()} own no rows (unreadable at extraction); "
-                             "leave their pairs out (they are not in the evaluated gallery)")
+            raise SoIRError(
+                f"gallery images {empty[:5].tolist()} own no rows (unreadable at extraction); "
+                "leave their pairs out (they are not in the evaluated gallery)"
+            )
         # Neighbouring images are one contiguous range of rows: read them with one slice.
         runs = np.flatnonzero(np.r_[True, starts[1:] != stops[:-1]])
         run_stops = np.r_[stops[runs[1:] - 1], stops[-1]]
@@ -218,8 +229,14 @@ def _read_images(gallery: FeatureShards, images: np.ndarray,
         yield np.concatenate(batch_images), torch.cat(batch_rows), torch.from_numpy(np.concatenate(batch_lengths))
 
 
-def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, image: np.ndarray,
-                device: str | torch.device = "cpu", block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+def pair_scores(
+    queries: QueryRows,
+    gallery: FeatureShards,
+    query: np.ndarray,
+    image: np.ndarray,
+    device: str | torch.device = "cpu",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> np.ndarray:
     """Exact image-level scores [N] float32 of the pairs (``query[i]``, ``image[i]``): the max inner
     product over the query's rows and the image's rows. Reads only those images' rows, at most about
     ``block_bytes`` of them at a time; each query is scored against its own images only."""
@@ -230,18 +247,17 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
     if len(query) == 0:
         return out
     if image.min() < 0 or image.max() >= gallery.num_images:
-        raise ValueError(f"gallery image ids must lie in [0, {gallery.num_images}), got "
-                         f"[{image.min()}, {image.max()}]")
+        raise ValueError(f"gallery image ids must lie in [0, {gallery.num_images}), got [{image.min()}, {image.max()}]")
     features = queries.features.to(device)
     query_start = np.concatenate(([0], np.cumsum(queries.lengths.numpy())))
-    max_rows = max(1, block_bytes // (2 * 4 * features.shape[1]))   # a batch's pieces + their concatenation
+    max_rows = max(1, block_bytes // (2 * 4 * features.shape[1]))  # a batch's pieces + their concatenation
     buffer = torch.empty((0, features.shape[1]), device=device)
     for images, rows, lengths in _read_images(gallery, np.unique(image), max_rows):
         rows = rows.to(device)
         row_start = np.concatenate(([0], np.cumsum(lengths.numpy())))
         in_batch = np.flatnonzero((image >= images[0]) & (image <= images[-1]))
         in_batch = in_batch[np.argsort(query[in_batch], kind="stable")]
-        position = np.searchsorted(images, image[in_batch])        # of each pair's image in the batch
+        position = np.searchsorted(images, image[in_batch])  # of each pair's image in the batch
         queries_here, first = np.unique(query[in_batch], return_index=True)
         for q, pairs, mine in zip(queries_here, np.split(in_batch, first[1:]), np.split(position, first[1:])):
             starts, counts = row_start[mine], lengths.numpy()[mine]
@@ -249,8 +265,8 @@ def pair_scores(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, i
             if len(buffer) < len(row_ids):
                 buffer = rows.new_empty((len(row_ids), rows.shape[1]))
             # Gather into a reused buffer: a fresh tensor per query costs ~2x (page faults).
-            mine_rows = torch.index_select(rows, 0, torch.from_numpy(row_ids).to(device), out=buffer[:len(row_ids)])
-            per_row = features[query_start[q]:query_start[q + 1]] @ mine_rows.T
+            mine_rows = torch.index_select(rows, 0, torch.from_numpy(row_ids).to(device), out=buffer[: len(row_ids)])
+            per_row = features[query_start[q] : query_start[q + 1]] @ mine_rows.T
             scores = _max_over_segments(per_row.amax(0, keepdim=True), torch.from_numpy(counts).to(device), 1)
             out[pairs] = scores[0].cpu().numpy()
     return out
@@ -265,22 +281,33 @@ class Positives:
     image (the order ``utils.metrics`` gives a query's positive thresholds). ``ptr`` [Q + 1]: the pairs of
     query q are ``ptr[q]:ptr[q + 1]``. Tensors on the CPU."""
 
-    query: torch.Tensor   # [N] int64
-    image: torch.Tensor   # [N] int64
-    score: torch.Tensor   # [N] float32
-    ptr: torch.Tensor     # [Q + 1] int64
+    query: torch.Tensor  # [N] int64
+    image: torch.Tensor  # [N] int64
+    score: torch.Tensor  # [N] float32
+    ptr: torch.Tensor  # [Q + 1] int64
 
     @classmethod
-    def score_pairs(cls, queries: QueryRows, gallery: FeatureShards, query: np.ndarray, image: np.ndarray,
-                    device: str | torch.device = "cpu", block_bytes: int = DEFAULT_BLOCK_BYTES) -> Positives:
+    def score_pairs(
+        cls,
+        queries: QueryRows,
+        gallery: FeatureShards,
+        query: np.ndarray,
+        image: np.ndarray,
+        device: str | torch.device = "cpu",
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> Positives:
         """Pass 1: score the relevant pairs (:func:`relevant_pairs`) from the rows of their images."""
         score = pair_scores(queries, gallery, query, image, device, block_bytes)
         if np.isnan(score).any():
             raise ValueError("features hold NaN (a relevant pair scores NaN); rankings would be undefined")
         order = np.lexsort((image, score, query))
         ptr = np.searchsorted(query[order], np.arange(queries.num_queries + 1))
-        return cls(torch.from_numpy(query[order]), torch.from_numpy(image[order]),
-                   torch.from_numpy(score[order]), torch.from_numpy(ptr))
+        return cls(
+            torch.from_numpy(query[order]),
+            torch.from_numpy(image[order]),
+            torch.from_numpy(score[order]),
+            torch.from_numpy(ptr),
+        )
 
     @property
     def num_queries(self) -> int:
@@ -357,7 +384,7 @@ def _update_top(top: torch.Tensor, scores: torch.Tensor, images: torch.Tensor, k
     if not len(q):
         return top
     keys = (_ordered(scores[q, g]) << 32) | (_LOW32 - images[g])
-    rows, counts = torch.unique_consecutive(q, return_counts=True)         # nonzero is row-major
+    rows, counts = torch.unique_consecutive(q, return_counts=True)  # nonzero is row-major
     start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(q), device=q.device) - torch.repeat_interleave(start, counts)
     new = torch.full((len(rows), int(counts.max())), torch.iinfo(torch.long).min, device=top.device)
@@ -393,8 +420,9 @@ class _Counter:
 
     def in_block(self, first_image: int, end_image: int) -> torch.Tensor:
         """Positives (indices) whose image lies in [first_image, end_image)."""
-        lo, hi = torch.searchsorted(self.image_sorted, torch.tensor([first_image, end_image],
-                                                                     device=self.image_sorted.device))
+        lo, hi = torch.searchsorted(
+            self.image_sorted, torch.tensor([first_image, end_image], device=self.image_sorted.device)
+        )
         return self.by_image[lo:hi]
 
     def add(self, scores: torch.Tensor, images: torch.Tensor, inside: torch.Tensor) -> None:
@@ -410,7 +438,7 @@ class _Counter:
             equal = self.keys[(position - 1).clamp_(min=0)] == key
             bins = torch.bincount(2 * (q + position) + equal, minlength=2 * num_bins).view(num_bins, 2)
             per_bin = bins.sum(1)
-            above = torch.flip(torch.cumsum(torch.flip(per_bin, (0,)), 0), (0,))   # scores in bins >= b
+            above = torch.flip(torch.cumsum(torch.flip(per_bin, (0,)), 0), (0,))  # scores in bins >= b
             above = torch.cat([above, above.new_zeros(1)])
             equal_own = bins[self.own_bin, 1]
             self.at_least += above[self.own_bin] - above[self.last_bin + 1]
@@ -431,9 +459,15 @@ def block_rows(queries: QueryRows, images_per_row: float, block_bytes: int = DEF
     return max(1, int(block_bytes / per_row))
 
 
-def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[int], positives: Positives,
-                 k: int, device: str | torch.device = "cpu",
-                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> Partial:
+def score_shards(
+    queries: QueryRows,
+    gallery: FeatureShards,
+    shards: Iterable[int],
+    positives: Positives,
+    k: int,
+    device: str | torch.device = "cpu",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Partial:
     """Pass 2 over one group of shards (the map step: e.g. the shards of one worker).
 
     Reads each shard in blocks of whole images sized so the block's working memory stays near
@@ -449,15 +483,17 @@ def score_shards(queries: QueryRows, gallery: FeatureShards, shards: Iterable[in
     for shard in shards:
         owner = gallery.read_owner(shard)
         max_rows = block_rows(queries, len(gallery.image_range(shard)) / max(1, len(owner)), block_bytes)
-        with gallery.mapped(shard) as shard_rows:                  # no copy on the CPU
+        with gallery.mapped(shard) as shard_rows:  # no copy on the CPU
             for images, row0, row1, lengths in _blocks(owner, max_rows):
                 images = images.to(device)
                 rows = shard_rows[row0:row1].to(device)
                 scores = _image_scores(features, query_lengths, rows, lengths.to(device))
                 del rows
                 if bool(torch.isnan(scores).any()):
-                    raise SoIRError(f"{gallery.shard_path(shard)}: scores are NaN (NaN in the features); "
-                                     "rankings would be undefined; recompute this shard")
+                    raise SoIRError(
+                        f"{gallery.shard_path(shard)}: scores are NaN (NaN in the features); "
+                        "rankings would be undefined; recompute this shard"
+                    )
                 inside = counter.in_block(int(images[0]), int(images[-1]) + 1)
                 # The relevant pairs keep their pass-1 scores (module doc: one score per pair).
                 column = torch.searchsorted(images, counter.image[inside])
@@ -478,8 +514,13 @@ def merge(partials: Sequence[Partial], k: int) -> Partial:
     top = partials[0].top_key
     for p in partials[1:]:
         top = _merge_top(top, p.top_key, k)
-    return Partial(sorted(shards), sum(p.at_least for p in partials), sum(p.equal for p in partials),
-                   sum(p.tied_before for p in partials), top)
+    return Partial(
+        sorted(shards),
+        sum(p.at_least for p in partials),
+        sum(p.equal for p in partials),
+        sum(p.tied_before for p in partials),
+        top,
+    )
 
 
 @dataclass
@@ -501,22 +542,31 @@ def _padded(values: np.ndarray, ptr: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def _per_query(thr: np.ndarray, at_least: np.ndarray, ranks: np.ndarray, num_positives: np.ndarray,
-               num_found: np.ndarray, precision_ks: Sequence[int], map_at: Sequence[int]) -> dict[str, np.ndarray]:
+def _per_query(
+    thr: np.ndarray,
+    at_least: np.ndarray,
+    ranks: np.ndarray,
+    num_positives: np.ndarray,
+    num_found: np.ndarray,
+    precision_ks: Sequence[int],
+    map_at: Sequence[int],
+) -> dict[str, np.ndarray]:
     """``per_query_metrics``' arrays from counts at the found positives' thresholds (thr, at_least: [Q, P]
     ascending, padded) and their ranks [Q, P] (ascending, padded with _NO_RANK); positives not found
     (candidates mode) contribute precision 0 and have no rank."""
     ap = _ap_from_counts(thr, num_found, at_least)
-    if not np.array_equal(num_found, num_positives):   # candidates mode; untouched when all are found
+    if not np.array_equal(num_found, num_positives):  # candidates mode; untouched when all are found
         with np.errstate(invalid="ignore", divide="ignore"):
             partial = np.nan_to_num(ap) * num_found / num_positives
         ap = np.where(num_found == num_positives, ap, np.where(num_positives > 0, partial, np.nan))
-    out = {"ap": ap,
-           "first_positive_rank": np.where(num_found > 0, ranks[:, 0], 0).astype(np.int64),
-           "num_positives": num_positives.astype(np.int64)}
+    out = {
+        "ap": ap,
+        "first_positive_rank": np.where(num_found > 0, ranks[:, 0], 0).astype(np.int64),
+        "num_positives": num_positives.astype(np.int64),
+    }
     for k in precision_ks:
         out[f"precision@{k}"] = (ranks <= k).sum(axis=1) / k
-    hits_so_far = np.arange(1, ranks.shape[1] + 1)[None, :]   # the j-th positive sits at rank ranks[:, j]
+    hits_so_far = np.arange(1, ranks.shape[1] + 1)[None, :]  # the j-th positive sits at rank ranks[:, j]
     for k in map_at:
         precision = np.divide(hits_so_far, ranks, out=np.zeros(ranks.shape), where=ranks <= k)
         with np.errstate(invalid="ignore"):
@@ -534,13 +584,19 @@ def _decode(top_key: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return index, score
 
 
-def finish(partial: Partial, positives: Positives, gallery: FeatureShards,
-           precision_ks: int | Sequence[int] = (), map_at: int | Sequence[int] | None = None) -> StreamedResult:
+def finish(
+    partial: Partial,
+    positives: Positives,
+    gallery: FeatureShards,
+    precision_ks: int | Sequence[int] = (),
+    map_at: int | Sequence[int] | None = None,
+) -> StreamedResult:
     """The reduce's last step: per-query metrics and rankings from the merged partial of ALL shards."""
     missing = sorted(set(range(gallery.num_shards)) - set(partial.shards))
     if missing:
-        raise SoIRError(f"{len(missing)} gallery shards were not scored (e.g. {missing[:5]}); "
-                         "the metrics need every shard")
+        raise SoIRError(
+            f"{len(missing)} gallery shards were not scored (e.g. {missing[:5]}); the metrics need every shard"
+        )
     ptr = positives.ptr.numpy()
     num_positives = np.diff(ptr)
     thr = _padded(positives.score.numpy(), ptr, np.float32(np.inf))
@@ -552,10 +608,18 @@ def finish(partial: Partial, positives: Positives, gallery: FeatureShards,
     return StreamedResult(per_query, top_index, top_score)
 
 
-def streamed_search(queries: QueryRows, gallery: FeatureShards, query: np.ndarray, image: np.ndarray, k: int,
-                    precision_ks: int | Sequence[int] = (), map_at: int | Sequence[int] | None = None,
-                    device: str | torch.device = "cpu", block_bytes: int = DEFAULT_BLOCK_BYTES,
-                    groups: Sequence[Sequence[int]] | None = None) -> StreamedResult:
+def streamed_search(
+    queries: QueryRows,
+    gallery: FeatureShards,
+    query: np.ndarray,
+    image: np.ndarray,
+    k: int,
+    precision_ks: int | Sequence[int] = (),
+    map_at: int | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    groups: Sequence[Sequence[int]] | None = None,
+) -> StreamedResult:
     """Exact evaluation of ``queries`` against the whole gallery, streamed: pass 1, the map over
     ``groups`` of shards (default: one group, all shards), the reduce. ``query``, ``image``: the
     relevant pairs (:func:`relevant_pairs`). ``k``: rankings kept per query (capped at the gallery size)."""
@@ -593,22 +657,32 @@ def row_images(gallery: FeatureShards, offsets: Sequence[int], rows: np.ndarray)
     return images
 
 
-def faiss_candidates(index, queries: QueryRows, gallery: FeatureShards, offsets: Sequence[int],
-                     k_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def faiss_candidates(
+    index, queries: QueryRows, gallery: FeatureShards, offsets: Sequence[int], k_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(query [M], image [M]) unique candidate pairs, sorted: the images of the ``k_rows`` rows FAISS
     returns for each query row (``index`` ids: global gallery row ids)."""
     _, rows = index.search(np.ascontiguousarray(queries.features.numpy(), dtype=np.float32), k_rows)
     query = np.repeat(queries.owner.numpy(), rows.shape[1])
     rows = rows.ravel()
-    found = rows >= 0                       # -1: FAISS had fewer than k_rows rows in the probed lists
+    found = rows >= 0  # -1: FAISS had fewer than k_rows rows in the probed lists
     pairs = np.unique(query[found] * gallery.num_images + row_images(gallery, offsets, rows[found]))
     return pairs // gallery.num_images, pairs % gallery.num_images
 
 
-def faiss_search(index, queries: QueryRows, gallery: FeatureShards, query: np.ndarray, image: np.ndarray,
-                 k: int, k_rows: int | None = None, precision_ks: int | Sequence[int] = (),
-                 map_at: int | Sequence[int] | None = None, device: str | torch.device = "cpu",
-                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> CandidateResult:
+def faiss_search(
+    index,
+    queries: QueryRows,
+    gallery: FeatureShards,
+    query: np.ndarray,
+    image: np.ndarray,
+    k: int,
+    k_rows: int | None = None,
+    precision_ks: int | Sequence[int] = (),
+    map_at: int | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> CandidateResult:
     """Fast mode: FAISS's top ``k_rows`` rows per query row (default 10 k), collapsed to images, re-scored
     exactly from the shards and ranked (ties: lower gallery index first). ``query``, ``image``: the
     relevant pairs. See :class:`CandidateResult` for what the metrics mean."""
@@ -620,7 +694,7 @@ def faiss_search(index, queries: QueryRows, gallery: FeatureShards, query: np.nd
     order = np.lexsort((cand_image, -cand_score, cand_query))
     cand_query, cand_image, cand_score = cand_query[order], cand_image[order], cand_score[order]
     start = np.searchsorted(cand_query, np.arange(queries.num_queries + 1))
-    position = np.arange(len(cand_query)) - start[cand_query]               # 0-based rank among candidates
+    position = np.arange(len(cand_query)) - start[cand_query]  # 0-based rank among candidates
     # Candidates scoring >= each candidate: the end of its tie run. Keys ascend with (query, -score).
     run_key = (torch.from_numpy(cand_query) << 32) + (2**31 - 1) - _ordered(torch.from_numpy(cand_score))
     at_least = torch.searchsorted(run_key, run_key, right=True).numpy() - start[cand_query]
@@ -633,19 +707,23 @@ def faiss_search(index, queries: QueryRows, gallery: FeatureShards, query: np.nd
 
     # The positives among the candidates, ascending by score per query (utils.metrics' threshold order).
     is_positive = np.isin(cand_query * num_images + cand_image, query * num_images + image)
-    found = np.flatnonzero(is_positive)[::-1]                               # descending -> ascending score
+    found = np.flatnonzero(is_positive)[::-1]  # descending -> ascending score
     found = found[np.argsort(cand_query[found], kind="stable")]
     num_found = np.bincount(cand_query[found], minlength=queries.num_queries)
     num_positives = np.bincount(query, minlength=queries.num_queries)
     ptr = np.concatenate(([0], np.cumsum(num_found)))
     thr = _padded(cand_score[found], ptr, np.float32(np.inf))
     ranks = np.sort(_padded(position[found] + 1, ptr, _NO_RANK), axis=1)
-    per_query = _per_query(thr, _padded(at_least[found], ptr, 0), ranks, num_positives, num_found,
-                           _ks(precision_ks), _ks(map_at))
+    per_query = _per_query(
+        thr, _padded(at_least[found], ptr, 0), ranks, num_positives, num_found, _ks(precision_ks), _ks(map_at)
+    )
     missed = (num_positives > 0) & (num_found == 0)
     per_query["first_positive_rank"][missed] = num_images + 1
     with np.errstate(invalid="ignore", divide="ignore"):
         coverage = num_found / num_positives
-    log.info("FAISS candidates: %.1f per query, %.4f of the positives (AP is a lower bound)",
-             len(cand_query) / queries.num_queries, num_found.sum() / max(1, num_positives.sum()))
+    log.info(
+        "FAISS candidates: %.1f per query, %.4f of the positives (AP is a lower bound)",
+        len(cand_query) / queries.num_queries,
+        num_found.sum() / max(1, num_positives.sum()),
+    )
     return CandidateResult(per_query, top_index, top_score, coverage)

@@ -12,6 +12,7 @@ share, cut into micro-batches. Which query image stands for the instance is draw
 ``(seed, e, pair)``. So the data of a step depends only on (seed, step), never on the worker count,
 and a resumed run reads exactly what an uninterrupted one reads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,11 +46,12 @@ class Pair:
 
     scene: int
     instance: int
-    queries: tuple[int, ...]          # indices into the query list
+    queries: tuple[int, ...]  # indices into the query list
 
 
-def scene_boxes(gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, max_crops: int
-                ) -> tuple[list[Scene], int]:
+def scene_boxes(
+    gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, max_crops: int
+) -> tuple[list[Scene], int]:
     """The k <= ``max_crops`` best-scored boxes of every gallery image: from ``captions`` (detector
     boxes), or with ``captions=None`` the annotation's own ``bbox``. Images without a box are left
     out; returns (scenes, number left out)."""
@@ -73,9 +75,12 @@ def make_pairs(scenes: Sequence[Scene], queries: Sequence[Annotation]) -> list[P
     queries_of: dict[int, list[int]] = {}
     for q, ann in enumerate(queries):
         queries_of.setdefault(ann.ins[0], []).append(q)
-    return [Pair(s, instance, tuple(queries_of[instance]))
-            for s, scene in enumerate(scenes) for instance in sorted(set(scene.annotation.ins))
-            if instance in queries_of]
+    return [
+        Pair(s, instance, tuple(queries_of[instance]))
+        for s, scene in enumerate(scenes)
+        for instance in sorted(set(scene.annotation.ins))
+        if instance in queries_of
+    ]
 
 
 def held_out_instances(queries: Sequence[Annotation], fraction: float, seed: int) -> set[int]:
@@ -88,8 +93,9 @@ def held_out_instances(queries: Sequence[Annotation], fraction: float, seed: int
     return {instances[i] for i in chosen}
 
 
-def crop_box(box: Sequence[float], width: int, height: int, pad: float, min_size: int,
-             source: str) -> tuple[int, int, int, int]:
+def crop_box(
+    box: Sequence[float], width: int, height: int, pad: float, min_size: int, source: str
+) -> tuple[int, int, int, int]:
     """Crop (x1, y1, x2, y2) in integer pixels, x2/y2 exclusive, for one object box of an image.
 
     The box in pixels (:func:`datasets.anns.pixel_box`) is padded as ``smart_crop`` pads a mask
@@ -120,13 +126,22 @@ class PairDataset(Dataset):
         pad, min_size: crop rule, see :func:`crop_box`.
     """
 
-    def __init__(self, scenes: Sequence[Scene], pairs: Sequence[Pair], queries: Sequence[Annotation],
-                 preprocess: Preprocess, pad: float, min_size: int):
+    def __init__(
+        self,
+        scenes: Sequence[Scene],
+        pairs: Sequence[Pair],
+        queries: Sequence[Annotation],
+        preprocess: Preprocess,
+        pad: float,
+        min_size: int,
+    ):
         self.scenes, self.pairs, self.preprocess = list(scenes), list(pairs), preprocess
         self.pad, self.min_size = pad, min_size
         maker = ViewMaker(preprocess, "global")
         # Queries go through the extraction Dataset, so they are cut exactly as create_index.py cuts them.
-        self.queries = ViewDataset([ImageJob(q, crop="square" if q.bbox is not None else None) for q in queries], maker, maker)
+        self.queries = ViewDataset(
+            [ImageJob(q, crop="square" if q.bbox is not None else None) for q in queries], maker, maker
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -142,8 +157,10 @@ class PairDataset(Dataset):
         """The scene's k crops at the model input size, [k, 3, S, S]."""
         scene = self.scenes[scene]
         image = load_rgb(scene.annotation.file)
-        crops = [image.crop(crop_box(box, image.width, image.height, self.pad, self.min_size,
-                                     str(scene.annotation.file))) for box in scene.boxes]
+        crops = [
+            image.crop(crop_box(box, image.width, image.height, self.pad, self.min_size, str(scene.annotation.file)))
+            for box in scene.boxes
+        ]
         return torch.stack([self.preprocess.image(crop) for crop in crops])
 
 
@@ -176,7 +193,7 @@ class PairOrder:
         """The (pair, query) items of optimizer step ``step`` (0-based), all processes together."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-        chosen = order[within * self.batch_size:(within + 1) * self.batch_size]
+        chosen = order[within * self.batch_size : (within + 1) * self.batch_size]
         return [(int(p), self._query(epoch, int(p))) for p in chosen]
 
     def _query(self, epoch: int, pair: int) -> int:
@@ -201,6 +218,6 @@ class MicroBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.stop):
-            mine = self.order.step_items(step)[self.rank * self.share:(self.rank + 1) * self.share]
+            mine = self.order.step_items(step)[self.rank * self.share : (self.rank + 1) * self.share]
             for i in range(0, self.share, self.micro_batch):
-                yield mine[i:i + self.micro_batch]
+                yield mine[i : i + self.micro_batch]

@@ -27,6 +27,7 @@ Randomness: LoRA's initialisation is drawn from ``seed``; the dropout of every m
 So a run resumed from its checkpoint (weights, optimizer, scheduler, step) continues exactly as the
 uninterrupted run, and nothing depends on DataLoader workers or on validation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,12 +59,20 @@ from utils.families import FAMILIES, lora_families
 from utils.files import atomic_write_text
 from utils.metrics import retrieval_metrics
 from utils.preprocessing import Preprocess
-from utils.train_data import (MicroBatches, Pair, PairDataset, PairOrder, Scene, collate_pairs,
-                              held_out_instances, make_pairs, scene_boxes)
+from utils.train_data import (
+    MicroBatches,
+    Pair,
+    PairDataset,
+    PairOrder,
+    Scene,
+    collate_pairs,
+    held_out_instances,
+    make_pairs,
+    scene_boxes,
+)
 from utils.vit_adapters import vit_parts
 
 log = logging.getLogger("soir.training")
-
 
 
 @dataclass
@@ -71,45 +80,45 @@ class TrainConfig:
     """Typed schema of ``configs/train.yaml``; the defaults are the paper's recipe (README, "Training MaO adapters")."""
 
     # --- data --------------------------------------------------------------------------
-    dataset: str = "voxdet"                  # a name; used in the output path only
-    anns_file: str = MISSING                 # anns.pt: queries (with bbox) + gallery scenes (with ins)
-    captions_file: Optional[str] = None      # captions.pt: detector boxes per scene (create_masked_dataset.py)
-    box_source: str = "captions"             # captions: captions.pt boxes | anns: the scene's anns bbox
-    galleries_dir: Optional[str] = None      # as create_index.py
+    dataset: str = "voxdet"  # a name; used in the output path only
+    anns_file: str = MISSING  # anns.pt: queries (with bbox) + gallery scenes (with ins)
+    captions_file: Optional[str] = None  # captions.pt: detector boxes per scene (create_masked_dataset.py)
+    box_source: str = "captions"  # captions: captions.pt boxes | anns: the scene's anns bbox
+    galleries_dir: Optional[str] = None  # as create_index.py
     queries_dir: Optional[str] = None
-    max_crops: int = 10                      # k: the best-scored boxes per scene
-    crop_pad: float = 0.1                    # as smart_crop_pad: padding, share of the box's longer side
-    min_crop_size: Optional[int] = None      # crops grow to at least this side; null = image_size
-    val_anns_file: Optional[str] = None      # held-out split; null = hold out val_fraction of the instances
+    max_crops: int = 10  # k: the best-scored boxes per scene
+    crop_pad: float = 0.1  # as smart_crop_pad: padding, share of the box's longer side
+    min_crop_size: Optional[int] = None  # crops grow to at least this side; null = image_size
+    val_anns_file: Optional[str] = None  # held-out split; null = hold out val_fraction of the instances
     val_captions_file: Optional[str] = None  # boxes of the held-out scenes; null = captions_file
     val_fraction: float = 0.05
     # --- model ---------------------------------------------------------------------------
-    family: str = "dinov2"                   # a family that supports LoRA (utils.families.lora_families)
-    model_name: Optional[str] = None         # null = facebook/dinov2-base | openai/clip-vit-base-patch16
-    image_size: int = 224                    # model input side in pixels
+    family: str = "dinov2"  # a family that supports LoRA (utils.families.lora_families)
+    model_name: Optional[str] = None  # null = facebook/dinov2-base | openai/clip-vit-base-patch16
+    image_size: int = 224  # model input side in pixels
     lora_rank: int = 256
     lora_alpha: float = 32
     lora_dropout: float = 0.1
     # --- objective and optimisation --------------------------------------------------------
-    temperature: float = 0.07                # InfoNCE temperature (see utils/training.py)
-    lr: float = 5e-5                         # AdamW
-    weight_decay: float = 0.01               # AdamW (torch's default; the paper does not say)
-    lr_decay: float = 0.93                   # lr = max(min_lr, lr * lr_decay ** (step // lr_decay_every))
-    lr_decay_every: int = 1                  # optimizer steps
+    temperature: float = 0.07  # InfoNCE temperature (see utils/training.py)
+    lr: float = 5e-5  # AdamW
+    weight_decay: float = 0.01  # AdamW (torch's default; the paper does not say)
+    lr_decay: float = 0.93  # lr = max(min_lr, lr * lr_decay ** (step // lr_decay_every))
+    lr_decay_every: int = 1  # optimizer steps
     min_lr: float = 1e-6
-    batch_size: int = 128                    # pairs per optimizer step, all processes together
-    micro_batch: int = 16                    # pairs per forward pass and process (memory)
+    batch_size: int = 128  # pairs per optimizer step, all processes together
+    micro_batch: int = 16  # pairs per forward pass and process (memory)
     epochs: int = 1
-    max_steps: Optional[int] = None          # stop earlier (null = all epochs)
-    precision: str = "bf16"                  # bf16 (autocast, fp32 master weights) | fp32
+    max_steps: Optional[int] = None  # stop earlier (null = all epochs)
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
     seed: int = 0
     # --- run ------------------------------------------------------------------------------
-    device: str = "auto"                     # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
-    num_workers: int = 4                     # DataLoader processes per training process
-    output_dir: Optional[str] = None         # null = outputs/train/<dataset>/<family>-<hash of the settings>
-    log_every: int = 10                      # steps between metrics.jsonl lines
-    val_every: int = 100                     # steps between validations (and at step 0 and the end)
-    checkpoint_every: int = 50               # steps between resume checkpoints (and at the end)
+    device: str = "auto"  # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
+    num_workers: int = 4  # DataLoader processes per training process
+    output_dir: Optional[str] = None  # null = outputs/train/<dataset>/<family>-<hash of the settings>
+    log_every: int = 10  # steps between metrics.jsonl lines
+    val_every: int = 100  # steps between validations (and at step 0 and the end)
+    checkpoint_every: int = 50  # steps between resume checkpoints (and at the end)
 
 
 # Keys that do not change the trained weights: a run may resume with other values.
@@ -127,22 +136,37 @@ def check_train_config(cfg: Any) -> None:
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise SoIRError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
-    for key in ("max_crops", "image_size", "lora_rank", "batch_size", "micro_batch", "epochs", "log_every",
-                "val_every", "checkpoint_every", "lr_decay_every"):
+    for key in (
+        "max_crops",
+        "image_size",
+        "lora_rank",
+        "batch_size",
+        "micro_batch",
+        "epochs",
+        "log_every",
+        "val_every",
+        "checkpoint_every",
+        "lr_decay_every",
+    ):
         if cfg[key] < 1:
             raise SoIRError(f"{key}={cfg[key]} must be positive")
     for key in ("temperature", "lr", "lora_alpha"):
         if not cfg[key] > 0:
             raise SoIRError(f"{key}={cfg[key]} must be > 0")
     if not 0 < cfg.lr_decay <= 1 or not 0 <= cfg.min_lr <= cfg.lr:
-        raise SoIRError(f"need 0 < lr_decay <= 1 and 0 <= min_lr <= lr (lr_decay={cfg.lr_decay}, "
-                         f"min_lr={cfg.min_lr}, lr={cfg.lr})")
+        raise SoIRError(
+            f"need 0 < lr_decay <= 1 and 0 <= min_lr <= lr (lr_decay={cfg.lr_decay}, min_lr={cfg.min_lr}, lr={cfg.lr})"
+        )
     if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.crop_pad <= 2:
-        raise SoIRError(f"need 0 <= lora_dropout < 1 and 0 <= crop_pad <= 2 "
-                         f"(lora_dropout={cfg.lora_dropout}, crop_pad={cfg.crop_pad})")
+        raise SoIRError(
+            f"need 0 <= lora_dropout < 1 and 0 <= crop_pad <= 2 "
+            f"(lora_dropout={cfg.lora_dropout}, crop_pad={cfg.crop_pad})"
+        )
     if cfg.box_source == "captions" and not cfg.captions_file:
-        raise SoIRError("box_source=captions needs captions_file= (boxes from scripts/create_masked_dataset.py); "
-                         "or box_source=anns to crop each scene to its anns.pt bbox")
+        raise SoIRError(
+            "box_source=captions needs captions_file= (boxes from scripts/create_masked_dataset.py); "
+            "or box_source=anns to crop each scene to its anns.pt bbox"
+        )
     if cfg.val_anns_file is None and not 0 < cfg.val_fraction < 1:
         raise SoIRError(f"val_fraction={cfg.val_fraction} must be in (0, 1) when val_anns_file is not given")
 
@@ -152,11 +176,16 @@ def check_train_config(cfg: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 def build_model(cfg: Any) -> tuple[nn.Module, LoraSettings]:
     """The backbone (``extractors.backbones.load_backbone``) wrapped with trainable LoRA (seeded init)."""
-    settings = LoraSettings(rank=cfg.lora_rank, alpha=float(cfg.lora_alpha), dropout=cfg.lora_dropout,
-                            target_modules=FAMILIES[cfg.family].lora_targets, family=cfg.family)
+    settings = LoraSettings(
+        rank=cfg.lora_rank,
+        alpha=float(cfg.lora_alpha),
+        dropout=cfg.lora_dropout,
+        target_modules=FAMILIES[cfg.family].lora_targets,
+        family=cfg.family,
+    )
     backbone = load_backbone(cfg.family, cfg.model_name or FAMILIES[cfg.family].default_models["base"], "sdpa")
     torch.manual_seed(cfg.seed)
-    model = wrap_with_lora(backbone, settings)   # only the LoRA tensors require gradients
+    model = wrap_with_lora(backbone, settings)  # only the LoRA tensors require gradients
     return model, settings
 
 
@@ -170,12 +199,13 @@ def embed(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.normalize(vit_parts(inner).global_embedding(output).float(), dim=-1)
 
 
-def encode_pairs(model: nn.Module, queries: torch.Tensor, crops: torch.Tensor, counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pairs(
+    model: nn.Module, queries: torch.Tensor, crops: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Query embeddings q [B, D] and scene embeddings s [B, D] (mean of each scene's crop embeddings,
     renormalised), from one forward pass over queries [B, 3, S, S] and crops [sum(counts), 3, S, S]."""
     vectors = embed(model, torch.cat([queries, crops]))
-    q, c = vectors[:len(queries)], vectors[len(queries):]
+    q, c = vectors[: len(queries)], vectors[len(queries) :]
     owner = torch.repeat_interleave(torch.arange(len(counts), device=c.device), counts.to(c.device))
     s = torch.zeros(len(counts), c.shape[1], device=c.device, dtype=c.dtype).index_add(0, owner, c)
     return q, F.normalize(s / counts.to(c)[:, None], dim=-1)
@@ -223,8 +253,9 @@ class Context:
         return contextlib.nullcontext()
 
 
-def train_step(model: nn.Module, micro_batches: list[tuple], positives: torch.Tensor, cfg: Any, step: int,
-               ctx: Context) -> float:
+def train_step(
+    model: nn.Module, micro_batches: list[tuple], positives: torch.Tensor, cfg: Any, step: int, ctx: Context
+) -> float:
     """Accumulate the gradient of the whole batch's loss in the LoRA parameters; returns the loss.
 
     ``micro_batches``: this process's (queries, crops, counts) micro-batches of step ``step``;
@@ -232,7 +263,7 @@ def train_step(model: nn.Module, micro_batches: list[tuple], positives: torch.Te
     """
     forward = ctx.ddp if ctx.ddp is not None else model
     moved = [(q.to(ctx.device), c.to(ctx.device), n) for q, c, n in micro_batches]
-    if len(moved) == 1 and ctx.world == 1:         # the plain path: one forward, one backward
+    if len(moved) == 1 and ctx.world == 1:  # the plain path: one forward, one backward
         torch.manual_seed(micro_seed(cfg.seed, step, ctx.rank, 0))
         with ctx.autocast():
             q, s = encode_pairs(forward, *moved[0])
@@ -250,20 +281,20 @@ def train_step(model: nn.Module, micro_batches: list[tuple], positives: torch.Te
     # (2) the whole batch's loss and its gradient with respect to this process's embeddings
     q_all, s_all = _gather(q_local, ctx), _gather(s_local, ctx)
     start = ctx.rank * len(q_local)
-    q_all[start:start + len(q_local)] = q_local
-    s_all[start:start + len(s_local)] = s_local
+    q_all[start : start + len(q_local)] = q_local
+    s_all[start : start + len(s_local)] = s_local
     q_all.requires_grad_(True)
     s_all.requires_grad_(True)
     loss = info_nce(q_all, s_all, positives, cfg.temperature)
     loss.backward()
-    q_grad = q_all.grad[start:start + len(q_local)]
-    s_grad = s_all.grad[start:start + len(s_local)]
+    q_grad = q_all.grad[start : start + len(q_local)]
+    s_grad = s_all.grad[start : start + len(s_local)]
     # (3) replay each micro-batch with a graph and the same dropout; DDP averages over processes,
     # so the surrogate is scaled by their number to give the sum of their contributions.
     offset = 0
     for m, batch in enumerate(moved):
         sync = m == len(moved) - 1
-        with (contextlib.nullcontext() if sync or ctx.ddp is None else ctx.ddp.no_sync()):
+        with contextlib.nullcontext() if sync or ctx.ddp is None else ctx.ddp.no_sync():
             torch.manual_seed(micro_seed(cfg.seed, step, ctx.rank, m))
             with ctx.autocast():
                 q, s = encode_pairs(forward, *batch)
@@ -292,8 +323,15 @@ def batch_positives(pairs: list[Pair], scenes: list[Scene]) -> torch.Tensor:
 # Validation: image-level retrieval with the training's own descriptors
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model: nn.Module, data: PairDataset, queries: list[int], relevant: np.ndarray, ctx: Context,
-             micro_batch: int, num_workers: int) -> dict:
+def validate(
+    model: nn.Module,
+    data: PairDataset,
+    queries: list[int],
+    relevant: np.ndarray,
+    ctx: Context,
+    micro_batch: int,
+    num_workers: int,
+) -> dict:
     """Exact, image-level retrieval metrics (utils.metrics) of the held-out split.
 
     Queries are embedded as in training (their bbox crop), every scene as the mean of its crop
@@ -302,8 +340,7 @@ def validate(model: nn.Module, data: PairDataset, queries: list[int], relevant: 
     was_training = model.training
     model.eval()
     try:
-        loader = DataLoader(_ValItems(data, queries), batch_size=micro_batch, num_workers=num_workers,
-                            collate_fn=list)
+        loader = DataLoader(_ValItems(data, queries), batch_size=micro_batch, num_workers=num_workers, collate_fn=list)
         q_rows, s_rows = [], []
         for items in loader:
             for kind, rows in (("q", q_rows), ("s", s_rows)):
@@ -315,15 +352,24 @@ def validate(model: nn.Module, data: PairDataset, queries: list[int], relevant: 
                         rows.append(embed(model, torch.stack(chosen).to(ctx.device)).cpu())
                     else:
                         counts = torch.tensor([len(c) for c in chosen])
-                        _, s = encode_pairs(model, torch.empty(0, *chosen[0].shape[1:], device=ctx.device),
-                                            torch.cat(chosen).to(ctx.device), counts)
+                        _, s = encode_pairs(
+                            model,
+                            torch.empty(0, *chosen[0].shape[1:], device=ctx.device),
+                            torch.cat(chosen).to(ctx.device),
+                            counts,
+                        )
                         rows.append(s.cpu())
         scores = (torch.cat(q_rows) @ torch.cat(s_rows).T).double().numpy()
     finally:
         model.train(was_training)
     result = retrieval_metrics(scores, relevant, recall_ks=(1, 5))
-    return {"val_mAP": result["mAP"], "val_R@1": result["recall"]["1"], "val_R@5": result["recall"]["5"],
-            "val_queries": len(queries), "val_scenes": len(data.scenes)}
+    return {
+        "val_mAP": result["mAP"],
+        "val_R@1": result["recall"]["1"],
+        "val_R@5": result["recall"]["5"],
+        "val_queries": len(queries),
+        "val_scenes": len(data.scenes),
+    }
 
 
 class _ValItems(torch.utils.data.Dataset):
@@ -348,8 +394,8 @@ class _ValItems(torch.utils.data.Dataset):
 class Splits:
     train: PairDataset
     val: PairDataset
-    val_queries: list[int]            # indices into val.queries
-    val_relevant: np.ndarray          # [Q, G] bool, queries x val scenes
+    val_queries: list[int]  # indices into val.queries
+    val_relevant: np.ndarray  # [Q, G] bool, queries x val scenes
 
 
 def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
@@ -359,16 +405,22 @@ def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
     captions = load_captions(cfg.captions_file) if cfg.box_source == "captions" else None
     scenes, without = scene_boxes(gallery, captions, cfg.max_crops)
     if without:
-        log.warning("%d of %d scenes have no box (%s) and are not used", without, len(gallery),
-                    cfg.captions_file if captions is not None else f"no bbox in {cfg.anns_file}")
+        log.warning(
+            "%d of %d scenes have no box (%s) and are not used",
+            without,
+            len(gallery),
+            cfg.captions_file if captions is not None else f"no bbox in {cfg.anns_file}",
+        )
     if cfg.val_anns_file:
         val_queries, val_gallery = split(load_anns(cfg.val_anns_file, cfg.galleries_dir, cfg.queries_dir))
-        val_captions = (load_captions(cfg.val_captions_file or cfg.captions_file)
-                        if cfg.box_source == "captions" else None)
+        val_captions = (
+            load_captions(cfg.val_captions_file or cfg.captions_file) if cfg.box_source == "captions" else None
+        )
         val_scenes, val_without = scene_boxes(val_gallery, val_captions, cfg.max_crops)
         if val_without:
-            log.warning("%d of %d held-out scenes have no box and are left out of validation", val_without,
-                        len(val_gallery))
+            log.warning(
+                "%d of %d held-out scenes have no box and are left out of validation", val_without, len(val_gallery)
+            )
         train_pairs = make_pairs(scenes, queries)
     else:
         # Held-out instances: their queries, and every scene that shows one (never trained on).
@@ -381,18 +433,28 @@ def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
     relevant = relevance(val_queries, [s.annotation for s in val_scenes])
     keep = [q for q in range(len(val_queries)) if relevant[q].any()]
     if len(keep) < len(val_queries):
-        log.warning("%d of %d held-out queries have no held-out scene with a box and are not evaluated",
-                    len(val_queries) - len(keep), len(val_queries))
+        log.warning(
+            "%d of %d held-out queries have no held-out scene with a box and are not evaluated",
+            len(val_queries) - len(keep),
+            len(val_queries),
+        )
     if not keep or not train_pairs:
-        raise SoIRError(f"{cfg.anns_file}: {len(train_pairs)} training pairs and {len(keep)} held-out queries "
-                         f"with a positive scene; both are needed")
+        raise SoIRError(
+            f"{cfg.anns_file}: {len(train_pairs)} training pairs and {len(keep)} held-out queries "
+            f"with a positive scene; both are needed"
+        )
     if len(train_pairs) < cfg.batch_size:
-        raise SoIRError(f"{cfg.anns_file}: {len(train_pairs)} training pairs, fewer than batch_size="
-                         f"{cfg.batch_size}")
+        raise SoIRError(f"{cfg.anns_file}: {len(train_pairs)} training pairs, fewer than batch_size={cfg.batch_size}")
     train = PairDataset(scenes, train_pairs, queries, preprocess, cfg.crop_pad, min_size)
     val = PairDataset(val_scenes, [], val_queries, preprocess, cfg.crop_pad, min_size)
-    log.info("training: %d pairs (%d scenes, %d queries); held out: %d queries x %d scenes",
-             len(train_pairs), len(scenes), len(queries), len(keep), len(val_scenes))
+    log.info(
+        "training: %d pairs (%d scenes, %d queries); held out: %d queries x %d scenes",
+        len(train_pairs),
+        len(scenes),
+        len(queries),
+        len(keep),
+        len(val_scenes),
+    )
     return Splits(train, val, keep, relevant[keep])
 
 
@@ -407,20 +469,26 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     """
     check_train_config(cfg)
     if cfg.batch_size % (ctx.world * cfg.micro_batch):
-        raise SoIRError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} "
-                         f"x {ctx.world} processes")
+        raise SoIRError(
+            f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} x {ctx.world} processes"
+        )
     model_name = cfg.model_name or FAMILIES[cfg.family].default_models["base"]
     preprocess = Preprocess.from_pretrained(model_name)
     if preprocess.size != (cfg.image_size, cfg.image_size):
-        log.warning("image_size=%d, but %s's processor (used by create_index.py) resizes to %s",
-                    cfg.image_size, model_name, preprocess.size)
+        log.warning(
+            "image_size=%d, but %s's processor (used by create_index.py) resizes to %s",
+            cfg.image_size,
+            model_name,
+            preprocess.size,
+        )
     preprocess = Preprocess((cfg.image_size, cfg.image_size), preprocess.mean, preprocess.std, preprocess.resample)
     data = load_splits(cfg, preprocess)
     model, settings = build_model(cfg)
     model.to(ctx.device).train()
     if ctx.world > 1:
         ctx.ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, cfg) / cfg.lr)
@@ -435,17 +503,29 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
         state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
         loaded = model.load_state_dict(state["state_dict"], strict=False)
         if loaded.unexpected_keys or any("lora_" in k for k in loaded.missing_keys):
-            raise SoIRError(f"{out / 'last.ckpt'} does not fit this model (unexpected {loaded.unexpected_keys[:3]}, "
-                             f"missing {[k for k in loaded.missing_keys if 'lora_' in k][:3]})")
+            raise SoIRError(
+                f"{out / 'last.ckpt'} does not fit this model (unexpected {loaded.unexpected_keys[:3]}, "
+                f"missing {[k for k in loaded.missing_keys if 'lora_' in k][:3]})"
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best = state["step"], state["best"]
         log.info("resuming %s at step %d of %d", out / "last.ckpt", step, total)
     metrics = MetricsLog(out / "metrics.jsonl", step, enabled=ctx.rank == 0)
     n_trainable = sum(p.numel() for p in params)
-    log.info("%s + LoRA(r=%d, alpha=%g, dropout=%g): %.1fM trainable parameters; %d steps of %d pairs "
-             "(%d per process and forward pass), %d per epoch", model_name, settings.rank, settings.alpha,
-             settings.dropout, n_trainable / 1e6, total, cfg.batch_size, cfg.micro_batch, order.steps_per_epoch)
+    log.info(
+        "%s + LoRA(r=%d, alpha=%g, dropout=%g): %.1fM trainable parameters; %d steps of %d pairs "
+        "(%d per process and forward pass), %d per epoch",
+        model_name,
+        settings.rank,
+        settings.alpha,
+        settings.dropout,
+        n_trainable / 1e6,
+        total,
+        cfg.batch_size,
+        cfg.micro_batch,
+        order.steps_per_epoch,
+    )
 
     def checkpoint_extra(at: int) -> dict:
         return {"step": at, "model_name": model_name, "image_size": cfg.image_size}
@@ -453,21 +533,24 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     def run_validation(at: int) -> None:
         nonlocal best
         if ctx.rank == 0:
-            result = validate(model, data.val, data.val_queries, data.val_relevant, ctx, cfg.micro_batch,
-                              cfg.num_workers)
+            result = validate(
+                model, data.val, data.val_queries, data.val_relevant, ctx, cfg.micro_batch, cfg.num_workers
+            )
             metrics.write({"step": at, **result})
             log.info("step %d: held-out mAP %.4f, R@1 %.4f", at, result["val_mAP"], result["val_R@1"])
             if result["val_mAP"] > best["val_mAP"]:
                 best = {"step": at, "val_mAP": result["val_mAP"]}
-                atomic_torch_save(lora_checkpoint(model, settings, **checkpoint_extra(at), **result),
-                                  out / "best.ckpt")
+                atomic_torch_save(lora_checkpoint(model, settings, **checkpoint_extra(at), **result), out / "best.ckpt")
         _barrier(ctx)
 
     if step == 0:
-        run_validation(0)             # the untrained model: the baseline the adapters must beat
-    loader = DataLoader(data.train, batch_sampler=MicroBatches(order, step, total, ctx.rank, ctx.world,
-                                                                cfg.micro_batch),
-                        num_workers=cfg.num_workers, collate_fn=collate_pairs)
+        run_validation(0)  # the untrained model: the baseline the adapters must beat
+    loader = DataLoader(
+        data.train,
+        batch_sampler=MicroBatches(order, step, total, ctx.rank, ctx.world, cfg.micro_batch),
+        num_workers=cfg.num_workers,
+        collate_fn=collate_pairs,
+    )
     per_step = cfg.batch_size // (ctx.world * cfg.micro_batch)
     progress = tqdm(total=total, initial=step, desc="train", unit="step", disable=ctx.rank != 0)
     batches, started, images, first_step = [], time.perf_counter(), 0, step
@@ -482,26 +565,48 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
         optimizer.step()
         scheduler.step()
         step += 1
-        images += sum(len(q) + len(c) for q, c, _ in batches) * ctx.world   # approximate for world > 1
+        images += sum(len(q) + len(c) for q, c, _ in batches) * ctx.world  # approximate for world > 1
         batches = []
         elapsed = time.perf_counter() - started
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                             img_s=f"{images / elapsed:.1f}")
+        progress.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{images / elapsed:.1f}"
+        )
         if step % cfg.log_every == 0 or step == total:
-            metrics.write({"step": step, "epoch": step / order.steps_per_epoch, "loss": loss,
-                           "lr": scheduler.get_last_lr()[0], "images_per_s": images / elapsed,
-                           "pairs_per_s": cfg.batch_size * (step - first_step) / elapsed})
+            metrics.write(
+                {
+                    "step": step,
+                    "epoch": step / order.steps_per_epoch,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": images / elapsed,
+                    "pairs_per_s": cfg.batch_size * (step - first_step) / elapsed,
+                }
+            )
         if step % cfg.val_every == 0 or step == total:
             run_validation(step)
         if (step % cfg.checkpoint_every == 0 or step == total) and ctx.rank == 0:
-            atomic_torch_save(lora_checkpoint(model, settings, **checkpoint_extra(step), optimizer=optimizer.state_dict(),
-                                              scheduler=scheduler.state_dict(), best=best), out / "last.ckpt")
+            atomic_torch_save(
+                lora_checkpoint(
+                    model,
+                    settings,
+                    **checkpoint_extra(step),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    best=best,
+                ),
+                out / "last.ckpt",
+            )
     progress.close()
     if ctx.rank == 0:
         atomic_torch_save(lora_checkpoint(model, settings, **checkpoint_extra(step)), out / "final.ckpt")
-        log.info("done: %s (best held-out mAP %.4f at step %s in %s)", out / "final.ckpt", best["val_mAP"],
-                 best["step"], out / "best.ckpt")
+        log.info(
+            "done: %s (best held-out mAP %.4f at step %s in %s)",
+            out / "final.ckpt",
+            best["val_mAP"],
+            best["step"],
+            out / "best.ckpt",
+        )
     _barrier(ctx)
     return model.eval()
 
@@ -518,8 +623,8 @@ class MetricsLog:
     def __init__(self, path: Path, resumed_step: int, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
-            atomic_write_text(path, "".join(l + "\n" for l in kept))
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -5,6 +5,7 @@
 
 No matplotlib: the colormap is a small lookup table interpolated with numpy.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-OUTLINE_COLOR = (0, 255, 255)     # cyan: apart from the colormap's black-red-yellow and the report's green/red
+OUTLINE_COLOR = (0, 255, 255)  # cyan: apart from the colormap's black-red-yellow and the report's green/red
 # Anchors of matplotlib's "inferno" (0, 1/4, 1/2, 3/4, 1): dark = low relevance, light yellow = high.
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
 
@@ -49,8 +50,9 @@ def resize_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.nd
     x1, x2 = math.floor(tx1 / sx), min(width, math.ceil(tx2 / sx))
     y1, y2 = math.floor(ty1 / sy), min(height, math.ceil(ty2 / sy))
     region = Image.fromarray(mask[y1:y2, x1:x2].astype(np.uint8) * 255)
-    coverage = region.resize((tx2 - tx1, ty2 - ty1), Image.Resampling.BOX,
-                             box=(tx1 / sx - x1, ty1 / sy - y1, tx2 / sx - x1, ty2 / sy - y1))
+    coverage = region.resize(
+        (tx2 - tx1, ty2 - ty1), Image.Resampling.BOX, box=(tx1 / sx - x1, ty1 / sy - y1, tx2 / sx - x1, ty2 / sy - y1)
+    )
     out[ty1:ty2, tx1:tx2] = np.asarray(coverage) > 0
     return out
 
@@ -68,8 +70,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return grown
 
 
-def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None = None,
-                 width: int = 2) -> np.ndarray:
+def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None = None, width: int = 2) -> np.ndarray:
     """The ring of pixels just outside ``mask``, ``width`` px thick, as bool [height, width].
 
     Args:
@@ -83,8 +84,9 @@ def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None =
     return dilate(inside, width) & ~inside
 
 
-def draw_outline(picture: Image.Image, mask: np.ndarray | torch.Tensor, color: tuple[int, int, int] = OUTLINE_COLOR,
-                 width: int = 2) -> Image.Image:
+def draw_outline(
+    picture: Image.Image, mask: np.ndarray | torch.Tensor, color: tuple[int, int, int] = OUTLINE_COLOR, width: int = 2
+) -> Image.Image:
     """A copy of RGB ``picture`` with the outline of ``mask`` (any size; scaled to the picture) drawn on it."""
     ring = mask_outline(mask, picture.size, width)
     out = picture.copy()
@@ -92,8 +94,13 @@ def draw_outline(picture: Image.Image, mask: np.ndarray | torch.Tensor, color: t
     return out
 
 
-def overlay(image: Image.Image, map: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None,
-            alpha: float = 0.55, outline_width: int | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    map: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+    alpha: float = 0.55,
+    outline_width: int | None = None,
+) -> Image.Image:
     """An explainability map blended over its image, with the outline of ``mask``.
 
     Args:

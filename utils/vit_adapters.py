@@ -33,6 +33,7 @@ are supported: :class:`BlockParts` names the gate and the engine folds it (see u
 Modules are found by walking the real module tree, so LoRA layers injected by peft (into q/k/v or
 anywhere else) are the modules the engine hooks and calls.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,12 +55,12 @@ class BlockParts:
     """
 
     block: nn.Module
-    v_proj: nn.Module             # output [B, T, heads * head_dim]
+    v_proj: nn.Module  # output [B, T, heads * head_dim]
     o_proj: nn.Module
     layer_scale1: nn.Module | None
     norm2: nn.LayerNorm
     fc1: nn.Module
-    activation: nn.Module         # element-wise
+    activation: nn.Module  # element-wise
     fc2: nn.Module
     layer_scale2: nn.Module | None
     gate: nn.Module | None = None
@@ -69,19 +70,20 @@ class BlockParts:
 class VitParts:
     """A supported model, unwrapped from peft, with the pieces Mask Inversion needs."""
 
-    family: str                   # a key of utils.families.FAMILIES
-    model: nn.Module              # the transformers model (peft wrapper removed; LoRA layers stay inside)
+    family: str  # a key of utils.families.FAMILIES
+    model: nn.Module  # the transformers model (peft wrapper removed; LoRA layers stay inside)
     blocks: list[BlockParts]
     num_heads: int
     patch_size: int
-    num_prefix_tokens: int        # CLS + register tokens in front of the patch tokens
+    num_prefix_tokens: int  # CLS + register tokens in front of the patch tokens
     token_norm: nn.LayerNorm | None
-    pooled_head: nn.Module        # [N, D] -> [N, D_out] (applied to the token mean)
-    global_embedding: Callable[[object], torch.Tensor]             # model output -> raw g [B, D_out]
-    naflex: bool = False          # pixel_values are patch sequences with spatial_shapes (SigLIP2 NaFlex)
+    pooled_head: nn.Module  # [N, D] -> [N, D_out] (applied to the token mean)
+    global_embedding: Callable[[object], torch.Tensor]  # model output -> raw g [B, D_out]
+    naflex: bool = False  # pixel_values are patch sequences with spatial_shapes (SigLIP2 NaFlex)
 
-    def model_inputs(self, pixel_values: torch.Tensor,
-                     spatial_shapes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model's forward keyword arguments for a batch, after checking the shapes.
 
         Args:
@@ -93,24 +95,34 @@ class VitParts:
         """
         if not self.naflex:
             if spatial_shapes is not None:
-                raise ValueError(f"spatial_shapes is for NaFlex models (SigLIP2); a {self.family} model takes "
-                                 f"pixel_values [B, 3, H, W] only")
+                raise ValueError(
+                    f"spatial_shapes is for NaFlex models (SigLIP2); a {self.family} model takes "
+                    f"pixel_values [B, 3, H, W] only"
+                )
             if pixel_values.ndim != 4:
                 raise ValueError(f"pixel_values must be [B, 3, H, W], got shape {tuple(pixel_values.shape)}")
             return dict(pixel_values=pixel_values)
         if pixel_values.ndim != 3:
-            raise ValueError(f"NaFlex pixel_values must be patch sequences [B, N, C*p*p], got shape "
-                             f"{tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"NaFlex pixel_values must be patch sequences [B, N, C*p*p], got shape {tuple(pixel_values.shape)}"
+            )
         B, N = pixel_values.shape[:2]
         if spatial_shapes is None:
             raise ValueError("a NaFlex model needs spatial_shapes [B, 2] (patch rows, columns of each image)")
-        if (spatial_shapes.shape != (B, 2) or spatial_shapes.is_floating_point()
-                or (spatial_shapes < 1).any() or (spatial_shapes.prod(-1) > N).any()):
+        if (
+            spatial_shapes.shape != (B, 2)
+            or spatial_shapes.is_floating_point()
+            or (spatial_shapes < 1).any()
+            or (spatial_shapes.prod(-1) > N).any()
+        ):
             shown = spatial_shapes.tolist() if spatial_shapes.numel() < 20 else tuple(spatial_shapes.shape)
             raise ValueError(f"spatial_shapes must be [B={B}, 2] integers h, w >= 1 with h*w <= N={N}, got {shown}")
         spatial_shapes = spatial_shapes.to(pixel_values.device)
-        return dict(pixel_values=pixel_values, spatial_shapes=spatial_shapes,
-                    pixel_attention_mask=patch_token_mask(spatial_shapes, N))
+        return dict(
+            pixel_values=pixel_values,
+            spatial_shapes=spatial_shapes,
+            pixel_attention_mask=patch_token_mask(spatial_shapes, N),
+        )
 
     def patch_grids(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 2] int64 patch rows and columns of each image (checked as :meth:`model_inputs`), on the CPU."""
@@ -144,12 +156,16 @@ def vit_parts(model: nn.Module) -> VitParts:
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     family = MODEL_TYPES.get(model_type)
     if family is None:
-        raise ValueError(f"Mask Inversion supports the families {', '.join(FAMILIES)}; got {type(base).__name__} "
-                         f"with config.model_type={model_type!r} (known: {sorted(MODEL_TYPES)})")
+        raise ValueError(
+            f"Mask Inversion supports the families {', '.join(FAMILIES)}; got {type(base).__name__} "
+            f"with config.model_type={model_type!r} (known: {sorted(MODEL_TYPES)})"
+        )
     cls = FAMILIES[family].model_class
     if not isinstance(base, cls):
-        raise ValueError(f"config.model_type={model_type!r} needs a {cls.__name__} (the vision tower with its "
-                         f"head), got {type(base).__name__}")
+        raise ValueError(
+            f"config.model_type={model_type!r} needs a {cls.__name__} (the vision tower with its "
+            f"head), got {type(base).__name__}"
+        )
     return ADAPTERS[family](base)
 
 
@@ -176,60 +192,116 @@ def siglip2_parts(base: nn.Module) -> VitParts:
 
 def clip_parts(base: nn.Module) -> VitParts:
     vision = base.vision_model
-    return VitParts("clip", base, _clip_like_blocks(vision.encoder.layers), base.config.num_attention_heads,
-                    base.config.patch_size, 1, None, nn.Sequential(vision.post_layernorm, base.visual_projection),
-                    lambda out: out.image_embeds)
+    return VitParts(
+        "clip",
+        base,
+        _clip_like_blocks(vision.encoder.layers),
+        base.config.num_attention_heads,
+        base.config.patch_size,
+        1,
+        None,
+        nn.Sequential(vision.post_layernorm, base.visual_projection),
+        lambda out: out.image_embeds,
+    )
 
 
 ADAPTERS: dict[str, Callable[[nn.Module], VitParts]] = {
-    "dinov2": dinov2_parts, "dinov2reg": dinov2reg_parts, "dinov3": dinov3_parts,
-    "siglip": siglip_parts, "siglip2": siglip2_parts, "clip": clip_parts}
+    "dinov2": dinov2_parts,
+    "dinov2reg": dinov2reg_parts,
+    "dinov3": dinov3_parts,
+    "siglip": siglip_parts,
+    "siglip2": siglip2_parts,
+    "clip": clip_parts,
+}
 
 
 def _dino_like(family: str, base: nn.Module, layers: nn.ModuleList, final_norm: nn.LayerNorm) -> VitParts:
     """CLS + registers + patches, layer-scaled blocks, f = normalize(final_norm(mean X)), g = normed CLS."""
     config = base.config
-    return VitParts(family, base, [_dino_block(b) for b in layers], config.num_attention_heads, config.patch_size,
-                    1 + getattr(config, "num_register_tokens", 0), None, final_norm, lambda out: out.pooler_output)
+    return VitParts(
+        family,
+        base,
+        [_dino_block(b) for b in layers],
+        config.num_attention_heads,
+        config.patch_size,
+        1 + getattr(config, "num_register_tokens", 0),
+        None,
+        final_norm,
+        lambda out: out.pooler_output,
+    )
 
 
 def _siglip_like(family: str, base: nn.Module, naflex: bool = False) -> VitParts:
     if not base.use_head:
-        raise ValueError(f"{family} without its attention-pooling head (vision_use_head=False) has no "
-                         f"global embedding to start Mask Inversion from")
-    return VitParts(family, base, _clip_like_blocks(base.encoder.layers), base.config.num_attention_heads,
-                    base.config.patch_size, 0, base.post_layernorm, nn.Identity(), lambda out: out.pooler_output,
-                    naflex=naflex)
+        raise ValueError(
+            f"{family} without its attention-pooling head (vision_use_head=False) has no "
+            f"global embedding to start Mask Inversion from"
+        )
+    return VitParts(
+        family,
+        base,
+        _clip_like_blocks(base.encoder.layers),
+        base.config.num_attention_heads,
+        base.config.patch_size,
+        0,
+        base.post_layernorm,
+        nn.Identity(),
+        lambda out: out.pooler_output,
+        naflex=naflex,
+    )
 
 
 def _dino_block(b: nn.Module) -> BlockParts:
     """A DINOv2 / DINOv2-reg / DINOv3 layer: attention, layer scales, plain or gated MLP."""
     attention = b.attention
-    if hasattr(attention, "v_proj"):          # transformers 5.24: q/k/v/o_proj (all three families)
+    if hasattr(attention, "v_proj"):  # transformers 5.24: q/k/v/o_proj (all three families)
         v_proj, o_proj = attention.v_proj, attention.o_proj
-    else:                                     # e.g. 5.17 DINOv2: attention.attention.value, .output.dense
+    else:  # e.g. 5.17 DINOv2: attention.attention.value, .output.dense
         v_proj, o_proj = attention.attention.value, attention.output.dense
     mlp = b.mlp
-    if hasattr(mlp, "gate_proj"):             # SwiGLU / gated: down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        return BlockParts(b, v_proj, o_proj, b.layer_scale1, b.norm2, mlp.up_proj, mlp.act_fn, mlp.down_proj,
-                          b.layer_scale2, gate=mlp.gate_proj)
+    if hasattr(mlp, "gate_proj"):  # SwiGLU / gated: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+        return BlockParts(
+            b,
+            v_proj,
+            o_proj,
+            b.layer_scale1,
+            b.norm2,
+            mlp.up_proj,
+            mlp.act_fn,
+            mlp.down_proj,
+            b.layer_scale2,
+            gate=mlp.gate_proj,
+        )
     if not hasattr(mlp, "fc1") and not hasattr(mlp, "up_proj"):
-        raise ValueError(f"{type(mlp).__name__} is neither fc1 -> activation -> fc2 nor a gate/up/down gated MLP "
-                         f"(e.g. transformers < 5 DINOv2 SwiGLU with one fused weights_in); not supported")
+        raise ValueError(
+            f"{type(mlp).__name__} is neither fc1 -> activation -> fc2 nor a gate/up/down gated MLP "
+            f"(e.g. transformers < 5 DINOv2 SwiGLU with one fused weights_in); not supported"
+        )
     fc1, fc2 = (mlp.fc1, mlp.fc2) if hasattr(mlp, "fc1") else (mlp.up_proj, mlp.down_proj)
     activation = next(getattr(mlp, name) for name in ("activation_fn", "activation", "act_fn") if hasattr(mlp, name))
     return BlockParts(b, v_proj, o_proj, b.layer_scale1, b.norm2, fc1, activation, fc2, b.layer_scale2)
 
 
 def _clip_like_blocks(layers: nn.ModuleList) -> list[BlockParts]:
-    return [BlockParts(b, b.self_attn.v_proj, b.self_attn.out_proj, None, b.layer_norm2,
-                       b.mlp.fc1, b.mlp.activation_fn, b.mlp.fc2, None) for b in layers]
+    return [
+        BlockParts(
+            b,
+            b.self_attn.v_proj,
+            b.self_attn.out_proj,
+            None,
+            b.layer_norm2,
+            b.mlp.fc1,
+            b.mlp.activation_fn,
+            b.mlp.fc2,
+            None,
+        )
+        for b in layers
+    ]
 
 
 def hooked_blocks(parts: VitParts, layer_index: int) -> list[BlockParts]:
     """Blocks L + layer_index + 1 .. L (1-based): layer_index -1 is the last block only."""
     n = len(parts.blocks)
     if not isinstance(layer_index, int) or not -n <= layer_index <= -1:
-        raise ValueError(f"layer_index must be an int in [-{n}, -1] for this {n}-block model, "
-                         f"got {layer_index!r}")
-    return parts.blocks[n + layer_index:]
+        raise ValueError(f"layer_index must be an int in [-{n}, -1] for this {n}-block model, got {layer_index!r}")
+    return parts.blocks[n + layer_index :]

@@ -1,4 +1,6 @@
-"""datasets/benchmarks.py: each builder on a small replica of its source layout (tests/datasets/benchmark_replicas.py)."""
+"""datasets/benchmarks.py: each builder on a small replica of its source layout
+(tests/datasets/benchmark_replicas.py)."""
+
 from __future__ import annotations
 
 import json
@@ -22,22 +24,49 @@ def instre(tmp_path_factory) -> Path:
 def test_instre_xs_rule_and_statistics(instre):
     anns, report = build_instre(instre, "instre_xs")
     assert anns == {
-        "INSTRE-S1/01a_canada_book/001.jpg": {"ins": 0, "is_query": True, "bbox": [10.0, 10.0, 20.0, 20.0],
-                                              "obj_name": "01a_canada_book"},
-        "INSTRE-S1/01a_canada_book/003.jpg": {"ins": [0], "is_query": False, "bbox": [5.0, 5.0, 35.0, 35.0],
-                                              "obj_name": "01a_canada_book"},
-        "INSTRE-S1/01a_canada_book/005.jpg": {"ins": 0, "is_query": True, "bbox": [20.0, 20.0, 35.0, 35.0],
-                                              "obj_name": "01a_canada_book"},
-        "INSTRE-S1/01b_wierd_fish/001.jpg": {"ins": 1, "is_query": True, "bbox": [90.0, 70.0, 100.0, 80.0],
-                                             "obj_name": "01b_wierd_fish"},
-        "INSTRE-S1/01b_wierd_fish/002.jpg": {"ins": [1], "is_query": False, "bbox": [10.0, 10.0, 45.0, 40.0],
-                                             "obj_name": "01b_wierd_fish"},
+        "INSTRE-S1/01a_canada_book/001.jpg": {
+            "ins": 0,
+            "is_query": True,
+            "bbox": [10.0, 10.0, 20.0, 20.0],
+            "obj_name": "01a_canada_book",
+        },
+        "INSTRE-S1/01a_canada_book/003.jpg": {
+            "ins": [0],
+            "is_query": False,
+            "bbox": [5.0, 5.0, 35.0, 35.0],
+            "obj_name": "01a_canada_book",
+        },
+        "INSTRE-S1/01a_canada_book/005.jpg": {
+            "ins": 0,
+            "is_query": True,
+            "bbox": [20.0, 20.0, 35.0, 35.0],
+            "obj_name": "01a_canada_book",
+        },
+        "INSTRE-S1/01b_wierd_fish/001.jpg": {
+            "ins": 1,
+            "is_query": True,
+            "bbox": [90.0, 70.0, 100.0, 80.0],
+            "obj_name": "01b_wierd_fish",
+        },
+        "INSTRE-S1/01b_wierd_fish/002.jpg": {
+            "ins": [1],
+            "is_query": False,
+            "bbox": [10.0, 10.0, 45.0, 40.0],
+            "obj_name": "01b_wierd_fish",
+        },
     }
-    assert report.stats == {"queries": 3, "gallery_images": 2, "instances": 2, "objects_per_image": 1.0,
-                            "mean_area_pct": pytest.approx((11.25 + 13.125) / 2, abs=1e-3)}
-    assert report.excluded == {"images with more or fewer than one box": 1,
-                               "objects covering >= 15% of the image": 1,
-                               "instances with fewer than 2 small-object images": 1}
+    assert report.stats == {
+        "queries": 3,
+        "gallery_images": 2,
+        "instances": 2,
+        "objects_per_image": 1.0,
+        "mean_area_pct": pytest.approx((11.25 + 13.125) / 2, abs=1e-3),
+    }
+    assert report.excluded == {
+        "images with more or fewer than one box": 1,
+        "objects covering >= 15% of the image": 1,
+        "instances with fewer than 2 small-object images": 1,
+    }
     assert "covers less than 15% of the image" in report.rule
     assert "2428" in report.table() and "12.19" in report.table()
 
@@ -71,26 +100,45 @@ def test_permir_follows_pdm(burst, tmp_path):
     annotations, root = burst
     anns, captions, report = build_permir(annotations, root)
     assert anns == {
-        "val/YFCC100M/vA/frame0029.jpg": {"ins": 7, "is_query": True, "obj_name": "person",
-                                          "bbox": [2.0, 5.0, 37.0, 15.0]},
+        "val/YFCC100M/vA/frame0029.jpg": {
+            "ins": 7,
+            "is_query": True,
+            "obj_name": "person",
+            "bbox": [2.0, 5.0, 37.0, 15.0],
+        },
         "val/YFCC100M/vA/frame0013.jpg": {"ins": [7], "is_query": False, "obj_name": "person"},
         "val/YFCC100M/vA/frame0012.jpg": {"ins": [7], "is_query": False, "obj_name": "person"},
         # B: bbox order 19, 3, 2; the square crop (rows 10..50) keeps 1 row of frame 19's object.
-        "val/Charades/vB/frame0003.jpg": {"ins": 8, "is_query": True, "obj_name": "dog",
-                                          "bbox": [2.0, 20.0, 10.0, 30.0]},
+        "val/Charades/vB/frame0003.jpg": {
+            "ins": 8,
+            "is_query": True,
+            "obj_name": "dog",
+            "bbox": [2.0, 20.0, 10.0, 30.0],
+        },
         "val/Charades/vB/frame0019.jpg": {"ins": [8], "is_query": False, "obj_name": "dog"},
         "val/Charades/vB/frame0002.jpg": {"ins": [8], "is_query": False, "obj_name": "dog"},
     }
-    assert report.excluded == {"videos of HACS/AVA/LaSOT": 1, "videos without two tracks of one category": 1,
-                               "videos without 3 frames > 15 annotated frames apart": 1,
-                               "videos whose object covers < 0.5% of a frame's square crop": 1}
-    gallery_boxes = [[(2, 5, 21, 15), (40, 20, 50, 30), (30, 30, 34, 36)],
-                     [(2, 5, 20, 15), (40, 20, 50, 30), (30, 30, 34, 36)],
-                     [(2, 0, 32, 11), (30, 40, 38, 50)], [(2, 20, 9, 30), (30, 40, 38, 50)]]
+    assert report.excluded == {
+        "videos of HACS/AVA/LaSOT": 1,
+        "videos without two tracks of one category": 1,
+        "videos without 3 frames > 15 annotated frames apart": 1,
+        "videos whose object covers < 0.5% of a frame's square crop": 1,
+    }
+    gallery_boxes = [
+        [(2, 5, 21, 15), (40, 20, 50, 30), (30, 30, 34, 36)],
+        [(2, 5, 20, 15), (40, 20, 50, 30), (30, 30, 34, 36)],
+        [(2, 0, 32, 11), (30, 40, 38, 50)],
+        [(2, 20, 9, 30), (30, 40, 38, 50)],
+    ]
     areas = [[(x2 - x1) * (y2 - y1) / 2400 for x1, y1, x2, y2 in image] for image in gallery_boxes]
-    assert report.stats == {"queries": 2, "gallery_images": 4, "instances": 2, "categories": 2,
-                            "objects_per_image": 2.5,
-                            "mean_area_pct": pytest.approx(100 * np.mean(sum(areas, [])), abs=1e-3)}
+    assert report.stats == {
+        "queries": 2,
+        "gallery_images": 4,
+        "instances": 2,
+        "categories": 2,
+        "objects_per_image": 2.5,
+        "mean_area_pct": pytest.approx(100 * np.mean(sum(areas, [])), abs=1e-3),
+    }
     save_captions(captions, tmp_path / "captions.pt")
     loaded = load_captions(tmp_path / "captions.pt")
     assert set(loaded) == set(anns)
@@ -100,9 +148,9 @@ def test_permir_follows_pdm(burst, tmp_path):
 
 
 def test_pdm_crop_share():
-    landscape = box_mask(40, 60, 2, 5, 8, 15)           # object left of the centred square -> shifted
+    landscape = box_mask(40, 60, 2, 5, 8, 15)  # object left of the centred square -> shifted
     assert pdm_crop_share(landscape) == 60 / 1600
-    portrait = box_mask(60, 40, 2, 0, 32, 11)            # square rows 10..50 keep row 10 only
+    portrait = box_mask(60, 40, 2, 0, 32, 11)  # square rows 10..50 keep row 10 only
     assert pdm_crop_share(portrait) == 30 / 1600
 
 
@@ -121,6 +169,12 @@ def test_voxdet_report_measures_one_set(tmp_path):
     report = voxdet_report(path, "RoboTools")
     boxes = [b for k, bs in facts["gallery_boxes"].items() if "RoboTools" in k for b in bs]
     area = np.mean([(x2 - x1) * (y2 - y1) / (48 * 64) for x1, y1, x2, y2 in boxes])
-    assert report.stats == {"queries": 3, "gallery_images": 3, "instances": 2, "objects_per_image": 1.333,
-                            "mean_area_pct": pytest.approx(100 * area, abs=1e-3), "scenes": 2}
+    assert report.stats == {
+        "queries": 3,
+        "gallery_images": 3,
+        "instances": 2,
+        "objects_per_image": 1.333,
+        "mean_area_pct": pytest.approx(100 * area, abs=1e-3),
+        "scenes": 2,
+    }
     assert voxdet_report(path, "OWID").stats["objects_per_image"] == 1.5

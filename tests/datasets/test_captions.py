@@ -1,4 +1,5 @@
 """captions.pt: RLE round trips (also through torch weights_only) and validation errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_list_counts_are_row_major_runs_as_the_original_code_writes_them():
     mask[10:20, 30:70] = True
     flat = mask.flatten()
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()   # starts with a 0-run
+    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()  # starts with a 0-run
     np.testing.assert_array_equal(decode_mask({"counts": counts, "size": [100, 80]}), mask)
     for shape in [(13, 7), (7, 13), (1, 9), (50, 31)]:
         for m in np.random.default_rng(1).random((4, *shape)) > 0.5:
@@ -68,6 +69,7 @@ def test_list_counts_are_row_major_runs_as_the_original_code_writes_them():
 
 def test_rle_runs_parses_compressed_strings_exactly_like_pycocotools():
     from pycocotools import mask as mask_utils
+
     rng = np.random.default_rng(2)
     for shape in [(13, 7), (300, 200), (1, 1)]:
         for density in (0.0, 0.01, 0.5, 1.0):
@@ -80,11 +82,20 @@ def test_rle_runs_parses_compressed_strings_exactly_like_pycocotools():
             np.testing.assert_array_equal(column_major.reshape(shape[1], shape[0]).T, mask)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: {"counts": r["counts"][: len(r["counts"]) // 2], "size": r["size"]}, "not a valid compressed|sum to"),
-    (lambda r: {"counts": r["counts"], "size": [r["size"][0] + 3, r["size"][1]]}, "sum to 2500, expected H\\*W = 2650"),
-    (lambda r: {"counts": r["counts"] + "~", "size": r["size"]}, "not a valid compressed RLE"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda r: {"counts": r["counts"][: len(r["counts"]) // 2], "size": r["size"]},
+            "not a valid compressed|sum to",
+        ),
+        (
+            lambda r: {"counts": r["counts"], "size": [r["size"][0] + 3, r["size"][1]]},
+            "sum to 2500, expected H\\*W = 2650",
+        ),
+        (lambda r: {"counts": r["counts"] + "~", "size": r["size"]}, "not a valid compressed RLE"),
+    ],
+)
 def test_broken_compressed_rle_is_refused_at_load_naming_file_image_and_mask(tmp_path, damage, message):
     """Before: pycocotools decoded such masks from leftover memory (garbage, not reproducible)."""
     masks = np.random.default_rng(3).random((2, 50, 50)) > 0.7
@@ -101,11 +112,23 @@ def test_original_segmentation_results_file_loads_as_it_is(tmp_path, caplog):
     mask = np.zeros((40, 60), dtype=bool)
     mask[5:15, 10:30] = True
     original = {
-        "a.jpg": {"image_path": "/data/a.jpg", "image_size": [60, 40], "num_objects": 1,
-                  "masks_rle": [encode_mask_row_major(mask)], "bboxes": [[10, 5, 30, 15]], "scores": [0.9, 0.4, 0.3]},
+        "a.jpg": {
+            "image_path": "/data/a.jpg",
+            "image_size": [60, 40],
+            "num_objects": 1,
+            "masks_rle": [encode_mask_row_major(mask)],
+            "bboxes": [[10, 5, 30, 15]],
+            "scores": [0.9, 0.4, 0.3],
+        },
         "b.jpg": {"error": "cannot identify image file"},
-        "c.jpg": {"image_path": "/data/c.jpg", "image_size": [60, 40], "num_objects": 1,
-                  "masks_rle": [encode_mask_row_major(mask)], "bboxes": [[-3, 5, 64, 15]], "scores": [0.8]},
+        "c.jpg": {
+            "image_path": "/data/c.jpg",
+            "image_size": [60, 40],
+            "num_objects": 1,
+            "masks_rle": [encode_mask_row_major(mask)],
+            "bboxes": [[-3, 5, 64, 15]],
+            "scores": [0.8],
+        },
     }
     torch.save(original, tmp_path / "segmentation_results.pt")
     with caplog.at_level("WARNING"):
@@ -120,6 +143,7 @@ def test_original_segmentation_results_file_loads_as_it_is(tmp_path, caplog):
 
 def test_exif_orientation_turns_masks_like_the_image():
     from PIL import Image, ImageOps
+
     mask = np.zeros((4, 6), dtype=bool)
     mask[0, :3] = True
     for orientation in range(1, 9):
@@ -157,10 +181,14 @@ def test_raw_torch_file_with_str_or_bytes_counts_loads(tmp_path, as_bytes):
 def test_save_load_round_trip_is_plain_and_atomic(tmp_path):
     masks = _random_masks()
     path = tmp_path / "out" / "captions.pt"
-    save_captions({"a.jpg": _entry(masks, counts_as_bytes=True),
-                   "b.jpg": ImageMasks(),  # zero detections are valid
-                   "c.jpg": ImageMasks([encode_mask(masks[1])], [bbox_from_mask(masks[1])], [np.float32(0.25)])},
-                  path)
+    save_captions(
+        {
+            "a.jpg": _entry(masks, counts_as_bytes=True),
+            "b.jpg": ImageMasks(),  # zero detections are valid
+            "c.jpg": ImageMasks([encode_mask(masks[1])], [bbox_from_mask(masks[1])], [np.float32(0.25)]),
+        },
+        path,
+    )
     assert sorted(p.name for p in path.parent.iterdir()) == ["captions.pt"]  # no temp file left
     raw = torch.load(path, weights_only=True)
     assert isinstance(raw["a.jpg"]["masks_rle"][0]["counts"], str)  # bytes stored as str
@@ -182,17 +210,20 @@ def test_failed_save_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["captions.pt"]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda e: e["scores"].pop(), "lengths differ: 3 masks_rle, 3 bboxes, 2 scores"),
-    (lambda e: e["masks_rle"].__setitem__(2, encode_mask(np.ones((5, 5)))), "different sizes"),
-    (lambda e: e["bboxes"].__setitem__(1, [4.0, 0.0, 2.0, 1.0]), "bbox 1: need x1 <= x2"),
-    (lambda e: e["bboxes"].__setitem__(0, [0.0, 1.0]), "bbox 0: expected \\[x1, y1, x2, y2\\]"),
-    (lambda e: e["masks_rle"][1].update(counts=123), "mask 1: 'counts' must be str, bytes"),
-    (lambda e: e["masks_rle"][0].update(counts=[1, 2]), "sum to 3, expected H\\*W = 91"),
-    (lambda e: e["scores"].__setitem__(0, "high"), "score 0: expected a number"),
-    (lambda e: e.pop("bboxes"), "missing \\['bboxes'\\]"),
-    (lambda e: e.update(labels=[]), "unexpected \\['labels'\\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda e: e["scores"].pop(), "lengths differ: 3 masks_rle, 3 bboxes, 2 scores"),
+        (lambda e: e["masks_rle"].__setitem__(2, encode_mask(np.ones((5, 5)))), "different sizes"),
+        (lambda e: e["bboxes"].__setitem__(1, [4.0, 0.0, 2.0, 1.0]), "bbox 1: need x1 <= x2"),
+        (lambda e: e["bboxes"].__setitem__(0, [0.0, 1.0]), "bbox 0: expected \\[x1, y1, x2, y2\\]"),
+        (lambda e: e["masks_rle"][1].update(counts=123), "mask 1: 'counts' must be str, bytes"),
+        (lambda e: e["masks_rle"][0].update(counts=[1, 2]), "sum to 3, expected H\\*W = 91"),
+        (lambda e: e["scores"].__setitem__(0, "high"), "score 0: expected a number"),
+        (lambda e: e.pop("bboxes"), "missing \\['bboxes'\\]"),
+        (lambda e: e.update(labels=[]), "unexpected \\['labels'\\]"),
+    ],
+)
 def test_invalid_entries_name_file_and_key(tmp_path, mutate, message):
     entry = _entry(_random_masks())
     mutate(entry)
@@ -218,8 +249,10 @@ def test_bad_files(tmp_path):
 
 def test_find_masks_by_key_then_by_resolved_path(tmp_path):
     image = tmp_path / "g" / "a.jpg"
-    by_key, by_path = ImageMasks(scores=[]), ImageMasks(masks_rle=[encode_mask(np.ones((2, 2)))],
-                                                         bboxes=[[0, 0, 2, 2]], scores=[1.0])
+    by_key, by_path = (
+        ImageMasks(scores=[]),
+        ImageMasks(masks_rle=[encode_mask(np.ones((2, 2)))], bboxes=[[0, 0, 2, 2]], scores=[1.0]),
+    )
     captions = {"g/a.jpg": by_key, str(image.resolve()): by_path}
     assert find_masks(captions, "g/a.jpg", image) is by_key
     assert find_masks(captions, "other/key.jpg", tmp_path / "g" / ".." / "g" / "a.jpg") is by_path

@@ -1,4 +1,5 @@
 """load_rgb: every Pillow mode becomes upright 8-bit RGB with the documented values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_exif_orientation_6_rotates_clockwise(tmp_path):
     loaded = load_rgb(tmp_path / "rot.png")
     assert loaded.size == (20, 40)  # (W, H): width and height swapped
     pixels = np.asarray(loaded)
-    np.testing.assert_array_equal(pixels[5, 10], (255, 0, 0))   # stored left -> displayed top
+    np.testing.assert_array_equal(pixels[5, 10], (255, 0, 0))  # stored left -> displayed top
     np.testing.assert_array_equal(pixels[35, 10], (0, 0, 255))  # stored right -> displayed bottom
 
 
@@ -137,11 +138,12 @@ def test_truncated_jpeg_raises(tmp_path):
 
 def test_image_facts_read_header_size_after_exif_and_cache_by_stat(tmp_path, monkeypatch):
     from datasets.images import image_facts
+
     monkeypatch.setenv("SOIR_CACHE_DIR", str(tmp_path / "cache"))
     upright, turned, junk = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.jpg"
     Image.new("RGB", (30, 20)).save(upright)
     exif = Image.Exif()
-    exif[0x0112] = 6                                          # stored 30 x 20, shown 20 x 30
+    exif[0x0112] = 6  # stored 30 x 20, shown 20 x 30
     Image.new("RGB", (30, 20)).save(turned, exif=exif)
     junk.write_bytes(b"not an image")
     a, b, c = image_facts([upright, turned, junk])
@@ -150,8 +152,9 @@ def test_image_facts_read_header_size_after_exif_and_cache_by_stat(tmp_path, mon
     assert (b.width, b.height) == load_rgb(turned).size
     assert c.error and "UnidentifiedImageError" in c.error
     import hashlib
+
     assert a.sha256 == hashlib.sha256(upright.read_bytes()).hexdigest()
-    Image.new("RGB", (8, 9)).save(upright)                   # edited in place: read again
+    Image.new("RGB", (8, 9)).save(upright)  # edited in place: read again
     assert image_facts([upright])[0].width == 8
     assert (tmp_path / "cache" / "file_facts.sqlite").is_file()
 
@@ -166,11 +169,11 @@ def test_min_side_decodes_a_jpeg_at_a_reduced_scale_and_keeps_it_upright(tmp_pat
     image.save(tmp_path / "rot.jpg", exif=exif, quality=95)
     assert load_rgb(tmp_path / "rot.jpg").size == (480, 640)
     small = load_rgb(tmp_path / "rot.jpg", min_side=100)
-    assert small.size == (120, 160) and small.mode == "RGB"        # 1/4: the smallest scale with sides >= 100
+    assert small.size == (120, 160) and small.mode == "RGB"  # 1/4: the smallest scale with sides >= 100
     pixels = np.asarray(small).astype(int)
-    assert np.abs(pixels[20, 60] - (255, 0, 0)).max() < 20         # stored left -> displayed top
+    assert np.abs(pixels[20, 60] - (255, 0, 0)).max() < 20  # stored left -> displayed top
     assert np.abs(pixels[140, 60] - (0, 0, 255)).max() < 20
-    assert load_rgb(tmp_path / "rot.jpg", min_side=200).size == (240, 320)   # 1/2
-    assert load_rgb(tmp_path / "rot.jpg", min_side=300).size == (480, 640)   # 240 < 300: full size
+    assert load_rgb(tmp_path / "rot.jpg", min_side=200).size == (240, 320)  # 1/2
+    assert load_rgb(tmp_path / "rot.jpg", min_side=300).size == (480, 640)  # 240 < 300: full size
     image.save(tmp_path / "a.png")
-    assert load_rgb(tmp_path / "a.png", min_side=100).size == (640, 480)   # not a JPEG: full size
+    assert load_rgb(tmp_path / "a.png", min_side=100).size == (640, 480)  # not a JPEG: full size

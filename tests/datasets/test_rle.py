@@ -1,4 +1,5 @@
 """datasets/rle.py: the VoxDet-SoIR RLE.py convention, both pixel orders and the top-left-1 case."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def test_decode_reads_the_first_run_as_zeros_row_major():
 
 
 def test_decode_without_transpose_key_returns_the_transpose():
-    counts = {"counts": [1, 2, 3], "size": (2, 3)}          # rows 0 1 1 / 0 0 0, read .T
+    counts = {"counts": [1, 2, 3], "size": (2, 3)}  # rows 0 1 1 / 0 0 0, read .T
     assert np.array_equal(voxdet_decode(counts), np.array([[0, 0], [1, 0], [1, 0]], dtype=bool))
     assert voxdet_shape(counts) == (3, 2)
     assert np.array_equal(voxdet_decode({**counts, "transpose": True}), voxdet_decode(counts))
@@ -43,14 +44,14 @@ def test_decode_without_transpose_key_returns_the_transpose():
 
 def test_decode_with_box_undoes_the_top_left_inversion():
     mask = np.zeros((5, 8), dtype=bool)
-    mask[0:2, 0:3] = True                                   # starts with a 1
+    mask[0:2, 0:3] = True  # starts with a 1
     decoded, complemented = voxdet_decode_with_box(voxdet_encode(mask), [0, 0, 3, 2])
     assert complemented and np.array_equal(decoded, mask)
     inner = np.zeros((5, 8), dtype=bool)
     inner[1:4, 2:6] = True
     decoded, complemented = voxdet_decode_with_box(voxdet_encode(inner), [2, 1, 6, 4])
     assert not complemented and np.array_equal(decoded, inner)
-    full = np.ones((5, 8), dtype=bool)                      # counts [40]: read as empty, complement is full
+    full = np.ones((5, 8), dtype=bool)  # counts [40]: read as empty, complement is full
     decoded, complemented = voxdet_decode_with_box(voxdet_encode(full), [0, 0, 8, 5])
     assert complemented and decoded.all()
 

@@ -1,5 +1,6 @@
 """A VoxDet-SoIR anns.pt as its builder writes it: loading, its masks (masks_from=anns), set selection,
 and an end-to-end run of create_index.py + search_index.py on it."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def test_the_builders_file_loads_as_it_is(voxdet):
     assert scene.boxes == ((2.0, 3.0, 10.0, 12.0), (40.0, 30.0, 60.0, 44.0)) and scene.masks == ()
     owid = anns[str(path.parent / "OWID/P2/images/00001.jpg")]
     assert owid.set == "OWID" and [m.encoding for m in owid.masks] == ["coco", "coco"]
-    assert anns[str(path.parent / "OWID/P2/images/00002.jpg")].masks == (None,)   # segmentation []
+    assert anns[str(path.parent / "OWID/P2/images/00002.jpg")].masks == (None,)  # segmentation []
 
 
 def test_query_masks_decode_in_both_orders_and_the_leading_one_case(voxdet, caplog):
@@ -63,10 +64,10 @@ def test_gallery_masks_coco_polygons_rle_and_boxes(voxdet):
     masks = annotation_masks(owid)
     key = str(path.parent / "OWID/P2/images/00001.jpg")
     polygon, rle = masks[key].masks()
-    assert np.array_equal(rle, facts["gallery_masks"][key][1])            # COCO RLE, column-major
+    assert np.array_equal(rle, facts["gallery_masks"][key][1])  # COCO RLE, column-major
     true_polygon = facts["gallery_masks"][key][0]
-    assert (polygon & true_polygon).sum() / (polygon | true_polygon).sum() > 0.85   # rasterised polygon
-    assert str(path.parent / "OWID/P2/images/00002.jpg") not in masks       # its only object has no mask
+    assert (polygon & true_polygon).sum() / (polygon | true_polygon).sum() > 0.85  # rasterised polygon
+    assert str(path.parent / "OWID/P2/images/00002.jpg") not in masks  # its only object has no mask
     with_boxes = annotation_masks(owid, box_masks=True)
     assert np.array_equal(with_boxes[str(path.parent / "OWID/P2/images/00002.jpg")].masks()[0], rect(40, 20, 52, 40))
     robo = select_set(gallery, "RoboTools")
@@ -81,8 +82,9 @@ def test_gallery_masks_coco_polygons_rle_and_boxes(voxdet):
 def test_sets_that_share_instance_ids_are_evaluated_one_at_a_time(voxdet):
     path, _ = voxdet
     anns = load_anns(path)
-    with pytest.raises(AnnotationError, match="sets 'OWID' and 'RoboTools' share instance ids .* set=OWID or "
-                                              "set=RoboTools"):
+    with pytest.raises(
+        AnnotationError, match="sets 'OWID' and 'RoboTools' share instance ids .* set=OWID or set=RoboTools"
+    ):
         select_set(anns, None)
     assert {a.set for a in select_set(anns, "RoboTools")} == {"RoboTools"}
     assert len(select_set(anns, "RoboTools")) == 6
@@ -100,43 +102,68 @@ def _entry_error(tmp_path, entry, match):
 def test_malformed_voxdet_entries_are_refused_with_the_key(tmp_path):
     mask = rect(2, 2, 6, 6)
     query = {"bbox": (2, 2, 5, 5), "mask": builder_rle(mask), "is_query": True, "ins": 3, "set": "OWID"}
-    _entry_error(tmp_path, {**query, "colour": 1}, r"entry 'a.jpg': a VoxDet-SoIR entry has keys .* unknown \['colour'\]")
-    _entry_error(tmp_path, {**query, "mask": {"counts": [5], "size": (2, 3), "transpose": False}},
-                 "'a.jpg'.*counts sum to 5, size says 6")
+    _entry_error(
+        tmp_path, {**query, "colour": 1}, r"entry 'a.jpg': a VoxDet-SoIR entry has keys .* unknown \['colour'\]"
+    )
+    _entry_error(
+        tmp_path,
+        {**query, "mask": {"counts": [5], "size": (2, 3), "transpose": False}},
+        "'a.jpg'.*counts sum to 5, size says 6",
+    )
     gallery = {"bbox": [(0, 0, 4, 4), (1, 1, 3, 3)], "mask": [], "ins": [1], "num_ins": [], "is_query": False}
     _entry_error(tmp_path, gallery, "gallery 'ins' must be a list with one id per box \\(2\\)")
     _entry_error(tmp_path, {**gallery, "ins": [1, 2], "num_ins": [1]}, "'num_ins' must be \\[\\] or a list with one")
-    _entry_error(tmp_path, {**gallery, "ins": [1, 2], "bbox": [(0, 0, 4, 4), (3, 3, 3, 5)]},
-                 "gallery 'bbox' 1 is empty or inverted")
-    _entry_error(tmp_path, {**gallery, "ins": [1, 2], "mask": [[[1, 2]], []]}, "gallery 'mask' 0: expected COCO polygons")
+    _entry_error(
+        tmp_path,
+        {**gallery, "ins": [1, 2], "bbox": [(0, 0, 4, 4), (3, 3, 3, 5)]},
+        "gallery 'bbox' 1 is empty or inverted",
+    )
+    _entry_error(
+        tmp_path, {**gallery, "ins": [1, 2], "mask": [[[1, 2]], []]}, "gallery 'mask' 0: expected COCO polygons"
+    )
 
 
 def test_a_mask_that_fits_neither_its_box_nor_as_complement_names_the_image(tmp_path):
     from tests.datasets.voxdet_replica import _image
+
     _image(tmp_path / "q.jpg", [], 0)
     mask = rect(20, 10, 35, 30)
-    torch.save({"q.jpg": {"bbox": (0, 0, 5, 5), "mask": builder_rle(mask), "is_query": True, "ins": 1}},
-               tmp_path / "anns.pt")
+    torch.save(
+        {"q.jpg": {"bbox": (0, 0, 5, 5), "mask": builder_rle(mask), "is_query": True, "ins": 1}}, tmp_path / "anns.pt"
+    )
     with pytest.raises(AnnotationError, match="q.jpg.*neither the decoded mask"):
         annotation_masks(load_anns(tmp_path / "anns.pt"))
 
 
 def test_builders_empty_query_mask_marker(tmp_path):
     from tests.datasets.voxdet_replica import _image
+
     _image(tmp_path / "q.jpg", [], 0)
     empty = np.zeros((HEIGHT, WIDTH), dtype=bool)
-    torch.save({"q.jpg": {"bbox": (0, 0, WIDTH, HEIGHT), "mask": builder_rle(empty), "is_query": True, "ins": 1}},
-               tmp_path / "anns.pt")
+    torch.save(
+        {"q.jpg": {"bbox": (0, 0, WIDTH, HEIGHT), "mask": builder_rle(empty), "is_query": True, "ins": 1}},
+        tmp_path / "anns.pt",
+    )
     [query] = load_anns(tmp_path / "anns.pt")
     assert query.bbox == (0.0, 0.0, float(WIDTH), float(HEIGHT))
     assert query.masks == (AnnotatedMask("voxdet_rle", builder_rle(empty), None),)
-    assert annotation_masks([query]) == {}                  # an empty mask is no mask
+    assert annotation_masks([query]) == {}  # an empty mask is no mask
 
 
 def _pipeline_args(tiny_model_dirs, path, *extra):
-    return ("dataset=voxdet", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
-            "vec_dim=32", f"anns_file={path}", "set=RoboTools", "masks_from=anns", "num_workers=0",
-            "batch_size=4", "mi_iterations=2", *extra)
+    return (
+        "dataset=voxdet",
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        f"anns_file={path}",
+        "set=RoboTools",
+        "masks_from=anns",
+        "num_workers=0",
+        "batch_size=4",
+        "mi_iterations=2",
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -145,8 +172,9 @@ def test_end_to_end_roboTools_with_its_own_masks(tiny_model_dirs, voxdet, tmp_pa
     proc = run_script("create_index.py", *_pipeline_args(tiny_model_dirs, path), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "3 of 3 gallery images have no masks in" in proc.stderr and "box_masks=true uses boxes" in proc.stderr
-    proc = run_script("create_index.py", *_pipeline_args(tiny_model_dirs, path, "box_masks=true", "mask_input=true"),
-                      cwd=tmp_path)
+    proc = run_script(
+        "create_index.py", *_pipeline_args(tiny_model_dirs, path, "box_masks=true", "mask_input=true"), cwd=tmp_path
+    )
     assert "1 VoxDet masks start with a 1-pixel" in proc.stdout + proc.stderr
     features = features_dir_from(proc, tmp_path)
     summary = json.loads((features / "summary.json").read_text())
@@ -154,10 +182,14 @@ def test_end_to_end_roboTools_with_its_own_masks(tiny_model_dirs, voxdet, tmp_pa
     assert (summary["queries"], summary["gallery_images"], summary["gallery_rows"]) == (3, 3, boxes)
     queries = json.loads((features / "queries" / "images.json").read_text())
     assert [q["bbox"] for q in queries] == [[20.0, 10.0, 35.0, 30.0], [0.0, 0.0, 12.0, 9.0], [30.0, 5.0, 61.0, 20.0]]
-    results_dir = results_dir_from(run_script("search_index.py", "dataset=voxdet", f"features_dir={features}",
-                                              cwd=tmp_path))
+    results_dir = results_dir_from(
+        run_script("search_index.py", "dataset=voxdet", f"features_dir={features}", cwd=tmp_path)
+    )
     results, _ = read_results(results_dir)
     assert results["num_queries"] == 3 and results["num_gallery_images"] == 3
     rows = [line.split(",") for line in (results_dir / "per_query.csv").read_text().splitlines()[1:]]
     assert [(Path(q).parts[-3], ins, positives) for q, ins, positives, *_ in rows] == [
-        ("drill_1", "1", "2"), ("drill_1", "1", "2"), ("hammer_2", "2", "2")]
+        ("drill_1", "1", "2"),
+        ("drill_1", "1", "2"),
+        ("hammer_2", "2", "2"),
+    ]

@@ -19,6 +19,7 @@ The encoder here is written independently of ``datasets.rle`` (``itertools.group
 compare two implementations. One query mask uses a dict **without** ``transpose`` (column-major
 counts, ``size = (W, H)``), the order the builder's decoder transposes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-HEIGHT, WIDTH = 48, 64          # not square, so a transposition cannot go unnoticed
+HEIGHT, WIDTH = 48, 64  # not square, so a transposition cannot go unnoticed
 
 
 def builder_rle(mask: np.ndarray) -> dict:
@@ -91,17 +92,23 @@ def write_voxdet_soir(root: Path) -> tuple[Path, dict]:
         anns[str(path)] = {"bbox": builder_bbox(mask), "mask": rle, "is_query": True, "ins": ins, "set": set_name}
         facts["query_masks"][str(path)] = mask
 
-    def gallery(path: Path, objects: list[tuple[int, np.ndarray, object]], set_name: str, seed: int,
-                num_ins: list | None = None) -> None:
+    def gallery(
+        path: Path, objects: list[tuple[int, np.ndarray, object]], set_name: str, seed: int, num_ins: list | None = None
+    ) -> None:
         _image(path, [m for _, m, _ in objects], seed)
         boxes = []
-        for _, mask, _ in objects:                 # COCO bbox [x, y, w, h] -> (x, y, x + w, y + h)
+        for _, mask, _ in objects:  # COCO bbox [x, y, w, h] -> (x, y, x + w, y + h)
             x, y = np.where(mask.any(axis=0))[0], np.where(mask.any(axis=1))[0]
             coco = [int(x[0]), int(y[0]), int(x[-1] - x[0] + 1), int(y[-1] - y[0] + 1)]
             boxes.append((coco[0], coco[1], coco[0] + coco[2], coco[1] + coco[3]))
-        anns[str(path)] = {"bbox": boxes, "num_ins": num_ins or [], "is_query": False,
-                           "mask": [seg for _, _, seg in objects] if set_name == "OWID" else [],
-                           "ins": [ins for ins, _, _ in objects], "set": set_name}
+        anns[str(path)] = {
+            "bbox": boxes,
+            "num_ins": num_ins or [],
+            "is_query": False,
+            "mask": [seg for _, _, seg in objects] if set_name == "OWID" else [],
+            "ins": [ins for ins, _, _ in objects],
+            "set": set_name,
+        }
         facts["gallery_boxes"][str(path)] = boxes
         facts["gallery_masks"][str(path)] = [m if set_name == "OWID" and seg != [] else None for _, m, seg in objects]
 
@@ -109,10 +116,20 @@ def write_voxdet_soir(root: Path) -> tuple[Path, dict]:
     drill, corner, hammer = rect(20, 10, 35, 30), rect(0, 0, 12, 9), rect(30, 5, 61, 20)
     query(robo / "test_video/drill_1/rgb/000000.jpg", drill, builder_rle(drill), 1, "RoboTools", 1)
     query(robo / "test_video/drill_1/rgb/000001.jpg", corner, builder_rle(corner), 1, "RoboTools", 2)  # leading 1
-    query(robo / "test_video/hammer_2/rgb/000000.jpg", hammer, column_major_rle_without_transpose(hammer),
-          2, "RoboTools", 3)
-    gallery(robo / "test/000001/rgb/000000.jpg", [(1, rect(2, 3, 10, 12), None), (2, rect(40, 30, 60, 44), None)],
-            "RoboTools", 4)
+    query(
+        robo / "test_video/hammer_2/rgb/000000.jpg",
+        hammer,
+        column_major_rle_without_transpose(hammer),
+        2,
+        "RoboTools",
+        3,
+    )
+    gallery(
+        robo / "test/000001/rgb/000000.jpg",
+        [(1, rect(2, 3, 10, 12), None), (2, rect(40, 30, 60, 44), None)],
+        "RoboTools",
+        4,
+    )
     gallery(robo / "test/000001/rgb/000001.jpg", [(1, rect(30, 20, 38, 29), None)], "RoboTools", 5)
     gallery(robo / "test/000002/rgb/000000.jpg", [(2, rect(5, 25, 25, 40), None)], "RoboTools", 6)
 
@@ -124,8 +141,13 @@ def write_voxdet_soir(root: Path) -> tuple[Path, dict]:
     polygon_mask = rect(4, 6, 20, 30)
     polygon = [[4.0, 6.0, 20.0, 6.0, 20.0, 30.0, 4.0, 30.0]]
     rle_mask = rect(30, 2, 50, 18)
-    gallery(owid / "P2/images/00001.jpg", [(1, polygon_mask, polygon), (2, rle_mask, coco_uncompressed_rle(rle_mask))],
-            "OWID", 9, num_ins=[1, 2])
+    gallery(
+        owid / "P2/images/00001.jpg",
+        [(1, polygon_mask, polygon), (2, rle_mask, coco_uncompressed_rle(rle_mask))],
+        "OWID",
+        9,
+        num_ins=[1, 2],
+    )
     gallery(owid / "P2/images/00002.jpg", [(1, rect(40, 20, 52, 40), [])], "OWID", 10, num_ins=[1])
 
     path = root / "anns.pt"

@@ -1,4 +1,5 @@
 """Global extractors: loading through from_pretrained, preprocessing, registry, LoRA checkpoints."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,17 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import Dinov2Model, Siglip2ImageProcessor, SiglipImageProcessor, SiglipVisionModel
 
-from extractors import (CLIPExtractor, DINOv2Extractor, DINOv2RegExtractor, DINOv3Extractor, SigLIP2Extractor,
-                        SigLIPExtractor, build_extractor, extractor_from_config, list_extractors)
+from extractors import (
+    CLIPExtractor,
+    DINOv2Extractor,
+    DINOv2RegExtractor,
+    DINOv3Extractor,
+    SigLIP2Extractor,
+    SigLIPExtractor,
+    build_extractor,
+    extractor_from_config,
+    list_extractors,
+)
 from utils.config import SoIRConfig
 from utils.errors import SoIRError
 
@@ -22,25 +32,37 @@ def image() -> Image.Image:
 
 
 def test_registry_lists_all_twelve_names():
-    assert list_extractors() == sorted(f"{f}{mi}_features" for f in ("dinov2", "dinov2reg", "dinov3", "siglip",
-                                                                     "siglip2", "clip") for mi in ("", "_mi"))
+    assert list_extractors() == sorted(
+        f"{f}{mi}_features"
+        for f in ("dinov2", "dinov2reg", "dinov3", "siglip", "siglip2", "clip")
+        for mi in ("", "_mi")
+    )
     with pytest.raises(ValueError, match="unknown extractor 'dino_features'.*siglip_mi_features"):
         build_extractor("dino_features")
 
 
-@pytest.mark.parametrize("cls,family,dim", [(DINOv2Extractor, "dinov2", 32), (DINOv2RegExtractor, "dinov2reg", 32),
-                                            (DINOv3Extractor, "dinov3", 32), (SigLIPExtractor, "siglip", 32),
-                                            (SigLIP2Extractor, "siglip2", 32), (CLIPExtractor, "clip", 24)])
+@pytest.mark.parametrize(
+    "cls,family,dim",
+    [
+        (DINOv2Extractor, "dinov2", 32),
+        (DINOv2RegExtractor, "dinov2reg", 32),
+        (DINOv3Extractor, "dinov3", 32),
+        (SigLIPExtractor, "siglip", 32),
+        (SigLIP2Extractor, "siglip2", 32),
+        (CLIPExtractor, "clip", 24),
+    ],
+)
 def test_extract_is_the_models_own_normalised_embedding(tiny_model_dirs, image, cls, family, dim):
     extractor = cls(str(tiny_model_dirs[family]), device="cpu")
     vector = extractor.extract(image)
     assert vector.shape == (dim,) and torch.isclose(vector.norm(), torch.tensor(1.0))
     pixels = extractor.preprocess.image(image)[None]
-    if family == "siglip2":      # NaFlex: the 90 x 120 image as 3 x 4 patches of 16 padded to 16, masked
+    if family == "siglip2":  # NaFlex: the 90 x 120 image as 3 x 4 patches of 16 padded to 16, masked
         shape = extractor.preprocess.spatial_shape(image)
         assert shape.tolist() == [3, 4] and pixels.shape == (1, 16, 3 * 16 * 16)
-        out = extractor.model(pixel_values=pixels, spatial_shapes=shape[None],
-                              pixel_attention_mask=(torch.arange(16) < 12)[None])
+        out = extractor.model(
+            pixel_values=pixels, spatial_shapes=shape[None], pixel_attention_mask=(torch.arange(16) < 12)[None]
+        )
     else:
         out = extractor.model(pixel_values=pixels)
     expected = out.image_embeds if family == "clip" else out.pooler_output
@@ -58,12 +80,13 @@ def test_naflex_preprocessing_is_the_siglip2_processors(tiny_model_dirs):
         shape = extractor.preprocess.spatial_shape(image)
         torch.testing.assert_close(shape, theirs["spatial_shapes"][0].long())
         assert int(theirs["pixel_attention_mask"][0].sum()) == int(shape.prod())
-        torch.testing.assert_close(extractor.preprocess.image(image), theirs["pixel_values"][0],
-                                   atol=2.01 / 255, rtol=0)
+        torch.testing.assert_close(
+            extractor.preprocess.image(image), theirs["pixel_values"][0], atol=2.01 / 255, rtol=0
+        )
         masks = np.zeros((1, height, width), dtype=bool)
-        masks[0, : height // 2] = True                              # the top half
+        masks[0, : height // 2] = True  # the top half
         resized = extractor.preprocess.masks(masks)
-        assert resized.shape == (1, *(shape * 16).tolist())         # the image's own resized size
+        assert resized.shape == (1, *(shape * 16).tolist())  # the image's own resized size
         rows = resized[0].any(1).nonzero().flatten()
         assert rows.min() == 0 and abs(int(rows.max()) + 1 - resized.shape[1] / 2) <= 1
 
@@ -82,9 +105,9 @@ def test_no_centre_crop_keeps_border_objects(tiny_model_dirs):
     """DINOv2's processor crops the centre; ours must keep a red object in the image corner."""
     extractor = DINOv2Extractor(str(tiny_model_dirs["dinov2"]), device="cpu")
     array = np.zeros((100, 300, 3), dtype=np.uint8)
-    array[:, :20, 0] = 255                     # a red stripe at the left border
+    array[:, :20, 0] = 255  # a red stripe at the left border
     pixels = extractor.preprocess.image(Image.fromarray(array))
-    red = (pixels[0] * 0.229 + 0.485)          # undo normalisation of the red channel
+    red = pixels[0] * 0.229 + 0.485  # undo normalisation of the red channel
     assert pixels.shape == (3, 56, 56) and red[:, :2].mean() > 0.9
 
 
@@ -112,6 +135,7 @@ def test_explicit_cuda_without_cuda_is_an_error(tiny_model_dirs):
 
 def test_missing_model_names_the_model(tmp_path):
     from utils.errors import SoIRError
+
     with pytest.raises(SoIRError, match=f"siglip model '{tmp_path / 'nowhere'}' is neither an existing folder nor"):
         SigLIPExtractor(str(tmp_path / "nowhere"), device="cpu")
 
@@ -119,8 +143,10 @@ def test_missing_model_names_the_model(tmp_path):
 def _lora_model(folder, rank=4):
     """A peft LoRA DINOv2 with non-zero adapters (so LoRA changes the output)."""
     torch.manual_seed(1)
-    peft_model = get_peft_model(Dinov2Model.from_pretrained(folder),
-                                LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        Dinov2Model.from_pretrained(folder),
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj"]),
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
@@ -129,8 +155,12 @@ def _lora_model(folder, rank=4):
 
 def _as_v4_lightning_checkpoint(peft_model) -> dict:
     """Keys as a transformers-4.x Lightning run saved them: model. prefix, attention.attention.query..."""
-    renames = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
-               "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+    renames = {
+        "attention.q_proj": "attention.attention.query",
+        "attention.k_proj": "attention.attention.key",
+        "attention.v_proj": "attention.attention.value",
+        "attention.o_proj": "attention.output.dense",
+    }
     state = {}
     for key, value in peft_model.state_dict().items():
         if "lora_" not in key:
@@ -158,11 +188,14 @@ def test_lora_checkpoint_with_v4_names_loads_and_changes_the_output(tiny_model_d
 def test_lora_checkpoint_that_does_not_fit_lists_the_keys(tiny_model_dirs, tmp_path):
     folder = tiny_model_dirs["dinov2"]
     state = _as_v4_lightning_checkpoint(_lora_model(folder))["state_dict"]
-    state = {k: v for k, v in state.items() if "value" not in k}      # drop the v_proj adapters
+    state = {k: v for k, v in state.items() if "value" not in k}  # drop the v_proj adapters
     state["model.backbone.encoder.layer.0.mlp.fc9.weight"] = torch.zeros(2)
     torch.save(state, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match=r"bad.ckpt does not match.*missing LoRA keys.*v_proj.*"
-                                         r"1 unexpected keys.*fc9"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.ckpt does not match.*missing LoRA keys.*v_proj.*"
+        r"1 unexpected keys.*fc9",
+    ):
         DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_adapt=True, weights=tmp_path / "bad.ckpt")
     torch.save(_as_v4_lightning_checkpoint(_lora_model(folder, rank=4)), tmp_path / "r4.ckpt")
     with pytest.raises(ValueError, match="check lora_rank"):
@@ -175,13 +208,20 @@ def test_checkpoint_of_another_family_is_refused(tiny_model_dirs):
         DINOv2Extractor(str(tiny_model_dirs["siglip"]), device="cpu")
 
 
-@pytest.mark.parametrize("cls, folder, message", [
-    # a registers checkpoint loads into Dinov2Model with every weight used but the registers: silently wrong
-    (DINOv2Extractor, "dinov2reg", "is a dinov2reg checkpoint .*'dinov2_with_registers'.*dinov2reg_features"),
-    (DINOv3Extractor, "dinov2", "is a dinov2 checkpoint"),
-    (SigLIP2Extractor, "siglip",
-     r"is a siglip checkpoint \(config.model_type='siglip'\), not siglip2.*siglip_features"),
-    (SigLIPExtractor, "siglip2", "is a siglip2 checkpoint.*siglip2_mi_features")])
+@pytest.mark.parametrize(
+    "cls, folder, message",
+    [
+        # a registers checkpoint loads into Dinov2Model with every weight used but the registers: silently wrong
+        (DINOv2Extractor, "dinov2reg", "is a dinov2reg checkpoint .*'dinov2_with_registers'.*dinov2reg_features"),
+        (DINOv3Extractor, "dinov2", "is a dinov2 checkpoint"),
+        (
+            SigLIP2Extractor,
+            "siglip",
+            r"is a siglip checkpoint \(config.model_type='siglip'\), not siglip2.*siglip_features",
+        ),
+        (SigLIPExtractor, "siglip2", "is a siglip2 checkpoint.*siglip2_mi_features"),
+    ],
+)
 def test_checkpoint_of_a_related_family_is_refused(tiny_model_dirs, cls, folder, message):
     with pytest.raises(SoIRError, match=message):
         cls(str(tiny_model_dirs[folder]), device="cpu")
@@ -198,8 +238,9 @@ def test_fixed_resolution_siglip2_works_through_the_siglip_family(tiny_variant_d
         SigLIP2Extractor.preprocess_class.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("cls, family", [(DINOv2RegExtractor, "dinov2reg"), (DINOv3Extractor, "dinov3"),
-                                         (SigLIP2Extractor, "siglip2")])
+@pytest.mark.parametrize(
+    "cls, family", [(DINOv2RegExtractor, "dinov2reg"), (DINOv3Extractor, "dinov3"), (SigLIP2Extractor, "siglip2")]
+)
 def test_lora_is_refused_for_the_new_families(tiny_model_dirs, tmp_path, cls, family):
     """extractors.lora knows DINOv2's and CLIP's module names only; the others say so, naming the family."""
     torch.save({}, tmp_path / "lora.ckpt")

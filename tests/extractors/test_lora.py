@@ -1,4 +1,5 @@
 """LoRA checkpoints: the original's format and alpha, peft adapter folders, SoIR's own metadata, CLIP, bad files."""
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from extractors.lora import LoraSettings, lora_checkpoint, wrap_with_lora
 from utils.config import SoIRConfig
 from utils.mask_inversion import mask_inversion
 
-RANK = 8     # the original uses 256; a small rank keeps the test fast, alpha follows the original's rule
+RANK = 8  # the original uses 256; a small rank keeps the test fast, alpha follows the original's rule
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,18 @@ def _original_dinov2_checkpoint(folder, alpha: float = 32) -> tuple[torch.nn.Mod
     """A peft LoRA DINOv2 built as the original code builds it (alpha 32, dropout 0.1, q/k/v), and its
     state dict as transformers 4.x + peft saved it: attention.attention.query/key/value, under
     "model_state_dict"."""
-    peft_model = _randomise(get_peft_model(Dinov2Model.from_pretrained(folder), LoraConfig(
-        r=RANK, lora_alpha=alpha, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"])))
-    renames = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
-               "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+    peft_model = _randomise(
+        get_peft_model(
+            Dinov2Model.from_pretrained(folder),
+            LoraConfig(r=RANK, lora_alpha=alpha, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"]),
+        )
+    )
+    renames = {
+        "attention.q_proj": "attention.attention.query",
+        "attention.k_proj": "attention.attention.key",
+        "attention.v_proj": "attention.attention.value",
+        "attention.o_proj": "attention.output.dense",
+    }
     state = {}
     for key, value in peft_model.state_dict().items():
         for new, old in renames.items():
@@ -65,26 +74,49 @@ def test_checkpoint_made_the_originals_way_gives_the_originals_features(tiny_mod
     peft_model, ckpt = _original_dinov2_checkpoint(folder)
     torch.save(ckpt, tmp_path / "lora_weights.ckpt")
     # As the original command: lora_adapt=true lora_rank=R weights=..., no alpha given.
-    cfg = OmegaConf.structured(SoIRConfig(extractor="dinov2_features", model_name=str(folder), vec_dim=32,
-                                          device="cpu", lora_adapt=True, lora_rank=RANK,
-                                          weights=str(tmp_path / "lora_weights.ckpt")))
+    cfg = OmegaConf.structured(
+        SoIRConfig(
+            extractor="dinov2_features",
+            model_name=str(folder),
+            vec_dim=32,
+            device="cpu",
+            lora_adapt=True,
+            lora_rank=RANK,
+            weights=str(tmp_path / "lora_weights.ckpt"),
+        )
+    )
     adapted = extractor_from_config(cfg)
     expected = _reference(peft_model, adapted, image)
     torch.testing.assert_close(adapted.extract(image), expected, atol=1e-5, rtol=1e-4)
     # The scaling matters: alpha = rank (scaling 1, SoIR's old default) gives other features.
-    scale_one = DINOv2Extractor(str(folder), device="cpu", lora_rank=RANK, lora_alpha=RANK,
-                                lora_adapt=True, weights=tmp_path / "lora_weights.ckpt")
+    scale_one = DINOv2Extractor(
+        str(folder),
+        device="cpu",
+        lora_rank=RANK,
+        lora_alpha=RANK,
+        lora_adapt=True,
+        weights=tmp_path / "lora_weights.ckpt",
+    )
     assert (scale_one.extract(image) - expected).abs().max() > 1e-2
 
 
 def test_peft_adapter_folder_alpha_wins_and_is_logged(tiny_model_dirs, image, tmp_path, caplog):
     folder = tiny_model_dirs["dinov2"]
-    peft_model = _randomise(get_peft_model(Dinov2Model.from_pretrained(folder), LoraConfig(
-        r=RANK, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"])))
-    peft_model.save_pretrained(tmp_path / "adapter")       # adapter_model.safetensors + adapter_config.json
+    peft_model = _randomise(
+        get_peft_model(
+            Dinov2Model.from_pretrained(folder),
+            LoraConfig(r=RANK, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]),
+        )
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors + adapter_config.json
     with caplog.at_level(logging.INFO, logger="soir.extractors"):
-        adapted = DINOv2Extractor(str(folder), device="cpu", lora_rank=RANK,   # lora_alpha: default 32
-                                  lora_adapt=True, weights=tmp_path / "adapter" / "adapter_model.safetensors")
+        adapted = DINOv2Extractor(
+            str(folder),
+            device="cpu",
+            lora_rank=RANK,  # lora_alpha: default 32
+            lora_adapt=True,
+            weights=tmp_path / "adapter" / "adapter_model.safetensors",
+        )
     assert "LoRA alpha 4 stored in adapter_config.json is used (lora_alpha=32 ignored)" in caplog.text
     torch.testing.assert_close(adapted.extract(image), _reference(peft_model, adapted, image), atol=1e-5, rtol=1e-4)
 
@@ -92,12 +124,15 @@ def test_peft_adapter_folder_alpha_wins_and_is_logged(tiny_model_dirs, image, tm
 def test_stored_rank_and_family_are_checked(tiny_model_dirs, tmp_path):
     folder = tiny_model_dirs["dinov2"]
     settings = LoraSettings(rank=RANK, alpha=16, family="dinov2")
-    torch.save(lora_checkpoint(wrap_with_lora(Dinov2Model.from_pretrained(folder), settings), settings),
-               tmp_path / "mine.ckpt")
+    torch.save(
+        lora_checkpoint(wrap_with_lora(Dinov2Model.from_pretrained(folder), settings), settings), tmp_path / "mine.ckpt"
+    )
     with pytest.raises(ValueError, match=rf"mine.ckpt was trained with LoRA rank {RANK} .*set lora_rank={RANK}"):
         DINOv2Extractor(str(folder), device="cpu", lora_rank=4, lora_adapt=True, weights=tmp_path / "mine.ckpt")
     with pytest.raises(ValueError, match="mine.ckpt holds LoRA adapters for dinov2, not clip"):
-        CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu", lora_rank=RANK, lora_adapt=True, weights=tmp_path / "mine.ckpt")
+        CLIPExtractor(
+            str(tiny_model_dirs["clip"]), device="cpu", lora_rank=RANK, lora_adapt=True, weights=tmp_path / "mine.ckpt"
+        )
 
 
 def test_clip_lora_loads_for_plain_and_mask_inversion_extractors(tiny_model_dirs, image, tmp_path):
@@ -106,13 +141,23 @@ def test_clip_lora_loads_for_plain_and_mask_inversion_extractors(tiny_model_dirs
     model = CLIPVisionModelWithProjection.from_pretrained(folder, attn_implementation="eager")
     peft_model = _randomise(wrap_with_lora(model, settings))
     torch.save(lora_checkpoint(peft_model, settings), tmp_path / "clip_lora.ckpt")
-    cfg = OmegaConf.structured(SoIRConfig(extractor="clip_features", model_name=str(folder), vec_dim=24,
-                                          device="cpu", lora_adapt=True, lora_rank=4,
-                                          weights=str(tmp_path / "clip_lora.ckpt")))
+    cfg = OmegaConf.structured(
+        SoIRConfig(
+            extractor="clip_features",
+            model_name=str(folder),
+            vec_dim=24,
+            device="cpu",
+            lora_adapt=True,
+            lora_rank=4,
+            weights=str(tmp_path / "clip_lora.ckpt"),
+        )
+    )
     plain = extractor_from_config(cfg)
     torch.testing.assert_close(plain.extract(image), _reference(peft_model, plain, image), atol=1e-5, rtol=1e-4)
     # MI on the merged model = MI on the peft model (the engine walks peft's LoRA layers).
-    mi = CLIPMIExtractor(str(folder), device="cpu", mi_iterations=5, lora_rank=4, lora_adapt=True, weights=tmp_path / "clip_lora.ckpt")
+    mi = CLIPMIExtractor(
+        str(folder), device="cpu", mi_iterations=5, lora_rank=4, lora_adapt=True, weights=tmp_path / "clip_lora.ckpt"
+    )
     masks = np.zeros((2, image.height, image.width), dtype=bool)
     masks[0, 10:40, 20:70], masks[1, 50:85, 60:110] = True, True
     pixels, small = mi.preprocess.image(image)[None], mi.preprocess.masks(masks)[None]
@@ -128,13 +173,18 @@ def _zip(path):
     return path
 
 
-@pytest.mark.parametrize("make,problem", [
-    (lambda p: p.write_text("lora weights: see the paper\n") and p, "not a PyTorch checkpoint"),
-    (_zip, "not a PyTorch checkpoint"),
-    (lambda p: torch.save({"model_state_dict": {"a": torch.ones(1)}, "args": zipfile.ZipInfo("x")}, p) or p,
-     "holds Python objects (zipfile.ZipInfo)"),
-    (lambda p: torch.save({"epoch": 3}, p) or p, "not a LoRA state-dict checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make,problem",
+    [
+        (lambda p: p.write_text("lora weights: see the paper\n") and p, "not a PyTorch checkpoint"),
+        (_zip, "not a PyTorch checkpoint"),
+        (
+            lambda p: torch.save({"model_state_dict": {"a": torch.ones(1)}, "args": zipfile.ZipInfo("x")}, p) or p,
+            "holds Python objects (zipfile.ZipInfo)",
+        ),
+        (lambda p: torch.save({"epoch": 3}, p) or p, "not a LoRA state-dict checkpoint"),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_gives_one_line_naming_it(tiny_model_dirs, tmp_path, make, problem):
     path = make(tmp_path / "weights.ckpt")
     with pytest.raises(ValueError) as err:

@@ -1,4 +1,5 @@
 """MI extractors: mask formats, geometry of views, descriptor modes, end to end with each family."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
-from extractors import (CLIPMIExtractor, DINOv2MIExtractor, DINOv2RegMIExtractor, DINOv3MIExtractor,
-                        SigLIP2MIExtractor, SigLIPExtractor, SigLIPMIExtractor)
+from extractors import (
+    CLIPMIExtractor,
+    DINOv2MIExtractor,
+    DINOv2RegMIExtractor,
+    DINOv3MIExtractor,
+    SigLIP2MIExtractor,
+    SigLIPExtractor,
+    SigLIPMIExtractor,
+)
 from extractors.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.mask_inversion import legrad_map, mask_inversion
@@ -75,7 +83,7 @@ def test_one_vector_per_image_modes(tiny_model_dirs, scene):
     folder = str(tiny_model_dirs["siglip"])
     per_mask = SigLIPMIExtractor(folder, **MI).extract(image, masks)
     averaged = SigLIPMIExtractor(folder, avg_multiple_vecs=True, **MI).extract(image, masks)
-    assert per_mask.shape == (2, 32) and averaged.shape == (32,)          # one-vector modes give [D]
+    assert per_mask.shape == (2, 32) and averaged.shape == (32,)  # one-vector modes give [D]
     torch.testing.assert_close(averaged, torch.nn.functional.normalize(per_mask.mean(0), dim=0))
     union = SigLIPMIExtractor(folder, mi_sum=True, **MI).extract(image, masks)
     single = SigLIPMIExtractor(folder, **MI).extract(image, masks.any(0, keepdims=True))
@@ -87,7 +95,7 @@ def test_one_vector_per_image_modes(tiny_model_dirs, scene):
 def test_smart_crop_cuts_each_mask_box_from_the_original_image(siglip_mi, scene):
     image, masks = scene
     box = padded_box(torch.from_numpy(masks[0]), pad=0.1)
-    assert box == (16, 6, 64, 44)                    # 40x30 box, 4 px margin (10% of 40)
+    assert box == (16, 6, 64, 44)  # 40x30 box, 4 px margin (10% of 40)
     views = ViewMaker(siglip_mi.preprocess, "smart_crop", 0.1)(image, masks)
     assert len(views.views) == 2
     torch.testing.assert_close(views.views[0].pixel_values, siglip_mi.preprocess.image(image.crop(box)))
@@ -95,24 +103,33 @@ def test_smart_crop_cuts_each_mask_box_from_the_original_image(siglip_mi, scene)
     torch.testing.assert_close(views.views[0].masks, mask_crop)
 
 
-@pytest.mark.parametrize("cls,family", [(DINOv2MIExtractor, "dinov2"), (CLIPMIExtractor, "clip"),
-                                        (DINOv2RegMIExtractor, "dinov2reg"), (DINOv3MIExtractor, "dinov3")])
+@pytest.mark.parametrize(
+    "cls,family",
+    [
+        (DINOv2MIExtractor, "dinov2"),
+        (CLIPMIExtractor, "clip"),
+        (DINOv2RegMIExtractor, "dinov2reg"),
+        (DINOv3MIExtractor, "dinov3"),
+    ],
+)
 def test_other_families(tiny_model_dirs, scene, cls, family):
     """The extractor's vectors are mask_inversion on its own resized image and masks."""
     extractor = cls(str(tiny_model_dirs[family]), **MI)
     image, masks = scene
     vectors = extractor.extract(image, masks)
     assert vectors.shape == (2, 24 if family == "clip" else 32) and torch.isfinite(vectors).all()
-    expected = mask_inversion(extractor.model, extractor.preprocess.image(image)[None],
-                              extractor.preprocess.masks(masks)[None], iterations=5)[0]
+    expected = mask_inversion(
+        extractor.model, extractor.preprocess.image(image)[None], extractor.preprocess.masks(masks)[None], iterations=5
+    )[0]
     torch.testing.assert_close(vectors, expected)
 
 
 def test_fixed_resolution_siglip2_inverts_through_the_siglip_family(tiny_variant_dirs, scene):
     extractor = SigLIPMIExtractor(str(tiny_variant_dirs["siglip2_fixres"]), **MI)
     image, masks = scene
-    expected = mask_inversion(extractor.model, extractor.preprocess.image(image)[None],
-                              extractor.preprocess.masks(masks)[None], iterations=5)[0]
+    expected = mask_inversion(
+        extractor.model, extractor.preprocess.image(image)[None], extractor.preprocess.masks(masks)[None], iterations=5
+    )[0]
     torch.testing.assert_close(extractor.extract(image, masks), expected)
 
 
@@ -129,8 +146,13 @@ def test_naflex_masks_follow_their_images_grid(siglip2_mi, scene):
     assert view.spatial_shape.tolist() == [3, 4] and view.masks.shape == (2, 48, 64)
     torch.testing.assert_close(view.masks, siglip2_mi.preprocess.masks(masks))
     vectors = siglip2_mi.extract(image, masks)
-    expected = mask_inversion(siglip2_mi.model, view.pixel_values[None], view.masks[None], iterations=5,
-                              spatial_shapes=view.spatial_shape[None])[0]
+    expected = mask_inversion(
+        siglip2_mi.model,
+        view.pixel_values[None],
+        view.masks[None],
+        iterations=5,
+        spatial_shapes=view.spatial_shape[None],
+    )[0]
     torch.testing.assert_close(vectors, expected)
 
 
@@ -155,26 +177,36 @@ def test_naflex_explain_maps_cover_the_image(siglip2_mi, scene):
     torch.testing.assert_close(explained.vectors, siglip2_mi.extract(image, masks))
     assert explained.maps.shape == (2, 96, 128) and explained.global_map.shape == (96, 128)
     view = siglip2_mi.view_maker()(image, masks).views[0]
-    on_grid = legrad_map(siglip2_mi.model, view.pixel_values[None], explained.vectors[None],
-                         spatial_shapes=view.spatial_shape[None])[0]
+    on_grid = legrad_map(
+        siglip2_mi.model, view.pixel_values[None], explained.vectors[None], spatial_shapes=view.spatial_shape[None]
+    )[0]
     assert on_grid.shape == (2, 48, 64)
     expected = torch.nn.functional.interpolate(on_grid[None], size=(96, 128), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(explained.maps, expected)
 
 
-@pytest.mark.parametrize("family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32), ("dinov2reg", 32),
-                                        ("dinov3", 32), ("siglip2", 32)])
+@pytest.mark.parametrize(
+    "family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32), ("dinov2reg", 32), ("dinov3", 32), ("siglip2", 32)]
+)
 @pytest.mark.slow
 def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family, dim):
-    proc = run_script("create_index.py", f"extractor={family}_mi_features", f"model_name={tiny_model_dirs[family]}",
-                      f"vec_dim={dim}", f"anns_file={demo_dir / 'anns.pt'}",
-                      f"captions_file={demo_dir / 'captions.pt'}", "mi_iterations=3", "num_workers=1",
-                      "mask_input=true", cwd=tmp_path)
+    proc = run_script(
+        "create_index.py",
+        f"extractor={family}_mi_features",
+        f"model_name={tiny_model_dirs[family]}",
+        f"vec_dim={dim}",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        "mi_iterations=3",
+        "num_workers=1",
+        "mask_input=true",
+        cwd=tmp_path,
+    )
     folder = features_dir_from(proc, tmp_path)
     search = run_script("search_index.py", f"features_dir={folder}", "k_search=5", cwd=tmp_path)
     results, rankings = read_results(results_dir_from(search))
-    assert results["num_gallery_rows"] > results["num_gallery_images"]     # several masks per image
-    assert len(rankings) == results["num_queries"] and all(len(l["ranking"]) == 5 for l in rankings)
+    assert results["num_gallery_rows"] > results["num_gallery_images"]  # several masks per image
+    assert len(rankings) == results["num_queries"] and all(len(r["ranking"]) == 5 for r in rankings)
     # Independent image-level scores: the best pair of (query row, gallery row), by plain loops.
     gallery = json.loads((folder / "gallery" / "images.json").read_text())
     queries = json.loads((folder / "queries" / "images.json").read_text())
@@ -182,8 +214,12 @@ def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path,
     q_shards = [load_file(p) for p in sorted((folder / "queries").glob("shard-*.safetensors"))]
     g_feat, g_owner = (torch.cat([s[k] for s in g_shards]) for k in ("features", "owner"))
     q_feat, q_owner = (torch.cat([s[k] for s in q_shards]) for k in ("features", "owner"))
-    scores = np.array([[float((q_feat[q_owner == q] @ g_feat[g_owner == g].T).max())
-                        for g in range(len(gallery))] for q in range(len(queries))])
+    scores = np.array(
+        [
+            [float((q_feat[q_owner == q] @ g_feat[g_owner == g].T).max()) for g in range(len(gallery))]
+            for q in range(len(queries))
+        ]
+    )
     relevant = np.array([[bool(set(q["ins"]) & set(g["ins"])) for g in gallery] for q in queries])
     expected = np.mean([average_precision_score(r, s) for r, s in zip(relevant, scores)])
     assert results["mAP"] == pytest.approx(expected, abs=1e-6)
@@ -197,8 +233,12 @@ def test_images_with_different_mask_counts_share_a_batch_exactly(siglip_mi, scen
     rows = siglip_mi.describe(batch)
     assert [len(r) for r in rows] == [2, 1]
     torch.testing.assert_close(rows[0].vectors, siglip_mi.extract(image, masks), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rows[1].vectors, siglip_mi.extract(image.transpose(Image.FLIP_LEFT_RIGHT),
-                                                                  masks[:1, :, ::-1].copy()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rows[1].vectors,
+        siglip_mi.extract(image.transpose(Image.FLIP_LEFT_RIGHT), masks[:1, :, ::-1].copy()),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("mode,expected", [("per_mask", [0, 2]), ("smart_crop", [0, 2]), ("union", [-1])])
@@ -206,8 +246,9 @@ def test_rows_know_their_source_mask(tiny_model_dirs, scene, mode, expected):
     """An empty source mask is dropped; every row still names its mask in the captions entry."""
     image, masks = scene
     with_gap = np.stack([masks[0], np.zeros_like(masks[0]), masks[1]])
-    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mi_sum=mode == "union",
-                                  smart_crop=mode == "smart_crop", **MI)
+    extractor = SigLIPMIExtractor(
+        str(tiny_model_dirs["siglip"]), mi_sum=mode == "union", smart_crop=mode == "smart_crop", **MI
+    )
     views = extractor.view_maker()(image, with_gap)
     rows = extractor.describe([views])[0]
     assert views.dropped_masks == 1 and rows.mask_index.tolist() == expected
@@ -226,8 +267,9 @@ def test_explain_gives_the_extract_vectors_and_their_legrad_maps_at_image_size(s
     # Independent: the engine's maps at the model's input size, resized to the image by bilinear interpolation.
     pixels = siglip_mi.preprocess.image(image)[None]
     vectors = torch.cat([explained.global_vector[None], explained.vectors])
-    expected = torch.nn.functional.interpolate(legrad_map(siglip_mi.model, pixels, vectors[None]), size=(96, 128),
-                                               mode="bilinear", align_corners=False)[0]
+    expected = torch.nn.functional.interpolate(
+        legrad_map(siglip_mi.model, pixels, vectors[None]), size=(96, 128), mode="bilinear", align_corners=False
+    )[0]
     torch.testing.assert_close(explained.global_map, expected[0])
     torch.testing.assert_close(explained.maps, expected[1:])
     assert set(explained.history) == {"loss", "dice"} and explained.history["dice"].shape == (5, 2)
@@ -247,8 +289,9 @@ def test_explain_smart_crop_maps_live_inside_each_crop(tiny_model_dirs, scene):
     assert explained.maps[0][~inside].abs().max() == 0 and explained.maps[0][inside].max() > 0.5
     crop_pixels = extractor.preprocess.image(image.crop((x1, y1, x2, y2)))[None]
     on_crop = legrad_map(extractor.model, crop_pixels, explained.vectors[None, :1])[0]
-    expected = torch.nn.functional.interpolate(on_crop[None], size=(y2 - y1, x2 - x1), mode="bilinear",
-                                               align_corners=False)[0, 0]
+    expected = torch.nn.functional.interpolate(
+        on_crop[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+    )[0, 0]
     torch.testing.assert_close(explained.maps[0, y1:y2, x1:x2], expected)
     assert explained.history["loss"].shape == (5, 2)
 
@@ -264,27 +307,32 @@ def test_global_features_false_is_the_plain_embedding(tiny_model_dirs, scene):
 
 def test_b_model_false_picks_the_large_models():
     from extractors import CLIPExtractor, DINOv2Extractor
+
     assert DINOv2Extractor.default_model(False) == "facebook/dinov2-large"
     assert SigLIPExtractor.default_model(False) == "google/siglip-so400m-patch14-384"
     assert SigLIPExtractor.default_model(True) == "google/siglip-base-patch16-384"
-    assert CLIPExtractor.default_model(False) == "openai/clip-vit-base-patch16"     # no large CLIP in the original
+    assert CLIPExtractor.default_model(False) == "openai/clip-vit-base-patch16"  # no large CLIP in the original
 
 
 def test_original_smart_crop_is_cut_from_the_input_sized_image(tiny_model_dirs, scene):
     """smart_crop_source=resized, mi_resample=original: the original's rule, re-computed with PIL."""
     image, masks = scene
-    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), smart_crop=True, smart_crop_source="resized",
-                                  mi_resample="original", **MI)
+    extractor = SigLIPMIExtractor(
+        str(tiny_model_dirs["siglip"]), smart_crop=True, smart_crop_source="resized", mi_resample="original", **MI
+    )
     views = extractor.view_maker()(image, masks)
-    size = extractor.preprocess.size[::-1]                                    # (W, H) for PIL
-    small = image.resize(size, Image.BILINEAR)                                # SigLIP: BILINEAR
-    small_mask = extractor.preprocess.masks(masks[:1])[0] > 0                 # nearest, as every mask
+    size = extractor.preprocess.size[::-1]  # (W, H) for PIL
+    small = image.resize(size, Image.BILINEAR)  # SigLIP: BILINEAR
+    small_mask = extractor.preprocess.masks(masks[:1])[0] > 0  # nearest, as every mask
     ys, xs = torch.nonzero(small_mask, as_tuple=True)
-    x1, y1 = max(0, int(xs.min()) - 5), max(0, int(ys.min()) - 5)             # SigLIP / CLIP: 5 px
+    x1, y1 = max(0, int(xs.min()) - 5), max(0, int(ys.min()) - 5)  # SigLIP / CLIP: 5 px
     x2, y2 = min(size[0], int(xs.max()) + 1 + 5), min(size[1], int(ys.max()) + 1 + 5)
     crop = small.crop((x1, y1, x2, y2)).resize(size, Image.BILINEAR)
     expected = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 255
-    mean, std = torch.tensor(extractor.preprocess.mean)[:, None, None], torch.tensor(extractor.preprocess.std)[:, None, None]
+    mean, std = (
+        torch.tensor(extractor.preprocess.mean)[:, None, None],
+        torch.tensor(extractor.preprocess.std)[:, None, None],
+    )
     torch.testing.assert_close(views.views[0].pixel_values, (expected - mean) / std, atol=1e-5, rtol=0)
     assert views.views[0].masks.shape == (1, *extractor.preprocess.size)
 
@@ -292,12 +340,12 @@ def test_original_smart_crop_is_cut_from_the_input_sized_image(tiny_model_dirs, 
 def test_missing_masks_full_mask_keeps_masks_that_vanish(tiny_model_dirs, scene):
     image, _ = scene
     speck = np.zeros((1, image.height, image.width), dtype=bool)
-    speck[0, 40, 60] = True                                                  # one pixel: gone at 64 x 64
+    speck[0, 40, 60] = True  # one pixel: gone at 64 x 64
     folder = str(tiny_model_dirs["siglip"])
     with pytest.raises(Exception, match="empty at the model's input size"):
         SigLIPMIExtractor(folder, **MI).extract(image, speck)
     kept = SigLIPMIExtractor(folder, missing_masks="full_mask", **MI).view_maker()(image, speck)
-    assert kept.dropped_masks == 0 and kept.views[0].masks.sum() == 0         # MI with an empty target
+    assert kept.dropped_masks == 0 and kept.views[0].masks.sum() == 0  # MI with an empty target
 
 
 def test_mean_dice_mode_gives_one_vector_for_siglip_and_the_union_for_dinov2(tiny_model_dirs, scene):
@@ -316,11 +364,11 @@ def test_mask_input_zeroes_the_background_so_outside_pixels_cannot_change_the_ve
     image, masks = scene
     folder = str(tiny_model_dirs["siglip"])
     changed = np.asarray(image).copy()
-    changed[90:, :10] = 255 - changed[90:, :10]                              # outside both masks
+    changed[90:, :10] = 255 - changed[90:, :10]  # outside both masks
     changed = Image.fromarray(changed)
     zeroed = SigLIPMIExtractor(folder, mask_input=True, **MI)
     torch.testing.assert_close(zeroed.extract(changed, masks), zeroed.extract(image, masks))
-    unmasked = SigLIPMIExtractor(folder, **MI)                               # query_mi: MI on the whole image
+    unmasked = SigLIPMIExtractor(folder, **MI)  # query_mi: MI on the whole image
     assert (unmasked.extract(changed, masks) - unmasked.extract(image, masks)).abs().max() > 1e-4
 
 
@@ -328,28 +376,47 @@ def test_mask_input_zeroes_the_background_so_outside_pixels_cannot_change_the_ve
 def test_the_original_readme_snippet_runs(tiny_model_dirs, tmp_path):
     """Verbatim but for the model location (no hub here): a tiny model saved to disk."""
     from PIL import Image
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "image.jpg")
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(
+        tmp_path / "image.jpg"
+    )
     from extractors import SigLIPMIExtractor
+
     extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mi_alpha=0.03, global_features=True)
-    features = extractor.extract(Image.open(tmp_path / "image.jpg"))   # shape (768,) with the real model
+    features = extractor.extract(Image.open(tmp_path / "image.jpg"))  # shape (768,) with the real model
     assert features.shape == (32,)
 
 
 def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene, tmp_path):
     from datasets import ImageMasks, encode_mask, save_captions
+
     image, masks = scene
     image.save(tmp_path / "scene.png")
     extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), captions_file=None, **MI)
     expected = extractor.extract(image, masks)
     entry = ImageMasks([encode_mask(m) for m in masks], [[0, 0, 1, 1]] * 2, [1.0, 1.0])
-    for image_form in (image, np.asarray(image), tmp_path / "scene.png", str(tmp_path / "scene.png"),
-                       {"image": image, "img_path": str(tmp_path / "scene.png")}):
-        for mask_form in (masks, [m for m in masks], masks.astype(np.uint8) * 255, torch.from_numpy(masks),
-                          [encode_mask(m) for m in masks], entry, entry.to_dict()):
+    for image_form in (
+        image,
+        np.asarray(image),
+        tmp_path / "scene.png",
+        str(tmp_path / "scene.png"),
+        {"image": image, "img_path": str(tmp_path / "scene.png")},
+    ):
+        for mask_form in (
+            masks,
+            [m for m in masks],
+            masks.astype(np.uint8) * 255,
+            torch.from_numpy(masks),
+            [encode_mask(m) for m in masks],
+            entry,
+            entry.to_dict(),
+        ):
             torch.testing.assert_close(extractor.extract(image_form, mask_form), expected)
     save_captions({str((tmp_path / "scene.png").resolve()): entry}, tmp_path / "captions.pt")
     with_captions = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), captions_file=tmp_path / "captions.pt", **MI)
-    torch.testing.assert_close(with_captions.extract({"image": None, "img_path": str(tmp_path / "scene.png")}), expected)
+    torch.testing.assert_close(
+        with_captions.extract({"image": None, "img_path": str(tmp_path / "scene.png")}), expected
+    )
     batch = extractor.extract_batch([image, image.transpose(Image.FLIP_LEFT_RIGHT)], [masks, masks[:, :, ::-1].copy()])
     torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
     assert batch[1].shape == (2, 32)
@@ -359,11 +426,20 @@ def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene
 def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, tmp_path):
     """The same words in a notebook and on the command line give the same vectors."""
     from datasets import crop_box, load_captions, load_rgb
+
     settings = dict(mi_alpha=0.05, mi_iterations=3, mi_sum=True, batch_size=1)
-    proc = run_script("create_index.py", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
-                      "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}", f"captions_file={demo_dir / 'captions.pt'}",
-                      *(f"{k}={str(v).lower()}" for k, v in settings.items()), "num_workers=0", "only_create=true",
-                      cwd=tmp_path)
+    proc = run_script(
+        "create_index.py",
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        *(f"{k}={str(v).lower()}" for k, v in settings.items()),
+        "num_workers=0",
+        "only_create=true",
+        cwd=tmp_path,
+    )
     folder = features_dir_from(proc, tmp_path)
     extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), device="cpu", **settings)
     captions = load_captions(demo_dir / "captions.pt")
@@ -371,8 +447,9 @@ def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, t
     stored = load_file(sorted((folder / "gallery").glob("shard-*.safetensors"))[0])
     for i in range(2):
         rows = stored["features"][stored["owner"] == i]
-        torch.testing.assert_close(extractor.extract(gallery[i]["file"], captions[gallery[i]["key"]]), rows[0],
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            extractor.extract(gallery[i]["file"], captions[gallery[i]["key"]]), rows[0], atol=1e-6, rtol=0
+        )
     query = json.loads((folder / "queries" / "images.json").read_text())[0]
     stored = load_file(sorted((folder / "queries").glob("shard-*.safetensors"))[0])
     crop = crop_box(load_rgb(query["file"]), query["bbox"], "q", square=True)

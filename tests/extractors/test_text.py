@@ -1,4 +1,5 @@
 """Text towers (extractors/text.py) of tiny random SigLIP / CLIP checkpoints saved with their tokenizers."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,9 @@ from utils.errors import SoIRError
 TEXTS = ["a photo of a red mug", "a toy", "a photo of the blue ball box"]
 
 
-@pytest.mark.parametrize("family,model_class,padding", [("siglip", SiglipModel, "max_length"),
-                                                        ("clip", CLIPModel, True)])
+@pytest.mark.parametrize(
+    "family,model_class,padding", [("siglip", SiglipModel, "max_length"), ("clip", CLIPModel, True)]
+)
 def test_text_embedding_is_the_checkpoints_get_text_features_normalised(tiny_model_dirs, family, model_class, padding):
     folder = tiny_model_dirs[family]
     encoder = TextEncoder(str(folder), family)
@@ -29,7 +31,7 @@ def test_text_embedding_is_the_checkpoints_get_text_features_normalised(tiny_mod
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6)
-    assert not torch.allclose(got[0], got[1], atol=1e-3)            # different texts, different vectors
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # different texts, different vectors
     # Same space as the vision extractor of that checkpoint: the same size, comparable by inner product.
     vision = build_extractor(f"{family}_features", model_name=str(folder), device="cpu")
     assert got.shape[1] == vision.dim
@@ -51,7 +53,9 @@ def test_siglip_texts_are_padded_to_the_trained_length(tiny_model_dirs):
 def test_capability_and_families_without_a_text_tower(tiny_model_dirs):
     assert capabilities("siglip_mi_features")["has_text_tower"] and capabilities("clip_features")["has_text_tower"]
     assert not capabilities("dinov2_mi_features")["has_text_tower"]
-    with pytest.raises(SoIRError, match="dinov2 checkpoints have no text tower SoIR can use .*: text queries need a SigLIP or CLIP"):
+    with pytest.raises(
+        SoIRError, match="dinov2 checkpoints have no text tower SoIR can use .*: text queries need a SigLIP or CLIP"
+    ):
         TextEncoder(str(tiny_model_dirs["dinov2"]), "dinov2")
 
 
@@ -61,7 +65,7 @@ def test_missing_tokenizer_is_one_clear_line(tiny_model_dirs, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink()
     with pytest.raises(SoIRError, match="does not know the words of 'a photo of' .* without tokenizer files"):
-        TextEncoder(str(folder), "clip")     # transformers would build an empty tokenizer and carry on
+        TextEncoder(str(folder), "clip")  # transformers would build an empty tokenizer and carry on
 
 
 def test_long_and_empty_texts(tiny_model_dirs, caplog):
@@ -76,8 +80,9 @@ def test_long_and_empty_texts(tiny_model_dirs, caplog):
 
 def test_tokenizer_of_another_checkpoint_is_refused(tiny_model_dirs, tmp_path):
     from scripts.make_tiny_models import tiny_clip_tokenizer
+
     folder = tmp_path / "clip_with_a_byte_level_tokenizer"
     shutil.copytree(tiny_model_dirs["clip"], folder)
-    tiny_clip_tokenizer(77).save_pretrained(folder)           # 518 ids; the tiny text model has 64
+    tiny_clip_tokenizer(77).save_pretrained(folder)  # 518 ids; the tiny text model has 64
     with pytest.raises(SoIRError, match="has 518 tokens, its text model 64: they are not from one checkpoint"):
         TextEncoder(str(folder), "clip")

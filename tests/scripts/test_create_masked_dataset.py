@@ -1,8 +1,10 @@
-"""scripts/create_masked_dataset.py (the CLI), utils/mask_creation.py and utils/mask_models.py with tiny random OWLv2 and SAM.
+"""scripts/create_masked_dataset.py (the CLI), utils/mask_creation.py and utils/mask_models.py with tiny random
+OWLv2 and SAM.
 
 The models are saved to a temp folder and loaded through the same loaders a user's run uses
 (``Owlv2Detector.from_pretrained``, ``load_sam`` with ``--sam_config``).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +24,19 @@ from transformers import CLIPVisionConfig, Owlv2ForObjectDetection, Owlv2Process
 
 from datasets.captions import decode_mask, encode_mask, load_captions
 from scripts import create_masked_dataset as cmd
-from utils.mask_models import (
-    SAM_ARCHITECTURES, DetectionOptions, ModelLoadError, Owlv2Detector, SamSegmenter, filter_detections,
-    infer_sam_model_type, load_sam, sam_state_dict_shapes,
-)
 from scripts.make_tiny_models import TINY_SAM, save_tiny_owlv2, save_tiny_sam
 from utils.errors import SoIRError
+from utils.mask_models import (
+    SAM_ARCHITECTURES,
+    DetectionOptions,
+    ModelLoadError,
+    Owlv2Detector,
+    SamSegmenter,
+    filter_detections,
+    infer_sam_model_type,
+    load_sam,
+    sam_state_dict_shapes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,9 +63,27 @@ def _folder(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def _base_args(models: dict, input_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--input_dir", str(input_dir), "--output_dir", str(output_dir), "--owlv2_model", str(models["owlv2"]),
-            "--sam_checkpoint", str(models["sam"]), "--sam_config", str(models["sam_config"]),
-            "--device", "cpu", "--num_workers", "0", "--min_box_size", "2", "--fallback", "none", *extra]
+    return [
+        "--input_dir",
+        str(input_dir),
+        "--output_dir",
+        str(output_dir),
+        "--owlv2_model",
+        str(models["owlv2"]),
+        "--sam_checkpoint",
+        str(models["sam"]),
+        "--sam_config",
+        str(models["sam_config"]),
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--min_box_size",
+        "2",
+        "--fallback",
+        "none",
+        *extra,
+    ]
 
 
 def _detector(models, **options) -> Owlv2Detector:
@@ -71,20 +98,26 @@ def _segmenter(models) -> SamSegmenter:
 # Detection
 # --------------------------------------------------------------------------------------------
 
+
 def test_filter_detections_keeps_each_score_with_its_box():
-    boxes = torch.tensor([[0., 0., 10., 10.],     # 0.5, suppressed by box 2 (IoU 0.81)
-                          [50., 50., 90., 90.],   # 0.9, reaches into the padding: clipped to 60
-                          [1., 1., 10., 10.],     # 0.7
-                          [20., 20., 22., 40.],   # 0.95, 2 px wide: too small
-                          [30., 70., 40., 80.],   # 0.8, entirely in the padding (H = 60)
-                          [30., 0., 45., 12.]])   # 0.3
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # 0.5, suppressed by box 2 (IoU 0.81)
+            [50.0, 50.0, 90.0, 90.0],  # 0.9, reaches into the padding: clipped to 60
+            [1.0, 1.0, 10.0, 10.0],  # 0.7
+            [20.0, 20.0, 22.0, 40.0],  # 0.95, 2 px wide: too small
+            [30.0, 70.0, 40.0, 80.0],  # 0.8, entirely in the padding (H = 60)
+            [30.0, 0.0, 45.0, 12.0],
+        ]
+    )  # 0.3
     scores = torch.tensor([0.5, 0.9, 0.7, 0.95, 0.8, 0.3])
     options = DetectionOptions(score_threshold=0.0, nms_iou=0.5, max_objects=10, min_box_size=4)
     kept_boxes, kept_scores = filter_detections(boxes, scores, (60, 100), options)
     assert kept_scores.tolist() == pytest.approx([0.9, 0.7, 0.3])
-    assert kept_boxes.tolist() == [[50., 50., 90., 60.], [1., 1., 10., 10.], [30., 0., 45., 12.]]
-    capped_boxes, capped_scores = filter_detections(boxes, scores, (60, 100),
-                                                    DetectionOptions(0.0, 0.5, max_objects=2, min_box_size=4))
+    assert kept_boxes.tolist() == [[50.0, 50.0, 90.0, 60.0], [1.0, 1.0, 10.0, 10.0], [30.0, 0.0, 45.0, 12.0]]
+    capped_boxes, capped_scores = filter_detections(
+        boxes, scores, (60, 100), DetectionOptions(0.0, 0.5, max_objects=2, min_box_size=4)
+    )
     assert capped_scores.tolist() == pytest.approx([0.9, 0.7]) and capped_boxes.tolist() == kept_boxes[:2].tolist()
 
 
@@ -111,8 +144,9 @@ def test_boxes_are_in_original_pixels_of_a_non_square_image(models):
 def test_text_queries_match_the_processor_path(models):
     """Our tokenisation + batching gives the scores of Owlv2Processor + post_process_grounded_object_detection."""
     queries = ("a mug", "a toy")
-    detector = Owlv2Detector.from_pretrained(str(models["owlv2"]), DetectionOptions(0.0, 1.0, 1000, 0.0),
-                                             queries=queries)
+    detector = Owlv2Detector.from_pretrained(
+        str(models["owlv2"]), DetectionOptions(0.0, 1.0, 1000, 0.0), queries=queries
+    )
     images = [_random_image(64, 64, seed=2), _random_image(48, 64, seed=3)]
     ours = detector.detect(torch.stack([detector.preprocess(i) for i in images]), [(64, 64), (48, 64)])
 
@@ -123,7 +157,8 @@ def test_text_queries_match_the_processor_path(models):
         with torch.inference_mode():
             outputs = model(**inputs)
         reference = processor.post_process_grounded_object_detection(
-            outputs, threshold=0.0, target_sizes=[(image.height, image.width)])[0]
+            outputs, threshold=0.0, target_sizes=[(image.height, image.width)]
+        )[0]
         ref_boxes = reference["boxes"].clone()
         ref_boxes[:, 0::2] = ref_boxes[:, 0::2].clamp(0, image.width)
         ref_boxes[:, 1::2] = ref_boxes[:, 1::2].clamp(0, image.height)
@@ -137,11 +172,15 @@ def test_text_queries_match_the_processor_path(models):
 
 def test_owlv2_errors_are_clear_and_offline(models, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SoIRError, match="'google/owlv2-no-such-model' is needed but is not in the HuggingFace cache "
-                                        "and HF_HUB_OFFLINE is set; pass --owlv2_model /path/to/a/local/folder"):
+    with pytest.raises(
+        SoIRError,
+        match="'google/owlv2-no-such-model' is needed but is not in the HuggingFace cache "
+        "and HF_HUB_OFFLINE is set; pass --owlv2_model /path/to/a/local/folder",
+    ):
         Owlv2Detector.from_pretrained("google/owlv2-no-such-model", DetectionOptions())
-    CLIPVisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                     intermediate_size=8).save_pretrained(tmp_path / "clip")
+    CLIPVisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
+        tmp_path / "clip"
+    )
     with pytest.raises(ModelLoadError, match="'clip_vision_model' model, not OWLv2"):
         Owlv2Detector.from_pretrained(str(tmp_path / "clip"), DetectionOptions())
 
@@ -150,12 +189,14 @@ def test_owlv2_errors_are_clear_and_offline(models, tmp_path, monkeypatch):
 # SAM
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", ["vit_h", "vit_l", "vit_b"])
 def test_sam_architectures_mirror_segment_anything(model_type):
     with torch.device("meta"):
         reference = sam_model_registry[model_type]()
     assert sam_state_dict_shapes(SAM_ARCHITECTURES[model_type]) == {
-        k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
 
 
 def test_sam_model_type_from_checkpoint_name():
@@ -215,7 +256,7 @@ def test_rle_round_trips_through_torch_save(models, tmp_path):
     segmenter = _segmenter(models)
     image = np.array(_random_image(37, 53, seed=4))
     segmenter.embed(image)
-    masks, _ = segmenter.decode(torch.tensor([[2., 3., 30., 20.], [10., 10., 50., 36.]]))
+    masks, _ = segmenter.decode(torch.tensor([[2.0, 3.0, 30.0, 20.0], [10.0, 10.0, 50.0, 36.0]]))
     assert masks.shape == (2, 37, 53) and masks.dtype == torch.bool
     as_str = [encode_mask(m) for m in masks.numpy()]
     as_bytes = [{"counts": r["counts"].encode(), "size": r["size"]} for r in as_str]
@@ -230,6 +271,7 @@ def test_rle_round_trips_through_torch_save(models, tmp_path):
 # The script, end to end
 # --------------------------------------------------------------------------------------------
 
+
 def test_gallery_run_with_awkward_images(models, tmp_path, capsys):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
@@ -241,8 +283,26 @@ def test_gallery_run_with_awkward_images(models, tmp_path, capsys):
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    assert cmd.main(_base_args(models, images, out, "--max_objects", "3", "--num_workers", "1",
-                               "--preview", "2", "--shard_size", "2", "--batch_size", "2")) == 0
+    assert (
+        cmd.main(
+            _base_args(
+                models,
+                images,
+                out,
+                "--max_objects",
+                "3",
+                "--num_workers",
+                "1",
+                "--preview",
+                "2",
+                "--shard_size",
+                "2",
+                "--batch_size",
+                "2",
+            )
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "corrupt.jpg" in captured.err and "cannot load image" in captured.err
 
@@ -260,8 +320,9 @@ def test_gallery_run_with_awkward_images(models, tmp_path, capsys):
         assert masks.shape == (len(entry), height, width) and masks.any(axis=(1, 2)).all()
     # Masks belong to their boxes: SAM prompted with the stored boxes reproduces them.
     segmenter.embed(np.array(Image.open(images / "rgb.png").convert("RGB")))
-    assert np.array_equal(segmenter.decode(torch.tensor(captions["rgb.png"].bboxes))[0].numpy(),
-                          captions["rgb.png"].masks())
+    assert np.array_equal(
+        segmenter.decode(torch.tensor(captions["rgb.png"].bboxes))[0].numpy(), captions["rgb.png"].masks()
+    )
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 5 and summary["failed_images"] == 1 and summary["images_with_masks"] == 4
@@ -284,8 +345,9 @@ def test_gallery_run_with_awkward_images(models, tmp_path, capsys):
 def test_images_without_detections_are_recorded_empty(models, tmp_path):
     images = _folder(tmp_path / "images", 3)
     out = tmp_path / "out"
-    assert cmd.main(_base_args(models, images, out, "--score_threshold", "1.0",
-                               "--queries", "a mug", "a toy")) == 0       # --fallback none
+    assert (
+        cmd.main(_base_args(models, images, out, "--score_threshold", "1.0", "--queries", "a mug", "a toy")) == 0
+    )  # --fallback none
     captions = torch.load(out / "captions.pt", weights_only=True)
     assert captions == {f"img_{i:02d}.png": {"masks_rle": [], "bboxes": [], "scores": []} for i in range(3)}
     summary = json.loads((out / "summary.json").read_text())
@@ -300,13 +362,25 @@ def test_defaults_are_the_originals_and_nothing_detected_falls_back_to_sams_auto
     images = _folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     # A random tiny SAM predicts no mask above SAM's default thresholds: lower them for the test.
-    assert cmd.main([*_base_args(models, images, out, "--score_threshold", "1.0"), "--fallback", "automatic",
-                     "--automatic_pred_iou_thresh", "0", "--automatic_stability_thresh", "0"]) == 0
+    assert (
+        cmd.main(
+            [
+                *_base_args(models, images, out, "--score_threshold", "1.0"),
+                "--fallback",
+                "automatic",
+                "--automatic_pred_iou_thresh",
+                "0",
+                "--automatic_stability_thresh",
+                "0",
+            ]
+        )
+        == 0
+    )
     captions = load_captions(out / "captions.pt")
     segmenter = SamSegmenter(load_sam(models["sam"], sam_config=models["sam_config"])[0], 0.0, 0.0)
     for key, entry in captions.items():
         image = np.array(Image.open(images / key).convert("RGB"))
-        masks, boxes, iou = segmenter.automatic(image)              # SAM's own generator, as the original
+        masks, boxes, iou = segmenter.automatic(image)  # SAM's own generator, as the original
         assert len(entry) == len(masks) > 0 and entry.scores == pytest.approx(iou.tolist())
         assert np.array_equal(entry.masks(), masks.numpy()) and entry.bboxes == boxes.tolist()
     summary = json.loads((out / "summary.json").read_text())
@@ -334,8 +408,11 @@ def test_resume_after_kill_gives_the_same_file(models, tmp_path):
     assert cmd.main(_base_args(models, images, reference, "--shard_size", "2", "--batch_size", "2")) == 0
 
     # kill -9 once the first shard is on disk, then run the same command again
-    command = [sys.executable, str(ROOT / "scripts" / "create_masked_dataset.py"),
-               *_base_args(models, images, resumed, "--shard_size", "2", "--batch_size", "2")]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "create_masked_dataset.py"),
+        *_base_args(models, images, resumed, "--shard_size", "2", "--batch_size", "2"),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (resumed / "shards" / "shard_000000.pt").exists():
@@ -383,16 +460,35 @@ def test_queries_mode_masks_annotated_boxes(models, tmp_path, capsys):
     _random_image(40, 40, seed=10).save(root / "q" / "nobox.png")
     _random_image(40, 40, seed=11).save(root / "q" / "outside.png")
     _random_image(40, 40, seed=12).save(root / "gallery.png")
-    anns = {"q/mug.png": {"ins": 1, "is_query": True, "bbox": [5.0, 6.0, 40.0, 30.0]},
-            "q/toy.png": {"ins": 2, "is_query": True, "bbox": [0.0, 10.0, 40.5, 56.0]},  # 0.5 px over: clipped
-            "q/nobox.png": {"ins": 3, "is_query": True},
-            "q/outside.png": {"ins": 4, "is_query": True, "bbox": [10.0, 10.0, 60.0, 30.0]},
-            "gallery.png": {"ins": [1, 2], "is_query": False}}
+    anns = {
+        "q/mug.png": {"ins": 1, "is_query": True, "bbox": [5.0, 6.0, 40.0, 30.0]},
+        "q/toy.png": {"ins": 2, "is_query": True, "bbox": [0.0, 10.0, 40.5, 56.0]},  # 0.5 px over: clipped
+        "q/nobox.png": {"ins": 3, "is_query": True},
+        "q/outside.png": {"ins": 4, "is_query": True, "bbox": [10.0, 10.0, 60.0, 30.0]},
+        "gallery.png": {"ins": [1, 2], "is_query": False},
+    }
     torch.save(anns, root / "anns.pt")
     out = tmp_path / "out"
-    assert cmd.main(["--anns_file", str(root / "anns.pt"), "--queries_only", "--output_dir", str(out),
-                     "--sam_checkpoint", str(models["sam"]), "--sam_config", str(models["sam_config"]),
-                     "--device", "cpu", "--num_workers", "0"]) == 0
+    assert (
+        cmd.main(
+            [
+                "--anns_file",
+                str(root / "anns.pt"),
+                "--queries_only",
+                "--output_dir",
+                str(out),
+                "--sam_checkpoint",
+                str(models["sam"]),
+                "--sam_config",
+                str(models["sam_config"]),
+                "--device",
+                "cpu",
+                "--num_workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     captions = load_captions(out / "captions.pt")
     assert set(captions) == {"q/mug.png", "q/toy.png"}  # the anns.pt keys
     assert captions["q/mug.png"].bboxes == [[5.0, 6.0, 40.0, 30.0]]
@@ -412,8 +508,19 @@ def test_cli_refuses_ambiguous_modes(models, tmp_path):
     with pytest.raises(SystemExit):
         cmd.parse_args(["--anns_file", "a.pt", "--output_dir", "o", "--sam_checkpoint", "s.pth"])
     with pytest.raises(SystemExit):
-        cmd.parse_args(["--input_dir", "i", "--anns_file", "a.pt", "--queries_only", "--output_dir", "o",
-                        "--sam_checkpoint", "s.pth"])
+        cmd.parse_args(
+            [
+                "--input_dir",
+                "i",
+                "--anns_file",
+                "a.pt",
+                "--queries_only",
+                "--output_dir",
+                "o",
+                "--sam_checkpoint",
+                "s.pth",
+            ]
+        )
     with pytest.raises(SystemExit):
         cmd.parse_args(["--input_dir", "i", "--output_dir", "o", "--sam_checkpoint", "s.pth", "--nms_iou", "0"])
 
@@ -421,6 +528,7 @@ def test_cli_refuses_ambiguous_modes(models, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Never lose or mix what is not ours
 # --------------------------------------------------------------------------------------------
+
 
 def test_a_folder_soir_did_not_make_is_refused_even_with_overwrite(models, tmp_path, capsys):
     """Before: --overwrite removed a user's preview/ folder and a foreign captions.pt was replaced."""
@@ -469,14 +577,17 @@ def test_damaged_shard_and_run_config_are_explained(models, tmp_path, capsys):
 
 
 def _start(models, images, out, *extra) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "scripts" / "create_masked_dataset.py"),
-               *_base_args(models, images, out, *extra)]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "create_masked_dataset.py"),
+        *_base_args(models, images, out, *extra),
+    ]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_concurrent_runs_on_one_folder_cannot_both_write(models, tmp_path):
     """Before: no lock; two runs with different --score_threshold both exited 0 and mixed their shards."""
-    images = _folder(tmp_path / "images", 400)        # long enough to still be running when the second starts
+    images = _folder(tmp_path / "images", 400)  # long enough to still be running when the second starts
     out = tmp_path / "out"
     first = _start(models, images, out, "--shard_size", "2", "--batch_size", "1")
     deadline = time.monotonic() + 120
@@ -509,11 +620,14 @@ def test_kill_9_takes_the_dataloader_workers_with_it(models, tmp_path):
     run.wait()
     run.stderr.close()
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
-              for w in workers) and time.monotonic() < deadline:
+    while (
+        any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text() for w in workers)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists()
-             and "zombie" not in Path(f"/proc/{w}/status").read_text()]
-    for w in alive:                                  # do not leave them behind if the test fails
+    alive = [
+        w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
+    ]
+    for w in alive:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert alive == []

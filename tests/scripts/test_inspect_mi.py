@@ -1,4 +1,5 @@
 """scripts/inspect_mi.py: the PNG grid of masks, LeGrad maps and loss curves, offline with --tiny."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,15 +22,31 @@ def scene(demo_dir):
 
 def _cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
     top = row * (CELL + LABEL_HEIGHT) + LABEL_HEIGHT
-    return grid[top:top + CELL, column * CELL:(column + 1) * CELL]
+    return grid[top : top + CELL, column * CELL : (column + 1) * CELL]
 
 
 def test_grid_has_the_image_masks_maps_and_curves(demo_dir, scene, tmp_path):
     image, key, entry = scene
-    out = main(["--image", str(image), "--captions", str(demo_dir / "captions.pt"), "--tiny", "--mi_iterations", "4",
-                "--masks", "2", "0", "--cell", str(CELL), "--out", str(tmp_path / "grid.png")])
+    out = main(
+        [
+            "--image",
+            str(image),
+            "--captions",
+            str(demo_dir / "captions.pt"),
+            "--tiny",
+            "--mi_iterations",
+            "4",
+            "--masks",
+            "2",
+            "0",
+            "--cell",
+            str(CELL),
+            "--out",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    assert grid.shape == (3 * (CELL + LABEL_HEIGHT), 3 * CELL, 3)          # image + 2 masks wide, 3 rows
+    assert grid.shape == (3 * (CELL + LABEL_HEIGHT), 3 * CELL, 3)  # image + 2 masks wide, 3 rows
     # Row 2, column 1 is the MI map of entry mask 2 (the first asked for): its cyan outline hugs that mask's box.
     width, height = Image.open(image).size
     scale = CELL / max(width, height)
@@ -44,16 +61,27 @@ def test_grid_has_the_image_masks_maps_and_curves(demo_dir, scene, tmp_path):
     assert np.abs(_cell(grid, 1, 0) - _cell(grid, 0, 0)).mean() > 10
     assert np.abs(_cell(grid, 1, 1) - _cell(grid, 1, 2)).mean() > 1
     # Row 3 holds the curves: coloured lines on white.
-    curves = grid[2 * (CELL + LABEL_HEIGHT):]
-    assert (np.abs(curves - (31, 119, 180)).sum(-1) < 40).sum() > 20       # mask 2's line, first colour
+    curves = grid[2 * (CELL + LABEL_HEIGHT) :]
+    assert (np.abs(curves - (31, 119, 180)).sum(-1) < 40).sum() > 20  # mask 2's line, first colour
 
 
 def test_key_lookup_overwrite_and_bad_masks(demo_dir, scene, tmp_path, capsys):
     image, key, entry = scene
-    args = ["--image", str(image), "--captions", str(demo_dir / "captions.pt"), "--tiny", "--mi_iterations", "1",
-            "--cell", "64", "--max_masks", "1"]
+    args = [
+        "--image",
+        str(image),
+        "--captions",
+        str(demo_dir / "captions.pt"),
+        "--tiny",
+        "--mi_iterations",
+        "1",
+        "--cell",
+        "64",
+        "--max_masks",
+        "1",
+    ]
     out = tmp_path / "a.png"
-    main(args + ["--out", str(out)])                         # found by its path relative to the captions folder
+    main(args + ["--out", str(out)])  # found by its path relative to the captions folder
     assert f"{key}: 1 masks" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         main(args + ["--out", str(out)])

@@ -1,4 +1,5 @@
 """scripts/make_demo_dataset.py and example/create_annotations.py produce loadable, valid sets."""
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,18 @@ def test_demo_is_deterministic(demo, tmp_path):
 
 def test_demo_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     out = tmp_path / "set"
-    args = ["--out", str(out), "--num_objects", "2", "--gallery_per_object", "1", "--distractors", "1",
-            "--image_size", "128"]
+    args = [
+        "--out",
+        str(out),
+        "--num_objects",
+        "2",
+        "--gallery_per_object",
+        "1",
+        "--distractors",
+        "1",
+        "--image_size",
+        "128",
+    ]
     demo_main(args)
     assert "2 queries, 3 gallery images (with two instances: 2, distractors: 1)" in capsys.readouterr().out
     (out / "gallery" / "stale.jpg").write_bytes(b"")
@@ -109,8 +120,16 @@ def test_demo_refuses_to_overwrite_unless_asked(tmp_path, capsys):
 
 
 def _layout(root: Path) -> None:
-    files = ["queries/mug/1.jpg", "queries/mug/2.png", "queries/cup/a.jpg", "gallery/mug/x.jpg",
-             "gallery/cup/y.JPG", "gallery/cup/z.jpg", "gallery/zebra/z.jpg", "gallery/_distractors/d.jpg"]
+    files = [
+        "queries/mug/1.jpg",
+        "queries/mug/2.png",
+        "queries/cup/a.jpg",
+        "gallery/mug/x.jpg",
+        "gallery/cup/y.JPG",
+        "gallery/cup/z.jpg",
+        "gallery/zebra/z.jpg",
+        "gallery/_distractors/d.jpg",
+    ]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 10)).save(root / name, format="PNG" if name.endswith("png") else "JPEG")
@@ -121,26 +140,36 @@ def test_create_annotations_from_folders(tmp_path, capsys):
     root = tmp_path / "data"
     _layout(root)
     (tmp_path / "boxes.json").write_text(json.dumps({"queries/mug/2.png": [1, 2, 15, 9]}))
-    create_annotations_main(["--root", str(root), "--out", str(root / "anns.pt"), "--bboxes", str(tmp_path / "boxes.json")])
+    create_annotations_main(
+        ["--root", str(root), "--out", str(root / "anns.pt"), "--bboxes", str(tmp_path / "boxes.json")]
+    )
     assert "3 instances, 3 queries (1 with bbox), 5 gallery images (distractors: 1)" in capsys.readouterr().out
     anns = {a.key: a for a in load_anns(root / "anns.pt")}  # all files exist
     assert {k: (a.ins, a.is_query, a.obj_name) for k, a in anns.items()} == {
-        "queries/cup/a.jpg": ((0,), True, "cup"), "queries/mug/1.jpg": ((1,), True, "mug"),
-        "queries/mug/2.png": ((1,), True, "mug"), "gallery/cup/y.JPG": ((0,), False, "cup"),
-        "gallery/cup/z.jpg": ((0,), False, "cup"), "gallery/mug/x.jpg": ((1,), False, "mug"),
-        "gallery/zebra/z.jpg": ((2,), False, "zebra"), "gallery/_distractors/d.jpg": ((), False, None)}
+        "queries/cup/a.jpg": ((0,), True, "cup"),
+        "queries/mug/1.jpg": ((1,), True, "mug"),
+        "queries/mug/2.png": ((1,), True, "mug"),
+        "gallery/cup/y.JPG": ((0,), False, "cup"),
+        "gallery/cup/z.jpg": ((0,), False, "cup"),
+        "gallery/mug/x.jpg": ((1,), False, "mug"),
+        "gallery/zebra/z.jpg": ((2,), False, "zebra"),
+        "gallery/_distractors/d.jpg": ((), False, None),
+    }
     assert anns["queries/mug/2.png"].bbox == (1.0, 2.0, 15.0, 9.0) and anns["queries/mug/1.jpg"].bbox is None
     # ids are stable: a second build (and a fresh process would) gives the same dict
     assert build_annotations(root) == build_annotations(root)
 
 
-@pytest.mark.parametrize("setup, bboxes, message", [
-    (lambda r: (r / "queries" / "loose.jpg").write_bytes(b""), None, "outside instance folders"),
-    (lambda r: (r / "queries" / "_distractors").mkdir(), None, "distractors belong in the gallery"),
-    (lambda r: (r / "gallery" / "empty").mkdir(), None, "contains no images"),
-    (lambda r: None, {"gallery/mug/x.jpg": [0, 0, 1, 1]}, "not a query image"),
-    (lambda r: None, {"queries/mug/1.jpg": [5, 0, 1, 1]}, "empty or inverted"),
-])
+@pytest.mark.parametrize(
+    "setup, bboxes, message",
+    [
+        (lambda r: (r / "queries" / "loose.jpg").write_bytes(b""), None, "outside instance folders"),
+        (lambda r: (r / "queries" / "_distractors").mkdir(), None, "distractors belong in the gallery"),
+        (lambda r: (r / "gallery" / "empty").mkdir(), None, "contains no images"),
+        (lambda r: None, {"gallery/mug/x.jpg": [0, 0, 1, 1]}, "not a query image"),
+        (lambda r: None, {"queries/mug/1.jpg": [5, 0, 1, 1]}, "empty or inverted"),
+    ],
+)
 def test_create_annotations_errors(tmp_path, setup, bboxes, message):
     _layout(tmp_path)
     setup(tmp_path)
@@ -154,6 +183,7 @@ def test_create_annotations_cli_errors(tmp_path):
     _layout(tmp_path)
     (tmp_path / "boxes.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="must hold a JSON object"):
-        create_annotations_main(["--root", str(tmp_path), "--out", str(tmp_path / "a.pt"),
-                                 "--bboxes", str(tmp_path / "boxes.json")])
+        create_annotations_main(
+            ["--root", str(tmp_path), "--out", str(tmp_path / "a.pt"), "--bboxes", str(tmp_path / "boxes.json")]
+        )
     assert not (tmp_path / "a.pt").exists()

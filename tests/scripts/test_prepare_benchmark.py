@@ -1,4 +1,5 @@
 """scripts/prepare_benchmark.py: the CLI on each source replica writes loadable files and prints the statistics."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,16 @@ def test_instre_xs_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "INSTRE-XS from" in printed
     assert [line.split() for line in printed.splitlines() if line.startswith(("queries", "gallery images"))] == [
-        ["queries", "3", "2428"], ["gallery", "images", "2", "2065"]]
+        ["queries", "3", "2428"],
+        ["gallery", "images", "2", "2065"],
+    ]
     assert "left out: 1 images with more or fewer than one box" in printed
     info = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    assert info["index_args"] == [f"anns_file={tmp_path / 'bench' / 'anns.pt'}", f"galleries_dir={root}",
-                                  f"queries_dir={root}"]
+    assert info["index_args"] == [
+        f"anns_file={tmp_path / 'bench' / 'anns.pt'}",
+        f"galleries_dir={root}",
+        f"queries_dir={root}",
+    ]
     assert info["gt_mask_args"] == ["masks_from=anns", "box_masks=true"] and info["captions_file"] is None
     anns = load_anns(tmp_path / "bench" / "anns.pt", galleries_dir=root, queries_dir=root)
     assert len(anns) == 5 and info["stats"]["queries"] == 3
@@ -47,7 +53,8 @@ def test_permir_cli_writes_ground_truth_captions(tmp_path, capsys):
     main(["permir", "--root", str(frames), "--burst_annotations", str(annotations), "--out", str(tmp_path / "bench")])
     printed = capsys.readouterr().out
     assert [line.split()[:3] for line in printed.splitlines() if line.startswith("categories")] == [
-        ["categories", "2", "16"]]
+        ["categories", "2", "16"]
+    ]
     info = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert info["gt_mask_args"] == [f"captions_file={tmp_path / 'bench' / 'captions.pt'}"]
     captions = load_captions(tmp_path / "bench" / "captions.pt")
@@ -61,13 +68,21 @@ def test_voxdet_cli_validates_and_measures_roboTools(tmp_path, capsys):
     path, facts = write_voxdet_soir(tmp_path / "VoxDet")
     main(["voxdet", "--root", str(path.parent), "--out", str(tmp_path / "bench")])
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[-2:] for line in printed.splitlines()
-            if line.startswith(("instances", "scenes", "annotated", "mean"))}
+    rows = {
+        line.split()[0]: line.split()[-2:]
+        for line in printed.splitlines()
+        if line.startswith(("instances", "scenes", "annotated", "mean"))
+    }
     boxes = [b for k, bs in facts["gallery_boxes"].items() if "RoboTools" in k for b in bs]
     area = 100 * np.mean([(x2 - x1) * (y2 - y1) / (48 * 64) for x1, y1, x2, y2 in boxes])
-    assert rows == {"instances": ["2", "20"], "scenes": ["2", "24"], "annotated": ["1.33", "5.80"], "mean": [f"{area:.2f}", "1.10"]}
+    assert rows == {
+        "instances": ["2", "20"],
+        "scenes": ["2", "24"],
+        "annotated": ["1.33", "5.80"],
+        "mean": [f"{area:.2f}", "1.10"],
+    }
     info = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert info["index_args"] == [f"anns_file={path}", "set=RoboTools"]
-    assert not (tmp_path / "bench" / "anns.pt").exists()     # the authors' file is used where it is
+    assert not (tmp_path / "bench" / "anns.pt").exists()  # the authors' file is used where it is
     with pytest.raises(SystemExit, match="share instance ids"):
         main(["voxdet", "--root", str(path.parent), "--out", str(tmp_path / "all"), "--set", "all"])

@@ -1,4 +1,5 @@
 """scripts/reproduce.sh end to end with tiny models on a VoxDet-SoIR replica, and scripts/paper_table.py."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from tests.datasets.voxdet_replica import rect, write_voxdet_soir
 from tests.pipeline import ROOT
 
 # One run per branch of reproduce.sh: global, ground-truth masks, detector masks + LoRA weights.
-pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
 
@@ -29,8 +30,10 @@ SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
 def _lora_checkpoint(model_dir: Path, path: Path, rank: int = 4) -> Path:
     """LoRA state dict (q/k/v adapters, non-zero) for the tiny DINOv2, as a fine-tuning run saves it."""
     torch.manual_seed(0)
-    peft_model = get_peft_model(Dinov2Model.from_pretrained(model_dir),
-                                LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        Dinov2Model.from_pretrained(model_dir),
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj"]),
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
@@ -39,58 +42,90 @@ def _lora_checkpoint(model_dir: Path, path: Path, rank: int = 4) -> Path:
 
 
 def _row(text: str, name: str) -> list[str]:
-    line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
+    line = next(s for s in text.splitlines() if s.startswith(f"| {name} |"))
     return [cell.strip() for cell in line.strip("|").split("|")][1:]
 
 
 def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_path):
     anns_file, facts = write_voxdet_soir(tmp_path / "VoxDet")
     prepare(["voxdet", "--root", str(anns_file.parent), "--out", str(tmp_path / "bench")])
-    detections = {key: ImageMasks([encode_mask(rect(*map(int, boxes[0])))], [bbox_from_mask(rect(*map(int, boxes[0])))],
-                                  [0.9])
-                  for key, boxes in facts["gallery_boxes"].items() if "RoboTools" in key}
+    detections = {
+        key: ImageMasks([encode_mask(rect(*map(int, boxes[0])))], [bbox_from_mask(rect(*map(int, boxes[0])))], [0.9])
+        for key, boxes in facts["gallery_boxes"].items()
+        if "RoboTools" in key
+    }
     save_captions(detections, tmp_path / "detections.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "SETTINGS": SETTINGS, "DINOV2_MODEL": str(tiny_model_dirs["dinov2"]), "DINOV2_DIM": "32",
-           "CLIP_MODEL": str(tiny_model_dirs["clip"]), "CLIP_DIM": "24", "LORA_RANK": "4",
-           "DINOV2_WEIGHTS": str(_lora_checkpoint(tiny_model_dirs["dinov2"], tmp_path / "lora.ckpt")),
-           "DETECTOR_CAPTIONS": str(tmp_path / "detections.pt")}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), str(tmp_path / "bench"), "num_workers=0",
-                           "batch_size=4", "mi_iterations=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "SETTINGS": SETTINGS,
+        "DINOV2_MODEL": str(tiny_model_dirs["dinov2"]),
+        "DINOV2_DIM": "32",
+        "CLIP_MODEL": str(tiny_model_dirs["clip"]),
+        "CLIP_DIM": "24",
+        "LORA_RANK": "4",
+        "DINOV2_WEIGHTS": str(_lora_checkpoint(tiny_model_dirs["dinov2"], tmp_path / "lora.ckpt")),
+        "DETECTOR_CAPTIONS": str(tmp_path / "detections.pt"),
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "reproduce.sh"),
+            str(tmp_path / "bench"),
+            "num_workers=0",
+            "batch_size=4",
+            "mi_iterations=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [run_dir] = (tmp_path / "bench").glob("reproduce-*")
     runs = [line.split("\t") for line in (run_dir / "runs.tsv").read_text().splitlines()]
     assert [(b, s) for b, s, _ in runs] == [("voxdet", s) for s in SETTINGS.split()]
-    assert (tmp_path / "outputs" / "features" / "voxdet").is_dir()        # outputs go to the caller's folder
+    assert (tmp_path / "outputs" / "features" / "voxdet").is_dir()  # outputs go to the caller's folder
     text = (run_dir / "table.md").read_text()
     assert text in proc.stdout
     for _, setting, folder in runs:
         results = json.loads((Path(folder) / "results.json").read_text())
-        assert results["num_queries"] == 3 and results["num_gallery_images"] == 3   # set=RoboTools
-    ours = {setting: f"{100 * json.loads((Path(folder) / 'results.json').read_text())['mAP']:.2f}"
-            for _, setting, folder in runs}
+        assert results["num_queries"] == 3 and results["num_gallery_images"] == 3  # set=RoboTools
+    ours = {
+        setting: f"{100 * json.loads((Path(folder) / 'results.json').read_text())['mAP']:.2f}"
+        for _, setting, folder in runs
+    }
     assert _row(text, "plain DINOv2 global, zero-shot") == [ours["dinov2_global"], "51.23"]
     assert _row(text, "MaO-CLIP, zero-shot (GT masks)") == [ours["mao_clip_zeroshot_gt"], "65.22"]
     assert _row(text, "MaO-DINOv2, fine-tuned (detector masks)") == [ours["mao_dinov2_finetuned_det"], "83.70"]
     assert _row(text, "MaO-DINOv2, fine-tuned (GT masks)") == ["-", "83.70"]
-    assert _row(text, "MaO-DINOv2, zero-shot (GT masks)") == ["-", "70.20"]       # not in SETTINGS
+    assert _row(text, "MaO-DINOv2, zero-shot (GT masks)") == ["-", "70.20"]  # not in SETTINGS
     assert _row(text, "MaO-CLIP, fine-tuned (not run: SoIR fine-tunes DINOv2 only)") == ["-", "79.86"]
     made_with = OmegaConf.load(Path(runs[2][2]) / "features_config.yaml")
     assert (made_with.extractor, made_with.lora_adapt, made_with.lora_rank, made_with.missing_masks) == (
-        "dinov2_mi_features", True, 4, "global")
+        "dinov2_mi_features",
+        True,
+        4,
+        "global",
+    )
     assert (made_with.weights, made_with.captions_file) == (env["DINOV2_WEIGHTS"], env["DETECTOR_CAPTIONS"])
     assert OmegaConf.load(Path(runs[1][2]) / "features_config.yaml").masks_from == "anns"
     feature_dirs = {json.loads((Path(f) / "results.json").read_text())["features_dir"] for _, _, f in runs}
-    assert len(feature_dirs) == 3                              # every setting has features of its own
+    assert len(feature_dirs) == 3  # every setting has features of its own
 
 
 def test_table_layout_with_two_benchmarks(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     lines = []
-    for benchmark, setting, value in [("instre_xs", "clip_global", 0.5), ("permir", "clip_global", 0.25),
-                                      ("permir", "mao_dinov2_zeroshot_gt", 0.875)]:
+    for benchmark, setting, value in [
+        ("instre_xs", "clip_global", 0.5),
+        ("permir", "clip_global", 0.25),
+        ("permir", "mao_dinov2_zeroshot_gt", 0.875),
+    ]:
         folder = tmp_path / f"{benchmark}-{setting}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({"mAP": value}))

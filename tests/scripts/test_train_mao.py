@@ -1,5 +1,6 @@
 """scripts/train_mao.py: a real learning signal on synthetic multi-object scenes, the checkpoint through
 create_index.py, resume after kill -9, and two-process DDP (gloo on CPU) equal to one process."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from tests.pipeline import ROOT, features_dir_from, run_script
 from utils.preprocessing import Preprocess
 from utils.training import Context, TrainConfig, embed, train
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
-pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
 
 def _small_patch_dinov2(folder: Path) -> Path:
     """A tiny random DINOv2 with 4-px patches at 32 px (8 x 8 patches, width 48).
@@ -34,10 +35,22 @@ def _small_patch_dinov2(folder: Path) -> Path:
     dimensions), so the adapters have something to select from, as they do in a pretrained model.
     """
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-                             image_size=32, patch_size=4)).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=96,
+            image_size=32,
+            patch_size=4,
+        )
+    ).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
     return folder
 
 
@@ -45,13 +58,36 @@ def _small_patch_dinov2(folder: Path) -> Path:
 def scenes(tmp_path_factory) -> Path:
     """48 instances pasted small (1.5-4 % of the image) into cluttered 128-px scenes, 10 scenes each,
     with their boxes (the instance first, then clutter objects with lower scores, as a detector's)."""
-    return make_demo_dataset(tmp_path_factory.mktemp("mao") / "scenes", num_objects=48, gallery_per_object=10,
-                             distractors=4, image_size=128, seed=0)
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("mao") / "scenes",
+        num_objects=48,
+        gallery_per_object=10,
+        distractors=4,
+        image_size=128,
+        seed=0,
+    )
 
 
-LEARNING = dict(image_size=32, lora_rank=8, lora_alpha=16, lora_dropout=0.1, max_crops=3, batch_size=32,
-                micro_batch=32, lr=3e-3, lr_decay=1.0, max_steps=100, epochs=100, val_every=50, val_fraction=0.25,
-                precision="fp32", num_workers=0, log_every=10, checkpoint_every=50, device="cpu")
+LEARNING = dict(
+    image_size=32,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_dropout=0.1,
+    max_crops=3,
+    batch_size=32,
+    micro_batch=32,
+    lr=3e-3,
+    lr_decay=1.0,
+    max_steps=100,
+    epochs=100,
+    val_every=50,
+    val_fraction=0.25,
+    precision="fp32",
+    num_workers=0,
+    log_every=10,
+    checkpoint_every=50,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +95,14 @@ def trained(scenes, tmp_path_factory):
     """In-process training on the synthetic scenes: (model folder, output folder, trained model)."""
     root = tmp_path_factory.mktemp("trained")
     folder = _small_patch_dinov2(root / "model")
-    cfg = OmegaConf.structured(TrainConfig(anns_file=str(scenes / "anns.pt"), captions_file=str(scenes / "captions.pt"),
-                                           model_name=str(folder), **LEARNING))
+    cfg = OmegaConf.structured(
+        TrainConfig(
+            anns_file=str(scenes / "anns.pt"),
+            captions_file=str(scenes / "captions.pt"),
+            model_name=str(folder),
+            **LEARNING,
+        )
+    )
     model = train(cfg, root / "out", Context(torch.device("cpu"), "fp32"))
     return folder, root / "out", model
 
@@ -70,8 +112,10 @@ def test_training_raises_held_out_map_clearly_above_the_untrained_model(trained)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r for r in records if "val_mAP" in r}
     untrained, final = val[0]["val_mAP"], val[LEARNING["max_steps"]]["val_mAP"]
-    print(f"held-out mAP ({val[0]['val_queries']} unseen instances x {val[0]['val_scenes']} scenes): "
-          f"untrained {untrained:.3f}, after {LEARNING['max_steps']} steps {final:.3f}")
+    print(
+        f"held-out mAP ({val[0]['val_queries']} unseen instances x {val[0]['val_scenes']} scenes): "
+        f"untrained {untrained:.3f}, after {LEARNING['max_steps']} steps {final:.3f}"
+    )
     assert final > untrained + 0.07 and final > 1.3 * untrained, (untrained, final)
     losses = [r["loss"] for r in records if "loss" in r]
     assert sum(losses[-2:]) < sum(losses[:2])
@@ -87,9 +131,19 @@ def test_checkpoint_gives_the_in_memory_models_features_through_create_index(tra
     subset = {k: raw[k] for k in [query, *gallery]}
     save_anns(subset, scenes / "roundtrip_anns.pt")
     # No lora_alpha given: the alpha stored in the checkpoint (16, not the default 32) must be used.
-    proc = run_script("create_index.py", "extractor=dinov2_features", f"model_name={folder}", "vec_dim=48",
-                      f"anns_file={scenes / 'roundtrip_anns.pt'}", "lora_adapt=true", "lora_rank=8",
-                      f"weights={out / 'final.ckpt'}", "num_workers=0", "device=cpu", cwd=tmp_path)
+    proc = run_script(
+        "create_index.py",
+        "extractor=dinov2_features",
+        f"model_name={folder}",
+        "vec_dim=48",
+        f"anns_file={scenes / 'roundtrip_anns.pt'}",
+        "lora_adapt=true",
+        "lora_rank=8",
+        f"weights={out / 'final.ckpt'}",
+        "num_workers=0",
+        "device=cpu",
+        cwd=tmp_path,
+    )
     features = load_file(features_dir_from(proc, tmp_path) / "gallery" / "shard-00000.safetensors")["features"]
     preprocess = Preprocess.from_pretrained(str(folder))
     pixels = torch.stack([preprocess.image(load_rgb(scenes / key)) for key in sorted(gallery)])
@@ -97,14 +151,30 @@ def test_checkpoint_gives_the_in_memory_models_features_through_create_index(tra
         expected = embed(model.eval(), pixels)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
     untrained = embed(Dinov2Model.from_pretrained(folder).eval(), pixels)
-    assert (features - untrained).abs().max() > 1e-2               # the adapters change the features
+    assert (features - untrained).abs().max() > 1e-2  # the adapters change the features
 
 
 def _cli(scenes: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [f"anns_file={scenes / 'anns.pt'}", f"captions_file={scenes / 'captions.pt'}", f"model_name={model}",
-            f"output_dir={out}", "image_size=56", "lora_rank=4", "max_crops=3", "batch_size=4", "lr=1e-3",
-            "epochs=100", "max_steps=40", "val_every=20", "checkpoint_every=4", "val_fraction=0.25",
-            "precision=fp32", "num_workers=0", "device=cpu", *extra]
+    return [
+        f"anns_file={scenes / 'anns.pt'}",
+        f"captions_file={scenes / 'captions.pt'}",
+        f"model_name={model}",
+        f"output_dir={out}",
+        "image_size=56",
+        "lora_rank=4",
+        "max_crops=3",
+        "batch_size=4",
+        "lr=1e-3",
+        "epochs=100",
+        "max_steps=40",
+        "val_every=20",
+        "checkpoint_every=4",
+        "val_fraction=0.25",
+        "precision=fp32",
+        "num_workers=0",
+        "device=cpu",
+        *extra,
+    ]
 
 
 def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -118,8 +188,13 @@ def test_resume_after_kill_gives_the_same_final_weights(scenes, tiny_model_dirs,
     killed = tmp_path / "killed"
     args = _cli(scenes, tiny_model_dirs["dinov2"], killed, "micro_batch=2", "lora_dropout=0.1")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_mao.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train_mao.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -132,25 +207,47 @@ def test_resume_after_kill_gives_the_same_final_weights(scenes, tiny_model_dirs,
     expected, resumed = _lora_tensors(tmp_path / "whole" / "final.ckpt"), _lora_tensors(killed / "final.ckpt")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == sorted(set(steps))                                   # every logged step once
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert steps == sorted(set(steps))  # every logged step once
     # Other settings in the same folder are refused.
     proc = run_script("scripts/train_mao.py", *args, "lr=2e-3", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "holds a training run made with other settings or inputs (lr: 0.001 -> 0.002)" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "holds a training run made with other settings or inputs (lr: 0.001 -> 0.002)" in proc.stderr
+    )
 
 
 def test_two_processes_with_ddp_give_the_weights_of_one(scenes, tiny_model_dirs, tmp_path):
     common = ("max_steps=6", "lora_dropout=0.0", "checkpoint_every=6", "val_every=6")
-    run_script("scripts/train_mao.py", *_cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "one", "micro_batch=4",
-                                             *common), cwd=tmp_path)
+    run_script(
+        "scripts/train_mao.py",
+        *_cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "one", "micro_batch=4", *common),
+        cwd=tmp_path,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "scripts" / "train_mao.py"),
-                           *_cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "two", "micro_batch=2", *common)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "scripts" / "train_mao.py"),
+            *_cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "two", "micro_batch=2", *common),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     one, two = _lora_tensors(tmp_path / "one" / "final.ckpt"), _lora_tensors(tmp_path / "two" / "final.ckpt")
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5, msg=key)
-    assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)    # it trained
+    assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)  # it trained

@@ -1,4 +1,5 @@
 """Config composition (hydra compose API) and the cross-key checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_defaults_match_the_reference_table():
     assert (cfg.dataset, cfg.extractor, cfg.vec_dim, cfg.mi_alpha) == ("pe", "siglip_mi_features", 768, 0.03)
     assert (cfg.global_features, cfg.smart_crop, cfg.B_model, cfg.lora_adapt) == (True, False, True, False)
     assert (cfg.lora_rank, cfg.weights, cfg.captions_file, cfg.model_name) == (256, None, None, None)
-    assert cfg.lora_alpha == 32         # the original's default: scaling 32/256 at rank 256
+    assert cfg.lora_alpha == 32  # the original's default: scaling 32/256 at rank 256
     assert (cfg.mi_iterations, cfg.mi_lr, cfg.mi_layer_index, cfg.index) == (100, 0.1, -1, "Flat")
     assert (cfg.report, cfg.report_k, cfg.report_thumb_size, cfg.report_maps) == (True, 10, 160, False)
     check_config(cfg)
@@ -47,27 +48,31 @@ def test_wrong_type_is_an_error_naming_the_key():
 
 def test_anns_file_is_required():
     from omegaconf.errors import MissingMandatoryValue
+
     with pytest.raises(MissingMandatoryValue, match="anns_file"):
         _ = _compose().anns_file
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["mi_sum=true", "avg_multiple_vecs=true"], "pick one"),
-    (["mask_input=true", "query_mi=true"], "pick one"),
-    (["crop=true", "no_query_crop=true"], "contradict"),
-    (["mi_layer_index=0"], "mi_layer_index=0 must be negative"),
-    (["weights=/x.ckpt"], "needs lora_adapt=true"),
-    (["batch_size=0"], "batch_size=0 must be positive"),
-    (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),
-    (["report_k=0"], "report_k=0 must be positive"),
-    (["report_thumb_size=8"], "report_thumb_size=8 must be in"),
-    (["report=false", "report_maps=true"], "it needs report=true"),
-    (["search_block_mb=0"], "search_block_mb=0.0 must be positive"),
-    (["search=faiss", "search_candidates=0"], "search_candidates=0 must be positive"),
-    (["stage=extract", "features_dir=f", "workers=2", "worker=2"], "worker=2 must lie in"),
-    (["stage=index", "features_dir=f", "workers=2"], "workers=2 splits stage=extract"),
-    (["stage=extract"], "stage=extract needs features_dir="),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["mi_sum=true", "avg_multiple_vecs=true"], "pick one"),
+        (["mask_input=true", "query_mi=true"], "pick one"),
+        (["crop=true", "no_query_crop=true"], "contradict"),
+        (["mi_layer_index=0"], "mi_layer_index=0 must be negative"),
+        (["weights=/x.ckpt"], "needs lora_adapt=true"),
+        (["batch_size=0"], "batch_size=0 must be positive"),
+        (["mi_beta=0.1", "smart_crop=true"], "mi_beta acts between the masks of one image"),
+        (["report_k=0"], "report_k=0 must be positive"),
+        (["report_thumb_size=8"], "report_thumb_size=8 must be in"),
+        (["report=false", "report_maps=true"], "it needs report=true"),
+        (["search_block_mb=0"], "search_block_mb=0.0 must be positive"),
+        (["search=faiss", "search_candidates=0"], "search_candidates=0 must be positive"),
+        (["stage=extract", "features_dir=f", "workers=2", "worker=2"], "worker=2 must lie in"),
+        (["stage=index", "features_dir=f", "workers=2"], "workers=2 splits stage=extract"),
+        (["stage=extract"], "stage=extract needs features_dir="),
+    ],
+)
 def test_inconsistent_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_config(_compose("anns_file=a.pt", *overrides))
@@ -80,46 +85,106 @@ def test_masks_from_set_and_box_masks():
     with pytest.raises(ConfigCompositionException) as err:
         _compose("anns_file=a.pt", "masks_from=gt")
     assert "masks_from" in str(err.value) and "captions, anns" in str(err.value) + str(err.value.__cause__)
-    for overrides, message in [(["masks_from=anns", "captions_file=c.pt"], "captions_file would be ignored"),
-                               (["box_masks=true"], "box_masks=true .* needs masks_from=anns")]:
+    for overrides, message in [
+        (["masks_from=anns", "captions_file=c.pt"], "captions_file would be ignored"),
+        (["box_masks=true"], "box_masks=true .* needs masks_from=anns"),
+    ]:
         with pytest.raises(ValueError, match=message):
             check_config(_compose("anns_file=a.pt", *overrides))
 
 
 # The original code's configs/defaults.yaml: its 51 keys at its defaults (../shared/reference/original-config-keys.md).
 ORIGINAL_DEFAULTS = {
-    "dataset": "custom_dataset", "run_type": "retrieval", "run_name": "experiment", "extractor": "dinov2_mi_features",
-    "B_model": False, "vec_dim": 768, "global_features": False, "mi_alpha": 0.03, "mi_beta": 0.0, "mi_sum": False,
-    "mi_iterations": 100, "mi_layer_index": -1, "lora_adapt": False, "lora_rank": 256, "lora_alpha": 32,
-    "weights": None, "smart_crop": False, "dumb_crop": False, "crop": False, "mask_input": False, "full_mask": False,
-    "no_center_crop": False, "no_query_crop": False, "no_gallery_crop": False, "no_resize": False,
-    "anns_file": None, "captions_file": None, "gallery": None, "features_dir": None, "ds_inds_file": None,
-    "k_search": 100, "max_k_search": 1000000, "save_knns": True, "experiment": None, "tag": "", "add_string": "",
-    "debug": False, "only_create": False, "only_gallery": False, "rerank": False, "save_gallery_embeddings": False,
-    "no_faiss": False, "avg_multiple_vecs": False, "single_from_sc": True, "read_dataset": True,
-    "max_ds_index": None, "gallery_chunk_size": 10000, "subset": "all", "T2I": False, "query_extractor": None,
+    "dataset": "custom_dataset",
+    "run_type": "retrieval",
+    "run_name": "experiment",
+    "extractor": "dinov2_mi_features",
+    "B_model": False,
+    "vec_dim": 768,
+    "global_features": False,
+    "mi_alpha": 0.03,
+    "mi_beta": 0.0,
+    "mi_sum": False,
+    "mi_iterations": 100,
+    "mi_layer_index": -1,
+    "lora_adapt": False,
+    "lora_rank": 256,
+    "lora_alpha": 32,
+    "weights": None,
+    "smart_crop": False,
+    "dumb_crop": False,
+    "crop": False,
+    "mask_input": False,
+    "full_mask": False,
+    "no_center_crop": False,
+    "no_query_crop": False,
+    "no_gallery_crop": False,
+    "no_resize": False,
+    "anns_file": None,
+    "captions_file": None,
+    "gallery": None,
+    "features_dir": None,
+    "ds_inds_file": None,
+    "k_search": 100,
+    "max_k_search": 1000000,
+    "save_knns": True,
+    "experiment": None,
+    "tag": "",
+    "add_string": "",
+    "debug": False,
+    "only_create": False,
+    "only_gallery": False,
+    "rerank": False,
+    "save_gallery_embeddings": False,
+    "no_faiss": False,
+    "avg_multiple_vecs": False,
+    "single_from_sc": True,
+    "read_dataset": True,
+    "max_ds_index": None,
+    "gallery_chunk_size": 10000,
+    "subset": "all",
+    "T2I": False,
+    "query_extractor": None,
     "query_extractor_args": None,
 }
 
 
 def _override(key: str, value) -> str:
-    return f"{key}=" + ("null" if value is None else "''" if value == "" else str(value).lower()
-                        if isinstance(value, bool) else str(value))
+    return f"{key}=" + (
+        "null"
+        if value is None
+        else "''"
+        if value == ""
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
 
 
 def test_every_key_of_the_original_defaults_file_composes():
     from utils.config import resolve_aliases
+
     assert len(ORIGINAL_DEFAULTS) == 51
     cfg = _compose(*(_override(k, v) for k, v in ORIGINAL_DEFAULTS.items()))
     resolve_aliases(cfg)
     check_config(cfg)
-    assert cfg.shard_size == 10000 and cfg.set is None              # gallery_chunk_size and subset are aliases
+    assert cfg.shard_size == 10000 and cfg.set is None  # gallery_chunk_size and subset are aliases
     assert (cfg.global_features, cfg.B_model, cfg.lora_alpha) == (False, False, 32)
 
 
-@pytest.mark.parametrize("key,value", [("dumb_crop", "true"), ("no_center_crop", "true"), ("no_gallery_crop", "true"),
-                                       ("no_resize", "true"), ("gallery", "x"), ("read_dataset", "false"),
-                                       ("save_gallery_embeddings", "true"), ("rerank", "true")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("dumb_crop", "true"),
+        ("no_center_crop", "true"),
+        ("no_gallery_crop", "true"),
+        ("no_resize", "true"),
+        ("gallery", "x"),
+        ("read_dataset", "false"),
+        ("save_gallery_embeddings", "true"),
+        ("rerank", "true"),
+    ],
+)
 def test_keys_the_original_never_read_are_refused_at_other_values(key, value):
     with pytest.raises(SoIRError, match=f"{key}=.* the original code accepted this key but never read it"):
         check_config(_compose("anns_file=a.pt", f"{key}={value}"))
@@ -127,9 +192,16 @@ def test_keys_the_original_never_read_are_refused_at_other_values(key, value):
 
 def test_compat_original_sets_each_switch_and_the_command_line_still_wins():
     cfg = _compose("anns_file=a.pt", "compat=original")
-    assert (cfg.legrad_norm, cfg.missing_masks, cfg.mi_sum_loss, cfg.smart_crop_source, cfg.mi_resample,
-            cfg.gallery_crop, cfg.no_positive, cfg.query_masks) == (
-        "joint", "full_mask", "mean_dice", "resized", "original", True, "zero", "all")
+    assert (
+        cfg.legrad_norm,
+        cfg.missing_masks,
+        cfg.mi_sum_loss,
+        cfg.smart_crop_source,
+        cfg.mi_resample,
+        cfg.gallery_crop,
+        cfg.no_positive,
+        cfg.query_masks,
+    ) == ("joint", "full_mask", "mean_dice", "resized", "original", True, "zero", "all")
     assert _compose("anns_file=a.pt", "compat=original", "no_positive=error").no_positive == "error"
     default = _compose("anns_file=a.pt")
     assert (default.legrad_norm, default.missing_masks, default.gallery_crop) == ("per_map", "error", False)
@@ -137,6 +209,7 @@ def test_compat_original_sets_each_switch_and_the_command_line_still_wins():
 
 def test_aliases_of_the_original_and_their_conflicts():
     from utils.config import resolve_aliases
+
     cfg = _compose("anns_file=a.pt", "gallery_chunk_size=64", "subset=RoboTools")
     resolve_aliases(cfg)
     assert (cfg.shard_size, cfg.set) == (64, "RoboTools")
@@ -146,27 +219,30 @@ def test_aliases_of_the_original_and_their_conflicts():
 
 def test_text_and_ad_hoc_query_keys():
     cfg = _compose("anns_file=a.pt", "T2I=true", "text_prompt='a picture of a {obj_name}, small'")
-    check_config(cfg)                                   # T2I is implemented (it used to be refused)
+    check_config(cfg)  # T2I is implemented (it used to be refused)
     assert cfg.text_prompt.format(obj_name="mug") == "a picture of a mug, small"
     cfg = _compose("anns_file=a.pt", "query_image=q.jpg", "query_bbox=[1,2,30.5,40]", "query_mask=m.png")
     check_config(cfg)
     assert list(cfg.query_bbox) == [1, 2, 30.5, 40] and cfg.query_text is None
     check_config(_compose("anns_file=a.pt", "query_text='a red mug'"))
     for key in ("T2I", "text_prompt", "query_image", "query_bbox", "query_mask", "query_text", "query_exact_max_rows"):
-        assert key in RUN_KEYS                          # they change no stored feature
+        assert key in RUN_KEYS  # they change no stored feature
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["text_prompt='a photo'"], "must contain {obj_name}"),
-    (["text_prompt='{obj_name} in {place}'"], "no other {field}"),
-    (["query_text=' '"], "query_text is empty"),
-    (["query_image=q.jpg", "query_text=mug"], "run one per search"),
-    (["T2I=true", "query_text=mug"], "T2I=true evaluates the features folder's queries as texts"),
-    (["query_bbox=[1,2,3,4]"], "query_bbox describes the object in query_image"),
-    (["query_mask=m.png"], "query_mask describes the object in query_image"),
-    (["query_image=q.jpg", "query_bbox=[1,2,3]"], "must be \\[x1,y1,x2,y2\\]"),
-    (["query_exact_max_rows=-1"], "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["text_prompt='a photo'"], "must contain {obj_name}"),
+        (["text_prompt='{obj_name} in {place}'"], "no other {field}"),
+        (["query_text=' '"], "query_text is empty"),
+        (["query_image=q.jpg", "query_text=mug"], "run one per search"),
+        (["T2I=true", "query_text=mug"], "T2I=true evaluates the features folder's queries as texts"),
+        (["query_bbox=[1,2,3,4]"], "query_bbox describes the object in query_image"),
+        (["query_mask=m.png"], "query_mask describes the object in query_image"),
+        (["query_image=q.jpg", "query_bbox=[1,2,3]"], "must be \\[x1,y1,x2,y2\\]"),
+        (["query_exact_max_rows=-1"], "must be >= 0"),
+    ],
+)
 def test_inconsistent_query_keys_are_refused(overrides, message):
     with pytest.raises(SoIRError, match=message):
         check_config(_compose("anns_file=a.pt", *overrides))

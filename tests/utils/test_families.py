@@ -1,4 +1,5 @@
 """utils/families.py: the one table of backbone families, and everything keyed by it agrees with it."""
+
 from pathlib import Path
 
 import pytest
@@ -48,27 +49,30 @@ def test_extractor_config_group_matches_the_registry():
         spec = FAMILIES[capabilities(name)["family"]]
         cfg = _compose(f"extractor={name}")
         assert (cfg.extractor, cfg.vec_dim) == (name, spec.vec_dims["base"])
-        assert _compose(f"extractor={name}", "B_model=false").vec_dim == spec.vec_dims.get("large", spec.vec_dims["base"])
+        assert _compose(f"extractor={name}", "B_model=false").vec_dim == spec.vec_dims.get(
+            "large", spec.vec_dims["base"]
+        )
 
 
 def test_extractor_alone_sets_vec_dim_and_an_explicit_vec_dim_wins():
-    assert _compose().vec_dim == 768                                        # siglip_mi_features
+    assert _compose().vec_dim == 768  # siglip_mi_features
     assert _compose("extractor=clip_mi_features").vec_dim == 512
     assert _compose("extractor=siglip_mi_features", "B_model=false").vec_dim == 1152
-    assert _compose("extractor=dinov2_mi_features", "vec_dim=1024").vec_dim == 1024   # original commands
-    assert default_vec_dim("clip", False) == 512                            # no large CLIP: the base one
+    assert _compose("extractor=dinov2_mi_features", "vec_dim=1024").vec_dim == 1024  # original commands
+    assert default_vec_dim("clip", False) == 512  # no large CLIP: the base one
 
 
 def test_unknown_extractor_lists_the_config_group():
     from hydra.errors import MissingConfigException
+
     with pytest.raises(MissingConfigException, match="extractor/nope") as err:
         _compose("extractor=nope")
-    assert "dinov3_mi_features" in str(err.value)                          # the choices are listed
+    assert "dinov3_mi_features" in str(err.value)  # the choices are listed
 
 
 def test_lora_support_comes_from_the_spec():
     assert lora_families() == ["dinov2", "clip"]
-    assert capabilities("dinov2reg_mi_features")["supports_lora"] is False     # no name parsing: not "dinov2*"
+    assert capabilities("dinov2reg_mi_features")["supports_lora"] is False  # no name parsing: not "dinov2*"
     assert capabilities("clip_features")["supports_lora"] is True
 
 

@@ -1,22 +1,23 @@
 """utils/feature_store.py: shards (atomic, validated, readable errors) and the features folder."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
-from utils.errors import SoIRError
-from utils.feature_store import FeatureShards, FeaturesFolder
-from utils.files import claim_folder
 from tests.utils.synthetic_shards import dyadic_rows, write_split
+from utils.errors import SoIRError
+from utils.feature_store import FeaturesFolder, FeatureShards
+from utils.files import claim_folder
 
 
 def _records(n: int) -> list[dict]:
-    return [{"key": f"g/{i}.jpg", "file": f"/data/g/{i}.jpg", "ins": [i], "bbox": None, "obj_name": None}
-            for i in range(n)]
+    return [
+        {"key": f"g/{i}.jpg", "file": f"/data/g/{i}.jpg", "ins": [i], "bbox": None, "obj_name": None} for i in range(n)
+    ]
 
 
 def _write(shards: FeatureShards, shard: int, features: torch.Tensor) -> None:
@@ -33,7 +34,7 @@ def test_shards_round_trip_with_mask_index_and_stats(tmp_path):
     features, owner, stats = shards.load()
     assert features.shape == (3, 4) and owner.tolist() == [0, 1, 2] and stats == {"dropped_masks": 0}
     assert shards.read(0)["mask_index"].tolist() == [-1, -1]
-    assert [p.name for p in shards.folder.iterdir() if p.name.startswith(".")] == []   # no temporaries left
+    assert [p.name for p in shards.folder.iterdir() if p.name.startswith(".")] == []  # no temporaries left
 
 
 def test_non_finite_features_are_refused_naming_the_image(tmp_path):
@@ -51,12 +52,15 @@ def test_missing_and_damaged_shards_say_how_to_recover(tmp_path):
     shards = FeatureShards(tmp_path / "gallery", _records(4), shard_size=2)
     shards.prepare()
     _write(shards, 0, torch.ones(2, 4))
-    with pytest.raises(SoIRError, match=r"1 of 2 shards are missing \(first: \['shard-00001.safetensors'\]\).*"
-                                        r"rerun create_index.py with the same settings, it resumes"):
+    with pytest.raises(
+        SoIRError,
+        match=r"1 of 2 shards are missing \(first: \['shard-00001.safetensors'\]\).*"
+        r"rerun create_index.py with the same settings, it resumes",
+    ):
         shards.load()
     _write(shards, 1, torch.ones(2, 4))
     data = shards.shard_path(1).read_bytes()
-    shards.shard_path(1).write_bytes(data[: len(data) // 2])            # truncated on a full disk
+    shards.shard_path(1).write_bytes(data[: len(data) // 2])  # truncated on a full disk
     with pytest.raises(SoIRError, match=r"shard-00001.safetensors is damaged .*delete it and rerun"):
         shards.load()
 
@@ -110,6 +114,7 @@ def test_a_locked_folder_is_refused(tmp_path):
         import sys
         import textwrap
         from pathlib import Path
+
         code = textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
             from utils.feature_store import FeaturesFolder
@@ -148,7 +153,9 @@ def test_owner_out_of_order_or_outside_the_shard_is_refused(shards, bad_owner):
 
 def test_images_may_own_no_rows(shards):
     store, _, _ = shards
-    store.write(1, store.read_rows(1, 0, 3), torch.tensor([3, 5, 5]), {}, torch.full((3,), -1))     # image 4 was unreadable
+    store.write(
+        1, store.read_rows(1, 0, 3), torch.tensor([3, 5, 5]), {}, torch.full((3,), -1)
+    )  # image 4 was unreadable
     assert store.read_owner(1).tolist() == [3, 5, 5]
 
 

@@ -1,5 +1,6 @@
 """utils/files.py: atomic writes under a full disk, SoIR-owned folders, the folder lock under real
 concurrency, the file-facts cache."""
+
 from __future__ import annotations
 
 import errno
@@ -15,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from utils.errors import SoIRError
-from utils.files import (FileFacts, FolderLock, atomic_write_json, atomic_write_text, claim_folder, folder_kind,
-                         read_json, remove_own_files)
+from utils.files import (
+    FileFacts,
+    FolderLock,
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    folder_kind,
+    read_json,
+    remove_own_files,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +77,7 @@ def test_claim_folder_refuses_a_users_folder_and_accepts_its_own(tmp_path):
     mine = claim_folder(tmp_path / "new" / "features", "features")
     assert folder_kind(mine) == "features"
     (mine / "gallery").mkdir()
-    assert claim_folder(mine, "features") == mine            # not empty, but ours
+    assert claim_folder(mine, "features") == mine  # not empty, but ours
     with pytest.raises(SoIRError, match="is a SoIR features folder, not a masks folder"):
         claim_folder(mine, "masks")
     empty = tmp_path / "empty"
@@ -93,38 +102,46 @@ def test_remove_own_files_deletes_only_matching_files_in_a_soir_folder(tmp_path)
 
 
 def test_lock_refuses_a_second_holder_and_frees_itself_when_the_holder_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {str(ROOT)!r})
         from utils.files import FolderLock
         with FolderLock({str(tmp_path)!r}):
             print("locked", flush=True); time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SoIRError, match=f"being written by process {holder.pid} on"):
             with FolderLock(tmp_path):
                 pass
     finally:
-        holder.kill()                                       # kill -9: no cleanup code runs
+        holder.kill()  # kill -9: no cleanup code runs
         holder.wait()
-    with FolderLock(tmp_path):                              # the kernel released the dead holder's lock
+    with FolderLock(tmp_path):  # the kernel released the dead holder's lock
         assert (tmp_path / ".lock").read_text().endswith(f" {os.getpid()}")
 
 
 def test_stale_lock_is_taken_by_exactly_one_of_many_concurrent_processes(tmp_path):
     """Before: 30 processes finding a stale lock at once could both "take it over" (2 to 6 holders)."""
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999")   # left behind by a dead run
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999")  # left behind by a dead run
     script = textwrap.dedent(f"""
         import os, sys, time; sys.path.insert(0, {str(ROOT)!r})
         from utils.errors import SoIRError
         from utils.files import FolderLock
         open({str(tmp_path)!r} + "/ready." + str(os.getpid()), "w").close()
-        while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.001)     # start together
+        while not os.path.exists({str(tmp_path / "go")!r}): time.sleep(0.001)     # start together
         try:
             with FolderLock({str(tmp_path)!r}):
-                with open({str(tmp_path / 'holders')!r}, "a") as f: f.write("in\\n")
+                with open({str(tmp_path / "holders")!r}, "a") as f: f.write("in\\n")
                 time.sleep(0.5)
-                with open({str(tmp_path / 'holders')!r}, "a") as f: f.write("out\\n")
+                with open({str(tmp_path / "holders")!r}, "a") as f: f.write("out\\n")
         except SoIRError:
             pass
         """)

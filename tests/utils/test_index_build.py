@@ -1,5 +1,6 @@
 """utils/index_build.py: FAISS's on-disk recipe (sample-train, add in blocks, merge_ondisk) answers like the
 in-RAM build of the same trained index."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,8 +13,19 @@ import numpy as np
 import pytest
 
 from tests.utils.synthetic_shards import unit_rows, write_split
-from utils.index_build import (add_block, index_bytes, to_all_gpus, build_ondisk, default_train_rows, merge_blocks, num_lists,
-                               propose_factory, sample_rows, shard_blocks, train_index)
+from utils.index_build import (
+    add_block,
+    build_ondisk,
+    default_train_rows,
+    index_bytes,
+    merge_blocks,
+    num_lists,
+    propose_factory,
+    sample_rows,
+    shard_blocks,
+    to_all_gpus,
+    train_index,
+)
 from utils.index_io import build_index, index_path, load_index, save_index
 
 DIM = 16
@@ -22,8 +34,9 @@ DIM = 16
 @pytest.fixture()
 def gallery(tmp_path):
     rng = np.random.default_rng(0)
-    shards, features, owner = write_split(tmp_path / "gallery", [[0]] * 600, 50, rng.integers(1, 4, 600),
-                                          unit_rows(rng, DIM))
+    shards, features, owner = write_split(
+        tmp_path / "gallery", [[0]] * 600, 50, rng.integers(1, 4, 600), unit_rows(rng, DIM)
+    )
     return shards, features.numpy()
 
 
@@ -39,15 +52,17 @@ def test_ivf_pq_from_three_blocks_and_merge_ondisk_equals_the_in_ram_build(galle
     assert offsets[-1] == len(features)
     trained = tmp_path / "trained.faiss"
     save_index(train_index(shards, factory, offsets, train_rows=1000, seed=1), trained)
-    blocks = [add_block(trained, shards, list(run), offsets, tmp_path / f"block-{b}.faiss")
-              for b, run in enumerate(shard_blocks(shards.num_shards, 3))]
+    blocks = [
+        add_block(trained, shards, list(run), offsets, tmp_path / f"block-{b}.faiss")
+        for b, run in enumerate(shard_blocks(shards.num_shards, 3))
+    ]
     assert len(blocks) == 3
     out = index_path(tmp_path / "served", factory)
     out.parent.mkdir()
     merge_blocks(trained, blocks, out)
 
     in_ram = load_index(trained)
-    in_ram.add(features)                          # ids 0..R-1 in shard order, as build_index gives
+    in_ram.add(features)  # ids 0..R-1 in shard order, as build_index gives
     queries = unit_rows(np.random.default_rng(9), DIM)(25)
     expected_scores, expected_ids = search(in_ram, queries)
     for mmap in (False, True):
@@ -90,7 +105,11 @@ def test_training_sample_is_uniform_across_shards_and_seeded(gallery):
     ids = np.array([rows[r.tobytes()] for r in sample])
     per_shard = np.bincount(np.searchsorted(offsets, ids, side="right") - 1, minlength=shards.num_shards)
     expected = 300 * np.diff(offsets) / offsets[-1]
-    assert len(set(ids)) == 300 and (per_shard > 0).all() and np.abs(per_shard - expected).max() < 4 * np.sqrt(expected).max()
+    assert (
+        len(set(ids)) == 300
+        and (per_shard > 0).all()
+        and np.abs(per_shard - expected).max() < 4 * np.sqrt(expected).max()
+    )
 
 
 def test_non_ivf_factories_and_bad_sample_sizes_are_refused(gallery):
@@ -114,14 +133,17 @@ def test_default_train_rows_follow_the_list_count_within_the_memory_cap(caplog):
     assert "5 rows per inverted list" in caplog.text
 
 
-@pytest.mark.parametrize("rows, budget, expected", [
-    (100_000, 2**30, "IVF1024_HNSW32,Flat"),                       # 4 sqrt(N) lists, uncompressed fits
-    (100_000, 50 * 2**20, "OPQ256_1024,IVF1024_HNSW32,PQ256x8"),    # too big uncompressed: largest PQ
-    (10**7, 8 * 2**30, "OPQ256_1024,IVF65536_HNSW32,PQ256x8"),
-    (10**8, 8 * 2**30, "OPQ64_448,IVF65536_HNSW32,PQ64x8"),
-    (10**9, 64 * 2**30, "OPQ48_336,IVF131072_HNSW32,PQ48x8"),
-    (5_000, 2**30, "IVF128,Flat"),                                  # capped: 39 rows per list
-])
+@pytest.mark.parametrize(
+    "rows, budget, expected",
+    [
+        (100_000, 2**30, "IVF1024_HNSW32,Flat"),  # 4 sqrt(N) lists, uncompressed fits
+        (100_000, 50 * 2**20, "OPQ256_1024,IVF1024_HNSW32,PQ256x8"),  # too big uncompressed: largest PQ
+        (10**7, 8 * 2**30, "OPQ256_1024,IVF65536_HNSW32,PQ256x8"),
+        (10**8, 8 * 2**30, "OPQ64_448,IVF65536_HNSW32,PQ64x8"),
+        (10**9, 64 * 2**30, "OPQ48_336,IVF131072_HNSW32,PQ48x8"),
+        (5_000, 2**30, "IVF128,Flat"),  # capped: 39 rows per list
+    ],
+)
 def test_propose_factory_follows_the_table_and_fits_the_budget(rows, budget, expected):
     factory = propose_factory(rows, 768, budget)
     assert factory == expected

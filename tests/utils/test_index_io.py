@@ -1,12 +1,12 @@
 """utils/index_io.py: index files by factory, checks before any feature, atomic saves, neighbour recall."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from utils.errors import SoIRError
-from utils.index_io import (build_index, check_factory, index_path, is_exact, load_index, neighbour_recall,
-                            save_index)
+from utils.index_io import build_index, check_factory, index_path, is_exact, load_index, neighbour_recall, save_index
 
 
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -20,11 +20,14 @@ def test_index_path_keeps_kinds_apart(tmp_path):
     assert index_path(tmp_path, "HNSW32") != index_path(tmp_path, "HNSW64")
 
 
-@pytest.mark.parametrize("factory,message", [
-    ("Flatt", "could not parse index string Flatt"),
-    ("PQ7", "multiple of the number of subquantizers"),
-    ("IVF64,Flat", "has 64 inverted lists but the gallery will have about 10 rows"),
-])
+@pytest.mark.parametrize(
+    "factory,message",
+    [
+        ("Flatt", "could not parse index string Flatt"),
+        ("PQ7", "multiple of the number of subquantizers"),
+        ("IVF64,Flat", "has 64 inverted lists but the gallery will have about 10 rows"),
+    ],
+)
 def test_bad_factories_are_refused_before_any_feature(factory, message):
     with pytest.raises(SoIRError, match=message):
         check_factory(factory, 32, rows=10)
@@ -43,7 +46,7 @@ def test_exact_index_returns_the_exact_neighbours_after_a_round_trip(tmp_path):
     expected = np.argsort(-(queries @ gallery.T), axis=1)[:, :3]
     np.testing.assert_array_equal(ids, expected)
     assert neighbour_recall(loaded, queries, expected) == 1.0
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]          # no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
 
 
 def test_approximate_index_recall_is_measured_and_damaged_files_are_explained(tmp_path):

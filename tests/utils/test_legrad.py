@@ -4,6 +4,7 @@ impl="dense" is the engine that tests/utils/test_mask_inversion.py checks agains
 reference (mi_reference.py); here the other implementations must give the same values and
 gradients in float64, to 1e-12.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,15 @@ import torch.nn.functional as F
 
 import utils.legrad as legrad_module
 from tests.utils.test_mask_inversion import FAMILIES, MODELS, _inputs, _load, _out_dim, _region
-from utils.legrad import (LeGrad, MapDice, _BlockRelevance, _interpolation_matrix, _PositiveColumnMean, _run_ends,
-                          resolve_impl)
+from utils.legrad import (
+    LeGrad,
+    MapDice,
+    _BlockRelevance,
+    _interpolation_matrix,
+    _PositiveColumnMean,
+    _run_ends,
+    resolve_impl,
+)
 from utils.mask_inversion import dice_loss
 from utils.vit_adapters import vit_parts
 
@@ -33,7 +41,7 @@ def _value_and_grad(fn, e: torch.Tensor):
     """fn(e) and the gradient of a fixed random linear functional of it (exercises every output)."""
     value = fn(e)
     weights = torch.randn(value.shape, generator=torch.Generator().manual_seed(9), dtype=value.dtype)
-    grad, = torch.autograd.grad((value * weights).sum(), e)
+    (grad,) = torch.autograd.grad((value * weights).sum(), e)
     return value.detach(), grad
 
 
@@ -60,7 +68,7 @@ def test_mask_chunks_give_the_same_relevance(models, monkeypatch, masks_per_chun
     pixels, _, _ = _inputs(model, B=2, P=3)
     legrad = LeGrad(vit_parts(model), pixels, -2, impl="blockwise")
     e = _embeddings(model, 2, 3)
-    whole, whole_grad = _value_and_grad(legrad.relevance, e)          # tiny model: one chunk per image
+    whole, whole_grad = _value_and_grad(legrad.relevance, e)  # tiny model: one chunk per image
     k = legrad.blocks[0]
     monkeypatch.setattr(legrad_module, "CHUNK_ELEMENTS", masks_per_chunk * k.V.shape[2] * k.M.shape[0])
     chunked, chunked_grad = _value_and_grad(legrad.relevance, e)
@@ -76,8 +84,9 @@ def test_block_relevance_backward_passes_gradcheck(models, family):
     legrad = LeGrad(vit_parts(model), pixels, impl="blockwise", **kw)
     k = legrad.blocks[0]
     w = (_embeddings(model, 1, 2) @ k.J).detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w: _BlockRelevance.apply(w, k, "blockwise", "fp32"), (w,),
-                                    eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda w: _BlockRelevance.apply(w, k, "blockwise", "fp32"), (w,), eps=1e-7, atol=1e-6
+    )
 
 
 def test_positive_column_mean_passes_gradcheck():
@@ -93,7 +102,7 @@ def test_positive_column_mean_passes_gradcheck():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mask_size", [None, (30, 40), (71, 90)])     # image size, smaller, larger
+@pytest.mark.parametrize("mask_size", [None, (30, 40), (71, 90)])  # image size, smaller, larger
 def test_map_dice_matches_full_resolution_dice(models, family, mask_size):
     model = models[family]
     pixels, masks, kw = _inputs(model, B=2, P=3, seed=2)
@@ -103,9 +112,9 @@ def test_map_dice_matches_full_resolution_dice(models, family, mask_size):
         masks = (torch.rand(2, 3, *mask_size, generator=torch.Generator().manual_seed(3)) > 0.6).double()
     regions = kw["spatial_shapes"] * model.config.patch_size if kw else torch.tensor([masks.shape[-2:]] * 2)
     inside = _region(masks, regions)
-    masks = masks * inside                                            # NaFlex: 0 outside each image
-    masks[0, 0] = 0                                                   # an empty mask
-    masks[1, 2] = inside[1, 0]                                        # a full mask
+    masks = masks * inside  # NaFlex: 0 outside each image
+    masks[0, 0] = 0  # an empty mask
+    masks[1, 2] = inside[1, 0]  # a full mask
     legrad = LeGrad(vit_parts(model), pixels, -2, impl="blockwise", **kw)
     e = _embeddings(model, 2, 3, seed=4)
     ref, ref_grad = _value_and_grad(lambda e: dice_loss(legrad.maps(e, size=masks.shape[-2:]), masks.double()), e)
@@ -120,12 +129,12 @@ def test_upsampled_map_extremes_lie_on_run_ends(grid, patch):
     """MapDice's lo / hi: the rows and columns it keeps hold the extremes of the bilinear upsampling."""
     generator = torch.Generator().manual_seed(grid)
     rel = torch.rand(6, grid, grid, generator=generator, dtype=torch.float64)
-    rel[1] = 0                                                         # constant map
-    rel[2, : grid // 2] = 0                                            # ties at the minimum
-    rel[3] = rel[3] ** 8                                               # one dominant patch
+    rel[1] = 0  # constant map
+    rel[2, : grid // 2] = 0  # ties at the minimum
+    rel[3] = rel[3] ** 8  # one dominant patch
     full = F.interpolate(rel[None], scale_factor=patch, mode="bilinear", align_corners=False)[0]
     Up = _interpolation_matrix(grid, dict(scale_factor=patch), dtype=torch.float64, device=rel.device)
-    torch.testing.assert_close(Up @ rel @ Up.T, full, atol=1e-14, rtol=0)     # separable, same weights
+    torch.testing.assert_close(Up @ rel @ Up.T, full, atol=1e-14, rtol=0)  # separable, same weights
     rows = _run_ends(Up)
     assert len(rows) <= 2 * grid + 2
     kept = Up[rows] @ rel @ Up[rows].T
@@ -145,4 +154,4 @@ def test_unrunnable_settings_are_refused():
         resolve_impl("blockwise", "bf16", cpu)
     with pytest.raises(ValueError, match="dense.*reference"):
         resolve_impl("dense", "bf16", cpu)
-    assert resolve_impl("auto", "fp32", cpu) == "blockwise"           # the fused kernel only on CUDA
+    assert resolve_impl("auto", "fp32", cpu) == "blockwise"  # the fused kernel only on CUDA

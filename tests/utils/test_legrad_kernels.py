@@ -4,6 +4,7 @@ The blockwise PyTorch path is tested here directly; the fused Triton kernels run
 Triton's interpreter, which must be switched on before triton is first imported, so their tests
 (test_legrad_kernels_interpreted.py) run in a fresh subprocess with TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.legrad import _PositiveColumnMean
 import utils.legrad_kernels as kernels
+from utils.legrad import _PositiveColumnMean
 from utils.legrad_kernels import _blocks, blockwise_backward, blockwise_forward
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def dense_relevance_and_grad(u: torch.Tensor, V: torch.Tensor, grad: torch.Tenso
     H, dh = V.shape[1], V.shape[3]
     u = u.detach().requires_grad_(True)
     relevance = _PositiveColumnMean.apply(u.unflatten(-1, (H, dh)).transpose(2, 3), V[:, None])
-    du, = torch.autograd.grad(relevance, u, grad)
+    (du,) = torch.autograd.grad(relevance, u, grad)
     return relevance.detach(), du
 
 
@@ -40,16 +41,16 @@ def random_problem(B=2, P=3, H=2, T=300, dh=8, dtype=torch.float64, seed=0):
     return u, V, grad
 
 
-@pytest.mark.parametrize("T, block_rows", [(7, 64), (64, 64), (300, 64), (20, 40)])   # rows; 2 masks at once
+@pytest.mark.parametrize("T, block_rows", [(7, 64), (64, 64), (300, 64), (20, 40)])  # rows; 2 masks at once
 def test_blockwise_matches_dense(T, block_rows, monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 2 * T * block_rows)      # H = 2
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 2 * T * block_rows)  # H = 2
     u, V, grad = random_problem(T=T)
     relevance, positive = blockwise_forward(u, V)
     ref_relevance, ref_du = dense_relevance_and_grad(u, V, grad)
     torch.testing.assert_close(relevance, ref_relevance, atol=1e-12, rtol=0)
     torch.testing.assert_close(blockwise_backward(positive, V, grad), ref_du, atol=1e-12, rtol=0)
     assert positive.dtype == torch.bool and positive.shape == (2, 3, 2, T, T)
-    assert relevance.abs().max() > 0.1                # not a trivially zero problem
+    assert relevance.abs().max() > 0.1  # not a trivially zero problem
 
 
 def test_blockwise_float32_matches_dense():
@@ -74,26 +75,42 @@ def _run(code_or_args: list[str], interpret: bool | None) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="Triton is not installed: the fused kernels cannot run, not even "
-                                         "in Triton's CPU interpreter (pip install triton)")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed: the fused kernels cannot run, not even "
+    "in Triton's CPU interpreter (pip install triton)",
+)
 
 
 @needs_triton
 def test_fused_kernels_in_triton_interpreter():
     """Runs test_legrad_kernels_interpreted.py in a fresh process with TRITON_INTERPRET=1."""
-    result = _run(["-m", "pytest", "tests/utils/test_legrad_kernels_interpreted.py", "-o", "addopts=", "-q",
-                   "-p", "no:cacheprovider", "-W", "ignore"], interpret=True)
+    result = _run(
+        [
+            "-m",
+            "pytest",
+            "tests/utils/test_legrad_kernels_interpreted.py",
+            "-o",
+            "addopts=",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore",
+        ],
+        interpret=True,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     summary = re.search(r"(\d+) passed(?:, (\d+) skipped)? in ", output)
     assert summary, output[-3000:]
     # everything ran except the bf16 test (the interpreter cannot multiply bf16, see that test)
-    assert int(summary.group(1)) >= 14 and int(summary.group(2) or 0) <= 1, output[-3000:]   # 4 + 10 models
+    assert int(summary.group(1)) >= 14 and int(summary.group(2) or 0) <= 1, output[-3000:]  # 4 + 10 models
 
 
 _CALL_KERNEL = """

@@ -5,6 +5,7 @@ test_legrad_kernels.py::test_fused_kernels_in_triton_interpreter in a fresh subp
 pytest run it is skipped. On a CUDA machine the same comparisons run on the GPU in
 benchmarks/gpu_check.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ import torch
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs TRITON_INTERPRET=1 before triton is imported; run through "
-           "tests/utils/test_legrad_kernels.py::test_fused_kernels_in_triton_interpreter")
+    "tests/utils/test_legrad_kernels.py::test_fused_kernels_in_triton_interpreter",
+)
 
 from tests.utils.test_legrad_kernels import dense_relevance_and_grad, random_problem  # noqa: E402
 from tests.utils.test_mask_inversion import MODELS, _inputs, _load  # noqa: E402
@@ -23,7 +25,7 @@ from utils.legrad_kernels import fused_backward, fused_forward  # noqa: E402
 from utils.mask_inversion import mask_inversion  # noqa: E402
 
 
-@pytest.mark.parametrize("T, dh", [(17, 16), (70, 16), (130, 12)])    # partial tiles; dh padded to 16
+@pytest.mark.parametrize("T, dh", [(17, 16), (70, 16), (130, 12)])  # partial tiles; dh padded to 16
 def test_fused_matches_dense_float64(T, dh):
     u, V, grad = random_problem(B=2, P=2, H=2, T=T, dh=dh)
     ref_relevance, ref_du = dense_relevance_and_grad(u, V, grad)
@@ -38,9 +40,11 @@ def test_fused_matches_dense_float32():
     torch.testing.assert_close(fused_backward(u, V, grad), ref_du, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skip(reason="Triton's interpreter multiplies the raw bit patterns of bfloat16 tl.dot operands "
-                         "(triton-lang/triton#11584, not supported upstream); precision='bf16' is checked on "
-                         "the GPU by benchmarks/gpu_check.py")
+@pytest.mark.skip(
+    reason="Triton's interpreter multiplies the raw bit patterns of bfloat16 tl.dot operands "
+    "(triton-lang/triton#11584, not supported upstream); precision='bf16' is checked on "
+    "the GPU by benchmarks/gpu_check.py"
+)
 def test_fused_bf16_products_are_close():
     u, V, grad = random_problem(B=1, P=2, H=2, T=70, dh=16, dtype=torch.float32)
     ref_relevance, ref_du = dense_relevance_and_grad(u, V, grad)
@@ -49,7 +53,7 @@ def test_fused_bf16_products_are_close():
     assert relevance.dtype == du.dtype == torch.float32
     assert (relevance - ref_relevance).norm() / ref_relevance.norm() < 2e-2
     assert (du - ref_du).norm() / ref_du.norm() < 5e-2
-    assert not torch.equal(relevance, fused_forward(u, V))     # the products really were bf16
+    assert not torch.equal(relevance, fused_forward(u, V))  # the products really were bf16
 
 
 @pytest.mark.parametrize("family", MODELS)

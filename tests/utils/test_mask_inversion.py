@@ -6,29 +6,45 @@ with eager attention. For the comparisons they are cast to float64 and their Lay
 parameters are perturbed (random init leaves them at 1 and 0, which would hide a forgotten gamma,
 beta or layer scale). SigLIP2 batches hold two images of different aspect ratios (and padding).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
-from transformers import (CLIPVisionModelWithProjection, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
-                          Siglip2VisionModel, SiglipVisionModel, ViTConfig, ViTModel)
+from transformers import (
+    CLIPVisionModelWithProjection,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    DINOv3ViTModel,
+    Siglip2VisionModel,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS
-from utils.mi_reference import reference_legrad_map, reference_mask_inversion
 from utils.legrad import LeGrad
 from utils.mask_inversion import dice_loss, global_embedding, legrad_map, mask_inversion
+from utils.mi_reference import reference_legrad_map, reference_mask_inversion
 from utils.vit_adapters import vit_parts
 
 CLASSES = {
-    "dinov2": Dinov2Model, "dinov2reg": Dinov2WithRegistersModel, "dinov3": DINOv3ViTModel,
-    "siglip": SiglipVisionModel, "siglip2": Siglip2VisionModel, "clip": CLIPVisionModelWithProjection,
-    "dinov2_swiglu": Dinov2Model, "dinov2reg_gated": Dinov2WithRegistersModel, "dinov3_gated": DINOv3ViTModel,
-    "siglip2_fixres": SiglipVisionModel}
-FAMILIES = list(TINY_BUILDERS)                      # one tiny model per family
-MODELS = FAMILIES + list(TINY_VARIANTS)             # + gated MLPs and the fixed-resolution SigLIP2
-NAFLEX_GRIDS = [(3, 5), (4, 2)]                     # SigLIP2 test images: landscape and portrait patch grids
+    "dinov2": Dinov2Model,
+    "dinov2reg": Dinov2WithRegistersModel,
+    "dinov3": DINOv3ViTModel,
+    "siglip": SiglipVisionModel,
+    "siglip2": Siglip2VisionModel,
+    "clip": CLIPVisionModelWithProjection,
+    "dinov2_swiglu": Dinov2Model,
+    "dinov2reg_gated": Dinov2WithRegistersModel,
+    "dinov3_gated": DINOv3ViTModel,
+    "siglip2_fixres": SiglipVisionModel,
+}
+FAMILIES = list(TINY_BUILDERS)  # one tiny model per family
+MODELS = FAMILIES + list(TINY_VARIANTS)  # + gated MLPs and the fixed-resolution SigLIP2
+NAFLEX_GRIDS = [(3, 5), (4, 2)]  # SigLIP2 test images: landscape and portrait patch grids
 
 
 def _load(folder, family: str, double: bool = True, seed: int = 0):
@@ -83,12 +99,13 @@ def models(tiny_model_dirs, tiny_variant_dirs):
 
 @pytest.fixture(scope="module")
 def lora_dinov2(tiny_model_dirs):
-    model = get_peft_model(_load(tiny_model_dirs["dinov2"], "dinov2"),
-                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = get_peft_model(
+        _load(tiny_model_dirs["dinov2"], "dinov2"), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:          # peft initialises B = 0, i.e. no change at all
+            if "lora_B" in name:  # peft initialises B = 0, i.e. no change at all
                 p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return model
 
@@ -106,10 +123,10 @@ def test_legrad_map_matches_reference(models, family, layer_index, P):
     assert ours.shape == masks.shape
     torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
     inside = _region(masks, kw["spatial_shapes"] * model.config.patch_size) if kw else torch.ones(1)
-    shown = ours.masked_fill(inside == 0, float("nan"))         # NaFlex: each image's own pixels
+    shown = ours.masked_fill(inside == 0, float("nan"))  # NaFlex: each image's own pixels
     assert shown.nan_to_num(2).amin(dim=(-2, -1)).abs().max() < 1e-12
     assert (shown.nan_to_num(-1).amax(dim=(-2, -1)) - 1).abs().max() < 1e-12
-    assert (ours * (1 - inside)).abs().max() == 0                # and 0 outside them
+    assert (ours * (1 - inside)).abs().max() == 0  # and 0 outside them
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -142,8 +159,9 @@ def test_lora_dinov2_matches_reference(lora_dinov2, models):
 
 
 def test_lora_injected_without_peft_wrapper(tiny_model_dirs):
-    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]),
-                                    _load(tiny_model_dirs["dinov2"], "dinov2"))
+    model = inject_adapter_in_model(
+        LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]), _load(tiny_model_dirs["dinov2"], "dinov2")
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -161,16 +179,16 @@ def test_blockwise_engine_matches_dense_engine(models, family):
     """impl="blockwise" (the CPU default: row blocks, patch-grid Dice) == impl="dense" (full-resolution)."""
     model = models[family]
     pixels, masks, kw = _inputs(model, B=2, P=3, seed=7)
-    if kw:                                                           # NaFlex: a larger canvas
+    if kw:  # NaFlex: a larger canvas
         masks = F.pad(masks, (0, 9, 0, 5))
-    else:                                                            # masks at another resolution
+    else:  # masks at another resolution
         masks = F.interpolate(masks, size=(37, 45))
     args = dict(iterations=10, layer_index=-2, beta=0.1, return_history=True, **kw)
     dense, dense_history = mask_inversion(model, pixels, masks, impl="dense", **args)
     ours, history = mask_inversion(model, pixels, masks, impl="blockwise", **args)
     torch.testing.assert_close(ours, dense, atol=1e-12, rtol=0)
     for key in ("loss", "dice"):
-        torch.testing.assert_close(history[key], dense_history[key], atol=1e-6, rtol=0)   # float32 copies
+        torch.testing.assert_close(history[key], dense_history[key], atol=1e-6, rtol=0)  # float32 copies
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -211,7 +229,7 @@ def test_dice_falls_and_map_fits_mask_better(tiny_model_dirs):
     model = _load(tiny_model_dirs["dinov2"], "dinov2", double=False)
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
     mask = torch.zeros(1, 1, 56, 56)
-    mask[..., :28, :28] = 1                        # top-left 2 x 2 patches
+    mask[..., :28, :28] = 1  # top-left 2 x 2 patches
     e, history = mask_inversion(model, pixels, mask, iterations=40, return_history=True)
     assert history["dice"].shape == history["loss"].shape == (40, 1, 1)
     assert history["dice"][-5:].mean() < history["dice"][:5].mean() - 0.05
@@ -257,8 +275,8 @@ def test_empty_full_and_sub_patch_masks_are_finite(models, family):
     model = models[family]
     pixels, masks, kw = _inputs(model, B=1, P=3)
     masks = torch.zeros_like(masks)
-    masks[0, 1] = _region(masks, kw["spatial_shapes"] * model.config.patch_size)[0, 0] if kw else 1   # full
-    masks[0, 2, 3:6, 4:7] = 1                       # 3 x 3 pixels, well inside one patch
+    masks[0, 1] = _region(masks, kw["spatial_shapes"] * model.config.patch_size)[0, 0] if kw else 1  # full
+    masks[0, 2, 3:6, 4:7] = 1  # 3 x 3 pixels, well inside one patch
     e, history = mask_inversion(model, pixels, masks, iterations=8, return_history=True, **kw)
     assert torch.isfinite(e).all() and torch.isfinite(history["loss"]).all()
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(1, 3, dtype=e.dtype))
@@ -277,31 +295,42 @@ def test_naflex_padding_changes_nothing(models):
     model = models["siglip2"]
     p = model.config.patch_size
     pixels, masks, kw = _inputs(model, B=2, P=2, seed=3)
-    e = F.normalize(torch.randn(2, 2, _out_dim(model), generator=torch.Generator().manual_seed(4),
-                                dtype=torch.float64), dim=-1)
+    e = F.normalize(
+        torch.randn(2, 2, _out_dim(model), generator=torch.Generator().manual_seed(4), dtype=torch.float64), dim=-1
+    )
     batch_maps = legrad_map(model, pixels, e, -2, **kw)
     batch_mi = mask_inversion(model, pixels, masks, iterations=5, layer_index=-2, **kw)
     garbage = pixels.clone()
     garbage[vit_parts(model).model_inputs(pixels, **kw)["pixel_attention_mask"] == 0] = 1e3
-    torch.testing.assert_close(mask_inversion(model, garbage, masks, iterations=5, layer_index=-2, **kw),
-                               batch_mi, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        mask_inversion(model, garbage, masks, iterations=5, layer_index=-2, **kw), batch_mi, atol=1e-12, rtol=0
+    )
     for b, (h, w) in enumerate(kw["spatial_shapes"].tolist()):
-        alone = dict(pixel_values=pixels[b:b + 1, :h * w], spatial_shapes=kw["spatial_shapes"][b:b + 1])
+        alone = dict(pixel_values=pixels[b : b + 1, : h * w], spatial_shapes=kw["spatial_shapes"][b : b + 1])
         legrad_batch = LeGrad(vit_parts(model), pixels, -2, **kw)
         legrad_alone = LeGrad(vit_parts(model), alone["pixel_values"], -2, spatial_shapes=alone["spatial_shapes"])
-        torch.testing.assert_close(legrad_batch.relevance(e)[b:b + 1, :, :h * w], legrad_alone.relevance(e[b:b + 1]),
-                                   atol=0, rtol=1e-6)
-        torch.testing.assert_close(batch_maps[b:b + 1, :, :h * p, :w * p], legrad_map(model, **alone,
-                                   embeddings=e[b:b + 1], layer_index=-2), atol=1e-6, rtol=0)
-        torch.testing.assert_close(batch_mi[b:b + 1], mask_inversion(
-            model, masks=masks[b:b + 1, :, :h * p, :w * p], iterations=5, layer_index=-2, **alone), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            legrad_batch.relevance(e)[b : b + 1, :, : h * w], legrad_alone.relevance(e[b : b + 1]), atol=0, rtol=1e-6
+        )
+        torch.testing.assert_close(
+            batch_maps[b : b + 1, :, : h * p, : w * p],
+            legrad_map(model, **alone, embeddings=e[b : b + 1], layer_index=-2),
+            atol=1e-6,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            batch_mi[b : b + 1],
+            mask_inversion(model, masks=masks[b : b + 1, :, : h * p, : w * p], iterations=5, layer_index=-2, **alone),
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def test_naflex_masks_must_sit_in_their_image(models):
     model = models["siglip2"]
     pixels, masks, kw = _inputs(model, B=2, P=1)
     outside = masks.clone()
-    outside[1, 0, -1, -1] = 1                        # image 1 is 4 x 2 patches: 64 x 32 pixels of an 64 x 80 canvas
+    outside[1, 0, -1, -1] = 1  # image 1 is 4 x 2 patches: 64 x 32 pixels of an 64 x 80 canvas
     with pytest.raises(ValueError, match="image 1's masks are non-zero outside its 64 x 32 region"):
         mask_inversion(model, pixels, outside, iterations=1, **kw)
     with pytest.raises(ValueError, match="cannot hold image 0's 48 x 80"):
@@ -319,8 +348,8 @@ def test_zero_iterations_return_the_global_embedding(models):
 
 def test_model_is_left_untouched(tiny_model_dirs):
     model = _load(tiny_model_dirs["clip"], "clip", double=False)
-    model.vision_model.encoder.layers[0].requires_grad_(False)   # a mix of frozen and trainable
-    model.vision_model.encoder.layers[1].train()                 # and of train / eval flags
+    model.vision_model.encoder.layers[0].requires_grad_(False)  # a mix of frozen and trainable
+    model.vision_model.encoder.layers[1].train()  # and of train / eval flags
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -334,8 +363,16 @@ def test_model_is_left_untouched(tiny_model_dirs):
 
 
 def test_unknown_family_is_refused():
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64, image_size=32, patch_size=16))
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=16,
+        )
+    )
     with pytest.raises(ValueError, match="model_type='vit'"):
         mask_inversion(vit, torch.randn(1, 3, 32, 32), torch.ones(1, 1, 32, 32), iterations=1)
 
@@ -374,9 +411,9 @@ def test_joint_normalisation_matches_the_originals_rule(models, family, impl="bl
     e = torch.randn(2, 3, _out_dim(model), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     joint = reference_legrad_map(model, pixels, e, joint=True, **kw)
     per_map = reference_legrad_map(model, pixels, e, **kw)
-    assert (joint - per_map).abs().max() > 1e-3                      # the rule matters on these inputs
+    assert (joint - per_map).abs().max() > 1e-3  # the rule matters on these inputs
     torch.testing.assert_close(legrad_map(model, pixels, e, joint=True, **kw), joint, atol=1e-9, rtol=0)
-    assert joint.amax(dim=(1, 2, 3)).sub(1).abs().max() < 1e-12      # one map per image reaches 1
+    assert joint.amax(dim=(1, 2, 3)).sub(1).abs().max() < 1e-12  # one map per image reaches 1
     args = dict(iterations=8, layer_index=-1, **kw)
     ours = mask_inversion(model, pixels, masks, impl=impl, joint_norm=True, **args)
     ref = reference_mask_inversion(model, pixels, masks, joint=True, **args)
@@ -395,4 +432,4 @@ def test_shared_vector_fits_the_mean_of_the_masks_dice_terms(models, family, imp
     ref = reference_mask_inversion(model, pixels, masks, shared=True, **args)
     assert ours.shape == (2, 1, _out_dim(model)) and (ours * ref).sum(-1).min() > 1 - 1e-9
     union = mask_inversion(model, pixels, masks.amax(dim=1, keepdim=True), impl=impl, **args)
-    assert (ours * union).sum(-1).min() < 1 - 1e-6                   # not the union's vector
+    assert (ours * union).sum(-1).min() < 1 - 1e-6  # not the union's vector

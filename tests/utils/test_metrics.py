@@ -1,4 +1,5 @@
 """Retrieval metrics against sklearn, an independent stable-sort reference, and hand-computed values."""
+
 from __future__ import annotations
 
 import numpy as np

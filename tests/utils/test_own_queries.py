@@ -2,6 +2,7 @@
 
 Each ad-hoc result is checked against what create_index.py + search_index.py computed for the same query,
 or against an independent computation from the stored shards (numpy, sklearn)."""
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,20 @@ def named_anns(demo_dir, tmp_path_factory) -> Path:
 def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
     """Tiny CLIP global embeddings; queries: the square crop around their bbox (the default)."""
     cwd = tmp_path_factory.mktemp("own_crop")
-    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={tiny_model_dirs['clip']}",
-                      "vec_dim=24", f"anns_file={named_anns}", f"galleries_dir={demo_dir}", f"queries_dir={demo_dir}",
-                      "num_workers=0", "shard_size=5", "report=false", "device=cpu", cwd=cwd)
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={tiny_model_dirs['clip']}",
+        "vec_dim=24",
+        f"anns_file={named_anns}",
+        f"galleries_dir={demo_dir}",
+        f"queries_dir={demo_dir}",
+        "num_workers=0",
+        "shard_size=5",
+        "report=false",
+        "device=cpu",
+        cwd=cwd,
+    )
     return cwd, features_dir_from(proc, cwd), results_dir_from(proc)
 
 
@@ -70,9 +82,20 @@ def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
 def mi_folder(tiny_model_dirs, demo_dir, tmp_path_factory):
     """Tiny SigLIP Mask Inversion; queries: MI with their mask on the image with the background zeroed."""
     cwd = tmp_path_factory.mktemp("own_mi")
-    proc = run_script("create_index.py", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
-                      "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}", f"captions_file={demo_dir / 'captions.pt'}",
-                      "mask_input=true", "mi_iterations=3", "num_workers=0", "report=false", "device=cpu", cwd=cwd)
+    proc = run_script(
+        "create_index.py",
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        "mask_input=true",
+        "mi_iterations=3",
+        "num_workers=0",
+        "report=false",
+        "device=cpu",
+        cwd=cwd,
+    )
     return cwd, features_dir_from(proc, cwd), results_dir_from(proc)
 
 
@@ -82,8 +105,13 @@ def test_an_anns_query_asked_ad_hoc_gives_its_vector_and_its_ranking(crop_folder
     _, rankings = read_results(search_run)
     for q in (0, 2):
         record = queries[q]
-        _, run, results = _adhoc(folder, cwd, f"query_image={record['file']}",
-                                 f"query_bbox=[{','.join(map(str, record['bbox']))}]", "k_search=7")
+        _, run, results = _adhoc(
+            folder,
+            cwd,
+            f"query_image={record['file']}",
+            f"query_bbox=[{','.join(map(str, record['bbox']))}]",
+            "k_search=7",
+        )
         vector = load_file(run / "query.safetensors")["features"].numpy()
         np.testing.assert_allclose(vector, query_features[query_owner == q], atol=1e-6, rtol=0)
         stored = next(line for line in rankings if line["query"] == record["key"])["ranking"][:7]
@@ -97,8 +125,9 @@ def test_an_anns_query_asked_ad_hoc_gives_its_vector_and_its_ranking(crop_folder
         page = parse(run / "report.html")
         assert len(page.sections) == 1 and len(page.sections[0]["pictures"]) == 2
         hits = page.sections[0]["hits"]
-        assert [h["data-gallery"] for h in hits] == [key for key, _ in
-                                                    next(l for l in rankings if l["query"] == record["key"])["ranking"][:10]]
+        assert [h["data-gallery"] for h in hits] == [
+            key for key, _ in next(r for r in rankings if r["query"] == record["key"])["ranking"][:10]
+        ]
         assert all("unknown" in h["classes"] and "pos" not in h["classes"] for h in hits)
         assert any("No metrics: an ad-hoc query has no ground truth" in note for note in page.notes)
         assert "Metrics (%)" not in (run / "report.html").read_text()
@@ -109,19 +138,22 @@ def test_the_faiss_path_gives_the_exact_ranking(crop_folder):
     record = _split(folder, "queries")[0][1]
     box = f"query_bbox=[{','.join(map(str, record['bbox']))}]"
     _, _, exact = _adhoc(folder, cwd, f"query_image={record['file']}", box, "k_search=5", "report=false")
-    proc, _, candidates = _adhoc(folder, cwd, f"query_image={record['file']}", box, "k_search=5", "report=false",
-                                 "query_exact_max_rows=3")
+    proc, _, candidates = _adhoc(
+        folder, cwd, f"query_image={record['file']}", box, "k_search=5", "report=false", "query_exact_max_rows=3"
+    )
     assert candidates["search"].startswith("FAISS Flat candidates") and exact["search"].startswith("exact")
     assert candidates["ranking"] == exact["ranking"]
-    lines = proc.stdout.splitlines()                            # the printed table: rank, score, key
-    table = lines[lines.index(f"{'rank':>4}  {'score':>8}  gallery image") + 1:][:5]
-    assert [line.split() for line in table] == [[str(h["rank"]), f"{h['score']:.4f}", h["key"]]
-                                                for h in exact["ranking"]]
+    lines = proc.stdout.splitlines()  # the printed table: rank, score, key
+    table = lines[lines.index(f"{'rank':>4}  {'score':>8}  gallery image") + 1 :][:5]
+    assert [line.split() for line in table] == [
+        [str(h["rank"]), f"{h['score']:.4f}", h["key"]] for h in exact["ranking"]
+    ]
 
 
 def test_an_image_without_a_box_is_embedded_whole(crop_folder, demo_dir):
     cwd, folder, _ = crop_folder
     from extractors import build_extractor
+
     file = demo_dir / "gallery" / "g_000.jpg"
     _, run, results = _adhoc(folder, cwd, f"query_image={file}", "k_search=3")
     model = OmegaConf.load(folder / "config.yaml").model_name
@@ -129,7 +161,7 @@ def test_an_image_without_a_box_is_embedded_whole(crop_folder, demo_dir):
     np.testing.assert_allclose(load_file(run / "query.safetensors")["features"][0].numpy(), expected.numpy(), atol=1e-6)
     assert results["embedded_as"] == "global embedding of the whole image"
     gallery, scores = _image_scores(expected.numpy()[None], folder)
-    assert results["ranking"][0]["key"] == "gallery/g_000.jpg"            # itself
+    assert results["ranking"][0]["key"] == "gallery/g_000.jpg"  # itself
     assert [h["score"] for h in results["ranking"]] == pytest.approx(np.sort(scores)[::-1][:3].tolist(), abs=1e-5)
 
 
@@ -141,8 +173,9 @@ def test_mask_inversion_queries_with_a_mask_or_the_box_rectangle(mi_folder, demo
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     box = f"query_bbox=[{','.join(map(str, record['bbox']))}]"
     _, run, results = _adhoc(folder, cwd, f"query_image={record['file']}", f"query_mask={tmp_path / 'mask.png'}", box)
-    np.testing.assert_allclose(load_file(run / "query.safetensors")["features"].numpy(),
-                               query_features[query_owner == 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        load_file(run / "query.safetensors")["features"].numpy(), query_features[query_owner == 1], atol=1e-5, rtol=0
+    )
     assert "query_mask on the image with the pixels outside the mask set to zero" in results["embedded_as"]
     _, rankings = read_results(search_run)
     stored = next(line for line in rankings if line["query"] == record["key"])["ranking"][:10]
@@ -157,6 +190,7 @@ def test_mask_inversion_queries_with_a_mask_or_the_box_rectangle(mi_folder, demo
     # No mask: MI with the bbox rectangle, as create_index.py does for a query without one.
     from datasets.extraction import bbox_mask
     from extractors import build_extractor
+
     _, run, results = _adhoc(folder, cwd, f"query_image={record['file']}", box)
     assert "query_bbox's rectangle" in results["embedded_as"]
     image = Image.open(record["file"]).convert("RGB")
@@ -169,6 +203,7 @@ def test_mask_inversion_queries_with_a_mask_or_the_box_rectangle(mi_folder, demo
 def test_text_query_ranks_by_the_text_towers_vector(crop_folder):
     cwd, folder, _ = crop_folder
     from extractors import TextEncoder
+
     _, run, results = _adhoc(folder, cwd, "query_text='a red mug'", "k_search=4")
     model = OmegaConf.load(folder / "config.yaml").model_name
     expected = TextEncoder(model, "clip").embed(["a red mug"]).numpy()
@@ -178,16 +213,26 @@ def test_text_query_ranks_by_the_text_towers_vector(crop_folder):
     assert [h["key"] for h in results["ranking"]] == [gallery[g]["key"] for g in order]
     assert results["mode"] == "text" and results["query"] == {"text": "a red mug"}
     section = parse(run / "report.html").sections[0]
-    assert section["pictures"] == []                            # report_k=10 images, whatever k_search
-    assert [h["data-gallery"] for h in section["hits"]] == [gallery[g]["key"] for g in np.argsort(-scores, kind="stable")[:10]]
+    assert section["pictures"] == []  # report_k=10 images, whatever k_search
+    assert [h["data-gallery"] for h in section["hits"]] == [
+        gallery[g]["key"] for g in np.argsort(-scores, kind="stable")[:10]
+    ]
     assert "text: &ldquo;a red mug&rdquo;" in (run / "report.html").read_text()
 
 
 def test_t2i_evaluates_each_querys_obj_name_with_the_same_metrics(crop_folder):
     cwd, folder, _ = crop_folder
     from extractors import TextEncoder
-    proc = run_script("search_index.py", f"features_dir={folder}", "T2I=true", "text_prompt='a photo of a {obj_name}'",
-                      "k_search=5", "device=cpu", cwd=cwd)
+
+    proc = run_script(
+        "search_index.py",
+        f"features_dir={folder}",
+        "T2I=true",
+        "text_prompt='a photo of a {obj_name}'",
+        "k_search=5",
+        "device=cpu",
+        cwd=cwd,
+    )
     run = results_dir_from(proc)
     results, rankings = read_results(run)
     queries = json.loads((folder / "queries" / "images.json").read_text())
@@ -209,6 +254,7 @@ def test_t2i_evaluates_each_querys_obj_name_with_the_same_metrics(crop_folder):
 
 def test_t2i_queries_without_obj_name_are_listed_before_any_model_loads(tmp_path):
     from utils.own_queries import text_query_rows
+
     cfg = OmegaConf.create({"text_prompt": "a photo of {obj_name}", "device": "cpu"})
     queries = [{"key": "q/a.jpg", "obj_name": "mug"}, {"key": "q/b.jpg", "obj_name": None}, {"key": "q/c.jpg"}]
     with pytest.raises(SoIRError, match=r"2 of 3 queries .* have none: \['q/b.jpg', 'q/c.jpg'\]"):
@@ -217,27 +263,44 @@ def test_t2i_queries_without_obj_name_are_listed_before_any_model_loads(tmp_path
 
 def test_text_queries_need_a_text_tower(tmp_path):
     from utils.own_queries import text_encoder
-    for extractor, family in (("dinov2_mi_features", "dinov2"), ("dinov3_features", "dinov3"),
-                              ("siglip2_mi_features", "siglip2")):
-        with pytest.raises(SoIRError, match=f"{extractor} features: {family} checkpoints have no text tower SoIR can use"):
+
+    for extractor, family in (
+        ("dinov2_mi_features", "dinov2"),
+        ("dinov3_features", "dinov3"),
+        ("siglip2_mi_features", "siglip2"),
+    ):
+        with pytest.raises(
+            SoIRError, match=f"{extractor} features: {family} checkpoints have no text tower SoIR can use"
+        ):
             text_encoder(tmp_path, OmegaConf.create({"extractor": extractor}), "cpu")
 
 
 def test_a_changed_model_folder_is_refused(tiny_model_dirs, demo_dir, tmp_path):
     model = tmp_path / "clip"
     shutil.copytree(tiny_model_dirs["clip"], model)
-    proc = run_script("create_index.py", "extractor=clip_features", f"model_name={model}", "vec_dim=24",
-                      f"anns_file={demo_dir / 'anns.pt'}", "num_workers=0", "only_create=true", "device=cpu", cwd=tmp_path)
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={model}",
+        "vec_dim=24",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        "num_workers=0",
+        "only_create=true",
+        "device=cpu",
+        cwd=tmp_path,
+    )
     folder = features_dir_from(proc, tmp_path)
     query = f"query_image={demo_dir / 'gallery' / 'g_001.jpg'}"
-    _adhoc(folder, tmp_path, query, "report=false")                       # unchanged: fine
+    _adhoc(folder, tmp_path, query, "report=false")  # unchanged: fine
     config = json.loads((model / "preprocessor_config.json").read_text())
-    config["image_mean"] = [0.5, 0.5, 0.5]                                 # another preprocessing
+    config["image_mean"] = [0.5, 0.5, 0.5]  # another preprocessing
     (model / "preprocessor_config.json").write_text(json.dumps(config))
     for extra in (query, "query_text=mug"):
         proc = _adhoc(folder, tmp_path, extra, check=False)
         assert proc.returncode != 0
-        assert f"{model.resolve()} is not the checkpoint {folder.resolve()}" in proc.stderr.replace(str(folder), str(folder.resolve()))
+        assert f"{model.resolve()} is not the checkpoint {folder.resolve()}" in proc.stderr.replace(
+            str(folder), str(folder.resolve())
+        )
         assert "model_files_sha256 changed" in proc.stderr
 
 
@@ -248,20 +311,33 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
     image = f"query_image={file}"
     width, height = Image.open(file).size
     corner = np.zeros((height, width), dtype=np.uint8)
-    corner[:4, :4] = 255                                      # a mask far from the box below
+    corner[:4, :4] = 255  # a mask far from the box below
     Image.fromarray(corner).save(tmp_path / "corner.png")
     far_box = f"query_bbox=[{width - 6},{height - 6},{width},{height}]"
     _, earlier, _ = _adhoc(folder, cwd, image, "report=false", "k_search=2")
     cases = [
         ((folder, image, "mask_input=true"), "these settings differ from it: mask_input=True (folder: False)"),
-        ((folder, image, f"model_name={tiny_model_dirs['siglip']}"), f"model_name={tiny_model_dirs['siglip']} (folder: "),
-        ((folder, image, f"query_mask={tmp_path / 'corner.png'}"), "query_mask is for folders whose queries are Mask Inversion"),
+        (
+            (folder, image, f"model_name={tiny_model_dirs['siglip']}"),
+            f"model_name={tiny_model_dirs['siglip']} (folder: ",
+        ),
+        (
+            (folder, image, f"query_mask={tmp_path / 'corner.png'}"),
+            "query_mask is for folders whose queries are Mask Inversion",
+        ),
         ((mi_folder[1], image), "give query_mask=mask.png (the object's mask) or query_bbox"),
-        ((mi_folder[1], image, f"query_mask={tmp_path / 'corner.png'}", far_box),
-         f"query_mask={tmp_path / 'corner.png'} does not overlap query_bbox="),
-        ((mi_folder[1], image, f"query_mask={tmp_path / 'no_mask.png'}"), f"query_mask={tmp_path / 'no_mask.png'}: no such file"),
-        ((folder, image, "query_bbox=[0,0,5000,20]"),
-         f"query image {file}: bbox [0.0, 0.0, 5000.0, 20.0] lies outside the {width}x{height} image"),
+        (
+            (mi_folder[1], image, f"query_mask={tmp_path / 'corner.png'}", far_box),
+            f"query_mask={tmp_path / 'corner.png'} does not overlap query_bbox=",
+        ),
+        (
+            (mi_folder[1], image, f"query_mask={tmp_path / 'no_mask.png'}"),
+            f"query_mask={tmp_path / 'no_mask.png'}: no such file",
+        ),
+        (
+            (folder, image, "query_bbox=[0,0,5000,20]"),
+            f"query image {file}: bbox [0.0, 0.0, 5000.0, 20.0] lies outside the {width}x{height} image",
+        ),
         ((folder, f"query_image={tmp_path / 'missing.jpg'}"), f"query_image={tmp_path / 'missing.jpg'}: no such file"),
         ((folder, image, f"hydra.run.dir={earlier}"), f"{earlier} already holds another run's results (results.json"),
         ((tmp_path, image), f"{tmp_path} has no config.yaml"),
@@ -271,8 +347,12 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in earlier.iterdir() if not p.name.startswith(".")) == \
-        ["query.safetensors", "rankings.jsonl", "results.json", "search_index.log"]      # its results untouched
+    assert sorted(p.name for p in earlier.iterdir() if not p.name.startswith(".")) == [
+        "query.safetensors",
+        "rankings.jsonl",
+        "results.json",
+        "search_index.log",
+    ]  # its results untouched
     proc = run_script("create_index.py", f"anns_file={demo_dir / 'anns.pt'}", image, cwd=cwd, check=False)
     assert proc.returncode != 0 and "query_image is search_index.py's ad-hoc mode" in proc.stderr
 
@@ -280,6 +360,7 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
 def test_a_box_on_a_folder_of_whole_image_queries_is_refused(tmp_path):
     from utils.config import SoIRConfig
     from utils.own_queries import image_query
+
     Image.new("RGB", (32, 24)).save(tmp_path / "photo.jpg")
     made_with = OmegaConf.merge(OmegaConf.structured(SoIRConfig), {"extractor": "clip_features", "no_query_crop": True})
     cfg = OmegaConf.create({"query_image": str(tmp_path / "photo.jpg"), "query_bbox": [1, 1, 9, 9], "query_mask": None})

@@ -1,4 +1,5 @@
 """utils/preprocessing.py: the whole image resized to the model's input, masks aligned with it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,9 +17,9 @@ def preprocess() -> Preprocess:
 
 
 def test_image_is_resized_whole_and_normalised(preprocess):
-    image = Image.fromarray(np.full((40, 30, 3), 255, dtype=np.uint8))          # portrait, 30 x 40
+    image = Image.fromarray(np.full((40, 30, 3), 255, dtype=np.uint8))  # portrait, 30 x 40
     pixels = preprocess.image(image)
-    assert pixels.shape == (3, 8, 12)                                          # aspect ratio not kept
+    assert pixels.shape == (3, 8, 12)  # aspect ratio not kept
     torch.testing.assert_close(pixels, torch.full((3, 8, 12), (1 - 0.5) / 0.25))
     assert preprocess.resize(image).size == (12, 8)
     with pytest.raises(ValueError, match="expected an RGB image, got mode L"):
@@ -27,19 +28,22 @@ def test_image_is_resized_whole_and_normalised(preprocess):
 
 def test_masks_resize_with_the_image_and_stay_binary(preprocess):
     masks = np.zeros((2, 40, 60), dtype=np.uint8)
-    masks[0, :, :30] = 255                                                     # left half, 0/255
+    masks[0, :, :30] = 255  # left half, 0/255
     resized = preprocess.masks(masks)
     assert resized.shape == (2, 8, 12) and set(resized.unique().tolist()) <= {0.0, 1.0}
-    assert resized[0, :, :6].all() and not resized[0, :, 6:].any()           # still the left half
+    assert resized[0, :, :6].all() and not resized[0, :, 6:].any()  # still the left half
     assert not resized[1].any()
 
 
-@pytest.mark.parametrize("masks,expected", [
-    (np.array([[[True, False]]]), [[[True, False]]]),
-    (np.array([[[1, 0]]], dtype=np.uint8), [[[True, False]]]),
-    (np.array([[[255, 0]]], dtype=np.uint8), [[[True, False]]]),
-    (torch.tensor([[[0.0, 1.0]]]), [[[False, True]]]),
-])
+@pytest.mark.parametrize(
+    "masks,expected",
+    [
+        (np.array([[[True, False]]]), [[[True, False]]]),
+        (np.array([[[1, 0]]], dtype=np.uint8), [[[True, False]]]),
+        (np.array([[[255, 0]]], dtype=np.uint8), [[[True, False]]]),
+        (torch.tensor([[[0.0, 1.0]]]), [[[False, True]]]),
+    ],
+)
 def test_mask_value_conventions(masks, expected):
     assert to_binary_masks(masks).tolist() == expected
 

@@ -1,4 +1,5 @@
 """report.html of search_index.py: page structure (html.parser), thumbnails, outlines, maps, a real browser."""
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ from datasets import load_captions, save_captions
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.report import report_captions
 
-pytestmark = pytest.mark.slow          # end-to-end runs of the CLIs in subprocesses
+pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 THUMB = 96
 
@@ -80,12 +81,29 @@ def mi_run(tiny_model_dirs, demo_dir, tmp_path_factory):
     gallery_keys = sorted(k for k in captions if k.startswith("gallery/"))
     partial = {k: v for k, v in captions.items() if k not in gallery_keys[::2]}
     save_captions(partial, cwd / "captions_partial.pt")
-    proc = run_script("create_index.py", "extractor=siglip_mi_features", f"model_name={tiny_model_dirs['siglip']}",
-                      "vec_dim=32", f"anns_file={demo_dir / 'anns.pt'}", f"captions_file={cwd / 'captions_partial.pt'}",
-                      "missing_masks=global", "mi_iterations=2", "num_workers=0", cwd=cwd)
+    proc = run_script(
+        "create_index.py",
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={cwd / 'captions_partial.pt'}",
+        "missing_masks=global",
+        "mi_iterations=2",
+        "num_workers=0",
+        cwd=cwd,
+    )
     features = features_dir_from(proc, cwd)
-    search = run_script("search_index.py", f"features_dir={features}", "k_search=5", "report_k=4",
-                        f"report_thumb_size={THUMB}", "report_maps=true", "device=cpu", cwd=cwd)
+    search = run_script(
+        "search_index.py",
+        f"features_dir={features}",
+        "k_search=5",
+        "report_k=4",
+        f"report_thumb_size={THUMB}",
+        "report_maps=true",
+        "device=cpu",
+        cwd=cwd,
+    )
     run = results_dir_from(search)
     assert f"report: {run / 'report.html'}" in search.stdout
     return run, features, demo_dir
@@ -104,7 +122,7 @@ def test_every_query_is_shown_worst_ap_first(mi_run):
         assert float(section["data-ap"]) == pytest.approx(float(per_query[key]["ap"]), abs=1e-6)
         assert int(section["data-rank"]) == int(per_query[key]["first_positive_rank"])
         assert all((run / src).is_file() for src in section["pictures"])
-        assert len(section["pictures"]) == 2                      # the demo queries have a bbox: image + crop
+        assert len(section["pictures"]) == 2  # the demo queries have a bbox: image + crop
 
 
 def test_frames_are_green_for_positives_and_red_for_negatives(mi_run):
@@ -181,7 +199,7 @@ def test_outlines_show_the_matching_mask_where_there_is_one(mi_run):
             else:
                 assert "_m" not in hit["src"] and painted.sum() == 0
             kinds.add(mask >= 0)
-    assert kinds == {True, False}                   # both kinds are on the page
+    assert kinds == {True, False}  # both kinds are on the page
     assert any("mask index -1" in note and "no outline" in note for note in page.notes)
 
 
@@ -206,8 +224,16 @@ def test_report_false_writes_no_report(mi_run, tmp_path):
 
 def test_report_k_beyond_k_search_keeps_the_rankings_at_k_search(mi_run, tmp_path):
     _, features, _ = mi_run
-    run = results_dir_from(run_script("search_index.py", f"features_dir={features}", "k_search=2", "report_k=6",
-                                      "report_thumb_size=48", cwd=tmp_path))
+    run = results_dir_from(
+        run_script(
+            "search_index.py",
+            f"features_dir={features}",
+            "k_search=2",
+            "report_k=6",
+            "report_thumb_size=48",
+            cwd=tmp_path,
+        )
+    )
     _, rankings = read_results(run)
     sections = parse(run / "report.html").sections
     assert all(len(line["ranking"]) == 2 for line in rankings)
@@ -230,8 +256,10 @@ def test_changed_captions_file_gives_no_outlines_and_says_why(mi_run, tmp_path):
     sources["captions_file"] = str(captions_file)
     (copy / "sources.json").write_text(json.dumps(sources))
     captions_file.write_bytes(captions_file.read_bytes() + b"\0")
-    assert report_captions(copy, made_with) == (None, f"{captions_file} changed since the features were made "
-                                                      "(sha256 differs)")
+    assert report_captions(copy, made_with) == (
+        None,
+        f"{captions_file} changed since the features were made (sha256 differs)",
+    )
     captions_file.unlink()
     assert report_captions(copy, made_with) == (None, f"the captions_file {captions_file} no longer exists")
 
@@ -240,33 +268,46 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium); "
-                                                "the browser test of report.html is skipped")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="Chromium is not installed (Debian: apt-get install chromium); the browser test of report.html is skipped",
+)
 def test_report_renders_in_headless_chromium(mi_run, tmp_path):
     run, _, _ = mi_run
     shot = tmp_path / "shot.png"
-    command = [_chromium(), "--headless", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,900",
-               "--virtual-time-budget=5000", f"--screenshot={shot}", (run / "report.html").as_uri()]
+    command = [
+        _chromium(),
+        "--headless",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1200,900",
+        "--virtual-time-budget=5000",
+        f"--screenshot={shot}",
+        (run / "report.html").as_uri(),
+    ]
     if os.geteuid() == 0:
-        command.insert(1, "--no-sandbox")          # Chromium refuses to run as root with its sandbox
+        command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     subprocess.run(command, capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape == (900, 1200, 3)
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000           # pictures, not a blank page
-    near = lambda rgb: (np.abs(pixels - rgb).sum(-1) < 30).sum()           # noqa: E731
-    assert near((215, 25, 28)) > 200 or near((26, 150, 65)) > 200          # the red / green frames drew
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # pictures, not a blank page
+    near = lambda rgb: (np.abs(pixels - rgb).sum(-1) < 30).sum()  # noqa: E731
+    assert near((215, 25, 28)) > 200 or near((26, 150, 65)) > 200  # the red / green frames drew
 
 
 def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs, tmp_path):
     from extractors import CLIPExtractor, CLIPMIExtractor
     from utils.config import SoIRConfig
     from utils.report import map_extractor
-    made_with = OmegaConf.merge(OmegaConf.structured(SoIRConfig), {
-        "anns_file": "a.pt", "extractor": "clip_features", "model_name": str(tiny_model_dirs["clip"]), "vec_dim": 24})
+
+    made_with = OmegaConf.merge(
+        OmegaConf.structured(SoIRConfig),
+        {"anns_file": "a.pt", "extractor": "clip_features", "model_name": str(tiny_model_dirs["clip"]), "vec_dim": 24},
+    )
     extractor = map_extractor(made_with, "cpu")
     assert isinstance(extractor, CLIPMIExtractor) and extractor.model_name == str(tiny_model_dirs["clip"])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
-    stored = CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu").extract(image)    # a plain row
+    stored = CLIPExtractor(str(tiny_model_dirs["clip"]), device="cpu").extract(image)  # a plain row
     mask = np.zeros((1, 48, 80), dtype=bool)
     mask[0, 10:30, 20:50] = True
     expected = CLIPMIExtractor(str(tiny_model_dirs["clip"]), device="cpu", mi_iterations=1).explain(image, mask)
@@ -278,9 +319,10 @@ def test_smart_crop_maps_are_drawn_inside_the_crop(tiny_model_dirs, tmp_path):
     from extractors import SigLIPMIExtractor
     from extractors.views import padded_box
     from utils.report import Shown, write_maps
+
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((128, 96), Image.BICUBIC)
-    image = smooth.convert("RGB")                      # smooth, so the overlay's JPEG is close to exact
+    image = smooth.convert("RGB")  # smooth, so the overlay's JPEG is close to exact
     image.save(tmp_path / "g.png")
     mask = np.zeros((96, 128), dtype=bool)
     mask[60:80, 90:115] = True
@@ -295,9 +337,9 @@ def test_smart_crop_maps_are_drawn_inside_the_crop(tiny_model_dirs, tmp_path):
     x1, y1, x2, y2 = padded_box(torch.from_numpy(mask), 0.1)
     dark = np.asarray(Image.blend(image, Image.new("RGB", image.size, (0, 0, 4)), 0.55)).astype(int)
     outside = np.ones((96, 128), dtype=bool)
-    outside[max(0, y1 - 3):y2 + 3, max(0, x1 - 3):x2 + 3] = False       # margin for JPEG blocks and the outline
-    assert np.abs(picture - dark)[outside].mean() < 6                      # map 0 outside the crop
-    assert np.abs(picture - dark)[y1:y2, x1:x2].mean() > 20                # the map lives in the crop
+    outside[max(0, y1 - 3) : y2 + 3, max(0, x1 - 3) : x2 + 3] = False  # margin for JPEG blocks and the outline
+    assert np.abs(picture - dark)[outside].mean() < 6  # map 0 outside the crop
+    assert np.abs(picture - dark)[y1:y2, x1:x2].mean() > 20  # the map lives in the crop
 
 
 def test_an_unreadable_gallery_image_is_shown_as_unavailable(mi_run, tmp_path):
@@ -311,8 +353,9 @@ def test_an_unreadable_gallery_image_is_shown_as_unavailable(mi_run, tmp_path):
         if record["key"] == missing_key:
             record["file"] = str(tmp_path / "gone.jpg")
     (copy / "gallery" / "images.json").write_text(json.dumps(records))
-    proc = run_script("search_index.py", f"features_dir={copy}", "report_k=2", "report_maps=true", "device=cpu",
-                      cwd=tmp_path)
+    proc = run_script(
+        "search_index.py", f"features_dir={copy}", "report_k=2", "report_maps=true", "device=cpu", cwd=tmp_path
+    )
     page_path = results_dir_from(proc) / "report.html"
     text = page_path.read_text()
     assert text.count("image unavailable") >= 1 and "1 image(s) could not be shown" in text

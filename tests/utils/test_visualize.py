@@ -1,4 +1,5 @@
 """Colormap, mask outlines and map overlays (Pillow only)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,21 +25,21 @@ def test_outline_is_a_ring_just_outside_the_mask():
     ring = mask_outline(mask, width=2)
     assert not (ring & mask).any()
     grown = np.zeros_like(mask)
-    grown[3:12, 6:22] = True                  # the mask grown by 2 px in every direction (square filter)
+    grown[3:12, 6:22] = True  # the mask grown by 2 px in every direction (square filter)
     assert (ring == (grown & ~mask)).all()
     assert not mask_outline(np.zeros((20, 30), dtype=bool)).any()
 
 
 def test_a_tiny_mask_survives_a_small_thumbnail():
     mask = np.zeros((1000, 1600), dtype=bool)
-    mask[500:503, 800:803] = True             # 9 pixels of a 1.6 MP image
+    mask[500:503, 800:803] = True  # 9 pixels of a 1.6 MP image
     ring = mask_outline(mask, size=(160, 100), width=2)
     assert ring.shape == (100, 160) and ring.sum() == 5 * 5 - 1
 
 
 def test_draw_outline_paints_only_the_ring():
     picture = Image.new("RGB", (40, 30), (10, 20, 30))
-    mask = np.zeros((60, 80), dtype=bool)    # twice the picture's size: scaled down
+    mask = np.zeros((60, 80), dtype=bool)  # twice the picture's size: scaled down
     mask[20:40, 20:40] = True
     drawn = np.asarray(draw_outline(picture, mask, width=1))
     painted = (drawn == OUTLINE_COLOR).all(-1)
@@ -49,7 +50,7 @@ def test_draw_outline_paints_only_the_ring():
 def test_overlay_blends_the_colormap_and_resizes_the_map():
     image = Image.new("RGB", (64, 48), (100, 100, 100))
     low_res = torch.zeros(12, 16)
-    low_res[:, 8:] = 1.0                                  # right half relevant
+    low_res[:, 8:] = 1.0  # right half relevant
     picture = overlay(image, low_res, alpha=1.0)
     assert picture.size == (64, 48) and picture.mode == "RGB"
     pixels = np.asarray(picture)
@@ -69,7 +70,7 @@ def test_resizing_the_mask_box_equals_resizing_the_whole_mask():
     for size in [(160, 120), (97, 61), (300, 225), (17, 200), (640, 481)]:
         mask = np.zeros((480, 640), dtype=bool)
         y, x, h, w = rng.integers(0, 400), rng.integers(0, 560), rng.integers(1, 80), rng.integers(1, 80)
-        mask[y:y + h, x:x + w] = rng.random((h, w)) < 0.7          # a speckled object
+        mask[y : y + h, x : x + w] = rng.random((h, w)) < 0.7  # a speckled object
         whole = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)) > 0
         assert (resize_mask(mask, size) == whole).all(), size
 

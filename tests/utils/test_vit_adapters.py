@@ -1,4 +1,5 @@
 """utils/vit_adapters.py: where each family's pieces are, checked against the models' own forward pass."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,11 +41,21 @@ def test_attention_output_is_probabilities_times_v_proj_output(models, name):
         torch.testing.assert_close(a, (A @ V_heads).transpose(1, 2).reshape(B, T, -1), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("name, family, prefix, gated", [
-    ("dinov2", "dinov2", 1, False), ("dinov2reg", "dinov2reg", 3, False), ("dinov3", "dinov3", 3, False),
-    ("siglip", "siglip", 0, False), ("siglip2", "siglip2", 0, False), ("clip", "clip", 1, False),
-    ("dinov2_swiglu", "dinov2", 1, True), ("dinov2reg_gated", "dinov2reg", 3, True),
-    ("dinov3_gated", "dinov3", 3, True), ("siglip2_fixres", "siglip", 0, False)])
+@pytest.mark.parametrize(
+    "name, family, prefix, gated",
+    [
+        ("dinov2", "dinov2", 1, False),
+        ("dinov2reg", "dinov2reg", 3, False),
+        ("dinov3", "dinov3", 3, False),
+        ("siglip", "siglip", 0, False),
+        ("siglip2", "siglip2", 0, False),
+        ("clip", "clip", 1, False),
+        ("dinov2_swiglu", "dinov2", 1, True),
+        ("dinov2reg_gated", "dinov2reg", 3, True),
+        ("dinov3_gated", "dinov3", 3, True),
+        ("siglip2_fixres", "siglip", 0, False),
+    ],
+)
 def test_family_prefix_tokens_and_mlp(models, name, family, prefix, gated):
     """CLS + the tiny models' 2 registers are the tokens in front of the patches (dropped from the map)."""
     parts = vit_parts(models[name])
@@ -61,7 +72,7 @@ def test_naflex_inputs_are_checked_and_the_mask_derived(models):
     parts = vit_parts(models["siglip2"])
     pixels, _, kw = _inputs(models["siglip2"], B=2, P=1)
     inputs = parts.model_inputs(pixels, kw["spatial_shapes"])
-    assert inputs["pixel_attention_mask"].sum(1).tolist() == [15, 8]            # 3 x 5 and 4 x 2 of 16 tokens
+    assert inputs["pixel_attention_mask"].sum(1).tolist() == [15, 8]  # 3 x 5 and 4 x 2 of 16 tokens
     assert patch_token_mask(torch.tensor([[1, 2]]), 4).tolist() == [[True, True, False, False]]
     assert parts.patch_grids(pixels, kw["spatial_shapes"]).tolist() == [[3, 5], [4, 2]]
     with pytest.raises(ValueError, match="needs spatial_shapes"):
@@ -77,6 +88,7 @@ def test_naflex_inputs_are_checked_and_the_mask_derived(models):
 
 def test_siglip2_without_its_head_is_refused(tiny_model_dirs):
     from transformers import Siglip2VisionModel
+
     model = Siglip2VisionModel.from_pretrained(tiny_model_dirs["siglip2"], vision_use_head=False)
     with pytest.raises(ValueError, match="siglip2 without its attention-pooling head"):
         vit_parts(model)
