@@ -43,7 +43,7 @@ from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
-from utils.metrics import max_per_image, per_query_metrics, summarize
+from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
 from utils.own_queries import own_query, text_query_rows
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
@@ -210,7 +210,7 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
         query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
     per_query, top, top_scores, positive = [], [], [], []
-    for chunk in query_chunks(len(queries), len(gallery_owner)):
+    for chunk in query_chunks(len(queries), len(gallery_owner), max_elements=SCORES_PER_CHUNK):
         scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
         relevant = relevance(query_anns[chunk.start : chunk.stop], gallery_anns)
         per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at, map_at=cfg.map_at))
@@ -396,32 +396,27 @@ def select_images(
 def index_recall(index, query_features: np.ndarray, gallery_features: np.ndarray, k: int) -> float:
     """Neighbour recall@k of ``index`` over all query rows, against exact top-k rows (in chunks)."""
     hits = 0.0
-    for chunk in query_chunks(len(query_features), len(gallery_features)):
+    for chunk in query_chunks(len(query_features), len(gallery_features), max_elements=SCORES_PER_CHUNK):
         queries = query_features[chunk.start : chunk.stop]
         exact_top = np.argpartition(-(queries @ gallery_features.T), k - 1, axis=1)[:, :k]
         hits += neighbour_recall(index, queries, exact_top) * len(queries)
     return hits / len(query_features)
 
 
-def query_chunks(num_queries: int, num_rows: int) -> list[range]:
-    size = max(1, SCORES_PER_CHUNK // max(1, num_rows))
-    return [range(i, min(num_queries, i + size)) for i in range(0, num_queries, size)]
-
-
 def image_scores(
     query_features: np.ndarray,
     query_owner: np.ndarray,
-    chunk: range,
+    chunk: slice | range,
     gallery_features: np.ndarray,
     gallery_owner: np.ndarray,
     num_gallery: int,
 ) -> np.ndarray:
-    """Exact [len(chunk), num_gallery] scores (inner products of unit vectors): max over the rows of
+    """Exact [chunk size, num_gallery] scores (inner products of unit vectors): max over the rows of
     each gallery image, and over the rows of each query (a query with several masks matches an image
     if any of its vectors does)."""
     rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
     per_row = max_per_image(query_features[rows] @ gallery_features.T, gallery_owner, num_gallery)
-    return max_per_image(per_row.T, query_owner[rows] - chunk.start, len(chunk)).T
+    return max_per_image(per_row.T, query_owner[rows] - chunk.start, chunk.stop - chunk.start).T
 
 
 def best_rows(

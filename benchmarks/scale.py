@@ -175,13 +175,13 @@ def peak_rss_gb() -> float:
 def in_ram(gallery: FeatureShards, queries, query: np.ndarray, image: np.ndarray, k: int) -> dict:
     """search_index.py's loop: all gallery rows in RAM, dense scores and relevance per query chunk."""
     import search_index
-    from utils.metrics import per_query_metrics, summarize
+    from utils.metrics import per_query_metrics, query_chunks, summarize
 
     features, owner, _ = gallery.load()
     features, owner = features.numpy(), owner.numpy()
     q_features, q_owner = queries.features.numpy(), queries.owner.numpy()
     parts, tops = [], []
-    for chunk in search_index.query_chunks(queries.num_queries, len(owner)):
+    for chunk in query_chunks(queries.num_queries, len(owner), max_elements=search_index.SCORES_PER_CHUNK):
         scores = search_index.image_scores(q_features, q_owner, chunk, features, owner, gallery.num_images)
         relevant = np.zeros(scores.shape, dtype=bool)
         mine = (query >= chunk.start) & (query < chunk.stop)

@@ -65,9 +65,13 @@ def _check_inputs(scores: np.ndarray, relevant: np.ndarray) -> None:
         raise ValueError("the gallery is empty (scores has 0 columns)")
 
 
-def _query_chunks(num_queries: int, gallery_size: int, chunk_queries: int | None) -> Iterator[slice]:
+def query_chunks(
+    num_queries: int, row_length: int, chunk_queries: int | None = None, max_elements: int = CHUNK_ELEMENTS
+) -> Iterator[slice]:
+    """Consecutive slices of query indices: ``chunk_queries`` queries each, or (None) as many as keep
+    a [chunk, row_length] score block within ``max_elements`` entries (at least one query)."""
     if chunk_queries is None:
-        chunk_queries = max(1, CHUNK_ELEMENTS // gallery_size)
+        chunk_queries = max(1, max_elements // max(1, row_length))
     if chunk_queries < 1:
         raise ValueError(f"chunk_queries must be >= 1, got {chunk_queries}")
     for start in range(0, num_queries, chunk_queries):
@@ -248,7 +252,7 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray, *, chunk_queries
     """
     _check_inputs(scores, relevant)
     ap = np.empty(scores.shape[0])
-    for rows in _query_chunks(scores.shape[0], scores.shape[1], chunk_queries):
+    for rows in query_chunks(scores.shape[0], scores.shape[1], chunk_queries):
         s, rel = _prepare_chunk(scores, relevant, rows)
         ap[rows] = _chunk_stats(s, rel, need_ranks=False)[0]
     return ap
@@ -281,7 +285,7 @@ def per_query_metrics(
     out.update({f"precision@{k}": np.empty(num_queries) for k in precision_ks})
     out.update({f"ap@{k}": np.empty(num_queries) for k in map_ks})
 
-    for rows in _query_chunks(num_queries, scores.shape[1], chunk_queries):
+    for rows in query_chunks(num_queries, scores.shape[1], chunk_queries):
         s, rel = _prepare_chunk(scores, relevant, rows)
         ap, ranks, num_positives = _chunk_stats(s, rel, need_ranks=True)
         out["ap"][rows] = ap
@@ -424,6 +428,6 @@ def max_per_image(scores: np.ndarray, owner: np.ndarray, num_images: int) -> np.
     order = np.argsort(owner, kind="stable")
     out = np.empty((scores.shape[0], num_images), dtype=scores.dtype)
     # Gathering the columns copies the scores: do it per chunk of queries to bound memory.
-    for rows in _query_chunks(scores.shape[0], scores.shape[1], None):
+    for rows in query_chunks(scores.shape[0], scores.shape[1], None):
         out[rows] = np.maximum.reduceat(scores[rows][:, order], starts, axis=1)
     return out
