@@ -328,7 +328,7 @@ def test_original_smart_crop_is_cut_from_the_input_sized_image(tiny_model_dirs, 
     x1, y1 = max(0, int(xs.min()) - 5), max(0, int(ys.min()) - 5)  # SigLIP / CLIP: 5 px
     x2, y2 = min(size[0], int(xs.max()) + 1 + 5), min(size[1], int(ys.max()) + 1 + 5)
     crop = small.crop((x1, y1, x2, y2)).resize(size, Image.BILINEAR)
-    expected = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 255
+    expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
     mean, std = (
         torch.tensor(extractor.preprocess.mean)[:, None, None],
         torch.tensor(extractor.preprocess.std)[:, None, None],
