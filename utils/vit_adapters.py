@@ -187,7 +187,7 @@ def siglip_parts(base: nn.Module) -> VitParts:
 
 
 def siglip2_parts(base: nn.Module) -> VitParts:
-    return _siglip_like("siglip2", base, naflex=True)
+    return _siglip_like("siglip2", base)
 
 
 def clip_parts(base: nn.Module) -> VitParts:
@@ -231,7 +231,7 @@ def _dino_like(family: str, base: nn.Module, layers: nn.ModuleList, final_norm: 
     )
 
 
-def _siglip_like(family: str, base: nn.Module, naflex: bool = False) -> VitParts:
+def _siglip_like(family: str, base: nn.Module) -> VitParts:
     if not base.use_head:
         raise ValueError(
             f"{family} without its attention-pooling head (vision_use_head=False) has no "
@@ -247,7 +247,7 @@ def _siglip_like(family: str, base: nn.Module, naflex: bool = False) -> VitParts
         base.post_layernorm,
         nn.Identity(),
         lambda out: out.pooler_output,
-        naflex=naflex,
+        naflex=FAMILIES[family].naflex,  # patch sequences with per-image grids (SigLIP2)
     )
 
 

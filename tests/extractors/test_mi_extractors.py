@@ -22,6 +22,7 @@ from extractors import (
 )
 from extractors.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from utils.errors import SoIRError
 from utils.mask_inversion import legrad_map, mask_inversion
 
 MI = dict(mi_iterations=5, device="cpu")
@@ -454,3 +455,12 @@ def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, t
     stored = load_file(sorted((folder / "queries").glob("shard-*.safetensors"))[0])
     crop = crop_box(load_rgb(query["file"]), query["bbox"], "q", square=True)
     torch.testing.assert_close(extractor.extract(crop), stored["features"][0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "siglip2"])
+def test_compat_original_is_refused_for_families_the_original_never_had(tiny_model_dirs, family):
+    """mi_resample / smart_crop_source=resized reproduce the original code, which had no such family."""
+    cls = {"dinov3": DINOv3MIExtractor, "siglip2": SigLIP2MIExtractor}[family]
+    for setting in ({"mi_resample": "original"}, {"smart_crop_source": "resized"}):
+        with pytest.raises(SoIRError, match=f"original code, which has no {family} extractor: use compat=none"):
+            cls(str(tiny_model_dirs[family]), device="cpu", **setting)

@@ -13,6 +13,7 @@ from scripts.make_tiny_models import TINY_BUILDERS
 from utils.config import default_vec_dim, register
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
+from utils.preprocessing import NaFlexPreprocess
 from utils.vit_adapters import ADAPTERS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -31,6 +32,9 @@ def test_every_family_has_its_adapter_extractors_and_tiny_model():
         assert extractor_class(f"{name}_mi_features").family == name
         assert set(spec.default_models) == set(spec.vec_dims) and "base" in spec.default_models
     assert len(list_extractors()) == 2 * len(FAMILIES)
+    for name in list_extractors():  # NaFlex families read patch sequences
+        cls = extractor_class(name)
+        assert (cls.preprocess_class is NaFlexPreprocess) == FAMILIES[cls.family].naflex
 
 
 def test_tiny_checkpoints_are_recognised_by_their_model_type(tiny_model_dirs):
