@@ -48,3 +48,23 @@ def demo_dir(tmp_path_factory) -> Path:
     return make_demo_dataset(
         tmp_path_factory.mktemp("demo") / "demo", num_objects=4, gallery_per_object=3, distractors=4, image_size=160
     )
+
+
+@pytest.fixture(scope="session")
+def clip_demo_features(tiny_model_dirs, demo_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(cwd, features folder) of ``create_index.py`` with tiny CLIP global features on the demo set, 5
+    images per shard; shared read-only by the search and streaming tests (their runs write under cwd)."""
+    from tests.pipeline import features_dir_from, run_script
+
+    cwd = tmp_path_factory.mktemp("clip_demo")
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={tiny_model_dirs['clip']}",
+        "vec_dim=24",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        "num_workers=1",
+        "shard_size=5",
+        cwd=cwd,
+    )
+    return cwd, features_dir_from(proc, cwd)

@@ -17,19 +17,8 @@ pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 
 @pytest.fixture(scope="module")
-def features(tiny_model_dirs, demo_dir, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("search")
-    proc = run_script(
-        "create_index.py",
-        "extractor=clip_features",
-        f"model_name={tiny_model_dirs['clip']}",
-        "vec_dim=24",
-        f"anns_file={demo_dir / 'anns.pt'}",
-        "num_workers=1",
-        "shard_size=5",
-        cwd=cwd,
-    )
-    return cwd, features_dir_from(proc, cwd)
+def features(clip_demo_features):
+    return clip_demo_features
 
 
 def test_results_follow_the_output_contract_and_standard_definitions(features):

@@ -12,7 +12,6 @@ from sklearn.metrics import average_precision_score
 
 import search_index
 from datasets import relevance
-from tests.pipeline import features_dir_from, run_script
 from tests.utils.synthetic_shards import dyadic_rows, unit_rows, write_split
 from utils.errors import SoIRError
 from utils.feature_store import FeatureShards
@@ -140,19 +139,8 @@ def test_float_unit_vectors_give_the_same_metrics_and_rankings(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_features(tiny_model_dirs, demo_dir, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("streaming_demo")
-    proc = run_script(
-        "create_index.py",
-        "extractor=clip_features",
-        f"model_name={tiny_model_dirs['clip']}",
-        "vec_dim=24",
-        f"anns_file={demo_dir / 'anns.pt'}",
-        "num_workers=1",
-        "shard_size=5",
-        cwd=cwd,
-    )
-    return features_dir_from(proc, cwd)
+def demo_features(clip_demo_features):
+    return clip_demo_features[1]
 
 
 def test_demo_set_streamed_equals_search_index_path(demo_features):
