@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
-from extractors.views import Views, zero_outside
+from extractors.views import NO_MASK, Views, zero_outside
 from utils.errors import SoIRError
 
 from .anns import Annotation, AnnotationError, crop_box, pixel_box
@@ -355,6 +355,8 @@ class ViewDataset(Dataset):
                 if job.zero_background:
                     image = zero_outside(image, masks)
                 views = self.view_maker(image, masks)
+                if job.masks is None or not len(job.masks):
+                    without_source(views)
             else:
                 views = self.global_view_maker(image)
                 views.global_fallback = int(job.global_fallback)
@@ -363,7 +365,7 @@ class ViewDataset(Dataset):
             raise SoIRError(f"{ann.file}: {err}") from None
         if not views.views and ann.is_query and ann.bbox is not None and not job.bbox_as_mask:
             # A query mask that vanishes at the model's input size: its bbox still locates the object.
-            views = self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file)))
+            views = without_source(self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file))))
             views.dropped_masks, views.global_fallback = 1, 0
         if not views.views:
             if not self.empty_to_global:
@@ -375,6 +377,16 @@ class ViewDataset(Dataset):
             fallback.dropped_masks, fallback.global_fallback = views.dropped_masks, 1
             return i, fallback
         return i, views
+
+
+def without_source(views: Views) -> Views:
+    """``views`` whose masks are no entry of the captions file (a bbox rectangle, the full-image mask of
+    ``missing_masks=full_mask``): their rows get ``mask_index`` ``NO_MASK``, so nothing (the report's
+    outlines, the LeGrad maps) looks a mask up in a captions entry the image does not have."""
+    for view in views.views:
+        if view.mask_index is not None:
+            view.mask_index = torch.full_like(view.mask_index, NO_MASK)
+    return views
 
 
 def bbox_mask(image: Image.Image, bbox: Sequence[float], source: str) -> np.ndarray:

@@ -363,3 +363,40 @@ def test_an_unreadable_gallery_image_is_shown_as_unavailable(mi_run, tmp_path):
     assert "gone.jpg" in log and "file does not exist" in log
     hits = [h for s in parse(page_path).sections for h in s["hits"] if h["data-gallery"] == missing_key]
     assert hits and all("src" not in h and "href" not in h for h in hits)
+
+
+def test_full_mask_fallback_rows_get_a_report(tiny_model_dirs, demo_dir, tmp_path):
+    """missing_masks=full_mask (what compat=original sets) on a gallery where half the images have no
+    masks: the full-image-mask rows belong to no captions entry, so they carry mask_index -1 and the
+    report shows them plain. Fails on main 4e786ae: search_index.py printed the metrics, then died in
+    utils/report.py with "'NoneType' object has no attribute 'masks_rle'" (exit 1)."""
+    captions = load_captions(demo_dir / "captions.pt")
+    gallery_keys = sorted(k for k in captions if k.startswith("gallery/"))
+    save_captions({k: v for k, v in captions.items() if k not in gallery_keys[::2]}, tmp_path / "partial.pt")
+    proc = run_script(
+        "create_index.py",
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={tmp_path / 'partial.pt'}",
+        "missing_masks=full_mask",
+        "mi_iterations=2",
+        "num_workers=0",
+        "only_create=true",
+        cwd=tmp_path,
+    )
+    features = features_dir_from(proc, tmp_path)
+    search = run_script(
+        "search_index.py", f"features_dir={features}", "k_search=20", f"report_k={len(gallery_keys)}", cwd=tmp_path
+    )
+    run = results_dir_from(search)
+    assert f"report: {run / 'report.html'}" in search.stdout
+    gallery = json.loads((features / "gallery" / "images.json").read_text())
+    shards = [load_file(p) for p in sorted((features / "gallery").glob("shard-*.safetensors"))]
+    owner, mask_index = (torch.cat([s[k] for s in shards]).tolist() for k in ("owner", "mask_index"))
+    unmasked = {i for i, g in enumerate(gallery) if g["key"] in gallery_keys[::2]}
+    assert unmasked and {m for o, m in zip(owner, mask_index) if o in unmasked} == {-1}
+    assert {m for o, m in zip(owner, mask_index) if o not in unmasked} >= {0}
+    shown = {hit["src"] for section in parse(run / "report.html").sections for hit in section["hits"]}
+    assert {Path(s).name for s in shown} >= {f"g{i:06d}.jpg" for i in unmasked}  # plain thumbnails
