@@ -46,6 +46,7 @@ from datasets import (
     select_set,
     split,
 )
+from datasets.captions import without_original_masks
 from datasets.extraction import (
     ImageJob,
     ViewDataset,
@@ -55,6 +56,7 @@ from datasets.extraction import (
     job_to_dict,
     jobs_digest,
     query_jobs,
+    with_crop_geometry,
 )
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
@@ -351,6 +353,9 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
         captions = load_captions(cfg.captions_file) if cfg.captions_file else None
         source = cfg.captions_file or "no captions_file given"
     query_captions = load_captions(cfg.query_captions_file) if cfg.query_captions_file else captions
+    if cfg.masks_rle == "ignore":
+        captions = captions and without_original_masks(captions, source)
+        query_captions = query_captions and without_original_masks(query_captions, cfg.query_captions_file or source)
     uses_masks = capabilities(cfg.extractor)["uses_masks"] and cfg.global_features
     if not uses_masks and captions is not None:
         log.warning("the masks (%s) are not used by %s (whole-image embeddings)", source, cfg.extractor)
@@ -364,6 +369,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
     wanted = gallery_jobs(
         gallery, captions, uses_masks, cfg.missing_masks, source, crop=query_crop if cfg.gallery_crop else None
     )
+    wanted = with_crop_geometry(wanted, cfg.pixel_geometry)
     jobs["gallery"], bad = check_jobs(wanted, [facts[a.key] for a in gallery], "gallery", cfg.bad_images)
     skipped += bad
     if not cfg.only_gallery:
@@ -371,6 +377,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
         kept_gallery = [job.annotation for job in jobs["gallery"]]
         queries = drop_queries_without_positives(queries, kept_gallery, cfg.no_positive)
         wanted = query_jobs(queries, query_captions, query_crop, query_masks, cfg.query_masks == "all", cfg.anns_file)
+        wanted = with_crop_geometry(wanted, cfg.pixel_geometry)
         jobs["queries"], bad = check_jobs(wanted, [facts[j.annotation.key] for j in wanted], "queries", cfg.bad_images)
         skipped += bad
     if not jobs["gallery"] or not (cfg.only_gallery or jobs["queries"]):

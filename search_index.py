@@ -206,6 +206,9 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     if len(kept) < len(query_anns):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
         query_features, query_anns = query_rows["features"], kept
+    if cfg.query_vectors == "each" and not cfg.T2I:
+        queries, query_owner = each_vector_a_query(queries, query_owner)
+        query_anns = as_annotations(queries, True)
     if cfg.T2I:  # the queries' texts replace their image vectors; ground truth and gallery unchanged
         query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
@@ -252,6 +255,8 @@ def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, 
     )
     if len(kept) < len(queries):
         queries, query_owner, query_rows = select_images(queries, query_owner, query_rows, [q.key for q in kept])
+    if cfg.query_vectors == "each" and not cfg.T2I:
+        queries, query_owner = each_vector_a_query(queries, query_owner)
     if cfg.T2I:
         query_rows["features"], query_owner, queries = text_queries(cfg, folder, queries, features.shape[1])
     query_rows = QueryRows(torch.from_numpy(query_rows["features"]), torch.from_numpy(query_owner), len(queries))
@@ -376,6 +381,22 @@ def keep_images_with_rows(
         [r["key"] for r, ok in zip(records, has_rows) if not ok][:10],
     )
     return select_images(records, owner, rows, [r["key"] for r, ok in zip(records, has_rows) if ok])
+
+
+def each_vector_a_query(queries: list[dict], owner: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """``query_vectors=each``: every query row [R] becomes a query of its own (its image's record
+    repeated; owner 0..R-1), so a query image with several vectors counts several times in the
+    metrics, as the original scored them (original ``search_index.py:209-213``). SoIR's default scores
+    a query image by the max over its vectors, once."""
+    if len(owner) > len(queries):
+        log.warning(
+            "query_vectors=each: %d query vectors of %d query images are scored as %d queries (the original's "
+            "rule); query_vectors=max scores each image once",
+            len(owner),
+            len(queries),
+            len(owner),
+        )
+    return [queries[o] for o in owner], np.arange(len(owner))
 
 
 def select_images(

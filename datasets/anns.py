@@ -310,13 +310,19 @@ def drop_queries_without_positives(
     return [q for q, ok in zip(queries, has_positive) if ok]
 
 
-def crop_box(image: Image.Image, bbox: Sequence[float], source: str, square: bool = False) -> Image.Image:
+def crop_box(
+    image: Image.Image, bbox: Sequence[float], source: str, square: bool = False, geometry: str = "soir"
+) -> Image.Image:
     """Crop ``image`` to ``bbox`` = [x1, y1, x2, y2] (pixel-edge coords, see :func:`pixel_box`).
 
     ``square=True`` is the original code's query crop: a square of side max(w, h) centred on the
     box, filled with the image around the box and with zeros (black) only beyond the image border,
     so an elongated object is not stretched when the crop is resized to the model's square input.
+    ``geometry="original"`` (``pixel_geometry=original``) rounds as the original: :func:`original_crop_box`.
     """
+    if geometry == "original":
+        clip_bbox(bbox, image.width, image.height, source)  # the same checks
+        return image.crop(original_crop_box(bbox, image.width, image.height, square))
     left, top, right, bottom = pixel_box(bbox, image.width, image.height, source)
     if square:
         width, height = right - left, bottom - top
@@ -324,6 +330,24 @@ def crop_box(image: Image.Image, bbox: Sequence[float], source: str, square: boo
         left, top = left - (side - width) // 2, top - (side - height) // 2
         right, bottom = left + side, top + side
     return image.crop((left, top, right, bottom))  # PIL fills what lies outside the image with 0
+
+
+def original_crop_box(bbox: Sequence[float], width: int, height: int, square: bool) -> tuple[int, int, int, int]:
+    """The original code's query crop box of ``bbox`` in a width x height image, for ``PIL.Image.crop``
+    (which fills beyond the border with 0, as its padding did).
+
+    Its corners are truncated with int() (x2, y2 inwards) and clipped (original
+    ``utils/image_preprocessor.py:138-139``); the square of side max(w, h) is centred on the box's
+    centre and its corners truncated again, int(c -/+ side / 2) (``:160-167``): unlike
+    :func:`crop_box`'s rule, the odd pixel is not always on the right / bottom.
+    """
+    x1, y1 = max(0, int(bbox[0])), max(0, int(bbox[1]))
+    x2, y2 = min(width, int(bbox[2])), min(height, int(bbox[3]))
+    if not square:
+        return x1, y1, x2, y2
+    side = max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)
 
 
 def pixel_box(bbox: Sequence[float], width: int, height: int, source: str) -> tuple[int, int, int, int]:

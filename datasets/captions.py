@@ -315,6 +315,25 @@ def validate_entry(entry: Any, where: str, notes: Counter | None = None) -> Imag
     )
 
 
+def without_original_masks(captions: dict[str, ImageMasks], source: str) -> dict[str, ImageMasks]:
+    """``masks_rle=ignore`` (compat=original): ``captions`` with the masks of every entry in the original
+    code's format (its ``segmentation_results.pt``) removed, as its extractors never read them: they look
+    for ``masks``, ``mask``, ``rle`` or ``bbox`` (original ``extractors/dinov2_extractor.py:261-311``,
+    ``siglip_extractor.py:205``, ``utils/mask_inversion.py:811``) and fall back to one full-image mask.
+    Logged as a warning with the count: Mask Inversion then ignores every object mask of those images."""
+    dropped = [key for key, masks in captions.items() if masks.made_before_exif and len(masks)]
+    if dropped:
+        log.warning(
+            "masks_rle=ignore (compat=original): the masks of %d images in %s (the original mask script's "
+            "format) are NOT used, as the original's extractors never read masks_rle: every one of these "
+            "images gets one full-image mask, so Mask Inversion ignores every object mask. Use "
+            "masks_rle=read for per-object vectors",
+            len(dropped),
+            source,
+        )
+    return {key: ImageMasks() if key in dropped else masks for key, masks in captions.items()}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(float(value))
 

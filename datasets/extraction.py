@@ -52,10 +52,13 @@ class ImageJob:
     full_mask: bool = False  # no masks, missing_masks=full_mask: MI with one full-image mask
     zero_background: bool = False  # mask_input: pixels outside the mask(s) set to zero before MI
     global_fallback: bool = False  # masks were wanted but there are none (missing_masks=global)
+    crop_geometry: str = "soir"  # "original": the crop box rounded as the original (pixel_geometry)
 
     def __post_init__(self):
         if self.crop not in (None, *CROPS):
             raise ValueError(f"crop={self.crop!r}; one of {CROPS} or None")
+        if self.crop_geometry not in ("soir", "original"):
+            raise ValueError(f"crop_geometry={self.crop_geometry!r}; one of soir, original")
 
 
 # ---------------------------------------------------------------------------------- building jobs
@@ -172,6 +175,11 @@ def query_mask(masks: ImageMasks, ann: Annotation) -> ImageMasks | None:
 
 
 # ------------------------------------------------------------------------------ checks, identity
+def with_crop_geometry(jobs: list[ImageJob], geometry: str) -> list[ImageJob]:
+    """``jobs`` whose crops are rounded with ``geometry`` ("soir" | "original", ``pixel_geometry``)."""
+    return [replace(job, crop_geometry=geometry) if job.crop else job for job in jobs]
+
+
 def check_jobs(
     jobs: Sequence[ImageJob], facts: Sequence[ImageFacts], split: str, bad_images: str
 ) -> tuple[list[ImageJob], list[tuple[str, str, str]]]:
@@ -283,6 +291,7 @@ def job_to_dict(job: ImageJob) -> dict:
         "full_mask": job.full_mask,
         "zero_background": job.zero_background,
         "global_fallback": job.global_fallback,
+        "crop_geometry": job.crop_geometry,
     }
 
 
@@ -307,6 +316,7 @@ def job_from_dict(record: dict, job: dict, is_query: bool) -> ImageJob:
         full_mask=job["full_mask"],
         zero_background=job["zero_background"],
         global_fallback=job["global_fallback"],
+        crop_geometry=job.get("crop_geometry", "soir"),  # job files written before it existed
     )
 
 
@@ -342,7 +352,9 @@ class ViewDataset(Dataset):
         except ImageLoadError as err:
             return i, Views([], error=str(err))
         if job.crop and ann.bbox is not None:
-            image = crop_box(image, ann.bbox, source=str(ann.file), square=job.crop == "square")
+            image = crop_box(
+                image, ann.bbox, source=str(ann.file), square=job.crop == "square", geometry=job.crop_geometry
+            )
         try:
             masks = None
             if job.masks is not None and len(job.masks):
@@ -352,9 +364,7 @@ class ViewDataset(Dataset):
             elif job.full_mask:
                 masks = np.ones((1, image.height, image.width), dtype=bool)
             if masks is not None:
-                if job.zero_background:
-                    image = zero_outside(image, masks)
-                views = self.view_maker(image, masks)
+                views = self.view_maker(image, masks, zero_background=job.zero_background)
                 if job.masks is None or not len(job.masks):
                     without_source(views)
             else:
@@ -363,6 +373,8 @@ class ViewDataset(Dataset):
                 return i, views
         except ValueError as err:
             raise SoIRError(f"{ann.file}: {err}") from None
+        if not views.views and job.zero_background:
+            image = zero_outside(image, masks)  # the fallbacks below see the query as mask_input made it
         if not views.views and ann.is_query and ann.bbox is not None and not job.bbox_as_mask:
             # A query mask that vanishes at the model's input size: its bbox still locates the object.
             views = without_source(self.view_maker(image, bbox_mask(image, ann.bbox, source=str(ann.file))))

@@ -167,7 +167,10 @@ class Extractor:
         groups: dict[object, list[tuple[int, View]]] = defaultdict(list)
         for i, views in enumerate(batch):
             for view in views.views:
-                groups[None if view.masks is None else self.mask_group(view)].append((i, view))
+                key = None if view.masks is None else self.mask_group(view)
+                if key is not None and self.crops_share_norm:
+                    key = (i, key)  # the views of one image are normalised together: a batch of their own
+                groups[key].append((i, view))
         parts: list[list[Rows]] = [[] for _ in batch]
         for key, items in groups.items():
             views = [v for _, v in items]
@@ -243,3 +246,4 @@ class Extractor:
         return rows[0] if len(rows) == 1 and (not has_masks or self.one_vector_per_image) else rows
 
     one_vector_per_image = True  # plain extractors: one global embedding
+    crops_share_norm = False  # MI: one image's views share the LeGrad min-max (compat smart crops)

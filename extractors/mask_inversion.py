@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
-from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views, zero_outside
+from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.mask_inversion import legrad_map, mask_inversion
@@ -69,6 +69,8 @@ class MIExtractor(Extractor):
         missing_masks: "full_mask" keeps masks that vanish at the model's input size.
         legrad_norm: "joint" min-max normalises the maps of an image's masks together.
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
+        pixel_geometry: "original" rounds pixels as the original did (:class:`extractors.views.ViewMaker`).
+        mi_beta_used: False ignores ``mi_beta`` (logged), as the original never passed it to MI.
         debug: log the loss of every MI iteration.
     """
 
@@ -100,10 +102,21 @@ class MIExtractor(Extractor):
         mi_sum_loss: str = "union",
         smart_crop_source: str = "original",
         mi_resample: str = "processor",
+        pixel_geometry: str = "soir",
+        mi_beta_used: bool = True,
         debug: bool = False,
         **kwargs,
     ):
         super().__init__(model_name, **kwargs)
+        if not mi_beta_used and mi_beta:
+            # Original extractors/dinov2_mi_extractor.py:59, siglip_mi_extractor.py:49,
+            # clip_mi_extractor.py:49 build MaskInversion without it.
+            log.warning(
+                "mi_beta=%s is ignored (mi_beta_used=false, compat=original): the original code never "
+                "passed mi_beta to Mask Inversion",
+                mi_beta,
+            )
+            mi_beta = 0.0
         if self.precision != "fp32":
             log.warning(
                 "precision=%s applies to global embeddings only: Mask Inversion always runs the "
@@ -127,13 +140,22 @@ class MIExtractor(Extractor):
         self.one_vector_per_image = self.mode in ("global", "union", "mean_dice") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
-        self.crop_source = str(smart_crop_source)
+        self.crop_source, self.geometry = str(smart_crop_source), str(pixel_geometry)
         original = FAMILIES[self.family].original  # what the original code did for this family
-        if (mi_resample != "processor" or self.crop_source != "original") and original is None:
+        if (mi_resample != "processor" or self.crop_source != "original" or self.geometry != "soir") and (
+            original is None
+        ):
             raise SoIRError(
-                f"mi_resample / smart_crop_source (compat=original) reproduce the original code, which has "
-                f"no {self.family} extractor: use compat=none with {self.family}"
+                f"mi_resample / smart_crop_source / pixel_geometry (compat=original) reproduce the original "
+                f"code, which has no {self.family} extractor: use compat=none with {self.family}"
             )
+        if legrad_norm == "joint" and original is not None:
+            # The original's CLIP min-max added 1e-6 to the range; DINOv2 / SigLIP divided exactly.
+            self.mi["norm_eps"] = original.min_max_eps
+        if self.geometry == "original" and original.map_patch_size is not None:
+            self.mi["map_patch_size"] = original.map_patch_size  # SigLIP: 16 whatever the checkpoint
+        # Its smart crops of one image shared a batch, so "joint" spanned all of them (D2, issue 21).
+        self.crops_share_norm = legrad_norm == "joint" and self.mode == "smart_crop"
         # What MI sees; plain embeddings (global_view_maker) keep the processor's resampling.
         self.mi_preprocess = (
             self.preprocess
@@ -186,6 +208,8 @@ class MIExtractor(Extractor):
             "keep_empty": self.keep_empty,
             "crop_source": self.crop_source,
             "mi_resample": self.mi_preprocess.resample.value,
+            "pixel_geometry": self.geometry,
+            "crops_share_norm": self.crops_share_norm,
         }
 
     def view_maker(self) -> ViewMaker:
@@ -199,6 +223,7 @@ class MIExtractor(Extractor):
             keep_empty=self.keep_empty,
             crop_source=self.crop_source,
             pad_pixels=pad_pixels,
+            geometry=self.geometry,
         )
 
     def mask_group(self, view: View) -> object:
@@ -234,7 +259,7 @@ class MIExtractor(Extractor):
                 self.model,
                 pixel_values.to(self.device),
                 masks.to(self.device),
-                **self.mi,
+                **{**self.mi, "joint_norm": "batch"} if self.crops_share_norm else self.mi,
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
@@ -342,7 +367,8 @@ class MIExtractor(Extractor):
             log.info("global_features=false: the masks are not used (plain global embedding)")
             masks = None
         if self.mask_input and masks is not None:
-            pil, path = as_image(image)
-            masks = as_masks(masks)
-            image = {"image": zero_outside(pil, masks), "img_path": path}
+            views = self.view_maker()(as_image(image)[0], as_masks(masks), zero_background=True)
+            if views.dropped_masks:
+                raise SoIRError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+            return views, True
         return super()._views(image, masks)

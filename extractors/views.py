@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from utils.errors import SoIRError
-from utils.preprocessing import NaFlexPreprocess, Preprocess, to_binary_masks
+from utils.preprocessing import NaFlexPreprocess, Preprocess, pil_nearest_masks, to_binary_masks
 
 MODES = ("global", "per_mask", "union", "smart_crop")
 
@@ -66,6 +66,10 @@ class ViewMaker:
         crop_source="resized": smart crops are cut from the model-input-sized copy of the image and
             resized back to the input size (``preprocess.resample``), padded by ``pad_pixels``
             (input pixels) when given, else by int(``pad`` x the box's longer side).
+        geometry="original" (``pixel_geometry=original``): the original's pixel rounding: masks resized
+            with PIL's NEAREST (:func:`utils.preprocessing.pil_nearest_masks`), its smart-crop box
+            (:func:`original_smart_crop_box`), and ``zero_background`` applied to the input-sized image
+            and masks (it resized, then zeroed).
     """
 
     preprocess: Preprocess | NaFlexPreprocess
@@ -74,33 +78,56 @@ class ViewMaker:
     keep_empty: bool = False
     crop_source: str = "original"
     pad_pixels: int | None = None
+    geometry: str = "soir"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown view mode {self.mode!r}; one of {MODES}")
         if self.crop_source not in ("original", "resized"):
             raise ValueError(f"crop_source={self.crop_source!r}; one of original, resized")
-        if self.crop_source == "resized" and isinstance(self.preprocess, NaFlexPreprocess):
+        if self.geometry not in ("soir", "original"):
+            raise ValueError(f"geometry={self.geometry!r}; one of soir, original")
+        if (self.crop_source == "resized" or self.geometry == "original") and isinstance(
+            self.preprocess, NaFlexPreprocess
+        ):
             # The original's crops are cut from its fixed-size input; a NaFlex input has no fixed size.
             raise SoIRError(
                 "the original code's smart crops (compat=original) need a fixed-size model input; "
                 "SigLIP2 NaFlex has none: use compat=none"
             )
 
-    def __call__(self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None) -> Views:
+    def __call__(
+        self, image: Image.Image, masks: np.ndarray | torch.Tensor | None = None, zero_background: bool = False
+    ) -> Views:
+        """Views of ``image`` with ``masks`` [P, H, W] at its size; ``zero_background`` (``mask_input``):
+        the pixels outside the union of the masks are set to zero first (``geometry="original"``: on
+        the input-sized image with the input-sized masks, as the original did)."""
+        if masks is not None:
+            masks = to_binary_masks(masks)
+            if tuple(masks.shape[1:]) != (image.height, image.width):
+                raise ValueError(
+                    f"masks of size {tuple(masks.shape[1:])} do not match the image ({image.height}, {image.width})"
+                )
+        resized_first = zero_background and masks is not None and self.geometry == "original"
+        if resized_first:
+            # Original extractors/dinov2_mi_extractor.py:127,136-139 (SigLIP / CLIP :117,128): the image
+            # and masks are resized to the input size, then the image is multiplied by the masks.
+            image = zero_outside(self.preprocess.resize(image), self._masks(masks).numpy())
+            if self.mode == "smart_crop" and self.crop_source == "original":
+                raise SoIRError(
+                    "mask_input with pixel_geometry=original zeroes the input-sized image (the original's "
+                    "order); its smart crops are cut from that image: use smart_crop_source=resized"
+                )
+        elif zero_background and masks is not None:
+            image = zero_outside(image, masks.numpy())
         if self.mode == "global" or masks is None:
             return Views([self._view(image)])
-        masks = to_binary_masks(masks)
-        if tuple(masks.shape[1:]) != (image.height, image.width):
-            raise ValueError(
-                f"masks of size {tuple(masks.shape[1:])} do not match the image ({image.height}, {image.width})"
-            )
         nonempty = masks.flatten(1).any(1)  # an empty source mask describes nothing
         empty, masks, index = int((~nonempty).sum()), masks[nonempty], torch.nonzero(nonempty).flatten()
         if self.mode == "union" and len(masks):
             masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
         if self.mode != "smart_crop":
-            views = self._keep_nonempty(self._view(image), self.preprocess.masks(masks), index)
+            views = self._keep_nonempty(self._view(image), self._masks(masks), index)
         elif self.crop_source == "resized":
             views = self._crops_of_resized(image, masks, index)
         else:
@@ -110,30 +137,37 @@ class ViewMaker:
 
     def _crops_of_resized(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
         """The original code's smart crops: cut from the input-sized image and mask, resized back."""
-        small_image, small_masks = self.preprocess.resize(image), self.preprocess.masks(masks) > 0
+        small_image, small_masks = self.preprocess.resize(image), self._masks(masks) > 0
         views, dropped = [], 0
         for mask, i in zip(small_masks, index):
             if not mask.any():
                 dropped += 1
                 continue
-            x1, y1, x2, y2 = padded_box(mask, 0.0, 0)
-            margin = self.pad_pixels if self.pad_pixels is not None else int(self.pad * max(x2 - x1, y2 - y1))
-            x1, y1, x2, y2 = padded_box(mask, 0.0, margin)
-            views.append(
-                self._view(small_image.crop((x1, y1, x2, y2)), self.preprocess.masks(mask[None, y1:y2, x1:x2]), i[None])
-            )
+            if self.geometry == "original":
+                x1, y1, x2, y2 = original_smart_crop_box(mask, self.pad, self.pad_pixels)
+            else:
+                x1, y1, x2, y2 = padded_box(mask, 0.0, 0)
+                margin = self.pad_pixels if self.pad_pixels is not None else int(self.pad * max(x2 - x1, y2 - y1))
+                x1, y1, x2, y2 = padded_box(mask, 0.0, margin)
+            views.append(self._view(small_image.crop((x1, y1, x2, y2)), self._masks(mask[None, y1:y2, x1:x2]), i[None]))
         return Views(views, dropped)
 
     def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
         views, dropped = [], 0
         for mask, i in zip(masks, index):
             x1, y1, x2, y2 = padded_box(mask, self.pad)
-            crop = self.preprocess.masks(mask[None, y1:y2, x1:x2])
+            crop = self._masks(mask[None, y1:y2, x1:x2])
             if crop.any():
                 views.append(self._view(image.crop((x1, y1, x2, y2)), crop, i[None]))
             else:
                 dropped += 1
         return Views(views, dropped)
+
+    def _masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks [P, H, W] at the model's input resolution, float {0, 1} [P, h, w]."""
+        if self.geometry == "original":
+            return pil_nearest_masks(masks, self.preprocess.size)
+        return self.preprocess.masks(masks)
 
     def _view(
         self, image: Image.Image, masks: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
@@ -180,6 +214,24 @@ def padded_box(mask: torch.Tensor, pad: float, pad_pixels: int | None = None) ->
     ys, xs = torch.nonzero(mask, as_tuple=True)
     x1, x2, y1, y2 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
     margin = pad_pixels if pad_pixels is not None else int(round(pad * max(x2 - x1, y2 - y1)))
+    height, width = mask.shape
+    return max(0, x1 - margin), max(0, y1 - margin), min(width, x2 + margin), min(height, y2 + margin)
+
+
+def original_smart_crop_box(mask: torch.Tensor, pad: float, pad_pixels: int | None = None) -> tuple[int, int, int, int]:
+    """The original code's smart-crop box of a non-empty [H, W] mask (``pixel_geometry=original``).
+
+    Its last row / column are inclusive indices, padded and then used as exclusive ends, so its crop is
+    1 px short at the right and bottom; its padding is ``pad_pixels`` (SigLIP / CLIP: 5) or
+    int(``pad`` x the longer inclusive extent, i.e. side - 1) (DINOv2). Original
+    ``extractors/dinov2_extractor.py:370-378``, ``siglip_mi_extractor.py:255-264``,
+    ``clip_mi_extractor.py:250-259``.
+
+    Returns (x1, y1, x2, y2) in pixels for ``PIL.Image.crop`` / slicing (x2, y2 exclusive).
+    """
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x1, x2, y1, y2 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())  # inclusive
+    margin = pad_pixels if pad_pixels is not None else int(max(y2 - y1, x2 - x1) * pad)
     height, width = mask.shape
     return max(0, x1 - margin), max(0, y1 - margin), min(width, x2 + margin), min(height, y2 + margin)
 

@@ -41,6 +41,9 @@ LegradNorm = choice("LegradNorm", "per_map joint")
 MiSumLoss = choice("MiSumLoss", "union mean_dice")
 SmartCropSource = choice("SmartCropSource", "original resized")
 MiResample = choice("MiResample", "processor original")
+PixelGeometry = choice("PixelGeometry", "soir original")
+QueryVectors = choice("QueryVectors", "max each")
+MasksRle = choice("MasksRle", "read ignore")
 QueryMasks = choice("QueryMasks", "best all")
 Stage = choice("Stage", "all prepare extract index search")
 SearchMode = choice("SearchMode", "exact faiss")
@@ -112,6 +115,12 @@ class SoIRConfig:
     smart_crop_source: SmartCropSource = SmartCropSource.original  # resized: cut from the model-size copy
     mi_resample: MiResample = MiResample.processor  # original: MI-path resize LANCZOS/BILINEAR per family
     gallery_crop: bool = False  # crop gallery images that have a bbox like queries (leaks the label)
+    pixel_geometry: PixelGeometry = PixelGeometry.soir  # original: its pixel rounding (smart-crop box, PIL
+    # NEAREST masks, mask_input resized then zeroed, square query crop, SigLIP maps upsampled x16)
+    mi_beta_used: bool = True  # false: mi_beta is ignored (logged), as the original never passed it to MI
+    query_vectors: QueryVectors = QueryVectors.max  # each: every query vector scored as a query of its own
+    masks_rle: MasksRle = MasksRle.read  # ignore: a segmentation_results.pt's masks are not read (the
+    # original's extractors: one full-image mask per image)
     # --- DINOv2 / CLIP LoRA --------------------------------------------------------------
     lora_adapt: bool = False
     lora_rank: int = 256
@@ -274,6 +283,7 @@ RUN_KEYS = frozenset(
         "query_mask",
         "query_text",
         "query_exact_max_rows",
+        "query_vectors",
         *UNREAD_ORIGINAL_KEYS,
     }
 )

@@ -39,11 +39,17 @@ class OriginalCode:
         (``smart_crop_source=resized``).
     mi_sum_mean_dice: its ``mi_sum`` fitted one vector to the mean of the per-mask Dice terms
         (``mi_sum_loss=mean_dice``) instead of inverting the union of the masks.
+    min_max_eps: added to the range of its LeGrad min-max (``legrad_norm=joint``): CLIP 1e-6
+        (original ``utils/mask_inversion.py:18-24``, used at ``:1394``), DINOv2 / SigLIP 0.
+    map_patch_size: the factor its LeGrad maps were upsampled by (``pixel_geometry=original``): SigLIP
+        16 whatever the checkpoint's patch (original ``utils/mask_inversion.py:850``); None: the model's.
     """
 
     mi_resample: InterpolationMode
     smart_crop_pad_pixels: int | None
     mi_sum_mean_dice: bool
+    min_max_eps: float = 0.0
+    map_patch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ FAMILIES: dict[str, FamilySpec] = {
             ("siglip", "siglip_vision_model"),
             {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
             {"base": 768, "large": 1152},
-            original=OriginalCode(InterpolationMode.BILINEAR, 5, True),
+            original=OriginalCode(InterpolationMode.BILINEAR, 5, True, map_patch_size=16),
         ),
         FamilySpec(
             "siglip2",
@@ -129,7 +135,7 @@ FAMILIES: dict[str, FamilySpec] = {
             {"base": 512},
             dim_key="projection_dim",
             lora_targets=_QKV,
-            original=OriginalCode(InterpolationMode.BILINEAR, 5, True),
+            original=OriginalCode(InterpolationMode.BILINEAR, 5, True, min_max_eps=1e-6),
         ),
     )
 }

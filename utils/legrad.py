@@ -168,8 +168,14 @@ class LeGrad:
         impl: str = "auto",
         precision: str = "fp32",
         spatial_shapes: torch.Tensor | None = None,
+        map_patch_size: int | None = None,
     ):
         inputs = parts.model_inputs(pixel_values, spatial_shapes)  # checks the shapes
+        # The maps' upsampling factor: the patch size, or the original's hard-coded 16 for SigLIP
+        # (``pixel_geometry=original``; original utils/mask_inversion.py:850).
+        self.map_scale = map_patch_size or parts.patch_size
+        if parts.naflex and self.map_scale != parts.patch_size:
+            raise ValueError("map_patch_size is for fixed-size models (NaFlex maps fill their patch grid)")
         self.impl = resolve_impl(impl, precision, pixel_values.device)
         self.precision = precision
         self.parts = parts
@@ -224,30 +230,38 @@ class LeGrad:
         cells = rel.gather(-1, self._cell_token.expand(B, P, -1)) * self._cell_valid
         return cells.reshape(B, P, *self.grid)
 
-    def maps(self, e: torch.Tensor, size: tuple[int, int] | None = None, joint: bool = False) -> torch.Tensor:
+    def maps(
+        self, e: torch.Tensor, size: tuple[int, int] | None = None, joint: bool | str = False, eps: float = 0.0
+    ) -> torch.Tensor:
         """Explainability maps E(e) in [0, 1], [B, P, *size] (size defaults to ``image_size``).
 
         Each image's patch relevance is upsampled bilinearly by the patch size, min-max normalised on
         its own and resized bilinearly to its region of the output (:meth:`regions`): the whole
         ``size``, or NaFlex: its top-left grid x patch-size pixels, the rest of the canvas 0.
         ``joint=True`` uses one min and max for all P maps of an image (the original code's accident,
-        ``legrad_norm=joint``). A constant map (e.g. no positive gradient anywhere) becomes all zeros,
-        never NaN.
+        ``legrad_norm=joint``); ``joint="batch"`` one for every map of the batch, and ``eps`` is added
+        to the range (:func:`min_max`). A constant map (e.g. no positive gradient anywhere) becomes all
+        zeros, never NaN.
         """
         rel = self.patch_relevance(e)
         size = tuple(size) if size is not None else self.image_size
         layout = self._layout(size)
         (h, w, rh, rw), _ = layout[0]
         if len(layout) == 1 and (rh, rw) == size:  # fixed size: one grid, no canvas
-            return self._map(rel, (rh, rw), joint)
+            return self._map(rel, (rh, rw), joint, eps)
         out = rel.new_zeros(*rel.shape[:2], *size)
         for (h, w, rh, rw), images in layout:
-            out[images, :, :rh, :rw] = self._map(rel[images, :, :h, :w], (rh, rw), joint)
+            if joint == "batch":
+                raise ValueError("joint='batch' needs one patch grid for the whole batch (not NaFlex)")
+            out[images, :, :rh, :rw] = self._map(rel[images, :, :h, :w], (rh, rw), joint, eps)
         return out
 
-    def _map(self, rel: torch.Tensor, size: tuple[int, int], joint: bool = False) -> torch.Tensor:
+    def _map(
+        self, rel: torch.Tensor, size: tuple[int, int], joint: bool | str = False, eps: float = 0.0
+    ) -> torch.Tensor:
         """Patch relevance [.., h, w] -> min-max normalised bilinear map [.., *size]."""
-        E = min_max(F.interpolate(rel, scale_factor=self.parts.patch_size, mode="bilinear", align_corners=False), joint)
+        E = F.interpolate(rel, scale_factor=self.map_scale, mode="bilinear", align_corners=False)
+        E = min_max(E, joint, eps)
         if tuple(E.shape[-2:]) != size:
             E = F.interpolate(E, size=size, mode="bilinear", align_corners=False)
         return E
@@ -493,14 +507,15 @@ class MapDice:
     Args:
         legrad: the images' :class:`LeGrad`.
         masks: [B, P, Hm, Wm] in {0, 1}.
-        joint: one min and max for all maps of an image (:meth:`LeGrad.maps`).
+        joint: one min and max for all maps of an image, or (``"batch"``) of the batch (:func:`norm_dims`).
+        eps: added to each map's range (:func:`min_max`).
     """
 
-    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool = False):
-        self.dims = (-3, -2, -1) if joint else (-2, -1)
+    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool | str = False, eps: float = 0.0):
+        self.dims, self.eps = norm_dims(joint), eps
         masks = masks.to(dtype=legrad.dtype, device=legrad.g.device)
         like = dict(dtype=masks.dtype, device=masks.device)
-        p = legrad.parts.patch_size
+        p = legrad.map_scale
         size = tuple(masks.shape[-2:])
         regions = legrad.regions(size)
         axes = {}  # (grid n, region, canvas, padded grid) -> matrices
@@ -524,7 +539,7 @@ class MapDice:
         [B, 1, *grid] compares one map with each of the P masks)."""
         extremes = self.Up_y @ relevance @ self.Up_x.mT  # rows / cols that hold them
         lo = extremes.amin(dim=self.dims, keepdim=True).flatten(2).amin(-1)  # [B, P] or [B, 1]
-        span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo).clamp_min(1e-12)
+        span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo + self.eps).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
@@ -603,13 +618,25 @@ def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def min_max(E: torch.Tensor, joint: bool = False) -> torch.Tensor:
-    """Min-max normalise each map [B, P, H, W] on its own (or, ``joint``, the P maps of an image
-    together); a constant map becomes 0."""
-    dims = (-3, -2, -1) if joint else (-2, -1)
+def norm_dims(joint: bool | str) -> tuple[int, ...]:
+    """The dims of maps [B, P, H, W] that share one min and max: each map (False), the P maps of an image
+    (True), or every map of the batch (``"batch"``: the original code's min-max over its whole batch,
+    which held one image's smart crops; original ``utils/mask_inversion.py:442-446, 1044-1048, 18-24``)."""
+    if joint == "batch":
+        return (-4, -3, -2, -1)
+    if joint in (True, False):
+        return (-3, -2, -1) if joint else (-2, -1)
+    raise ValueError(f"joint={joint!r}; one of False, True, 'batch'")
+
+
+def min_max(E: torch.Tensor, joint: bool | str = False, eps: float = 0.0) -> torch.Tensor:
+    """Min-max normalise each map [B, P, H, W] on its own (or together: :func:`norm_dims`); a constant
+    map becomes 0. ``eps`` is added to the range (the original's CLIP path added 1e-6, original
+    ``utils/mask_inversion.py:18-24``, used at ``:1394``)."""
+    dims = norm_dims(joint)
     lo = E.amin(dim=dims, keepdim=True)
     hi = E.amax(dim=dims, keepdim=True)
-    return (E - lo) / (hi - lo).clamp_min(1e-12)
+    return (E - lo) / (hi - lo + eps).clamp_min(1e-12)
 
 
 # ---------------------------------------------------------------------- capture and small helpers

@@ -117,9 +117,11 @@ def mask_inversion(
     impl: str = "auto",
     precision: str = "fp32",
     cuda_graph: bool = False,
-    joint_norm: bool = False,
+    joint_norm: bool | str = False,
+    norm_eps: float = 0.0,
     shared: bool = False,
     spatial_shapes: torch.Tensor | None = None,
+    map_patch_size: int | None = None,
 ):
     """Mask Inversion embeddings of P masks per image.
 
@@ -148,10 +150,15 @@ def mask_inversion(
         cuda_graph: CUDA only: capture one iteration (forward, backward, AdamW step) in a CUDA graph
             and replay it, removing the per-iteration launch cost (shapes are static within a call).
         joint_norm: min-max normalise the P maps of an image with one min and max (the original
-            code's accident, ``legrad_norm=joint``): the masks of an image then interact.
+            code's accident, ``legrad_norm=joint``): the masks of an image then interact. ``"batch"``:
+            one min and max for every map of the batch (the original's smart crops of one image
+            shared a batch; pass one image's views only).
+        norm_eps: added to the range of the min-max normalisation (the original's CLIP path: 1e-6).
         shared: ONE embedding per image for all its P masks, fitted to the mean of the P Dice terms
             (the original's ``mi_sum`` for SigLIP / CLIP, ``mi_sum_loss=mean_dice``); returns [B, 1, D].
         spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
+        map_patch_size: upsample the maps by this factor instead of the patch size (the original's
+            SigLIP used 16 for every checkpoint; ``pixel_geometry=original``).
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -190,7 +197,15 @@ def mask_inversion(
         _check_canvas(masks, grids * parts.patch_size)
 
     with _eval_mode(parts.model):
-        legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision, spatial_shapes=spatial_shapes)
+        legrad = LeGrad(
+            parts,
+            pixel_values,
+            layer_index,
+            impl=impl,
+            precision=precision,
+            spatial_shapes=spatial_shapes,
+            map_patch_size=map_patch_size,
+        )
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
@@ -201,9 +216,13 @@ def mask_inversion(
         [raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None, capturable=cuda_graph
     )
     if legrad.impl == "dense":
-        dice_of = lambda e: dice_loss(legrad.maps(e, size=target.shape[-2:], joint=joint_norm), target)  # noqa: E731
+        dice_of = (
+            lambda e: dice_loss(  # noqa: E731
+                legrad.maps(e, size=target.shape[-2:], joint=joint_norm, eps=norm_eps), target
+            )
+        )
     else:
-        map_dice = MapDice(legrad, target, joint=joint_norm)
+        map_dice = MapDice(legrad, target, joint=joint_norm, eps=norm_eps)
         dice_of = lambda e: map_dice(legrad.patch_relevance(e))  # noqa: E731
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:

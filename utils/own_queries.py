@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save
 
 from datasets import Annotation, ImageMasks, bbox_from_mask, encode_mask
-from datasets.extraction import ViewDataset, check_jobs, query_jobs
+from datasets.extraction import ViewDataset, check_jobs, query_jobs, with_crop_geometry
 from datasets.images import image_facts
 from utils.config import RUN_KEYS, SoIRConfig
 from utils.errors import SoIRError
@@ -221,6 +221,7 @@ def image_query(cfg: DictConfig, made_with: DictConfig) -> tuple[Annotation, lis
         )
     captions = {ann.key: mask_entry(cfg.query_mask)} if cfg.query_mask is not None else None
     jobs = query_jobs([ann], captions, crop, use_masks, made_with.query_masks == "all", "query_bbox")
+    jobs = with_crop_geometry(jobs, made_with.get("pixel_geometry", "soir"))
     facts = image_facts([ann.file])
     try:
         jobs, _ = check_jobs(jobs, facts, "query", "error")

@@ -207,3 +207,19 @@ def to_binary_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     if bool(torch.isin(values, torch.tensor([0, 255], dtype=values.dtype)).all()):
         return masks == 255
     raise ValueError(f"masks must be bool, 0/1 or 0/255; found values {values[:8].tolist()}")
+
+
+def pil_nearest_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks [P, H, W] (bool, 0/1 or 0/255) -> float {0, 1} tensor [P, *size] resized one by one as 0/255
+    ``L`` images with PIL's NEAREST, the original code's mask resize (``pixel_geometry=original``;
+    original ``extractors/dinov2_extractor.py:336``, ``siglip_mi_extractor.py:220``,
+    ``clip_mi_extractor.py:215``). It picks other boundary pixels than :meth:`Preprocess.masks`'s
+    NEAREST_EXACT (3-8 per mask at 224 px)."""
+    height, width = size
+    resized = [
+        np.asarray(Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST))
+        for m in to_binary_masks(masks)
+    ]
+    if not resized:
+        return torch.zeros(0, height, width)
+    return torch.from_numpy(np.stack(resized) > 127).float()
