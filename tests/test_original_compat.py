@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from datasets import encode_mask_row_major, load_captions
+from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPMIExtractor
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from utils.mi_reference import reference_mask_inversion
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
@@ -192,3 +196,138 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
     expected = plain.extract(crop_box(load_rgb(first["file"]), first["bbox"], "q", square=True))
     stored = _shards(out / "queries")[0]["features"][0]
     torch.testing.assert_close(stored, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# compat=original against the original code's geometry, restated here from its source (pihash2k/SoIR
+# at 02d2152; file:line of each step in the comments; its code is not copied), on tiny random models.
+# The model input size S stands for its hard-coded 224 (DINOv2, CLIP) / 384 (SigLIP); the pixels are
+# normalised with the checkpoint's mean / std (utils/preprocessing.py; which resize backend the
+# original's processor used is README, "Coming from the original code").
+# ---------------------------------------------------------------------------------------------------
+
+COMPAT = dict(  # configs/compat/original.yaml, as the extractors take it
+    legrad_norm="joint",
+    missing_masks="full_mask",
+    mi_sum_loss="mean_dice",
+    smart_crop_source="resized",
+    mi_resample="original",
+    pixel_geometry="original",
+    mi_beta_used=False,
+    mi_iterations=8,
+    device="cpu",
+)
+# family: (extractor class, the original's resize filter for MI images, smart-crop padding, min-max eps)
+ORIGINAL = {
+    # dinov2_extractor.py:330 (LANCZOS), :370-372 (pad int(0.1 x longer inclusive extent)); no eps (:442-446)
+    "dinov2": (DINOv2MIExtractor, Image.Resampling.LANCZOS, None, 0.0),
+    # siglip_mi_extractor.py:211 (BILINEAR), :259 (pad 5); no eps (mask_inversion.py:1044-1048)
+    "siglip": (SigLIPMIExtractor, Image.Resampling.BILINEAR, 5, 0.0),
+    # clip_mi_extractor.py:206 (BILINEAR), :254 (pad 5); min_max's eps 1e-6 (mask_inversion.py:18-24, :1394)
+    "clip": (CLIPMIExtractor, Image.Resampling.BILINEAR, 5, 1e-6),
+}
+
+
+def _compat_scene():
+    """A 150 x 118 smooth random image and three irregular masks (0/255 uint8, the original's format):
+    an ellipse, one touching the right border, and a blob whose box is 40 px wide (a multiple of 10,
+    where the original's pad from side - 1 differs)."""
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, (12, 15, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((150, 118), Image.Resampling.BICUBIC)
+    ys, xs = np.mgrid[:118, :150]
+    masks = np.zeros((3, 118, 150), dtype=np.uint8)
+    masks[0][((xs - 40) / 27.0) ** 2 + ((ys - 35) / 19.0) ** 2 <= 1] = 255
+    masks[1][(xs >= 118) & (ys >= 50) & (ys < 101) & ((xs + ys) % 7 != 0)] = 255
+    masks[2][(xs >= 60) & (xs < 100) & (ys >= 70) & (ys < 111) & ((xs - 80) ** 2 + (ys - 90) ** 2 <= 500)] = 255
+    return image, masks
+
+
+def _resized(image, masks, size, resample):
+    """The image and each 0/255 mask resized to size x size: the image with the family's filter, the masks
+    as PIL images with NEAREST (dinov2_extractor.py:314-339, siglip_mi_extractor.py:208-222,
+    clip_mi_extractor.py:203-217)."""
+    small = image.resize((size, size), resample)
+    return small, [np.asarray(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST)) for m in masks]
+
+
+def _smart_crops(image, masks, pad_pixels):
+    """The original's smart crops of an input-sized image and its 0/255 masks (dinov2_extractor.py:341-383,
+    siglip_mi_extractor.py:241-266, clip_mi_extractor.py:236-261): first and last rows / columns that hold
+    the mask (inclusive), padded, then used as PIL crop / slice ends (so exclusive)."""
+    crops = []
+    for mask in masks:
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+        pad = pad_pixels if pad_pixels is not None else int(max(bottom - top, right - left) * 0.1)
+        top, left = max(0, top - pad), max(0, left - pad)
+        bottom, right = min(image.height, bottom + pad), min(image.width, right + pad)
+        crops.append((image.crop((left, top, right, bottom)), mask[top:bottom, left:right]))
+    return crops
+
+
+def _original_vectors(ext, family, mode, image, masks):
+    """What the original computes for ``mode`` on ``image`` / ``masks``, through the plain autograd MI
+    (utils/mi_reference.py) with its normalisation: one min-max over its whole batch ("batch")."""
+    _, resample, pad_pixels, eps = ORIGINAL[family]
+    size = ext.mi_preprocess.size[0]
+    small, small_masks = _resized(image, masks, size, resample)
+    pixels = lambda images: torch.stack([ext.mi_preprocess.image(im) for im in images])  # noqa: E731
+    as_target = lambda ms: torch.from_numpy(np.stack(ms) / 255.0).float()  # noqa: E731
+    run = dict(alpha=0.03, iterations=COMPAT["mi_iterations"], lr=0.1, eps=eps)
+    if mode == "mask_input":  # dinov2_mi_extractor.py:127,136-139; siglip / clip_mi_extractor.py:117,128
+        union = np.stack(small_masks).sum(0)[..., None] / 255
+        small = Image.fromarray((np.asarray(small) * union).astype(np.uint8))
+    if mode in ("per_mask", "mask_input"):  # one copy of the image per mask, one batch
+        out = reference_mask_inversion(
+            ext.model, pixels([small] * len(masks)), as_target(small_masks)[:, None], joint="batch", **run
+        )
+        return out[:, 0]
+    if mode == "mi_sum" and family == "dinov2":  # the union of the masks, one vector
+        union = (np.stack(small_masks).max(0),)
+        return reference_mask_inversion(ext.model, pixels([small]), as_target(union)[None], **run)[0]
+    if mode == "mi_sum":  # SigLIP / CLIP: one vector fitted to the mean of the per-mask Dice terms
+        return reference_mask_inversion(ext.model, pixels([small]), as_target(small_masks)[None], shared=True, **run)[0]
+    # smart_crop (and mi_sum + smart_crop + single_from_sc): each crop and its mask resized back to the
+    # input size (dinov2_mi_extractor.py:165-177, siglip_mi_extractor.py:153-165), all crops in one batch
+    crops = [_resized(crop, [mask], size, resample) for crop, mask in _smart_crops(small, small_masks, pad_pixels)]
+    target = as_target([m[0] for _, m in crops])[:, None]
+    return reference_mask_inversion(ext.model, pixels([c for c, _ in crops]), target, joint="batch", **run)[:, 0]
+
+
+MODES = {
+    "per_mask": {},
+    "mi_sum": dict(mi_sum=True),
+    "smart_crop": dict(smart_crop=True),
+    "mi_sum+smart_crop+single_from_sc": dict(mi_sum=True, smart_crop=True, single_from_sc=True),
+    "mask_input": dict(mask_input=True),
+}
+
+
+@pytest.mark.parametrize("family", list(ORIGINAL))
+def test_compat_original_equals_the_original_geometry_and_normalisation(tiny_model_dirs, family):
+    """compat=original vectors equal the original's (restated above) to cos >= 0.999 in every mode of
+    each family the original has. On main 4e786ae the smart-crop modes failed (box 1 px longer, pad from
+    the side, each crop normalised alone, CLIP without eps) and mask_input / per-mask differed by the
+    mask resampling and the zeroing order."""
+    image, masks = _compat_scene()
+    cls = ORIGINAL[family][0]
+    for mode, flags in MODES.items():
+        ext = cls(str(tiny_model_dirs[family]), **COMPAT, **flags)
+        ours = ext.extract(image, masks).reshape(-1, ext.dim)
+        expected = _original_vectors(ext, family, "smart_crop" if "smart_crop" in mode else mode, image, masks)
+        assert ours.shape == expected.shape, mode
+        cos = torch.nn.functional.cosine_similarity(ours, expected.float(), dim=-1)
+        assert cos.min() >= 0.999, (family, mode, cos.tolist())
+
+
+def test_soir_geometry_does_not_pass_for_the_original(tiny_model_dirs):
+    """The comparison above can fail: SoIR's own smart-crop geometry (crop from the original image, box
+    padded from the side, each crop normalised alone) is measurably not the original's."""
+    image, masks = _compat_scene()
+    ext = CLIPMIExtractor(str(tiny_model_dirs["clip"]), **{**COMPAT, "pixel_geometry": "soir"}, smart_crop=True)
+    soir = CLIPMIExtractor(str(tiny_model_dirs["clip"]), mi_iterations=COMPAT["mi_iterations"], smart_crop=True)
+    expected = _original_vectors(ext, "clip", "smart_crop", image, masks)
+    for other in (ext, soir):
+        cos = torch.nn.functional.cosine_similarity(other.extract(image, masks), expected.float(), dim=-1)
+        assert cos.min() < 0.999, cos.tolist()

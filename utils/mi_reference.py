@@ -133,19 +133,24 @@ class ReferenceLeGrad:
         """Explainability map [B, H, W] of unit embeddings e [B, D] (one per image); differentiable in e."""
         return self.maps(e[:, None], size)[:, 0]
 
-    def maps(self, e, size=None, joint=False):
+    def maps(self, e, size=None, joint=False, eps=0.0):
         """[B, P, H, W] for e [B, P, D], one mask at a time; min-max per map, or with ``joint`` over the
-        P maps of an image together (the original code's batch-wide normalisation). Fixed size: resized
-        to ``size``; NaFlex: each image's map at its own pixels, top-left on the ``size`` canvas."""
+        P maps of an image together (the original code's batch-wide normalisation), or with
+        ``joint="batch"`` over every map of the batch (fixed size only); ``eps`` is added to the range.
+        Fixed size: resized to ``size``; NaFlex: each image's map at its own pixels, top-left on the
+        ``size`` canvas."""
         B, P = e.shape[:2]
         size = size or self.size
         raw = [self.raw_map(e[:, p]) for p in range(P)]  # P lists of B [1, 1, h, w]
         out = torch.zeros(B, P, *size, dtype=e.dtype)
         dims = (1, 2, 3) if joint else (2, 3)
+        everything = torch.stack([torch.stack(maps) for maps in raw]) if joint == "batch" else None
         for b in range(B):
             total = torch.cat([raw[p][b] for p in range(P)], dim=1)  # [1, P, h, w]
             lo, hi = total.amin(dim=dims, keepdim=True), total.amax(dim=dims, keepdim=True)
-            E = (total - lo) / (hi - lo).clamp_min(1e-12)
+            if everything is not None:
+                lo, hi = everything.min(), everything.max()
+            E = (total - lo) / (hi - lo + eps).clamp_min(1e-12)
             if self.valid is None:  # fixed size: resized to the output
                 out[b] = F.interpolate(E, size=size, mode="bilinear", align_corners=False)[0]
             else:  # NaFlex: its own pixels, top-left
@@ -187,10 +192,11 @@ def reference_mask_inversion(
     joint=False,
     shared=False,
     spatial_shapes=None,
+    eps=0.0,
 ):
     """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
     Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
-    min-max normalised together."""
+    min-max normalised together ("batch": all maps of the batch), ``eps`` added to the range."""
     masks = masks.to(pixel_values.dtype)
     with frozen(model):
         ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
@@ -203,7 +209,7 @@ def reference_mask_inversion(
         for _ in range(iterations):
             loss = 0
             e = F.normalize(raw, dim=-1)
-            E = ref.maps(e, size=size, joint=joint)  # [B, V, H, W]
+            E = ref.maps(e, size=size, joint=joint, eps=eps)  # [B, V, H, W]
             dices = []
             for p in range(P):
                 Ep, m = E[:, 0 if shared else p], masks[:, p]
