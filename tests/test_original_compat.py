@@ -331,3 +331,112 @@ def test_soir_geometry_does_not_pass_for_the_original(tiny_model_dirs):
     for other in (ext, soir):
         cos = torch.nn.functional.cosine_similarity(other.extract(image, masks), expected.float(), dim=-1)
         assert cos.min() < 0.999, cos.tolist()
+
+
+def _original_square_crop(image, bbox):
+    """The original's square query crop, restated: box corners truncated with int() and clipped
+    (image_preprocessor.py:138-139), a square of the longer side centred on the box centre, its corners
+    truncated again (:150-162), the image padded with black where the square leaves it, then cropped
+    (:165-187)."""
+    x1, y1 = max(0, int(bbox[0])), max(0, int(bbox[1]))
+    x2, y2 = min(image.width, int(bbox[2])), min(image.height, int(bbox[3]))
+    side = max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top, right, bottom = (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))
+    pad_left, pad_top = max(0, -left), max(0, -top)
+    pad_right, pad_bottom = max(0, right - image.width), max(0, bottom - image.height)
+    canvas = Image.new("RGB", (image.width + pad_left + pad_right, image.height + pad_top + pad_bottom))
+    canvas.paste(image, (pad_left, pad_top))
+    return canvas.crop((left + pad_left, top + pad_top, right + pad_left, bottom + pad_top))
+
+
+def test_pixel_geometry_original_crops_queries_as_the_original():
+    """pixel_geometry=original: the square query crop rounds as the original (D6); SoIR's own rounding
+    (floor / ceil, the odd pixel right / bottom) crops most of these boxes differently."""
+    from datasets import crop_box
+
+    image, _ = _compat_scene()
+    boxes = [
+        (10.0, 20.0, 41.0, 30.0),
+        (10.6, 20.2, 41.7, 30.9),
+        (0.4, 3.5, 20.5, 60.2),
+        (120.3, 90.1, 150.0, 118.0),
+        (-0.5, 100.7, 33.3, 117.9),
+        (70.0, 5.0, 71.0, 40.0),
+        (30.5, 30.5, 91.5, 62.5),
+    ]
+    different = 0
+    for box in boxes:
+        ours = crop_box(image, box, "q.jpg", square=True, geometry="original")
+        expected = _original_square_crop(image, box)
+        assert ours.size == expected.size and np.array_equal(np.asarray(ours), np.asarray(expected)), box
+        soir = crop_box(image, box, "q.jpg", square=True)
+        different += soir.size != ours.size or not np.array_equal(np.asarray(soir), np.asarray(ours))
+    assert different >= 4
+
+
+def test_mi_beta_is_ignored_and_logged_under_compat(tiny_model_dirs, caplog):
+    """mi_beta_used=false (compat=original): the original never passed mi_beta to MI (D8)."""
+    image, masks = _compat_scene()
+    folder = str(tiny_model_dirs["siglip"])
+    ignored = SigLIPMIExtractor(folder, mi_iterations=4, device="cpu", mi_beta=0.5, mi_beta_used=False)
+    assert "mi_beta=0.5 is ignored" in caplog.text
+    without = SigLIPMIExtractor(folder, mi_iterations=4, device="cpu")
+    used = SigLIPMIExtractor(folder, mi_iterations=4, device="cpu", mi_beta=0.5)
+    torch.testing.assert_close(ignored.extract(image, masks), without.extract(image, masks))
+    assert not torch.allclose(used.extract(image, masks), without.extract(image, masks), atol=1e-4)
+
+
+def test_query_vectors_each_scores_every_query_vector_as_a_query():
+    """query_vectors=each (compat=original, D10): a query image with two vectors counts twice, each
+    vector ranking the gallery on its own (the original's search_index.py:209-213); sklearn's AP per
+    vector is the reference. SoIR's default (max) scores the image once by its best pair."""
+    from sklearn.metrics import average_precision_score
+
+    from search_index import each_vector_a_query, image_scores
+    from utils.metrics import per_query_metrics
+
+    rng = np.random.default_rng(5)
+    gallery = rng.normal(size=(7, 8)).astype(np.float32)  # 6 gallery images, image 2 with two rows
+    gallery_owner = np.array([0, 1, 2, 2, 3, 4, 5])
+    query = rng.normal(size=(3, 8)).astype(np.float32)  # query image 0: two vectors; query image 1: one
+    queries, owner = each_vector_a_query([{"key": "q0"}, {"key": "q1"}], np.array([0, 0, 1]))
+    assert [q["key"] for q in queries] == ["q0", "q0", "q1"] and owner.tolist() == [0, 1, 2]
+    relevant_images = {"q0": np.array([1, 0, 1, 0, 0, 1], bool), "q1": np.array([0, 1, 0, 0, 1, 0], bool)}
+    relevant = np.stack([relevant_images[q["key"]] for q in queries])
+    scores = image_scores(query, owner, range(0, 3), gallery, gallery_owner, 6)
+    ap = per_query_metrics(scores, relevant)["ap"]
+    for row in range(3):
+        per_image = [max(query[row] @ gallery[gallery_owner == g].T) for g in range(6)]
+        assert ap[row] == pytest.approx(average_precision_score(relevant[row], per_image))
+    once = per_query_metrics(image_scores(query, np.array([0, 0, 1]), range(0, 2), gallery, gallery_owner, 6), relevant[[0, 2]])
+    assert len(once["ap"]) == 2 and len(ap) == 3
+
+
+def test_masks_rle_ignore_reads_segmentation_results_as_the_original_extractors(demo_dir, tmp_path, caplog):
+    """masks_rle=ignore (compat=original, D9): the original's extractors look for masks / mask / rle / bbox
+    (dinov2_extractor.py:261-311), never masks_rle, so every image of its segmentation_results.pt gets one
+    full-image mask; said loudly. SoIR's own captions.pt is read as always."""
+    from datasets import load_anns, split
+    from datasets.captions import without_original_masks
+    from datasets.extraction import gallery_jobs
+
+    ours = load_captions(demo_dir / "captions.pt")
+    original = {
+        key: {
+            "image_path": key,
+            "masks_rle": [encode_mask_row_major(m) for m in masks.masks()],
+            "bboxes": masks.bboxes,
+            "scores": masks.scores,
+        }
+        for key, masks in ours.items()
+    }
+    torch.save(original, tmp_path / "segmentation_results.pt")
+    ignored = without_original_masks(load_captions(tmp_path / "segmentation_results.pt"), "segmentation_results.pt")
+    assert f"the masks of {len(ours)} images in segmentation_results.pt" in caplog.text
+    assert "Mask Inversion ignores every object mask" in caplog.text
+    assert set(ignored) == set(ours) and all(len(m) == 0 for m in ignored.values())
+    assert without_original_masks(ours, "captions.pt") == ours  # SoIR's format: untouched
+    _, gallery = split(load_anns(demo_dir / "anns.pt"))
+    jobs = gallery_jobs(gallery, ignored, True, "full_mask", "segmentation_results.pt")
+    assert jobs and all(job.full_mask for job in jobs)  # one full-image mask each
