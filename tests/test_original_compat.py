@@ -409,8 +409,8 @@ def test_query_vectors_each_scores_every_query_vector_as_a_query():
     for row in range(3):
         per_image = [max(query[row] @ gallery[gallery_owner == g].T) for g in range(6)]
         assert ap[row] == pytest.approx(average_precision_score(relevant[row], per_image))
-    once = per_query_metrics(image_scores(query, np.array([0, 0, 1]), range(0, 2), gallery, gallery_owner, 6), relevant[[0, 2]])
-    assert len(once["ap"]) == 2 and len(ap) == 3
+    max_scores = image_scores(query, np.array([0, 0, 1]), range(0, 2), gallery, gallery_owner, 6)
+    assert len(per_query_metrics(max_scores, relevant[[0, 2]])["ap"]) == 2 and len(ap) == 3
 
 
 def test_masks_rle_ignore_reads_segmentation_results_as_the_original_extractors(demo_dir, tmp_path, caplog):
