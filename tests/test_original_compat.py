@@ -307,9 +307,9 @@ MODES = {
 @pytest.mark.parametrize("family", list(ORIGINAL))
 def test_compat_original_equals_the_original_geometry_and_normalisation(tiny_model_dirs, family):
     """compat=original vectors equal the original's (restated above) to cos >= 0.999 in every mode of
-    each family the original has. On main 4e786ae the smart-crop modes failed (box 1 px longer, pad from
-    the side, each crop normalised alone, CLIP without eps) and mask_input / per-mask differed by the
-    mask resampling and the zeroing order."""
+    each family the original has. Fails on main 4e786ae (no pixel_geometry / mi_beta_used there); its
+    geometry (pixel_geometry=soir) gives min cos 0.71-0.94 in the smart-crop modes and 0.88 with
+    mask_input, and crops normalised one by one (main's legrad_norm=joint) 0.86-0.93."""
     image, masks = _compat_scene()
     cls = ORIGINAL[family][0]
     for mode, flags in MODES.items():

@@ -433,3 +433,24 @@ def test_shared_vector_fits_the_mean_of_the_masks_dice_terms(models, family, imp
     assert ours.shape == (2, 1, _out_dim(model)) and (ours * ref).sum(-1).min() > 1 - 1e-9
     union = mask_inversion(model, pixels, masks.amax(dim=1, keepdim=True), impl=impl, **args)
     assert (ours * union).sum(-1).min() < 1 - 1e-6  # not the union's vector
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_the_original_normalisation_of_a_batch_of_crops(models, impl):
+    """compat=original (issue 21): one min-max over every map of the batch (the original's smart crops
+    of one image shared it, D2) with 1e-6 added to the range (its CLIP, D3) == the autograd reference;
+    and maps upsampled by 16 on a patch-14 model (its SigLIP's hard-coded patch, D7): dense == blockwise."""
+    model = models["clip"]
+    pixels, masks, _ = _inputs(model, B=3, P=1, seed=4)
+    args = dict(iterations=8, layer_index=-1, alpha=0.03)
+    ours = mask_inversion(model, pixels, masks, impl=impl, joint_norm="batch", norm_eps=1e-6, **args)
+    ref = reference_mask_inversion(model, pixels, masks, joint="batch", eps=1e-6, **args)
+    assert (ours * ref).sum(-1).min() > 1 - 1e-9
+    alone = mask_inversion(model, pixels, masks, impl=impl, joint_norm=True, **args)  # each crop alone
+    assert (ours * alone).sum(-1).min() < 1 - 1e-6
+    patch14 = models["dinov2"]
+    pixels, masks, _ = _inputs(patch14, B=2, P=2, seed=5)
+    by16 = mask_inversion(patch14, pixels, masks, impl=impl, map_patch_size=16, **args)
+    dense = mask_inversion(patch14, pixels, masks, impl="dense", map_patch_size=16, **args)
+    torch.testing.assert_close(by16, dense, atol=1e-12, rtol=0)
+    assert (by16 * mask_inversion(patch14, pixels, masks, impl=impl, **args)).sum(-1).min() < 1 - 1e-6
