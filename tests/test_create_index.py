@@ -327,7 +327,8 @@ def test_corrupt_metadata_and_half_written_folders_are_explained(tiny_model_dirs
 
 
 def test_report_settings_are_not_part_of_the_features_identity():
-    """search_index.py's report keys must not move features to a new folder or refuse an existing one."""
+    """search_index.py's report keys (and query_vectors, a scoring rule) must not move features to a new
+    folder or refuse an existing one."""
     from types import SimpleNamespace
 
     from hydra import compose, initialize_config_dir
@@ -339,7 +340,14 @@ def test_report_settings_are_not_part_of_the_features_identity():
         default = compose(config_name="defaults", overrides=["anns_file=a.pt"])
         changed = compose(
             config_name="defaults",
-            overrides=["anns_file=a.pt", "report=false", "report_k=3", "report_thumb_size=64", "report_maps=true"],
+            overrides=[
+                "anns_file=a.pt",
+                "report=false",
+                "report_k=3",
+                "report_thumb_size=64",
+                "report_maps=true",
+                "query_vectors=each",
+            ],
         )
     for queries in (False, True):
         identity = feature_identity(default, extractor, [], {}, queries=queries)
