@@ -149,6 +149,11 @@ class MIExtractor(Extractor):
                 f"mi_resample / smart_crop_source / pixel_geometry (compat=original) reproduce the original "
                 f"code, which has no {self.family} extractor: use compat=none with {self.family}"
             )
+        if mask_input and self.mode == "smart_crop" and self.geometry == "original" and self.crop_source == "original":
+            raise SoIRError(
+                "mask_input with pixel_geometry=original zeroes the input-sized image (the original's order); "
+                "smart crops are then cut from that image: add smart_crop_source=resized (compat=original sets it)"
+            )
         if legrad_norm == "joint" and original is not None:
             # The original's CLIP min-max added 1e-6 to the range; DINOv2 / SigLIP divided exactly.
             self.mi["norm_eps"] = original.min_max_eps

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from datasets import encode_mask_row_major, load_captions
 from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPMIExtractor
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from utils.errors import SoIRError
 from utils.mi_reference import reference_mask_inversion
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
@@ -440,3 +441,10 @@ def test_masks_rle_ignore_reads_segmentation_results_as_the_original_extractors(
     _, gallery = split(load_anns(demo_dir / "anns.pt"))
     jobs = gallery_jobs(gallery, ignored, True, "full_mask", "segmentation_results.pt")
     assert jobs and all(job.full_mask for job in jobs)  # one full-image mask each
+
+
+def test_mask_input_smart_crops_of_the_original_image_are_refused_with_its_order(tiny_model_dirs):
+    """pixel_geometry=original zeroes the input-sized image; smart crops from the original image cannot
+    follow: refused when the extractor is built, before any forward pass."""
+    with pytest.raises(SoIRError, match="smart_crop_source=resized"):
+        CLIPMIExtractor(str(tiny_model_dirs["clip"]), pixel_geometry="original", mask_input=True, smart_crop=True)
