@@ -210,6 +210,10 @@ def thumb_jobs(
     for g, masks in sorted(needed.items()):
         record = gallery[g]
         entry = find_masks(captions, record["key"], record["file"]) if captions is not None else None
+        if entry is None or not len(entry):
+            # No captions entry: a full-image-mask row (missing_masks=full_mask) of a folder made before
+            # such rows got mask_index -1 (issue 21); shown plain, like a global row.
+            masks = {-1}
         outlines = tuple((gallery_name(g, m), entry.masks_rle[m]) for m in sorted(masks) if m >= 0)
         jobs.append(ThumbJob(record["file"], plain=gallery_name(g, -1) if -1 in masks else None, outlines=outlines))
     return jobs

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from datasets import load_captions, save_captions
+from datasets import ImageMasks, encode_mask, load_captions, save_captions
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
-from utils.report import report_captions
+from utils.report import Shown, report_captions, thumb_jobs
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
@@ -400,3 +400,19 @@ def test_full_mask_fallback_rows_get_a_report(tiny_model_dirs, demo_dir, tmp_pat
     assert {m for o, m in zip(owner, mask_index) if o not in unmasked} >= {0}
     shown = {hit["src"] for section in parse(run / "report.html").sections for hit in section["hits"]}
     assert {Path(s).name for s in shown} >= {f"g{i:06d}.jpg" for i in unmasked}  # plain thumbnails
+
+
+def test_rows_of_images_without_a_captions_entry_are_shown_plain():
+    """A features folder made before issue 21 gave full-image-mask rows mask_index 0 for images without a
+    captions entry; their thumbnails are plain, not outlines of a mask that does not exist. Fails on
+    main 4e786ae ('NoneType' object has no attribute 'masks_rle')."""
+    shown = Shown(gallery=np.array([[0, 1]]), scores=np.zeros((1, 2)), positive=None, rows=np.array([[0, 1]]))
+    gallery = [{"key": "g/a.jpg", "file": "/x/a.jpg"}, {"key": "g/b.jpg", "file": "/x/b.jpg"}]
+    queries = [{"file": "/x/q.jpg", "bbox": None}]
+    mask = np.zeros((1, 8, 8), dtype=bool)
+    mask[0, 2:5, 2:5] = True
+    captions = {"g/b.jpg": ImageMasks(masks_rle=[encode_mask(mask[0])], bboxes=[[2, 2, 5, 5]], scores=[1.0])}
+    jobs = thumb_jobs(queries, gallery, shown, np.array([[0, 0]]), captions)
+    plain_a, outlined_b = jobs[1], jobs[2]
+    assert plain_a.plain == "g000000.jpg" and plain_a.outlines == ()
+    assert outlined_b.plain is None and outlined_b.outlines[0][0] == "g000001_m0.jpg"
