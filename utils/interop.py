@@ -294,7 +294,11 @@ def export_lancedb(cfg: DictConfig, features_dir: Path, out: Path) -> dict:
                 "image_index": images,
                 "ins": [columns["ins"][s] for s in starts],
                 "obj_name": [columns["obj_name"][s] for s in starts],
-                "vectors": [features[s:e].tolist() for s, e in zip(starts, ends)],
+                # [images] lists of [vectors, D] rows, from the shard's buffer (no Python floats).
+                "vectors": pa.ListArray.from_arrays(
+                    pa.array(np.r_[starts, ends[-1:]].astype(np.int32)),
+                    pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), features.shape[1]),
+                ),
                 "objects": [columns["object"][s:e] for s, e in zip(starts, ends)],
                 "bboxes": [columns["bbox"][s:e] for s, e in zip(starts, ends)],
                 "mask_rles": [columns["mask_rle"][s:e] for s, e in zip(starts, ends)],
