@@ -170,3 +170,11 @@ def test_lancedb_search_equals_exact_and_export_resumes(mi_demo, tmp_path):
         breaks = np.flatnonzero(np.diff(scores) < -1e-5) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(a)]):
             assert {key for key, _ in a[lo:hi]} == {key for key, _ in b[lo:hi]}
+
+
+def test_adhoc_queries_are_not_sent_through_lancedb():
+    """search=lancedb with query_text / query_image is refused, not silently searched another way."""
+    from utils.config import check_config
+
+    with pytest.raises(SoIRError, match="search=lancedb ranks the features folder's queries; query_text"):
+        check_config(config("features_dir=f", "search=lancedb", "query_text=a red mug"))
