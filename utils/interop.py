@@ -270,7 +270,8 @@ def export_lancedb(cfg: DictConfig, features_dir: Path, out: Path) -> dict:
         db = lancedb.connect(out / "db")
         if LANCEDB_TABLE in db.list_tables().tables:
             table = db.open_table(LANCEDB_TABLE)
-            present = set(table.to_arrow().column("image_index").to_pylist()) if table.count_rows() else set()
+            # The images already added (a scan of one column, not of the vectors).
+            present = set(table.search().select(["image_index"]).limit(None).to_arrow()["image_index"].to_pylist())
         else:
             with soir_datasets_hidden():
                 table, present = db.create_table(LANCEDB_TABLE, schema=schema), set()
