@@ -44,7 +44,7 @@ from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
-from utils.interop import LanceDBGallery
+from utils.interop import LanceDBGallery, lancedb_folder
 from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
 from utils.own_queries import own_query, text_query_rows
 from utils.report import Shown, write_report
@@ -217,7 +217,7 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
     lance = None
     if cfg.search == "lancedb":
-        lance = LanceDBGallery(Path(cfg.lancedb_dir) if cfg.lancedb_dir else folder / "export" / "lancedb", folder)
+        lance = LanceDBGallery(lancedb_folder(cfg, folder), folder)
     lance_seconds = 0.0
     per_query, top, top_scores, positive = [], [], [], []
     for chunk in query_chunks(len(queries), len(gallery_owner), max_elements=SCORES_PER_CHUNK):

@@ -172,9 +172,23 @@ def test_lancedb_search_equals_exact_and_export_resumes(mi_demo, tmp_path):
             assert {key for key, _ in a[lo:hi]} == {key for key, _ in b[lo:hi]}
 
 
-def test_adhoc_queries_are_not_sent_through_lancedb():
-    """search=lancedb with query_text / query_image is refused, not silently searched another way."""
-    from utils.config import check_config
+def test_adhoc_image_query_through_lancedb_ranks_as_exact(mi_demo, demo_dir, tmp_path):
+    """search_index.py query_image=... search=lancedb: the same top images and scores as the exact search."""
+    from datasets import load_anns
+    from utils.own_queries import own_query
 
-    with pytest.raises(SoIRError, match="search=lancedb ranks the features folder's queries; query_text"):
-        check_config(config("features_dir=f", "search=lancedb", "query_text=a red mug"))
+    copy = tmp_path / "features"
+    shutil.copytree(mi_demo, copy)
+    export_lancedb(config("format=lancedb"), copy, copy / "export" / "lancedb")
+    query = next(a for a in load_anns(demo_dir / "anns.pt") if a.is_query)
+    bbox = "[" + ",".join(str(v) for v in query.bbox) + "]"
+    common = [f"features_dir={copy}", f"query_image={query.file}", f"query_bbox={bbox}", "k_search=16", "report=false"]
+    exact = own_query(config(*common), copy, tmp_path / "exact")
+    lance = own_query(config(*common, "search=lancedb"), copy, tmp_path / "lance")
+    assert lance["search"].startswith("LanceDB table") and exact["search"].startswith("exact")
+    assert len(lance["ranking"]) == len(exact["ranking"]) == 16
+    scores = np.array([r["score"] for r in exact["ranking"]])
+    assert np.allclose(scores, [r["score"] for r in lance["ranking"]], atol=1e-6)
+    breaks = np.flatnonzero(np.diff(scores) < -1e-5) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(scores)]):
+        assert {r["key"] for r in exact["ranking"][lo:hi]} == {r["key"] for r in lance["ranking"][lo:hi]}

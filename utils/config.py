@@ -460,11 +460,6 @@ def check_own_queries(cfg: DictConfig) -> None:
         raise SoIRError(
             f"T2I=true evaluates the features folder's queries as texts; {adhoc[0]} is an ad-hoc query: use one of them"
         )
-    if adhoc and cfg.search == "lancedb":
-        raise SoIRError(
-            f"search=lancedb ranks the features folder's queries; {adhoc[0]} is searched exactly (or through "
-            "FAISS past query_exact_max_rows): drop search=lancedb"
-        )
     for key in ("query_bbox", "query_mask"):
         if cfg[key] is not None and cfg.query_image is None:
             raise SoIRError(f"{key} describes the object in query_image, which is not given")

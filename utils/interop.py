@@ -316,6 +316,11 @@ def export_lancedb(cfg: DictConfig, features_dir: Path, out: Path) -> dict:
     return summary
 
 
+def lancedb_folder(cfg: DictConfig, features_dir: Path) -> Path:
+    """``lancedb_dir``, or the default ``format=lancedb`` export folder of ``features_dir``."""
+    return Path(cfg.lancedb_dir) if cfg.lancedb_dir else features_dir / "export" / "lancedb"
+
+
 class LanceDBGallery:
     """The ``gallery`` table of a ``format=lancedb`` export, checked against the features folder it is
     searched with (its identity), scoring query vectors image by image."""
@@ -341,6 +346,29 @@ class LanceDBGallery:
         self.table = db.open_table(LANCEDB_TABLE)
         self.num_images = self.table.count_rows()
 
+    def search_row(self, row: np.ndarray, limit: int) -> tuple[list[str], np.ndarray]:
+        """The ``limit`` best gallery images for one query vector ``row`` [D]: their keys and scores
+        (1 - LanceDB's cosine distance = the best inner product over the image's unit vectors)."""
+        found = (
+            self.table.search(row.astype(np.float32), vector_column_name="vectors")
+            .distance_type("cosine")
+            .bypass_vector_index()  # exact: every row scored, whatever index the table has
+            .select(["key"])
+            .limit(limit)
+            .to_arrow()
+        )
+        return found["key"].to_pylist(), 1.0 - found["_distance"].to_numpy().astype(np.float32)
+
+    def top_images(self, query_rows: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+        """The ``k`` best gallery images for one query of rows ``query_rows`` [Rq, D] (an image's score: the
+        max over the query's rows), best first; ties in key order."""
+        best: dict[str, float] = {}
+        for row in query_rows:
+            for key, score in zip(*self.search_row(row, k)):
+                best[key] = max(best.get(key, -np.inf), float(score))
+        ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+        return [key for key, _ in ranked], np.array([score for _, score in ranked], dtype=np.float32)
+
     def image_scores(self, query_rows: np.ndarray, query_owner: np.ndarray, num_queries: int, keys: list[str]):
         """[num_queries, len(keys)] float32: per query image the max over its rows ``query_rows`` [Rq, D]
         (owned by ``query_owner`` [Rq] in [0, num_queries)) of LanceDB's multivector score 1 - cosine
@@ -349,21 +377,11 @@ class LanceDBGallery:
         column = {key: i for i, key in enumerate(keys)}
         scores = np.full((num_queries, len(keys)), -np.inf, dtype=np.float32)
         for row, query in zip(query_rows, query_owner.tolist()):
-            found = (
-                self.table.search(row.astype(np.float32), vector_column_name="vectors")
-                .distance_type("cosine")
-                .bypass_vector_index()  # exact: every row scored, whatever index the table has
-                .select(["key"])
-                .limit(self.num_images)
-                .to_arrow()
-            )
+            found, values = self.search_row(row, self.num_images)
             # Images of the table that are not evaluated (e.g. left out with set=) are skipped.
-            hits = [
-                (column[k], d) for k, d in zip(found["key"].to_pylist(), found["_distance"].to_pylist()) if k in column
-            ]
-            ids = np.array([i for i, _ in hits], dtype=np.int64)
-            values = 1.0 - np.array([d for _, d in hits], dtype=np.float32)
-            scores[query, ids] = np.maximum(scores[query, ids], values)
+            kept = np.array([key in column for key in found], dtype=bool)
+            ids = np.array([column[key] for key in found if key in column], dtype=np.int64)
+            scores[query, ids] = np.maximum(scores[query, ids], values[kept])
         if not np.isfinite(scores).all():
             missing = [keys[i] for i in np.flatnonzero(~np.isfinite(scores).all(0))[:5]]
             raise SoIRError(
