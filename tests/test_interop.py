@@ -192,3 +192,32 @@ def test_adhoc_image_query_through_lancedb_ranks_as_exact(mi_demo, demo_dir, tmp
     breaks = np.flatnonzero(np.diff(scores) < -1e-5) + 1
     for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(scores)]):
         assert {r["key"] for r in exact["ranking"][lo:hi]} == {r["key"] for r in lance["ranking"][lo:hi]}
+
+
+def test_qdrant_example_of_the_docs_ranks_as_exact(mi_demo, tmp_path):
+    """docs/interop.md's Qdrant block (run as written): MaxSim over an image's vectors = SoIR's image score."""
+    pytest.importorskip("qdrant_client")  # pinned in requirements-interop.txt (CI); not in every env
+    import re
+
+    text = (ROOT / "docs" / "interop.md").read_text()
+    block = re.search(r"<!-- qdrant-example -->\n```python\n(.*?)```", text, flags=re.S).group(1)
+    export = tmp_path / "export"
+    export_embeddings(config("format=embeddings"), mi_demo, export)
+    query_vectors, query_meta = read_back(export / "queries")
+    search(config(f"features_dir={mi_demo}", "report=false", "k_search=16"), mi_demo, tmp_path / "run")
+    rankings = {
+        r["query"]: r["ranking"]
+        for r in map(json.loads, (tmp_path / "run" / "rankings.jsonl").read_text().splitlines())
+    }
+    namespace = {"export": str(export), "qdrant_path": str(tmp_path / "qdrant"), "query_vector": query_vectors[0]}
+    exec(block, namespace)
+    client = namespace["client"]
+    for vector, key in zip(query_vectors, query_meta["key"]):  # one vector per demo query (mask_input)
+        hits = client.query_points("gallery", query=[vector.tolist()], limit=16).points
+        exact = rankings[key]
+        assert np.allclose([h.score for h in hits], [s for _, s in exact], atol=1e-5)
+        scores = np.array([s for _, s in exact])
+        breaks = np.flatnonzero(np.diff(scores) < -1e-5) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(scores)]):
+            assert {h.payload["key"] for h in hits[lo:hi]} == {k for k, _ in exact[lo:hi]}
+    assert len(namespace["hits"]) == 10
