@@ -100,6 +100,13 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         shards[name].check_complete()
     gallery_bytes = shards["gallery"].row_offsets()[-1] * made_with.vec_dim * 4
     if cfg.search == "lancedb":  # scores from the LanceDB table; the features are read for the report
+        if gallery_bytes > cfg.search_block_mb * 2**20:
+            log.warning(
+                "search=lancedb reads the gallery's %.0f MiB of features into RAM (for the report and the best "
+                "rows), beyond search_block_mb=%s; search=exact streams them",
+                gallery_bytes / 2**20,
+                cfg.search_block_mb,
+            )
         ranked = rank_in_ram(cfg, folder, shards["gallery"], shards["queries"])
     elif cfg.search == "faiss" or gallery_bytes > cfg.search_block_mb * 2**20:
         ranked = rank_streamed(cfg, folder, shards["gallery"], shards["queries"])
