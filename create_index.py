@@ -59,6 +59,7 @@ from datasets.extraction import (
     with_crop_geometry,
 )
 from datasets.images import image_facts
+from datasets.tar_shards import is_tar_spec, unpacked_galleries
 from extractors import capabilities, extractor_from_config
 from search_index import search
 from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
@@ -341,7 +342,9 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
             )
     if not cfg.anns_file:
         raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
-    anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
+    # webdataset tar shards: unpacked once (resumable) into a SoIR-owned folder that then acts as the images folder
+    galleries_dir = unpacked_galleries(cfg.galleries_dir) if is_tar_spec(cfg.galleries_dir) else cfg.galleries_dir
+    anns = load_anns(cfg.anns_file, galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
     anns = select_indices(select_set(anns, cfg.set), cfg.ds_inds_file, cfg.max_ds_index)
     queries, gallery = split(anns)
     query_crop = None if cfg.no_query_crop else "tight" if cfg.crop else "square"

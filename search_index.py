@@ -27,6 +27,7 @@ import csv
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
+from utils.interop import LanceDBGallery, lancedb_folder
 from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
 from utils.own_queries import own_query, text_query_rows
 from utils.report import Shown, write_report
@@ -97,7 +99,16 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         shards[name] = FeatureShards(folder / name, records, made_with.shard_size)
         shards[name].check_complete()
     gallery_bytes = shards["gallery"].row_offsets()[-1] * made_with.vec_dim * 4
-    if cfg.search == "faiss" or gallery_bytes > cfg.search_block_mb * 2**20:
+    if cfg.search == "lancedb":  # scores from the LanceDB table; the features are read for the report
+        if gallery_bytes > cfg.search_block_mb * 2**20:
+            log.warning(
+                "search=lancedb reads the gallery's %.0f MiB of features into RAM (for the report and the best "
+                "rows), beyond search_block_mb=%s; search=exact streams them",
+                gallery_bytes / 2**20,
+                cfg.search_block_mb,
+            )
+        ranked = rank_in_ram(cfg, folder, shards["gallery"], shards["queries"])
+    elif cfg.search == "faiss" or gallery_bytes > cfg.search_block_mb * 2**20:
         ranked = rank_streamed(cfg, folder, shards["gallery"], shards["queries"])
     else:
         ranked = rank_in_ram(cfg, folder, shards["gallery"], shards["queries"])
@@ -108,7 +119,8 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         len(ranked.gallery),
         ranked.num_rows,
         made_with.extractor,
-        "FAISS candidates" if cfg.search == "faiss" else "streamed" if ranked.streamed else "in RAM",
+        {"faiss": "FAISS candidates", "lancedb": "LanceDB table"}.get(cfg.search)
+        or ("streamed" if ranked.streamed else "in RAM"),
     )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +197,8 @@ class Ranked:
 
 
 def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, query_shards: FeatureShards) -> Ranked:
-    """Every gallery row in RAM, scores in query chunks of bounded size."""
+    """Every gallery row in RAM, scores in query chunks of bounded size (``search=lancedb``: the image
+    scores come from the exported LanceDB table instead, utils/interop.py)."""
     splits = {}
     for name, shards in (("gallery", gallery_shards), ("queries", query_shards)):
         features, owner, _ = shards.load()
@@ -212,9 +225,24 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     if cfg.T2I:  # the queries' texts replace their image vectors; ground truth and gallery unchanged
         query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
+    lance = None
+    if cfg.search == "lancedb":
+        lance = LanceDBGallery(lancedb_folder(cfg, folder), folder)
+    lance_seconds = 0.0
     per_query, top, top_scores, positive = [], [], [], []
     for chunk in query_chunks(len(queries), len(gallery_owner), max_elements=SCORES_PER_CHUNK):
-        scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
+        if lance is None:
+            scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, len(gallery))
+        else:
+            started = time.perf_counter()
+            rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
+            scores = lance.image_scores(
+                query_features[rows],
+                query_owner[rows] - chunk.start,
+                chunk.stop - chunk.start,
+                [g["key"] for g in gallery],
+            )
+            lance_seconds += time.perf_counter() - started
         relevant = relevance(query_anns[chunk.start : chunk.stop], gallery_anns)
         per_query.append(per_query_metrics(scores, relevant, precision_ks=cfg.precision_at, map_at=cfg.map_at))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: lower index first
@@ -222,6 +250,8 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
         top_scores.append(np.take_along_axis(scores, order, 1))
         positive.append(np.take_along_axis(relevant, order, 1))
     results = {}
+    if lance is not None:
+        results.update(lancedb_dir=str(lance.folder), lancedb_seconds_per_query=lance_seconds / max(1, len(queries)))
     if index is not None and not is_exact(index):
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
         results[f"index_recall@{min(cfg.k_search, cfg.max_k_search, len(gallery))}"] = index_recall(

@@ -46,7 +46,9 @@ QueryVectors = choice("QueryVectors", "max each")
 MasksRle = choice("MasksRle", "read ignore")
 QueryMasks = choice("QueryMasks", "best all")
 Stage = choice("Stage", "all prepare extract index search")
-SearchMode = choice("SearchMode", "exact faiss")
+SearchMode = choice("SearchMode", "exact faiss lancedb")
+ExportFormat = choice("ExportFormat", "embeddings lancedb")
+ExportDtype = choice("ExportDtype", "float32 float16")
 
 
 @dataclass
@@ -149,6 +151,8 @@ class SoIRConfig:
     k_search: int = 100  # rankings saved per query (all images are scored)
     search: SearchMode = SearchMode.exact  # exact: every gallery image scored | faiss: FAISS candidates,
     # re-scored exactly (mAP is then a lower bound, see results.json)
+    # | lancedb: every gallery image scored by the exported LanceDB table (scripts/export_features.py)
+    lancedb_dir: Optional[str] = None  # search=lancedb: the format=lancedb export; null = <features_dir>/export/lancedb
     search_block_mb: float = 256  # exact search: a gallery whose features exceed this is streamed
     # from its shards in blocks of this working memory
     search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
@@ -170,6 +174,10 @@ class SoIRConfig:
     query_text: Optional[str] = None  # a sentence to search with (the text tower), used as given
     query_exact_max_rows: int = 1000000  # ad-hoc queries: larger galleries are searched through the FAISS
     # index (its candidates re-scored exactly); smaller ones exactly
+    # --- export (scripts/export_features.py): the features in other tools' formats (utils/interop.py)
+    format: ExportFormat = ExportFormat.embeddings  # embeddings (clip-retrieval / autofaiss) | lancedb
+    export_dir: Optional[str] = None  # a new or SoIR-owned folder; null = <features_dir>/export/<format>
+    export_dtype: ExportDtype = ExportDtype.float32  # float32 | float16: the exported vectors
     # --- report of a search run (search_index.py) -----------------------------------------
     report: bool = True  # write report.html (+ thumbs/) next to results.json
     report_k: int = 10  # gallery images shown per query
@@ -277,6 +285,10 @@ RUN_KEYS = frozenset(
         "search_block_mb",
         "search_candidates",
         "search_nprobe",
+        "lancedb_dir",
+        "format",
+        "export_dir",
+        "export_dtype",
         "text_prompt",
         "query_image",
         "query_bbox",

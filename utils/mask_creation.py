@@ -31,6 +31,7 @@ from tqdm import tqdm
 from datasets.anns import AnnotationError, clip_bbox, load_anns
 from datasets.captions import ImageMasks, encode_mask, save_captions
 from datasets.images import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
+from datasets.tar_shards import is_tar_spec, unpacked_galleries
 from utils.errors import SoIRError
 from utils.files import (
     FolderLock,
@@ -555,6 +556,8 @@ def run(args: argparse.Namespace) -> dict:
             "queries_dir": str(args.queries_dir),
         }
     else:
+        if is_tar_spec(str(args.input_dir)):  # webdataset tar shards: their images, unpacked once (resumable)
+            args.input_dir = unpacked_galleries(str(args.input_dir))
         if not args.input_dir.is_dir():
             raise RunError(f"--input_dir '{args.input_dir}' is not a folder")
         if args.input_dir.resolve().is_relative_to(output_dir.resolve()):

@@ -50,6 +50,7 @@ from utils.feature_store import FeatureShards
 from utils.files import atomic_write, atomic_write_json, atomic_write_text, changed_keys, read_json
 from utils.hub import model_weights_identity
 from utils.index_io import index_path, load_index
+from utils.interop import LanceDBGallery, lancedb_folder
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, faiss_search, streamed_search
 
@@ -357,6 +358,12 @@ def search_gallery(
     none = np.empty(0, dtype=np.int64)  # no relevant pairs: nothing to evaluate, only to rank
     rows = shards.row_offsets()[-1]
     path = index_path(folder, cfg.index)
+    if cfg.search == "lancedb":  # the exported LanceDB table ranks (utils/interop.py)
+        lance = LanceDBGallery(lancedb_folder(cfg, folder), folder)
+        keys, scores = lance.top_images(features.float().numpy(), k)
+        image_id = {record["key"]: i for i, record in enumerate(shards.records)}
+        how = f"LanceDB table {lance.folder} (exact multivector search, {lance.num_images} images)"
+        return np.array([image_id[key] for key in keys], dtype=np.int64), scores, how
     if rows > cfg.query_exact_max_rows and path.is_file():
         index = load_index(path, mmap=True)
         if index.ntotal != rows:

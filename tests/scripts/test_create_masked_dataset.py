@@ -631,3 +631,18 @@ def test_kill_9_takes_the_dataloader_workers_with_it(models, tmp_path):
     for w in alive:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert alive == []
+
+
+def test_tar_shards_as_input_give_the_folders_captions(models, tmp_path):
+    """--input_dir naming webdataset tar shards: keys are the member names, masks those of the folder run."""
+    from tests.datasets.test_tar_shards import write_shards
+
+    images = _folder(tmp_path / "images", 3)
+    spec = write_shards(tmp_path / "shards", [(p.name, p.read_bytes()) for p in sorted(images.iterdir())], 2)
+    assert cmd.main(_base_args(models, images, tmp_path / "from_folder")) == 0
+    assert cmd.main(_base_args(models, Path(spec), tmp_path / "from_tars")) == 0
+    folder_run = load_captions(tmp_path / "from_folder" / "captions.pt")
+    tar_run = load_captions(tmp_path / "from_tars" / "captions.pt")
+    assert list(tar_run) == list(folder_run) == ["img_00.png", "img_01.png", "img_02.png"]
+    assert all(len(masks) > 0 for masks in folder_run.values())  # something to compare
+    assert {k: v.to_dict() for k, v in tar_run.items()} == {k: v.to_dict() for k, v in folder_run.items()}
