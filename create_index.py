@@ -65,6 +65,7 @@ from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
 from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
 from utils.index_build import build_ondisk, shard_blocks
+from utils.own_queries import check_run_folder
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
 from utils.processes import worker_init_fn
 
@@ -83,6 +84,8 @@ def main(cfg: DictConfig) -> None:
 def run_all(cfg: DictConfig) -> None:
     """``stage=all``: every step in this process, then the search (unless only_create / only_gallery)."""
     started = time.time()
+    if not (cfg.only_create or cfg.only_gallery):  # refused now, not after the extraction
+        check_run_folder(Path(HydraConfig.get().runtime.output_dir))
     jobs, facts, skipped, extractors, out, identities = plan_and_load(cfg)
     with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)

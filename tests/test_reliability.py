@@ -1,0 +1,87 @@
+"""The reliability suite (issue 20): nothing lost, nothing mixed, everywhere.
+
+One test per case of the issue, each failing on main 4e786ae: a writer that replaced a user's files,
+a resumable output that mixed two models or inputs, an input that gave wrong numbers without a word,
+a refusal that was a traceback. User files are checked by their sha256 before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.pipeline import ROOT
+from utils.errors import SoIRError
+
+
+def user_files(folder: Path, files: dict[str, bytes]) -> dict[Path, str]:
+    """Write a user's ``files`` (relative path -> bytes) under ``folder``; returns {path: sha256}."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return fingerprints(folder / name for name in files)
+
+
+def fingerprints(paths) -> dict[Path, str]:
+    return {Path(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def assert_untouched(before: dict[Path, str]) -> None:
+    assert fingerprints(before) == before
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="defaults", overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------------- 1-5: lose data
+def test_1_search_refuses_a_run_folder_with_a_users_files(clip_demo_features, tmp_path):
+    """search() (search_index.py, create_index.py's search phase, stage=search) into a ``hydra.run.dir``
+    that holds a user's report.html, thumbs/ and results.json: refused, nothing replaced, nothing added.
+    Fails on main 4e786ae (exit 0, all three replaced)."""
+    from search_index import search
+
+    _, folder = clip_demo_features
+    run = tmp_path / "U"
+    before = user_files(run, {"report.html": b"<p>mine</p>", "thumbs/g000000.jpg": b"jpeg", "results.json": b"{}"})
+    (run / ".hydra").mkdir()  # what Hydra writes before main() does not make the folder SoIR's
+    with pytest.raises(SoIRError, match="not made by SoIR"):
+        search(config(f"features_dir={folder}"), folder, run)
+    assert_untouched(before)
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "report.html", "results.json", "thumbs"]
+
+    # A SoIR run folder is reused only while it holds no results: a second search there is refused too.
+    fresh = tmp_path / "fresh"
+    search(config(f"features_dir={folder}", "report=false"), folder, fresh)
+    first = fingerprints(p for p in fresh.rglob("*") if p.is_file())
+    with pytest.raises(SoIRError, match="already holds another run's results"):
+        search(config(f"features_dir={folder}", "report=false", "k_search=2"), folder, fresh)
+    assert_untouched(first)
+
+
+def test_1_create_index_refuses_the_run_folder_before_extracting(tiny_model_dirs, demo_dir, tmp_path):
+    """create_index.py stage=all with ``hydra.run.dir`` at a user's folder: refused in one line before any
+    model is loaded or features are written (Hydra's run folder is the subject, hence a subprocess).
+    Fails on main 4e786ae (exit 0; report.html and results.json replaced)."""
+    from tests.pipeline import run_script
+
+    run = tmp_path / "U"
+    before = user_files(run, {"report.html": b"<p>mine</p>", "results.json": b"{}"})
+    proc = run_script(
+        "create_index.py",
+        "extractor=clip_features",
+        f"model_name={tiny_model_dirs['clip']}",
+        "vec_dim=24",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"features_dir={tmp_path / 'features'}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "not made by SoIR" in proc.stderr and "Traceback" not in proc.stderr
+    assert_untouched(before)
+    assert not (tmp_path / "features").exists()
