@@ -65,8 +65,8 @@ from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
 from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
 from utils.index_build import build_ondisk, shard_blocks
-from utils.own_queries import check_run_folder
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
+from utils.own_queries import check_run_folder
 from utils.processes import worker_init_fn
 
 log = logging.getLogger("soir.create_index")

@@ -85,3 +85,27 @@ def test_1_create_index_refuses_the_run_folder_before_extracting(tiny_model_dirs
     assert proc.returncode == 1 and "not made by SoIR" in proc.stderr and "Traceback" not in proc.stderr
     assert_untouched(before)
     assert not (tmp_path / "features").exists()
+
+
+# ------------------------------------------------------------------------------ 6-11: mix silently
+def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
+    """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
+    rewritten in place (same size, same inode) with its mtime set back is hashed again (its ctime moved).
+    Fails on main 4e786ae (the old sha256 came back from the cache: two models' features mixed)."""
+    import os
+
+    from utils.files import cached_sha256
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"A" * 4096)
+    first = cached_sha256([weights])[0]
+    st = weights.stat()
+    with open(weights, "r+b") as handle:  # in place: the inode stays
+        handle.write(b"B" * 4096)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+    assert cached_sha256([weights])[0] == hashlib.sha256(b"B" * 4096).hexdigest() != first

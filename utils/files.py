@@ -101,9 +101,9 @@ def claim_folder(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> P
     foreign = [p.name for p in folder.iterdir() if not _matches(p.name, ignore)] if folder.is_dir() else []
     if owner is None and foreign:
         raise SoIRError(
-            f"{folder} is not empty ({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}) and "
-            f"was not made by SoIR (no {MARKER}); SoIR only writes into folders it created: choose a new or "
-            f"empty folder for the {kind} output"
+            f"{folder} is not empty and was not made by SoIR (no {MARKER}; it holds "
+            f"{', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); SoIR only writes into "
+            f"folders it created: choose a new or empty folder for the {kind} output"
         )
     if owner is not None and owner != kind:
         raise SoIRError(f"{folder} is a SoIR {owner} folder, not a {kind} folder; choose another folder")
@@ -259,8 +259,9 @@ class FileFacts:
 
     A file that changes gets a new size, mtime or ctime and is read again, so the cache never returns
     a stale fact for a file edited in place: the ctime is set by the kernel on every write and cannot
-    be set back by a user (``touch -d``, ``os.utime``, ``cp -p`` restore the mtime only). Where the cache cannot be written (read-only home on a
-    cluster node) facts are computed every time; results are the same, only slower.
+    be set back by a user (``touch -d``, ``os.utime``, ``cp -p`` restore the mtime only). Where the
+    cache cannot be written (read-only home on a cluster node) facts are computed every time; results
+    are the same, only slower.
     """
 
     def __init__(self, name: str, compute: Callable[[Path], dict], version: int = 1):
