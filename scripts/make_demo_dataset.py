@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/make_demo_dataset.py`
 
 from datasets.anns import save_anns
 from datasets.captions import ImageMasks, bbox_from_mask, encode_mask, save_captions
+from utils.files import claim_folder, remove_own_files
 
 SPRITE_SIZE = 256  # canonical object rendering, px; downscaled for the gallery
 GALLERY_AREA_SHARE = (0.015, 0.04)  # object mask area / image area in gallery scenes
@@ -307,6 +307,14 @@ def render_query(obj: ObjectSpec, size: int, rng: np.random.Generator) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
+# What make_demo_dataset writes, by folder (fnmatch): all that --overwrite may delete.
+DEMO_FILES = {
+    ".": ("anns.pt", "captions.pt", ".*.tmp"),
+    "queries": ("q_[0-9][0-9][0-9]*.jpg",),
+    "gallery": ("g_[0-9][0-9][0-9]*.jpg",),
+}
+
+
 def make_demo_dataset(
     out: str | Path,
     num_objects: int = 6,
@@ -326,19 +334,19 @@ def make_demo_dataset(
     if image_size < 128:
         raise ValueError(f"image_size must be >= 128 so 1 % objects stay visible, got {image_size}")
     out = Path(out)
+    # Only into a folder this script made (its .soir.json), and --overwrite deletes only the files of
+    # the names it writes (DEMO_FILES): a user's photos or anns.pt are never touched.
+    claim_folder(out, "demo")
     previous = [out / n for n in ("queries", "gallery", "anns.pt", "captions.pt") if (out / n).exists()]
     if previous and not overwrite:
         raise FileExistsError(
-            f"'{out}' already holds a dataset ({', '.join(p.name for p in previous)}); "
+            f"'{out}' already holds a demo dataset ({', '.join(p.name for p in previous)}); "
             "pass overwrite=True / --overwrite to replace it"
         )
-    for path in previous:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    (out / "queries").mkdir(parents=True)
-    (out / "gallery").mkdir()
+    for folder, patterns in DEMO_FILES.items():
+        remove_own_files(out / folder, patterns, root=out)
+    (out / "queries").mkdir(exist_ok=True)
+    (out / "gallery").mkdir(exist_ok=True)
 
     rng = np.random.default_rng(seed)
     objects = [make_object(i, num_objects, rng) for i in range(num_objects)]

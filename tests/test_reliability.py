@@ -87,6 +87,26 @@ def test_1_create_index_refuses_the_run_folder_before_extracting(tiny_model_dirs
     assert not (tmp_path / "features").exists()
 
 
+def test_2_make_demo_dataset_never_deletes_a_users_files(tmp_path):
+    """``make_demo_dataset.py --out U --overwrite`` where U holds a user's gallery/IMG_0001.jpg and anns.pt:
+    refused ("not made by SoIR"), both files kept; without the flag the refusal no longer claims the folder
+    "already holds a dataset". Fails on main 4e786ae (shutil.rmtree removed both)."""
+    from scripts.make_demo_dataset import main
+
+    out = tmp_path / "U"
+    before = user_files(out, {"gallery/IMG_0001.jpg": b"x\n", "anns.pt": b"x\n"})
+    for extra in (["--overwrite"], []):
+        with pytest.raises(SystemExit, match="not made by SoIR") as refused:
+            main(["--out", str(out), "--num_objects", "1", "--gallery_per_object", "1", "--image_size", "128", *extra])
+        assert "already holds a dataset" not in str(refused.value)
+        assert_untouched(before)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "anns.pt",
+        "gallery",
+        "gallery/IMG_0001.jpg",
+    ]
+
+
 # ------------------------------------------------------------------------------ 6-11: mix silently
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
