@@ -107,6 +107,19 @@ def test_2_make_demo_dataset_never_deletes_a_users_files(tmp_path):
     ]
 
 
+def test_3_make_tiny_models_never_replaces_a_users_model(tmp_path, monkeypatch):
+    """``make_tiny_models.py --out U`` where U/clip/ holds a user's model.safetensors and config.json:
+    refused in one line, both kept. Fails on main 4e786ae (replaced by random weights, exit 0)."""
+    from scripts.make_tiny_models import main
+
+    before = user_files(tmp_path / "U", {"clip/model.safetensors": b"weights", "clip/config.json": b"{}"})
+    monkeypatch.setattr("sys.argv", ["make_tiny_models.py", "--out", str(tmp_path / "U")])
+    with pytest.raises(SystemExit, match="not made by SoIR"):
+        main()
+    assert_untouched(before)
+    assert sorted(p.name for p in (tmp_path / "U").rglob("*")) == ["clip", "config.json", "model.safetensors"]
+
+
 # ------------------------------------------------------------------------------ 6-11: mix silently
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
