@@ -120,6 +120,20 @@ def test_3_make_tiny_models_never_replaces_a_users_model(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "U").rglob("*")) == ["clip", "config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("out", ["gallery/mug/b.jpg", "anns.pt"])
+def test_4_create_annotations_never_replaces_an_existing_file(tmp_path, out):
+    """``example/create_annotations.py --root R --out R/gallery/mug/b.jpg`` (a JPEG) or ``--out R/anns.pt``
+    (a hand-made one): refused in one line, the file kept. Fails on main 4e786ae (both became torch zips)."""
+    from example.create_annotations import main
+
+    before = user_files(
+        tmp_path, {"queries/mug/a.jpg": b"\xff\xd8 query", "gallery/mug/b.jpg": b"\xff\xd8 gallery", "anns.pt": b"mine"}
+    )
+    with pytest.raises(SystemExit, match="already exists; SoIR does not replace files"):
+        main(["--root", str(tmp_path), "--out", str(tmp_path / out)])
+    assert_untouched(before)
+
+
 # ------------------------------------------------------------------------------ 6-11: mix silently
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
