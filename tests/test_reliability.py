@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.pipeline import ROOT
+from tests.scripts.test_create_masked_dataset import _base_args, _folder
 from utils.errors import SoIRError
 
 
@@ -31,6 +32,16 @@ def fingerprints(paths) -> dict[Path, str]:
 
 def assert_untouched(before: dict[Path, str]) -> None:
     assert fingerprints(before) == before
+
+
+@pytest.fixture(scope="module")
+def mask_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random OWLv2 and SAM, as tests/scripts/test_create_masked_dataset.py's ``models``."""
+    from scripts.make_tiny_models import save_tiny_owlv2, save_tiny_sam
+
+    root = tmp_path_factory.mktemp("mask_models")
+    checkpoint, sam_config = save_tiny_sam(root / "sam")
+    return {"owlv2": save_tiny_owlv2(root / "owlv2"), "sam": checkpoint, "sam_config": sam_config}
 
 
 def config(*overrides: str):
@@ -134,7 +145,76 @@ def test_4_create_annotations_never_replaces_an_existing_file(tmp_path, out):
     assert_untouched(before)
 
 
+def test_5_mask_overwrite_checks_the_checkpoint_before_deleting_the_run(mask_models, tmp_path, capsys):
+    """``create_masked_dataset.py ... --overwrite`` with a --sam_checkpoint that cannot be loaded: one
+    line, and the complete earlier run (captions.pt, shards, run_config.json) is kept.
+    Fails on main 4e786ae (all three deleted before the checkpoint was read)."""
+    from scripts import create_masked_dataset as cmd
+
+    images, out = _folder(tmp_path / "images", 3), tmp_path / "masks"
+    assert cmd.main(_base_args(mask_models, images, out, "--shard_size", "3")) == 0
+    kept = fingerprints([out / "captions.pt", out / "run_config.json", out / "shards" / "shard_000000.pt"])
+    broken = tmp_path / "broken" / "sam.pth"
+    user_files(broken.parent, {"sam.pth": b"not a checkpoint"})
+    args = _base_args(mask_models, images, out, "--shard_size", "3", "--overwrite")
+    args[args.index("--sam_checkpoint") + 1] = str(broken)
+    capsys.readouterr()
+    assert cmd.main(args) == 1
+    assert "sam.pth" in capsys.readouterr().err
+    assert_untouched(kept)
+
+
 # ------------------------------------------------------------------------------ 6-11: mix silently
+
+
+def _masked_half(mask_models, images: Path, out: Path, checkpoint: Path) -> list[str]:
+    """create_masked_dataset.py's first of two shards (3 images each) with ``checkpoint``; returns the args."""
+    from scripts import create_masked_dataset as cmd
+
+    args = _base_args(mask_models, images, out, "--shard_size", "3")
+    args[args.index("--sam_checkpoint") + 1] = str(checkpoint)
+    assert cmd.main([*args, "--max_shards", "1"]) == 0
+    assert [p.name for p in (out / "shards").iterdir()] == ["shard_000000.pt"]
+    return args
+
+
+def test_6_mask_folder_does_not_resume_with_another_sam(mask_models, tmp_path, capsys):
+    """A mask folder half made with X/sam.pth, then X/sam.pth replaced by another SAM: the rerun is refused
+    (the checkpoint's sha256 differs), not resumed. Fails on main 4e786ae ("resuming: 1 of 2 shards
+    already done", exit 0, captions.pt with masks of two models)."""
+    import shutil
+
+    from scripts import create_masked_dataset as cmd
+    from scripts.make_tiny_models import save_tiny_sam
+
+    images, out, checkpoint = _folder(tmp_path / "images", 6), tmp_path / "masks", tmp_path / "X" / "sam.pth"
+    checkpoint.parent.mkdir()
+    shutil.copy(mask_models["sam"], checkpoint)
+    args = _masked_half(mask_models, images, out, checkpoint)
+    other, _ = save_tiny_sam(tmp_path / "other_sam", seed=1)
+    shutil.copy(other, checkpoint)
+    capsys.readouterr()
+    assert cmd.main(args) == 1
+    err = capsys.readouterr().err
+    assert "made with other settings or inputs" in err and "sam_checkpoint_sha256" in err
+    assert not (out / "captions.pt").exists() and not (out / "shards" / "shard_000001.pt").exists()
+
+
+def test_7_mask_folder_does_not_keep_stale_masks_of_an_edited_image(mask_models, tmp_path, capsys):
+    """A mask folder half made, then one of its images edited (same name, other pixels): the rerun is
+    refused (images_sha256 hashes the image bytes). Fails on main 4e786ae (it resumed with the old
+    image's masks)."""
+    from scripts import create_masked_dataset as cmd
+
+    images, out = _folder(tmp_path / "images", 6), tmp_path / "masks"
+    args = _masked_half(mask_models, images, out, mask_models["sam"])
+    _folder(images, 1, seed=99)  # img_00.png: new pixels
+    capsys.readouterr()
+    assert cmd.main(args) == 1
+    assert "images_sha256" in capsys.readouterr().err
+    assert not (out / "captions.pt").exists()
+
+
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
     rewritten in place (same size, same inode) with its mtime set back is hashed again (its ctime moved).
