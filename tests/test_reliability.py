@@ -215,6 +215,41 @@ def test_7_mask_folder_does_not_keep_stale_masks_of_an_edited_image(mask_models,
     assert not (out / "captions.pt").exists()
 
 
+def test_8_training_does_not_resume_after_the_base_model_or_an_image_changed(tiny_model_dirs, demo_dir, tmp_path):
+    """train_mao.py's identity (what decides whether ``last.ckpt`` is resumed) holds the base model's weights
+    by content and every image's bytes: the model folder rewritten with other weights, or one image
+    edited, is another run and is refused. Fails on main 4e786ae (the identity held the folder's path
+    only: "resuming ... at step 4" with other weights)."""
+    import shutil
+
+    from scripts.make_tiny_models import save_tiny_dinov2
+    from scripts.train_mao import train_identity
+    from utils.files import check_identity
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(demo_dir, data)
+    shutil.copytree(tiny_model_dirs["dinov2"], model)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[f"anns_file={data / 'anns.pt'}", f"captions_file={data / 'captions.pt'}", f"model_name={model}"],
+        )
+    saved = tmp_path / "run" / "identity.json"
+    check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
+    check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")  # the same run
+
+    save_tiny_dinov2(model, seed=1)  # other weights under the same path
+    with pytest.raises(SoIRError, match="other settings or inputs \\(model_weights\\)"):
+        check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
+    save_tiny_dinov2(model, seed=0)  # the original weights again: the same run
+    check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
+
+    image = next((data / "gallery").glob("*.jpg"))
+    image.write_bytes(image.read_bytes()[:-64] + bytes(64))  # other pixels, same name
+    with pytest.raises(SoIRError, match="other settings or inputs \\(images_sha256: "):
+        check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
+
+
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
     rewritten in place (same size, same inode) with its mtime set back is hashed again (its ctime moved).
