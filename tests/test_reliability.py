@@ -250,6 +250,24 @@ def test_8_training_does_not_resume_after_the_base_model_or_an_image_changed(tin
         check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
 
 
+def test_9_features_folder_without_its_identity_is_refused_not_adopted(tmp_path):
+    """A features folder whose identity.json was deleted is refused (with the fix) when another model's
+    run opens it; its gallery shards are never adopted. Fails on main 4e786ae (the new identity was
+    saved and shards 0-1 of model A were kept next to model B's shard 2)."""
+    from utils.feature_store import FeaturesFolder
+
+    root = tmp_path / "features"
+    with FeaturesFolder(root).open({"model": "A"}, {"model": "A", "q": 1}, "cfg"):
+        (root / "gallery").mkdir()
+        (root / "gallery" / "shard-00000.safetensors").write_bytes(b"model A's features")
+    (root / "identity.json").unlink()
+    before = fingerprints([root / "gallery" / "shard-00000.safetensors"])
+    with pytest.raises(SoIRError, match="holds features .*shard-00000.safetensors.* but no identity.json"):
+        FeaturesFolder(root).open({"model": "B"}, {"model": "B", "q": 1}, "cfg")
+    assert_untouched(before)
+    assert not (root / "identity.json").exists()
+
+
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
     rewritten in place (same size, same inode) with its mtime set back is hashed again (its ctime moved).
