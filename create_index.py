@@ -148,14 +148,17 @@ def prepare(cfg: DictConfig) -> None:
     """``stage=prepare``: every input checked and hashed (once, here), the folder claimed under its
     lock, its identity, ``images.json`` and the per-shard job files written. Loads the model for its
     identity (weights, preprocessing, device): run it with the workers' settings and device type."""
-    jobs, _, skipped, extractors, out, identities = plan_and_load(cfg)
+    jobs, facts, skipped, extractors, out, identities = plan_and_load(cfg)
     with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
         atomic_write_json(out / "sources.json", sources(cfg))
         for name, split_jobs in jobs.items():
             shards = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
             shards.prepare()
-            shards.write_jobs([job_to_dict(job) for job in split_jobs])
+            # Each job carries its image's sha256 as hashed here: the later stages check it (see
+            # verify_prepared_images), so an image edited after prepare never gets features under the
+            # folder's gallery_sha256.
+            shards.write_jobs([{**job_to_dict(job), "sha256": facts[job.annotation.key].sha256} for job in split_jobs])
             log.info(
                 "%s: %d images in %d shards, %d missing",
                 name,
@@ -196,10 +199,9 @@ def extract(cfg: DictConfig) -> None:
         )
         progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
         for shard in todo:
-            jobs = [
-                job_from_dict(line["record"], line["job"], is_query=name == "queries")
-                for line in shards.read_jobs(shard)
-            ]
+            lines = shards.read_jobs(shard)
+            verify_prepared_images(lines)
+            jobs = [job_from_dict(line["record"], line["job"], is_query=name == "queries") for line in lines]
             extract_shard(shards, shard, jobs, extractors[name], cfg, progress, record_bad_pixels=True)
         progress.close()
     left = {name: len(shards.missing()) for name, shards in splits.items()}
@@ -218,6 +220,41 @@ def prepared_splits(out: Path) -> dict[str, FeatureShards]:
         for name in ("gallery", "queries")
         if name == "gallery" or (out / name / "jobs.json").is_file()
     }
+
+
+def verify_prepared_images(lines: list[dict]) -> None:
+    """The images of one shard's job lines (``stage=prepare``'s ``jobs-<shard>.jsonl``) still have the
+    bytes prepare hashed (through the file-facts cache: a stat per unchanged image).
+
+    Raises:
+        SoIRError: naming the first changed image; its features would not match the folder's identity.
+    """
+    files = [Path(line["record"]["file"]) for line in lines]
+    try:
+        now = cached_sha256(files)
+    except OSError as err:
+        raise SoIRError(
+            f"{err.filename}: cannot be read since stage=prepare ({err.strerror}); restore it, or run every "
+            "stage again with a new features_dir"
+        ) from None
+    for file, line, sha in zip(files, lines, now):
+        if "sha256" not in line["job"]:
+            raise SoIRError(
+                f"the job files of {file} hold no image hashes (prepared by an older SoIR); rerun "
+                "create_index.py stage=prepare with the same settings"
+            )
+        if line["job"]["sha256"] != sha:
+            raise SoIRError(
+                f"{file} changed since stage=prepare (its sha256 differs from the one in the folder's identity); "
+                "restore it, or run every stage again with a new features_dir"
+            )
+
+
+def verify_all_prepared_images(splits: dict[str, FeatureShards]) -> None:
+    """:func:`verify_prepared_images` for every shard of every split (stage=index, stage=search)."""
+    for shards in splits.values():
+        for shard in range(shards.num_shards):
+            verify_prepared_images(shards.read_jobs(shard))
 
 
 def check_prepared_identity(out: Path, cfg: DictConfig, extractors: dict, splits: dict[str, FeatureShards]) -> None:
@@ -249,6 +286,7 @@ def build(cfg: DictConfig) -> None:
     out = Path(cfg.features_dir)
     splits = prepared_splits(out)
     with FolderLock(out):
+        verify_all_prepared_images(splits)
         stats = {name: shards.stats() for name, shards in splits.items()}  # every shard must exist
         refuse_undecodable(cfg, splits, stats)
         gallery = splits["gallery"]
@@ -311,7 +349,8 @@ def build_gallery_index(cfg: DictConfig, gallery: FeatureShards, out: Path) -> N
 
 
 def search_stage(cfg: DictConfig) -> None:
-    """``stage=search``: what search_index.py does."""
+    """``stage=search``: what search_index.py does, after checking that no image changed since stage=prepare."""
+    verify_all_prepared_images(prepared_splits(Path(cfg.features_dir)))
     search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
 
 

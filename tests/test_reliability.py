@@ -268,6 +268,50 @@ def test_9_features_folder_without_its_identity_is_refused_not_adopted(tmp_path)
     assert not (root / "identity.json").exists()
 
 
+def test_10_staged_runs_notice_an_image_edited_after_prepare(tiny_model_dirs, demo_dir, tmp_path):
+    """create_index.py stage=prepare, then one gallery image edited: stage=extract and stage=index refuse
+    it (naming the image) instead of writing features of the new pixels under prepare's gallery_sha256.
+    Fails on main 4e786ae (extract, index and search all succeeded)."""
+    import shutil
+
+    from create_index import build, extract, prepare
+    from utils.config import check_config, resolve_aliases
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+
+    def staged(stage: str):
+        cfg = config(
+            "extractor=clip_features",
+            f"model_name={tiny_model_dirs['clip']}",
+            "vec_dim=24",
+            f"anns_file={data / 'anns.pt'}",
+            f"features_dir={tmp_path / 'features'}",
+            f"stage={stage}",
+            "num_workers=0",
+            "shard_size=5",
+            "device=cpu",
+        )
+        resolve_aliases(cfg)
+        check_config(cfg)
+        return cfg
+
+    prepare(staged("prepare"))
+    image = sorted((data / "gallery").glob("*.jpg"))[0]
+    original = image.read_bytes()
+    image.write_bytes(original[:-64] + bytes(64))
+    with pytest.raises(SoIRError, match=f"{image.name} changed since stage=prepare"):
+        extract(staged("extract"))
+    assert not list((tmp_path / "features" / "gallery").glob("shard-*.safetensors"))
+
+    image.write_bytes(original)  # restored: the stages run
+    extract(staged("extract"))
+    image.write_bytes(original[:-64] + bytes(64))  # edited after extract: the index is refused
+    with pytest.raises(SoIRError, match=f"{image.name} changed since stage=prepare"):
+        build(staged("index"))
+    assert not (tmp_path / "features" / "summary.json").exists()
+
+
 def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_restored(tmp_path):
     """The sha256 cache (utils.files.FileFacts) behind every weights and image identity: a checkpoint
     rewritten in place (same size, same inode) with its mtime set back is hashed again (its ctime moved).
