@@ -370,6 +370,19 @@ def query_extractor(cfg: DictConfig, gallery_extractor):
     return extractor
 
 
+def refuse_queries_in_gallery(queries: list, gallery: list, facts: dict, anns_file: str) -> None:
+    """A query whose image bytes are also a gallery image's (the same file under two keys, a symlink, a
+    copy) would retrieve itself and inflate every metric: an error, naming the pairs."""
+    gallery_by_sha = {facts[a.key].sha256: a.key for a in gallery if facts[a.key].sha256}
+    pairs = [(q.key, gallery_by_sha[facts[q.key].sha256]) for q in queries if facts[q.key].sha256 in gallery_by_sha]
+    if pairs:
+        listed = "; ".join(f"query {q} = gallery {g}" for q, g in pairs[:5])
+        raise SoIRError(
+            f"{anns_file}: {len(pairs)} queries are also gallery images (the same bytes), so they would "
+            f"retrieve themselves: {listed}; remove one of each pair from the anns file"
+        )
+
+
 def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
     """Every input that needs no model, read and checked: the jobs of each split, the images' facts
     (sha256, size) by key, and the images left out under bad_images=skip."""
@@ -402,6 +415,8 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
             f"{cfg.query_extractor or cfg.extractor} is not an MI extractor"
         )
     facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
+    if not cfg.only_gallery:
+        refuse_queries_in_gallery(queries, gallery, facts, cfg.anns_file)
     jobs, skipped = {}, []
     wanted = gallery_jobs(
         gallery, captions, uses_masks, cfg.missing_masks, source, crop=query_crop if cfg.gallery_crop else None

@@ -333,3 +333,32 @@ def test_11_weights_hash_cache_sees_a_file_rewritten_in_place_with_its_mtime_res
         st.st_ino,
     )
     assert cached_sha256([weights])[0] == hashlib.sha256(b"B" * 4096).hexdigest() != first
+
+
+# --------------------------------------------------------------------- 12-14: wrong numbers, no word
+@pytest.mark.parametrize("how", ["same file", "symlink", "copy"])
+def test_12_a_query_that_is_also_a_gallery_image_is_refused(demo_dir, tmp_path, how):
+    """A query image that is also a gallery image (the same file under a query key, a symlink to it, a
+    byte-identical copy) is refused before any model loads: it would retrieve itself. Fails on main
+    4e786ae (accepted)."""
+    import os
+    import shutil
+
+    import torch
+
+    from create_index import plan
+    from datasets import save_anns
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    anns = torch.load(data / "anns.pt", weights_only=True)
+    key, entry = next((k, e) for k, e in sorted(anns.items()) if not e["is_query"] and e["ins"])
+    query_key = {"same file": str(data / key), "symlink": "queries/link.jpg", "copy": "queries/copy.jpg"}[how]
+    if how == "symlink":
+        os.symlink(data / key, data / query_key)
+    elif how == "copy":
+        shutil.copy(data / key, data / query_key)
+    anns[query_key] = {"ins": entry["ins"][0], "is_query": True}
+    save_anns(anns, data / "anns.pt")
+    with pytest.raises(SoIRError, match=f"1 queries are also gallery images .*query {query_key} = gallery {key}"):
+        plan(config("extractor=clip_features", f"anns_file={data / 'anns.pt'}"))
