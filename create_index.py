@@ -504,14 +504,38 @@ def extract_shard(
             stats["global_fallback"] += v.global_fallback
         progress.update(len(batch))
     empty = torch.empty(0, dtype=torch.long)
+    features = torch.cat(features) if features else torch.empty(0, extractor.dim)
+    owner = torch.cat(owner) if owner else empty
+    check_unit_norm(shards, features, owner)
     shards.write(
         shard,
-        torch.cat(features) if features else torch.empty(0, extractor.dim),
-        torch.cat(owner) if owner else empty,
+        features,
+        owner,
         stats,
         torch.cat(mask_index) if mask_index else empty,
         torch.tensor(failed, dtype=torch.long),
     )
+
+
+def check_unit_norm(
+    shards: FeatureShards, features: torch.Tensor, owner: torch.Tensor, tolerance: float = 1e-3
+) -> None:
+    """Every stored vector [R, D] has norm 1 +- ``tolerance``: scores are cosines only then (an MI that
+    diverged, e.g. mi_lr=1e30, gives rows of norm 0 that would be searched as features). Non-finite
+    rows are left to ``FeatureShards.write``, which names them as such.
+
+    Raises:
+        SoIRError: naming the split, the count, the norms seen and the first images.
+    """
+    norms = features.double().norm(dim=1)
+    off = torch.isfinite(norms) & ((norms - 1).abs() > tolerance)
+    if off.any():
+        keys = [shards.records[int(i)]["key"] for i in owner[off].unique()[:5]]
+        raise SoIRError(
+            f"{shards.folder.name}: {int(off.sum())} of {len(norms)} feature vectors are not unit-norm (norms "
+            f"{norms[off].min():.3g}..{norms[off].max():.3g}), images {keys}; check the MI settings "
+            "(mi_lr, mi_alpha) and these images"
+        )
 
 
 def record(ann) -> dict:

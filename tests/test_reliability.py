@@ -362,3 +362,34 @@ def test_12_a_query_that_is_also_a_gallery_image_is_refused(demo_dir, tmp_path, 
     save_anns(anns, data / "anns.pt")
     with pytest.raises(SoIRError, match=f"1 queries are also gallery images .*query {query_key} = gallery {key}"):
         plan(config("extractor=clip_features", f"anns_file={data / 'anns.pt'}"))
+
+
+def test_13_vectors_that_are_not_unit_norm_stop_the_run(tiny_model_dirs, demo_dir, tmp_path):
+    """``mi_lr=1e30``: the Mask Inversion diverges to rows of norm 0; the extraction stops naming the
+    images instead of storing them. Fails on main 4e786ae (rows of norm 0.0 written, exit 0)."""
+    from create_index import extract, prepare
+    from utils.config import check_config, resolve_aliases
+
+    def staged(stage: str):
+        cfg = config(
+            "extractor=clip_mi_features",
+            f"model_name={tiny_model_dirs['clip']}",
+            "vec_dim=24",
+            f"anns_file={demo_dir / 'anns.pt'}",
+            f"captions_file={demo_dir / 'captions.pt'}",
+            f"features_dir={tmp_path / 'features'}",
+            f"stage={stage}",
+            "mi_lr=1e30",
+            "mi_iterations=3",
+            "num_workers=0",
+            "shard_size=4",
+            "device=cpu",
+        )
+        resolve_aliases(cfg)
+        check_config(cfg)
+        return cfg
+
+    prepare(staged("prepare"))
+    with pytest.raises(SoIRError, match=r"gallery: \d+ of \d+ feature vectors are not unit-norm .*images \['gallery/"):
+        extract(staged("extract"))
+    assert not list((tmp_path / "features" / "gallery").glob("shard-*.safetensors"))
