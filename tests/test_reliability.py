@@ -393,3 +393,79 @@ def test_13_vectors_that_are_not_unit_norm_stop_the_run(tiny_model_dirs, demo_di
     with pytest.raises(SoIRError, match=r"gallery: \d+ of \d+ feature vectors are not unit-norm .*images \['gallery/"):
         extract(staged("extract"))
     assert not list((tmp_path / "features" / "gallery").glob("shard-*.safetensors"))
+
+
+def test_14_converters_and_builders_refuse_what_create_index_would_refuse(tmp_path, capsys):
+    """convert_captions.py with masks of another size than their image, and prepare_benchmark.py on a
+    folder that gives no queries and no gallery images: one line each, nothing written (and an earlier
+    benchmark in --out kept). Fails on main 4e786ae (both wrote their files, exit 0)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from datasets import encode_mask_row_major
+    from scripts import convert_captions
+    from scripts.prepare_benchmark import main as prepare_benchmark
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "plain.png")
+    other = np.zeros((40, 60), dtype=bool)
+    other[2:4, 3:9] = True
+    source = {"plain.png": {"masks_rle": [encode_mask_row_major(other)], "bboxes": [[3, 2, 9, 4]], "scores": [0.8]}}
+    torch.save(source, tmp_path / "segmentation_results.pt")
+    out = tmp_path / "captions.pt"
+    assert convert_captions.main([str(tmp_path / "segmentation_results.pt"), "--out", str(out)]) == 1
+    assert "the masks of plain.png are 40x60 (H x W) but the image" in capsys.readouterr().err
+    assert not out.exists()
+
+    empty = tmp_path / "INSTRE"
+    for subset in ("INSTRE-S1", "INSTRE-S2", "INSTRE-M"):
+        (empty / subset).mkdir(parents=True)
+    bench = tmp_path / "bench"
+    with pytest.raises(SystemExit, match="gives an empty instre_xs benchmark \\(0 queries, 0 gallery images"):
+        prepare_benchmark(["instre_xs", "--root", str(empty), "--out", str(bench)])
+    assert not bench.exists() or not list(bench.iterdir())
+
+
+def test_15_refusals_are_one_line_naming_the_file(tmp_path, capsys):
+    """Bad inputs that gave tracebacks: an RLE claiming 1e6 x 1e6 pixels (convert_captions.py tried to
+    allocate 931 GiB), a BURST sequence without "dataset" (KeyError) and a BURST file that is not JSON (an
+    error without the file's name) in prepare_benchmark.py permir, a truncated or pickled last.ckpt in
+    train_mao.py (UnpicklingError). Fails on main 4e786ae."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from scripts import convert_captions
+    from scripts.prepare_benchmark import main as prepare_benchmark
+    from utils.training import load_resume_state
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "plain.png")
+    rle = {"counts": [10**12], "size": [1_000_000, 1_000_000]}  # a valid RLE of 10^12 pixels
+    torch.save({"plain.png": {"masks_rle": [rle], "bboxes": [[0, 0, 1, 1]], "scores": [0.5]}}, tmp_path / "huge.pt")
+    assert convert_captions.main([str(tmp_path / "huge.pt"), "--out", str(tmp_path / "c.pt")]) == 1
+    assert "are 1000000x1000000 (H x W) but the image" in capsys.readouterr().err
+
+    burst = tmp_path / "all_classes.json"
+    burst.write_text(json.dumps({"sequences": [{"id": 1}], "categories": [], "split": "val"}))
+    with pytest.raises(SystemExit, match=f"{burst}: not in BURST's format \\(KeyError: 'dataset'"):
+        prepare_benchmark(
+            ["permir", "--root", str(tmp_path), "--out", str(tmp_path / "b"), "--burst_annotations", str(burst)]
+        )
+    burst.write_text("{not json")
+    with pytest.raises(SystemExit, match=f"{burst}: cannot be read as JSON"):
+        prepare_benchmark(
+            ["permir", "--root", str(tmp_path), "--out", str(tmp_path / "b"), "--burst_annotations", str(burst)]
+        )
+
+    torch.save({"state_dict": {}, "optimizer": {}, "scheduler": {}, "step": 4, "best": {}}, tmp_path / "last.ckpt")
+    good = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(SoIRError, match="last.ckpt cannot be read as a training checkpoint"):
+        load_resume_state(tmp_path / "last.ckpt")
+    torch.save(
+        {"state_dict": {}, "optimizer": {}, "scheduler": {}, "step": 4, "best": Image.new("L", (1, 1))},
+        tmp_path / "last.ckpt",
+    )
+    with pytest.raises(SoIRError, match="last.ckpt cannot be read as a training checkpoint"):
+        load_resume_state(tmp_path / "last.ckpt")
