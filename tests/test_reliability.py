@@ -469,3 +469,47 @@ def test_15_refusals_are_one_line_naming_the_file(tmp_path, capsys):
     )
     with pytest.raises(SoIRError, match="last.ckpt cannot be read as a training checkpoint"):
         load_resume_state(tmp_path / "last.ckpt")
+
+
+def test_15_a_pickled_ds_inds_file_is_one_line(demo_dir, tmp_path):
+    """``ds_inds_file=evil.pt`` holding an object that weights_only refuses: an AnnotationError naming the
+    file (one line from the CLIs). Fails on main 4e786ae (UnpicklingError traceback)."""
+    import torch
+    from PIL import Image
+
+    from datasets import load_anns, select_indices
+
+    torch.save([0, 1, Image.new("L", (1, 1))], tmp_path / "evil.pt")
+    with pytest.raises(SoIRError, match="ds_inds_file .*evil.pt.*: expected a list of integer indices"):
+        select_indices(load_anns(demo_dir / "anns.pt"), tmp_path / "evil.pt")
+
+
+def test_15_a_file_size_limit_is_one_line_and_keeps_what_was_written(clip_demo_features, tmp_path):
+    """search_index.py under ``ulimit -f`` (the process's file-size limit is the subject: a subprocess):
+    one ``error: cannot write <file>: File too large`` line naming the fix, no traceback, and no
+    half-written file. Fails on main 4e786ae (an OSError traceback)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    _, folder = clip_demo_features
+    limit = 4096  # bytes: the logs and results.json fit, the report's thumbnails do not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "search_index.py"), f"features_dir={folder}", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: cannot write" in proc.stderr and "File too large (EFBIG); free disk space" in proc.stderr
+    assert not [p for p in run.rglob("*.tmp")]  # atomic writes: no half-written file left
