@@ -63,7 +63,15 @@ from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_a
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
-from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
+from utils.files import (
+    FolderLock,
+    atomic_write_json,
+    cached_sha256,
+    check_identity,
+    folder_kind,
+    read_json,
+    remove_stale_temporaries,
+)
 from utils.index_build import build_ondisk, shard_blocks
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
 from utils.own_queries import check_run_folder
@@ -286,6 +294,7 @@ def build(cfg: DictConfig) -> None:
     out = Path(cfg.features_dir)
     splits = prepared_splits(out)
     with FolderLock(out):
+        remove_stale_temporaries(out)  # of a killed stage=index (an index written half)
         verify_all_prepared_images(splits)
         stats = {name: shards.stats() for name, shards in splits.items()}  # every shard must exist
         refuse_undecodable(cfg, splits, stats)

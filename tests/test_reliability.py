@@ -8,6 +8,7 @@ a refusal that was a traceback. User files are checked by their sha256 before an
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -513,3 +514,77 @@ def test_15_a_file_size_limit_is_one_line_and_keeps_what_was_written(clip_demo_f
     assert "Traceback" not in proc.stderr
     assert "error: cannot write" in proc.stderr and "File too large (EFBIG); free disk space" in proc.stderr
     assert not [p for p in run.rglob("*.tmp")]  # atomic writes: no half-written file left
+
+
+# ------------------------------------------------------------------------------- 16: small promises
+def test_16_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
+    """``kill -9`` leaves ``.shard-*.tmp`` and ``.index-*.faiss.*.tmp`` files; the next run that owns the
+    folder removes those of dead writers on this host, and keeps a live writer's and another host's.
+    Fails on main 4e786ae (no rerun removed them)."""
+    import socket
+    import subprocess
+
+    from utils.feature_store import FeaturesFolder
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    root = tmp_path / "features"
+    with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
+        (root / "gallery").mkdir()
+    stale = [
+        root / "gallery" / f".shard-00001.safetensors.{host}.{dead.pid}.tmp",
+        root / f".index-Flat.faiss.{host}.{dead.pid}.tmp",
+    ]
+    kept = [
+        root / "gallery" / f".shard-00002.safetensors.{host}.{os.getpid()}.tmp",  # a live writer (a worker)
+        root / "gallery" / f".shard-00003.safetensors.other-node.{dead.pid}.tmp",  # cannot be checked here
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"half a shard")
+    with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
+        pass
+    assert [p.exists() for p in stale + kept] == [False, False, True, True]
+
+
+def test_16_training_checks_the_batch_before_claiming_its_folder(demo_dir, tiny_model_dirs, tmp_path):
+    """``train_mao.py batch_size=5 micro_batch=2``: refused before the output folder is claimed and its
+    identity saved, so the corrected rerun into the same output_dir is not refused as "another run"
+    (a subprocess: Hydra's entry point). Fails on main 4e786ae (identity.json saved with batch_size=5)."""
+    from tests.pipeline import run_script
+
+    out = tmp_path / "train"
+    proc = run_script(
+        "scripts/train_mao.py",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        f"output_dir={out}",
+        "batch_size=5",
+        "micro_batch=2",
+        "device=cpu",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "batch_size=5 must be a multiple of micro_batch=2" in proc.stderr
+    assert not (out / "identity.json").exists()
+
+
+def test_16_a_query_refresh_says_what_happened_and_a_symlink_is_named(tmp_path, caplog):
+    """A query-identity change logs "recomputing the query features", not also "held query shards without
+    an identity"; a ``queries/`` symlink out of the folder is refused as such, not as "not made by SoIR".
+    Fails on main 4e786ae."""
+    from utils.feature_store import FeaturesFolder
+
+    root = tmp_path / "features"
+    with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
+        (root / "queries" / "shard-00000.safetensors").write_bytes(b"old queries")
+    with caplog.at_level("WARNING"), FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 2}, "cfg"):
+        pass
+    assert "recomputing the query features" in caplog.text and "without an identity" not in caplog.text
+
+    elsewhere = tmp_path / "big_disk" / "queries"
+    (root / "queries").rename(elsewhere.parent.mkdir() or elsewhere)
+    (root / "queries").symlink_to(elsewhere)
+    with pytest.raises(SoIRError, match="leads out of .* \\(a symbolic link to .*big_disk/queries\\)"):
+        FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 3}, "cfg")

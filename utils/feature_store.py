@@ -52,6 +52,7 @@ from utils.files import (
     claim_folder,
     read_json,
     remove_own_files,
+    remove_stale_temporaries,
 )
 
 log = logging.getLogger("soir.features")
@@ -390,6 +391,8 @@ class FeaturesFolder:
         claim_folder(self.root, "features")
         self.lock.__enter__()
         try:
+            for folder in (self.root, self.root / "gallery", self.root / "queries"):
+                remove_stale_temporaries(folder, root=self.root)  # of a killed run: never renamed
             self._check_gallery(gallery_identity)
             self._refresh_queries(query_identity)
             atomic_write_text(self.root / "config.yaml", config_yaml)

@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -148,14 +149,47 @@ def remove_own_files(folder: str | Path, patterns: Iterable[str], root: str | Pa
     when ``root`` (default ``folder``) is a SoIR-owned folder containing ``folder``; anything else
     in it stays. Returns the deleted paths."""
     folder, root = Path(folder), Path(root or folder)
-    if folder_kind(root) is None or not folder.resolve().is_relative_to(root.resolve()):
+    if folder_kind(root) is None:
         raise SoIRError(f"refusing to delete in {folder}: {root} was not made by SoIR (no {MARKER})")
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise SoIRError(
+            f"refusing to delete in {folder}: it leads out of {root} (a symbolic link to {folder.resolve()}), "
+            "and SoIR deletes only inside the folders it made; replace the link by a folder"
+        )
     removed = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if path.is_file() and _matches(path.name, patterns):
             path.unlink()
             removed.append(path)
     return removed
+
+
+def remove_stale_temporaries(folder: str | Path, root: str | Path | None = None) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` directly in ``folder`` (inside the SoIR-owned
+    ``root``, default ``folder``) whose writer is dead: written on this host by a pid that no longer
+    runs (a ``kill -9``, an out-of-memory kill). A live writer's file, and any other host's (its pid
+    cannot be checked from here), stay. Returns the deleted paths."""
+    folder, root = Path(folder), Path(root or folder)
+    if not folder.is_dir() or folder_kind(root) is None or not folder.resolve().is_relative_to(root.resolve()):
+        return []
+    mine = re.compile(rf"^\..+\.{re.escape(socket.gethostname())}\.(\d+)\.tmp$")
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = mine.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------- identities

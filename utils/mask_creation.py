@@ -42,6 +42,7 @@ from utils.files import (
     check_identity,
     claim_folder,
     remove_own_files,
+    remove_stale_temporaries,
 )
 from utils.hub import model_weights_identity
 from utils.mask_models import (
@@ -660,6 +661,8 @@ def _run_locked(
 ) -> dict:
     """The part of :func:`run` that writes, holding the output folder's lock."""
     output_dir: Path = args.output_dir
+    for folder in OWN_FILES:
+        remove_stale_temporaries(output_dir / folder, root=output_dir)  # of a killed run
     timer = StageTimer(device)
     # --overwrite deletes the earlier run only after every input, the models included, has loaded:
     # a checkpoint that cannot be read must not cost a complete run.
