@@ -588,3 +588,15 @@ def test_16_a_query_refresh_says_what_happened_and_a_symlink_is_named(tmp_path, 
     (root / "queries").symlink_to(elsewhere)
     with pytest.raises(SoIRError, match="leads out of .* \\(a symbolic link to .*big_disk/queries\\)"):
         FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 3}, "cfg")
+
+
+def test_15_a_crowded_small_demo_is_made_or_refused_whole(tmp_path):
+    """``make_demo_dataset.py --image_size 128 --num_objects 20`` (here with seed 1, 10 scenes per object):
+    a scene too full for an object draws it again instead of stopping with a RuntimeError and half a
+    dataset. Fails on main 4e786ae (RuntimeError "no free place for a 63x63 object", 180 images left)."""
+    from datasets import load_anns, split
+    from scripts.make_demo_dataset import make_demo_dataset
+
+    out = make_demo_dataset(tmp_path / "demo", num_objects=20, gallery_per_object=10, image_size=128, seed=1)
+    queries, gallery = split(load_anns(out / "anns.pt"))
+    assert len(queries) == 20 and len(gallery) == 20 * 10 + 8
