@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `utils` im
 from datasets import ImageMasks, encode_mask, load_captions, save_captions
 from datasets.images import image_facts
 from utils.errors import SoIRError
+from utils.files import new_file
 
 
 def convert(source: Path, out: Path, images_root: Path | None) -> dict[str, int]:
@@ -68,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images_root", type=Path, help="folder the keys are relative to (default: the source's)")
     args = parser.parse_args(argv)
     try:
-        if args.out.exists():
-            raise SoIRError(
-                f"{args.out} exists; choose a new file name (SoIR does not overwrite files it did not write)"
-            )
+        new_file(args.out, "captions.pt")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         counts = convert(args.source, args.out, args.images_root)
     except SoIRError as err:

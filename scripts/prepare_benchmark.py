@@ -32,6 +32,7 @@ from datasets.benchmarks import (
     voxdet_report,
 )
 from utils.feature_store import atomic_write_text
+from utils.files import check_claimable, claim_folder
 
 OUTPUTS = ("anns.pt", "captions.pt", "benchmark.json")
 
@@ -65,7 +66,7 @@ def prepare(
             f"{report.stats.get('gallery_images', 0)} gallery images; left out: {dict(report.excluded) or 'nothing'}); "
             "check --root (and --burst_annotations / --anns) name the benchmark's folders"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "benchmark")
     for name in earlier:  # only now, with every input read: a failed build keeps the earlier benchmark
         (out / name).unlink()
     anns_file = save_anns(anns, out / "anns.pt").resolve() if anns is not None else voxdet_anns
@@ -93,18 +94,14 @@ def prepare(
 
 
 def _check_out(out: Path, overwrite: bool) -> list[str]:
-    """Refuse to replace files this script did not write (benchmark.json is the proof that it did);
-    returns the names of an earlier run's files, which :func:`prepare` deletes once the new benchmark is built."""
+    """Refuse a folder this script did not make (its ``.soir.json``, utils.files.claim_folder: a
+    user's own anns.pt or benchmark.json is never replaced), and an earlier benchmark unless
+    ``overwrite``; returns the names of the earlier run's files, which :func:`prepare` deletes once
+    the new benchmark is built."""
+    check_claimable(out, "benchmark")
     present = [name for name in OUTPUTS if (out / name).exists()]
-    if not present:
-        return []
-    if not overwrite:
+    if present and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(present)}; use another --out or --overwrite")
-    if not (out / "benchmark.json").is_file():
-        raise FileExistsError(
-            f"{out} holds {', '.join(present)} but no benchmark.json, so they were not written "
-            f"by prepare_benchmark.py; not overwriting them"
-        )
     return present
 
 

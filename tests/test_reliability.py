@@ -600,3 +600,138 @@ def test_15_a_crowded_small_demo_is_made_or_refused_whole(tmp_path):
     out = make_demo_dataset(tmp_path / "demo", num_objects=20, gallery_per_object=10, image_size=128, seed=1)
     queries, gallery = split(load_anns(out / "anns.pt"))
     assert len(queries) == 20 and len(gallery) == 20 * 10 + 8
+
+
+# ------------------------------------------------------------------------- the walk: every writer
+# Every program that writes files, by path; the walk below must name each one (a new script fails the
+# walk until it is added here with its refusal).
+WRITERS = {
+    "create_index.py",
+    "search_index.py",
+    "example/create_annotations.py",
+    "scripts/convert_captions.py",
+    "scripts/create_masked_dataset.py",
+    "scripts/inspect_mi.py",
+    "scripts/make_demo_dataset.py",
+    "scripts/make_tiny_models.py",
+    "scripts/paper_table.py",
+    "scripts/prepare_benchmark.py",
+    "scripts/train_mao.py",
+}
+
+
+def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
+    clip_demo_features, tiny_model_dirs, demo_dir, mask_models, tmp_path, capsys
+):
+    """Every program in scripts/, example/ and the two CLIs, pointed at a folder of a user's files whose
+    names are the names SoIR writes (with --overwrite where it has one): each refuses in one line, and
+    afterwards every file has its sha256 and nothing was added. Fails on main 4e786ae (make_demo_dataset,
+    make_tiny_models, create_annotations and search_index replaced files)."""
+    from create_index import prepare
+    from example.create_annotations import main as create_annotations
+    from scripts import (
+        convert_captions,
+        create_masked_dataset,
+        inspect_mi,
+        make_demo_dataset,
+        make_tiny_models,
+        paper_table,
+        prepare_benchmark,
+    )
+    from search_index import search
+    from tests.datasets.benchmark_replicas import write_instre
+    from tests.pipeline import run_script
+    from utils.own_queries import own_query
+
+    user = tmp_path / "user"
+    names = [
+        "anns.pt", "captions.pt", "benchmark.json", "run_config.json", "summary.json", "identity.json",
+        "config.yaml", "results.json", "rankings.jsonl", "per_query.csv", "report.html", "thumbs/g000000.jpg",
+        "table.md", "inspect.png", "gallery/IMG_0001.jpg", "queries/q_000.jpg", "shards/shard_000000.pt",
+        "clip/model.safetensors", "clip/config.json", "sam/sam_tiny.pth", "failed_images.txt",
+    ]  # fmt: skip
+    before = user_files(user, {name: f"the user's {name}".encode() for name in names})
+    (tmp_path / "segmentation_results.pt").write_bytes((demo_dir / "captions.pt").read_bytes())
+    _, features = clip_demo_features
+    instre = write_instre(tmp_path / "INSTRE")
+
+    def refused(call, *args) -> str:
+        """Run a program's entry point; it must stop (exit status 1 or an exception) and say why."""
+        try:
+            status = call(*args)
+        except (SystemExit, SoIRError) as err:
+            return str(err)
+        assert status == 1, f"{call} wrote into the user's folder"
+        return capsys.readouterr().err
+
+    walked = {
+        "scripts/make_demo_dataset.py": refused(make_demo_dataset.main, ["--out", str(user), "--overwrite"]),
+        "scripts/make_tiny_models.py": refused(make_tiny_models.main, ["--out", str(user)]),
+        "example/create_annotations.py": refused(
+            create_annotations, ["--root", str(demo_dir), "--out", str(user / "anns.pt")]
+        ),
+        "scripts/convert_captions.py": refused(
+            convert_captions.main,
+            [str(tmp_path / "segmentation_results.pt"), "--out", str(user / "captions.pt")],
+        ),
+        "scripts/create_masked_dataset.py": refused(
+            create_masked_dataset.main, [*_base_args(mask_models, demo_dir / "gallery", user), "--overwrite"]
+        ),
+        "scripts/prepare_benchmark.py": refused(
+            prepare_benchmark.main, ["instre_xs", "--root", str(instre), "--out", str(user), "--overwrite"]
+        ),
+        "scripts/paper_table.py": refused(paper_table.main, ["table", str(features), "--out", str(user / "table.md")]),
+        "scripts/inspect_mi.py": refused(
+            inspect_mi.main,
+            [
+                "--image",
+                str(next((demo_dir / "gallery").glob("*.jpg"))),
+                "--captions",
+                str(demo_dir / "captions.pt"),
+                "--tiny",
+                "--out",
+                str(user / "inspect.png"),
+                "--overwrite",
+            ],
+        ),  # fmt: skip
+        "search_index.py": refused(search, config(f"features_dir={features}"), features, user)
+        + refused(own_query, config(f"features_dir={features}", "query_text=a mug"), features, user),
+        "create_index.py": refused(
+            prepare,
+            config(
+                "extractor=clip_features",
+                f"model_name={tiny_model_dirs['clip']}",
+                "vec_dim=24",
+                f"anns_file={demo_dir / 'anns.pt'}",
+                f"features_dir={user}",
+                "stage=prepare",
+                "device=cpu",
+            ),
+        ),  # fmt: skip
+    }
+    proc = run_script(
+        "scripts/train_mao.py",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        f"output_dir={user}",
+        "device=cpu",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    walked["scripts/train_mao.py"] = proc.stderr
+
+    assert set(walked) == WRITERS
+    programs = {
+        p.relative_to(ROOT).as_posix()
+        for p in [*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("example/*.py")]
+    }
+    assert programs - {"scripts/__init__.py", "example/__init__.py"} <= WRITERS, "a new program: add it to the walk"
+    for program, why in walked.items():
+        assert any(s in why for s in ("not made by SoIR", "already exists", "not written by")), (
+            program,
+            why,
+        )
+    assert_untouched(before)
+    assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*") if p.is_file()) == sorted(names)

@@ -92,6 +92,19 @@ def claim_folder(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> P
     run folder before SoIR's code starts (``.hydra``, ``<job>.log``).
 
     Raises:
+        SoIRError: see :func:`check_claimable`.
+    """
+    folder = check_claimable(folder, kind, ignore)
+    if folder_kind(folder) is None:
+        atomic_write_json(folder / MARKER, {"soir": kind, "format": 1})
+    return folder
+
+
+def check_claimable(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> Path:
+    """What :func:`claim_folder` checks, writing nothing (for programs that check every input before
+    they create anything).
+
+    Raises:
         SoIRError: the folder is a file, holds files but no marker (not made by SoIR: refused, so
             a user's data is never written into or deleted), or is SoIR's folder of another kind.
     """
@@ -108,8 +121,6 @@ def claim_folder(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> P
         )
     if owner is not None and owner != kind:
         raise SoIRError(f"{folder} is a SoIR {owner} folder, not a {kind} folder; choose another folder")
-    if owner is None:
-        atomic_write_json(folder / MARKER, {"soir": kind, "format": 1})
     return folder
 
 
