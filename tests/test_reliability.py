@@ -8,6 +8,7 @@ a refusal that was a traceback. User files are checked by their sha256 before an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -187,11 +188,15 @@ def test_6_mask_folder_does_not_resume_with_another_sam(mask_models, tmp_path, c
 
     from scripts import create_masked_dataset as cmd
     from scripts.make_tiny_models import save_tiny_sam
+    from utils.hub import model_weights_identity
 
     images, out, checkpoint = _folder(tmp_path / "images", 6), tmp_path / "masks", tmp_path / "X" / "sam.pth"
     checkpoint.parent.mkdir()
     shutil.copy(mask_models["sam"], checkpoint)
     args = _masked_half(mask_models, images, out, checkpoint)
+    # OWLv2 is pinned by its weights too (a local folder: the sha256 of its files), not by the name given.
+    owlv2 = json.loads((out / "run_config.json").read_text())["owlv2_weights"]
+    assert owlv2["model_files_sha256"] == model_weights_identity(str(mask_models["owlv2"]))["model_files_sha256"]
     other, _ = save_tiny_sam(tmp_path / "other_sam", seed=1)
     shutil.copy(other, checkpoint)
     capsys.readouterr()
