@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/train_mao.py`
 from datasets import load_anns
 from utils import config as soir_config
 from utils import training
-from utils.errors import exit_on_error
+from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
 from utils.files import FolderLock, atomic_write_text, cached_sha256, check_identity, claim_folder
 from utils.hub import model_weights_identity
@@ -67,6 +67,7 @@ def main(cfg: DictConfig) -> None:
     if ctx.rank == 0:
         claim_folder(out, "training")
         with FolderLock(out):
+            refuse_results_without_identity(out)
             check_identity(out / "identity.json", identity, "a training run", fix="use another output_dir")
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             training.train(cfg, out, ctx)
@@ -77,6 +78,20 @@ def main(cfg: DictConfig) -> None:
             f"LoRA weights: {out / 'final.ckpt'} (best held-out mAP: {out / 'best.ckpt'})\n"
             f"use: python create_index.py extractor={cfg.family}_mi_features lora_adapt=true "
             f"lora_rank={cfg.lora_rank} weights={out / 'final.ckpt'} ..."
+        )
+
+
+TRAINING_OUTPUTS = ("last.ckpt", "best.ckpt", "final.ckpt", "metrics.jsonl")
+
+
+def refuse_results_without_identity(out: Path) -> None:
+    """A training folder holding checkpoints but no identity.json (deleted) is refused, not adopted:
+    nothing says which model, settings and images its ``last.ckpt`` was trained with."""
+    held = [name for name in TRAINING_OUTPUTS if (out / name).exists()]
+    if held and not (out / "identity.json").exists():
+        raise SoIRError(
+            f"{out} holds {', '.join(held)} but no identity.json, so nothing says which model, settings and "
+            f"images made them; use another output_dir, or delete {out} to train again"
         )
 
 

@@ -740,3 +740,27 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         )
     assert_untouched(before)
     assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*") if p.is_file()) == sorted(names)
+
+
+def test_9_training_folder_without_its_identity_is_refused_not_adopted(demo_dir, tiny_model_dirs, tmp_path):
+    """As case 9 for training: a train_mao.py folder whose identity.json was deleted, with a last.ckpt
+    left, is refused with the fix instead of resuming someone's checkpoint under a new identity (a
+    subprocess: Hydra's entry point). Fails on main 4e786ae (identity saved, the checkpoint loaded)."""
+    from tests.pipeline import run_script
+    from utils.files import claim_folder
+
+    out = claim_folder(tmp_path / "train", "training")
+    before = user_files(out, {"last.ckpt": b"another run's checkpoint"})
+    proc = run_script(
+        "scripts/train_mao.py",
+        f"anns_file={demo_dir / 'anns.pt'}",
+        f"captions_file={demo_dir / 'captions.pt'}",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        f"output_dir={out}",
+        "device=cpu",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "holds last.ckpt but no identity.json" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "identity.json").exists()
+    assert_untouched(before)
