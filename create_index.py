@@ -66,9 +66,18 @@ from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_a
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
-from utils.files import FolderLock, atomic_write_json, cached_sha256, check_identity, folder_kind, read_json
+from utils.files import (
+    FolderLock,
+    atomic_write_json,
+    cached_sha256,
+    check_identity,
+    folder_kind,
+    read_json,
+    remove_stale_temporaries,
+)
 from utils.index_build import build_ondisk, shard_blocks
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
+from utils.own_queries import check_run_folder
 from utils.processes import worker_init_fn
 
 log = logging.getLogger("soir.create_index")
@@ -86,6 +95,8 @@ def main(cfg: DictConfig) -> None:
 def run_all(cfg: DictConfig) -> None:
     """``stage=all``: every step in this process, then the search (unless only_create / only_gallery)."""
     started = time.time()
+    if not (cfg.only_create or cfg.only_gallery):  # refused now, not after the extraction
+        check_run_folder(Path(HydraConfig.get().runtime.output_dir))
     jobs, facts, skipped, extractors, out, identities = plan_and_load(cfg)
     with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
@@ -148,14 +159,17 @@ def prepare(cfg: DictConfig) -> None:
     """``stage=prepare``: every input checked and hashed (once, here), the folder claimed under its
     lock, its identity, ``images.json`` and the per-shard job files written. Loads the model for its
     identity (weights, preprocessing, device): run it with the workers' settings and device type."""
-    jobs, _, skipped, extractors, out, identities = plan_and_load(cfg)
+    jobs, facts, skipped, extractors, out, identities = plan_and_load(cfg)
     with FeaturesFolder(out).open(*identities, OmegaConf.to_yaml(cfg, resolve=True)):
         write_bad_images(out, skipped)
         atomic_write_json(out / "sources.json", sources(cfg))
         for name, split_jobs in jobs.items():
             shards = FeatureShards(out / name, [record(job.annotation) for job in split_jobs], cfg.shard_size)
             shards.prepare()
-            shards.write_jobs([job_to_dict(job) for job in split_jobs])
+            # Each job carries its image's sha256 as hashed here: the later stages check it (see
+            # verify_prepared_images), so an image edited after prepare never gets features under the
+            # folder's gallery_sha256.
+            shards.write_jobs([{**job_to_dict(job), "sha256": facts[job.annotation.key].sha256} for job in split_jobs])
             log.info(
                 "%s: %d images in %d shards, %d missing",
                 name,
@@ -196,10 +210,9 @@ def extract(cfg: DictConfig) -> None:
         )
         progress = tqdm(total=sum(len(shards.image_range(s)) for s in todo), desc=name, unit="img")
         for shard in todo:
-            jobs = [
-                job_from_dict(line["record"], line["job"], is_query=name == "queries")
-                for line in shards.read_jobs(shard)
-            ]
+            lines = shards.read_jobs(shard)
+            verify_prepared_images(lines)
+            jobs = [job_from_dict(line["record"], line["job"], is_query=name == "queries") for line in lines]
             extract_shard(shards, shard, jobs, extractors[name], cfg, progress, record_bad_pixels=True)
         progress.close()
     left = {name: len(shards.missing()) for name, shards in splits.items()}
@@ -218,6 +231,41 @@ def prepared_splits(out: Path) -> dict[str, FeatureShards]:
         for name in ("gallery", "queries")
         if name == "gallery" or (out / name / "jobs.json").is_file()
     }
+
+
+def verify_prepared_images(lines: list[dict]) -> None:
+    """The images of one shard's job lines (``stage=prepare``'s ``jobs-<shard>.jsonl``) still have the
+    bytes prepare hashed (through the file-facts cache: a stat per unchanged image).
+
+    Raises:
+        SoIRError: naming the first changed image; its features would not match the folder's identity.
+    """
+    files = [Path(line["record"]["file"]) for line in lines]
+    try:
+        now = cached_sha256(files)
+    except OSError as err:
+        raise SoIRError(
+            f"{err.filename}: cannot be read since stage=prepare ({err.strerror}); restore it, or run every "
+            "stage again with a new features_dir"
+        ) from None
+    for file, line, sha in zip(files, lines, now):
+        if "sha256" not in line["job"]:
+            raise SoIRError(
+                f"the job files of {file} hold no image hashes (prepared by an older SoIR); rerun "
+                "create_index.py stage=prepare with the same settings"
+            )
+        if line["job"]["sha256"] != sha:
+            raise SoIRError(
+                f"{file} changed since stage=prepare (its sha256 differs from the one in the folder's identity); "
+                "restore it, or run every stage again with a new features_dir"
+            )
+
+
+def verify_all_prepared_images(splits: dict[str, FeatureShards]) -> None:
+    """:func:`verify_prepared_images` for every shard of every split (stage=index, stage=search)."""
+    for shards in splits.values():
+        for shard in range(shards.num_shards):
+            verify_prepared_images(shards.read_jobs(shard))
 
 
 def check_prepared_identity(out: Path, cfg: DictConfig, extractors: dict, splits: dict[str, FeatureShards]) -> None:
@@ -249,6 +297,8 @@ def build(cfg: DictConfig) -> None:
     out = Path(cfg.features_dir)
     splits = prepared_splits(out)
     with FolderLock(out):
+        remove_stale_temporaries(out)  # of a killed stage=index (an index written half)
+        verify_all_prepared_images(splits)
         stats = {name: shards.stats() for name, shards in splits.items()}  # every shard must exist
         refuse_undecodable(cfg, splits, stats)
         gallery = splits["gallery"]
@@ -311,7 +361,8 @@ def build_gallery_index(cfg: DictConfig, gallery: FeatureShards, out: Path) -> N
 
 
 def search_stage(cfg: DictConfig) -> None:
-    """``stage=search``: what search_index.py does."""
+    """``stage=search``: what search_index.py does, after checking that no image changed since stage=prepare."""
+    verify_all_prepared_images(prepared_splits(Path(cfg.features_dir)))
     search(cfg, Path(cfg.features_dir), Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -329,6 +380,19 @@ def query_extractor(cfg: DictConfig, gallery_extractor):
         )
     log.info("queries: %s (%s), gallery: %s", cfg.query_extractor, extractor.model_name, cfg.extractor)
     return extractor
+
+
+def refuse_queries_in_gallery(queries: list, gallery: list, facts: dict, anns_file: str) -> None:
+    """A query whose image bytes are also a gallery image's (the same file under two keys, a symlink, a
+    copy) would retrieve itself and inflate every metric: an error, naming the pairs."""
+    gallery_by_sha = {facts[a.key].sha256: a.key for a in gallery if facts[a.key].sha256}
+    pairs = [(q.key, gallery_by_sha[facts[q.key].sha256]) for q in queries if facts[q.key].sha256 in gallery_by_sha]
+    if pairs:
+        listed = "; ".join(f"query {q} = gallery {g}" for q, g in pairs[:5])
+        raise SoIRError(
+            f"{anns_file}: {len(pairs)} queries are also gallery images (the same bytes), so they would "
+            f"retrieve themselves: {listed}; remove one of each pair from the anns file"
+        )
 
 
 def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[str, str, str]]]:
@@ -368,6 +432,8 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
             f"{cfg.query_extractor or cfg.extractor} is not an MI extractor"
         )
     facts = dict(zip((a.key for a in anns), image_facts([a.file for a in anns])))
+    if not cfg.only_gallery:
+        refuse_queries_in_gallery(queries, gallery, facts, cfg.anns_file)
     jobs, skipped = {}, []
     wanted = gallery_jobs(
         gallery, captions, uses_masks, cfg.missing_masks, source, crop=query_crop if cfg.gallery_crop else None
@@ -457,14 +523,38 @@ def extract_shard(
             stats["global_fallback"] += v.global_fallback
         progress.update(len(batch))
     empty = torch.empty(0, dtype=torch.long)
+    features = torch.cat(features) if features else torch.empty(0, extractor.dim)
+    owner = torch.cat(owner) if owner else empty
+    check_unit_norm(shards, features, owner)
     shards.write(
         shard,
-        torch.cat(features) if features else torch.empty(0, extractor.dim),
-        torch.cat(owner) if owner else empty,
+        features,
+        owner,
         stats,
         torch.cat(mask_index) if mask_index else empty,
         torch.tensor(failed, dtype=torch.long),
     )
+
+
+def check_unit_norm(
+    shards: FeatureShards, features: torch.Tensor, owner: torch.Tensor, tolerance: float = 1e-3
+) -> None:
+    """Every stored vector [R, D] has norm 1 +- ``tolerance``: scores are cosines only then (an MI that
+    diverged, e.g. mi_lr=1e30, gives rows of norm 0 that would be searched as features). Non-finite
+    rows are left to ``FeatureShards.write``, which names them as such.
+
+    Raises:
+        SoIRError: naming the split, the count, the norms seen and the first images.
+    """
+    norms = features.double().norm(dim=1)
+    off = torch.isfinite(norms) & ((norms - 1).abs() > tolerance)
+    if off.any():
+        keys = [shards.records[int(i)]["key"] for i in owner[off].unique()[:5]]
+        raise SoIRError(
+            f"{shards.folder.name}: {int(off.sum())} of {len(norms)} feature vectors are not unit-norm (norms "
+            f"{norms[off].min():.3g}..{norms[off].max():.3g}), images {keys}; check the MI settings "
+            "(mi_lr, mi_alpha) and these images"
+        )
 
 
 def record(ann) -> dict:

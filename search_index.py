@@ -46,7 +46,7 @@ from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.interop import LanceDBGallery, lancedb_folder
 from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
-from utils.own_queries import own_query, text_query_rows
+from utils.own_queries import check_run_folder, own_query, text_query_rows
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
@@ -75,7 +75,10 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     Also called by create_index.py at the end of its run (unless ``only_create=true``) and by its
     ``stage=search``. The gallery is scored in RAM when its features fit ``search_block_mb``, else
     streamed from its shards; ``search=faiss`` ranks FAISS's candidates (see the module doc).
+    ``out`` is claimed first (utils.own_queries.check_run_folder): another run's or a user's files
+    there are never replaced.
     """
+    check_run_folder(out)
     if not (folder / "config.yaml").is_file():
         raise SoIRError(
             f"{folder} has no config.yaml: not a create_index.py output folder (or its run "

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.mi_speed import FAMILIES, build, inputs
 from utils import legrad_kernels
+from utils.files import atomic_write_text, new_file
 from utils.legrad import LeGrad, _PositiveColumnMean
 from utils.mask_inversion import mask_inversion
 from utils.vit_adapters import vit_parts
@@ -289,9 +290,10 @@ def main() -> None:
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_check.txt").write_text(text + "\n")
-        (out / "gpu_check.json").write_text(
-            json.dumps(dict(kernels=kernels, cpu=cpu_checks, timings=timings), indent=1)
+        atomic_write_text(new_file(out / "gpu_check.txt", "check report"), text + "\n")
+        atomic_write_text(
+            new_file(out / "gpu_check.json", "check report"),
+            json.dumps(dict(kernels=kernels, cpu=cpu_checks, timings=timings), indent=1),
         )
 
 

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.feature_store import FeatureShards
+from utils.files import claim_folder
 
 DIM = 768
 
@@ -75,7 +76,7 @@ def write_data(args) -> None:
     folder = folder_of(args)
     if (folder / "done").is_file():
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, "benchmark")  # a folder of that name that SoIR did not make is refused
     plant = planted(args)
     num_images = args.rows // args.rows_per_image
     gallery = split(folder / "gallery", num_images, args.shard_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -426,7 +427,8 @@ def _read_indices(path: Path, count: int) -> list[int]:
         else:
             values = path.read_text().replace(",", " ").split()
         indices = [int(v) for v in values]
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        # RuntimeError / UnpicklingError: a .pt that is not a torch zip, or holds objects weights_only refuses
         raise AnnotationError(f"{where}: expected a list of integer indices ({type(err).__name__}: {err})") from None
     bad = [i for i in indices if not 0 <= i < count]
     if bad:

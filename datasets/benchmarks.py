@@ -229,9 +229,23 @@ def build_permir(annotations_file: str | Path, images_dir: str | Path) -> tuple[
             under ``images_dir``.
     """
     annotations_file, images_dir = Path(annotations_file), Path(images_dir)
-    content = json.loads(annotations_file.read_text())
+    try:
+        content = json.loads(annotations_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{annotations_file}: cannot be read as JSON ({type(err).__name__}: {err})") from None
     if not isinstance(content, dict) or not {"sequences", "categories", "split"} <= set(content):
         raise ValueError(f"{annotations_file}: not a BURST annotation file (needs 'sequences', 'categories', 'split')")
+    try:
+        return _build_permir(content, images_dir)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"{annotations_file}: not in BURST's format ({type(err).__name__}: {err} missing or malformed); "
+            "pass BURST's <split>/all_classes.json"
+        ) from None
+
+
+def _build_permir(content: dict, images_dir: Path) -> tuple[dict, dict, BenchmarkReport]:
+    """:func:`build_permir` on the parsed annotation file."""
     category_names = {c["id"]: c["name"] for c in content["categories"]}
     anns, captions, gallery_areas, categories = {}, {}, [], set()
     excluded: Counter = Counter()

@@ -2,6 +2,8 @@
 
     python example/create_annotations.py --root DIR --out DIR/anns.pt [--bboxes boxes.json]
 
+``--out`` must not exist yet: an existing file (a hand-made ``anns.pt``, an image) is never replaced.
+
 Layout::
 
     DIR/queries/<instance_name>/*.jpg        query images of each instance
@@ -28,6 +30,8 @@ if str(ROOT) not in sys.path:  # run as `python example/create_annotations.py`
 
 from datasets.anns import AnnotationError, parse_bbox, save_anns  # noqa: E402
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
+from utils.errors import SoIRError  # noqa: E402
+from utils.files import new_file  # noqa: E402
 
 DISTRACTORS = "_distractors"
 
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="anns.pt to write")
     parser.add_argument("--bboxes", type=Path, help="JSON {query relative path: [x1, y1, x2, y2]}")
     args = parser.parse_args(argv)
+    try:  # an existing --out may be a hand-made anns.pt or one of the images: never replaced
+        new_file(args.out, "anns.pt")
+    except SoIRError as err:
+        raise SystemExit(f"error: {err}") from None
     bboxes = None
     if args.bboxes is not None:
         try:

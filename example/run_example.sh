@@ -30,7 +30,9 @@ if [[ $MODE == tiny ]]; then
 #  number below is meaningless (no pretrained weights). Run without --tiny for real ones. #
 ##########################################################################################
 BANNER
-  python scripts/make_tiny_models.py --out demo_data/tiny_models >/dev/null
+  if [[ ! -f demo_data/tiny_models/sam/sam_tiny.pth ]]; then
+    python scripts/make_tiny_models.py --out demo_data/tiny_models >/dev/null
+  fi
   MODEL=(model_name=demo_data/tiny_models/siglip vec_dim=32)
   MASK_MODELS=(--owlv2_model demo_data/tiny_models/owlv2 --sam_checkpoint demo_data/tiny_models/sam/sam_tiny.pth
                --sam_config demo_data/tiny_models/sam/sam_tiny.json)

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `datasets` and `utils` im
 from datasets import ImageMasks, encode_mask, load_captions, save_captions
 from datasets.images import image_facts
 from utils.errors import SoIRError
+from utils.files import new_file
 
 
 def convert(source: Path, out: Path, images_root: Path | None) -> dict[str, int]:
@@ -45,6 +46,14 @@ def convert(source: Path, out: Path, images_root: Path | None) -> dict[str, int]
             raise SoIRError(f"{files[key]}: unreadable image ({facts.error})")
         if len(masks) and masks.made_before_exif and facts.exif_orientation != 1:
             masks, turned = replace(masks, exif_orientation=facts.exif_orientation), turned + 1
+        # Checked from the RLE header, before any mask is decoded: a file create_index.py would refuse
+        # (masks of another size) is not written, and a bogus size never allocates its pixels.
+        if len(masks) and masks.upright_size != (facts.height, facts.width):
+            raise SoIRError(
+                f"{source}: the masks of {key} are {masks.upright_size[0]}x{masks.upright_size[1]} (H x W) but "
+                f"the image {files[key]} is {facts.height}x{facts.width} (after EXIF rotation); these masks were "
+                "not made on this image: fix the file or --images_root"
+            )
         upright = masks.upright()
         kept[key] = ImageMasks([encode_mask(m) for m in upright.masks()], upright.bboxes, upright.scores)
     save_captions(kept, out)
@@ -60,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images_root", type=Path, help="folder the keys are relative to (default: the source's)")
     args = parser.parse_args(argv)
     try:
-        if args.out.exists():
-            raise SoIRError(
-                f"{args.out} exists; choose a new file name (SoIR does not overwrite files it did not write)"
-            )
+        new_file(args.out, "captions.pt")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         counts = convert(args.source, args.out, args.images_root)
     except SoIRError as err:

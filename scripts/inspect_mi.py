@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/inspect_mi.py`
@@ -215,7 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cell", type=int, default=256, help="grid cell size, pixels")
     parser.add_argument("--out", type=Path, help="PNG to write (default: inspect_mi_<image stem>.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out that this script wrote")
     args = parser.parse_args(argv)
     if args.tiny and args.model:
         parser.error("--tiny builds its own model; drop --model")
@@ -225,10 +226,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PNG_TAG = ("Software", "SoIR scripts/inspect_mi.py")
+
+
+def made_by_inspect_mi(path: Path) -> bool:
+    """Whether ``path`` is a PNG this script wrote (its text tag :data:`PNG_TAG`): the only file
+    ``--overwrite`` replaces."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get(PNG_TAG[0]) == PNG_TAG[1]
+    except (OSError, ValueError):  # not an image at all
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it or --out elsewhere")
+    if args.out.exists() and not made_by_inspect_mi(args.out):
+        raise SystemExit(
+            f"{args.out} was not written by inspect_mi.py (no '{PNG_TAG[0]}' tag); SoIR does not replace files "
+            "it did not write: choose another --out"
+        )
     image = load_rgb(args.image)
     key, entry = find_entry(load_captions(args.captions), args.image, args.captions, args.key)
     if entry.size != (image.height, image.width):
@@ -255,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     indices, masks = usable_masks(entry, args.masks, args.max_masks, extractor)
     explained = extractor.explain(image, masks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    grid(image, indices, masks, explained, args.cell).save(args.out)
+    tag = PngInfo()
+    tag.add_text(*PNG_TAG)  # what --overwrite checks before replacing this file
+    grid(image, indices, masks, explained, args.cell).save(args.out, format="PNG", pnginfo=tag)
     print(f"{key}: {len(indices)} masks, {args.mi_iterations} iterations -> {args.out}")
     return args.out
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ if str(ROOT) not in sys.path:  # run as `python scripts/make_demo_dataset.py`
 
 from datasets.anns import save_anns
 from datasets.captions import ImageMasks, bbox_from_mask, encode_mask, save_captions
+from utils.errors import SoIRError
+from utils.files import claim_folder, remove_own_files
 
 SPRITE_SIZE = 256  # canonical object rendering, px; downscaled for the gallery
 GALLERY_AREA_SHARE = (0.015, 0.04)  # object mask area / image area in gallery scenes
@@ -230,6 +231,9 @@ def _finish(canvas: np.ndarray, rng: np.random.Generator, noise: float) -> Image
     return Image.fromarray(np.rint(canvas).clip(0, 255).astype(np.uint8))
 
 
+PLACEMENT_ATTEMPTS = 10
+
+
 def _free_position(
     rng: np.random.Generator, size: tuple[int, int], canvas: tuple[int, int], taken: list[tuple[int, int, int, int]]
 ) -> tuple[int, int]:
@@ -258,11 +262,17 @@ def render_gallery_scene(
 
     taken: list[tuple[int, int, int, int]] = []
     for instance in instance_ids:
-        target = rng.uniform(*GALLERY_AREA_SHARE) * height * width
-        rgb, alpha = _transform_object(
-            objects[instance], rng.uniform(0, 360), target, "mask", brightness=rng.uniform(0.8, 1.15)
-        )
-        x, y = _free_position(rng, (alpha.shape[1], alpha.shape[0]), (width, height), taken)
+        for attempt in range(PLACEMENT_ATTEMPTS):  # another size and angle when a small scene is full
+            target = rng.uniform(*GALLERY_AREA_SHARE) * height * width
+            rgb, alpha = _transform_object(
+                objects[instance], rng.uniform(0, 360), target, "mask", brightness=rng.uniform(0.8, 1.15)
+            )
+            try:
+                x, y = _free_position(rng, (alpha.shape[1], alpha.shape[0]), (width, height), taken)
+                break
+            except RuntimeError as err:
+                if attempt == PLACEMENT_ATTEMPTS - 1:
+                    raise SoIRError(f"{err} after {PLACEMENT_ATTEMPTS} attempts; use a larger --image_size") from None
         taken.append((x, y, alpha.shape[1], alpha.shape[0]))
         layers.append(_composite(canvas, rgb, alpha, x, y))
 
@@ -307,6 +317,14 @@ def render_query(obj: ObjectSpec, size: int, rng: np.random.Generator) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
+# What make_demo_dataset writes, by folder (fnmatch): all that --overwrite may delete.
+DEMO_FILES = {
+    ".": ("anns.pt", "captions.pt", ".*.tmp"),
+    "queries": ("q_[0-9][0-9][0-9]*.jpg",),
+    "gallery": ("g_[0-9][0-9][0-9]*.jpg",),
+}
+
+
 def make_demo_dataset(
     out: str | Path,
     num_objects: int = 6,
@@ -326,19 +344,33 @@ def make_demo_dataset(
     if image_size < 128:
         raise ValueError(f"image_size must be >= 128 so 1 % objects stay visible, got {image_size}")
     out = Path(out)
-    previous = [out / n for n in ("queries", "gallery", "anns.pt", "captions.pt") if (out / n).exists()]
+    # Only into a folder this script made (its .soir.json), and --overwrite deletes only the files of
+    # the names it writes (DEMO_FILES): a user's photos or anns.pt are never touched.
+    claim_folder(out, "demo")
+    previous = [out / n for n in ("anns.pt", "captions.pt") if (out / n).exists()]
+    previous += [out / n for n in ("queries", "gallery") if (out / n).is_dir() and any((out / n).iterdir())]
     if previous and not overwrite:
         raise FileExistsError(
-            f"'{out}' already holds a dataset ({', '.join(p.name for p in previous)}); "
+            f"'{out}' already holds a demo dataset ({', '.join(p.name for p in previous)}); "
             "pass overwrite=True / --overwrite to replace it"
         )
-    for path in previous:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    (out / "queries").mkdir(parents=True)
-    (out / "gallery").mkdir()
+    for folder, patterns in DEMO_FILES.items():
+        remove_own_files(out / folder, patterns, root=out)
+    (out / "queries").mkdir(exist_ok=True)
+    (out / "gallery").mkdir(exist_ok=True)
+    try:
+        _write_demo(out, num_objects, gallery_per_object, distractors, image_size, seed)
+    except BaseException:  # no half dataset: what this call wrote goes (anns.pt comes last, so none is there)
+        for folder, patterns in DEMO_FILES.items():
+            remove_own_files(out / folder, patterns, root=out)
+        raise
+    return out
+
+
+def _write_demo(
+    out: Path, num_objects: int, gallery_per_object: int, distractors: int, image_size: int, seed: int
+) -> None:
+    """The files of :func:`make_demo_dataset` (anns.pt and captions.pt last)."""
 
     rng = np.random.default_rng(seed)
     objects = [make_object(i, num_objects, rng) for i in range(num_objects)]
@@ -369,9 +401,8 @@ def make_demo_dataset(
         anns[key] = {"ins": sorted(ids), "is_query": False}
         captions[key] = masks
 
-    save_anns(anns, out / "anns.pt")
     save_captions(captions, out / "captions.pt")
-    return out
+    save_anns(anns, out / "anns.pt")
 
 
 def _summary(out: Path, seconds: float) -> str:

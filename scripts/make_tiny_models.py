@@ -52,6 +52,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
     sys.path.insert(0, str(ROOT))
+from utils.errors import SoIRError
+from utils.files import claim_folder
 from utils.mask_models import SamArchitecture, build_sam
 
 # Small but not degenerate: 3 blocks (so layer_index -1 and -2 both make sense), 2 heads,
@@ -332,10 +334,14 @@ def save_tiny_sam(folder: str | Path, seed: int = 0, arch: SamArchitecture = TIN
     return checkpoint, config
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder; one sub-folder per model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:  # a user's folder (their own clip/model.safetensors ...) is never overwritten with random weights
+        claim_folder(args.out, "tiny_models")
+    except SoIRError as err:
+        raise SystemExit(f"error: {err}") from None
     for name, build in TINY_BUILDERS.items():
         print(f"{name}: {build(args.out / name)}")
     print(f"owlv2: {save_tiny_owlv2(args.out / 'owlv2')}")

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/paper_table.py`
     sys.path.insert(0, str(ROOT))
 
 from datasets.benchmarks import LABELS, PAPER_MAP
+from utils.files import atomic_write_text, new_file
 
 # (paper row, our setting, what differs) in the paper's order; reproduce.sh runs the settings.
 ROWS = [
@@ -97,11 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "args":
             print("\n".join(benchmark_args(args.bench_dir, args.field)))
             return
+        if args.out:
+            new_file(args.out, "table")  # a table is never written over an existing file
         text = table(collect(args.run_dirs))
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     if args.out:
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
     print(text)
 
 

@@ -32,6 +32,7 @@ from datasets.benchmarks import (
     voxdet_report,
 )
 from utils.feature_store import atomic_write_text
+from utils.files import check_claimable, claim_folder
 
 OUTPUTS = ("anns.pt", "captions.pt", "benchmark.json")
 
@@ -47,7 +48,7 @@ def prepare(
 ) -> dict:
     """Build ``benchmark`` from ``root`` into ``out``; returns the benchmark.json dict."""
     root = root.resolve()
-    _check_out(out, overwrite)
+    earlier = _check_out(out, overwrite)
     anns = captions = None
     if benchmark in ("instre_xs", "instre_xxs"):
         anns, report = build_instre(root, benchmark)
@@ -58,7 +59,16 @@ def prepare(
     else:
         voxdet_anns = (voxdet_anns or root / "anns.pt").resolve()
         report = voxdet_report(voxdet_anns, voxdet_set)
-    out.mkdir(parents=True, exist_ok=True)
+    if not report.stats.get("queries") or not report.stats.get("gallery_images"):
+        # create_index.py refuses a benchmark without queries or gallery: none is written.
+        raise ValueError(
+            f"{root} gives an empty {benchmark} benchmark ({report.stats.get('queries', 0)} queries, "
+            f"{report.stats.get('gallery_images', 0)} gallery images; left out: {dict(report.excluded) or 'nothing'}); "
+            "check --root (and --burst_annotations / --anns) name the benchmark's folders"
+        )
+    claim_folder(out, "benchmark")
+    for name in earlier:  # only now, with every input read: a failed build keeps the earlier benchmark
+        (out / name).unlink()
     anns_file = save_anns(anns, out / "anns.pt").resolve() if anns is not None else voxdet_anns
     captions_file = save_captions(captions, out / "captions.pt").resolve() if captions is not None else None
     if benchmark == "voxdet":
@@ -83,20 +93,16 @@ def prepare(
     return {**info, "table": report.table()}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse to replace files this script did not write (benchmark.json is the proof that it did)."""
+def _check_out(out: Path, overwrite: bool) -> list[str]:
+    """Refuse a folder this script did not make (its ``.soir.json``, utils.files.claim_folder: a
+    user's own anns.pt or benchmark.json is never replaced), and an earlier benchmark unless
+    ``overwrite``; returns the names of the earlier run's files, which :func:`prepare` deletes once
+    the new benchmark is built."""
+    check_claimable(out, "benchmark")
     present = [name for name in OUTPUTS if (out / name).exists()]
-    if not present:
-        return
-    if not overwrite:
+    if present and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(present)}; use another --out or --overwrite")
-    if not (out / "benchmark.json").is_file():
-        raise FileExistsError(
-            f"{out} holds {', '.join(present)} but no benchmark.json, so they were not written "
-            f"by prepare_benchmark.py; not overwriting them"
-        )
-    for name in present:
-        (out / name).unlink()
+    return present
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,10 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/train_mao.py`
     sys.path.insert(0, str(ROOT))
 
+from datasets import load_anns
 from utils import config as soir_config
 from utils import training
-from utils.errors import exit_on_error
+from utils.errors import SoIRError, exit_on_error
+from utils.families import FAMILIES
 from utils.files import FolderLock, atomic_write_text, cached_sha256, check_identity, claim_folder
+from utils.hub import model_weights_identity
 
 log = logging.getLogger("soir.train_mao")
 soir_config.register()  # the soir_uid resolver of the run folder names
@@ -58,11 +61,13 @@ INPUT_FILES = (
 def main(cfg: DictConfig) -> None:
     training.check_train_config(cfg)
     ctx = training.setup_distributed(cfg.device, cfg.precision)
+    training.check_batch(cfg, ctx.world)  # before the folder is claimed: a corrected rerun is welcome there
     identity = train_identity(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, identity)
     if ctx.rank == 0:
         claim_folder(out, "training")
         with FolderLock(out):
+            refuse_results_without_identity(out)
             check_identity(out / "identity.json", identity, "a training run", fix="use another output_dir")
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             training.train(cfg, out, ctx)
@@ -76,8 +81,25 @@ def main(cfg: DictConfig) -> None:
         )
 
 
+TRAINING_OUTPUTS = ("last.ckpt", "best.ckpt", "final.ckpt", "metrics.jsonl")
+
+
+def refuse_results_without_identity(out: Path) -> None:
+    """A training folder holding checkpoints but no identity.json (deleted) is refused, not adopted:
+    nothing says which model, settings and images its ``last.ckpt`` was trained with."""
+    held = [name for name in TRAINING_OUTPUTS if (out / name).exists()]
+    if held and not (out / "identity.json").exists():
+        raise SoIRError(
+            f"{out} holds {', '.join(held)} but no identity.json, so nothing says which model, settings and "
+            f"images made them; use another output_dir, or delete {out} to train again"
+        )
+
+
 def train_identity(cfg: DictConfig) -> dict:
-    """The settings the weights depend on (paths resolved) and the sha256 of every input file."""
+    """The settings the weights depend on (paths resolved), the sha256 of every input file, the base
+    model's weights by content (utils.hub.model_weights_identity: a model folder rewritten with other
+    weights is another run) and the bytes of every training and held-out image: a run resumes from
+    ``last.ckpt`` only with exactly the inputs it started with."""
     identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in training.NOT_RESULT_KEYS}
     for key in INPUT_FILES:
         path = Path(identity[key]) if identity.get(key) else None
@@ -85,7 +107,20 @@ def train_identity(cfg: DictConfig) -> dict:
             identity[key] = str(path.resolve())
             if path.is_file():
                 identity[f"{key}_sha256"] = cached_sha256([path])[0]
+    identity["model_weights"] = model_weights_identity(cfg.model_name or FAMILIES[cfg.family].default_models["base"])
+    identity["images_sha256"] = images_digest(cfg)
     return identity
+
+
+def images_digest(cfg: DictConfig) -> str:
+    """sha256 over (key, sha256 of the bytes) of every image of ``anns_file`` and ``val_anns_file``."""
+    digest = hashlib.sha256()
+    for anns_file in (cfg.anns_file, cfg.val_anns_file):
+        if anns_file:
+            anns = load_anns(anns_file, cfg.galleries_dir, cfg.queries_dir)
+            for ann, sha in zip(anns, cached_sha256([ann.file for ann in anns])):
+                digest.update(f"{ann.key}\t{sha}\n".encode())
+    return digest.hexdigest()
 
 
 def default_output_dir(cfg: DictConfig, identity: dict) -> Path:

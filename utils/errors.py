@@ -10,6 +10,7 @@ is a bug in SoIR and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -27,18 +28,44 @@ class SoIRError(ValueError):
 
 def exit_on_error(main: F) -> F:
     """Decorator for CLI entry points: a :class:`SoIRError` becomes one ``error: ...`` line on
-    stderr and exit status 1; the run's log files (Hydra's ``<job>.log``) get it too."""
+    stderr and exit status 1; the run's log files (Hydra's ``<job>.log``) get it too. So does an
+    ``OSError`` of :data:`WRITE_ERRORS` (disk full, file-size limit, no permission), naming the file."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except SoIRError as err:
-            _log_to_files(str(err))
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            _fail(str(err))
+        except OSError as err:
+            if err.errno not in WRITE_ERRORS:
+                raise
+            # The user's to fix (a full disk, a file-size limit, a read-only folder); every file SoIR
+            # writes is atomic, so what was written before stays complete and a rerun resumes.
+            _fail(
+                f"cannot write {err.filename or 'a file'}: {err.strerror} ({errno.errorcode[err.errno]}); "
+                f"{WRITE_ERRORS[err.errno]}, then rerun the same command (finished work is kept)"
+            )
 
     return wrapper  # type: ignore[return-value]
+
+
+_SPACE = "free disk space (or raise the file-size limit, ulimit -f)"
+_ACCESS = "choose a folder you can write to (or fix its permissions)"
+WRITE_ERRORS = {
+    errno.ENOSPC: _SPACE,
+    errno.EDQUOT: _SPACE,
+    errno.EFBIG: _SPACE,
+    errno.EACCES: _ACCESS,
+    errno.EPERM: _ACCESS,
+    errno.EROFS: _ACCESS,
+}
+
+
+def _fail(message: str) -> None:
+    _log_to_files(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _log_to_files(message: str) -> None:

@@ -52,6 +52,7 @@ from utils.files import (
     claim_folder,
     read_json,
     remove_own_files,
+    remove_stale_temporaries,
 )
 
 log = logging.getLogger("soir.features")
@@ -390,6 +391,8 @@ class FeaturesFolder:
         claim_folder(self.root, "features")
         self.lock.__enter__()
         try:
+            for folder in (self.root, self.root / "gallery", self.root / "queries"):
+                remove_stale_temporaries(folder, root=self.root)  # of a killed run: never renamed
             self._check_gallery(gallery_identity)
             self._refresh_queries(query_identity)
             atomic_write_text(self.root / "config.yaml", config_yaml)
@@ -405,7 +408,18 @@ class FeaturesFolder:
         self.lock.__exit__()
 
     def _check_gallery(self, identity: dict) -> None:
-        check_identity(self.root / "identity.json", identity, "features", fix="use another features_dir")
+        saved = self.root / "identity.json"
+        held = sorted(p.name for p in (self.root / "gallery").glob("*") if p.name != "identity.json")
+        held += sorted(p.name for p in self.root.glob("index-*"))
+        if not saved.exists() and held:
+            # The identity is written before any feature: features without one cannot be matched to a
+            # model or to images, so they are never adopted (they could be another model's).
+            raise SoIRError(
+                f"{self.root} holds features ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) but no "
+                "identity.json, so nothing says which model, settings and images made them; use another "
+                f"features_dir, or delete {self.root} to compute them again"
+            )
+        check_identity(saved, identity, "features", fix="use another features_dir")
 
     def _refresh_queries(self, identity: dict) -> None:
         folder = self.root / "queries"
@@ -416,8 +430,9 @@ class FeaturesFolder:
             if not changed:
                 return
             log.warning("query settings or inputs changed (%s): recomputing the query features", ", ".join(changed))
+        had_identity = saved.exists()
         removed = remove_own_files(folder, SPLIT_FILES, root=self.root)
-        if removed and not saved.exists():
+        if any(p.name != "identity.json" for p in removed) and not had_identity:
             log.warning("%s held query shards without an identity: recomputing them", folder)
         atomic_write_json(saved, identity)
 

@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -83,9 +84,25 @@ def read_json(path: str | Path, fix: str) -> Any:
 
 
 # --------------------------------------------------------------------------------- owned folders
-def claim_folder(folder: str | Path, kind: str) -> Path:
-    """Create ``folder`` for SoIR output of ``kind`` ("features", "masks"), or accept it when it is
-    empty or already SoIR's folder of that kind; write the marker.
+def claim_folder(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> Path:
+    """Create ``folder`` for SoIR output of ``kind`` ("features", "masks", "run", ...), or accept it
+    when it is empty or already SoIR's folder of that kind; write the marker.
+
+    ``ignore``: names (fnmatch) that do not make a folder "not empty": what Hydra itself wrote into a
+    run folder before SoIR's code starts (``.hydra``, ``<job>.log``).
+
+    Raises:
+        SoIRError: see :func:`check_claimable`.
+    """
+    folder = check_claimable(folder, kind, ignore)
+    if folder_kind(folder) is None:
+        atomic_write_json(folder / MARKER, {"soir": kind, "format": 1})
+    return folder
+
+
+def check_claimable(folder: str | Path, kind: str, ignore: Iterable[str] = ()) -> Path:
+    """What :func:`claim_folder` checks, writing nothing (for programs that check every input before
+    they create anything).
 
     Raises:
         SoIRError: the folder is a file, holds files but no marker (not made by SoIR: refused, so
@@ -95,16 +112,36 @@ def claim_folder(folder: str | Path, kind: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise SoIRError(f"{folder} is a file, not a folder; choose a folder for SoIR's {kind} output")
     owner = folder_kind(folder)
-    if owner is None and folder.is_dir() and any(folder.iterdir()):
+    foreign = [p.name for p in folder.iterdir() if not _matches(p.name, ignore)] if folder.is_dir() else []
+    if owner is None and foreign:
         raise SoIRError(
-            f"{folder} is not empty and was not made by SoIR (no {MARKER}); SoIR only writes "
-            f"into folders it created: choose a new or empty folder for the {kind} output"
+            f"{folder} is not empty and was not made by SoIR (no {MARKER}; it holds "
+            f"{', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); SoIR only writes into "
+            f"folders it created: choose a new or empty folder for the {kind} output"
         )
     if owner is not None and owner != kind:
         raise SoIRError(f"{folder} is a SoIR {owner} folder, not a {kind} folder; choose another folder")
-    if owner is None:
-        atomic_write_json(folder / MARKER, {"soir": kind, "format": 1})
     return folder
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def new_file(path: str | Path, what: str) -> Path:
+    """``path`` for a single output file that does not exist yet: SoIR never replaces a file that it
+    cannot prove it wrote (an existing ``anns.pt`` may be hand-made, ``--out`` may name an image).
+
+    Raises:
+        SoIRError: "<path> already exists; ..." naming the fix.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise SoIRError(
+            f"{path} already exists; SoIR does not replace files it did not write: choose a new path for "
+            f"the {what} (or move the old file away yourself)"
+        )
+    return path
 
 
 def folder_kind(folder: str | Path) -> str | None:
@@ -123,14 +160,47 @@ def remove_own_files(folder: str | Path, patterns: Iterable[str], root: str | Pa
     when ``root`` (default ``folder``) is a SoIR-owned folder containing ``folder``; anything else
     in it stays. Returns the deleted paths."""
     folder, root = Path(folder), Path(root or folder)
-    if folder_kind(root) is None or not folder.resolve().is_relative_to(root.resolve()):
+    if folder_kind(root) is None:
         raise SoIRError(f"refusing to delete in {folder}: {root} was not made by SoIR (no {MARKER})")
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise SoIRError(
+            f"refusing to delete in {folder}: it leads out of {root} (a symbolic link to {folder.resolve()}), "
+            "and SoIR deletes only inside the folders it made; replace the link by a folder"
+        )
     removed = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns):
+        if path.is_file() and _matches(path.name, patterns):
             path.unlink()
             removed.append(path)
     return removed
+
+
+def remove_stale_temporaries(folder: str | Path, root: str | Path | None = None) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` directly in ``folder`` (inside the SoIR-owned
+    ``root``, default ``folder``) whose writer is dead: written on this host by a pid that no longer
+    runs (a ``kill -9``, an out-of-memory kill). A live writer's file, and any other host's (its pid
+    cannot be checked from here), stay. Returns the deleted paths."""
+    folder, root = Path(folder), Path(root or folder)
+    if not folder.is_dir() or folder_kind(root) is None or not folder.resolve().is_relative_to(root.resolve()):
+        return []
+    mine = re.compile(rf"^\..+\.{re.escape(socket.gethostname())}\.(\d+)\.tmp$")
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = mine.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------- identities
@@ -230,11 +300,13 @@ def sha256_file(path: str | Path) -> str:
 
 class FileFacts:
     """Facts computed from a file's bytes (its sha256, an image's size), cached by the file's
-    resolved path, size, mtime and inode in an sqlite table under :func:`cache_dir`.
+    resolved path, size, mtime, ctime and inode in an sqlite table under :func:`cache_dir`.
 
-    A file that changes gets a new size or mtime and is read again, so the cache never returns a
-    stale fact for a file edited in place. Where the cache cannot be written (read-only home on a
-    cluster node) facts are computed every time; results are the same, only slower.
+    A file that changes gets a new size, mtime or ctime and is read again, so the cache never returns
+    a stale fact for a file edited in place: the ctime is set by the kernel on every write and cannot
+    be set back by a user (``touch -d``, ``os.utime``, ``cp -p`` restore the mtime only). Where the
+    cache cannot be written (read-only home on a cluster node) facts are computed every time; results
+    are the same, only slower.
     """
 
     def __init__(self, name: str, compute: Callable[[Path], dict], version: int = 1):
@@ -248,7 +320,7 @@ class FileFacts:
     @staticmethod
     def _stat(path: Path) -> str:
         st = path.stat()
-        return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
 
     def __call__(self, paths: list[Path], threads: int = 8) -> list[dict]:
         """Facts of every path, in order (computed in ``threads`` threads where not cached)."""

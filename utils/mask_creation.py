@@ -39,10 +39,13 @@ from utils.files import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    cached_sha256,
     check_identity,
     claim_folder,
     remove_own_files,
+    remove_stale_temporaries,
 )
+from utils.hub import model_weights_identity
 from utils.mask_models import (
     SAM_ARCHITECTURES,
     DetectionOptions,
@@ -178,11 +181,38 @@ def _as_list(batch: list[LoadedImage]) -> list[LoadedImage]:
 
 
 def items_digest(items: Sequence[WorkItem]) -> str:
-    """sha256 of the ordered (key, file, box) list: a resumed run must see the same images."""
+    """sha256 of the ordered (key, file, box, sha256 of the image's bytes) list: a resumed run must
+    see the same images, pixel for pixel (an image edited after its shard was written would leave a
+    stale mask). Bytes are hashed through the file-facts cache (read again only when a file changed)."""
+    try:
+        hashes = cached_sha256([item.path for item in items])
+    except OSError:  # an unreadable image is the run's to report (failed_images.txt), not the digest's
+        hashes = [_sha256_or_error(item.path) for item in items]
     digest = hashlib.sha256()
-    for item in items:
-        digest.update(f"{item.key}\t{item.path}\t{item.box}\n".encode())
+    for item, sha in zip(items, hashes):
+        digest.update(f"{item.key}\t{item.path}\t{item.box}\t{sha}\n".encode())
     return digest.hexdigest()
+
+
+def _sha256_or_error(path: Path) -> str:
+    try:
+        return cached_sha256([path])[0]
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+
+
+def model_file_sha256(path: Path, option: str) -> str:
+    """sha256 of a model file (``--sam_checkpoint``): what pins a mask folder to its model, by content
+    (a checkpoint replaced under the same path is another model). An unreadable file is a RunError
+    now, before anything in the output folder is touched."""
+    if not path.is_file():
+        raise RunError(f"{option} '{path}' does not exist (or is not a file); check the path")
+    try:
+        return cached_sha256([path])[0]
+    except OSError as err:
+        raise RunError(
+            f"{option} '{path}' cannot be read ({err.strerror}); check the path and its permissions"
+        ) from None
 
 
 def check_run_config(output_dir: Path, config: dict, overwrite: bool) -> int:
@@ -585,9 +615,12 @@ def run(args: argparse.Namespace) -> dict:
             f"no images to process in {args.anns_file or args.input_dir} (extensions {sorted(IMAGE_EXTENSIONS)})"
         )
     sam_type, sam_arch = resolve_sam_type(args)
+    if source["mode"] == "detect":  # the OWLv2 weights by content (a local folder) or hub snapshot
+        source["owlv2_weights"] = model_weights_identity(args.owlv2_model)
     config = {
         **source,
         "sam_checkpoint": str(args.sam_checkpoint.resolve()),
+        "sam_checkpoint_sha256": model_file_sha256(args.sam_checkpoint, "--sam_checkpoint"),
         "sam_model_type": sam_type,
         "sam_architecture": sam_arch,
         "shard_size": args.shard_size,
@@ -600,6 +633,27 @@ def run(args: argparse.Namespace) -> dict:
         return _run_locked(args, items, skipped_no_bbox, config, device, start)
 
 
+def load_models(
+    args: argparse.Namespace, device: torch.device, timer: StageTimer
+) -> tuple[torch.nn.Module, Owlv2Detector | None]:
+    """(SAM, the OWLv2 detector or None in queries mode); ModelLoadError names a file that cannot be used."""
+    with timer.stage("load_models"):
+        sam, _ = load_sam(
+            args.sam_checkpoint, model_type=args.sam_model_type, sam_config=args.sam_config, device=device
+        )
+        detector = None
+        if args.anns_file is None:
+            options = DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
+            detector = Owlv2Detector.from_pretrained(
+                args.owlv2_model,
+                options,
+                queries=args.queries or (),
+                device=device,
+                exact_resize=args.exact_owlv2_resize,
+            )
+    return sam, detector
+
+
 def _run_locked(
     args: argparse.Namespace,
     items: list[WorkItem],
@@ -610,6 +664,12 @@ def _run_locked(
 ) -> dict:
     """The part of :func:`run` that writes, holding the output folder's lock."""
     output_dir: Path = args.output_dir
+    for folder in OWN_FILES:
+        remove_stale_temporaries(output_dir / folder, root=output_dir)  # of a killed run
+    timer = StageTimer(device)
+    # --overwrite deletes the earlier run only after every input, the models included, has loaded:
+    # a checkpoint that cannot be read must not cost a complete run.
+    models = load_models(args, device, timer) if args.overwrite else None
     done = check_run_config(output_dir, config, args.overwrite)
     num_shards = math.ceil(len(items) / args.shard_size)
     pending = [s for s in range(num_shards) if not shard_path(output_dir, s).is_file()]
@@ -618,23 +678,9 @@ def _run_locked(
     if args.max_shards is not None:
         pending = pending[: args.max_shards]
 
-    timer = StageTimer(device)
     run_stats: dict = {}
     if pending:
-        with timer.stage("load_models"):
-            sam, _ = load_sam(
-                args.sam_checkpoint, model_type=args.sam_model_type, sam_config=args.sam_config, device=device
-            )
-            detector = None
-            if args.anns_file is None:
-                options = DetectionOptions(args.score_threshold, args.nms_iou, args.max_objects, args.min_box_size)
-                detector = Owlv2Detector.from_pretrained(
-                    args.owlv2_model,
-                    options,
-                    queries=args.queries or (),
-                    device=device,
-                    exact_resize=args.exact_owlv2_resize,
-                )
+        sam, detector = models or load_models(args, device, timer)
         atomic_write_json(output_dir / "run_config.json", config)
         segmenter = SamSegmenter(sam, args.automatic_pred_iou_thresh, args.automatic_stability_thresh)
         run_stats = process_shards(items, pending, args, detector, segmenter, timer)

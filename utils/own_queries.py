@@ -47,7 +47,7 @@ from datasets.images import image_facts
 from utils.config import RUN_KEYS, SoIRConfig
 from utils.errors import SoIRError
 from utils.feature_store import FeatureShards
-from utils.files import atomic_write, atomic_write_json, atomic_write_text, changed_keys, read_json
+from utils.files import atomic_write, atomic_write_json, atomic_write_text, changed_keys, claim_folder, read_json
 from utils.hub import model_weights_identity
 from utils.index_io import index_path, load_index
 from utils.interop import LanceDBGallery, lancedb_folder
@@ -400,12 +400,26 @@ def matching_rows(shards: FeatureShards, images: np.ndarray, features: torch.Ten
     return np.stack(best_features), np.asarray(best_masks, dtype=np.int64)
 
 
-RUN_OUTPUTS = ("results.json", "rankings.jsonl", "query.safetensors", "report.html", "thumbs", "maps")
+RUN_OUTPUTS = (
+    "results.json",
+    "rankings.jsonl",
+    "per_query.csv",
+    "features_config.yaml",
+    "query.safetensors",
+    "report.html",
+    "thumbs",
+    "maps",
+)
+# What Hydra writes into the run folder before SoIR's code starts: not a reason to refuse it.
+HYDRA_FILES = (".hydra", "*.log", "multirun.yaml")
 
 
 def check_run_folder(out: Path) -> None:
-    """The run folder must hold no other run's results (a ``hydra.run.dir`` pointed at an old run):
-    they are never overwritten."""
+    """Claim the run folder (``utils.files.claim_folder``, kind "run") before anything is computed: a
+    ``hydra.run.dir`` that names a user's folder is refused, and so is a SoIR run folder that holds
+    another run's results; nothing there is ever overwritten. Called by search_index.py (both modes)
+    and create_index.py's search phase."""
+    claim_folder(out, "run", ignore=HYDRA_FILES)
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if found:
         raise SoIRError(

@@ -461,6 +461,33 @@ def load_splits(cfg: Any, preprocess: Preprocess) -> Splits:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+def check_batch(cfg: Any, world: int) -> None:
+    """``batch_size`` must split into ``micro_batch`` pairs per forward pass on each of ``world`` processes."""
+    if cfg.batch_size % (world * cfg.micro_batch):
+        raise SoIRError(
+            f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} x {world} processes"
+        )
+
+
+def load_resume_state(path: Path) -> dict:
+    """``last.ckpt`` as :func:`train` wrote it; a truncated or foreign file (a pickled object, another
+    program's checkpoint) is a SoIRError naming it, not a traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle refused by weights_only, ...: all mean "not ours"
+        raise SoIRError(
+            f"{path} cannot be read as a training checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}); delete it to start this run over, "
+            "or use another output_dir"
+        ) from None
+    if not isinstance(state, dict) or not {"state_dict", "optimizer", "scheduler", "step", "best"} <= set(state):
+        raise SoIRError(
+            f"{path} is not a train_mao.py resume checkpoint; delete it to start this run over, "
+            "or use another output_dir"
+        )
+    return state
+
+
 def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     """Train (or resume) in ``out``: ``last.ckpt`` (resume state), ``best.ckpt`` / ``final.ckpt``
     (weights for ``create_index.py lora_adapt=true weights=...``), ``metrics.jsonl``.
@@ -468,10 +495,7 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     Returns the trained peft model (in eval mode).
     """
     check_train_config(cfg)
-    if cfg.batch_size % (ctx.world * cfg.micro_batch):
-        raise SoIRError(
-            f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} x {ctx.world} processes"
-        )
+    check_batch(cfg, ctx.world)
     model_name = cfg.model_name or FAMILIES[cfg.family].default_models["base"]
     preprocess = Preprocess.from_pretrained(model_name)
     if preprocess.size != (cfg.image_size, cfg.image_size):
@@ -500,7 +524,7 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
     out.mkdir(parents=True, exist_ok=True)
     step, best = 0, {"step": None, "val_mAP": -math.inf}
     if (out / "last.ckpt").is_file():
-        state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+        state = load_resume_state(out / "last.ckpt")
         loaded = model.load_state_dict(state["state_dict"], strict=False)
         if loaded.unexpected_keys or any("lora_" in k for k in loaded.missing_keys):
             raise SoIRError(

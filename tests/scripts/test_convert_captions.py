@@ -50,4 +50,4 @@ def test_converts_row_major_masks_turns_exif_and_leaves_failed_images_out(tmp_pa
     assert captions["plain.png"].scores == []  # pre-NMS scores dropped
     assert "gone.jpg" in capsys.readouterr().out
     assert convert_captions.main([str(tmp_path / "segmentation_results.pt"), "--out", str(out)]) == 1
-    assert "exists; choose a new file name" in capsys.readouterr().err
+    assert "already exists; SoIR does not replace files it did not write" in capsys.readouterr().err

@@ -110,11 +110,13 @@ def test_demo_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     ]
     demo_main(args)
     assert "2 queries, 3 gallery images (with two instances: 2, distractors: 1)" in capsys.readouterr().out
-    (out / "gallery" / "stale.jpg").write_bytes(b"")
-    with pytest.raises(SystemExit, match="already holds a dataset"):
+    (out / "gallery" / "mine.jpg").write_bytes(b"a user's photo")
+    with pytest.raises(SystemExit, match="already holds a demo dataset"):
         demo_main(args)
     demo_main(args + ["--overwrite"])
-    assert not (out / "gallery" / "stale.jpg").exists()
+    # --overwrite replaced the script's own files only: a file it did not write stays.
+    assert (out / "gallery" / "mine.jpg").read_bytes() == b"a user's photo"
+    assert len(list((out / "gallery").glob("g_*.jpg"))) == 3
     with pytest.raises(ValueError, match="image_size"):
         make_demo_dataset(tmp_path / "tiny", image_size=64)
 

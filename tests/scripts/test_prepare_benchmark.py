@@ -43,7 +43,7 @@ def test_overwrite_refuses_files_it_did_not_write(tmp_path):
     root = write_instre(tmp_path / "INSTRE")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "anns.pt").write_bytes(b"someone else's")
-    with pytest.raises(SystemExit, match="no benchmark.json, so they were not written by prepare_benchmark.py"):
+    with pytest.raises(SystemExit, match="not made by SoIR"):
         main(["instre_xs", "--root", str(root), "--out", str(tmp_path / "bench"), "--overwrite"])
     assert (tmp_path / "bench" / "anns.pt").read_bytes() == b"someone else's"
 
