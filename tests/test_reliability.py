@@ -616,6 +616,7 @@ WRITERS = {
     "example/create_annotations.py",
     "scripts/convert_captions.py",
     "scripts/create_masked_dataset.py",
+    "scripts/export_features.py",
     "scripts/inspect_mi.py",
     "scripts/make_demo_dataset.py",
     "scripts/make_tiny_models.py",
@@ -646,6 +647,7 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     from search_index import search
     from tests.datasets.benchmark_replicas import write_instre
     from tests.pipeline import run_script
+    from utils.interop import export_embeddings
     from utils.own_queries import own_query
 
     user = tmp_path / "user"
@@ -684,6 +686,9 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         ),
         "scripts/prepare_benchmark.py": refused(
             prepare_benchmark.main, ["instre_xs", "--root", str(instre), "--out", str(user), "--overwrite"]
+        ),
+        "scripts/export_features.py": refused(
+            export_embeddings, config(f"features_dir={features}", "format=embeddings"), features, user
         ),
         "scripts/paper_table.py": refused(paper_table.main, ["table", str(features), "--out", str(user / "table.md")]),
         "scripts/inspect_mi.py": refused(
