@@ -494,10 +494,12 @@ class MapDice:
         legrad: the images' :class:`LeGrad`.
         masks: [B, P, Hm, Wm] in {0, 1}.
         joint: one min and max for all maps of an image (:meth:`LeGrad.maps`).
+        overlap: "dice" (``dice_loss``) or "iou" (``iou_loss``, MaO's soft IoU): the same three sums.
     """
 
-    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool = False):
+    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool = False, overlap: str = "dice"):
         self.dims = (-3, -2, -1) if joint else (-2, -1)
+        self.overlap = overlap
         masks = masks.to(dtype=legrad.dtype, device=legrad.g.device)
         like = dict(dtype=masks.dtype, device=masks.device)
         p = legrad.parts.patch_size
@@ -527,6 +529,8 @@ class MapDice:
         span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
+        if self.overlap == "iou":
+            return 1 - (inter + 1e-6) / (total + self.mask_sum - inter + 1e-6)
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
 
 

@@ -221,3 +221,57 @@ def reference_mask_inversion(
             raw.grad = torch.autograd.grad(loss, raw)[0]
             optimizer.step()
         return F.normalize(raw.detach(), dim=-1)
+
+
+def reference_mao(
+    model,
+    pixel_values,
+    masks,
+    groups,
+    alpha=0.03,
+    iterations=80,
+    lr=0.1,
+    layer_index=-1,
+    overlap="iou",
+    spatial_shapes=None,
+):
+    """MaO's Stage B, plainly: one unit embedding per image [G, 1, D] for its object crops.
+
+    pixel_values: the B crops; masks [B, 1, H, W]: each crop's object mask; groups: B ints, the image
+    of each crop (0 .. G-1). For image c with crops i and their embeddings v_i (the model's own,
+    un-normalised g_i, normalised), the paper's objective, minimised over v with AdamW:
+
+        sum_i (1 - softIoU(E_i(v), m_i)) - alpha * cos(v, sum_i v_i)      (softDice with overlap="dice")
+
+    started at v^c = mean_i v_i renormalised (the Stage-A scene vector), scaled to the mean |g_i|.
+    """
+    masks = masks.to(pixel_values.dtype)
+    groups = [int(c) for c in groups]
+    G = max(groups) + 1
+    with frozen(model):
+        ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
+        members = [[i for i, c in enumerate(groups) if c == image] for image in range(G)]
+        v = [F.normalize(ref.g[i], dim=-1) for i in range(len(groups))]
+        scene = torch.stack([sum(v[i] for i in crops) for crops in members])  # sum_i v_i [G, D]
+        start = torch.stack([F.normalize(s / len(crops), dim=-1) for s, crops in zip(scene, members)])
+        scale = torch.stack([sum(ref.g[i].norm() for i in crops) / len(crops) for crops in members])
+        raw = (start * scale[:, None]).clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
+        size = tuple(masks.shape[-2:])
+        for _ in range(iterations):
+            e = F.normalize(raw, dim=-1)
+            E = ref.maps(torch.stack([e[c] for c in groups])[:, None], size=size)[:, 0]  # [B, H, W]
+            loss = 0
+            for i, c in enumerate(groups):
+                inter = (E[i] * masks[i, 0]).sum()
+                if overlap == "iou":
+                    score = (inter + 1e-6) / (E[i].sum() + masks[i, 0].sum() - inter + 1e-6)
+                else:
+                    score = (2 * inter + 1e-6) / (E[i].sum() + masks[i, 0].sum() + 1e-6)
+                loss = loss + 1 - score
+            for c in range(G):
+                loss = loss - alpha * F.cosine_similarity(e[c], scene[c], dim=0)
+            optimizer.zero_grad()
+            raw.grad = torch.autograd.grad(loss, raw)[0]
+            optimizer.step()
+        return F.normalize(raw.detach(), dim=-1)[:, None]
