@@ -14,13 +14,26 @@ from PIL import Image, ImageOps
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
-from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views, zero_outside
+from extractors.views import (
+    NO_MASK,
+    View,
+    ViewMaker,
+    Views,
+    input_side,
+    mao_box,
+    padded_box,
+    stack_masks,
+    stack_views,
+    zero_outside,
+)
 from utils.errors import SoIRError
 from utils.families import FAMILIES
-from utils.mask_inversion import legrad_map, mask_inversion
+from utils.mask_inversion import OVERLAPS, legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
+
+DESCRIPTORS = ("mi", "mao")  # the published code's MI descriptors | MaO's Stage B (the paper's)
 
 
 @dataclass
@@ -54,7 +67,8 @@ class MIExtractor(Extractor):
     Args (beyond :class:`Extractor`'s; each is the config key of the same name):
         mi_alpha: weight of the pull towards the global embedding, ``alpha * (1 - cos(e, g))``.
         mi_beta: weight of the mean |cos| between different masks of one image.
-        mi_lr, mi_iterations: AdamW learning rate and number of steps.
+        mi_lr, mi_iterations: AdamW learning rate and number of steps (None: 100, or 80, the
+            paper's, with ``descriptor="mao"``).
         mi_layer_index: hooked blocks L + mi_layer_index + 1 .. L (-1 = last block).
         mi_impl, mi_precision, mi_cuda_graph: how the engine evaluates (utils.mask_inversion).
         global_features: False = no MI at all: the plain global embedding (the original's meaning).
@@ -69,6 +83,14 @@ class MIExtractor(Extractor):
         missing_masks: "full_mask" keeps masks that vanish at the model's input size.
         legrad_norm: "joint" min-max normalises the maps of an image's masks together.
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
+        descriptor: "mi" (the published code's descriptors: the modes above) or "mao": MaO's Stage
+            B as the paper describes it, ONE vector per image: its masks' object crops (cut as Stage
+            A cuts them, :class:`extractors.views.ViewMaker` mode "mao"), one embedding v shared by
+            all of them, minimising sum_i (1 - softIoU(LeGrad map of v on crop i, m_i)) + alpha *
+            (1 - cos(v, sum_i v_i)), started at the renormalised mean of the crops' embeddings v_i
+            (``utils.mask_inversion.mask_inversion``, ``groups``). Each crop's map is min-max
+            normalised on its own (the crops are separate model inputs).
+        mao_overlap: "iou" (the paper's soft IoU) or "dice": the map-to-mask loss of ``descriptor=mao``.
         debug: log the loss of every MI iteration.
     """
 
@@ -82,7 +104,7 @@ class MIExtractor(Extractor):
         mi_alpha: float = 0.03,
         mi_beta: float = 0.0,
         mi_lr: float = 0.1,
-        mi_iterations: int = 100,
+        mi_iterations: int | None = None,
         mi_layer_index: int = -1,
         mi_impl: str = "auto",
         mi_precision: str = "fp32",
@@ -100,6 +122,8 @@ class MIExtractor(Extractor):
         mi_sum_loss: str = "union",
         smart_crop_source: str = "original",
         mi_resample: str = "processor",
+        descriptor: str = "mi",
+        mao_overlap: str = "iou",
         debug: bool = False,
         **kwargs,
     ):
@@ -111,6 +135,11 @@ class MIExtractor(Extractor):
                 "is mi_precision",
                 self.precision,
             )
+        descriptor, mao = str(descriptor), str(descriptor) == "mao"
+        if descriptor not in DESCRIPTORS:
+            raise SoIRError(f"descriptor={descriptor!r}; one of {', '.join(DESCRIPTORS)}")
+        if mi_iterations is None:  # the paper's 80 for its Stage B; the published code's 100 otherwise
+            mi_iterations = 80 if mao else 100
         self.mi = dict(
             alpha=mi_alpha,
             beta=mi_beta,
@@ -122,9 +151,28 @@ class MIExtractor(Extractor):
             cuda_graph=mi_cuda_graph,
             joint_norm=legrad_norm == "joint",
         )
-        self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        if mao:
+            self._check_mao(
+                global_features=global_features,
+                mi_sum=mi_sum or full_mask,
+                smart_crop=smart_crop,
+                avg_multiple_vecs=avg_multiple_vecs,
+                mi_beta=mi_beta,
+                legrad_norm=legrad_norm,
+                smart_crop_source=smart_crop_source,
+                mao_overlap=mao_overlap,
+            )
+            self.mode = "mao"
+            # Only MaO's identity names its overlap, so the published code's folders keep theirs.
+            self.mi["overlap"] = str(mao_overlap)
+        else:
+            if mao_overlap != "iou":
+                raise SoIRError(
+                    f"mao_overlap={mao_overlap} is the loss of descriptor=mao; set descriptor=mao or drop it"
+                )
+            self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
         self.uses_masks = self.mode != "global"
-        self.one_vector_per_image = self.mode in ("global", "union", "mean_dice") or avg_multiple_vecs
+        self.one_vector_per_image = self.mode in ("global", "union", "mean_dice", "mao") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
         self.crop_source = str(smart_crop_source)
@@ -140,6 +188,29 @@ class MIExtractor(Extractor):
             if mi_resample == "processor"
             else dataclasses.replace(self.preprocess, resample=original.mi_resample)
         )
+
+    @staticmethod
+    def _check_mao(**settings) -> None:
+        """descriptor=mao is one vector per image over its object crops: refuse the published code's
+        mode switches, which would say something else."""
+        if settings.pop("mao_overlap") not in OVERLAPS:
+            raise SoIRError(f"mao_overlap must be one of {', '.join(OVERLAPS)}")
+        defaults = dict(
+            global_features=True,
+            mi_sum=False,
+            smart_crop=False,
+            avg_multiple_vecs=False,
+            mi_beta=0.0,
+            legrad_norm="per_map",
+            smart_crop_source="original",
+        )
+        clash = [f"{k}={settings[k]}" for k, v in defaults.items() if settings[k] != v]
+        if clash:
+            raise SoIRError(
+                f"descriptor=mao (one vector per image over its object crops, the paper's Stage B) "
+                f"does not combine with {', '.join(clash)} (the published code's descriptor modes); "
+                f"drop them or use descriptor=mi"
+            )
 
     def _mode(
         self, global_features: bool, mi_sum: bool, smart_crop: bool, single_from_sc: bool, mi_sum_loss: str
@@ -199,7 +270,30 @@ class MIExtractor(Extractor):
             keep_empty=self.keep_empty,
             crop_source=self.crop_source,
             pad_pixels=pad_pixels,
+            min_crop=input_side(self.mi_preprocess) if self.mode == "mao" else 0,
         )
+
+    def describe(self, batch: list[Views]) -> list[Rows]:
+        """descriptor=mao: the object crops of all images of ``batch`` in ONE optimisation, one vector
+        per image (its crops share it; images are independent: the loss is a sum and AdamW acts per
+        element). An image without a usable mask has its global view, embedded as usual."""
+        if self.mode != "mao":
+            return super().describe(batch)
+        crops = [(i, view) for i, views in enumerate(batch) for view in views.views if view.masks is not None]
+        plain = [(i, view) for i, views in enumerate(batch) for view in views.views if view.masks is None]
+        out = [Rows(torch.empty(0, self.dim), torch.empty(0, dtype=torch.long)) for _ in batch]
+        if plain:
+            for (i, _), vector in zip(plain, self.embed(*stack_views([v for _, v in plain])).cpu()):
+                out[i] = Rows(vector[None], torch.tensor([NO_MASK]))
+        if crops:
+            images = sorted({i for i, _ in crops})
+            groups = torch.tensor([images.index(i) for i, _ in crops])
+            views = [v for _, v in crops]
+            pixels, spatial_shapes = stack_views(views)
+            vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes, groups=groups).cpu()
+            for i, vector in zip(images, vectors):
+                out[i] = Rows(vector, torch.tensor([NO_MASK]))
+        return out
 
     def mask_group(self, view: View) -> object:
         # With beta = 0 and per-map normalisation every mask is optimised independently, so views
@@ -224,9 +318,11 @@ class MIExtractor(Extractor):
         masks: torch.Tensor,
         return_history: bool = False,
         spatial_shapes: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ):
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
-        ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``.
+        ([B, 1, D] in the mean_dice mode; [G, 1, D] with MaO's ``groups`` [B], the image of each
+        crop), and ``mask_inversion``'s history dict when ``return_history``.
         NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
         ``utils.mask_inversion.mask_inversion``)."""
         with self.autocast():
@@ -238,6 +334,7 @@ class MIExtractor(Extractor):
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
+                groups=groups,
             )
         if self.debug:
             for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
@@ -262,6 +359,8 @@ class MIExtractor(Extractor):
         views = self.view_maker()(image, masks)
         if views.dropped_masks:
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+        if self.mode == "mao":
+            return self._explain_mao(image, masks, views)
         # One image's views all hold the same number of masks (one view with all masks, the union, or
         # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
         pixels, spatial_shapes = stack_views(views.views)
@@ -284,6 +383,28 @@ class MIExtractor(Extractor):
             vectors=rows.vectors,
             mask_index=rows.mask_index,
             maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
+            global_vector=global_vector,
+            global_map=self.legrad(image, global_vector[None])[0],
+            history={k: v.flatten(1) for k, v in history.items()},
+        )
+
+    def _explain_mao(self, image: Image.Image, masks: np.ndarray | torch.Tensor, views: Views) -> Explanation:
+        """:meth:`explain` for descriptor=mao: the image's one vector; its map is, at every pixel, the
+        largest of its maps on the object crops that cover the pixel (each as MaO saw it)."""
+        pixels, spatial_shapes = stack_views(views.views)
+        groups = torch.zeros(len(views.views), dtype=torch.long)
+        vectors, history = self.invert(
+            pixels, stack_masks(views.views), return_history=True, spatial_shapes=spatial_shapes, groups=groups
+        )
+        vector = vectors[0].cpu()  # [1, D]
+        source = to_binary_masks(masks)
+        side = input_side(self.mi_preprocess)
+        boxes = [mao_box(source[i], self.smart_crop_pad, side) for i in torch.cat([v.mask_index for v in views.views])]
+        global_vector = self.embed(*stack_views(ViewMaker(self.mi_preprocess, "global")(image).views))[0].cpu()
+        return Explanation(
+            vectors=vector,
+            mask_index=torch.tensor([NO_MASK]),
+            maps=torch.stack([self.legrad(image, vector, box) for box in boxes]).amax(0),
             global_vector=global_vector,
             global_map=self.legrad(image, global_vector[None])[0],
             history={k: v.flatten(1) for k, v in history.items()},

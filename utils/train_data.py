@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from datasets import Annotation, ImageMasks, find_masks, load_rgb
 from datasets.anns import pixel_box
 from datasets.extraction import ImageJob, ViewDataset
-from extractors.views import ViewMaker, padded_box
+from extractors.views import ViewMaker, mao_box
 from utils.preprocessing import Preprocess
 
 log = logging.getLogger("soir.training")
@@ -100,21 +100,13 @@ def crop_box(
 
     The box in pixels (:func:`datasets.anns.pixel_box`) is padded as ``smart_crop`` pads a mask
     (:func:`extractors.views.padded_box`), then each side shorter than ``min_size`` grows around its
-    centre to ``min(min_size, image side)``, shifted to stay inside the image.
+    centre to ``min(min_size, image side)``, shifted to stay inside the image: the crop of
+    :func:`extractors.views.mao_box`, which ``descriptor=mao`` cuts around each mask.
     """
     left, top, right, bottom = pixel_box(box, width, height, source)
     rectangle = torch.zeros(height, width, dtype=torch.bool)
     rectangle[top:bottom, left:right] = True
-    x1, y1, x2, y2 = padded_box(rectangle, pad)
-    x1, x2 = _grow(x1, x2, min_size, width)
-    y1, y2 = _grow(y1, y2, min_size, height)
-    return x1, y1, x2, y2
-
-
-def _grow(start: int, end: int, min_size: int, limit: int) -> tuple[int, int]:
-    size = min(max(end - start, min_size), limit)
-    start = min(max(0, (start + end - size) // 2), limit - size)
-    return start, start + size
+    return mao_box(rectangle, pad, min_size)
 
 
 class PairDataset(Dataset):
