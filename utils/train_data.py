@@ -53,12 +53,16 @@ def scene_boxes(
     gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, max_crops: int
 ) -> tuple[list[Scene], int]:
     """The k <= ``max_crops`` best-scored boxes of every gallery image: from ``captions`` (detector
-    boxes), or with ``captions=None`` the annotation's own ``bbox``. Images without a box are left
-    out; returns (scenes, number left out)."""
-    scenes, without = [], 0
+    boxes), or with ``captions=None`` (``box_source=anns``) the annotation's own object boxes: the
+    parsed entry's ``boxes`` (VoxDet-SoIR: one per annotated object), else its ``bbox``; they have no
+    scores, so the first ``max_crops`` in the file's order (the rest are counted and logged). Images
+    without a box are left out; returns (scenes, number left out)."""
+    scenes, without, cut = [], 0, 0
     for ann in gallery:
         if captions is None:
-            boxes = [ann.bbox] if ann.bbox is not None else []
+            boxes = list(ann.boxes) if ann.boxes else [ann.bbox] if ann.bbox is not None else []
+            cut += max(0, len(boxes) - max_crops)
+            boxes = boxes[:max_crops]
         else:
             masks = find_masks(captions, ann.key, ann.file)
             order = np.argsort(-np.asarray(masks.scores), kind="stable") if masks else []
@@ -67,6 +71,8 @@ def scene_boxes(
             scenes.append(Scene(ann, tuple(tuple(float(v) for v in box) for box in boxes)))
         else:
             without += 1
+    if cut:
+        log.warning("box_source=anns: %d object boxes beyond max_crops=%d per scene are not used", cut, max_crops)
     return scenes, without
 
 

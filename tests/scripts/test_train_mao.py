@@ -251,3 +251,31 @@ def test_two_processes_with_ddp_give_the_weights_of_one(scenes, tiny_model_dirs,
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5, msg=key)
     assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)  # it trained
+
+
+def test_voxdet_soir_without_set_is_refused_in_one_line(tiny_model_dirs, tmp_path):
+    """The authors' VoxDet-SoIR file holds OWID and RoboTools with overlapping instance ids: train_mao.py
+    refuses it without set= (one line naming the sets and the fix), and trains on set=OWID."""
+    from tests.datasets.voxdet_replica import write_voxdet_soir
+
+    anns, _ = write_voxdet_soir(tmp_path / "voxdet")
+    common = [
+        f"anns_file={anns}",
+        f"val_anns_file={anns}",
+        "box_source=anns",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "image_size=56",
+        "lora_rank=4",
+        "batch_size=1",
+        "micro_batch=1",
+        "max_steps=1",
+        "precision=fp32",
+        "num_workers=0",
+        "device=cpu",
+    ]
+    proc = run_script("scripts/train_mao.py", *common, f"output_dir={tmp_path / 'all'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "sets 'OWID' and 'RoboTools' share instance ids" in proc.stderr and "set=OWID" in proc.stderr
+    run_script("scripts/train_mao.py", *common, "set=OWID", f"output_dir={tmp_path / 'owid'}", cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "owid" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and records[0]["val_scenes"] == 2  # the two OWID scenes
