@@ -112,5 +112,7 @@ _MI_ONLY_KEYS = {
     "mi_resample",
     "descriptor",
     "mao_overlap",
+    "alpha_sum",
+    "alpha_sum_full",
 }
-_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input", "descriptor"}
+_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input", "descriptor", "alpha_sum_full"}

@@ -91,6 +91,12 @@ class MIExtractor(Extractor):
             (``utils.mask_inversion.mask_inversion``, ``groups``). Each crop's map is min-max
             normalised on its own (the crops are separate model inputs).
         mao_overlap: "iou" (the paper's soft IoU) or "dice": the map-to-mask loss of ``descriptor=mao``.
+        alpha_sum_full: the original DINOv2 code's ``alpha_sum_full`` (its ``compute_maskinversion_sum``),
+            with ``mi_sum``: first one MI vector per mask on the whole image (the settings above), then the
+            union's vector started at the SUM of their raw (un-normalised) parameters and pulled towards
+            them, ``+ alpha_sum_full * mean_p (1 - cos(e, e_p))``. 0: plain ``mi_sum``.
+        alpha_sum: the original's smart-crop variant (``mi_sum smart_crop single_from_sc=false``); not
+            reproduced: values other than 0 are refused.
         debug: log the loss of every MI iteration.
     """
 
@@ -124,6 +130,8 @@ class MIExtractor(Extractor):
         mi_resample: str = "processor",
         descriptor: str = "mi",
         mao_overlap: str = "iou",
+        alpha_sum: float = 0.0,
+        alpha_sum_full: float = 0.0,
         debug: bool = False,
         **kwargs,
     ):
@@ -171,6 +179,7 @@ class MIExtractor(Extractor):
                     f"mao_overlap={mao_overlap} is the loss of descriptor=mao; set descriptor=mao or drop it"
                 )
             self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        self.sum_pull = self._check_alpha_sum(alpha_sum, alpha_sum_full)
         self.uses_masks = self.mode != "global"
         self.one_vector_per_image = self.mode in ("global", "union", "mean_dice", "mao") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
@@ -188,6 +197,32 @@ class MIExtractor(Extractor):
             if mi_resample == "processor"
             else dataclasses.replace(self.preprocess, resample=original.mi_resample)
         )
+
+    def _check_alpha_sum(self, alpha_sum: float, alpha_sum_full: float) -> float:
+        """The original's ``alpha_sum`` / ``alpha_sum_full``: the weight of the pull of ``mi_sum``'s vector
+        towards the per-mask vectors (0: none), refused where the original code never read them."""
+        if alpha_sum:
+            raise SoIRError(
+                f"alpha_sum={alpha_sum}: the original's smart-crop variant of its DINOv2 mi_sum (mi_sum=true "
+                "smart_crop=true single_from_sc=false) is not reproduced by SoIR; alpha_sum_full (the per-mask "
+                "vectors on the whole image) is"
+            )
+        if not alpha_sum_full:
+            return 0.0
+        original = FAMILIES[self.family].original
+        if original is None or not original.reads_alpha_sum:
+            raise SoIRError(
+                f"alpha_sum_full={alpha_sum_full}: the original code reads it in its DINOv2 extractor only "
+                f"(its other extractors pass 0), not for {self.family}"
+            )
+        if self.mode != "union":
+            raise SoIRError(
+                f"alpha_sum_full={alpha_sum_full} acts on mi_sum=true (one vector for the union of an image's "
+                f"masks) without smart_crop, as in the original; here the descriptor is {self.mode!r}"
+            )
+        if alpha_sum_full < 0:
+            raise SoIRError(f"alpha_sum_full={alpha_sum_full} must be >= 0")
+        return float(alpha_sum_full)
 
     @staticmethod
     def _check_mao(**settings) -> None:
@@ -257,6 +292,8 @@ class MIExtractor(Extractor):
             "keep_empty": self.keep_empty,
             "crop_source": self.crop_source,
             "mi_resample": self.mi_preprocess.resample.value,
+            # only when set, so the folders made without it keep their identity
+            **({"alpha_sum_full": self.sum_pull} if self.sum_pull else {}),
         }
 
     def view_maker(self) -> ViewMaker:
@@ -265,7 +302,7 @@ class MIExtractor(Extractor):
         pad_pixels = FAMILIES[self.family].original.smart_crop_pad_pixels if self.crop_source == "resized" else None
         return ViewMaker(
             self.mi_preprocess,
-            "per_mask" if self.mode == "mean_dice" else self.mode,
+            "per_mask" if self.mode == "mean_dice" or self.sum_pull else self.mode,
             self.smart_crop_pad,
             keep_empty=self.keep_empty,
             crop_source=self.crop_source,
@@ -302,13 +339,15 @@ class MIExtractor(Extractor):
         # Otherwise (beta > 0, joint normalisation, one vector for all masks) the masks of an image
         # interact, so only equal counts are batched.
         count = len(view.masks)
-        independent = self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice"
+        independent = (
+            self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice" and not self.sum_pull
+        )
         return 1 << (count - 1).bit_length() if independent else count
 
     def invert_views(self, views: list[View]) -> list[Rows]:
         pixels, spatial_shapes = stack_views(views)
         vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
-        if self.mode == "mean_dice":
+        if self.mode == "mean_dice" or self.sum_pull:
             return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
         return [Rows(v[: len(view.masks)], view.mask_index) for v, view in zip(vectors, views)]
 
@@ -325,12 +364,26 @@ class MIExtractor(Extractor):
         crop), and ``mask_inversion``'s history dict when ``return_history``.
         NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
         ``utils.mask_inversion.mask_inversion``)."""
+        extra = {}
+        if self.sum_pull:  # the original's alpha_sum_full: per-mask MI first, then the union's from their sum
+            with self.autocast():
+                raw = mask_inversion(
+                    self.model,
+                    pixel_values.to(self.device),
+                    masks.to(self.device),
+                    **self.mi,
+                    return_raw=True,
+                    spatial_shapes=spatial_shapes,
+                )
+            masks = masks.amax(dim=1, keepdim=True)
+            extra = dict(init=raw.sum(dim=1, keepdim=True), anchors=raw, anchor_weight=self.sum_pull)
         with self.autocast():
             out = mask_inversion(
                 self.model,
                 pixel_values.to(self.device),
                 masks.to(self.device),
                 **self.mi,
+                **extra,
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
@@ -369,7 +422,7 @@ class MIExtractor(Extractor):
         )
         index = (
             torch.full((len(views.views),), NO_MASK)
-            if self.mode == "mean_dice"
+            if self.mode == "mean_dice" or self.sum_pull
             else torch.cat([v.mask_index for v in views.views])
         )
         rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), index))

@@ -116,6 +116,8 @@ class SoIRConfig:
     mi_sum_loss: MiSumLoss = MiSumLoss.union  # mean_dice: mi_sum fits the mean of per-mask Dice
     smart_crop_source: SmartCropSource = SmartCropSource.original  # resized: cut from the model-size copy
     mi_resample: MiResample = MiResample.processor  # original: MI-path resize LANCZOS/BILINEAR per family
+    alpha_sum_full: float = 0.0  # DINOv2 mi_sum: start at the sum of the per-mask MI vectors, pulled to them
+    alpha_sum: float = 0.0  # the original's smart-crop variant of alpha_sum_full: only 0 (not reproduced)
     gallery_crop: bool = False  # crop gallery images that have a bbox like queries (leaks the label)
     # --- DINOv2 / CLIP LoRA --------------------------------------------------------------
     lora_adapt: bool = False

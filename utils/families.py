@@ -39,11 +39,14 @@ class OriginalCode:
         (``smart_crop_source=resized``).
     mi_sum_mean_dice: its ``mi_sum`` fitted one vector to the mean of the per-mask Dice terms
         (``mi_sum_loss=mean_dice``) instead of inverting the union of the masks.
+    reads_alpha_sum: its extractor passes ``alpha_sum`` / ``alpha_sum_full`` to its ``mi_sum``
+        (DINOv2 only; the others hard-code 0).
     """
 
     mi_resample: InterpolationMode
     smart_crop_pad_pixels: int | None
     mi_sum_mean_dice: bool
+    reads_alpha_sum: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ FAMILIES: dict[str, FamilySpec] = {
             {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"},
             {"base": 768, "large": 1024},
             lora_targets=_QKV,
-            original=OriginalCode(InterpolationMode.LANCZOS, None, False),
+            original=OriginalCode(InterpolationMode.LANCZOS, None, False, reads_alpha_sum=True),
         ),
         FamilySpec(
             "dinov2reg",

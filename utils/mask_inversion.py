@@ -140,6 +140,10 @@ def mask_inversion(
     spatial_shapes: torch.Tensor | None = None,
     overlap: str = "dice",
     groups: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    anchors: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
+    return_raw: bool = False,
 ):
     """Mask Inversion embeddings of P masks per image.
 
@@ -180,6 +184,12 @@ def mask_inversion(
             paper's ``- alpha cos(v, sum_i v_i)`` up to a constant: the same gradients and steps). The
             raw parameter starts at a scaled to the mean norm of its crops' g_i, so ``lr`` is relative
             to the backbone's scale as for per-mask MI. Returns [G, 1, D]; history [iterations, G, 1].
+        init: [B, V, D] the raw parameter's start instead of g (V = P, or 1 with ``shared``); the
+            original code's ``alpha_sum_full`` starts at the sum of the masks' raw MI vectors.
+        anchors, anchor_weight: [B, Q, D] vectors (normalised here) every embedding of image b is pulled
+            towards, adding ``anchor_weight * mean_q (1 - cos(e, a_q))`` to its loss (``alpha_sum_full``).
+        return_raw: return the raw parameter after the last step (not normalised; an ``init`` for a
+            later call) instead of the unit embeddings.
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -214,6 +224,13 @@ def mask_inversion(
             )
         if len(groups) and not torch.equal(torch.unique(groups), torch.arange(int(groups.max()) + 1)):
             raise ValueError("groups must number the images 0 .. G-1, each with at least one crop")
+        if init is not None or anchors is not None:
+            raise ValueError("init / anchors are for images, not for MaO's groups of crops")
+    vectors = 1 if shared else masks.shape[1]
+    if init is not None and tuple(init.shape[:2]) != (masks.shape[0], vectors):
+        raise ValueError(f"init must be [B, V, D] = [{masks.shape[0]}, {vectors}, D], got {tuple(init.shape)}")
+    if anchors is not None and (anchors.ndim != 3 or anchors.shape[0] != masks.shape[0]):
+        raise ValueError(f"anchors must be [B, Q, D] with B = {masks.shape[0]}, got {tuple(anchors.shape)}")
     if not ((masks == 0) | (masks == 1)).all():
         raise ValueError("mask values must be in {0, 1} (convert 0-255 masks with mask > 127 first)")
     if not isinstance(iterations, int) or iterations < 0:
@@ -232,10 +249,10 @@ def mask_inversion(
         legrad = LeGrad(parts, pixel_values, layer_index, impl=impl, precision=precision, spatial_shapes=spatial_shapes)
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
-    vectors = 1 if shared else P
     if groups is None:
         g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
-        raw = legrad.g[:, None].expand(B, vectors, -1).clone().requires_grad_(True)
+        start = legrad.g[:, None].expand(B, vectors, -1) if init is None else init.to(legrad.g)
+        raw = start.clone().requires_grad_(True)
     else:
         groups = groups.to(legrad.g.device)
         g_unit, scale = _group_anchors(legrad.g, groups)  # [G, 1, D], [G, 1, 1]
@@ -251,6 +268,8 @@ def mask_inversion(
         map_dice = MapDice(legrad, target, joint=joint_norm, overlap=overlap)
         dice_of = lambda e: map_dice(legrad.patch_relevance(e))  # noqa: E731
 
+    anchor_units = None if anchors is None else F.normalize(anchors.to(legrad.g), dim=-1)  # [B, Q, D]
+
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         """One AdamW step on the summed loss; returns (loss, dice) [B, P] ([G, 1] with groups) before
         the step ("dice": the overlap loss, Dice or IoU)."""
@@ -264,6 +283,8 @@ def mask_inversion(
         loss = dice + alpha * (1 - (e * g_unit).sum(-1))
         if beta and vectors > 1:
             loss = loss + beta * _mean_abs_cos_to_others(e)
+        if anchor_units is not None and anchor_weight:
+            loss = loss + anchor_weight * (1 - e @ anchor_units.mT).mean(-1)
         loss.sum().backward()
         optimizer.step()
         return loss.detach(), dice.detach()
@@ -280,7 +301,7 @@ def mask_inversion(
                 loss, dice = step()
                 if history is not None:
                     history[i, 0], history[i, 1] = loss, dice
-    result = F.normalize(raw.detach(), dim=-1)
+    result = raw.detach().clone() if return_raw else F.normalize(raw.detach(), dim=-1)
     if return_history:
         history = history.float().cpu()
         return result, {"loss": history[:, 0], "dice": history[:, 1]}

@@ -187,16 +187,22 @@ def reference_mask_inversion(
     joint=False,
     shared=False,
     spatial_shapes=None,
+    init=None,
+    anchors=None,
+    anchor_weight=0.0,
+    return_raw=False,
 ):
     """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
     Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
-    min-max normalised together."""
+    min-max normalised together. ``init`` [B, V, D]: the raw start instead of g; ``anchors`` [B, Q, D]:
+    each vector of image b also pays ``anchor_weight`` x the mean over q of 1 - cos(e, a_q);
+    ``return_raw``: the raw parameter, not normalised."""
     masks = masks.to(pixel_values.dtype)
     with frozen(model):
         ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
         B, P = masks.shape[:2]
         V = 1 if shared else P
-        raw = ref.g[:, None].repeat(1, V, 1).requires_grad_(True)
+        raw = (ref.g[:, None].repeat(1, V, 1) if init is None else init.clone()).requires_grad_(True)
         g_unit = F.normalize(ref.g, dim=-1)
         optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
         size = tuple(masks.shape[-2:])
@@ -208,8 +214,12 @@ def reference_mask_inversion(
             for p in range(P):
                 Ep, m = E[:, 0 if shared else p], masks[:, p]
                 dices.append(1 - (2 * (Ep * m).sum((1, 2)) + 1e-6) / (Ep.sum((1, 2)) + m.sum((1, 2)) + 1e-6))
+            for v in range(V) if anchors is not None else ():
+                for b in range(B):
+                    pulls = [1 - F.cosine_similarity(e[b, v], a, dim=0) for a in anchors[b]]
+                    loss = loss + anchor_weight * sum(pulls) / len(pulls)
             if shared:
-                loss = torch.stack(dices).mean(0).sum() + alpha * (1 - (e[:, 0] * g_unit).sum(-1)).sum()
+                loss = loss + torch.stack(dices).mean(0).sum() + alpha * (1 - (e[:, 0] * g_unit).sum(-1)).sum()
             else:
                 for p in range(P):
                     loss = loss + dices[p].sum() + alpha * (1 - (e[:, p] * g_unit).sum(-1)).sum()
@@ -220,7 +230,7 @@ def reference_mask_inversion(
             optimizer.zero_grad()
             raw.grad = torch.autograd.grad(loss, raw)[0]
             optimizer.step()
-        return F.normalize(raw.detach(), dim=-1)
+        return raw.detach() if return_raw else F.normalize(raw.detach(), dim=-1)
 
 
 def reference_mao(

@@ -464,3 +464,45 @@ def test_compat_original_is_refused_for_families_the_original_never_had(tiny_mod
     for setting in ({"mi_resample": "original"}, {"smart_crop_source": "resized"}):
         with pytest.raises(SoIRError, match=f"original code, which has no {family} extractor: use compat=none"):
             cls(str(tiny_model_dirs[family]), device="cpu", **setting)
+
+
+def test_alpha_sum_full_is_the_originals_two_stage_mi_sum(tiny_model_dirs, scene):
+    """DINOv2 mi_sum with alpha_sum_full (the original's compute_maskinversion_sum): per-mask MI on the
+    image, then the union's vector started at the sum of their raw parameters, pulled towards them."""
+    image, masks = scene
+    extractor = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, alpha_sum_full=0.5, **MI)
+    vector = extractor.extract(image, masks)
+    pixels = extractor.preprocess.image(image)[None]
+    resized = extractor.preprocess.masks(masks)[None]
+    raw = mask_inversion(extractor.model, pixels, resized, iterations=5, return_raw=True)
+    expected = mask_inversion(
+        extractor.model,
+        pixels,
+        resized.amax(1, keepdim=True),
+        iterations=5,
+        init=raw.sum(1, keepdim=True),
+        anchors=raw,
+        anchor_weight=0.5,
+    )[0, 0]
+    torch.testing.assert_close(vector, expected)
+    plain = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, **MI).extract(image, masks)
+    assert vector.shape == plain.shape == (32,) and float(vector @ plain) < 1 - 1e-6
+    assert (
+        extractor.identity()["alpha_sum_full"] == 0.5
+        and "alpha_sum_full" not in DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, **MI).identity()
+    )
+    explained = extractor.explain(image, masks)
+    torch.testing.assert_close(explained.vectors[0], vector)
+
+
+@pytest.mark.parametrize(
+    "cls,family,setting,message",
+    [
+        (SigLIPMIExtractor, "siglip", dict(mi_sum=True, alpha_sum_full=0.5), "DINOv2 extractor only"),
+        (DINOv2MIExtractor, "dinov2", dict(alpha_sum_full=0.5), "acts on mi_sum=true"),
+        (DINOv2MIExtractor, "dinov2", dict(mi_sum=True, alpha_sum=0.5), "not reproduced by SoIR"),
+    ],
+)
+def test_alpha_sum_where_the_original_never_read_it_is_refused(tiny_model_dirs, cls, family, setting, message):
+    with pytest.raises(SoIRError, match=message):
+        cls(str(tiny_model_dirs[family]), **setting, **MI)

@@ -486,3 +486,30 @@ def test_iou_loss_values():
     m = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     # inter 1, union 1.5 + 2 - 1 = 2.5
     assert abs(float(iou_loss(E, m)) - (1 - (1 + 1e-6) / (2.5 + 1e-6))) < 1e-12
+
+
+# ------------------------------------------------------------------ the original's alpha_sum_full
+@pytest.mark.parametrize("family", MODELS)
+def test_start_and_pull_towards_given_vectors_match_reference(models, family):
+    """init / anchors / return_raw (the original DINOv2 code's alpha_sum_full: per-mask MI, then the union's
+    vector started at the sum of their raw parameters and pulled towards them) equal the reference."""
+    model = models[family]
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=9)
+    args = dict(alpha=0.03, iterations=6, lr=0.1, **kw)
+    raw = mask_inversion(model, pixels, masks, return_raw=True, **args)
+    ref_raw = reference_mask_inversion(model, pixels, masks, return_raw=True, **args)
+    torch.testing.assert_close(raw, ref_raw, atol=1e-9, rtol=1e-9)
+    assert (raw.norm(dim=-1) - 1).abs().min() > 1e-3  # raw: not normalised
+    union = masks.amax(dim=1, keepdim=True)
+    pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.7)
+    ours = mask_inversion(model, pixels, union, **pull, **args)
+    ref = reference_mask_inversion(model, pixels, union, **pull, **args)
+    assert (ours * ref).sum(-1).min() > 1 - 1e-9
+    plain = mask_inversion(model, pixels, union, **args)
+    assert (ours * plain).sum(-1).max() < 1 - 1e-6  # the start and the pull change the vector
+    torch.testing.assert_close(
+        mask_inversion(model, pixels, union, iterations=0, init=pull["init"], **kw),
+        F.normalize(pull["init"], dim=-1),
+        atol=1e-12,
+        rtol=0,
+    )
