@@ -10,6 +10,11 @@ scale, as in the published code), e = normalize(raw) at every step, AdamW(lr, we
 and the result is normalize(raw) after the last step. The total loss is the SUM over images and
 masks, so with beta = 0 every mask is optimised independently of the others (Adam is per element).
 
+MaO's Stage B (``groups``, ``descriptor=mao``): the B inputs are object crops with one mask each, and
+the crops of one image share ONE embedding v, started at the image's Stage-A scene vector
+a = normalize(mean_i normalize(g_i)), with the loss sum_i overlap(E_i(v), m_i) + alpha * (1 - cos(v, a))
+(``overlap``: "iou", the paper's soft IoU, or "dice").
+
 Speed: the model runs once per call, without gradients; each iteration only evaluates the small
 linear "gradient decomposition" graph of :class:`utils.legrad.LeGrad` for all B x P masks at once,
 and the Dice loss on the patch grid (:class:`utils.legrad.MapDice`, exact) instead of per pixel.

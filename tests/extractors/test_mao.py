@@ -205,3 +205,20 @@ def test_config_reaches_the_extractor(tiny_model_dirs):
         )
         with pytest.raises(SoIRError, match="descriptor need a Mask Inversion extractor"):
             extractor_from_config(plain)
+
+
+def test_naflex_crops_of_different_shapes_share_one_optimisation(tiny_model_dirs, scene):
+    """SigLIP2 NaFlex: each crop has its own patch grid (masks on a padded canvas); two images of the
+    batch give the vectors they give alone."""
+    from extractors import SigLIP2MIExtractor
+
+    image, masks = scene
+    masks = np.concatenate([masks, np.zeros_like(masks[:1])])
+    masks[3, 40:50, 10:110] = True  # a wide object: its crop is wider than the 64-pixel minimum
+    extractor = SigLIP2MIExtractor(str(tiny_model_dirs["siglip2"]), **MAO)
+    views = extractor.view_maker()(image, masks).views
+    assert len({tuple(v.spatial_shape.tolist()) for v in views}) > 1  # crops of different aspect ratios
+    flipped, flipped_masks = image.transpose(Image.FLIP_LEFT_RIGHT), masks[:2, :, ::-1].copy()
+    together = extractor.extract_batch([image, flipped], [masks, flipped_masks])
+    torch.testing.assert_close(together[0], extractor.extract(image, masks), atol=1e-6, rtol=0)
+    torch.testing.assert_close(together[1], extractor.extract(flipped, flipped_masks), atol=1e-6, rtol=0)
