@@ -373,7 +373,7 @@ def bf16_cosines(model, pixels, masks, kw: dict, iterations: int) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--masks", nargs="+", type=int, default=[1, 10], help="masks per image")
+    parser.add_argument("--masks", nargs="*", type=int, default=[1, 10], help="masks per image (none: no MI table)")
     parser.add_argument("--images", type=int, default=1, help="images per call")
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
@@ -435,15 +435,16 @@ def main() -> None:
                     f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}",
                     flush=True,
                 )
-        if not args.no_products:
+        if not args.no_products and args.masks:
             pixels, masks, kw = inputs(model, size, args.images, max(args.masks), device)
             products += [(name, *row) for row in bench_products(model, pixels, masks, kw, device, args.impls)]
-        if args.bf16_check:
+        if args.bf16_check and args.masks:
             pixels, masks, kw = inputs(model, size, args.images, args.masks[0], device)
             bf16.append((name, args.masks[0], *bf16_cosines(model, pixels, masks, kw, args.iterations)))
         for crops in args.mao:
             for impl, row in bench_mao(model, size, crops, args.mao_iterations, device, args.impls).items():
                 mao.append((name, crops, impl, row))
+                print(f"MaO Stage B {name} K={crops} {impl}: {row['per_image']:.2f} s/image", flush=True)
         del model
     print(
         f"\ns/obj: measured wall time of one full call / (B*P). ms/it/obj: (t(20 it) - t(0 it)) / 20 / (B*P), "

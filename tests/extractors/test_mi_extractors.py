@@ -506,3 +506,39 @@ def test_alpha_sum_full_is_the_originals_two_stage_mi_sum(tiny_model_dirs, scene
 def test_alpha_sum_where_the_original_never_read_it_is_refused(tiny_model_dirs, cls, family, setting, message):
     with pytest.raises(SoIRError, match=message):
         cls(str(tiny_model_dirs[family]), **setting, **MI)
+
+
+def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
+    """compat=original + mi_sum + alpha_sum_full (the original's DINOv2 keys): the per-mask stage runs with
+    its joint LeGrad normalisation, as the original's compute_maskinversion did."""
+    from hydra import compose, initialize_config_dir
+
+    from extractors import extractor_from_config
+    from tests.pipeline import ROOT
+    from utils.config import register
+
+    register()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "defaults",
+            [
+                "extractor=dinov2_mi_features",
+                f"model_name={tiny_model_dirs['dinov2']}",
+                "vec_dim=32",
+                "compat=original",
+                "mi_sum=true",
+                "alpha_sum_full=0.5",
+                "mi_iterations=3",
+                "device=cpu",
+            ],
+        )
+    extractor = extractor_from_config(cfg)
+    assert (extractor.mode, extractor.sum_pull, extractor.mi["joint_norm"]) == ("union", 0.5, True)
+    image, masks = scene
+    vector = extractor.extract(image, masks)
+    pixels = extractor.mi_preprocess.image(image)[None]
+    resized = extractor.mi_preprocess.masks(masks)[None]
+    raw = mask_inversion(extractor.model, pixels, resized, iterations=3, joint_norm=True, return_raw=True)
+    pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.5)
+    expected = mask_inversion(extractor.model, pixels, resized.amax(1, keepdim=True), iterations=3, **pull)
+    torch.testing.assert_close(vector, expected[0, 0])
