@@ -26,6 +26,11 @@ largest P: the relevance step (u . V, relu, column sums and its backward; 4 H T^
 mask) in each implementation, and the [T, 4D] x [4D, D] chain that computes u and its backward
 (4 T F D flops per mask), as GFLOP/s against an fp32 matmul (2048^3) timed in the same run.
 
+``--mao K [K ...]`` adds MaO's Stage B (``descriptor=mao``): per image, K object crops at the model's
+input size (one box mask each) and ONE vector shared by them, ``--mao-iterations`` (80, the paper's)
+steps of the soft-IoU objective; seconds per image for the full call (forward of the K crops + the
+iterations) and per iteration, per implementation.
+
 ``--bf16-check`` adds the cosine of MI vectors under ``torch.autocast(bfloat16)`` (what
 ``precision=bf16`` does) to fp32, and, for scale, under pixels rounded to bfloat16.
 
@@ -33,6 +38,7 @@ mask) in each implementation, and the [T, 4D] x [4D, D] chain that computes u an
     python benchmarks/mi_speed.py --families siglip --masks 10 --no-reference --bf16-check
     python benchmarks/mi_speed.py --families dinov2 --iterations 20 --masks 1   # quick
     python benchmarks/mi_speed.py --device cuda --images 8 --masks 8 --no-reference --impls dense fused
+    python benchmarks/mi_speed.py --families dinov2 clip --masks 1 --no-reference --no-products --mao 5 15
 """
 
 from __future__ import annotations
@@ -226,6 +232,41 @@ def bench_engines(model, pixels, masks, kw: dict, iterations: int, device: torch
     return results
 
 
+def bench_mao(model, size, crops: int, iterations: int, device: torch.device, impls: list[str]) -> dict:
+    """MaO Stage B on ONE image of ``crops`` object crops: per implementation, wall seconds of the full
+    call (the crops' forward pass + ``iterations`` steps) and per iteration ((t(20) - t(0)) / 20, each
+    the minimum of repeated calls, implementations interleaved), both per image."""
+    pixels, masks, kw = inputs(model, size, crops, 1, device)
+    groups = torch.zeros(crops, dtype=torch.long, device=device)
+    runs = {
+        impl: (
+            lambda n, impl=impl: timed(
+                lambda: mask_inversion(
+                    model, pixels, masks, iterations=n, impl=impl, groups=groups, overlap="iou", **kw
+                ),
+                device,
+            )[0]
+        )
+        for impl in impls
+    }
+    for run in runs.values():
+        run(1)  # warm-up
+    t0, t20 = {impl: [] for impl in impls}, {impl: [] for impl in impls}
+    for repeat in range(3):
+        for impl, run in runs.items():
+            t0[impl].append(run(0))
+            if repeat < 2:
+                t20[impl].append(run(PER_ITERATION_RUN))
+    return {
+        impl: dict(
+            per_image=run(iterations),
+            setup=min(t0[impl]),
+            per_iteration=(min(t20[impl]) - min(t0[impl])) / PER_ITERATION_RUN,
+        )
+        for impl, run in runs.items()
+    }
+
+
 def _child_peak_rss(family: str, images: int, masks: int, threads: int, impl: str, queue) -> None:
     torch.set_num_threads(threads)
     _, model, size = build(family, torch.device("cpu"))
@@ -332,7 +373,7 @@ def bf16_cosines(model, pixels, masks, kw: dict, iterations: int) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--masks", nargs="+", type=int, default=[1, 10], help="masks per image")
+    parser.add_argument("--masks", nargs="*", type=int, default=[1, 10], help="masks per image (none: no MI table)")
     parser.add_argument("--images", type=int, default=1, help="images per call")
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
@@ -347,6 +388,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the plain reference")
     parser.add_argument("--no-products", action="store_true", help="skip the GFLOP/s table")
     parser.add_argument("--bf16-check", action="store_true", help="cosine of bf16 autocast MI to fp32")
+    parser.add_argument("--mao", nargs="*", type=int, default=[], help="MaO Stage B: object crops per image")
+    parser.add_argument("--mao-iterations", type=int, default=80, help="MaO Stage B steps (the paper's 80)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -367,7 +410,7 @@ def main() -> None:
         f"{'vs ref':>7}"
     )
     print(header + "\n" + "-" * len(header))
-    products, bf16 = [], []
+    products, bf16, mao = [], [], []
     for family in args.families:
         name, model, size = build(family, device)
         reference = None
@@ -392,12 +435,16 @@ def main() -> None:
                     f"{speedup:8.2f}x {eng['setup']:7.2f} {eng['peak_mb']:7.0f} {ref_cols}",
                     flush=True,
                 )
-        if not args.no_products:
+        if not args.no_products and args.masks:
             pixels, masks, kw = inputs(model, size, args.images, max(args.masks), device)
             products += [(name, *row) for row in bench_products(model, pixels, masks, kw, device, args.impls)]
-        if args.bf16_check:
+        if args.bf16_check and args.masks:
             pixels, masks, kw = inputs(model, size, args.images, args.masks[0], device)
             bf16.append((name, args.masks[0], *bf16_cosines(model, pixels, masks, kw, args.iterations)))
+        for crops in args.mao:
+            for impl, row in bench_mao(model, size, crops, args.mao_iterations, device, args.impls).items():
+                mao.append((name, crops, impl, row))
+                print(f"MaO Stage B {name} K={crops} {impl}: {row['per_image']:.2f} s/image", flush=True)
         del model
     print(
         f"\ns/obj: measured wall time of one full call / (B*P). ms/it/obj: (t(20 it) - t(0 it)) / 20 / (B*P), "
@@ -416,6 +463,19 @@ def main() -> None:
         print(header + "\n" + "-" * len(header))
         for name, step, impl, ms, gflops in products:
             print(f"{name:19} {step:34} {impl:>9} {ms:8.2f} {gflops:8.1f} {100 * gflops / peak:8.0f}%")
+    if mao:
+        print(
+            f"\nMaO Stage B (descriptor=mao), ONE image of K object crops, {args.mao_iterations} iterations, "
+            f"{where}: s/image = one full call (forward of the K crops + iterations); ms/it/image = "
+            f"(t(20 it) - t(0 it)) / 20; setup = t(0 it), the forward pass and the maps' constants."
+        )
+        header = f"{'family':19} {'K':>3} {'impl':>9} {'s/image':>8} {'ms/it/image':>11} {'setup s':>7}"
+        print(header + "\n" + "-" * len(header))
+        for name, crops, impl, row in mao:
+            print(
+                f"{name:19} {crops:3d} {impl:>9} {row['per_image']:8.2f} {1e3 * row['per_iteration']:11.1f} "
+                f"{row['setup']:7.2f}"
+            )
     if bf16:
         print(f"\nCosine to fp32 MI ({args.iterations} iterations, min over masks):")
         header = f"{'family':19} {'P':>3} {'bf16 autocast':>13} {'pixels rounded to bf16':>22}"

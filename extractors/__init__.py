@@ -110,5 +110,9 @@ _MI_ONLY_KEYS = {
     "mi_sum_loss",
     "smart_crop_source",
     "mi_resample",
+    "descriptor",
+    "mao_overlap",
+    "alpha_sum",
+    "alpha_sum_full",
 }
-_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input"}
+_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input", "descriptor", "alpha_sum_full"}

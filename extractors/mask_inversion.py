@@ -14,13 +14,25 @@ from PIL import Image, ImageOps
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
-from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, stack_views
+from extractors.views import (
+    NO_MASK,
+    View,
+    ViewMaker,
+    Views,
+    input_side,
+    mao_box,
+    padded_box,
+    stack_masks,
+    stack_views,
+)
 from utils.errors import SoIRError
 from utils.families import FAMILIES
-from utils.mask_inversion import legrad_map, mask_inversion
+from utils.mask_inversion import OVERLAPS, legrad_map, mask_inversion
 from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
+
+DESCRIPTORS = ("mi", "mao")  # the published code's MI descriptors | MaO's Stage B (the paper's)
 
 
 @dataclass
@@ -54,7 +66,8 @@ class MIExtractor(Extractor):
     Args (beyond :class:`Extractor`'s; each is the config key of the same name):
         mi_alpha: weight of the pull towards the global embedding, ``alpha * (1 - cos(e, g))``.
         mi_beta: weight of the mean |cos| between different masks of one image.
-        mi_lr, mi_iterations: AdamW learning rate and number of steps.
+        mi_lr, mi_iterations: AdamW learning rate and number of steps (None: 100, or 80, the
+            paper's, with ``descriptor="mao"``).
         mi_layer_index: hooked blocks L + mi_layer_index + 1 .. L (-1 = last block).
         mi_impl, mi_precision, mi_cuda_graph: how the engine evaluates (utils.mask_inversion).
         global_features: False = no MI at all: the plain global embedding (the original's meaning).
@@ -71,6 +84,20 @@ class MIExtractor(Extractor):
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
         pixel_geometry: "original" rounds pixels as the original did (:class:`extractors.views.ViewMaker`).
         mi_beta_used: False ignores ``mi_beta`` (logged), as the original never passed it to MI.
+        descriptor: "mi" (the published code's descriptors: the modes above) or "mao": MaO's Stage
+            B as the paper describes it, ONE vector per image: its masks' object crops (cut as Stage
+            A cuts them, :class:`extractors.views.ViewMaker` mode "mao"), one embedding v shared by
+            all of them, minimising sum_i (1 - softIoU(LeGrad map of v on crop i, m_i)) + alpha *
+            (1 - cos(v, sum_i v_i)), started at the renormalised mean of the crops' embeddings v_i
+            (``utils.mask_inversion.mask_inversion``, ``groups``). Each crop's map is min-max
+            normalised on its own (the crops are separate model inputs).
+        mao_overlap: "iou" (the paper's soft IoU) or "dice": the map-to-mask loss of ``descriptor=mao``.
+        alpha_sum_full: the original DINOv2 code's ``alpha_sum_full`` (its ``compute_maskinversion_sum``),
+            with ``mi_sum``: first one MI vector per mask on the whole image (the settings above), then the
+            union's vector started at the SUM of their raw (un-normalised) parameters and pulled towards
+            them, ``+ alpha_sum_full * mean_p (1 - cos(e, e_p))``. 0: plain ``mi_sum``.
+        alpha_sum: the original's smart-crop variant (``mi_sum smart_crop single_from_sc=false``); not
+            reproduced: values other than 0 are refused.
         debug: log the loss of every MI iteration.
     """
 
@@ -84,7 +111,7 @@ class MIExtractor(Extractor):
         mi_alpha: float = 0.03,
         mi_beta: float = 0.0,
         mi_lr: float = 0.1,
-        mi_iterations: int = 100,
+        mi_iterations: int | None = None,
         mi_layer_index: int = -1,
         mi_impl: str = "auto",
         mi_precision: str = "fp32",
@@ -104,6 +131,10 @@ class MIExtractor(Extractor):
         mi_resample: str = "processor",
         pixel_geometry: str = "soir",
         mi_beta_used: bool = True,
+        descriptor: str = "mi",
+        mao_overlap: str = "iou",
+        alpha_sum: float = 0.0,
+        alpha_sum_full: float = 0.0,
         debug: bool = False,
         **kwargs,
     ):
@@ -124,6 +155,11 @@ class MIExtractor(Extractor):
                 "is mi_precision",
                 self.precision,
             )
+        descriptor, mao = str(descriptor), str(descriptor) == "mao"
+        if descriptor not in DESCRIPTORS:
+            raise SoIRError(f"descriptor={descriptor!r}; one of {', '.join(DESCRIPTORS)}")
+        if mi_iterations is None:  # the paper's 80 for its Stage B; the published code's 100 otherwise
+            mi_iterations = 80 if mao else 100
         self.mi = dict(
             alpha=mi_alpha,
             beta=mi_beta,
@@ -135,9 +171,29 @@ class MIExtractor(Extractor):
             cuda_graph=mi_cuda_graph,
             joint_norm=legrad_norm == "joint",
         )
-        self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        if mao:
+            self._check_mao(
+                global_features=global_features,
+                mi_sum=mi_sum or full_mask,
+                smart_crop=smart_crop,
+                avg_multiple_vecs=avg_multiple_vecs,
+                mi_beta=mi_beta,
+                legrad_norm=legrad_norm,
+                smart_crop_source=smart_crop_source,
+                mao_overlap=mao_overlap,
+            )
+            self.mode = "mao"
+            # Only MaO's identity names its overlap, so the published code's folders keep theirs.
+            self.mi["overlap"] = str(mao_overlap)
+        else:
+            if mao_overlap != "iou":
+                raise SoIRError(
+                    f"mao_overlap={mao_overlap} is the loss of descriptor=mao; set descriptor=mao or drop it"
+                )
+            self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        self.sum_pull = self._check_alpha_sum(alpha_sum, alpha_sum_full)
         self.uses_masks = self.mode != "global"
-        self.one_vector_per_image = self.mode in ("global", "union", "mean_dice") or avg_multiple_vecs
+        self.one_vector_per_image = self.mode in ("global", "union", "mean_dice", "mao") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
         self.crop_source, self.geometry = str(smart_crop_source), str(pixel_geometry)
@@ -167,6 +223,55 @@ class MIExtractor(Extractor):
             if mi_resample == "processor"
             else dataclasses.replace(self.preprocess, resample=original.mi_resample)
         )
+
+    def _check_alpha_sum(self, alpha_sum: float, alpha_sum_full: float) -> float:
+        """The original's ``alpha_sum`` / ``alpha_sum_full``: the weight of the pull of ``mi_sum``'s vector
+        towards the per-mask vectors (0: none), refused where the original code never read them."""
+        if alpha_sum:
+            raise SoIRError(
+                f"alpha_sum={alpha_sum}: the original's smart-crop variant of its DINOv2 mi_sum (mi_sum=true "
+                "smart_crop=true single_from_sc=false) is not reproduced by SoIR; alpha_sum_full (the per-mask "
+                "vectors on the whole image) is"
+            )
+        if not alpha_sum_full:
+            return 0.0
+        original = FAMILIES[self.family].original
+        if original is None or not original.reads_alpha_sum:
+            raise SoIRError(
+                f"alpha_sum_full={alpha_sum_full}: the original code reads it in its DINOv2 extractor only "
+                f"(its other extractors pass 0), not for {self.family}"
+            )
+        if self.mode != "union":
+            raise SoIRError(
+                f"alpha_sum_full={alpha_sum_full} acts on mi_sum=true (one vector for the union of an image's "
+                f"masks) without smart_crop, as in the original; here the descriptor is {self.mode!r}"
+            )
+        if alpha_sum_full < 0:
+            raise SoIRError(f"alpha_sum_full={alpha_sum_full} must be >= 0")
+        return float(alpha_sum_full)
+
+    @staticmethod
+    def _check_mao(**settings) -> None:
+        """descriptor=mao is one vector per image over its object crops: refuse the published code's
+        mode switches, which would say something else."""
+        if settings.pop("mao_overlap") not in OVERLAPS:
+            raise SoIRError(f"mao_overlap must be one of {', '.join(OVERLAPS)}")
+        defaults = dict(
+            global_features=True,
+            mi_sum=False,
+            smart_crop=False,
+            avg_multiple_vecs=False,
+            mi_beta=0.0,
+            legrad_norm="per_map",
+            smart_crop_source="original",
+        )
+        clash = [f"{k}={settings[k]}" for k, v in defaults.items() if settings[k] != v]
+        if clash:
+            raise SoIRError(
+                f"descriptor=mao (one vector per image over its object crops, the paper's Stage B) "
+                f"does not combine with {', '.join(clash)} (the published code's descriptor modes); "
+                f"drop them or use descriptor=mi"
+            )
 
     def _mode(
         self, global_features: bool, mi_sum: bool, smart_crop: bool, single_from_sc: bool, mi_sum_loss: str
@@ -215,6 +320,8 @@ class MIExtractor(Extractor):
             "mi_resample": self.mi_preprocess.resample.value,
             "pixel_geometry": self.geometry,
             "crops_share_norm": self.crops_share_norm,
+            # only when set, so the folders made without it keep their identity
+            **({"alpha_sum_full": self.sum_pull} if self.sum_pull else {}),
         }
 
     def view_maker(self) -> ViewMaker:
@@ -223,13 +330,36 @@ class MIExtractor(Extractor):
         pad_pixels = FAMILIES[self.family].original.smart_crop_pad_pixels if self.crop_source == "resized" else None
         return ViewMaker(
             self.mi_preprocess,
-            "per_mask" if self.mode == "mean_dice" else self.mode,
+            "per_mask" if self.mode == "mean_dice" or self.sum_pull else self.mode,
             self.smart_crop_pad,
             keep_empty=self.keep_empty,
             crop_source=self.crop_source,
             pad_pixels=pad_pixels,
             geometry=self.geometry,
+            min_crop=input_side(self.mi_preprocess) if self.mode == "mao" else 0,
         )
+
+    def describe(self, batch: list[Views]) -> list[Rows]:
+        """descriptor=mao: the object crops of all images of ``batch`` in ONE optimisation, one vector
+        per image (its crops share it; images are independent: the loss is a sum and AdamW acts per
+        element). An image without a usable mask has its global view, embedded as usual."""
+        if self.mode != "mao":
+            return super().describe(batch)
+        crops = [(i, view) for i, views in enumerate(batch) for view in views.views if view.masks is not None]
+        plain = [(i, view) for i, views in enumerate(batch) for view in views.views if view.masks is None]
+        out = [Rows(torch.empty(0, self.dim), torch.empty(0, dtype=torch.long)) for _ in batch]
+        if plain:
+            for (i, _), vector in zip(plain, self.embed(*stack_views([v for _, v in plain])).cpu()):
+                out[i] = Rows(vector[None], torch.tensor([NO_MASK]))
+        if crops:
+            images = sorted({i for i, _ in crops})
+            groups = torch.tensor([images.index(i) for i, _ in crops])
+            views = [v for _, v in crops]
+            pixels, spatial_shapes = stack_views(views)
+            vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes, groups=groups).cpu()
+            for i, vector in zip(images, vectors):
+                out[i] = Rows(vector, torch.tensor([NO_MASK]))
+        return out
 
     def mask_group(self, view: View) -> object:
         # With beta = 0 and per-map normalisation every mask is optimised independently, so views
@@ -238,13 +368,15 @@ class MIExtractor(Extractor):
         # Otherwise (beta > 0, joint normalisation, one vector for all masks) the masks of an image
         # interact, so only equal counts are batched.
         count = len(view.masks)
-        independent = self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice"
+        independent = (
+            self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice" and not self.sum_pull
+        )
         return 1 << (count - 1).bit_length() if independent else count
 
     def invert_views(self, views: list[View]) -> list[Rows]:
         pixels, spatial_shapes = stack_views(views)
         vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
-        if self.mode == "mean_dice":
+        if self.mode == "mean_dice" or self.sum_pull:
             return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
         return [Rows(v[: len(view.masks)], view.mask_index) for v, view in zip(vectors, views)]
 
@@ -254,20 +386,37 @@ class MIExtractor(Extractor):
         masks: torch.Tensor,
         return_history: bool = False,
         spatial_shapes: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ):
         """pixel_values [B, 3, H, W], masks [B, P, H, W] in {0, 1} -> unit vectors [B, P, D]
-        ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``.
+        ([B, 1, D] in the mean_dice mode; [G, 1, D] with MaO's ``groups`` [B], the image of each
+        crop), and ``mask_inversion``'s history dict when ``return_history``.
         NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
         ``utils.mask_inversion.mask_inversion``)."""
+        extra = {}
+        if self.sum_pull:  # the original's alpha_sum_full: per-mask MI first, then the union's from their sum
+            with self.autocast():
+                raw = mask_inversion(
+                    self.model,
+                    pixel_values.to(self.device),
+                    masks.to(self.device),
+                    **self.mi,
+                    return_raw=True,
+                    spatial_shapes=spatial_shapes,
+                )
+            masks = masks.amax(dim=1, keepdim=True)
+            extra = dict(init=raw.sum(dim=1, keepdim=True), anchors=raw, anchor_weight=self.sum_pull)
         with self.autocast():
             out = mask_inversion(
                 self.model,
                 pixel_values.to(self.device),
                 masks.to(self.device),
-                **{**self.mi, "joint_norm": "batch"} if self.crops_share_norm else self.mi,
+                **({**self.mi, "joint_norm": "batch"} if self.crops_share_norm else self.mi),
+                **extra,
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
+                groups=groups,
             )
         if self.debug:
             for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
@@ -292,6 +441,8 @@ class MIExtractor(Extractor):
         views = self.view_maker()(image, masks)
         if views.dropped_masks:
             raise ValueError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
+        if self.mode == "mao":
+            return self._explain_mao(image, masks, views)
         # One image's views all hold the same number of masks (one view with all masks, the union, or
         # one single-mask view per smart crop), so they run as one batch, as describe() runs them.
         pixels, spatial_shapes = stack_views(views.views)
@@ -300,7 +451,7 @@ class MIExtractor(Extractor):
         )
         index = (
             torch.full((len(views.views),), NO_MASK)
-            if self.mode == "mean_dice"
+            if self.mode == "mean_dice" or self.sum_pull
             else torch.cat([v.mask_index for v in views.views])
         )
         rows = self.finish(Rows(vectors.flatten(0, 1).cpu(), index))
@@ -314,6 +465,28 @@ class MIExtractor(Extractor):
             vectors=rows.vectors,
             mask_index=rows.mask_index,
             maps=torch.stack([self.legrad(image, v[None], box)[0] for v, box in zip(rows.vectors, boxes)]),
+            global_vector=global_vector,
+            global_map=self.legrad(image, global_vector[None])[0],
+            history={k: v.flatten(1) for k, v in history.items()},
+        )
+
+    def _explain_mao(self, image: Image.Image, masks: np.ndarray | torch.Tensor, views: Views) -> Explanation:
+        """:meth:`explain` for descriptor=mao: the image's one vector; its map is, at every pixel, the
+        largest of its maps on the object crops that cover the pixel (each as MaO saw it)."""
+        pixels, spatial_shapes = stack_views(views.views)
+        groups = torch.zeros(len(views.views), dtype=torch.long)
+        vectors, history = self.invert(
+            pixels, stack_masks(views.views), return_history=True, spatial_shapes=spatial_shapes, groups=groups
+        )
+        vector = vectors[0].cpu()  # [1, D]
+        source = to_binary_masks(masks)
+        side = input_side(self.mi_preprocess)
+        boxes = [mao_box(source[i], self.smart_crop_pad, side) for i in torch.cat([v.mask_index for v in views.views])]
+        global_vector = self.embed(*stack_views(ViewMaker(self.mi_preprocess, "global")(image).views))[0].cpu()
+        return Explanation(
+            vectors=vector,
+            mask_index=torch.tensor([NO_MASK]),
+            maps=torch.stack([self.legrad(image, vector, box) for box in boxes]).amax(0),
             global_vector=global_vector,
             global_map=self.legrad(image, global_vector[None])[0],
             history={k: v.flatten(1) for k, v in history.items()},

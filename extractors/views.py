@@ -6,6 +6,7 @@ Building views is pure preprocessing, so it runs in DataLoader workers (no model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from utils.errors import SoIRError
 from utils.preprocessing import NaFlexPreprocess, Preprocess, pil_nearest_masks, to_binary_masks
 
-MODES = ("global", "per_mask", "union", "smart_crop")
+MODES = ("global", "per_mask", "union", "smart_crop", "mao")
 
 
 # ``mask_index`` of a row that belongs to no single source mask (global embedding, union of masks).
@@ -59,6 +60,11 @@ class ViewMaker:
         union:      the whole image with the union of its masks (``mi_sum``: one vector per image).
         smart_crop: for each mask, its box padded by ``pad`` x the box's longer side, cropped from
                     the original image (not a downscaled copy), with the mask cropped alike.
+        mao:        MaO's object crops (``descriptor=mao``), one view per mask, cut as Stage A cuts
+                    its training crops (:func:`utils.train_data.crop_box`): the mask's box padded by
+                    ``pad`` x its longer side, then each side grown around its centre to at least
+                    ``min_crop`` pixels (the model's input side; inside the image), with the mask
+                    cropped alike. The extractor fits one vector to all views of an image.
 
     The original code's variants (``compat=original``):
         keep_empty: a mask that vanishes at the model's input size is kept (MI with an empty target)
@@ -79,6 +85,7 @@ class ViewMaker:
     crop_source: str = "original"
     pad_pixels: int | None = None
     geometry: str = "soir"
+    min_crop: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -126,7 +133,9 @@ class ViewMaker:
         empty, masks, index = int((~nonempty).sum()), masks[nonempty], torch.nonzero(nonempty).flatten()
         if self.mode == "union" and len(masks):
             masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
-        if self.mode != "smart_crop":
+        if self.mode == "mao":
+            views = self._mao_crops(image, masks, index)
+        elif self.mode != "smart_crop":
             views = self._keep_nonempty(self._view(image), self._masks(masks), index)
         elif self.crop_source == "resized":
             views = self._crops_of_resized(image, masks, index)
@@ -168,6 +177,18 @@ class ViewMaker:
         if self.geometry == "original":
             return pil_nearest_masks(masks, self.preprocess.size)
         return self.preprocess.masks(masks)
+
+    def _mao_crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
+        """MaO's crops: padded box grown to ``min_crop`` (see the class docstring), one view per mask."""
+        views, dropped = [], 0
+        for mask, i in zip(masks, index):
+            x1, y1, x2, y2 = mao_box(mask, self.pad, self.min_crop)
+            crop = self._masks(mask[None, y1:y2, x1:x2])
+            if crop.any():
+                views.append(self._view(image.crop((x1, y1, x2, y2)), crop, i[None]))
+            else:
+                dropped += 1
+        return Views(views, dropped)
 
     def _view(
         self, image: Image.Image, masks: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
@@ -234,6 +255,32 @@ def original_smart_crop_box(mask: torch.Tensor, pad: float, pad_pixels: int | No
     margin = pad_pixels if pad_pixels is not None else int(max(y2 - y1, x2 - x1) * pad)
     height, width = mask.shape
     return max(0, x1 - margin), max(0, y1 - margin), min(width, x2 + margin), min(height, y2 + margin)
+
+
+def mao_box(mask: torch.Tensor, pad: float, min_size: int) -> tuple[int, int, int, int]:
+    """MaO's object crop of a non-empty [H, W] mask: :func:`padded_box`, each side then grown to at
+    least ``min_size`` pixels (:func:`grow_span`). Returns (x1, y1, x2, y2), x2/y2 exclusive."""
+    x1, y1, x2, y2 = padded_box(mask, pad)
+    height, width = mask.shape
+    x1, x2 = grow_span(x1, x2, min_size, width)
+    y1, y2 = grow_span(y1, y2, min_size, height)
+    return x1, y1, x2, y2
+
+
+def input_side(preprocess: Preprocess | NaFlexPreprocess) -> int:
+    """The model input's side in pixels, MaO's smallest crop: the longer side of a fixed-size input;
+    NaFlex: the side of the largest square grid of ``max_num_patches`` patches."""
+    if isinstance(preprocess, NaFlexPreprocess):
+        return preprocess.patch_size * math.isqrt(preprocess.max_num_patches)
+    return max(preprocess.size)
+
+
+def grow_span(start: int, end: int, min_size: int, limit: int) -> tuple[int, int]:
+    """The pixel span [start, end) grown around its centre to ``min(max(end - start, min_size), limit)``
+    pixels, shifted to stay inside [0, limit): one axis of MaO's object crops."""
+    size = min(max(end - start, min_size), limit)
+    start = min(max(0, (start + end - size) // 2), limit - size)
+    return start, start + size
 
 
 def zero_outside(image: Image.Image, masks: np.ndarray) -> Image.Image:

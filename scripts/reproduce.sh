@@ -6,13 +6,17 @@
 #
 # Runs (create_index.py + search_index.py each; features and run folders go to ./outputs):
 #   dinov2_global, clip_global                        plain global embeddings (zero-shot)
-#   mao_dinov2_zeroshot_gt, mao_clip_zeroshot_gt      Mask Inversion on the benchmark's ground-truth masks
-#   mao_*_zeroshot_det                                ... on DETECTOR_CAPTIONS masks      (if DETECTOR_CAPTIONS)
-#   mao_dinov2_finetuned_gt / _det                    ... with the LoRA DINOv2 weights    (if DINOV2_WEIGHTS)
+#   mao_dinov2_zeroshot_gt_paper, mao_clip_...        MaO as the paper describes it (descriptor=mao: one vector
+#                                                     per image) on the benchmark's ground-truth masks
+#   mao_dinov2_zeroshot_gt, mao_clip_zeroshot_gt      ... as the published code computes it (one MI vector per mask)
+#   mao_*_zeroshot_det[_paper]                        ... on DETECTOR_CAPTIONS masks      (if DETECTOR_CAPTIONS)
+#   mao_dinov2_finetuned_*                            ... with the LoRA DINOv2 weights    (if DINOV2_WEIGHTS)
+#   mao_clip_finetuned_*                              ... with the LoRA CLIP weights      (if CLIP_WEIGHTS)
 # Environment (optional):
 #   DINOV2_MODEL, CLIP_MODEL   model_name (default: the extractors' defaults, DINOv2-B/14 and CLIP-B/16)
 #   DINOV2_DIM, CLIP_DIM       vec_dim (default 768, 512)
-#   DINOV2_WEIGHTS, LORA_RANK  fine-tuned LoRA checkpoint and its rank (default 256)
+#   DINOV2_WEIGHTS, LORA_RANK  fine-tuned LoRA checkpoint and its rank (default 256; scripts/train_mao.py)
+#   CLIP_WEIGHTS               fine-tuned CLIP LoRA checkpoint (scripts/train_mao.py family=clip; rank LORA_RANK)
 #   DETECTOR_CAPTIONS          captions.pt of detector masks (scripts/create_masked_dataset.py); images
 #                              without detections get their global embedding (missing_masks=global, counted)
 #   SETTINGS                   run only these settings (space-separated names from the list above)
@@ -36,6 +40,7 @@ mkdir "$OUT"    # fails rather than mixing two runs started in the same second
 DINOV2=(vec_dim="${DINOV2_DIM:-768}" ${DINOV2_MODEL:+model_name="$DINOV2_MODEL"})
 CLIP=(vec_dim="${CLIP_DIM:-512}" ${CLIP_MODEL:+model_name="$CLIP_MODEL"})
 LORA=(lora_adapt=true lora_rank="${LORA_RANK:-256}" weights="${DINOV2_WEIGHTS:-}")
+CLIP_LORA=(lora_adapt=true lora_rank="${LORA_RANK:-256}" weights="${CLIP_WEIGHTS:-}")
 DET=(captions_file="${DETECTOR_CAPTIONS:-}" missing_masks=global)
 
 # $1 = setting, the rest = create_index.py overrides; appends "benchmark<TAB>setting<TAB>results folder" to runs.tsv
@@ -53,18 +58,32 @@ run() {
   rm -f "$log"
 }
 
+# $1 = setting, the rest = create_index.py overrides: the paper's method (descriptor=mao, setting_paper)
+# and the published code's (setting)
+both() {
+  local setting=$1; shift
+  run "${setting}_paper" "$@" descriptor=mao
+  run "$setting" "$@"
+}
+
 run dinov2_global extractor=dinov2_features "${DINOV2[@]}"
 run clip_global extractor=clip_features "${CLIP[@]}"
-run mao_dinov2_zeroshot_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${GT[@]}"
-run mao_clip_zeroshot_gt extractor=clip_mi_features "${CLIP[@]}" "${GT[@]}"
+both mao_dinov2_zeroshot_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${GT[@]}"
+both mao_clip_zeroshot_gt extractor=clip_mi_features "${CLIP[@]}" "${GT[@]}"
 if [[ -n "${DETECTOR_CAPTIONS:-}" ]]; then
-  run mao_dinov2_zeroshot_det extractor=dinov2_mi_features "${DINOV2[@]}" "${DET[@]}"
-  run mao_clip_zeroshot_det extractor=clip_mi_features "${CLIP[@]}" "${DET[@]}"
+  both mao_dinov2_zeroshot_det extractor=dinov2_mi_features "${DINOV2[@]}" "${DET[@]}"
+  both mao_clip_zeroshot_det extractor=clip_mi_features "${CLIP[@]}" "${DET[@]}"
 fi
 if [[ -n "${DINOV2_WEIGHTS:-}" ]]; then
-  run mao_dinov2_finetuned_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${LORA[@]}" "${GT[@]}"
+  both mao_dinov2_finetuned_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${LORA[@]}" "${GT[@]}"
   if [[ -n "${DETECTOR_CAPTIONS:-}" ]]; then
-    run mao_dinov2_finetuned_det extractor=dinov2_mi_features "${DINOV2[@]}" "${LORA[@]}" "${DET[@]}"
+    both mao_dinov2_finetuned_det extractor=dinov2_mi_features "${DINOV2[@]}" "${LORA[@]}" "${DET[@]}"
+  fi
+fi
+if [[ -n "${CLIP_WEIGHTS:-}" ]]; then
+  both mao_clip_finetuned_gt extractor=clip_mi_features "${CLIP[@]}" "${CLIP_LORA[@]}" "${GT[@]}"
+  if [[ -n "${DETECTOR_CAPTIONS:-}" ]]; then
+    both mao_clip_finetuned_det extractor=clip_mi_features "${CLIP[@]}" "${CLIP_LORA[@]}" "${DET[@]}"
   fi
 fi
 "$PYTHON" "$REPO/scripts/paper_table.py" table "$OUT" --out "$OUT/table.md"

@@ -45,6 +45,8 @@ PixelGeometry = choice("PixelGeometry", "soir original")
 QueryVectors = choice("QueryVectors", "max each")
 MasksRle = choice("MasksRle", "read ignore")
 QueryMasks = choice("QueryMasks", "best all")
+Descriptor = choice("Descriptor", "mi mao")
+MaoOverlap = choice("MaoOverlap", "iou dice")
 Stage = choice("Stage", "all prepare extract index search")
 SearchMode = choice("SearchMode", "exact faiss lancedb")
 ExportFormat = choice("ExportFormat", "embeddings lancedb")
@@ -87,6 +89,9 @@ class SoIRConfig:
     box_masks: bool = False  # masks_from=anns: an object with a box and no mask gets
     # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
+    descriptor: Descriptor = Descriptor.mi  # mi: the published code's MI descriptors (per mask, mi_sum,
+    # smart_crop, ...) | mao: the paper's Stage B, one vector per image over its object crops
+    mao_overlap: MaoOverlap = MaoOverlap.iou  # descriptor=mao: soft IoU (the paper's) | dice
     global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
     smart_crop: bool = False  # MI inside each mask's padded box crop
     smart_crop_pad: float = 0.1  # crop padding, share of the box's longer side
@@ -94,7 +99,7 @@ class SoIRConfig:
     mi_alpha: float = 0.03  # pull towards the global embedding
     mi_beta: float = 0.0  # penalty on |cos| between masks of one image
     mi_lr: float = 0.1
-    mi_iterations: int = 100
+    mi_iterations: Optional[int] = None  # null = 100 (published code), 80 with descriptor=mao (the paper's)
     mi_layer_index: int = -1  # hooked blocks: L + mi_layer_index + 1 .. L
     mi_impl: MiImpl = MiImpl.auto  # auto | blockwise | fused | dense: same results up to rounding
     mi_precision: MiPrecision = MiPrecision.fp32  # fp32 | tf32 (CUDA) | bf16 (fused): MI's products
@@ -116,6 +121,8 @@ class SoIRConfig:
     mi_sum_loss: MiSumLoss = MiSumLoss.union  # mean_dice: mi_sum fits the mean of per-mask Dice
     smart_crop_source: SmartCropSource = SmartCropSource.original  # resized: cut from the model-size copy
     mi_resample: MiResample = MiResample.processor  # original: MI-path resize LANCZOS/BILINEAR per family
+    alpha_sum_full: float = 0.0  # DINOv2 mi_sum: start at the sum of the per-mask MI vectors, pulled to them
+    alpha_sum: float = 0.0  # the original's smart-crop variant of alpha_sum_full: only 0 (not reproduced)
     gallery_crop: bool = False  # crop gallery images that have a bbox like queries (leaks the label)
     pixel_geometry: PixelGeometry = PixelGeometry.soir  # original: its pixel rounding (smart-crop box, PIL
     # NEAREST masks, mask_input resized then zeroed, square query crop, SigLIP maps upsampled x16)
@@ -411,7 +418,7 @@ def check_config(cfg: DictConfig) -> None:
         "lora_rank",
         "report_k",
     ):
-        if cfg[key] < (0 if key == "mi_iterations" else 1):
+        if cfg[key] is not None and cfg[key] < (0 if key == "mi_iterations" else 1):
             raise SoIRError(f"{key}={cfg[key]} must be positive")
     for key in ("num_workers", "max_ds_index"):
         if cfg[key] is not None and cfg[key] < 0:

@@ -43,6 +43,8 @@ class OriginalCode:
         (original ``utils/mask_inversion.py:18-24``, used at ``:1394``), DINOv2 / SigLIP 0.
     map_patch_size: the factor its LeGrad maps were upsampled by (``pixel_geometry=original``): SigLIP
         16 whatever the checkpoint's patch (original ``utils/mask_inversion.py:850``); None: the model's.
+    reads_alpha_sum: its extractor passes ``alpha_sum`` / ``alpha_sum_full`` to its ``mi_sum``
+        (DINOv2 only; the others hard-code 0).
     """
 
     mi_resample: InterpolationMode
@@ -50,6 +52,7 @@ class OriginalCode:
     mi_sum_mean_dice: bool
     min_max_eps: float = 0.0
     map_patch_size: int | None = None
+    reads_alpha_sum: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ FAMILIES: dict[str, FamilySpec] = {
             {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"},
             {"base": 768, "large": 1024},
             lora_targets=_QKV,
-            original=OriginalCode(InterpolationMode.LANCZOS, None, False),
+            original=OriginalCode(InterpolationMode.LANCZOS, None, False, reads_alpha_sum=True),
         ),
         FamilySpec(
             "dinov2reg",

@@ -509,10 +509,13 @@ class MapDice:
         masks: [B, P, Hm, Wm] in {0, 1}.
         joint: one min and max for all maps of an image, or (``"batch"``) of the batch (:func:`norm_dims`).
         eps: added to each map's range (:func:`min_max`).
+        overlap: "dice" (``dice_loss``) or "iou" (``iou_loss``, MaO's soft IoU): the same three sums.
     """
 
-    def __init__(self, legrad: LeGrad, masks: torch.Tensor, joint: bool | str = False, eps: float = 0.0):
-        self.dims, self.eps = norm_dims(joint), eps
+    def __init__(
+        self, legrad: LeGrad, masks: torch.Tensor, joint: bool | str = False, eps: float = 0.0, overlap: str = "dice"
+    ):
+        self.dims, self.eps, self.overlap = norm_dims(joint), eps, overlap
         masks = masks.to(dtype=legrad.dtype, device=legrad.g.device)
         like = dict(dtype=masks.dtype, device=masks.device)
         p = legrad.map_scale
@@ -542,6 +545,8 @@ class MapDice:
         span = (extremes.amax(dim=self.dims, keepdim=True).flatten(2).amax(-1) - lo + self.eps).clamp_min(1e-12)
         inter = ((relevance * self.mask_on_grid).sum(dim=(-2, -1)) - lo * self.mask_sum) / span
         total = ((relevance * self.ones_on_grid).sum(dim=(-2, -1)) - lo * self.pixels) / span
+        if self.overlap == "iou":
+            return 1 - (inter + 1e-6) / (total + self.mask_sum - inter + 1e-6)
         return 1 - (2 * inter + 1e-6) / (total + self.mask_sum + 1e-6)
 
 

@@ -10,6 +10,11 @@ scale, as in the published code), e = normalize(raw) at every step, AdamW(lr, we
 and the result is normalize(raw) after the last step. The total loss is the SUM over images and
 masks, so with beta = 0 every mask is optimised independently of the others (Adam is per element).
 
+MaO's Stage B (``groups``, ``descriptor=mao``): the B inputs are object crops with one mask each, and
+the crops of one image share ONE embedding v, started at the image's Stage-A scene vector
+a = normalize(mean_i normalize(g_i)), with the loss sum_i overlap(E_i(v), m_i) + alpha * (1 - cos(v, a))
+(``overlap``: "iou", the paper's soft IoU, or "dice").
+
 Speed: the model runs once per call, without gradients; each iteration only evaluates the small
 linear "gradient decomposition" graph of :class:`utils.legrad.LeGrad` for all B x P masks at once,
 and the Dice loss on the patch grid (:class:`utils.legrad.MapDice`, exact) instead of per pixel.
@@ -37,7 +42,9 @@ from torch import nn
 from utils.legrad import LeGrad, MapDice, no_autocast, resolve_impl
 from utils.vit_adapters import vit_parts
 
-__all__ = ["dice_loss", "global_embedding", "legrad_map", "mask_inversion"]
+__all__ = ["OVERLAPS", "dice_loss", "global_embedding", "iou_loss", "legrad_map", "mask_inversion"]
+
+OVERLAPS = ("dice", "iou")  # the overlap losses between a map and its mask (``overlap`` below)
 
 
 def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -52,6 +59,22 @@ def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """
     inter = (E * m).sum(dim=(-2, -1))
     return 1 - (2 * inter + 1e-6) / (E.sum(dim=(-2, -1)) + m.sum(dim=(-2, -1)) + 1e-6)
+
+
+def iou_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Soft IoU loss per map (MaO's Stage B, as the paper writes it):
+    1 - (sum(E m) + 1e-6) / (sum(E) + sum(m) - sum(E m) + 1e-6).
+
+    Args:
+        E: maps [..., H, W] in [0, 1].
+        m: masks [..., H, W] in {0, 1}, broadcastable to E.
+
+    Returns:
+        [...] loss per map, in [0, 1].
+    """
+    inter = (E * m).sum(dim=(-2, -1))
+    union = E.sum(dim=(-2, -1)) + m.sum(dim=(-2, -1)) - inter
+    return 1 - (inter + 1e-6) / (union + 1e-6)
 
 
 def global_embedding(
@@ -122,6 +145,12 @@ def mask_inversion(
     shared: bool = False,
     spatial_shapes: torch.Tensor | None = None,
     map_patch_size: int | None = None,
+    overlap: str = "dice",
+    groups: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    anchors: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
+    return_raw: bool = False,
 ):
     """Mask Inversion embeddings of P masks per image.
 
@@ -159,6 +188,20 @@ def mask_inversion(
         spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
         map_patch_size: upsample the maps by this factor instead of the patch size (the original's
             SigLIP used 16 for every checkpoint; ``pixel_geometry=original``).
+        overlap: "dice" (:func:`dice_loss`) or "iou" (:func:`iou_loss`): the map-to-mask loss.
+        groups: MaO's Stage B (``descriptor=mao``): [B] int64 in 0 .. G-1, the image each of the B
+            inputs (object crops, one mask each: P = 1) belongs to; every group gets ONE embedding v,
+            shared by its crops, minimising sum_i overlap_loss(E_i(v), m_i) + alpha * (1 - cos(v, a)),
+            with a = normalize(mean_i normalize(g_i)) over its crops (the Stage-A scene vector; the
+            paper's ``- alpha cos(v, sum_i v_i)`` up to a constant: the same gradients and steps). The
+            raw parameter starts at a scaled to the mean norm of its crops' g_i, so ``lr`` is relative
+            to the backbone's scale as for per-mask MI. Returns [G, 1, D]; history [iterations, G, 1].
+        init: [B, V, D] the raw parameter's start instead of g (V = P, or 1 with ``shared``); the
+            original code's ``alpha_sum_full`` starts at the sum of the masks' raw MI vectors.
+        anchors, anchor_weight: [B, Q, D] vectors (normalised here) every embedding of image b is pulled
+            towards, adding ``anchor_weight * mean_q (1 - cos(e, a_q))`` to its loss (``alpha_sum_full``).
+        return_raw: return the raw parameter after the last step (not normalised; an ``init`` for a
+            later call) instead of the unit embeddings.
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -182,6 +225,24 @@ def mask_inversion(
         raise ValueError(f"masks hold {masks.shape[0]} images but pixel_values hold {pixel_values.shape[0]}")
     if masks.shape[1] == 0:
         raise ValueError("masks has no mask (P = 0)")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap={overlap!r}; one of {OVERLAPS}")
+    if groups is not None:
+        groups = torch.as_tensor(groups)
+        if shared or masks.shape[1] != 1 or groups.shape != (masks.shape[0],):
+            raise ValueError(
+                f"groups (MaO) needs one mask per crop (P = 1, got {masks.shape[1]}), one group id per crop "
+                f"({masks.shape[0]}, got shape {tuple(groups.shape)}) and shared=False"
+            )
+        if len(groups) and not torch.equal(torch.unique(groups), torch.arange(int(groups.max()) + 1)):
+            raise ValueError("groups must number the images 0 .. G-1, each with at least one crop")
+        if init is not None or anchors is not None:
+            raise ValueError("init / anchors are for images, not for MaO's groups of crops")
+    vectors = 1 if shared else masks.shape[1]
+    if init is not None and tuple(init.shape[:2]) != (masks.shape[0], vectors):
+        raise ValueError(f"init must be [B, V, D] = [{masks.shape[0]}, {vectors}, D], got {tuple(init.shape)}")
+    if anchors is not None and (anchors.ndim != 3 or anchors.shape[0] != masks.shape[0]):
+        raise ValueError(f"anchors must be [B, Q, D] with B = {masks.shape[0]}, got {tuple(anchors.shape)}")
     if not ((masks == 0) | (masks == 1)).all():
         raise ValueError("mask values must be in {0, 1} (convert 0-255 masks with mask > 127 first)")
     if not isinstance(iterations, int) or iterations < 0:
@@ -208,37 +269,53 @@ def mask_inversion(
         )
     B, P = masks.shape[:2]
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
-    g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
-    vectors = 1 if shared else P
-    raw = legrad.g[:, None].expand(B, vectors, -1).clone().requires_grad_(True)
+    if groups is None:
+        g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
+        start = legrad.g[:, None].expand(B, vectors, -1) if init is None else init.to(legrad.g)
+        raw = start.clone().requires_grad_(True)
+    else:
+        groups = groups.to(legrad.g.device)
+        g_unit, scale = _group_anchors(legrad.g, groups)  # [G, 1, D], [G, 1, 1]
+        raw = (g_unit * scale).clone().requires_grad_(True)
     on_cuda = raw.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         [raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None, capturable=cuda_graph
     )
     if legrad.impl == "dense":
+        loss_of_map = iou_loss if overlap == "iou" else dice_loss
         dice_of = (
-            lambda e: dice_loss(  # noqa: E731
+            lambda e: loss_of_map(  # noqa: E731
                 legrad.maps(e, size=target.shape[-2:], joint=joint_norm, eps=norm_eps), target
             )
         )
     else:
-        map_dice = MapDice(legrad, target, joint=joint_norm, eps=norm_eps)
+        map_dice = MapDice(legrad, target, joint=joint_norm, eps=norm_eps, overlap=overlap)
         dice_of = lambda e: map_dice(legrad.patch_relevance(e))  # noqa: E731
 
+    anchor_units = None if anchors is None else F.normalize(anchors.to(legrad.g), dim=-1)  # [B, Q, D]
+
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        """One AdamW step on the summed loss; returns (loss, dice) [B, P] before the step."""
+        """One AdamW step on the summed loss; returns (loss, dice) [B, P] ([G, 1] with groups) before
+        the step ("dice": the overlap loss, Dice or IoU)."""
         e = F.normalize(raw, dim=-1)
-        dice = dice_of(e)  # [B, P] (a shared e: one map, P masks)
+        if groups is None:
+            dice = dice_of(e)  # [B, P] (a shared e: one map, P masks)
+        else:  # each crop's map of its image's vector, summed over the image's crops
+            dice = torch.zeros_like(e[..., 0]).index_add(0, groups, dice_of(e[groups]))
         if shared:
             dice = dice.mean(dim=1, keepdim=True)
         loss = dice + alpha * (1 - (e * g_unit).sum(-1))
         if beta and vectors > 1:
             loss = loss + beta * _mean_abs_cos_to_others(e)
+        if anchor_units is not None and anchor_weight:
+            loss = loss + anchor_weight * (1 - e @ anchor_units.mT).mean(-1)
         loss.sum().backward()
         optimizer.step()
         return loss.detach(), dice.detach()
 
-    history = torch.zeros(iterations, 2, B, vectors, dtype=legrad.dtype, device=raw.device) if return_history else None
+    history = (
+        torch.zeros(iterations, 2, *raw.shape[:2], dtype=legrad.dtype, device=raw.device) if return_history else None
+    )
     with torch.enable_grad(), no_autocast(pixel_values.device):
         if cuda_graph and iterations:
             _replay_in_cuda_graph(step, iterations, raw, optimizer, history)
@@ -248,7 +325,7 @@ def mask_inversion(
                 loss, dice = step()
                 if history is not None:
                     history[i, 0], history[i, 1] = loss, dice
-    result = F.normalize(raw.detach(), dim=-1)
+    result = raw.detach().clone() if return_raw else F.normalize(raw.detach(), dim=-1)
     if return_history:
         history = history.float().cpu()
         return result, {"loss": history[:, 0], "dice": history[:, 1]}
@@ -300,6 +377,16 @@ def _replay_in_cuda_graph(
         graph.replay()
         if history is not None:
             history[i, 0], history[i, 1] = loss, dice
+
+
+def _group_anchors(g: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaO's scene vectors: a = normalize(mean_i normalize(g_i)) over each group's crops [G, 1, D], and
+    the mean norm of their un-normalised g_i [G, 1, 1] (the scale the raw parameter starts at)."""
+    count = torch.bincount(groups).to(g.dtype)[:, None]  # [G, 1]
+    G = len(count)
+    summed = torch.zeros(G, g.shape[-1], dtype=g.dtype, device=g.device).index_add(0, groups, F.normalize(g, dim=-1))
+    norms = torch.zeros(G, dtype=g.dtype, device=g.device).index_add(0, groups, g.norm(dim=-1))[:, None]
+    return F.normalize(summed / count, dim=-1)[:, None], (norms / count)[:, :, None]
 
 
 def _mean_abs_cos_to_others(e: torch.Tensor) -> torch.Tensor:

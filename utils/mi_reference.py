@@ -193,16 +193,23 @@ def reference_mask_inversion(
     shared=False,
     spatial_shapes=None,
     eps=0.0,
+    init=None,
+    anchors=None,
+    anchor_weight=0.0,
+    return_raw=False,
 ):
     """Unit embeddings [B, P, D] ([B, 1, D] with ``shared``: one vector fitted to the mean of the P
     Dice terms); the loss is summed over images and masks. ``joint``: the P maps of an image are
-    min-max normalised together ("batch": all maps of the batch), ``eps`` added to the range."""
+    min-max normalised together ("batch": all maps of the batch), ``eps`` added to the range.
+    ``init`` [B, V, D]: the raw start instead of g; ``anchors`` [B, Q, D]: each vector of image b also
+    pays ``anchor_weight`` x the mean over q of 1 - cos(e, a_q); ``return_raw``: the raw parameter,
+    not normalised."""
     masks = masks.to(pixel_values.dtype)
     with frozen(model):
         ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
         B, P = masks.shape[:2]
         V = 1 if shared else P
-        raw = ref.g[:, None].repeat(1, V, 1).requires_grad_(True)
+        raw = (ref.g[:, None].repeat(1, V, 1) if init is None else init.clone()).requires_grad_(True)
         g_unit = F.normalize(ref.g, dim=-1)
         optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
         size = tuple(masks.shape[-2:])
@@ -214,8 +221,12 @@ def reference_mask_inversion(
             for p in range(P):
                 Ep, m = E[:, 0 if shared else p], masks[:, p]
                 dices.append(1 - (2 * (Ep * m).sum((1, 2)) + 1e-6) / (Ep.sum((1, 2)) + m.sum((1, 2)) + 1e-6))
+            for v in range(V) if anchors is not None else ():
+                for b in range(B):
+                    pulls = [1 - F.cosine_similarity(e[b, v], a, dim=0) for a in anchors[b]]
+                    loss = loss + anchor_weight * sum(pulls) / len(pulls)
             if shared:
-                loss = torch.stack(dices).mean(0).sum() + alpha * (1 - (e[:, 0] * g_unit).sum(-1)).sum()
+                loss = loss + torch.stack(dices).mean(0).sum() + alpha * (1 - (e[:, 0] * g_unit).sum(-1)).sum()
             else:
                 for p in range(P):
                     loss = loss + dices[p].sum() + alpha * (1 - (e[:, p] * g_unit).sum(-1)).sum()
@@ -226,4 +237,58 @@ def reference_mask_inversion(
             optimizer.zero_grad()
             raw.grad = torch.autograd.grad(loss, raw)[0]
             optimizer.step()
-        return F.normalize(raw.detach(), dim=-1)
+        return raw.detach() if return_raw else F.normalize(raw.detach(), dim=-1)
+
+
+def reference_mao(
+    model,
+    pixel_values,
+    masks,
+    groups,
+    alpha=0.03,
+    iterations=80,
+    lr=0.1,
+    layer_index=-1,
+    overlap="iou",
+    spatial_shapes=None,
+):
+    """MaO's Stage B, plainly: one unit embedding per image [G, 1, D] for its object crops.
+
+    pixel_values: the B crops; masks [B, 1, H, W]: each crop's object mask; groups: B ints, the image
+    of each crop (0 .. G-1). For image c with crops i and their embeddings v_i (the model's own,
+    un-normalised g_i, normalised), the paper's objective, minimised over v with AdamW:
+
+        sum_i (1 - softIoU(E_i(v), m_i)) - alpha * cos(v, sum_i v_i)      (softDice with overlap="dice")
+
+    started at v^c = mean_i v_i renormalised (the Stage-A scene vector), scaled to the mean |g_i|.
+    """
+    masks = masks.to(pixel_values.dtype)
+    groups = [int(c) for c in groups]
+    G = max(groups) + 1
+    with frozen(model):
+        ref = ReferenceLeGrad(model, pixel_values, layer_index, spatial_shapes)
+        members = [[i for i, c in enumerate(groups) if c == image] for image in range(G)]
+        v = [F.normalize(ref.g[i], dim=-1) for i in range(len(groups))]
+        scene = torch.stack([sum(v[i] for i in crops) for crops in members])  # sum_i v_i [G, D]
+        start = torch.stack([F.normalize(s / len(crops), dim=-1) for s, crops in zip(scene, members)])
+        scale = torch.stack([sum(ref.g[i].norm() for i in crops) / len(crops) for crops in members])
+        raw = (start * scale[:, None]).clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([raw], lr=lr, weight_decay=0)
+        size = tuple(masks.shape[-2:])
+        for _ in range(iterations):
+            e = F.normalize(raw, dim=-1)
+            E = ref.maps(torch.stack([e[c] for c in groups])[:, None], size=size)[:, 0]  # [B, H, W]
+            loss = 0
+            for i, c in enumerate(groups):
+                inter = (E[i] * masks[i, 0]).sum()
+                if overlap == "iou":
+                    score = (inter + 1e-6) / (E[i].sum() + masks[i, 0].sum() - inter + 1e-6)
+                else:
+                    score = (2 * inter + 1e-6) / (E[i].sum() + masks[i, 0].sum() + 1e-6)
+                loss = loss + 1 - score
+            for c in range(G):
+                loss = loss - alpha * F.cosine_similarity(e[c], scene[c], dim=0)
+            optimizer.zero_grad()
+            raw.grad = torch.autograd.grad(loss, raw)[0]
+            optimizer.step()
+        return F.normalize(raw.detach(), dim=-1)[:, None]

@@ -44,6 +44,8 @@ BOX_COLOR = (255, 200, 0)  # the query's bbox
 MAP_SCALE = 3  # map overlays: longer side MAP_SCALE x report_thumb_size
 JPEG_QUALITY = 85
 MI_SETTINGS = (
+    "descriptor",
+    "mao_overlap",
     "mi_alpha",
     "mi_beta",
     "mi_lr",

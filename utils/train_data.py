@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from datasets import Annotation, ImageMasks, find_masks, load_rgb
 from datasets.anns import pixel_box
 from datasets.extraction import ImageJob, ViewDataset
-from extractors.views import ViewMaker, padded_box
+from extractors.views import ViewMaker, mao_box
 from utils.preprocessing import Preprocess
 
 log = logging.getLogger("soir.training")
@@ -53,12 +53,16 @@ def scene_boxes(
     gallery: Sequence[Annotation], captions: dict[str, ImageMasks] | None, max_crops: int
 ) -> tuple[list[Scene], int]:
     """The k <= ``max_crops`` best-scored boxes of every gallery image: from ``captions`` (detector
-    boxes), or with ``captions=None`` the annotation's own ``bbox``. Images without a box are left
-    out; returns (scenes, number left out)."""
-    scenes, without = [], 0
+    boxes), or with ``captions=None`` (``box_source=anns``) the annotation's own object boxes: the
+    parsed entry's ``boxes`` (VoxDet-SoIR: one per annotated object), else its ``bbox``; they have no
+    scores, so the first ``max_crops`` in the file's order (the rest are counted and logged). Images
+    without a box are left out; returns (scenes, number left out)."""
+    scenes, without, cut = [], 0, 0
     for ann in gallery:
         if captions is None:
-            boxes = [ann.bbox] if ann.bbox is not None else []
+            boxes = list(ann.boxes) if ann.boxes else [ann.bbox] if ann.bbox is not None else []
+            cut += max(0, len(boxes) - max_crops)
+            boxes = boxes[:max_crops]
         else:
             masks = find_masks(captions, ann.key, ann.file)
             order = np.argsort(-np.asarray(masks.scores), kind="stable") if masks else []
@@ -67,6 +71,8 @@ def scene_boxes(
             scenes.append(Scene(ann, tuple(tuple(float(v) for v in box) for box in boxes)))
         else:
             without += 1
+    if cut:
+        log.warning("box_source=anns: %d object boxes beyond max_crops=%d per scene are not used", cut, max_crops)
     return scenes, without
 
 
@@ -100,21 +106,13 @@ def crop_box(
 
     The box in pixels (:func:`datasets.anns.pixel_box`) is padded as ``smart_crop`` pads a mask
     (:func:`extractors.views.padded_box`), then each side shorter than ``min_size`` grows around its
-    centre to ``min(min_size, image side)``, shifted to stay inside the image.
+    centre to ``min(min_size, image side)``, shifted to stay inside the image: the crop of
+    :func:`extractors.views.mao_box`, which ``descriptor=mao`` cuts around each mask.
     """
     left, top, right, bottom = pixel_box(box, width, height, source)
     rectangle = torch.zeros(height, width, dtype=torch.bool)
     rectangle[top:bottom, left:right] = True
-    x1, y1, x2, y2 = padded_box(rectangle, pad)
-    x1, x2 = _grow(x1, x2, min_size, width)
-    y1, y2 = _grow(y1, y2, min_size, height)
-    return x1, y1, x2, y2
-
-
-def _grow(start: int, end: int, min_size: int, limit: int) -> tuple[int, int]:
-    size = min(max(end - start, min_size), limit)
-    start = min(max(0, (start + end - size) // 2), limit - size)
-    return start, start + size
+    return mao_box(rectangle, pad, min_size)
 
 
 class PairDataset(Dataset):

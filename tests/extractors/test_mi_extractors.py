@@ -464,3 +464,81 @@ def test_compat_original_is_refused_for_families_the_original_never_had(tiny_mod
     for setting in ({"mi_resample": "original"}, {"smart_crop_source": "resized"}):
         with pytest.raises(SoIRError, match=f"original code, which has no {family} extractor: use compat=none"):
             cls(str(tiny_model_dirs[family]), device="cpu", **setting)
+
+
+def test_alpha_sum_full_is_the_originals_two_stage_mi_sum(tiny_model_dirs, scene):
+    """DINOv2 mi_sum with alpha_sum_full (the original's compute_maskinversion_sum): per-mask MI on the
+    image, then the union's vector started at the sum of their raw parameters, pulled towards them."""
+    image, masks = scene
+    extractor = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, alpha_sum_full=0.5, **MI)
+    vector = extractor.extract(image, masks)
+    pixels = extractor.preprocess.image(image)[None]
+    resized = extractor.preprocess.masks(masks)[None]
+    raw = mask_inversion(extractor.model, pixels, resized, iterations=5, return_raw=True)
+    expected = mask_inversion(
+        extractor.model,
+        pixels,
+        resized.amax(1, keepdim=True),
+        iterations=5,
+        init=raw.sum(1, keepdim=True),
+        anchors=raw,
+        anchor_weight=0.5,
+    )[0, 0]
+    torch.testing.assert_close(vector, expected)
+    plain = DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, **MI).extract(image, masks)
+    assert vector.shape == plain.shape == (32,) and float(vector @ plain) < 1 - 1e-6
+    assert (
+        extractor.identity()["alpha_sum_full"] == 0.5
+        and "alpha_sum_full" not in DINOv2MIExtractor(str(tiny_model_dirs["dinov2"]), mi_sum=True, **MI).identity()
+    )
+    explained = extractor.explain(image, masks)
+    torch.testing.assert_close(explained.vectors[0], vector)
+
+
+@pytest.mark.parametrize(
+    "cls,family,setting,message",
+    [
+        (SigLIPMIExtractor, "siglip", dict(mi_sum=True, alpha_sum_full=0.5), "DINOv2 extractor only"),
+        (DINOv2MIExtractor, "dinov2", dict(alpha_sum_full=0.5), "acts on mi_sum=true"),
+        (DINOv2MIExtractor, "dinov2", dict(mi_sum=True, alpha_sum=0.5), "not reproduced by SoIR"),
+    ],
+)
+def test_alpha_sum_where_the_original_never_read_it_is_refused(tiny_model_dirs, cls, family, setting, message):
+    with pytest.raises(SoIRError, match=message):
+        cls(str(tiny_model_dirs[family]), **setting, **MI)
+
+
+def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
+    """compat=original + mi_sum + alpha_sum_full (the original's DINOv2 keys): the per-mask stage runs with
+    its joint LeGrad normalisation, as the original's compute_maskinversion did."""
+    from hydra import compose, initialize_config_dir
+
+    from extractors import extractor_from_config
+    from tests.pipeline import ROOT
+    from utils.config import register
+
+    register()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "defaults",
+            [
+                "extractor=dinov2_mi_features",
+                f"model_name={tiny_model_dirs['dinov2']}",
+                "vec_dim=32",
+                "compat=original",
+                "mi_sum=true",
+                "alpha_sum_full=0.5",
+                "mi_iterations=3",
+                "device=cpu",
+            ],
+        )
+    extractor = extractor_from_config(cfg)
+    assert (extractor.mode, extractor.sum_pull, extractor.mi["joint_norm"]) == ("union", 0.5, True)
+    image, masks = scene
+    vector = extractor.extract(image, masks)
+    pixels = extractor.mi_preprocess.image(image)[None]
+    resized = extractor.mi_preprocess.masks(masks)[None]
+    raw = mask_inversion(extractor.model, pixels, resized, iterations=3, joint_norm=True, return_raw=True)
+    pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.5)
+    expected = mask_inversion(extractor.model, pixels, resized.amax(1, keepdim=True), iterations=3, **pull)
+    torch.testing.assert_close(vector, expected[0, 0])

@@ -21,10 +21,11 @@ from scripts.prepare_benchmark import main as prepare
 from tests.datasets.voxdet_replica import rect, write_voxdet_soir
 from tests.pipeline import ROOT
 
-# One run per branch of reproduce.sh: global, ground-truth masks, detector masks + LoRA weights.
+# One run per branch of reproduce.sh: global, ground-truth masks (the paper's method and the published
+# code's), detector masks + LoRA weights.
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
-SETTINGS = "dinov2_global mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
+SETTINGS = "dinov2_global mao_clip_zeroshot_gt_paper mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
 
 
 def _lora_checkpoint(model_dir: Path, path: Path, rank: int = 4) -> Path:
@@ -98,13 +99,20 @@ def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_p
         setting: f"{100 * json.loads((Path(folder) / 'results.json').read_text())['mAP']:.2f}"
         for _, setting, folder in runs
     }
+    gt, det = "with ground truth annotations", "detector masks"
     assert _row(text, "plain DINOv2 global, zero-shot") == [ours["dinov2_global"], "51.23"]
-    assert _row(text, "MaO-CLIP, zero-shot (GT masks)") == [ours["mao_clip_zeroshot_gt"], "65.22"]
-    assert _row(text, "MaO-DINOv2, fine-tuned (detector masks)") == [ours["mao_dinov2_finetuned_det"], "83.70"]
-    assert _row(text, "MaO-DINOv2, fine-tuned (GT masks)") == ["-", "83.70"]
-    assert _row(text, "MaO-DINOv2, zero-shot (GT masks)") == ["-", "70.20"]  # not in SETTINGS
-    assert _row(text, "MaO-CLIP, fine-tuned (not run: SoIR fine-tunes DINOv2 only)") == ["-", "79.86"]
-    made_with = OmegaConf.load(Path(runs[2][2]) / "features_config.yaml")
+    assert _row(text, f"MaO-CLIP, zero-shot (paper's method, {gt})") == [ours["mao_clip_zeroshot_gt_paper"], "65.22"]
+    assert _row(text, f"MaO-CLIP, zero-shot (published code, {gt})") == [ours["mao_clip_zeroshot_gt"], "65.22"]
+    assert _row(text, f"MaO-DINOv2, fine-tuned (published code, {det})") == [ours["mao_dinov2_finetuned_det"], "83.70"]
+    assert _row(text, f"MaO-DINOv2, fine-tuned (published code, {gt})") == ["-", "83.70"]
+    assert _row(text, f"MaO-DINOv2, zero-shot (paper's method, {gt})") == ["-", "70.20"]  # not in SETTINGS
+    assert _row(text, f"MaO-CLIP, fine-tuned (paper's method, {det})") == ["-", "79.86"]  # no CLIP_WEIGHTS
+    folders = {setting: Path(folder) for _, setting, folder in runs}
+    paper = OmegaConf.load(folders["mao_clip_zeroshot_gt_paper"] / "features_config.yaml")
+    assert (paper.descriptor, paper.masks_from) == ("mao", "anns")
+    results = json.loads((folders["mao_clip_zeroshot_gt_paper"] / "results.json").read_text())
+    assert results["num_gallery_rows"] == results["num_gallery_images"] == 3  # one row per image
+    made_with = OmegaConf.load(folders["mao_dinov2_finetuned_det"] / "features_config.yaml")
     assert (made_with.extractor, made_with.lora_adapt, made_with.lora_rank, made_with.missing_masks) == (
         "dinov2_mi_features",
         True,
@@ -112,9 +120,10 @@ def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_p
         "global",
     )
     assert (made_with.weights, made_with.captions_file) == (env["DINOV2_WEIGHTS"], env["DETECTOR_CAPTIONS"])
-    assert OmegaConf.load(Path(runs[1][2]) / "features_config.yaml").masks_from == "anns"
+    published = OmegaConf.load(folders["mao_clip_zeroshot_gt"] / "features_config.yaml")
+    assert (published.masks_from, published.descriptor) == ("anns", "mi")
     feature_dirs = {json.loads((Path(f) / "results.json").read_text())["features_dir"] for _, _, f in runs}
-    assert len(feature_dirs) == 3  # every setting has features of its own
+    assert len(feature_dirs) == 4  # every setting has features of its own
 
 
 def test_table_layout_with_two_benchmarks(tmp_path):
@@ -134,7 +143,12 @@ def test_table_layout_with_two_benchmarks(tmp_path):
     text = table(collect([runs]))
     assert text.splitlines()[0] == "| setting | PerMiR ours | PerMiR paper | INSTRE-XS ours | INSTRE-XS paper |"
     assert _row(text, "plain CLIP global, zero-shot") == ["25.00", "-", "50.00", "-"]
-    assert _row(text, "MaO-DINOv2, zero-shot (GT masks)") == ["87.50", "89.86", "-", "71.28"]
+    assert _row(text, "MaO-DINOv2, zero-shot (published code, with ground truth annotations)") == [
+        "87.50",
+        "89.86",
+        "-",
+        "71.28",
+    ]
     (runs / "runs.tsv").write_text(f"permir\tclip_global\t{tmp_path / 'nowhere'}\n")
     with pytest.raises(FileNotFoundError, match="runs.tsv, line 1: .*nowhere/results.json does not exist"):
         collect([runs])

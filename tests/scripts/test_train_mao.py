@@ -251,3 +251,105 @@ def test_two_processes_with_ddp_give_the_weights_of_one(scenes, tiny_model_dirs,
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5, msg=key)
     assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)  # it trained
+
+
+def test_voxdet_soir_without_set_is_refused_in_one_line(tiny_model_dirs, tmp_path):
+    """The authors' VoxDet-SoIR file holds OWID and RoboTools with overlapping instance ids: train_mao.py
+    refuses it without set= (one line naming the sets and the fix), and trains on set=OWID."""
+    from tests.datasets.voxdet_replica import write_voxdet_soir
+
+    anns, _ = write_voxdet_soir(tmp_path / "voxdet")
+    common = [
+        f"anns_file={anns}",
+        f"val_anns_file={anns}",
+        "box_source=anns",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "image_size=56",
+        "lora_rank=4",
+        "batch_size=1",
+        "micro_batch=1",
+        "max_steps=1",
+        "precision=fp32",
+        "num_workers=0",
+        "device=cpu",
+    ]
+    proc = run_script("scripts/train_mao.py", *common, f"output_dir={tmp_path / 'all'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "sets 'OWID' and 'RoboTools' share instance ids" in proc.stderr and "set=OWID" in proc.stderr
+    run_script("scripts/train_mao.py", *common, "set=OWID", f"output_dir={tmp_path / 'owid'}", cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "owid" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and records[0]["val_scenes"] == 2  # the two OWID scenes
+
+
+def test_stage_a_checkpoint_gives_create_index_mao_the_training_scene_vector(tiny_model_dirs, tmp_path):
+    """Stage A -> Stage B: a checkpoint of train_mao.py's training code, through create_index.py
+    descriptor=mao with 0 iterations, gives per gallery image exactly the scene vector v^c the training
+    code computes (the renormalised mean of its crops' embeddings, the same crops), to 1e-5. With
+    box_source=anns and masks_from=anns box_masks=true both read the VoxDet-SoIR boxes of RoboTools."""
+    from tests.datasets.voxdet_replica import write_voxdet_soir
+    from utils.training import encode_pairs, load_splits
+
+    anns, facts = write_voxdet_soir(tmp_path / "voxdet")
+    cfg = OmegaConf.structured(
+        TrainConfig(
+            anns_file=str(anns),
+            val_anns_file=str(anns),
+            set="RoboTools",
+            box_source="anns",
+            model_name=str(tiny_model_dirs["dinov2"]),
+            image_size=56,
+            lora_rank=4,
+            lora_alpha=16,
+            batch_size=2,
+            micro_batch=2,
+            epochs=5,  # 10 steps: some batches have a negative (the loss of two pairs of one scene is flat)
+            lr=1e-2,
+            precision="fp32",
+            num_workers=0,
+            device="cpu",
+        )
+    )
+    model = train(cfg, tmp_path / "out", Context(torch.device("cpu"), "fp32")).eval()
+    processor = Preprocess.from_pretrained(str(tiny_model_dirs["dinov2"]))
+    assert processor.size == (56, 56)
+    data = load_splits(cfg, processor)
+    expected = {}
+    with torch.no_grad():
+        for i, scene in enumerate(data.train.scenes):
+            crops = data.train.scene_crops(i)
+            _, s = encode_pairs(model, crops[:0], crops, torch.tensor([len(crops)]))
+            expected[scene.annotation.key] = s[0]
+    assert len(expected) == 3 and sum(len(s.boxes) for s in data.train.scenes) == 4
+    proc = run_script(
+        "create_index.py",
+        "extractor=dinov2_mi_features",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "vec_dim=32",
+        f"anns_file={anns}",
+        "set=RoboTools",
+        "masks_from=anns",
+        "box_masks=true",
+        "descriptor=mao",
+        "mi_iterations=0",
+        "lora_adapt=true",
+        "lora_rank=4",
+        f"weights={tmp_path / 'out' / 'final.ckpt'}",
+        "only_create=true",
+        "num_workers=0",
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    folder = features_dir_from(proc, tmp_path)
+    keys = [record["key"] for record in json.loads((folder / "gallery" / "images.json").read_text())]
+    shard = load_file(folder / "gallery" / "shard-00000.safetensors")
+    assert shard["owner"].tolist() == list(range(len(keys)))  # one row per image
+    got = dict(zip(keys, shard["features"]))
+    assert set(got) == set(expected)
+    for key, vector in expected.items():
+        torch.testing.assert_close(got[key], vector, atol=1e-5, rtol=0, msg=key)
+    # the adapters matter: the untrained backbone's scene vectors differ
+    base = Dinov2Model.from_pretrained(tiny_model_dirs["dinov2"]).eval()
+    with torch.no_grad():
+        crops = data.train.scene_crops(0)
+        _, plain = encode_pairs(base, crops[:0], crops, torch.tensor([len(crops)]))
+    assert (plain[0] - expected[data.train.scenes[0].annotation.key]).abs().max() > 1e-3

@@ -27,7 +27,9 @@ def test_defaults_match_the_reference_table():
     assert (cfg.global_features, cfg.smart_crop, cfg.B_model, cfg.lora_adapt) == (True, False, True, False)
     assert (cfg.lora_rank, cfg.weights, cfg.captions_file, cfg.model_name) == (256, None, None, None)
     assert cfg.lora_alpha == 32  # the original's default: scaling 32/256 at rank 256
-    assert (cfg.mi_iterations, cfg.mi_lr, cfg.mi_layer_index, cfg.index) == (100, 0.1, -1, "Flat")
+    # mi_iterations: null = 100 for the published code's descriptors, 80 for descriptor=mao (the extractor)
+    assert (cfg.mi_iterations, cfg.mi_lr, cfg.mi_layer_index, cfg.index) == (None, 0.1, -1, "Flat")
+    assert (cfg.descriptor, cfg.mao_overlap) == ("mi", "iou")
     assert (cfg.report, cfg.report_k, cfg.report_thumb_size, cfg.report_maps) == (True, 10, 160, False)
     check_config(cfg)
 

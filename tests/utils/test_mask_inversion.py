@@ -26,8 +26,8 @@ from transformers import (
 
 from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS
 from utils.legrad import LeGrad
-from utils.mask_inversion import dice_loss, global_embedding, legrad_map, mask_inversion
-from utils.mi_reference import reference_legrad_map, reference_mask_inversion
+from utils.mask_inversion import dice_loss, global_embedding, iou_loss, legrad_map, mask_inversion
+from utils.mi_reference import reference_legrad_map, reference_mao, reference_mask_inversion
 from utils.vit_adapters import vit_parts
 
 CLASSES = {
@@ -454,3 +454,83 @@ def test_the_original_normalisation_of_a_batch_of_crops(models, impl):
     dense = mask_inversion(patch14, pixels, masks, impl="dense", map_patch_size=16, **args)
     torch.testing.assert_close(by16, dense, atol=1e-12, rtol=0)
     assert (by16 * mask_inversion(patch14, pixels, masks, impl=impl, **args)).sum(-1).min() < 1 - 1e-6
+
+
+# ------------------------------------------------------------------ MaO Stage B (descriptor=mao)
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("overlap", ["iou", "dice"])
+def test_mao_stage_b_matches_reference(models, family, overlap):
+    """One vector per image shared by its crops (groups), the paper's objective, equals the plain
+    autograd reference to 1e-9 (float64), for every family; blockwise and dense evaluations alike."""
+    model = models[family]
+    pixels, masks, kw = _inputs(model, B=5, P=1, seed=7)
+    groups = torch.tensor([0, 1, 0, 2, 1])  # image 0: crops 0, 2; image 1: 1, 4; image 2: 3
+    args = dict(alpha=0.03, iterations=8, lr=0.1, layer_index=-1, overlap=overlap, **kw)
+    ref = reference_mao(model, pixels, masks, groups, **args)
+    for impl in ("blockwise", "dense"):
+        ours = mask_inversion(model, pixels, masks, groups=groups, impl=impl, **args)
+        assert ours.shape == (3, 1, _out_dim(model))
+        assert (ours * ref).sum(-1).min() > 1 - 1e-9
+    # it moved away from its start, the renormalised mean of the crops' embeddings
+    g = global_embedding(model, pixels, **kw)
+    start = F.normalize(torch.stack([g[groups == c].mean(0) for c in range(3)]), dim=-1)[:, None]
+    assert (ours * start).sum(-1).max() < 1 - 1e-4
+    # zero iterations: exactly that start (the Stage-A scene vector)
+    zero = mask_inversion(model, pixels, masks, groups=groups, iterations=0, **kw)
+    torch.testing.assert_close(zero, start, atol=1e-12, rtol=0)
+
+
+def test_mao_groups_are_independent(models):
+    """An image's vector does not depend on the other images of the batch (sum of losses, Adam per element)."""
+    model = models["dinov2"]
+    pixels, masks, _ = _inputs(model, B=4, P=1, seed=8)
+    args = dict(iterations=6, overlap="iou")
+    together = mask_inversion(model, pixels, masks, groups=torch.tensor([0, 0, 1, 1]), **args)
+    alone = mask_inversion(model, pixels[2:], masks[2:], groups=torch.tensor([0, 0]), **args)
+    torch.testing.assert_close(together[1:], alone, atol=1e-12, rtol=0)
+
+
+def test_mao_bad_groups_are_refused(models):
+    model = models["dinov2"]
+    pixels, masks, _ = _inputs(model, B=3, P=1)
+    with pytest.raises(ValueError, match="0 .. G-1"):
+        mask_inversion(model, pixels, masks, groups=torch.tensor([0, 2, 2]), iterations=1)
+    pixels, masks, _ = _inputs(model, B=3, P=2)
+    with pytest.raises(ValueError, match="one mask per crop"):
+        mask_inversion(model, pixels, masks, groups=torch.tensor([0, 0, 1]), iterations=1)
+    with pytest.raises(ValueError, match="overlap"):
+        mask_inversion(model, pixels, masks, overlap="jaccard", iterations=1)
+
+
+def test_iou_loss_values():
+    E = torch.tensor([[1.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # inter 1, union 1.5 + 2 - 1 = 2.5
+    assert abs(float(iou_loss(E, m)) - (1 - (1 + 1e-6) / (2.5 + 1e-6))) < 1e-12
+
+
+# ------------------------------------------------------------------ the original's alpha_sum_full
+@pytest.mark.parametrize("family", MODELS)
+def test_start_and_pull_towards_given_vectors_match_reference(models, family):
+    """init / anchors / return_raw (the original DINOv2 code's alpha_sum_full: per-mask MI, then the union's
+    vector started at the sum of their raw parameters and pulled towards them) equal the reference."""
+    model = models[family]
+    pixels, masks, kw = _inputs(model, B=2, P=3, seed=9)
+    args = dict(alpha=0.03, iterations=6, lr=0.1, **kw)
+    raw = mask_inversion(model, pixels, masks, return_raw=True, **args)
+    ref_raw = reference_mask_inversion(model, pixels, masks, return_raw=True, **args)
+    torch.testing.assert_close(raw, ref_raw, atol=1e-9, rtol=1e-9)
+    assert (raw.norm(dim=-1) - 1).abs().min() > 1e-3  # raw: not normalised
+    union = masks.amax(dim=1, keepdim=True)
+    pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.7)
+    ours = mask_inversion(model, pixels, union, **pull, **args)
+    ref = reference_mask_inversion(model, pixels, union, **pull, **args)
+    assert (ours * ref).sum(-1).min() > 1 - 1e-9
+    plain = mask_inversion(model, pixels, union, **args)
+    assert (ours * plain).sum(-1).max() < 1 - 1e-6  # the start and the pull change the vector
+    torch.testing.assert_close(
+        mask_inversion(model, pixels, union, iterations=0, init=pull["init"], **kw),
+        F.normalize(pull["init"], dim=-1),
+        atol=1e-12,
+        rtol=0,
+    )

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from datasets import Annotation
+from tests.datasets.voxdet_replica import write_voxdet_soir
+from utils.errors import SoIRError
+from utils.preprocessing import Preprocess
+from utils.train_data import scene_boxes
 from utils.training import (
     Context,
     TrainConfig,
     build_model,
     check_train_config,
+    decays,
     encode_pairs,
     info_nce,
     learning_rate,
+    load_splits,
     micro_seed,
     train_step,
 )
@@ -38,13 +47,32 @@ def test_info_nce_matches_a_direct_computation():
     torch.testing.assert_close(info_nce(q, s, positives, t), loss)
 
 
-def test_learning_rate_decays_exponentially_to_the_floor():
-    cfg = OmegaConf.structured(TrainConfig(anns_file="a.pt"))
-    assert learning_rate(0, cfg) == 5e-5
-    assert math.isclose(learning_rate(10, cfg), 5e-5 * 0.93**10)
+def test_learning_rate_decays_exponentially_to_the_floor_per_step_when_asked():
+    """lr_decay_every=1: the per-step reading of "exponential decay 0.93" (the floor after 54 steps)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig(anns_file="a.pt")), {"lr_decay_every": 1})
+    assert learning_rate(0, cfg, 1406) == 5e-5
+    assert math.isclose(learning_rate(10, cfg, 1406), 5e-5 * 0.93**10)
     # 5e-5 * 0.93^n reaches 1e-6 after 54 steps and stays there
-    assert learning_rate(53, cfg) > 1e-6 and learning_rate(54, cfg) == learning_rate(5000, cfg) == 1e-6
-    assert learning_rate(25, OmegaConf.merge(cfg, {"lr_decay_every": 10})) == 5e-5 * 0.93**2
+    assert (
+        learning_rate(53, cfg, 1406) > 1e-6 and learning_rate(54, cfg, 1406) == learning_rate(5000, cfg, 1406) == 1e-6
+    )
+    assert learning_rate(25, OmegaConf.merge(cfg, {"lr_decay_every": 10}), 1406) == 5e-5 * 0.93**2
+
+
+@pytest.mark.parametrize("total", [20, 55, 100, 1406, 5000])
+def test_default_learning_rate_reaches_the_floor_at_the_end_of_training(total):
+    """The default spreads the 54 decays 5e-5 -> 1e-6 evenly over the run (the paper's epoch on VoxDet
+    is ~1,406 steps: a decay every ~26), so the last step trains at min_lr and the ones before above it;
+    before, the floor came after 54 steps whatever the run's length.
+    Fails on main 4e786ae (learning_rate took no total and decayed every step)."""
+    cfg = OmegaConf.structured(TrainConfig(anns_file="a.pt"))
+    rates = [learning_rate(step, cfg, total) for step in range(total)]
+    assert rates[0] == 5e-5 and rates[-1] == 1e-6 and min(rates[:-1]) > 1e-6
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    counts = [decays(step, cfg, total) for step in range(total)]
+    assert counts[-1] == 54 and max(b - a for a, b in zip(counts, counts[1:])) == math.ceil(54 / (total - 1))
+    if total == 1406:  # one decay every 1405 / 54 = 26.02 steps: the first after step 26
+        assert counts[27] == 1 and counts[26] == 0 and math.isclose(rates[27], 5e-5 * 0.93)
 
 
 def _micro_batches(pairs: int, crops: int, size: int, seed: int = 0):
@@ -125,3 +153,62 @@ def test_inconsistent_settings_are_refused(overrides, message):
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig(anns_file="a.pt", captions_file="c.pt")), overrides)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_train_config(cfg)
+
+
+# ------------------------------------------------------------------ the paper's data: VoxDet-SoIR
+def _voxdet_cfg(anns: Path, **overrides) -> Any:
+    """box_source=anns on the VoxDet-SoIR replica (OWID and RoboTools share instance ids 1 and 2); the
+    file is its own held-out split (val_anns_file), so every pair is visible."""
+    return OmegaConf.merge(
+        OmegaConf.structured(
+            TrainConfig(anns_file=str(anns), box_source="anns", val_anns_file=str(anns), batch_size=1, image_size=32)
+        ),
+        overrides,
+    )
+
+
+PREPROCESS = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_sets_sharing_instance_ids_are_refused_without_set(tmp_path):
+    """VoxDet-SoIR numbers OWID and RoboTools instances independently: trained together, OWID queries
+    would be paired with RoboTools scenes of other objects. Fails on main 4e786ae (no `set` key: 7 pairs
+    across both sets)."""
+    anns, _ = write_voxdet_soir(tmp_path)
+    with pytest.raises(SoIRError, match="sets 'OWID' and 'RoboTools' share instance ids .* set=OWID or set=RoboTools"):
+        load_splits(_voxdet_cfg(anns), PREPROCESS)
+
+
+@pytest.mark.parametrize("name", ["OWID", "RoboTools"])
+def test_set_pairs_only_that_sets_queries_and_scenes(tmp_path, name):
+    """set=OWID: every training pair is an OWID scene with an OWID instance, its queries OWID queries;
+    the held-out split likewise."""
+    anns, facts = write_voxdet_soir(tmp_path)
+    data = load_splits(_voxdet_cfg(anns, set=name), PREPROCESS)
+    scenes, queries = data.train.scenes, data.train.queries.jobs
+    assert {s.annotation.set for s in scenes} == {s.annotation.set for s in data.val.scenes} == {name}
+    assert {job.annotation.set for job in queries} == {name}
+    expected = sorted((s.annotation.key, i) for s in scenes for i in set(s.annotation.ins))
+    assert sorted((scenes[p.scene].annotation.key, p.instance) for p in data.train.pairs) == expected
+    assert all(queries[q].annotation.ins[0] == p.instance for p in data.train.pairs for q in p.queries)
+    assert len(scenes) == sum(1 for key in facts["gallery_boxes"] if f"/{name}/" in key)
+
+
+def test_box_source_anns_reads_every_object_box_of_voxdet_scenes(tmp_path):
+    """A VoxDet-SoIR gallery entry keeps its boxes in the parsed entry's ``boxes`` (its bbox is a list):
+    every scene is kept, with all its boxes. Fails on main 4e786ae ("scenes 0": only ``bbox`` was read)."""
+    anns, facts = write_voxdet_soir(tmp_path)
+    for name in ("OWID", "RoboTools"):
+        data = load_splits(_voxdet_cfg(anns, set=name), PREPROCESS)
+        boxes = {s.annotation.key: s.boxes for s in data.train.scenes}
+        assert boxes == {
+            key: tuple(tuple(float(v) for v in box) for box in value)
+            for key, value in facts["gallery_boxes"].items()
+            if f"/{name}/" in key
+        }
+    scenes, without = scene_boxes(
+        [Annotation("a.jpg", Path("a.jpg"), (1, 2, 3), False, boxes=((0, 0, 4, 4), (1, 1, 5, 5), (2, 2, 6, 6)))],
+        None,
+        max_crops=2,
+    )
+    assert scenes[0].boxes == ((0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 5.0, 5.0)) and without == 0
