@@ -61,7 +61,9 @@ INPUT_FILES = (
 def main(cfg: DictConfig) -> None:
     training.check_train_config(cfg)
     ctx = training.setup_distributed(cfg.device, cfg.precision)
-    training.check_batch(cfg, ctx.world)  # before the folder is claimed: a corrected rerun is welcome there
+    # Every input check (settings, batch split, annotations, set=, step count) before the folder is
+    # claimed and identity.json written: a refused run leaves nothing, its corrected rerun is welcome there.
+    inputs = training.load_inputs(cfg, ctx)
     identity = train_identity(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, identity)
     if ctx.rank == 0:
@@ -70,9 +72,9 @@ def main(cfg: DictConfig) -> None:
             refuse_results_without_identity(out)
             check_identity(out / "identity.json", identity, "a training run", fix="use another output_dir")
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            training.train(cfg, out, ctx)
+            training.train(cfg, out, ctx, inputs)
     else:
-        training.train(cfg, out, ctx)
+        training.train(cfg, out, ctx, inputs)
     if ctx.rank == 0:
         print(
             f"LoRA weights: {out / 'final.ckpt'} (best held-out mAP: {out / 'best.ckpt'})\n"

@@ -514,11 +514,24 @@ def load_resume_state(path: Path) -> dict:
     return state
 
 
-def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
-    """Train (or resume) in ``out``: ``last.ckpt`` (resume state), ``best.ckpt`` / ``final.ckpt``
-    (weights for ``create_index.py lora_adapt=true weights=...``), ``metrics.jsonl``.
+@dataclass
+class Inputs:
+    """What :func:`load_inputs` checked and loaded: the run's data, its pair order and step count."""
 
-    Returns the trained peft model (in eval mode).
+    model_name: str
+    data: Splits
+    order: PairOrder
+    total: int  # optimizer steps of the whole run
+
+
+def load_inputs(cfg: Any, ctx: Context) -> Inputs:
+    """Every check of the settings and the input files a run needs, writing nothing: the settings,
+    the batch split, the model's processor, the annotations and their splits (``set=``), the step
+    count. scripts/train_mao.py calls it before it claims the output folder and writes identity.json,
+    so a refused run leaves nothing behind and its corrected rerun is welcome in the same folder.
+
+    Raises:
+        SoIRError: one line naming the setting or file and the fix.
     """
     check_train_config(cfg)
     check_batch(cfg, ctx.world)
@@ -533,6 +546,24 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
         )
     preprocess = Preprocess((cfg.image_size, cfg.image_size), preprocess.mean, preprocess.std, preprocess.resample)
     data = load_splits(cfg, preprocess)
+    order = PairOrder(data.train.pairs, cfg.batch_size, cfg.seed)
+    total = order.steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+    if total > order.steps_per_epoch * cfg.epochs:
+        raise SoIRError(f"max_steps={cfg.max_steps} exceeds {cfg.epochs} epochs of {order.steps_per_epoch} steps")
+    return Inputs(model_name, data, order, total)
+
+
+def train(cfg: Any, out: Path, ctx: Context, inputs: Inputs | None = None) -> nn.Module:
+    """Train (or resume) in ``out``: ``last.ckpt`` (resume state), ``best.ckpt`` / ``final.ckpt``
+    (weights for ``create_index.py lora_adapt=true weights=...``), ``metrics.jsonl``.
+
+    ``inputs``: :func:`load_inputs` of ``cfg`` when the caller checked them already (before it
+    claimed ``out``); loaded here otherwise.
+
+    Returns the trained peft model (in eval mode).
+    """
+    inputs = inputs or load_inputs(cfg, ctx)
+    model_name, data, order, total = inputs.model_name, inputs.data, inputs.order, inputs.total
     model, settings = build_model(cfg)
     model.to(ctx.device).train()
     if ctx.world > 1:
@@ -541,10 +572,6 @@ def train(cfg: Any, out: Path, ctx: Context) -> nn.Module:
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    order = PairOrder(data.train.pairs, cfg.batch_size, cfg.seed)
-    total = order.steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
-    if total > order.steps_per_epoch * cfg.epochs:
-        raise SoIRError(f"max_steps={cfg.max_steps} exceeds {cfg.epochs} epochs of {order.steps_per_epoch} steps")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, cfg, total) / cfg.lr)
     log.info(
         "learning rate %g x %g per decay (lr_decay_every=%s), floor %g reached at step %s of %d",

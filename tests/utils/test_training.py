@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,45 @@ def test_box_source_anns_reads_every_object_box_of_voxdet_scenes(tmp_path):
         max_crops=2,
     )
     assert scenes[0].boxes == ((0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 5.0, 5.0)) and without == 0
+
+
+def test_a_run_refused_for_its_inputs_leaves_its_output_dir_to_the_corrected_rerun(tiny_model_dirs, tmp_path, capsys):
+    """scripts/train_mao.py checks every input before it claims output_dir: VoxDet-SoIR without set= is
+    refused in one line and writes nothing there, and the corrected rerun (set=OWID) into the same
+    output_dir trains. In-process (hydra.main runs a given config). Fails on 23ee6a3 (the refused run
+    had written identity.json with set: null, so the rerun was refused as "another training run")."""
+    from hydra import compose, initialize_config_dir
+
+    from scripts import train_mao
+    from tests.datasets.voxdet_replica import write_voxdet_soir
+    from tests.pipeline import ROOT
+
+    anns, _ = write_voxdet_soir(tmp_path / "voxdet")
+    out = tmp_path / "run"
+    common = [
+        f"anns_file={anns}",
+        f"val_anns_file={anns}",
+        "box_source=anns",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "image_size=56",
+        "lora_rank=4",
+        "batch_size=1",
+        "micro_batch=1",
+        "max_steps=1",
+        "precision=fp32",
+        "num_workers=0",
+        "device=cpu",
+        f"output_dir={out}",
+    ]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        refused = compose(config_name="train", overrides=common)
+        corrected = compose(config_name="train", overrides=[*common, "set=OWID"])
+    with pytest.raises(SystemExit) as exit_:
+        train_mao.main(refused)
+    assert exit_.value.code == 1
+    assert "sets 'OWID' and 'RoboTools' share instance ids" in capsys.readouterr().err
+    assert not out.exists()  # nothing claimed, no identity.json
+    train_mao.main(corrected)
+    assert json.loads((out / "identity.json").read_text())["set"] == "OWID"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and records[0]["val_scenes"] == 2  # the two OWID scenes
