@@ -288,13 +288,16 @@ def main() -> None:
     text = table(kernels, cpu_checks, timings, header) + f"\n\ntotal {time.perf_counter() - started:.0f} s"
     print("\n" + text)
     if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(new_file(out / "gpu_check.txt", "check report"), text + "\n")
-        atomic_write_text(
-            new_file(out / "gpu_check.json", "check report"),
-            json.dumps(dict(kernels=kernels, cpu=cpu_checks, timings=timings), indent=1),
-        )
+        write_report(Path(os.environ["OUT"]), text, dict(kernels=kernels, cpu=cpu_checks, timings=timings))
+
+
+def write_report(out: Path, text: str, data: dict) -> None:
+    """``out``/gpu_check.txt (the table) and gpu_check.json (``data``), both only where neither file
+    exists (checked before either is written): a report already there is never replaced."""
+    txt, json_path = new_file(out / "gpu_check.txt", "check report"), new_file(out / "gpu_check.json", "check report")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(txt, text + "\n")
+    atomic_write_text(json_path, json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

@@ -623,6 +623,8 @@ WRITERS = {
     "scripts/paper_table.py",
     "scripts/prepare_benchmark.py",
     "scripts/train_mao.py",
+    "benchmarks/scale.py",
+    "benchmarks/gpu_check.py",
 }
 
 
@@ -632,7 +634,13 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     """Every program in scripts/, example/ and the two CLIs, pointed at a folder of a user's files whose
     names are the names SoIR writes (with --overwrite where it has one): each refuses in one line, and
     afterwards every file has its sha256 and nothing was added. Fails on main 4e786ae (make_demo_dataset,
-    make_tiny_models, create_annotations and search_index replaced files)."""
+    make_tiny_models, create_annotations and search_index replaced files). The benchmarks' writers
+    (scale.py's data folder, gpu_check.py's report) are walked at their writing functions: the
+    measurements before them take minutes; their walk fails on 23ee6a3 (gpu_check had no such function,
+    and neither was walked)."""
+    import argparse
+
+    from benchmarks import gpu_check, scale
     from create_index import prepare
     from example.create_annotations import main as create_annotations
     from scripts import (
@@ -655,7 +663,7 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         "anns.pt", "captions.pt", "benchmark.json", "run_config.json", "summary.json", "identity.json",
         "config.yaml", "results.json", "rankings.jsonl", "per_query.csv", "report.html", "thumbs/g000000.jpg",
         "table.md", "inspect.png", "gallery/IMG_0001.jpg", "queries/q_000.jpg", "shards/shard_000000.pt",
-        "clip/model.safetensors", "clip/config.json", "sam/sam_tiny.pth", "failed_images.txt",
+        "clip/model.safetensors", "clip/config.json", "sam/sam_tiny.pth", "failed_images.txt", "gpu_check.json",
     ]  # fmt: skip
     before = user_files(user, {name: f"the user's {name}".encode() for name in names})
     (tmp_path / "segmentation_results.pt").write_bytes((demo_dir / "captions.pt").read_bytes())
@@ -671,7 +679,13 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         assert status == 1, f"{call} wrote into the user's folder"
         return capsys.readouterr().err
 
+    # scale.py writes its data into <--dir>/rows<N>-...: a user's folder of that name.
+    scale_args = argparse.Namespace(dir=str(tmp_path), rows=20, rows_per_image=2, queries=2, positives=1, seed=0)
+    scale_args.shard_size = 4
+    before.update(user_files(scale.folder_of(scale_args), {"gallery/shard-000000.safetensors": b"the user's"}))
     walked = {
+        "benchmarks/scale.py": refused(scale.write_data, scale_args),
+        "benchmarks/gpu_check.py": refused(gpu_check.write_report, user, "a table", {}),
         "scripts/make_demo_dataset.py": refused(make_demo_dataset.main, ["--out", str(user), "--overwrite"]),
         "scripts/make_tiny_models.py": refused(make_tiny_models.main, ["--out", str(user)]),
         "example/create_annotations.py": refused(
@@ -725,6 +739,8 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         f"captions_file={demo_dir / 'captions.pt'}",
         f"model_name={tiny_model_dirs['dinov2']}",
         f"output_dir={user}",
+        "batch_size=2",  # valid inputs (checked before the folder): the demo has 8 training pairs
+        "micro_batch=2",
         "device=cpu",
         cwd=tmp_path,
         check=False,
@@ -762,6 +778,8 @@ def test_9_training_folder_without_its_identity_is_refused_not_adopted(demo_dir,
         f"captions_file={demo_dir / 'captions.pt'}",
         f"model_name={tiny_model_dirs['dinov2']}",
         f"output_dir={out}",
+        "batch_size=2",  # valid inputs (checked before the folder): the demo has 8 training pairs
+        "micro_batch=2",
         "device=cpu",
         cwd=tmp_path,
         check=False,
