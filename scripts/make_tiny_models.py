@@ -103,20 +103,21 @@ def save_tiny_dinov3(folder: str | Path, seed: int = 0, gated: bool = False) -> 
     return _save(model, processor, folder)
 
 
-def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_siglip(folder: str | Path, seed: int = 0, patch_size: int = 16, image_size: int = 64) -> Path:
     """A whole SiglipModel (text tower too, as hub checkpoints are) whose vision tower is patch 16,
     64x64 input (4x4 patches, no CLS), with the attention-pooling head; and a 64-piece sentencepiece
-    tokenizer (:func:`tiny_siglip_tokenizer`)."""
+    tokenizer (:func:`tiny_siglip_tokenizer`). ``patch_size`` / ``image_size``: another vision geometry
+    (patch 14 at 56 px: the checkpoints whose LeGrad maps the original code upsampled by 16 anyway)."""
     tokenizer = tiny_siglip_tokenizer(folder)
     ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = SiglipModel(
         SiglipConfig(
             text_config=dict(**_COMMON, **ids, vocab_size=TINY_TEXT_VOCAB),
-            vision_config=dict(**_COMMON, image_size=64, patch_size=16),
+            vision_config=dict(**_COMMON, image_size=image_size, patch_size=patch_size),
         )
     )
-    processor = SiglipImageProcessor(size={"height": 64, "width": 64})
+    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     folder = _save(model, processor, folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -542,3 +542,30 @@ def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
     pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.5)
     expected = mask_inversion(extractor.model, pixels, resized.amax(1, keepdim=True), iterations=3, **pull)
     torch.testing.assert_close(vector, expected[0, 0])
+
+
+def test_siglip_maps_are_upsampled_by_16_under_compat_whatever_the_patch(tmp_path, scene):
+    """D7 (issue 21): the original upsampled SigLIP's LeGrad maps by a hard-coded 16. On a patch-14 tiny
+    SigLIP (56 px, 4 x 4 patches), pixel_geometry=original (compat=original) upsamples them by 16 and
+    the default by the model's patch, 14; that factor is the only difference, and the extractors'
+    vectors are mask_inversion's with it. New coverage: the tiny SigLIP of the other tests has patch 16,
+    where both factors agree."""
+    from scripts.make_tiny_models import save_tiny_siglip
+    from utils.legrad import LeGrad
+    from utils.vit_adapters import vit_parts
+
+    folder = save_tiny_siglip(tmp_path / "siglip14", patch_size=14, image_size=56)
+    compat = SigLIPMIExtractor(str(folder), pixel_geometry="original", **MI)
+    plain = SigLIPMIExtractor(str(folder), **MI)
+    assert vit_parts(plain.model).patch_size == 14
+    assert compat.mi == {**plain.mi, "map_patch_size": 16} and plain.mi.get("map_patch_size") is None
+    image, masks = scene
+    pixels, resized = plain.preprocess.image(image)[None], plain.preprocess.masks(masks)[None]
+    for extractor, scale in ((compat, 16), (plain, 14)):
+        legrad = LeGrad(vit_parts(extractor.model), pixels, map_patch_size=extractor.mi.get("map_patch_size"))
+        assert legrad.map_scale == scale
+    by16 = mask_inversion(plain.model, pixels, resized, **{**plain.mi, "map_patch_size": 16})
+    by14 = mask_inversion(plain.model, pixels, resized, **plain.mi)
+    torch.testing.assert_close(compat.invert(pixels, resized).cpu(), by16)
+    torch.testing.assert_close(plain.invert(pixels, resized).cpu(), by14)
+    assert (by16 - by14).abs().max() > 1e-4  # the factor changes the vectors
