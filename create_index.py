@@ -59,7 +59,17 @@ from datasets.extraction import (
 from datasets.images import image_facts
 from extractors import capabilities, extractor_from_config
 from search_index import search
-from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
+from utils.config import (
+    CONFIG_GROUPS,
+    QUERY_KEYS,
+    RUN_KEYS,
+    SoIRConfig,
+    check_config,
+    refuse_unknown_keys,
+    register,
+    resolve_aliases,
+    run_label,
+)
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
@@ -72,6 +82,7 @@ log = logging.getLogger("soir.create_index")
 register()
 
 
+@refuse_unknown_keys(SoIRConfig, CONFIG_GROUPS, "create_index.py")
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
@@ -337,7 +348,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
                 f"lora_adapt=true: {name} has no LoRA support; LoRA adapters exist for the families "
                 f"{', '.join(lora_families())} (their _features / _mi_features extractors)"
             )
-    if not cfg.anns_file:
+    if OmegaConf.is_missing(cfg, "anns_file") or not cfg.anns_file:
         raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
     anns = load_anns(cfg.anns_file, cfg.galleries_dir, cfg.queries_dir, duplicates=cfg.duplicates)
     anns = select_indices(select_set(anns, cfg.set), cfg.ds_inds_file, cfg.max_ds_index)

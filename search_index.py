@@ -38,7 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from datasets import Annotation, drop_queries_without_positives, relevance
-from utils.config import check_config, register, resolve_aliases
+from utils.config import CONFIG_GROUPS, SoIRConfig, check_config, refuse_unknown_keys, register, resolve_aliases
 from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
@@ -54,6 +54,7 @@ register()
 SCORES_PER_CHUNK = 1 << 26  # query-chunk size bound: [chunk, gallery rows] float32 = 256 MiB
 
 
+@refuse_unknown_keys(SoIRConfig, CONFIG_GROUPS, "search_index.py")
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:

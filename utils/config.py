@@ -7,19 +7,23 @@ is an error that names the key. Checks that involve several keys live in :func:`
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import logging
 import math
 import string
+import sys
 import uuid
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from utils.errors import SoIRError
+from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
 
 
@@ -285,7 +289,67 @@ RUN_KEYS = frozenset(
 # max_ds_index and only_gallery act on which images are extracted, which the inputs' hash covers.
 
 
+# Config groups of configs/defaults.yaml's defaults list (configs/<group>/<option>.yaml).
+CONFIG_GROUPS = ("extractor", "compat")
+
 log = logging.getLogger("soir.config")
+
+
+def check_overrides(overrides: Sequence[str], schema: type, groups: Sequence[str] = (), script: str = "") -> None:
+    """Refuse a command-line override whose key is neither a field of ``schema`` nor a config group.
+
+    Hydra alone says "Could not override 'mi_alhpa'. To append to your config use +mi_alhpa=..." and
+    then appends ``+mi_alhpa`` silently, so a misspelt key ran with the default of the one meant. Here
+    both forms are one :class:`SoIRError` naming the closest keys (``difflib``). A ``+key`` that *is*
+    in the schema is refused too (Hydra would say it cannot append an existing key): write ``key=``.
+    ``hydra.*`` / ``hydra/*`` overrides are Hydra's own and pass through; so do overrides Hydra
+    cannot parse (its own error names the problem). ``script`` names the command in the fix.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # malformed syntax: Hydra reports it, naming the override
+        return
+    keys = [f.name for f in dataclasses.fields(schema)]
+    for override in parsed:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in groups:
+            continue
+        head = key.split(".", 1)[0]  # a dict-typed key's entries (query_extractor_args.x) are its own
+        if head in keys:
+            if override.is_add():
+                raise SoIRError(
+                    f"{override.input_line}: {key} is already a key; set it without the '+': {override.input_line[1:]}"
+                )
+            continue
+        close = difflib.get_close_matches(head, sorted({*keys, *groups}), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "no key is close;"
+        plus = "; '+' adds no key SoIR reads" if override.is_add() or override.is_force_add() else ""
+        raise SoIRError(
+            f"{override.input_line}: unknown key '{head}'; {hint} "
+            f"(`python {script or 'the script'} --help` lists every key{plus})"
+        )
+
+
+def refuse_unknown_keys(schema: type, groups: Sequence[str], script: str) -> Callable:
+    """Decorator for a ``@hydra.main`` entry point: :func:`check_overrides` on the command line's
+    overrides before Hydra composes the config, as one ``error:`` line (``exit_on_error``).
+
+    Apply it above ``@hydra.main``. A call with arguments (Hydra's ``cfg_passthrough``) is not a
+    command line and is passed on unchecked."""
+
+    def decorate(entry: Callable) -> Callable:
+        @functools.wraps(entry)
+        def wrapper(*args, **kwargs):
+            if not args and not kwargs:
+                from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+                overrides = get_args_parser().parse_known_args(sys.argv[1:])[0].overrides
+                exit_on_error(check_overrides)(overrides, schema, groups, script)
+            return entry(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def register() -> None:
