@@ -20,6 +20,7 @@ from extractors.backbones import embedding_dim, load_backbone
 from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
+from utils.config import check_device
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.files import sha256_file
@@ -31,7 +32,9 @@ log = logging.getLogger("soir.extractors")
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA is an error."""
+    """ "auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA, or a name
+    torch does not know, is an error."""
+    check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device=auto -> %s", device)

@@ -429,6 +429,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"it (so it did nothing there either); leave it at {default}"
             )
     check_own_queries(cfg)
+    check_device(cfg.device)
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
@@ -493,6 +494,20 @@ def check_config(cfg: DictConfig) -> None:
             "this leaks the label into the gallery features; numbers made with it are not comparable "
             "with SoIR's default"
         )
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know (``device=gpu``), in one line, before any model loads."""
+    import torch  # here, not at the top: the config checks need no torch otherwise
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SoIRError(
+            f"device={device} is not a device name: use auto (cuda if available), cpu, cuda or cuda:N"
+        ) from None
 
 
 def check_own_queries(cfg: DictConfig) -> None:

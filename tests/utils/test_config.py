@@ -78,6 +78,17 @@ def test_known_keys_groups_and_hydras_own_pass():
     assert set(CONFIG_GROUPS) == {p.name for p in Path(CONFIGS).iterdir() if p.is_dir()}
 
 
+def test_a_device_torch_does_not_know_is_one_line():
+    """Fails on main 4e786ae: device=gpu passed the checks and became an 8-frame torch RuntimeError."""
+    from extractors.base import resolve_device
+
+    with pytest.raises(SoIRError, match="device=gpu is not a device name: use auto .*, cpu, cuda or cuda:N"):
+        check_config(_compose("anns_file=a.pt", "device=gpu"))
+    with pytest.raises(SoIRError, match="device=gpu is not a device name"):
+        resolve_device("gpu")  # the Python API and scripts/train_mao.py
+    check_config(_compose("anns_file=a.pt", "device=cuda:1"))  # a name is checked, not the hardware
+
+
 def test_wrong_type_is_an_error_naming_the_key():
     with pytest.raises(ConfigCompositionException) as err:
         _compose("vec_dim=large")
