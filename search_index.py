@@ -134,6 +134,10 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     )
     if cfg.T2I:
         results.update(T2I=True, text_prompt=cfg.text_prompt)
+    # The settings that produced these numbers: the command line's overrides and the resolved config
+    # (of this search; the features' own are in features_config.yaml beside it).
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    results.update(overrides=overrides, settings=OmegaConf.to_container(cfg, resolve=True))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", ranked.queries, ranked.metrics)
     print_table(results)

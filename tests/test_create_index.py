@@ -121,7 +121,7 @@ def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
     proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "batch_size=1,3", cwd=tmp_path)
     outs = {s.split(": ", 1)[1] for s in proc.stdout.splitlines() if s.startswith("features and index: ")}
     assert len(outs) == 2
-    job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
+    job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]-batch_size=[13]"))
     assert len(job_dirs) == 2 and all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)
 
 

@@ -25,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
+from utils.sweeps import job_label
 
 
 def choice(name: str, values: str) -> type[Enum]:
@@ -353,13 +354,16 @@ def refuse_unknown_keys(schema: type, groups: Sequence[str], script: str) -> Cal
 
 
 def register() -> None:
-    """Register the schema (as ``soir_schema``) and the resolvers used in run folder names."""
+    """Register the schema (as ``soir_schema``) and the resolvers used in run and job folder names."""
     ConfigStore.instance().store(name="soir_schema", node=SoIRConfig)
     if not OmegaConf.has_resolver("soir_uid"):
         # Seconds-resolution timestamps alone collide for runs started together.
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
     if not OmegaConf.has_resolver("soir_name"):
         OmegaConf.register_new_resolver("soir_name", run_label)
+    if not OmegaConf.has_resolver("soir_job"):
+        # Not cached: each job of a sweep gets its own label (hydra.sweep.subdir).
+        OmegaConf.register_new_resolver("soir_job", job_label)
     if not OmegaConf.has_resolver("soir_vec_dim"):
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
 
