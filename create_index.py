@@ -112,17 +112,35 @@ def run_all(cfg: DictConfig) -> None:
             gallery_rows=rows["gallery"],
             queries=len(jobs.get("queries", [])),
             skipped_bad_images=len(skipped),
-            seconds=round(time.time() - started, 1),
             gallery_counts=stats["gallery"],
             query_counts=stats.get("queries", {}),
         )
-        atomic_write_json(out / "summary.json", summary)
+        summary = write_summary(out, summary, "all", time.time() - started)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
     if cfg.only_create or cfg.only_gallery:
         return
     # As the original: the search runs at the end of create_index.py unless only_create=true.
     search(cfg, out, Path(HydraConfig.get().runtime.output_dir))
+
+
+def write_summary(out: Path, summary: dict, stage: str, seconds: float) -> dict:
+    """Write ``out/summary.json``: ``summary`` (the folder's counts, as of this run) and ``runs``, one
+    entry per run that wrote it (stage, finish time UTC, seconds), this one appended to those of the
+    summary already there; ``seconds`` is their sum. A resumed run so adds its time to the killed
+    one's instead of replacing it (a summary written before ``runs`` existed counts as one run).
+    Call under the folder's lock. Returns what was written."""
+    previous = (
+        read_json(out / "summary.json", fix="delete it; the next run writes it again")
+        if (out / "summary.json").is_file()
+        else {}
+    )
+    runs = previous.get("runs") or ([{"seconds": previous["seconds"]}] if "seconds" in previous else [])
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    runs = [*runs, {"stage": stage, "finished": finished, "seconds": round(seconds, 1)}]
+    summary = {**summary, "seconds": round(sum(run["seconds"] for run in runs), 1), "runs": runs}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
 
 
 def plan_and_load(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list, dict, Path, tuple[dict, dict]]:
@@ -270,11 +288,10 @@ def build(cfg: DictConfig) -> None:
             gallery_rows=offsets[-1],
             queries=splits["queries"].num_images if "queries" in splits else 0,
             skipped_bad_images=len(skipped),
-            seconds=round(time.time() - started, 1),
             gallery_counts=stats["gallery"],
             query_counts=stats.get("queries", {}),
         )
-        atomic_write_json(out / "summary.json", summary)
+        summary = write_summary(out, summary, "index", time.time() - started)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
 

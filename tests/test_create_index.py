@@ -508,3 +508,17 @@ def test_undecodable_pixels_are_recorded_by_workers_and_refused_by_stage_index(t
     run_script("create_index.py", *args, "stage=index", "bad_images=skip", cwd=tmp_path)
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
     assert summary["gallery_counts"]["bad_images"] == 1 and summary["gallery_rows"] == 15
+
+
+def test_summary_keeps_each_runs_seconds(tmp_path):
+    """A resumed run adds its time to summary.json instead of replacing the first run's (fails on main
+    4e786ae: no write_summary; `seconds` was overwritten); a summary from before `runs` counts as one run."""
+    from create_index import write_summary
+
+    (tmp_path / "summary.json").write_text(json.dumps({"gallery_images": 3, "seconds": 100.0}))
+    first = write_summary(tmp_path, {"gallery_images": 4}, "all", 12.34)
+    assert [run["seconds"] for run in first["runs"]] == [100.0, 12.3] and first["seconds"] == 112.3
+    second = write_summary(tmp_path, {"gallery_images": 4}, "index", 0.5)
+    assert json.loads((tmp_path / "summary.json").read_text()) == second
+    assert [(r.get("stage"), r["seconds"]) for r in second["runs"]] == [(None, 100.0), ("all", 12.3), ("index", 0.5)]
+    assert second["seconds"] == 112.8 and second["gallery_images"] == 4

@@ -16,6 +16,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -361,11 +362,26 @@ def register() -> None:
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
     if not OmegaConf.has_resolver("soir_name"):
         OmegaConf.register_new_resolver("soir_name", run_label)
+    if not OmegaConf.has_resolver("soir_dataset"):
+        OmegaConf.register_new_resolver("soir_dataset", run_dataset)
     if not OmegaConf.has_resolver("soir_job"):
         # Not cached: each job of a sweep gets its own label (hydra.sweep.subdir).
         OmegaConf.register_new_resolver("soir_job", job_label)
     if not OmegaConf.has_resolver("soir_vec_dim"):
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
+
+
+def run_dataset(dataset: str, features_dir: str | None = None) -> str:
+    """The dataset named in run folder names: ``dataset``, or, when it is left at its default and a
+    features folder is given (search_index.py, its ad-hoc queries, the stages), the dataset that folder
+    was made with (its config.yaml), so a search of a VoxDet folder is not named ``pe_retrieval``."""
+    made_with = Path(features_dir) / "config.yaml" if features_dir else None
+    if dataset != SoIRConfig.dataset or made_with is None or not made_with.is_file():
+        return dataset
+    try:
+        return str(OmegaConf.load(made_with).get("dataset") or dataset)
+    except Exception:  # a corrupt config.yaml: the run itself reports it, naming the file; here only a name
+        return dataset
 
 
 def default_vec_dim(family: str, B_model: bool) -> int:

@@ -67,6 +67,7 @@ def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
         f"model_name={tiny_model_dirs['clip']}",
         "vec_dim=24",
         f"anns_file={named_anns}",
+        "dataset=demo",
         f"galleries_dir={demo_dir}",
         f"queries_dir={demo_dir}",
         "num_workers=0",
@@ -160,6 +161,8 @@ def test_an_image_without_a_box_is_embedded_whole(crop_folder, demo_dir):
     expected = build_extractor("clip_features", model_name=model, device="cpu").extract(file)
     np.testing.assert_allclose(load_file(run / "query.safetensors")["features"][0].numpy(), expected.numpy(), atol=1e-6)
     assert results["embedded_as"] == "global embedding of the whole image"
+    # the run is named by the folder's dataset, not the default's (fails on main 4e786ae: pe_retrieval)
+    assert "-search_index-demo_retrieval-" in run.name
     gallery, scores = _image_scores(expected.numpy()[None], folder)
     assert results["ranking"][0]["key"] == "gallery/g_000.jpg"  # itself
     assert [h["score"] for h in results["ranking"]] == pytest.approx(np.sort(scores)[::-1][:3].tolist(), abs=1e-5)
