@@ -77,6 +77,7 @@ from utils.files import FolderLock, atomic_write_json, cached_sha256, check_iden
 from utils.index_build import build_ondisk, shard_blocks
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
 from utils.processes import worker_init_fn
+from utils.quiet import set_verbose
 
 log = logging.getLogger("soir.create_index")
 register()
@@ -86,6 +87,7 @@ register()
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    set_verbose(cfg.verbose)
     resolve_aliases(cfg)
     check_config(cfg)
     STAGES[cfg.stage](cfg)

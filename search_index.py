@@ -45,6 +45,7 @@ from utils.files import atomic_write_text, read_json
 from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
 from utils.own_queries import own_query, text_query_rows
+from utils.quiet import set_verbose
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
@@ -58,6 +59,7 @@ SCORES_PER_CHUNK = 1 << 26  # query-chunk size bound: [chunk, gallery rows] floa
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    set_verbose(cfg.verbose)
     resolve_aliases(cfg)
     check_config(cfg)
     if not cfg.features_dir:

@@ -48,6 +48,7 @@ from transformers import (
     SiglipTokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
@@ -336,6 +337,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder; one sub-folder per model")
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per tiny model says nothing
     for name, build in TINY_BUILDERS.items():
         print(f"{name}: {build(args.out / name)}")
     print(f"owlv2: {save_tiny_owlv2(args.out / 'owlv2')}")

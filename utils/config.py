@@ -112,6 +112,7 @@ class SoIRConfig:
     query_extractor: Optional[str] = None  # another registered extractor for the queries (same space)
     query_extractor_args: Optional[dict[str, Any]] = None  # settings of the query extractor that differ
     debug: bool = False  # log the MI loss of every iteration
+    verbose: bool = False  # INFO lines and known third-party warnings on the terminal too (else: the run's log file)
     # --- compat=original switches (see configs/compat/original.yaml) -------------------
     legrad_norm: LegradNorm = LegradNorm.per_map  # joint: min-max over all masks of an image at once
     mi_sum_loss: MiSumLoss = MiSumLoss.union  # mean_dice: mi_sum fits the mean of per-mask Dice
@@ -264,6 +265,7 @@ RUN_KEYS = frozenset(
         "save_knns",
         "T2I",
         "debug",
+        "verbose",
         "single_from_sc",
         "stage",
         "workers",
@@ -367,6 +369,9 @@ def register() -> None:
     if not OmegaConf.has_resolver("soir_job"):
         # Not cached: each job of a sweep gets its own label (hydra.sweep.subdir).
         OmegaConf.register_new_resolver("soir_job", job_label)
+    if not OmegaConf.has_resolver("soir_console_level"):
+        # hydra.job_logging's console handler: INFO lines reach the terminal with verbose=true only.
+        OmegaConf.register_new_resolver("soir_console_level", lambda verbose: "INFO" if verbose else "WARNING")
     if not OmegaConf.has_resolver("soir_vec_dim"):
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
 
