@@ -163,8 +163,8 @@ class SoIRConfig:
     query_image: Optional[str] = None  # an image to search with, embedded as the folder's queries were
     query_bbox: Optional[tuple[float, ...]] = None  # [x1,y1,x2,y2] pixels in query_image: the object's box (crop,
     # or the MI mask rectangle when no query_mask is given)
-    query_mask: Optional[str] = None  # mask image of the object (size of query_image; 0/255 or 0/1), for
-    # folders whose queries are MI vectors (mask_input / query_mi)
+    query_mask: Optional[str] = None  # mask image of the object (size of query_image; 0/255 or 0/1): MI
+    # folders made with mask_input / query_mi run MI with it; folders of crops crop around its box
     query_text: Optional[str] = None  # a sentence to search with (the text tower), used as given
     query_exact_max_rows: int = 1000000  # ad-hoc queries: larger galleries are searched through the FAISS
     # index (its candidates re-scored exactly); smaller ones exactly
