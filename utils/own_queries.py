@@ -8,11 +8,11 @@ search_index.py's ad-hoc mode (nothing is written to the features folder)::
 
 **An image** is embedded exactly as create_index.py embedded the folder's queries: the folder's
 ``config.yaml`` gives the extractor (or its ``query_extractor``) and every query setting (the square crop
-around ``query_bbox`` (or ``query_mask``'s box) by default, ``crop=true`` tight, ``no_query_crop``; ``mask_input`` / ``query_mi``:
-Mask Inversion with ``query_mask``, or with the ``query_bbox`` rectangle when no mask is given; the MI
-settings), and the same code runs (``datasets.extraction.query_jobs`` -> ``check_jobs`` -> ``ViewDataset``
--> ``Extractor.describe``). The model must be the one that made the features: its identity
-(``Extractor.identity``: weights, preprocessing, LoRA, precision) is compared with the folder's
+around ``query_bbox``, or ``query_mask``'s box, by default, ``crop=true`` tight, ``no_query_crop``;
+``mask_input`` / ``query_mi``: Mask Inversion with ``query_mask``, or with the ``query_bbox`` rectangle
+when no mask is given; the MI settings), and the same code runs (``datasets.extraction.query_jobs`` ->
+``check_jobs`` -> ``ViewDataset`` -> ``Extractor.describe``). The model must be the one that made the
+features: its identity (``Extractor.identity``: weights, preprocessing, LoRA, precision) is compared with the folder's
 ``identity.json``, so a changed model folder is refused; another device is allowed (logged: CPU and CUDA
 round differently).
 
