@@ -44,6 +44,8 @@ log = logging.getLogger("soir.report")
 BOX_COLOR = (255, 200, 0)  # the query's bbox
 ZOOM_MIN = 128  # the matched object's enlarged crop: longer side at least this many px ...
 ZOOM_PAD = 0.25  # ... around its mask's box padded by this share of the box's longer side
+FULL_SIZE = 960  # what a click opens: the image (longer side at most this) with all its masks outlined
+OTHER_OUTLINE_COLOR = (255, 255, 255)  # ... the objects that did not match, thin
 MAP_SCALE = 3  # map overlays: longer side MAP_SCALE x report_thumb_size
 JPEG_QUALITY = 85
 MI_SETTINGS = (
@@ -131,6 +133,8 @@ class ThumbJob:
     box: tuple[str, tuple[float, ...]] | None = None
     crop: tuple[str, tuple[float, ...]] | None = None
     zooms: tuple[tuple[str, dict], ...] = ()  # the object of an RLE mask, enlarged (see zoom)
+    fulls: tuple[tuple[str, int], ...] = ()  # (name, i): the image with every mask of ``all_masks``
+    all_masks: tuple[dict, ...] = ()  # outlined and mask i highlighted (see full_view)
 
 
 def zoom(image: Image.Image, mask: np.ndarray, size: int) -> Image.Image:
@@ -148,6 +152,16 @@ def zoom(image: Image.Image, mask: np.ndarray, size: int) -> Image.Image:
     return draw_outline(enlarged, mask[box[1] : box[3], box[0] : box[2]], width=2, halo=2)
 
 
+def full_view(image: Image.Image, masks: list[np.ndarray], matched: int, size: int) -> Image.Image:
+    """``image`` at longer side ``size`` (at most its own) with a thin outline around every object of
+    ``masks`` and a thick two-tone one around ``masks[matched]``: what a click on a thumbnail opens."""
+    picture = thumbnail(image, size)
+    for i, mask in enumerate(masks):
+        if i != matched:
+            picture = draw_outline(picture, mask, OTHER_OUTLINE_COLOR, width=1)
+    return draw_outline(picture, masks[matched], width=3, halo=2)
+
+
 def thumbnail(image: Image.Image, size: int) -> Image.Image:
     """``image`` scaled so that its longer side is at most ``size`` px (aspect ratio kept; a new image)."""
     scale = min(1.0, size / max(image.size))
@@ -160,7 +174,7 @@ def write_thumbs(job: ThumbJob, folder: Path, size: int) -> str | None:
     """Write one image's thumbnails into ``folder``; return None, or why they could not be made."""
     try:
         # Crops need the full resolution; the rest is decoded at a reduced JPEG scale (several times faster).
-        image = load_rgb(job.file, min_side=None if job.crop or job.box or job.zooms else size)
+        image = load_rgb(job.file, min_side=None if job.crop or job.box or job.zooms or job.fulls else size)
     except ImageLoadError as err:
         return str(err)
     small = thumbnail(image, size)
@@ -177,6 +191,10 @@ def write_thumbs(job: ThumbJob, folder: Path, size: int) -> str | None:
         save(draw_outline(small, mask, halo=1), name)
     for name, rle in job.zooms:
         save(zoom(image, decode_mask(rle), max(ZOOM_MIN, size)), name)
+    if job.fulls:
+        masks = [decode_mask(rle) for rle in job.all_masks]
+        for name, matched in job.fulls:
+            save(full_view(image, masks, matched, FULL_SIZE), name)
     if job.box:
         name, bbox = job.box
         boxed, scale = small.copy(), small.width / image.width
@@ -205,6 +223,10 @@ def gallery_name(image: int, mask: int) -> str:
 
 def zoom_name(image: int, mask: int) -> str:
     return f"g{image:06d}_m{mask}_zoom.jpg"
+
+
+def full_name(image: int, mask: int) -> str:
+    return f"g{image:06d}_m{mask}_full.jpg"
 
 
 def thumb_jobs(
@@ -237,8 +259,10 @@ def thumb_jobs(
         entry = find_masks(captions, record["key"], record["file"]) if captions is not None else None
         outlines = tuple((gallery_name(g, m), entry.masks_rle[m]) for m in sorted(masks) if m >= 0)
         zooms = tuple((zoom_name(g, m), entry.masks_rle[m]) for m in sorted(masks) if m >= 0)
+        fulls = tuple((full_name(g, m), m) for m in sorted(masks) if m >= 0)
         plain = gallery_name(g, -1) if -1 in masks else None
-        jobs.append(ThumbJob(record["file"], plain=plain, outlines=outlines, zooms=zooms))
+        all_masks = tuple(entry.masks_rle) if fulls else ()
+        jobs.append(ThumbJob(record["file"], plain, outlines, zooms=zooms, fulls=fulls, all_masks=all_masks))
     return jobs
 
 
@@ -431,7 +455,7 @@ LEGEND = (
     "How to read it: each query (its picture, and the crop around its object) is followed by the gallery "
     "images it retrieved, best first. Green frame: the image shows the query's object; red: it does not. "
     "The cyan-and-black outline marks the object that matched, enlarged on the right; click a picture "
-    "to open it at full size."
+    "to open it large, every object outlined in white and the matched one in cyan."
 )
 
 
@@ -521,10 +545,13 @@ def hit_figure(
     record = gallery[g]
     name = gallery_name(g, mask if outlines else -1)
     picture = image_tag(name, record["key"], record["file"], problems)
-    if record["file"] not in problems:  # click: the picture at full size (the browser's own viewer)
+    if record["file"] not in problems:
+        # click: the image large with every object outlined and the matched one highlighted, or (no
+        # single matched object) the image file itself
+        target = f"thumbs/{full_name(g, mask)}" if outlines and mask >= 0 else Path(record["file"]).resolve().as_uri()
         picture = (
-            f'<a class="full" href="{html.escape(Path(record["file"]).resolve().as_uri(), quote=True)}" '
-            f'target="_blank" title="open {html.escape(record["key"], quote=True)}">{picture}</a>'
+            f'<a class="full" href="{html.escape(target, quote=True)}" target="_blank" '
+            f'title="open {html.escape(record["key"], quote=True)}">{picture}</a>'
         )
     if outlines and mask >= 0 and record["file"] not in problems:
         picture += f'<img class="zoom" src="thumbs/{zoom_name(g, mask)}" alt="the matched object, enlarged">'
