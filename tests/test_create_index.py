@@ -459,7 +459,9 @@ def test_a_preempted_worker_is_requeued_by_submitit_and_resumes(tiny_model_dirs,
     os.kill(tasks[0], signal.SIGUSR2)
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output[-3000:]
-    log = "".join(p.read_text() for p in (tmp_path / "outputs" / "multirun").rglob("*_log.*"))
+    multirun = tmp_path / "outputs" / "multirun"
+    # submitit's own logs, and the job's log file (INFO lines go there, not to the terminal)
+    log = "".join(p.read_text() for p in [*multirun.rglob("*_log.*"), *multirun.rglob("create_index.log")])
     assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]
     starts = [line for line in log.splitlines() if "gallery: worker 0 of 1:" in line]
     assert len(starts) == 2 and "(16 of 16 missing in all)" in starts[0] and "(16 of 16" not in starts[1]
