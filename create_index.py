@@ -62,7 +62,17 @@ from datasets.images import image_facts
 from datasets.tar_shards import is_tar_spec, unpacked_galleries
 from extractors import capabilities, extractor_from_config
 from search_index import search
-from utils.config import QUERY_KEYS, RUN_KEYS, check_config, register, resolve_aliases, run_label
+from utils.config import (
+    CONFIG_GROUPS,
+    QUERY_KEYS,
+    RUN_KEYS,
+    SoIRConfig,
+    check_config,
+    refuse_unknown_keys,
+    register,
+    resolve_aliases,
+    run_label,
+)
 from utils.errors import SoIRError, exit_on_error
 from utils.families import lora_families
 from utils.feature_store import FeaturesFolder, FeatureShards, write_bad_images
@@ -79,14 +89,17 @@ from utils.index_build import build_ondisk, shard_blocks
 from utils.index_io import build_index, check_factory, index_path, is_ivf, save_index
 from utils.own_queries import check_run_folder
 from utils.processes import worker_init_fn
+from utils.quiet import set_verbose
 
 log = logging.getLogger("soir.create_index")
 register()
 
 
+@refuse_unknown_keys(SoIRConfig, CONFIG_GROUPS, "create_index.py")
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    set_verbose(cfg.verbose)
     resolve_aliases(cfg)
     check_config(cfg)
     STAGES[cfg.stage](cfg)
@@ -115,17 +128,35 @@ def run_all(cfg: DictConfig) -> None:
             gallery_rows=rows["gallery"],
             queries=len(jobs.get("queries", [])),
             skipped_bad_images=len(skipped),
-            seconds=round(time.time() - started, 1),
             gallery_counts=stats["gallery"],
             query_counts=stats.get("queries", {}),
         )
-        atomic_write_json(out / "summary.json", summary)
+        summary = write_summary(out, summary, "all", time.time() - started)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
     if cfg.only_create or cfg.only_gallery:
         return
     # As the original: the search runs at the end of create_index.py unless only_create=true.
     search(cfg, out, Path(HydraConfig.get().runtime.output_dir))
+
+
+def write_summary(out: Path, summary: dict, stage: str, seconds: float) -> dict:
+    """Write ``out/summary.json``: ``summary`` (the folder's counts, as of this run) and ``runs``, one
+    entry per run that wrote it (stage, finish time UTC, seconds), this one appended to those of the
+    summary already there; ``seconds`` is their sum. A resumed run so adds its time to the killed
+    one's instead of replacing it (a summary written before ``runs`` existed counts as one run).
+    Call under the folder's lock. Returns what was written."""
+    previous = (
+        read_json(out / "summary.json", fix="delete it; the next run writes it again")
+        if (out / "summary.json").is_file()
+        else {}
+    )
+    runs = previous.get("runs") or ([{"seconds": previous["seconds"]}] if "seconds" in previous else [])
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    runs = [*runs, {"stage": stage, "finished": finished, "seconds": round(seconds, 1)}]
+    summary = {**summary, "seconds": round(sum(run["seconds"] for run in runs), 1), "runs": runs}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
 
 
 def plan_and_load(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list, dict, Path, tuple[dict, dict]]:
@@ -312,11 +343,10 @@ def build(cfg: DictConfig) -> None:
             gallery_rows=offsets[-1],
             queries=splits["queries"].num_images if "queries" in splits else 0,
             skipped_bad_images=len(skipped),
-            seconds=round(time.time() - started, 1),
             gallery_counts=stats["gallery"],
             query_counts=stats.get("queries", {}),
         )
-        atomic_write_json(out / "summary.json", summary)
+        summary = write_summary(out, summary, "index", time.time() - started)
     log.info("done: %s", json.dumps(summary))
     print(f"features{'' if cfg.no_faiss else ' and index'}: {out}\nsearch: python search_index.py features_dir={out}")
 
@@ -404,7 +434,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, list[ImageJob]], dict, list[tuple[s
                 f"lora_adapt=true: {name} has no LoRA support; LoRA adapters exist for the families "
                 f"{', '.join(lora_families())} (their _features / _mi_features extractors)"
             )
-    if not cfg.anns_file:
+    if OmegaConf.is_missing(cfg, "anns_file") or not cfg.anns_file:
         raise SoIRError("anns_file= is required: the anns.pt that lists the queries and the gallery")
     # webdataset tar shards: unpacked once (resumable) into a SoIR-owned folder that then acts as the images folder
     galleries_dir = unpacked_galleries(cfg.galleries_dir) if is_tar_spec(cfg.galleries_dir) else cfg.galleries_dir

@@ -39,7 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from datasets import Annotation, drop_queries_without_positives, relevance
-from utils.config import check_config, register, resolve_aliases
+from utils.config import CONFIG_GROUPS, SoIRConfig, check_config, refuse_unknown_keys, register, resolve_aliases
 from utils.errors import SoIRError, exit_on_error
 from utils.feature_store import FeatureShards
 from utils.files import atomic_write_text, read_json
@@ -47,6 +47,7 @@ from utils.index_io import index_path, is_exact, load_index, neighbour_recall
 from utils.interop import LanceDBGallery, lancedb_folder
 from utils.metrics import max_per_image, per_query_metrics, query_chunks, summarize
 from utils.own_queries import check_run_folder, own_query, text_query_rows
+from utils.quiet import set_verbose
 from utils.report import Shown, write_report
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
@@ -56,9 +57,11 @@ register()
 SCORES_PER_CHUNK = 1 << 26  # query-chunk size bound: [chunk, gallery rows] float32 = 256 MiB
 
 
+@refuse_unknown_keys(SoIRConfig, CONFIG_GROUPS, "search_index.py")
 @hydra.main(version_base="1.3", config_path="configs", config_name="defaults")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    set_verbose(cfg.verbose)
     resolve_aliases(cfg)
     check_config(cfg)
     if not cfg.features_dir:
@@ -148,6 +151,10 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     )
     if cfg.T2I:
         results.update(T2I=True, text_prompt=cfg.text_prompt)
+    # The settings that produced these numbers: the command line's overrides and the resolved config
+    # (of this search; the features' own are in features_config.yaml beside it).
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    results.update(overrides=overrides, settings=OmegaConf.to_container(cfg, resolve=True))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_per_query_csv(out / "per_query.csv", ranked.queries, ranked.metrics)
     print_table(results)

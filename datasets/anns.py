@@ -101,8 +101,7 @@ def load_anns(
             raise AnnotationError(f"{where}: keys must be str paths, got {type(key).__name__}")
         ann = _parse_entry(key, raw[key], where)
         base = queries_dir if ann.is_query else galleries_dir
-        if not Path(key).is_absolute():
-            ann = replace(ann, file=Path(base or default_dir) / key)
+        ann = replace(ann, file=key_file(key, Path(base or default_dir)))
         annotations.append(ann)
     if check_files:
         missing = [a for a in annotations if not a.file.is_file()]
@@ -113,6 +112,13 @@ def load_anns(
                 f"image files do not exist, e.g.:\n  {listed}"
             )
     return _drop_duplicates(annotations, duplicates, anns_file)
+
+
+def key_file(key: str, root: Path) -> Path:
+    """The file an ``anns.pt`` / ``captions.pt`` key names: an absolute key is the path itself; a
+    relative one is relative to ``root`` (the anns file's folder, ``galleries_dir`` / ``queries_dir``),
+    not to the working directory, so a folder of inputs can be moved and run from anywhere."""
+    return Path(key) if Path(key).is_absolute() else root / key
 
 
 def _drop_duplicates(annotations: list[Annotation], policy: str, anns_file: Path) -> list[Annotation]:

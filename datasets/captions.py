@@ -37,6 +37,7 @@ them, set by the pipeline from the image's header).
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
@@ -50,6 +51,8 @@ from pycocotools import mask as mask_utils
 
 from utils.errors import SoIRError
 from utils.files import atomic_torch_save
+
+from .anns import key_file
 
 log = logging.getLogger("soir.datasets")
 
@@ -431,3 +434,11 @@ def find_masks(captions: Mapping[str, ImageMasks], key: str, file: str | Path) -
     if key in captions:
         return captions[key]
     return captions.get(str(Path(file).resolve()))
+
+
+def caption_files(captions: Mapping[str, ImageMasks], root: str | Path) -> dict[str, str]:
+    """{real path of the file each key names: key}, relative keys resolved against ``root`` as
+    ``load_anns`` resolves anns keys (:func:`datasets.anns.key_file`). Looked up with the real path
+    of an image, so ``./g/x.jpg``, its absolute path and a symlink to it all find the entry of
+    ``g/x.jpg`` (notebooks: ``Extractor(captions_file=...)``, whose ``root`` is that file's folder)."""
+    return {os.path.realpath(key_file(key, Path(root))): key for key in captions}

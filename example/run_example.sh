@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole SoIR pipeline on the demo set: make data -> index (global and Mask Inversion) -> search.
+# The whole SoIR pipeline on the demo set: make data -> index (global and Mask Inversion) -> search, each
+# setting once, then one table comparing them (mAP, R@1, R@5, report of each).
 #
 #   bash example/run_example.sh           real SigLIP-B/16-384 from the HuggingFace hub (downloads once)
 #   bash example/run_example.sh --tiny    offline: tiny RANDOM models; their numbers mean nothing
+#   ... key=value                         more create_index.py settings for every run (mi_iterations=10)
 #
 # Masks: the demo set ships ground-truth masks. To also run the mask pipeline (OWLv2 boxes -> SAM
 # masks -> MI), set SAM_CHECKPOINT=/path/to/sam_vit_b_01ec64.pth (--tiny uses a tiny random SAM).
@@ -12,11 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=real
-case "${1:-}" in
-  --tiny) MODE=tiny ;;
-  "") ;;
-  *) echo "usage: bash example/run_example.sh [--tiny]" >&2; exit 2 ;;
-esac
+if [[ "${1:-}" == --tiny ]]; then MODE=tiny; shift; fi
+EXTRA=("$@")   # key=value overrides for every create_index.py run (e.g. mi_iterations=10)
+for arg in "${EXTRA[@]}"; do
+  [[ $arg == *=* ]] || { echo "usage: bash example/run_example.sh [--tiny] [key=value ...]" >&2; exit 2; }
+done
 DATA=demo_data/demo
 
 if [[ ! -f "$DATA/anns.pt" ]]; then
@@ -43,15 +45,18 @@ else
   [[ -n "${SAM_CHECKPOINT:-}" ]] && MASK_MODELS=(--sam_checkpoint "$SAM_CHECKPOINT")
 fi
 
-# index + search; $1 = experiment name, the rest = create_index.py overrides
+# index + search, once: create_index.py searches at its end (its table and report); $1 = the setting's
+# name, the rest = create_index.py overrides. Each setting's run folder is kept for the final table.
+RUNS=()
 index_and_search() {
   local name=$1; shift
   echo "=== $name ==="
   local log
   log=$(mktemp)
-  python create_index.py dataset=demo "${MODEL[@]}" anns_file=$DATA/anns.pt "$@" | tee "$log"
-  python search_index.py dataset=demo experiment="$name" k_search=10 \
-      features_dir="$(sed -n 's/^features and index: //p' "$log")"
+  python create_index.py dataset=demo experiment="$name" k_search=10 "${MODEL[@]}" anns_file=$DATA/anns.pt "$@" \
+      ${EXTRA[@]+"${EXTRA[@]}"} \
+      | tee "$log"
+  RUNS+=("$name=$(sed -n 's/^results: //p' "$log")")
   rm -f "$log"
 }
 
@@ -65,6 +70,10 @@ if [[ ${#MASK_MODELS[@]} -gt 0 ]]; then
 else
   echo "(set SAM_CHECKPOINT to also run OWLv2 + SAM mask creation)"
 fi
+
+echo
+echo "=== global embedding vs Mask Inversion (ground-truth masks) vs Mask Inversion (OWLv2 + SAM masks) ==="
+python scripts/compare_runs.py "${RUNS[@]}"
 if [[ $MODE == tiny ]]; then
   echo "REMINDER: --tiny used a random model; the numbers above mean nothing." >&2
 fi

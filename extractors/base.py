@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
-from datasets.captions import find_masks, load_captions
+from datasets.captions import ImageMasks, caption_files, load_captions
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
+from utils.config import check_device
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.files import sha256_file
@@ -28,7 +32,9 @@ log = logging.getLogger("soir.extractors")
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA is an error."""
+    """ "auto" -> cuda when available, else cpu (logged). An explicit cuda without CUDA, or a name
+    torch does not know, is an error."""
+    check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device=auto -> %s", device)
@@ -71,7 +77,11 @@ class Extractor:
             checkpoint ``weights`` (``lora_alpha``: 32, or the alpha stored with the checkpoint).
         batch_size: images per forward pass in :meth:`extract_batch`.
         captions_file: a ``captions.pt``; :meth:`extract` then finds an image's masks by its path
-            (the original code's dict input ``{"image": ..., "img_path": ...}``).
+            (a path, or the original code's dict input ``{"image": ..., "img_path": ...}``) as
+            ``create_index.py`` finds them: the captions key itself, or the same file, with relative
+            keys naming files in the captions file's folder (``./``, absolute paths and symlinks are
+            compared by their real path). What an MI extractor does with an image that has no masks
+            is its ``missing_masks``.
     """
 
     family: str = ""  # a key of utils.families.FAMILIES (its spec: classes, default models)
@@ -115,7 +125,9 @@ class Extractor:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
         self.preprocess = self.preprocess_class.from_pretrained(self.model_name)
+        self.captions_file = Path(captions_file) if captions_file else None
         self.captions = load_captions(captions_file) if captions_file else None
+        self._caption_files: dict[str, str] | None = None  # {real path: captions key}, built on first use
 
     @classmethod
     def default_model(cls, B_model: bool = True) -> str:
@@ -229,10 +241,39 @@ class Extractor:
             ]
         return out
 
+    def caption_masks(self, path: Path | None) -> ImageMasks | None:
+        """The captions entry of the image at ``path`` (see ``captions_file``), or None."""
+        if self.captions is None or path is None:
+            return None
+        if str(path) in self.captions:
+            return self.captions[str(path)]
+        if self._caption_files is None:
+            self._caption_files = caption_files(self.captions, self.captions_file.resolve().parent)
+        key = self._caption_files.get(os.path.realpath(path))
+        return None if key is None else self.captions[key]
+
+    def no_masks_message(self, path: Path | None) -> str:
+        """Why an image has no masks, for an error: names the image and the captions keys nearest to it."""
+        if path is None:
+            return f"an image without a path has no entry in {self.captions_file} (pass masks= or the image's path)"
+        root = self.captions_file.resolve().parent
+        nearest = difflib.get_close_matches(os.path.relpath(os.path.realpath(path), root), list(self.captions), 3, 0)
+        return (
+            f"{path}: no masks in {self.captions_file} (its relative keys name files in {root}); "
+            f"nearest keys: {', '.join(nearest) or 'none'}"
+        )
+
+    def masks_of(self, image: Image.Image, path: Path | None, masks: Any) -> Any:
+        """The masks to use for ``image`` (read from ``path``): ``masks`` as given, else its captions
+        entry, else None (the global embedding). MI extractors add ``missing_masks``."""
+        return self.caption_masks(path) if masks is None else masks
+
     def _views(self, image: ImageLike, masks: Any) -> tuple[Views, bool]:
         pil, path = as_image(image)
-        if masks is None and self.captions is not None and path is not None:
-            masks = find_masks(self.captions, str(path), path)
+        return self.views_of(pil, self.masks_of(pil, path, masks))
+
+    def views_of(self, pil: Image.Image, masks: Any) -> tuple[Views, bool]:
+        """(views of ``pil`` with ``masks``, or its global view when ``masks`` is None; has masks)."""
         if masks is not None and not self.uses_masks:
             raise SoIRError(f"{type(self).__name__} takes no masks; use its MI variant")
         if masks is None:

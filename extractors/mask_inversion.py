@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from datasets.captions import ImageMasks
 from datasets.images import to_rgb
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
@@ -79,7 +80,10 @@ class MIExtractor(Extractor):
         single_from_sc: with mi_sum and smart_crop, one vector per mask on its smart crop (the
             original's example command; the same as smart_crop alone); False is refused.
         mask_input: :meth:`extract` sets the pixels outside the masks to zero before MI.
-        missing_masks: "full_mask" keeps masks that vanish at the model's input size.
+        missing_masks: an image without masks (none given, none in ``captions_file``): "error" (the
+            default) names it and the nearest captions keys; "global" gives its global embedding
+            (logged); "full_mask" MI with one full-image mask. "full_mask" also keeps masks that
+            vanish at the model's input size.
         legrad_norm: "joint" min-max normalises the maps of an image's masks together.
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
         pixel_geometry: "original" rounds pixels as the original did (:class:`extractors.views.ViewMaker`).
@@ -196,6 +200,9 @@ class MIExtractor(Extractor):
         self.one_vector_per_image = self.mode in ("global", "union", "mean_dice", "mao") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
         self.mask_input, self.keep_empty, self.debug = mask_input, missing_masks == "full_mask", debug
+        if missing_masks not in ("error", "global", "full_mask"):
+            raise SoIRError(f"missing_masks={missing_masks!r}; one of error, global, full_mask")
+        self.missing_masks = str(missing_masks)
         self.crop_source, self.geometry = str(smart_crop_source), str(pixel_geometry)
         original = FAMILIES[self.family].original  # what the original code did for this family
         if (mi_resample != "processor" or self.crop_source != "original" or self.geometry != "soir") and (
@@ -539,14 +546,33 @@ class MIExtractor(Extractor):
             )
         return rows
 
+    def masks_of(self, image: Image.Image, path, masks):
+        """Masks as given or from ``captions_file``. An image that has none there gets what
+        ``missing_masks`` says (never a quiet global vector: "error" by default). Without masks and
+        without a ``captions_file`` nothing is missing: ``extract(image)`` is the global embedding,
+        as documented (and as the original README's ``extract(image)``, shape (768,))."""
+        if self.mode == "global":
+            if masks is not None:
+                log.info("global_features=false: the masks are not used (plain global embedding)")
+            return None
+        if masks is None and self.captions is None:
+            return None
+        masks = super().masks_of(image, path, masks)
+        if masks is not None and not (isinstance(masks, ImageMasks) and len(masks) == 0):
+            return masks
+        why = self.no_masks_message(path)
+        if self.missing_masks == "error":
+            raise SoIRError(f"{why}; or set missing_masks='global' (its global embedding) or 'full_mask'")
+        log.warning("missing_masks=%s: %s; using %s", self.missing_masks, why, self.missing_masks)
+        return None if self.missing_masks == "global" else np.ones((1, image.height, image.width), dtype=bool)
+
     def _views(self, image, masks):
         """Notebook input -> views; with ``mask_input`` the pixels outside the masks become zero."""
-        if self.mode == "global" and masks is not None:
-            log.info("global_features=false: the masks are not used (plain global embedding)")
-            masks = None
+        pil, path = as_image(image)
+        masks = self.masks_of(pil, path, masks)
         if self.mask_input and masks is not None:
-            views = self.view_maker()(as_image(image)[0], as_masks(masks), zero_background=True)
+            views = self.view_maker()(pil, as_masks(masks), zero_background=True)
             if views.dropped_masks:
                 raise SoIRError(f"{views.dropped_masks} mask(s) are empty at the model's input size")
             return views, True
-        return super()._views(image, masks)
+        return self.views_of(pil, masks)

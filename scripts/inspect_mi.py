@@ -35,6 +35,9 @@ if str(ROOT) not in sys.path:  # run as `python scripts/inspect_mi.py`
 from datasets import ImageMasks, load_captions, load_rgb
 from extractors import build_extractor, list_extractors
 from extractors.mask_inversion import Explanation
+from extractors.registry import extractor_class
+from utils.errors import exit_on_error
+from utils.hub import check_model_available
 from utils.visualize import draw_outline, overlay, resize_mask
 
 # Distinct colours per mask (matplotlib's tab10), shared by the mask cells and the curves.
@@ -239,8 +242,11 @@ def made_by_inspect_mi(path: Path) -> bool:
         return False
 
 
+@exit_on_error
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
+    if not args.tiny:  # offline without the model: one line whose fix names this script's --model
+        check_model_available(args.model or extractor_class(args.extractor).default_model(), key="--model")
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it or --out elsewhere")
     if args.out.exists() and not made_by_inspect_mi(args.out):

@@ -48,6 +48,7 @@ from transformers import (
     SiglipTokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `scripts` importable
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder; one sub-folder per model")
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per tiny model says nothing
     try:  # a user's folder (their own clip/model.safetensors ...) is never overwritten with random weights
         claim_folder(args.out, "tiny_models")
     except SoIRError as err:

@@ -56,6 +56,7 @@ INPUT_FILES = (
 )
 
 
+@soir_config.refuse_unknown_keys(training.TrainConfig, (), "scripts/train_mao.py")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 @exit_on_error
 def main(cfg: DictConfig) -> None:

@@ -121,7 +121,7 @@ def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
     proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "batch_size=1,3", cwd=tmp_path)
     outs = {s.split(": ", 1)[1] for s in proc.stdout.splitlines() if s.startswith("features and index: ")}
     assert len(outs) == 2
-    job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]"))
+    job_dirs = list((tmp_path / "outputs" / "multirun").glob("*/*/[01]-batch_size=[13]"))
     assert len(job_dirs) == 2 and all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)
 
 
@@ -432,9 +432,8 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
         results_dir_from(run_script("search_index.py", f"features_dir={one_process}", cwd=tmp_path))
     )
     assert 0 < staged.pop("index_recall@16") <= 1 and staged.pop("index") == "IVF2,Flat"
-    assert {k: v for k, v in staged.items() if k != "features_dir"} == {
-        k: v for k, v in reference.items() if k not in ("features_dir", "index")
-    }
+    own = ("features_dir", "index", "overrides", "settings")  # each run's own command line and settings
+    assert {k: v for k, v in staged.items() if k not in own} == {k: v for k, v in reference.items() if k not in own}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -468,7 +467,9 @@ def test_a_preempted_worker_is_requeued_by_submitit_and_resumes(tiny_model_dirs,
     os.kill(tasks[0], signal.SIGUSR2)
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output[-3000:]
-    log = "".join(p.read_text() for p in (tmp_path / "outputs" / "multirun").rglob("*_log.*"))
+    multirun = tmp_path / "outputs" / "multirun"
+    # submitit's own logs, and the job's log file (INFO lines go there, not to the terminal)
+    log = "".join(p.read_text() for p in [*multirun.rglob("*_log.*"), *multirun.rglob("create_index.log")])
     assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]
     starts = [line for line in log.splitlines() if "gallery: worker 0 of 1:" in line]
     assert len(starts) == 2 and "(16 of 16 missing in all)" in starts[0] and "(16 of 16" not in starts[1]
@@ -516,3 +517,17 @@ def test_undecodable_pixels_are_recorded_by_workers_and_refused_by_stage_index(t
     run_script("create_index.py", *args, "stage=index", "bad_images=skip", cwd=tmp_path)
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
     assert summary["gallery_counts"]["bad_images"] == 1 and summary["gallery_rows"] == 15
+
+
+def test_summary_keeps_each_runs_seconds(tmp_path):
+    """A resumed run adds its time to summary.json instead of replacing the first run's (fails on main
+    4e786ae: no write_summary; `seconds` was overwritten); a summary from before `runs` counts as one run."""
+    from create_index import write_summary
+
+    (tmp_path / "summary.json").write_text(json.dumps({"gallery_images": 3, "seconds": 100.0}))
+    first = write_summary(tmp_path, {"gallery_images": 4}, "all", 12.34)
+    assert [run["seconds"] for run in first["runs"]] == [100.0, 12.3] and first["seconds"] == 112.3
+    second = write_summary(tmp_path, {"gallery_images": 4}, "index", 0.5)
+    assert json.loads((tmp_path / "summary.json").read_text()) == second
+    assert [(r.get("stage"), r["seconds"]) for r in second["runs"]] == [(None, 100.0), ("all", 12.3), ("index", 0.5)]
+    assert second["seconds"] == 112.8 and second["gallery_images"] == 4

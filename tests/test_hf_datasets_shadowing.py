@@ -49,3 +49,27 @@ def test_transformers_works_and_datasets_is_ours():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().startswith("OK"), result.stdout
+
+
+def test_the_readmes_notebook_cell_imports_soir_from_outside_the_repository(tmp_path):
+    """README "Notebooks outside the repository": its cell, run from another folder with SOIR_ROOT set
+    and nothing of SoIR installed, imports the extractors and our ``datasets`` (not HuggingFace's).
+    Fails on main 4e786ae (no such cell; ``from extractors import ...`` outside the root is a
+    ModuleNotFoundError)."""
+    readme = (ROOT / "README.md").read_text()
+    cell = readme.split("<!-- notebook-outside-the-repository -->\n```python\n", 1)[1].split("```", 1)[0]
+    check = "import datasets\nassert datasets.__file__.startswith(os.environ['SOIR_ROOT']), datasets.__file__\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"SOIR_ROOT": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", cell + check + "print(SigLIPMIExtractor.__name__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "SigLIPMIExtractor", proc.stderr[-2000:]
+    outside = subprocess.run(
+        [sys.executable, "-c", "import extractors"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert "ModuleNotFoundError" in outside.stderr  # nothing is installed: the cell is what makes it work

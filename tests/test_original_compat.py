@@ -89,7 +89,8 @@ def test_the_original_example_command_runs_and_reports_metrics(tiny_model_dirs, 
         cwd=tmp_path,
     )
     out = features_dir_from(proc, tmp_path)
-    assert out.name.endswith("_example_run") and "smart crop" in proc.stdout + proc.stderr
+    (log,) = results_dir_from(proc).glob("create_index.log")  # INFO lines go to the run's log file
+    assert out.name.endswith("_example_run") and "smart crop" in log.read_text()
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.strip().startswith("mAP"))
     assert float(lines[header + 1].split("|")[0]) >= 0  # the table, as search_index.py prints it

@@ -125,10 +125,15 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
             *extra,
             cwd=tmp_path,
         )
-        assert ("streamed" if extra else "in RAM") in search.stdout + search.stderr
+        (log,) = results_dir_from(search).glob("search_index.log")  # INFO lines go to the run's log file
+        assert ("streamed" if extra else "in RAM") in log.read_text()
         runs[name] = results_dir_from(search)
     (results, rankings), (streamed, streamed_rankings) = (read_results(runs[name]) for name in ("ram", "streamed"))
-    assert streamed == results
+    settings = ("settings", "overrides")  # the two runs' own command lines; their numbers must agree
+    assert {k: v for k, v in streamed.items() if k not in settings} == {
+        k: v for k, v in results.items() if k not in settings
+    }
+    assert streamed["settings"]["search_block_mb"] == 0.0001 and results["settings"]["search_block_mb"] == 256
     per_query = [(runs[name] / "per_query.csv").read_text() for name in runs]
     assert per_query[0] == per_query[1]
     assert min(int(r["positives"]) for r in csv.DictReader(per_query[0].splitlines())) >= 2
@@ -154,3 +159,33 @@ def test_faiss_search_ranks_candidates_and_says_map_is_a_lower_bound(features):
     one, rankings = read_results(results_dir_from(proc))
     assert one["candidate_coverage"] < 1 and one["mAP"] <= exact["mAP"] and one["search_candidates"] == 1
     assert all(len(line["ranking"]) == 1 for line in rankings)  # one candidate image per query row
+
+
+def test_a_sweep_ends_with_one_summary_table_and_named_job_folders(features, tmp_path):
+    """`-m map_at=3,5`: job folders named by the swept key's value, results.json records the settings,
+    and summary.csv + one printed table compare the jobs (values from each job's results.json).
+    Fails on main 4e786ae (folders 0/ and 1/, no settings in results.json, no summary)."""
+    import csv
+
+    _, folder = features
+    proc = run_script(
+        "search_index.py", "-m", f"features_dir={folder}", "report=false", "map_at=3,5", "k_search=5", cwd=tmp_path
+    )
+    (summary,) = (tmp_path / "outputs" / "multirun").glob("*/*/summary.csv")
+    sweep = summary.parent
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0-map_at=3", "1-map_at=5"]
+    rows = list(csv.DictReader(summary.open()))
+    assert [(r["job"], r["map_at"]) for r in rows] == [("0", "3"), ("1", "5")]
+    for row, map_at in zip(rows, (3, 5)):
+        results = json.loads((sweep / f"{row['job']}-map_at={map_at}" / "results.json").read_text())
+        assert results["settings"]["map_at"] == map_at and f"map_at={map_at}" in results["overrides"]
+        assert results["settings"]["k_search"] == 5
+        assert row["mAP"] == f"{100 * results['mAP']:.2f}"
+        assert [row[f"R@{k}"] for k in (1, 5, 10)] == [f"{100 * results['recall'][k]:.2f}" for k in ("1", "5", "10")]
+        assert row["features_dir"] == str(folder) and row["run_dir"] == str(
+            sweep.relative_to(tmp_path) / f"{row['job']}-map_at={map_at}"
+        )
+    # the one table, at the end of the output: a header line and a line per job
+    table = proc.stdout[proc.stdout.index("sweep of 2 jobs") :].splitlines()
+    assert table[1].split(" | ")[:2] == ["job", "map_at"] and len(table) == 4
+    assert table[2].split(" | ")[2].strip() == rows[0]["mAP"]

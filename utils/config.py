@@ -7,20 +7,26 @@ is an error that names the key. Checks that involve several keys live in :func:`
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import logging
 import math
 import string
+import sys
 import uuid
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from utils.errors import SoIRError
+from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
+from utils.sweeps import job_label
 
 
 def choice(name: str, values: str) -> type[Enum]:
@@ -116,6 +122,7 @@ class SoIRConfig:
     query_extractor: Optional[str] = None  # another registered extractor for the queries (same space)
     query_extractor_args: Optional[dict[str, Any]] = None  # settings of the query extractor that differ
     debug: bool = False  # log the MI loss of every iteration
+    verbose: bool = False  # INFO lines and known third-party warnings on the terminal too (else: the run's log file)
     # --- compat=original switches (see configs/compat/original.yaml) -------------------
     legrad_norm: LegradNorm = LegradNorm.per_map  # joint: min-max over all masks of an image at once
     mi_sum_loss: MiSumLoss = MiSumLoss.union  # mean_dice: mi_sum fits the mean of per-mask Dice
@@ -176,8 +183,8 @@ class SoIRConfig:
     query_image: Optional[str] = None  # an image to search with, embedded as the folder's queries were
     query_bbox: Optional[tuple[float, ...]] = None  # [x1,y1,x2,y2] pixels in query_image: the object's box (crop,
     # or the MI mask rectangle when no query_mask is given)
-    query_mask: Optional[str] = None  # mask image of the object (size of query_image; 0/255 or 0/1), for
-    # folders whose queries are MI vectors (mask_input / query_mi)
+    query_mask: Optional[str] = None  # mask image of the object (size of query_image; 0/255 or 0/1): MI
+    # folders made with mask_input / query_mi run MI with it; folders of crops crop around its box
     query_text: Optional[str] = None  # a sentence to search with (the text tower), used as given
     query_exact_max_rows: int = 1000000  # ad-hoc queries: larger galleries are searched through the FAISS
     # index (its candidates re-scored exactly); smaller ones exactly
@@ -282,6 +289,7 @@ RUN_KEYS = frozenset(
         "save_knns",
         "T2I",
         "debug",
+        "verbose",
         "single_from_sc",
         "stage",
         "workers",
@@ -314,19 +322,100 @@ RUN_KEYS = frozenset(
 # max_ds_index and only_gallery act on which images are extracted, which the inputs' hash covers.
 
 
+# Config groups of configs/defaults.yaml's defaults list (configs/<group>/<option>.yaml).
+CONFIG_GROUPS = ("extractor", "compat")
+
 log = logging.getLogger("soir.config")
 
 
+def check_overrides(overrides: Sequence[str], schema: type, groups: Sequence[str] = (), script: str = "") -> None:
+    """Refuse a command-line override whose key is neither a field of ``schema`` nor a config group.
+
+    Hydra alone says "Could not override 'mi_alhpa'. To append to your config use +mi_alhpa=..." and
+    then appends ``+mi_alhpa`` silently, so a misspelt key ran with the default of the one meant. Here
+    both forms are one :class:`SoIRError` naming the closest keys (``difflib``). A ``+key`` that *is*
+    in the schema is refused too (Hydra would say it cannot append an existing key): write ``key=``.
+    ``hydra.*`` / ``hydra/*`` overrides are Hydra's own and pass through; so do overrides Hydra
+    cannot parse (its own error names the problem). ``script`` names the command in the fix.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # malformed syntax: Hydra reports it, naming the override
+        return
+    keys = [f.name for f in dataclasses.fields(schema)]
+    for override in parsed:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in groups:
+            continue
+        head = key.split(".", 1)[0]  # a dict-typed key's entries (query_extractor_args.x) are its own
+        if head in keys:
+            if override.is_add():
+                raise SoIRError(
+                    f"{override.input_line}: {key} is already a key; set it without the '+': {override.input_line[1:]}"
+                )
+            continue
+        close = difflib.get_close_matches(head, sorted({*keys, *groups}), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "no key is close;"
+        plus = "; '+' adds no key SoIR reads" if override.is_add() or override.is_force_add() else ""
+        raise SoIRError(
+            f"{override.input_line}: unknown key '{head}'; {hint} "
+            f"(`python {script or 'the script'} --help` lists every key{plus})"
+        )
+
+
+def refuse_unknown_keys(schema: type, groups: Sequence[str], script: str) -> Callable:
+    """Decorator for a ``@hydra.main`` entry point: :func:`check_overrides` on the command line's
+    overrides before Hydra composes the config, as one ``error:`` line (``exit_on_error``).
+
+    Apply it above ``@hydra.main``. A call with arguments (Hydra's ``cfg_passthrough``) is not a
+    command line and is passed on unchecked."""
+
+    def decorate(entry: Callable) -> Callable:
+        @functools.wraps(entry)
+        def wrapper(*args, **kwargs):
+            if not args and not kwargs:
+                from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+                overrides = get_args_parser().parse_known_args(sys.argv[1:])[0].overrides
+                exit_on_error(check_overrides)(overrides, schema, groups, script)
+            return entry(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def register() -> None:
-    """Register the schema (as ``soir_schema``) and the resolvers used in run folder names."""
+    """Register the schema (as ``soir_schema``) and the resolvers used in run and job folder names."""
     ConfigStore.instance().store(name="soir_schema", node=SoIRConfig)
     if not OmegaConf.has_resolver("soir_uid"):
         # Seconds-resolution timestamps alone collide for runs started together.
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
     if not OmegaConf.has_resolver("soir_name"):
         OmegaConf.register_new_resolver("soir_name", run_label)
+    if not OmegaConf.has_resolver("soir_dataset"):
+        OmegaConf.register_new_resolver("soir_dataset", run_dataset)
+    if not OmegaConf.has_resolver("soir_job"):
+        # Not cached: each job of a sweep gets its own label (hydra.sweep.subdir).
+        OmegaConf.register_new_resolver("soir_job", job_label)
+    if not OmegaConf.has_resolver("soir_console_level"):
+        # hydra.job_logging's console handler: INFO lines reach the terminal with verbose=true only.
+        OmegaConf.register_new_resolver("soir_console_level", lambda verbose: "INFO" if verbose else "WARNING")
     if not OmegaConf.has_resolver("soir_vec_dim"):
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
+
+
+def run_dataset(dataset: str, features_dir: str | None = None) -> str:
+    """The dataset named in run folder names: ``dataset``, or, when it is left at its default and a
+    features folder is given (search_index.py, its ad-hoc queries, the stages), the dataset that folder
+    was made with (its config.yaml), so a search of a VoxDet folder is not named ``pe_retrieval``."""
+    made_with = Path(features_dir) / "config.yaml" if features_dir else None
+    if dataset != SoIRConfig.dataset or made_with is None or not made_with.is_file():
+        return dataset
+    try:
+        return str(OmegaConf.load(made_with).get("dataset") or dataset)
+    except Exception:  # a corrupt config.yaml: the run itself reports it, naming the file; here only a name
+        return dataset
 
 
 def default_vec_dim(family: str, B_model: bool) -> int:
@@ -394,6 +483,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"it (so it did nothing there either); leave it at {default}"
             )
     check_own_queries(cfg)
+    check_device(cfg.device)
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
@@ -458,6 +548,20 @@ def check_config(cfg: DictConfig) -> None:
             "this leaks the label into the gallery features; numbers made with it are not comparable "
             "with SoIR's default"
         )
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know (``device=gpu``), in one line, before any model loads."""
+    import torch  # here, not at the top: the config checks need no torch otherwise
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SoIRError(
+            f"device={device} is not a device name: use auto (cuda if available), cpu, cuda or cuda:N"
+        ) from None
 
 
 def check_own_queries(cfg: DictConfig) -> None:

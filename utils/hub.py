@@ -16,6 +16,10 @@ from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
 from utils.errors import SoIRError
 from utils.files import cached_sha256
+from utils.quiet import filter_token_id_warnings
+
+# Every model SoIR loads (backbones, text towers, OWLv2, the tiny test models) imports this module.
+filter_token_id_warnings()
 
 
 def hf_offline() -> bool:

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils import legrad_kernels
+from utils.quiet import no_jit_script_deprecation
 from utils.vit_adapters import BlockParts, VitParts, hooked_blocks
 
 IMPLS = ("auto", "dense", "blockwise", "fused")
@@ -739,7 +740,8 @@ def _layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
 
 def _elementwise_derivative(activation: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """act'(z) of an element-wise activation module, by forward-mode AD (no formula hard-coded)."""
-    return torch.func.jvp(activation, (z,), (torch.ones_like(z),))[1]
+    with no_jit_script_deprecation():  # torch's own deprecation notice, raised by its first jvp
+        return torch.func.jvp(activation, (z,), (torch.ones_like(z),))[1]
 
 
 def _unit_jacobian(head: nn.Module, points: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,11 @@ search_index.py's ad-hoc mode (nothing is written to the features folder)::
 
 **An image** is embedded exactly as create_index.py embedded the folder's queries: the folder's
 ``config.yaml`` gives the extractor (or its ``query_extractor``) and every query setting (the square crop
-around ``query_bbox`` by default, ``crop=true`` tight, ``no_query_crop``; ``mask_input`` / ``query_mi``:
-Mask Inversion with ``query_mask``, or with the ``query_bbox`` rectangle when no mask is given; the MI
-settings), and the same code runs (``datasets.extraction.query_jobs`` -> ``check_jobs`` -> ``ViewDataset``
--> ``Extractor.describe``). The model must be the one that made the features: its identity
-(``Extractor.identity``: weights, preprocessing, LoRA, precision) is compared with the folder's
+around ``query_bbox``, or ``query_mask``'s box, by default, ``crop=true`` tight, ``no_query_crop``;
+``mask_input`` / ``query_mi``: Mask Inversion with ``query_mask``, or with the ``query_bbox`` rectangle
+when no mask is given; the MI settings), and the same code runs (``datasets.extraction.query_jobs`` ->
+``check_jobs`` -> ``ViewDataset`` -> ``Extractor.describe``). The model must be the one that made the
+features: its identity (``Extractor.identity``: weights, preprocessing, LoRA, precision) is compared with the folder's
 ``identity.json``, so a changed model folder is refused; another device is allowed (logged: CPU and CUDA
 round differently).
 
@@ -201,26 +201,38 @@ def image_query(cfg: DictConfig, made_with: DictConfig) -> tuple[Annotation, lis
                 f"{Path.cwd()}); give the path of an image"
             )
     bbox = tuple(float(v) for v in cfg.query_bbox) if cfg.query_bbox is not None else None
-    ann = Annotation(key=str(file), file=file.resolve(), ins=(), is_query=True, bbox=bbox)
     use_masks = "zeroed" if made_with.mask_input else "unmasked" if made_with.query_mi else None
     crop = None if made_with.no_query_crop else "tight" if made_with.crop else "square"
-    if use_masks is None and crop is None and bbox is not None:
+    if use_masks is None and crop is None and (bbox is not None or cfg.query_mask is not None):
+        given = "query_bbox" if bbox is not None else "query_mask"
         raise SoIRError(
-            "this folder's queries are whole images (no_query_crop=true), so query_bbox would not be "
-            "used: drop query_bbox, or make a features folder without no_query_crop (create_index.py)"
+            f"this folder's queries are whole images (no_query_crop=true), so {given} would not be "
+            f"used: drop {given}, or make a features folder without no_query_crop (create_index.py)"
         )
-    if use_masks is None and cfg.query_mask is not None:
-        raise SoIRError(
-            f"query_mask is for folders whose queries are Mask Inversion vectors (mask_input / query_mi); "
-            f"{made_with.extractor} queries of this folder are {'whole images' if crop is None else crop + ' crops'}: "
-            "give query_bbox instead"
-        )
+    box_from_mask = use_masks is None and cfg.query_mask is not None
+    if box_from_mask:
+        # The folder's queries are crops around their box (an MI folder's too, unless mask_input /
+        # query_mi): the mask's box gives the crop, as create_index.py cropped the anns queries.
+        if bbox is not None:
+            raise SoIRError(
+                f"this folder's queries are {crop} crops around a box: give query_mask (its box is used) or "
+                "query_bbox, not both"
+            )
+        mask = mask_entry(cfg.query_mask)
+        fact = image_facts([file])[0]  # the size a person sees (EXIF rotation applied), as check_jobs
+        if mask.size != (fact.height, fact.width):
+            raise SoIRError(
+                f"query_mask={cfg.query_mask} is {mask.size[1]}x{mask.size[0]} but query_image is "
+                f"{fact.width}x{fact.height} (after EXIF rotation); a mask has its image's size"
+            )
+        bbox = tuple(float(v) for v in mask.bboxes[0])
+    ann = Annotation(key=str(file), file=file.resolve(), ins=(), is_query=True, bbox=bbox)
     if use_masks is not None and cfg.query_mask is None and bbox is None:
         raise SoIRError(
             f"this folder's queries are Mask Inversion vectors ({'mask_input' if made_with.mask_input else 'query_mi'}"
             "=true): give query_mask=mask.png (the object's mask) or query_bbox=[x1,y1,x2,y2] (its box)"
         )
-    captions = {ann.key: mask_entry(cfg.query_mask)} if cfg.query_mask is not None else None
+    captions = {ann.key: mask_entry(cfg.query_mask)} if cfg.query_mask is not None and not box_from_mask else None
     jobs = query_jobs([ann], captions, crop, use_masks, made_with.query_masks == "all", "query_bbox")
     jobs = with_crop_geometry(jobs, made_with.get("pixel_geometry", "soir"))
     facts = image_facts([ann.file])
@@ -240,7 +252,9 @@ def image_query(cfg: DictConfig, made_with: DictConfig) -> tuple[Annotation, lis
         )
     if use_masks is None:
         how = "global embedding of " + (
-            "the whole image" if job.crop is None else f"its {job.crop} crop around query_bbox"
+            "the whole image"
+            if job.crop is None
+            else f"its {job.crop} crop around {'query_mask' + chr(39) + 's box' if box_from_mask else 'query_bbox'}"
         )
     else:
         what = "query_bbox's rectangle" if job.bbox_as_mask else "query_mask"

@@ -4,8 +4,9 @@ search_index.py writes it next to ``results.json`` (``report=true``, the default
 
     report.html   the metrics, the run's settings, and one section per query, worst AP first: the query
                   image with its bbox and its crop, AP, first-positive rank, and its top ``report_k``
-                  gallery images framed green (positive) or red (negative); on each, the cyan outline
-                  of the mask whose vector gave the image its score (the argmax row of the max-collapse)
+                  gallery images framed green (positive) or red (negative); on each, the two-tone
+                  (cyan + black) outline of the mask whose vector gave the image its score (the argmax
+                  row of the max-collapse), that object enlarged beside it, and the file name
     thumbs/       JPEG thumbnails, longer side ``report_thumb_size`` px, written by a thread pool
     maps/         (``report_maps=true``) the LeGrad map of each matching vector over its image, linked
                   from the thumbnails
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from datasets import ImageLoadError, annotation_masks, decode_mask, find_masks, load_anns, load_captions, load_rgb
 from datasets.anns import pixel_box
-from datasets.captions import ImageMasks
+from datasets.captions import ImageMasks, bbox_from_mask
 from utils.errors import SoIRError
 from utils.files import sha256_file
 from utils.visualize import draw_outline, overlay
@@ -41,6 +42,10 @@ from utils.visualize import draw_outline, overlay
 log = logging.getLogger("soir.report")
 
 BOX_COLOR = (255, 200, 0)  # the query's bbox
+ZOOM_MIN = 128  # the matched object's enlarged crop: longer side at least this many px ...
+ZOOM_PAD = 0.25  # ... around its mask's box padded by this share of the box's longer side
+FULL_SIZE = 960  # what a click opens: the image (longer side at most this) with all its masks outlined
+OTHER_OUTLINE_COLOR = (255, 255, 255)  # ... the objects that did not match, thin
 MAP_SCALE = 3  # map overlays: longer side MAP_SCALE x report_thumb_size
 JPEG_QUALITY = 85
 MI_SETTINGS = (
@@ -129,6 +134,34 @@ class ThumbJob:
     outlines: tuple[tuple[str, dict], ...] = ()
     box: tuple[str, tuple[float, ...]] | None = None
     crop: tuple[str, tuple[float, ...]] | None = None
+    zooms: tuple[tuple[str, dict], ...] = ()  # the object of an RLE mask, enlarged (see zoom)
+    fulls: tuple[tuple[str, int], ...] = ()  # (name, i): the image with every mask of ``all_masks``
+    all_masks: tuple[dict, ...] = ()  # outlined and mask i highlighted (see full_view)
+
+
+def zoom(image: Image.Image, mask: np.ndarray, size: int) -> Image.Image:
+    """The object of ``mask`` [H, W] (the image's size) enlarged: its box padded by ``ZOOM_PAD`` of its
+    longer side, cut from the full-resolution ``image`` and scaled so that its longer side is ``size``
+    px (a 1-5 % object is 16-36 px in a 160-px thumbnail), with the mask's two-tone outline."""
+    x1, y1, x2, y2 = bbox_from_mask(mask)
+    pad = ZOOM_PAD * max(x2 - x1, y2 - y1)
+    padded = (max(0, x1 - pad), max(0, y1 - pad), min(image.width, x2 + pad), min(image.height, y2 + pad))
+    box = pixel_box(padded, image.width, image.height, "zoom")
+    piece = image.crop(box)
+    scale = size / max(piece.size)
+    target = (max(1, round(piece.width * scale)), max(1, round(piece.height * scale)))
+    enlarged = piece.resize(target, Image.Resampling.BICUBIC)
+    return draw_outline(enlarged, mask[box[1] : box[3], box[0] : box[2]], width=2, halo=2)
+
+
+def full_view(image: Image.Image, masks: list[np.ndarray], matched: int, size: int) -> Image.Image:
+    """``image`` at longer side ``size`` (at most its own) with a thin outline around every object of
+    ``masks`` and a thick two-tone one around ``masks[matched]``: what a click on a thumbnail opens."""
+    picture = thumbnail(image, size)
+    for i, mask in enumerate(masks):
+        if i != matched:
+            picture = draw_outline(picture, mask, OTHER_OUTLINE_COLOR, width=1)
+    return draw_outline(picture, masks[matched], width=3, halo=2)
 
 
 def thumbnail(image: Image.Image, size: int) -> Image.Image:
@@ -143,7 +176,7 @@ def write_thumbs(job: ThumbJob, folder: Path, size: int) -> str | None:
     """Write one image's thumbnails into ``folder``; return None, or why they could not be made."""
     try:
         # Crops need the full resolution; the rest is decoded at a reduced JPEG scale (several times faster).
-        image = load_rgb(job.file, min_side=None if job.crop or job.box else size)
+        image = load_rgb(job.file, min_side=None if job.crop or job.box or job.zooms or job.fulls else size)
     except ImageLoadError as err:
         return str(err)
     small = thumbnail(image, size)
@@ -157,7 +190,13 @@ def write_thumbs(job: ThumbJob, folder: Path, size: int) -> str | None:
                 f"{job.file}: its {mask.shape[1]}x{mask.shape[0]} masks do not fit the "
                 f"{image.width}x{image.height} image"
             )
-        save(draw_outline(small, mask), name)
+        save(draw_outline(small, mask, halo=1), name)
+    for name, rle in job.zooms:
+        save(zoom(image, decode_mask(rle), max(ZOOM_MIN, size)), name)
+    if job.fulls:
+        masks = [decode_mask(rle) for rle in job.all_masks]
+        for name, matched in job.fulls:
+            save(full_view(image, masks, matched, FULL_SIZE), name)
     if job.box:
         name, bbox = job.box
         boxed, scale = small.copy(), small.width / image.width
@@ -182,6 +221,14 @@ def make_thumbs(jobs: list[ThumbJob], folder: Path, size: int, workers: int) -> 
 
 def gallery_name(image: int, mask: int) -> str:
     return f"g{image:06d}.jpg" if mask < 0 else f"g{image:06d}_m{mask}.jpg"
+
+
+def zoom_name(image: int, mask: int) -> str:
+    return f"g{image:06d}_m{mask}_zoom.jpg"
+
+
+def full_name(image: int, mask: int) -> str:
+    return f"g{image:06d}_m{mask}_full.jpg"
 
 
 def thumb_jobs(
@@ -217,7 +264,11 @@ def thumb_jobs(
             # such rows got mask_index -1 (issue 21); shown plain, like a global row.
             masks = {-1}
         outlines = tuple((gallery_name(g, m), entry.masks_rle[m]) for m in sorted(masks) if m >= 0)
-        jobs.append(ThumbJob(record["file"], plain=gallery_name(g, -1) if -1 in masks else None, outlines=outlines))
+        zooms = tuple((zoom_name(g, m), entry.masks_rle[m]) for m in sorted(masks) if m >= 0)
+        fulls = tuple((full_name(g, m), m) for m in sorted(masks) if m >= 0)
+        plain = gallery_name(g, -1) if -1 in masks else None
+        all_masks = tuple(entry.masks_rle) if fulls else ()
+        jobs.append(ThumbJob(record["file"], plain, outlines, zooms=zooms, fulls=fulls, all_masks=all_masks))
     return jobs
 
 
@@ -354,7 +405,9 @@ def write_report(
         title=f"SoIR report: {made_with.dataset} / {made_with.extractor}",
         metrics=metric_cells(results) if metrics is not None else [],
         settings=setting_cells(features_dir, made_with, cfg),
-        notes=([NO_GROUND_TRUTH] if metrics is None else []) + notes(captions, why_not, mask_index, problems),
+        notes=[LEGEND]
+        + ([NO_GROUND_TRUTH] if metrics is None else [])
+        + notes(captions, why_not, mask_index, problems),
     )
     order = (
         np.lexsort((-metrics["first_positive_rank"], metrics["ap"])) if metrics is not None else np.arange(len(queries))
@@ -404,11 +457,20 @@ def setting_cells(features_dir: Path, made_with: DictConfig, cfg: DictConfig) ->
     )
 
 
+LEGEND = (
+    "How to read it: each query (its picture, and the crop around its object) is followed by the gallery "
+    "images it retrieved, best first. Green frame: the image shows the query's object; red: it does not. "
+    "The cyan-and-black outline marks the object that matched, enlarged on the right; click a picture "
+    "to open it large, every object outlined in white and the matched one in cyan."
+)
+
+
 def notes(captions, why_not: str, mask_index: np.ndarray, problems: dict[str, str]) -> list[str]:
     said = [
-        f"Cyan outline: the mask whose vector gave the gallery image its score (the best-matching row). "
-        f"{int((mask_index < 0).sum())} of {mask_index.size} shown images matched through a row of no "
-        f"single mask (global embedding, union or average of masks: mask index -1) and have no outline."
+        f"The outline is the object whose description gave the gallery image its score (its best-matching "
+        f"vector). {int((mask_index < 0).sum())} of {mask_index.size} shown images matched as a whole (a "
+        f"description of the whole image, or of all its objects together, mask index -1) and have no "
+        f"outline."
     ]
     if why_not:
         said.append(f"No outlines at all: {why_not}.")
@@ -443,7 +505,8 @@ def query_section(
         )
         hit, scored = (
             int(shown.positive[q].any()),
-            f"AP {100 * ap:.1f} % &middot; first positive at rank {rank} &middot; {positives} positive(s)",
+            f"average precision {100 * ap:.1f} % &middot; first correct image at rank {rank} &middot; "
+            f"{positives} gallery image(s) show this object",
         )
     text = f"<br>text: &ldquo;{html.escape(record['text'])}&rdquo;" if record.get("text") else ""
     pictures = (
@@ -466,7 +529,8 @@ def query_section(
     return (
         f'<section class="query" data-ap="{ap:.6f}" data-rank="{rank}" data-hit="{hit}" '
         f'data-search="{search}"><div class="head">{head}<div class="info"><b>{html.escape(record["key"])}</b>'
-        f"{' &middot; ' + html.escape(name) if name else ''} &middot; ins {html.escape(str(record['ins']))}"
+        f"{' &middot; ' + html.escape(name) if name else ''}"
+        f"{' &middot; object id ' + html.escape(', '.join(map(str, record['ins']))) if record['ins'] else ''}"
         f"{text}<br>{scored}</div></div>"
         f'<div class="hits">{hits}</div></section>'
     )
@@ -485,15 +549,27 @@ def hit_figure(
     problems: dict[str, str],
 ) -> str:
     record = gallery[g]
-    picture = image_tag(gallery_name(g, mask if outlines else -1), record["key"], record["file"], problems)
+    name = gallery_name(g, mask if outlines else -1)
+    picture = image_tag(name, record["key"], record["file"], problems)
+    if record["file"] not in problems:
+        # click: the image large with every object outlined and the matched one highlighted, or (no
+        # single matched object) the image file itself
+        target = f"thumbs/{full_name(g, mask)}" if outlines and mask >= 0 else Path(record["file"]).resolve().as_uri()
+        picture = (
+            f'<a class="full" href="{html.escape(target, quote=True)}" target="_blank" '
+            f'title="open {html.escape(record["key"], quote=True)}">{picture}</a>'
+        )
+    if outlines and mask >= 0 and record["file"] not in problems:
+        picture += f'<img class="zoom" src="thumbs/{zoom_name(g, mask)}" alt="the matched object, enlarged">'
     if row in maps:
-        picture = f'<a href="maps/{maps[row]}">{picture}</a>'
-    mask_text = f"mask {mask}" if mask >= 0 else "no single mask"
+        picture += f'<a class="map" href="maps/{maps[row]}">map</a>'
+    matched = f"matched object {mask}" if mask >= 0 else "matched as a whole"
     frame = "unknown" if positive is None else "pos" if positive else "neg"
     return (
         f'<figure class="hit {frame}" data-gallery="{html.escape(record["key"], quote=True)}" '
-        f'data-mask-index="{mask}" data-row="{row}">{picture}'
-        f"<figcaption>{i + 1} &middot; {score:.3f} &middot; {mask_text}</figcaption></figure>"
+        f'data-mask-index="{mask}" data-row="{row}"><div class="pics">{picture}</div>'
+        f"<figcaption>#{i + 1} &middot; score {score:.3f} &middot; {matched}<br>"
+        f'<span class="file">{html.escape(Path(record["key"]).name)}</span></figcaption></figure>'
     )
 
 
@@ -513,7 +589,8 @@ th { background: #f3f3f3; text-align: left; } .note { color: #555; max-width: 70
 .head { display: flex; gap: 1em; align-items: flex-start; margin-bottom: .4em; }
 .hits { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; }
 figure { margin: 0; font-size: 12px; text-align: center; }
-figure img { display: block; }
+figure img { display: block; } .pics { display: flex; gap: 3px; align-items: flex-start; }
+.file { color: #555; word-break: break-all; }
 .hit { border: 4px solid; padding: 1px; } .pos { border-color: #1a9641; } .neg { border-color: #d7191c; }
 .unknown { border-color: #999; }
 .missing { width: 120px; height: 90px; background: #eee; color: #888; display: flex; align-items: center;

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+HALO_COLOR = (0, 0, 0)  # the dark half of a two-tone outline
 OUTLINE_COLOR = (0, 255, 255)  # cyan: apart from the colormap's black-red-yellow and the report's green/red
 # Anchors of matplotlib's "inferno" (0, 1/4, 1/2, 3/4, 1): dark = low relevance, light yellow = high.
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
@@ -85,11 +86,23 @@ def mask_outline(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None =
 
 
 def draw_outline(
-    picture: Image.Image, mask: np.ndarray | torch.Tensor, color: tuple[int, int, int] = OUTLINE_COLOR, width: int = 2
+    picture: Image.Image,
+    mask: np.ndarray | torch.Tensor,
+    color: tuple[int, int, int] = OUTLINE_COLOR,
+    width: int = 2,
+    halo: int = 0,
 ) -> Image.Image:
-    """A copy of RGB ``picture`` with the outline of ``mask`` (any size; scaled to the picture) drawn on it."""
-    ring = mask_outline(mask, picture.size, width)
+    """A copy of RGB ``picture`` with the outline of ``mask`` (any size; scaled to the picture) drawn on it.
+
+    ``halo`` > 0: a dark ring that many px thick just outside the coloured one (two-tone), so the outline
+    stays visible on any colour: the light ring on dark scenes, the dark one on light or cyan objects.
+    """
+    inside = resize_mask(mask, picture.size)
+    ring = dilate(inside, width) & ~inside
     out = picture.copy()
+    if halo:
+        outer = dilate(inside, width + halo) & ~dilate(inside, width)
+        out.paste(HALO_COLOR, mask=Image.fromarray(outer.astype(np.uint8) * 255))
     out.paste(color, mask=Image.fromarray(ring.astype(np.uint8) * 255))
     return out
 

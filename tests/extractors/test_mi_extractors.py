@@ -74,9 +74,43 @@ def test_bad_masks_are_refused(siglip_mi, scene):
         siglip_mi.extract(image, np.zeros_like(masks))
 
 
-def test_no_masks_gives_the_global_embedding(tiny_model_dirs, siglip_mi, scene):
+def test_no_masks_and_no_captions_file_gives_the_global_embedding(tiny_model_dirs, siglip_mi, scene):
+    """Nothing to look masks up in: extract(image) is the global embedding, as documented (and as the
+    original README's ``extract(image)``)."""
     plain = SigLIPExtractor(str(tiny_model_dirs["siglip"]), device="cpu")
     torch.testing.assert_close(siglip_mi.extract(scene[0]), plain.extract(scene[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_notebook_paths_find_their_masks_as_the_cli_does(tiny_model_dirs, demo_dir, tmp_path, monkeypatch):
+    """A gallery image named relative to the working folder, absolutely, with ./ or through a symlink
+    gets its captions masks (captions keys are relative to the captions file's folder); an image the
+    captions lack is an error naming it and the nearest keys. Fails on main 4e786ae (the (D,) global
+    vector for every form but the literal key)."""
+    from datasets import load_captions
+
+    key = "gallery/g_003.jpg"
+    captions = load_captions(demo_dir / "captions.pt")
+    extractor = SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), captions_file=demo_dir / "captions.pt", **MI)
+    expected = extractor.extract(demo_dir / key, captions[key].masks())
+    assert expected.shape == (len(captions[key]), 32)
+    (tmp_path / "link.jpg").symlink_to(demo_dir / key)
+    monkeypatch.chdir(demo_dir.parent)
+    for form in (f"{demo_dir.name}/{key}", str(demo_dir / key), f"./{demo_dir.name}/./{key}", tmp_path / "link.jpg"):
+        torch.testing.assert_close(extractor.extract(form), expected)
+        torch.testing.assert_close(extractor.extract({"img_path": str(form)}), expected)
+
+    # An image the captions lack: what missing_masks says, by default an error, never a quiet global vector.
+    copy = tmp_path / "g_003_copy.jpg"
+    copy.write_bytes((demo_dir / key).read_bytes())
+    with pytest.raises(SoIRError, match=r"g_003_copy.jpg: no masks in .*captions.pt .*nearest keys: gallery/g_00"):
+        extractor.extract(copy)
+    with pytest.raises(SoIRError, match=r"an image without a path has no entry in .*captions.pt"):
+        extractor.extract(Image.open(copy))
+    folder, captions_file = str(tiny_model_dirs["siglip"]), demo_dir / "captions.pt"
+    as_global = SigLIPMIExtractor(folder, captions_file=captions_file, missing_masks="global", **MI).extract(copy)
+    torch.testing.assert_close(as_global, SigLIPExtractor(folder, device="cpu").extract(copy), atol=1e-5, rtol=1e-5)
+    full = SigLIPMIExtractor(folder, captions_file=captions_file, missing_masks="full_mask", **MI).extract(copy)
+    torch.testing.assert_close(full, extractor.extract(copy, np.ones((1, 160, 160), dtype=bool)))
 
 
 def test_one_vector_per_image_modes(tiny_model_dirs, scene):

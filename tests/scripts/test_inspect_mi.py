@@ -90,3 +90,22 @@ def test_key_lookup_overwrite_and_bad_masks(demo_dir, scene, tmp_path, capsys):
         main(args + ["--out", str(tmp_path / "b.png"), "--key", "gallery/nothing.jpg"])
     with pytest.raises(SystemExit, match=rf"--masks \[99\]: the entry has {len(entry)} masks"):
         main(args + ["--out", str(tmp_path / "c.png"), "--masks", "99"])
+
+
+def test_offline_without_the_model_is_one_line_naming_the_scripts_own_flag(scene, tmp_path, capsys, monkeypatch):
+    """Fails on main 4e786ae: a traceback ending in SoIRError whose fix named `model_name=` (a
+    create_index.py key) although this script's flag is --model."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    path, _, _ = scene
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["--image", str(path), "--captions", str(path.parents[1] / "captions.pt"), "--out", str(tmp_path / "g.png")]
+        )
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model 'google/siglip-base-patch16-384' is needed") and "\n" not in err
+    assert "pass --model /path/to/a/local/folder" in err and "model_name" not in err
+    assert not (tmp_path / "g.png").exists()

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from utils.config import RUN_KEYS, check_config, register
+from utils.config import CONFIG_GROUPS, RUN_KEYS, SoIRConfig, check_config, check_overrides, register
 from utils.errors import SoIRError
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -38,6 +38,57 @@ def test_misspelt_key_is_an_error_naming_it():
     with pytest.raises(ConfigCompositionException) as err:
         _compose("vecdim=512")
     assert "vecdim" in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("mi_alhpa=0.03", "mi_alhpa=0.03: unknown key 'mi_alhpa'; did you mean mi_alpha or mi_lr?"),
+        # Hydra's own hint for the line above: appended silently, the run used the default mi_alpha
+        ("+mi_alhpa=0.03", "+mi_alhpa=0.03: unknown key 'mi_alhpa'; did you mean mi_alpha or mi_lr?"),
+        ("++mi_alhpa=0.03", "unknown key 'mi_alhpa'; did you mean mi_alpha"),
+        ("extractr=clip_features", "did you mean extractor or query_extractor?"),
+        ("vecdim=512", "did you mean vec_dim?"),
+        ("mi_alhpa=0.01,0.03", "unknown key 'mi_alhpa'"),  # a sweep's values
+        ("+mi_alpha=0.1", "+mi_alpha=0.1: mi_alpha is already a key; set it without the '+': mi_alpha=0.1"),
+        ("qwerty=1", "unknown key 'qwerty'; no key is close"),
+    ],
+)
+def test_unknown_keys_are_refused_naming_the_closest(override, message):
+    """Fails on main 4e786ae (no check_overrides: `+mi_alhpa=0.03` composed and ran with mi_alpha's default)."""
+    with pytest.raises(SoIRError) as err:
+        check_overrides([override], SoIRConfig, CONFIG_GROUPS, "create_index.py")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "`python create_index.py --help` lists every key" in str(err.value) or "already a key" in message
+
+
+def test_known_keys_groups_and_hydras_own_pass():
+    check_overrides(
+        [
+            "mi_alpha=0.01,0.03",
+            "++mi_alpha=0.1",
+            "extractor=clip_features",
+            "compat=original",
+            "query_extractor_args.smart_crop=true",
+            "hydra.sweep.dir=x",
+            "hydra/launcher=basic",
+            "~tag",
+        ],
+        SoIRConfig,
+        CONFIG_GROUPS,
+    )
+    assert set(CONFIG_GROUPS) == {p.name for p in Path(CONFIGS).iterdir() if p.is_dir()}
+
+
+def test_a_device_torch_does_not_know_is_one_line():
+    """Fails on main 4e786ae: device=gpu passed the checks and became an 8-frame torch RuntimeError."""
+    from extractors.base import resolve_device
+
+    with pytest.raises(SoIRError, match="device=gpu is not a device name: use auto .*, cpu, cuda or cuda:N"):
+        check_config(_compose("anns_file=a.pt", "device=gpu"))
+    with pytest.raises(SoIRError, match="device=gpu is not a device name"):
+        resolve_device("gpu")  # the Python API and scripts/train_mao.py
+    check_config(_compose("anns_file=a.pt", "device=cuda:1"))  # a name is checked, not the hardware
 
 
 def test_wrong_type_is_an_error_naming_the_key():

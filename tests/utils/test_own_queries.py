@@ -67,6 +67,7 @@ def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
         f"model_name={tiny_model_dirs['clip']}",
         "vec_dim=24",
         f"anns_file={named_anns}",
+        "dataset=demo",
         f"galleries_dir={demo_dir}",
         f"queries_dir={demo_dir}",
         "num_workers=0",
@@ -150,6 +151,30 @@ def test_the_faiss_path_gives_the_exact_ranking(crop_folder):
     ]
 
 
+def test_a_mask_on_a_folder_of_crops_gives_the_crop_of_its_box(crop_folder, demo_dir, tmp_path):
+    """A folder whose queries are crops (any plain or MI folder without mask_input / query_mi): the mask's
+    box gives the crop, as the anns query's box did, so the anns query asked with its own mask gets the
+    vector asked with that mask's box. Fails on main 4e786ae ("give query_bbox instead")."""
+    from datasets import bbox_from_mask, load_captions
+
+    cwd, folder, _ = crop_folder
+    queries, *_ = _split(folder, "queries")
+    record = queries[1]
+    mask = load_captions(demo_dir / "captions.pt")[record["key"]].masks()[0]
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    _, run, results = _adhoc(folder, cwd, f"query_image={record['file']}", f"query_mask={tmp_path / 'mask.png'}")
+    assert results["embedded_as"] == "global embedding of its square crop around query_mask's box"
+    box = f"query_bbox=[{','.join(map(str, bbox_from_mask(mask)))}]"
+    _, by_box, _ = _adhoc(folder, cwd, f"query_image={record['file']}", box, "report=false")
+    np.testing.assert_array_equal(
+        load_file(run / "query.safetensors")["features"].numpy(),
+        load_file(by_box / "query.safetensors")["features"].numpy(),
+    )
+    Image.fromarray(mask[:-2].astype(np.uint8) * 255).save(tmp_path / "short.png")
+    proc = _adhoc(folder, cwd, f"query_image={record['file']}", f"query_mask={tmp_path / 'short.png'}", check=False)
+    assert f"query_mask={tmp_path / 'short.png'} is 160x158 but query_image is 160x160" in proc.stderr
+
+
 def test_an_image_without_a_box_is_embedded_whole(crop_folder, demo_dir):
     cwd, folder, _ = crop_folder
     from extractors import build_extractor
@@ -160,6 +185,8 @@ def test_an_image_without_a_box_is_embedded_whole(crop_folder, demo_dir):
     expected = build_extractor("clip_features", model_name=model, device="cpu").extract(file)
     np.testing.assert_allclose(load_file(run / "query.safetensors")["features"][0].numpy(), expected.numpy(), atol=1e-6)
     assert results["embedded_as"] == "global embedding of the whole image"
+    # the run is named by the folder's dataset, not the default's (fails on main 4e786ae: pe_retrieval)
+    assert "-search_index-demo_retrieval-" in run.name
     gallery, scores = _image_scores(expected.numpy()[None], folder)
     assert results["ranking"][0]["key"] == "gallery/g_000.jpg"  # itself
     assert [h["score"] for h in results["ranking"]] == pytest.approx(np.sort(scores)[::-1][:3].tolist(), abs=1e-5)
@@ -322,8 +349,8 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
             f"model_name={tiny_model_dirs['siglip']} (folder: ",
         ),
         (
-            (folder, image, f"query_mask={tmp_path / 'corner.png'}"),
-            "query_mask is for folders whose queries are Mask Inversion",
+            (folder, image, f"query_mask={tmp_path / 'corner.png'}", "query_bbox=[1,1,9,9]"),
+            "this folder's queries are square crops around a box: give query_mask (its box is used) or query_bbox",
         ),
         ((mi_folder[1], image), "give query_mask=mask.png (the object's mask) or query_bbox"),
         (

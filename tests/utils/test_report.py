@@ -35,6 +35,7 @@ class ReportParser(HTMLParser):
         self.notes: list[str] = []
         self._figure: dict | None = None
         self._in_note = False
+        self._in_file = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -46,11 +47,13 @@ class ReportParser(HTMLParser):
             self.sections[-1]["hits"].append(self._figure)
         elif tag == "img" and self.sections:
             if self._figure is not None:
-                self._figure["src"] = attrs["src"]
+                self._figure["zoom" if "zoom" in classes else "src"] = attrs["src"]
             else:
                 self.sections[-1]["pictures"].append(attrs["src"])
         elif tag == "a" and self._figure is not None:
-            self._figure["href"] = attrs["href"]
+            self._figure["full" if "full" in classes else "href"] = attrs["href"]
+        elif tag == "span" and "file" in classes and self._figure is not None:
+            self._in_file = True
         elif tag == "p" and "note" in classes:
             self._in_note = True
             self.notes.append("")
@@ -60,10 +63,14 @@ class ReportParser(HTMLParser):
             self._figure = None
         elif tag == "p":
             self._in_note = False
+        elif tag == "span":
+            self._in_file = False
 
     def handle_data(self, data):
         if self._in_note:
             self.notes[-1] += data
+        if self._in_file:
+            self._figure["file"] = data
 
 
 def parse(path: Path) -> ReportParser:
@@ -201,6 +208,58 @@ def test_outlines_show_the_matching_mask_where_there_is_one(mi_run):
             kinds.add(mask >= 0)
     assert kinds == {True, False}  # both kinds are on the page
     assert any("mask index -1" in note and "no outline" in note for note in page.notes)
+
+
+def test_small_objects_are_enlarged_outlined_in_two_tones_and_named(mi_run):
+    """Each shown gallery image with a matched object: its enlarged crop (the mask's box padded by a quarter
+    of its longer side, longer side 128 px) with a dark + light outline; the file name under the image;
+    a click opens the image with the matched object highlighted; a legend in words. Fails on main 4e786ae
+    (no zoom, cyan only, no names)."""
+    from datasets import bbox_from_mask
+
+    run, features, _ = mi_run
+    files = {r["key"]: r["file"] for r in json.loads((features / "gallery" / "images.json").read_text())}
+    captions = load_captions(json.loads((features / "sources.json").read_text())["captions_file"])
+    page = parse(run / "report.html")
+    zoomed = 0
+    for hit in (h for section in page.sections for h in section["hits"]):
+        key, mask = hit["data-gallery"], int(hit["data-mask-index"])
+        assert hit["file"] == Path(key).name
+        if mask < 0:  # no single object matched: a click opens the image file itself
+            assert "zoom" not in hit and hit["full"] == Path(files[key]).resolve().as_uri()
+            continue
+        # a click opens the image with its matched object outlined thick in cyan + black, the others thin
+        assert hit["full"] == hit["src"].replace(".jpg", "_full.jpg")
+        with Image.open(run / hit["full"]) as full, Image.open(files[key]) as image:
+            assert full.size == image.size  # the demo's 160-px images: at most FULL_SIZE, never enlarged
+            pixels = np.asarray(full.convert("RGB")).astype(int)
+            original = np.asarray(image.convert("RGB")).astype(int)
+        cyan = (pixels[..., 0] < 90) & (pixels[..., 1] > 170) & (pixels[..., 2] > 170)
+        painted = cyan & (np.abs(pixels - original).sum(-1) > 90)
+        ys, xs = np.nonzero(painted)
+        x1, y1, x2, y2 = captions[key].bboxes[mask]
+        assert len(xs) > 20 and xs.min() >= x1 - 4 and xs.max() <= x2 + 4 and ys.min() >= y1 - 4 and ys.max() <= y2 + 4
+        zoomed += 1
+        x1, y1, x2, y2 = bbox_from_mask(captions[key].masks()[mask])
+        pad = 0.25 * max(x2 - x1, y2 - y1)
+        with Image.open(files[key]) as image:
+            width, height = (
+                min(image.width, x2 + pad) - max(0, x1 - pad),
+                min(image.height, y2 + pad) - max(0, y1 - pad),
+            )
+        with Image.open(run / hit["zoom"]) as picture:
+            assert max(picture.size) == 128
+            assert abs(picture.width / picture.height - width / height) < 0.1
+            pixels = np.asarray(picture.convert("RGB")).astype(int)
+        cyan = (pixels[..., 0] < 90) & (pixels[..., 1] > 170) & (pixels[..., 2] > 170)
+        dark = pixels.sum(-1) < 60
+        assert cyan.sum() > 20 and dark.sum() > 20  # both tones of the outline
+        with Image.open(run / hit["src"]) as thumb:  # the thumbnail's outline has its dark halo too
+            assert (np.asarray(thumb.convert("RGB")).astype(int).sum(-1) < 60).sum() > 0
+    assert zoomed > 0
+    assert any(note.startswith("How to read it: ") and "Green frame" in note for note in page.notes)
+    text = (run / "report.html").read_text()
+    assert "ins [" not in text and "no single mask" not in text  # plain words, not field names
 
 
 def test_report_maps_link_each_shown_image_to_its_overlay(mi_run):

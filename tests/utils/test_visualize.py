@@ -82,3 +82,21 @@ def test_dilate_is_a_square_dilation():
     expected = np.zeros_like(mask)
     expected[2:7, 2:7] = expected[0:3, 6:9] = True
     assert (grown == expected).all()
+
+
+def test_a_two_tone_outline_shows_on_any_colour():
+    """halo=1: a dark ring outside the cyan one, so the outline shows on cyan objects and on dark scenes
+    alike (the cyan outline alone vanished on cyan). Fails on main 4e786ae (no halo)."""
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[5:10, 5:10] = True
+    ring = mask_outline(mask, None, 1)
+    halo = dilate(mask, 2) & ~dilate(mask, 1)
+    for background in ((0, 255, 255), (0, 0, 0), (255, 255, 255)):
+        picture = Image.new("RGB", (20, 20), background)
+        drawn = np.asarray(draw_outline(picture, mask, width=1, halo=1)).astype(int)
+        changed = np.abs(drawn - np.asarray(picture)).sum(-1) > 0
+        assert changed[ring].all() or changed[halo].all()  # one of the two tones differs from the colour
+        assert (drawn[ring] == OUTLINE_COLOR).all() and (drawn[halo] == 0).all()
+        assert not changed[~(ring | halo)].any()  # nothing else is painted
+    plain = np.asarray(draw_outline(Image.new("RGB", (20, 20), (0, 255, 255)), mask, width=1))
+    assert (plain == (0, 255, 255)).all()  # why: a cyan outline alone is invisible on cyan
