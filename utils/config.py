@@ -44,6 +44,7 @@ MiResample = choice("MiResample", "processor original")
 QueryMasks = choice("QueryMasks", "best all")
 Stage = choice("Stage", "all prepare extract index search")
 SearchMode = choice("SearchMode", "exact faiss")
+Pool = choice("Pool", "model cls mean gem rmac")
 
 
 @dataclass
@@ -82,6 +83,10 @@ class SoIRConfig:
     box_masks: bool = False  # masks_from=anns: an object with a box and no mask gets
     # its box rectangle (else it has no mask: missing_masks)
     # --- descriptors -------------------------------------------------------------------
+    pool: Pool = Pool.model  # global descriptor: model (the model's own) | cls | mean | gem | rmac
+    # over the last layer's patch tokens (utils/pooling.py)
+    gem_p: float = 3.0  # pool=gem: the generalised mean's exponent (cirtorch's p)
+    rmac_levels: int = 3  # pool=rmac: levels of R-MAC regions (cirtorch's L)
     global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
     smart_crop: bool = False  # MI inside each mask's padded box crop
     smart_crop_pad: float = 0.1  # crop padding, share of the box's longer side
