@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError
 from utils.families import FAMILIES
+from utils.rerank import RERANKS
 
 
 def choice(name: str, values: str) -> type[Enum]:
@@ -149,6 +150,12 @@ class SoIRConfig:
     # from its shards in blocks of this working memory
     search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
     search_nprobe: int = 16  # search=faiss with an IVF index: inverted lists probed
+    # re-ranking after the search (utils/rerank.py): none | aqe (alpha query expansion) | dba (database-side
+    # augmentation). A string, not a choice: the original's config has rerank: False (read nowhere),
+    # which resolve_aliases turns into none; check_config refuses anything else.
+    rerank: str = "none"
+    rerank_alpha: float = 3.0  # weight of a neighbour: max(similarity, 0) ** rerank_alpha
+    rerank_k: int = 2  # neighbours (gallery images) per expanded vector
     max_k_search: int = 1000000  # cap on k_search (the original's)
     save_knns: bool = True  # write rankings.jsonl
     map_at: Optional[int] = None  # also report mAP@k
@@ -179,7 +186,6 @@ class SoIRConfig:
     gallery: Optional[str] = None
     read_dataset: bool = True
     save_gallery_embeddings: bool = False
-    rerank: bool = False
 
 
 # Keys of the original code's config that its code never read: SoIR accepts them at the original's
@@ -192,7 +198,6 @@ UNREAD_ORIGINAL_KEYS = {
     "gallery": None,
     "read_dataset": True,
     "save_gallery_embeddings": False,
-    "rerank": False,
 }
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
@@ -273,6 +278,9 @@ RUN_KEYS = frozenset(
         "search_block_mb",
         "search_candidates",
         "search_nprobe",
+        "rerank",
+        "rerank_alpha",
+        "rerank_k",
         "text_prompt",
         "query_image",
         "query_bbox",
@@ -327,6 +335,8 @@ def resolve_aliases(cfg: DictConfig) -> None:
     alias and its SoIR name are refused.
     """
     default = SoIRConfig()
+    if str(cfg.rerank).lower() == "false":  # the original's rerank: False (its code never read the key)
+        cfg.rerank = "none"
     if cfg.full_mask:
         cfg.mi_sum = True
     if cfg.gallery_chunk_size is not None:
@@ -370,6 +380,17 @@ def check_config(cfg: DictConfig) -> None:
                 f"it (so it did nothing there either); leave it at {default}"
             )
     check_own_queries(cfg)
+    if cfg.rerank not in RERANKS:
+        raise SoIRError(
+            f"rerank={cfg.rerank} is not a re-ranking; one of {', '.join(RERANKS)}"
+            + (
+                " (the original code accepted rerank=true but never read it)"
+                if str(cfg.rerank).lower() == "true"
+                else ""
+            )
+        )
+    if cfg.rerank_k < 1 or cfg.rerank_alpha < 0:
+        raise SoIRError(f"rerank_k={cfg.rerank_k} must be >= 1 and rerank_alpha={cfg.rerank_alpha} >= 0")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):
