@@ -163,8 +163,9 @@ def test_rerank_accepts_the_originals_false_as_none(value, expected):
         ("rerank=true", "rerank=True is not a re-ranking.*never read it"),
         ("rerank=qe", "rerank=qe is not a re-ranking; one of none, aqe, dba"),
         ("rerank_k=0", "rerank_k=0 must be >= 1"),
+        ("rerank=aqe query_text=mug", "an ad-hoc query .* is searched without it"),
     ],
 )
 def test_bad_rerank_settings_are_refused(override, message):
     with pytest.raises(SoIRError, match=message):
-        _cfg("anns_file=a.pt", override)
+        _cfg("anns_file=a.pt", *override.split())

@@ -389,6 +389,11 @@ def check_config(cfg: DictConfig) -> None:
                 else ""
             )
         )
+    if cfg.rerank != "none" and (cfg.query_image is not None or cfg.query_text is not None):
+        raise SoIRError(
+            f"rerank={cfg.rerank} re-ranks the evaluation of the folder's queries; an ad-hoc query "
+            "(query_image / query_text) is searched without it: drop rerank"
+        )
     if cfg.rerank_k < 1 or cfg.rerank_alpha < 0:
         raise SoIRError(f"rerank_k={cfg.rerank_k} must be >= 1 and rerank_alpha={cfg.rerank_alpha} >= 0")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
