@@ -110,5 +110,7 @@ _MI_ONLY_KEYS = {
     "mi_sum_loss",
     "smart_crop_source",
     "mi_resample",
+    "object_desc",
+    "mi_init",
 }
-_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input"}
+_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input", "object_desc", "mi_init"}

@@ -18,6 +18,7 @@ from extractors.views import NO_MASK, View, ViewMaker, padded_box, stack_masks, 
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.mask_inversion import legrad_map, mask_inversion
+from utils.pooling import mask_pooled
 from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
@@ -70,6 +71,11 @@ class MIExtractor(Extractor):
         legrad_norm: "joint" min-max normalises the maps of an image's masks together.
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
         debug: log the loss of every MI iteration.
+        object_desc: the per-object descriptor: "mi" (Mask Inversion), "mask_pool" (the mask-weighted mean
+            of the last layer's patch tokens, one forward pass per batch: utils.pooling.mask_pooled) or
+            "crop" (each mask's padded box, ``smart_crop_pad``, cropped from the original image and
+            embedded: the crops of a batch in one forward pass). One vector per mask either way.
+        mi_init: "mask_pool" starts MI from each mask's pooled vector instead of the global one.
     """
 
     uses_masks = True
@@ -101,8 +107,20 @@ class MIExtractor(Extractor):
         smart_crop_source: str = "original",
         mi_resample: str = "processor",
         debug: bool = False,
+        object_desc: str = "mi",
+        mi_init: str = "global",
         **kwargs,
     ):
+        if object_desc not in ("mi", "mask_pool", "crop") or mi_init not in ("global", "mask_pool"):
+            raise SoIRError(
+                f"object_desc={object_desc} / mi_init={mi_init}: one of mi|mask_pool|crop / global|mask_pool"
+            )
+        if object_desc != "mi" and (mi_sum or full_mask or mi_init != "global"):
+            raise SoIRError(
+                f"object_desc={object_desc} gives one vector per mask without Mask Inversion; mi_sum and "
+                "mi_init are Mask Inversion's settings (use object_desc=mi)"
+            )
+        self.object_desc, self.mi_init = str(object_desc), str(mi_init)
         super().__init__(model_name, **kwargs)
         if self.precision != "fp32":
             log.warning(
@@ -122,7 +140,14 @@ class MIExtractor(Extractor):
             cuda_graph=mi_cuda_graph,
             joint_norm=legrad_norm == "joint",
         )
+        # object_desc=crop embeds each mask's smart crop, the views smart_crop makes for MI.
+        smart_crop = smart_crop or self.object_desc == "crop"
         self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
+        if self.mi_init == "mask_pool" and self.mode == "mean_dice":
+            raise SoIRError(
+                "mi_init=mask_pool starts each mask's vector from its pooled one; mi_sum_loss=mean_dice "
+                "fits one vector for all masks"
+            )
         self.uses_masks = self.mode != "global"
         self.one_vector_per_image = self.mode in ("global", "union", "mean_dice") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
@@ -186,6 +211,8 @@ class MIExtractor(Extractor):
             "keep_empty": self.keep_empty,
             "crop_source": self.crop_source,
             "mi_resample": self.mi_preprocess.resample.value,
+            **({} if self.object_desc == "mi" else {"object_desc": self.object_desc}),
+            **({} if self.mi_init == "global" else {"mi_init": self.mi_init}),
         }
 
     def view_maker(self) -> ViewMaker:
@@ -207,13 +234,22 @@ class MIExtractor(Extractor):
         # are dropped; counts are bucketed by powers of two so padding at most doubles the work.
         # Otherwise (beta > 0, joint normalisation, one vector for all masks) the masks of an image
         # interact, so only equal counts are batched.
+        if self.object_desc == "mask_pool":  # no optimisation: padding costs nothing, all views in one pass
+            return "mask_pool"
         count = len(view.masks)
         independent = self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice"
         return 1 << (count - 1).bit_length() if independent else count
 
     def invert_views(self, views: list[View]) -> list[Rows]:
         pixels, spatial_shapes = stack_views(views)
-        vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
+        if self.object_desc == "crop":  # one single-mask crop per view: the crops' global embeddings
+            vectors = self.embed(pixels, spatial_shapes)[:, None].cpu()
+        elif self.object_desc == "mask_pool":
+            with torch.inference_mode():
+                masks = stack_masks(views).to(self.device)
+                vectors = mask_pooled(self.model, pixels.to(self.device), masks, spatial_shapes).float().cpu()
+        else:
+            vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
         if self.mode == "mean_dice":
             return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
         return [Rows(v[: len(view.masks)], view.mask_index) for v, view in zip(vectors, views)]
@@ -229,6 +265,10 @@ class MIExtractor(Extractor):
         ([B, 1, D] in the mean_dice mode), and ``mask_inversion``'s history dict when ``return_history``.
         NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
         ``utils.mask_inversion.mask_inversion``)."""
+        init = None
+        if self.mi_init == "mask_pool":
+            with torch.no_grad():
+                init = mask_pooled(self.model, pixel_values.to(self.device), masks.to(self.device), spatial_shapes)
         with self.autocast():
             out = mask_inversion(
                 self.model,
@@ -238,6 +278,7 @@ class MIExtractor(Extractor):
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
+                init=init,
             )
         if self.debug:
             for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
@@ -258,6 +299,8 @@ class MIExtractor(Extractor):
 
         The vectors are those of :meth:`extract` (the same views in the same batch).
         """
+        if self.object_desc != "mi":
+            raise SoIRError(f"explain() shows Mask Inversion; object_desc={self.object_desc} computes no MI")
         image = to_rgb(ImageOps.exif_transpose(image))
         views = self.view_maker()(image, masks)
         if views.dropped_masks:

@@ -46,6 +46,8 @@ QueryMasks = choice("QueryMasks", "best all")
 Stage = choice("Stage", "all prepare extract index search")
 SearchMode = choice("SearchMode", "exact faiss")
 Pool = choice("Pool", "model cls mean gem rmac")
+ObjectDesc = choice("ObjectDesc", "mi mask_pool crop")
+MiInit = choice("MiInit", "global mask_pool")
 
 
 @dataclass
@@ -89,6 +91,9 @@ class SoIRConfig:
     gem_p: float = 3.0  # pool=gem: the generalised mean's exponent (cirtorch's p)
     rmac_levels: int = 3  # pool=rmac: levels of R-MAC regions (cirtorch's L)
     global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
+    object_desc: ObjectDesc = ObjectDesc.mi  # per-object descriptor of MI extractors: mi | mask_pool
+    # (mask-weighted mean of the patch tokens) | crop (each mask's padded box embedded)
+    mi_init: MiInit = MiInit["global"]  # MI's start: global (the global embedding) | mask_pool (the pooled vector)
     smart_crop: bool = False  # MI inside each mask's padded box crop
     smart_crop_pad: float = 0.1  # crop padding, share of the box's longer side
     single_from_sc: bool = True  # mi_sum + smart_crop: one MI vector per mask on its smart crop

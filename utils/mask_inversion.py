@@ -120,6 +120,7 @@ def mask_inversion(
     joint_norm: bool = False,
     shared: bool = False,
     spatial_shapes: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
 ):
     """Mask Inversion embeddings of P masks per image.
 
@@ -152,6 +153,9 @@ def mask_inversion(
         shared: ONE embedding per image for all its P masks, fitted to the mean of the P Dice terms
             (the original's ``mi_sum`` for SigLIP / CLIP, ``mi_sum_loss=mean_dice``); returns [B, 1, D].
         spatial_shapes: NaFlex only: [B, 2] patch rows and columns of each image.
+        init: [B, P, D_out] starting directions instead of g (``mi_init=mask_pool``), scaled to g's norm
+            so that AdamW's steps keep their size (a zero row starts from g); the loss (and its pull
+            towards g) is unchanged.
 
     Returns:
         [B, P, D_out] unit embeddings (and the history dict if ``return_history``), float32
@@ -195,7 +199,16 @@ def mask_inversion(
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
     vectors = 1 if shared else P
-    raw = legrad.g[:, None].expand(B, vectors, -1).clone().requires_grad_(True)
+    if init is None:
+        raw = legrad.g[:, None].expand(B, vectors, -1).clone()
+    else:
+        if init.shape != (B, vectors, legrad.g.shape[-1]):
+            raise ValueError(f"init must be [B, P, D] = {(B, vectors, legrad.g.shape[-1])}, got {tuple(init.shape)}")
+        init = init.to(legrad.g)
+        start = F.normalize(init, dim=-1) * legrad.g.norm(dim=-1)[:, None, None]
+        # A zero row (a padding mask of a batch) starts from g, as without init.
+        raw = torch.where(init.norm(dim=-1, keepdim=True) == 0, legrad.g[:, None], start)
+    raw.requires_grad_(True)
     on_cuda = raw.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         [raw], lr=lr, weight_decay=0.0, fused=True if on_cuda else None, capturable=cuda_graph

@@ -121,3 +121,24 @@ def pooled_embedding(
         x = patch_grid(zb, grid, parts.num_prefix_tokens)
         out.append(x.mean(dim=(-2, -1)) if pool == "mean" else gem(x, gem_p) if pool == "gem" else rmac(x, rmac_levels))
     return F.normalize(torch.stack(out), dim=-1)
+
+
+def mask_pooled(
+    model: nn.Module, pixel_values: torch.Tensor, masks: torch.Tensor, spatial_shapes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``object_desc=mask_pool``: one vector per mask from ONE forward pass per batch, [B, P, D_out] unit norm.
+
+    A mask's vector is the mean of the patch tokens' z (module doc), each weighted by the share of its
+    patch's pixels the mask covers: ``sum_t a_pt z_t / sum_t a_pt`` with a_pt = the mean of mask p over
+    patch t's p x p pixels. masks: [B, P, H, W] in {0, 1} at the model's input size (NaFlex: each image's
+    masks top-left on the canvas, as :func:`utils.mask_inversion.mask_inversion` takes them). A mask
+    covering no patch (a padding mask) gives the zero vector.
+    """
+    z, grids, parts, _ = token_descriptors(model, pixel_values, spatial_shapes)
+    share = F.avg_pool2d(masks.to(z), parts.patch_size)  # [B, P, H / p, W / p]: area share per patch
+    out = []
+    for zb, shares, (h, w) in zip(z, share, grids.tolist()):
+        a = shares[:, :h, :w].flatten(1)  # [P, h w], row-major like the tokens
+        tokens = zb[parts.num_prefix_tokens : parts.num_prefix_tokens + h * w]
+        out.append(a @ tokens / a.sum(1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
+    return F.normalize(torch.stack(out), dim=-1)
