@@ -3,7 +3,10 @@
 Every family is read through its adapter (utils/vit_adapters.py): the last block's output tokens X
 [B, T, D] go through the same per-token head as the LeGrad feature, ``z_t = pooled_head(token_norm(X_t))``
 (DINO families: the final LayerNorm; SigLIPs: post_layernorm; CLIP: post_layernorm then the visual
-projection), so every pooled vector lives in the space of the model's own global embedding. Only the
+projection), and for the SigLIPs then through their attention-pooling head applied to each token ALONE
+(:func:`token_head`: with one key the attention weight is 1, so it is out_proj(v_proj(z)) and the head's
+residual MLP), so every pooled vector lives in the space of the model's own global embedding (and of its
+text tower) rather than in the post-LayerNorm token space. Only the
 patch tokens are pooled (CLS / register tokens and NaFlex padding are dropped). Pools (``pool=``):
 
     model  the model's own global embedding (DINO: normed CLS; SigLIP: attention-pooling head; CLIP:
@@ -46,8 +49,23 @@ def token_descriptors(
         tokens = output.hidden_states[-1]  # the last block's output, before any final norm
         if parts.token_norm is not None:
             tokens = parts.token_norm(tokens)
-        z = parts.pooled_head(tokens)
+        z = token_head(parts.model, parts.pooled_head(tokens))
     return z, parts.patch_grids(pixel_values, spatial_shapes), parts, output
+
+
+def token_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """SigLIP / SigLIP2: their attention-pooling head (``model.head``: probe attention, then LayerNorm and a
+    residual MLP) applied to every token [B, T, D] as if it were the only one -> [B, T, D]: with a single
+    key the softmax is 1 and the attention output is ``out_proj(v_proj(z))``. ``model.head(z[:, t:t+1])``
+    gives the same vector (tested). Models without such a head: ``tokens`` unchanged."""
+    head = getattr(model, "head", None)
+    attention = getattr(head, "attention", None)
+    if not isinstance(attention, nn.MultiheadAttention):
+        return tokens
+    dim = tokens.shape[-1]
+    value = F.linear(tokens, attention.in_proj_weight[2 * dim :], attention.in_proj_bias[2 * dim :])
+    hidden = attention.out_proj(value)
+    return hidden + head.mlp(head.layernorm(hidden))
 
 
 def patch_grid(z: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

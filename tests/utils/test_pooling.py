@@ -172,3 +172,17 @@ def test_pool_settings_are_part_of_the_features_identity(tiny_model_dirs):
             extractor = extractor_from_config(cfg)
             dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor, queries=False)))
     assert len(dirs) == 5
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_siglip_tokens_go_through_the_attention_pooling_head_one_at_a_time(models, family):
+    """With one token as its only key, the model's own head gives that token's z: the pooled vectors live in
+    the space of the global embedding (and the text tower), not in the post-LayerNorm token space."""
+    from utils.pooling import token_head
+
+    model = models[family]
+    tokens = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        alone = torch.stack([model.head(tokens[:, t : t + 1]) for t in range(5)], dim=1)
+        torch.testing.assert_close(token_head(model, tokens), alone, atol=1e-6, rtol=0)
+    assert torch.equal(token_head(models["dinov2"], tokens), tokens)  # no such head: unchanged
