@@ -49,6 +49,7 @@ from utils.metrics import max_per_image, per_query_metrics, query_chunks, summar
 from utils.own_queries import check_run_folder, own_query, text_query_rows
 from utils.quiet import set_verbose
 from utils.report import Shown, write_report
+from utils.rerank import expand
 from utils.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
 log = logging.getLogger("soir.search_index")
@@ -147,6 +148,8 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         k_search=k,
         index=cfg.index,
         search=str(cfg.search),
+        rerank=str(cfg.rerank),
+        **({} if cfg.rerank == "none" else {"rerank_k": cfg.rerank_k, "rerank_alpha": cfg.rerank_alpha}),
         **ranked.results,
     )
     if cfg.T2I:
@@ -234,6 +237,15 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
         query_anns = as_annotations(queries, True)
     if cfg.T2I:  # the queries' texts replace their image vectors; ground truth and gallery unchanged
         query_features, query_owner, queries = text_queries(cfg, folder, queries, gallery_features.shape[1])
+    stored_gallery = gallery_features  # what the report shows; the search may score augmented rows
+    if cfg.rerank == "dba":
+        gallery_features = database_augmentation(
+            gallery_features, gallery_owner, len(gallery), cfg.rerank_k, cfg.rerank_alpha
+        )
+    elif cfg.rerank == "aqe":
+        query_features = query_expansion(
+            query_features, query_owner, len(queries), gallery_features, gallery_owner, cfg.rerank_k, cfg.rerank_alpha
+        )
     k = min(max(cfg.k_search, cfg.report_k if cfg.report else 0), cfg.max_k_search, len(gallery))
     lance = None
     if cfg.search == "lancedb":
@@ -262,7 +274,7 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
     results = {}
     if lance is not None:
         results.update(lancedb_dir=str(lance.folder), lancedb_seconds_per_query=lance_seconds / max(1, len(queries)))
-    if index is not None and not is_exact(index):
+    if index is not None and not is_exact(index) and cfg.rerank == "none":
         # Metrics above are exact (every gallery image scored); this says what the index would lose.
         results[f"index_recall@{min(cfg.k_search, cfg.max_k_search, len(gallery))}"] = index_recall(
             index, query_features, gallery_features, min(cfg.k_search, cfg.max_k_search, len(gallery))
@@ -277,7 +289,7 @@ def rank_in_ram(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, qu
         np.concatenate(positive),
         lambda pairs: best_rows(query_features, query_owner, gallery_features, gallery_owner, pairs),
         gallery_rows["mask_index"],
-        gallery_features,
+        stored_gallery,
         results,
     )
 
@@ -310,6 +322,12 @@ def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, 
     )
     block_bytes = int(cfg.search_block_mb * 2**20)
     results = {}
+    if cfg.rerank == "dba":
+        raise SoIRError(
+            f"rerank=dba needs every gallery row's neighbours, so the gallery in RAM; this one is "
+            f"{'searched through FAISS (search=faiss)' if cfg.search == 'faiss' else 'streamed'}: use search=exact "
+            f"with search_block_mb above its size ({gallery_shards.row_offsets()[-1]} rows), or rerank=aqe"
+        )
     if cfg.search == "faiss":
         index = load_index(index_path(folder, cfg.index), mmap=True)
         if (num_rows := gallery_shards.row_offsets()[-1]) != index.ntotal:
@@ -319,36 +337,48 @@ def rank_streamed(cfg: DictConfig, folder: Path, gallery_shards: FeatureShards, 
             )
         if _has_nprobe(index):
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", cfg.search_nprobe)
-        found = faiss_search(
-            index,
-            query_rows,
-            gallery_shards,
-            query,
-            image,
-            k,
-            cfg.search_candidates,
-            precision_ks=cfg.precision_at,
-            map_at=cfg.map_at,
-            device=device,
-            block_bytes=block_bytes,
+
+        def run(rows: QueryRows, k: int):
+            return faiss_search(
+                index,
+                rows,
+                gallery_shards,
+                query,
+                image,
+                k,
+                cfg.search_candidates,
+                precision_ks=cfg.precision_at,
+                map_at=cfg.map_at,
+                device=device,
+                block_bytes=block_bytes,
+            )
+    else:
+
+        def run(rows: QueryRows, k: int):
+            return streamed_search(
+                rows,
+                gallery_shards,
+                query,
+                image,
+                k,
+                precision_ks=cfg.precision_at,
+                map_at=cfg.map_at,
+                device=device,
+                block_bytes=block_bytes,
+            )
+
+    if cfg.rerank == "aqe":
+        query_rows = streamed_query_expansion(
+            query_rows, gallery_shards, run(query_rows, cfg.rerank_k), cfg.rerank_alpha
         )
+    found = run(query_rows, k)
+    if cfg.search == "faiss":
         results = {
             "mAP_is_lower_bound": True,
             "candidate_coverage": float(np.nanmean(found.coverage)),
             "search_candidates": cfg.search_candidates or 10 * k,
         }
     else:
-        found = streamed_search(
-            query_rows,
-            gallery_shards,
-            query,
-            image,
-            k,
-            precision_ks=cfg.precision_at,
-            map_at=cfg.map_at,
-            device=device,
-            block_bytes=block_bytes,
-        )
         log.info("index_recall@k is not computed for a streamed gallery (it needs every row in RAM)")
     renumber = np.cumsum(has_rows) - 1
     top = np.where(found.top_index >= 0, renumber[found.top_index], -1)
@@ -522,6 +552,70 @@ def streamed_best_rows(queries: QueryRows, gallery: FeatureShards, pairs: np.nda
         np.stack([pairs[:, 0], np.searchsorted(images, pairs[:, 1])], axis=1),
     )
     return np.concatenate(row_ids)[local]
+
+
+def query_expansion(
+    query_features: np.ndarray,
+    query_owner: np.ndarray,
+    num_queries: int,
+    gallery_features: np.ndarray,
+    gallery_owner: np.ndarray,
+    k: int,
+    alpha: float,
+) -> np.ndarray:
+    """``rerank=aqe`` in RAM (utils/rerank.py): every query row expanded with its query's top-``k``
+    gallery images of the exact ranking (ties: lower id first), each as its best row. [Rq, D]."""
+    num_gallery = int(gallery_owner.max()) + 1
+    k = min(k, num_gallery)
+    out = np.empty_like(query_features)
+    for chunk in query_chunks(num_queries, len(gallery_owner), max_elements=SCORES_PER_CHUNK):
+        scores = image_scores(query_features, query_owner, chunk, gallery_features, gallery_owner, num_gallery)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        pairs = np.stack([np.repeat(np.arange(chunk.start, chunk.stop), k), top.ravel()], axis=1)
+        best = best_rows(query_features, query_owner, gallery_features, gallery_owner, pairs).reshape(-1, k)
+        rows = np.flatnonzero((query_owner >= chunk.start) & (query_owner < chunk.stop))
+        local = query_owner[rows] - chunk.start
+        out[rows] = expand(
+            query_features[rows], gallery_features[best[local]], np.take_along_axis(scores, top, 1)[local], alpha
+        )
+    return out
+
+
+def streamed_query_expansion(queries: QueryRows, gallery: FeatureShards, first, alpha: float) -> QueryRows:
+    """``rerank=aqe`` for a streamed gallery: the query rows expanded with the top images of the ``first``
+    ranking (a :class:`utils.streaming.StreamedResult` with ``top_index`` [Q, k] ids into ``gallery``, -1
+    for none, and ``top_score``), each read from the shards as its best row (:func:`streamed_best_rows`)."""
+    top, scores = first.top_index, first.top_score.astype(np.float64)
+    found = top >= 0
+    pairs = np.stack([np.nonzero(found)[0], top[found]], axis=1)
+    neighbours = np.zeros((*top.shape, queries.features.shape[1]), dtype=np.float32)
+    if len(pairs):
+        neighbours[found] = ShardRows(gallery, "features")[streamed_best_rows(queries, gallery, pairs)]
+    owner = queries.owner.numpy()
+    similarities = np.where(found, scores, np.nan)[owner]
+    features = expand(queries.features.numpy(), neighbours[owner], similarities, alpha)
+    return QueryRows(torch.from_numpy(features), queries.owner, queries.num_queries)
+
+
+def database_augmentation(
+    gallery_features: np.ndarray, gallery_owner: np.ndarray, num_gallery: int, k: int, alpha: float
+) -> np.ndarray:
+    """``rerank=dba`` (utils/rerank.py): every gallery row expanded with its top-``k`` OTHER gallery images
+    (image score: the max over their rows; ties: lower id first), each as its best row for it. [R, D]."""
+    k = min(k, num_gallery - 1)
+    if k == 0:
+        return gallery_features
+    out = np.empty_like(gallery_features)
+    row_ids = np.arange(len(gallery_owner))
+    for chunk in query_chunks(len(gallery_owner), len(gallery_owner), max_elements=SCORES_PER_CHUNK):
+        # Each row is a query of its own (owner = its row id); its own image is never its neighbour.
+        scores = image_scores(gallery_features, row_ids, chunk, gallery_features, gallery_owner, num_gallery)
+        scores[np.arange(len(scores)), gallery_owner[chunk]] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        pairs = np.stack([np.repeat(row_ids[chunk], k), top.ravel()], axis=1)
+        best = best_rows(gallery_features, row_ids, gallery_features, gallery_owner, pairs).reshape(-1, k)
+        out[chunk] = expand(gallery_features[chunk], gallery_features[best], np.take_along_axis(scores, top, 1), alpha)
+    return out
 
 
 def rows_by_owner(owner: np.ndarray) -> list[np.ndarray]:

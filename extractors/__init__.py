@@ -114,5 +114,17 @@ _MI_ONLY_KEYS = {
     "mao_overlap",
     "alpha_sum",
     "alpha_sum_full",
+    "object_desc",
+    "mi_init",
 }
-_NEEDS_MI = {"mi_sum", "full_mask", "avg_multiple_vecs", "smart_crop", "mask_input", "descriptor", "alpha_sum_full"}
+_NEEDS_MI = {
+    "mi_sum",
+    "full_mask",
+    "avg_multiple_vecs",
+    "smart_crop",
+    "mask_input",
+    "descriptor",
+    "alpha_sum_full",
+    "object_desc",
+    "mi_init",
+}

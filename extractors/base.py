@@ -26,6 +26,7 @@ from utils.families import FAMILIES
 from utils.files import sha256_file
 from utils.hub import model_weights_identity
 from utils.mask_inversion import global_embedding
+from utils.pooling import POOLS, pooled_embedding
 from utils.preprocessing import NaFlexPreprocess, Preprocess
 
 log = logging.getLogger("soir.extractors")
@@ -59,6 +60,21 @@ class Rows:
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_pool(family: str, pool: str, gem_p: float, rmac_levels: int) -> str:
+    """``pool`` if ``family`` can compute it with these parameters, else SoIRError (before any model loads)."""
+    if pool not in POOLS:
+        raise SoIRError(f"pool={pool!r}; one of {', '.join(POOLS)}")
+    if pool == "cls" and not FAMILIES[family].cls_token:
+        raise SoIRError(
+            f"pool=cls: {family} has no CLS token; use pool=model (its attention-pooling head), mean, gem or rmac"
+        )
+    if not gem_p > 0:
+        raise SoIRError(f"gem_p={gem_p} must be positive (1: mean, large: max)")
+    if rmac_levels < 1:
+        raise SoIRError(f"rmac_levels={rmac_levels} must be >= 1")
+    return pool
+
+
 class Extractor:
     """Global image embeddings: the whole image resized to the model input, L2-normalised output.
 
@@ -82,6 +98,9 @@ class Extractor:
             keys naming files in the captions file's folder (``./``, absolute paths and symlinks are
             compared by their real path). What an MI extractor does with an image that has no masks
             is its ``missing_masks``.
+        pool, gem_p, rmac_levels: the global descriptor (utils/pooling.py): ``model`` (the model's own
+            global embedding), ``cls``, ``mean``, ``gem`` (exponent ``gem_p``) or ``rmac`` (``rmac_levels``
+            levels of regions) over the last layer's patch tokens.
     """
 
     family: str = ""  # a key of utils.families.FAMILIES (its spec: classes, default models)
@@ -102,8 +121,13 @@ class Extractor:
         weights: str | Path | None = None,
         batch_size: int = 16,
         captions_file: str | Path | None = None,
+        pool: str = "model",
+        gem_p: float = 3.0,
+        rmac_levels: int = 3,
     ):
         self.model_name = model_name or self.default_model(B_model)
+        self.pool = check_pool(self.family, str(pool), gem_p, rmac_levels)
+        self.gem_p, self.rmac_levels = float(gem_p), int(rmac_levels)
         if model_name and not B_model:
             log.warning("B_model=false is ignored: model_name=%s is given", model_name)
         self.device = resolve_device(device)
@@ -152,6 +176,11 @@ class Extractor:
             "lora": self.lora,
             "precision": self.precision,
             "device": str(self.device),
+            **(
+                {}
+                if self.pool == "model"
+                else {"pool": self.pool, "gem_p": self.gem_p, "rmac_levels": self.rmac_levels}
+            ),
         }
 
     # -- the part that runs in DataLoader workers ---------------------------------------------------
@@ -172,7 +201,11 @@ class Extractor:
         """Global embeddings [B, D] (float32, unit norm) of pixel_values [B, 3, H, W] (NaFlex: patch
         sequences [B, N, 3 p p] with spatial_shapes [B, 2])."""
         with torch.inference_mode(), self.autocast():
-            return global_embedding(self.model, pixel_values.to(self.device), spatial_shapes).float()
+            if self.pool == "model":
+                return global_embedding(self.model, pixel_values.to(self.device), spatial_shapes).float()
+            return pooled_embedding(
+                self.model, pixel_values.to(self.device), spatial_shapes, self.pool, self.gem_p, self.rmac_levels
+            ).float()
 
     def describe(self, batch: list[Views]) -> list[Rows]:
         """Descriptor rows of each image in ``batch``; views that fit one batch run together."""

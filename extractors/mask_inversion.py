@@ -29,6 +29,7 @@ from extractors.views import (
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.mask_inversion import OVERLAPS, legrad_map, mask_inversion
+from utils.pooling import mask_pooled
 from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
@@ -103,6 +104,11 @@ class MIExtractor(Extractor):
         alpha_sum: the original's smart-crop variant (``mi_sum smart_crop single_from_sc=false``); not
             reproduced: values other than 0 are refused.
         debug: log the loss of every MI iteration.
+        object_desc: the per-object descriptor: "mi" (Mask Inversion), "mask_pool" (the mask-weighted mean
+            of the last layer's patch tokens, one forward pass per batch: utils.pooling.mask_pooled) or
+            "crop" (each mask's padded box, ``smart_crop_pad``, cropped from the original image and
+            embedded: the crops of a batch in one forward pass). One vector per mask either way.
+        mi_init: "mask_pool" starts MI from each mask's pooled vector instead of the global one.
     """
 
     uses_masks = True
@@ -140,8 +146,25 @@ class MIExtractor(Extractor):
         alpha_sum: float = 0.0,
         alpha_sum_full: float = 0.0,
         debug: bool = False,
+        object_desc: str = "mi",
+        mi_init: str = "global",
         **kwargs,
     ):
+        if object_desc not in ("mi", "mask_pool", "crop") or mi_init not in ("global", "mask_pool"):
+            raise SoIRError(
+                f"object_desc={object_desc} / mi_init={mi_init}: one of mi|mask_pool|crop / global|mask_pool"
+            )
+        if object_desc != "mi" and (mi_sum or full_mask or mi_init != "global"):
+            raise SoIRError(
+                f"object_desc={object_desc} gives one vector per mask without Mask Inversion; mi_sum and "
+                "mi_init are Mask Inversion's settings (use object_desc=mi)"
+            )
+        self.object_desc, self.mi_init = str(object_desc), str(mi_init)
+        if (object_desc != "mi" or mi_init != "global") and (str(descriptor) == "mao" or alpha_sum_full):
+            raise SoIRError(
+                f"object_desc={object_desc} / mi_init={mi_init} are per-mask descriptors of the published "
+                "code's modes; descriptor=mao and alpha_sum_full optimise their own vectors: drop one"
+            )
         super().__init__(model_name, **kwargs)
         if not mi_beta_used and mi_beta:
             # Original extractors/dinov2_mi_extractor.py:59, siglip_mi_extractor.py:49,
@@ -175,6 +198,8 @@ class MIExtractor(Extractor):
             cuda_graph=mi_cuda_graph,
             joint_norm=legrad_norm == "joint",
         )
+        # object_desc=crop embeds each mask's smart crop, the views smart_crop makes for MI.
+        smart_crop = smart_crop or self.object_desc == "crop"
         if mao:
             self._check_mao(
                 global_features=global_features,
@@ -196,6 +221,11 @@ class MIExtractor(Extractor):
                 )
             self.mode = self._mode(global_features, mi_sum or full_mask, smart_crop, single_from_sc, mi_sum_loss)
         self.sum_pull = self._check_alpha_sum(alpha_sum, alpha_sum_full)
+        if self.mi_init == "mask_pool" and self.mode == "mean_dice":
+            raise SoIRError(
+                "mi_init=mask_pool starts each mask's vector from its pooled one; mi_sum_loss=mean_dice "
+                "fits one vector for all masks"
+            )
         self.uses_masks = self.mode != "global"
         self.one_vector_per_image = self.mode in ("global", "union", "mean_dice", "mao") or avg_multiple_vecs
         self.avg_multiple_vecs, self.smart_crop_pad = avg_multiple_vecs, smart_crop_pad
@@ -329,6 +359,8 @@ class MIExtractor(Extractor):
             "crops_share_norm": self.crops_share_norm,
             # only when set, so the folders made without it keep their identity
             **({"alpha_sum_full": self.sum_pull} if self.sum_pull else {}),
+            **({} if self.object_desc == "mi" else {"object_desc": self.object_desc}),
+            **({} if self.mi_init == "global" else {"mi_init": self.mi_init}),
         }
 
     def view_maker(self) -> ViewMaker:
@@ -374,6 +406,8 @@ class MIExtractor(Extractor):
         # are dropped; counts are bucketed by powers of two so padding at most doubles the work.
         # Otherwise (beta > 0, joint normalisation, one vector for all masks) the masks of an image
         # interact, so only equal counts are batched.
+        if self.object_desc == "mask_pool":  # no optimisation: padding costs nothing, all views in one pass
+            return "mask_pool"
         count = len(view.masks)
         independent = (
             self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice" and not self.sum_pull
@@ -382,7 +416,14 @@ class MIExtractor(Extractor):
 
     def invert_views(self, views: list[View]) -> list[Rows]:
         pixels, spatial_shapes = stack_views(views)
-        vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
+        if self.object_desc == "crop":  # one single-mask crop per view: the crops' global embeddings
+            vectors = self.embed(pixels, spatial_shapes)[:, None].cpu()
+        elif self.object_desc == "mask_pool":
+            with torch.inference_mode():
+                masks = stack_masks(views).to(self.device)
+                vectors = mask_pooled(self.model, pixels.to(self.device), masks, spatial_shapes).float().cpu()
+        else:
+            vectors = self.invert(pixels, stack_masks(views), spatial_shapes=spatial_shapes).cpu()
         if self.mode == "mean_dice" or self.sum_pull:
             return [Rows(v, torch.tensor([NO_MASK])) for v in vectors]
         return [Rows(v[: len(view.masks)], view.mask_index) for v, view in zip(vectors, views)]
@@ -413,6 +454,10 @@ class MIExtractor(Extractor):
                 )
             masks = masks.amax(dim=1, keepdim=True)
             extra = dict(init=raw.sum(dim=1, keepdim=True), anchors=raw, anchor_weight=self.sum_pull)
+        init = None
+        if self.mi_init == "mask_pool":
+            with torch.no_grad():
+                init = mask_pooled(self.model, pixel_values.to(self.device), masks.to(self.device), spatial_shapes)
         with self.autocast():
             out = mask_inversion(
                 self.model,
@@ -424,6 +469,7 @@ class MIExtractor(Extractor):
                 return_history=return_history or self.debug,
                 spatial_shapes=spatial_shapes,
                 groups=groups,
+                init_direction=init,
             )
         if self.debug:
             for i, (loss, dice) in enumerate(zip(out[1]["loss"], out[1]["dice"])):
@@ -444,6 +490,8 @@ class MIExtractor(Extractor):
 
         The vectors are those of :meth:`extract` (the same views in the same batch).
         """
+        if self.object_desc != "mi":
+            raise SoIRError(f"explain() shows Mask Inversion; object_desc={self.object_desc} computes no MI")
         image = to_rgb(ImageOps.exif_transpose(image))
         views = self.view_maker()(image, masks)
         if views.dropped_masks:

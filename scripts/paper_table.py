@@ -40,6 +40,17 @@ ROWS = [
 ] + [
     ("plain DINOv2 global, zero-shot", "dinov2_global", ""),
     ("plain CLIP global, zero-shot", "clip_global", ""),
+    # Baselines (issue 23): the paper's baseline families of rows, computed in this harness. SoIR records
+    # no paper number for them (datasets/benchmarks.py PAPER_MAP has only the rows above), so "paper" is "-".
+    ("plain SigLIP global, zero-shot", "siglip_global", "attention-pooling head"),
+    ("DINOv2 GeM, zero-shot", "dinov2_gem", "pool=gem, p = 3, patch tokens"),
+    ("DINOv2 R-MAC, zero-shot", "dinov2_rmac", "pool=rmac, L = 3, patch tokens"),
+    ("CLIP GeM, zero-shot", "clip_gem", "pool=gem, p = 3, patch tokens"),
+    ("DINOv2 crop-and-encode, zero-shot", "dinov2_crop_gt", "GT masks, object_desc=crop"),
+    ("DINOv2 mask pooling, zero-shot", "dinov2_mask_pool_gt", "GT masks, object_desc=mask_pool"),
+    ("plain DINOv2 global + alpha-QE, zero-shot", "dinov2_global_aqe", "rerank=aqe, k = 2, alpha = 3"),
+    ("plain DINOv2 global + alpha-DBA, zero-shot", "dinov2_global_dba", "rerank=dba, k = 2, alpha = 3"),
+    ("MaO-DINOv2 + alpha-QE, zero-shot", "mao_dinov2_zeroshot_gt_aqe", "GT masks, rerank=aqe"),
 ]
 SETTINGS = [setting for _, setting, _ in ROWS if setting]
 NOTES = """\

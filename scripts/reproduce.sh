@@ -12,9 +12,16 @@
 #   mao_*_zeroshot_det[_paper]                        ... on DETECTOR_CAPTIONS masks      (if DETECTOR_CAPTIONS)
 #   mao_dinov2_finetuned_*                            ... with the LoRA DINOv2 weights    (if DINOV2_WEIGHTS)
 #   mao_clip_finetuned_*                              ... with the LoRA CLIP weights      (if CLIP_WEIGHTS)
+# Baselines (no paper number in SoIR's table; see scripts/paper_table.py ROWS):
+#   siglip_global                                     SigLIP's own global embedding
+#   dinov2_gem, dinov2_rmac, clip_gem                 pool=gem / rmac over the patch tokens
+#   dinov2_crop_gt, dinov2_mask_pool_gt               object_desc=crop / mask_pool on the ground-truth masks
+#   dinov2_global_aqe, dinov2_global_dba              re-ranking of dinov2_global's features (rerank=aqe / dba)
+#   mao_dinov2_zeroshot_gt_aqe                        re-ranking of mao_dinov2_zeroshot_gt's features
 # Environment (optional):
-#   DINOV2_MODEL, CLIP_MODEL   model_name (default: the extractors' defaults, DINOv2-B/14 and CLIP-B/16)
-#   DINOV2_DIM, CLIP_DIM       vec_dim (default 768, 512)
+#   DINOV2_MODEL, CLIP_MODEL, SIGLIP_MODEL   model_name (default: the extractors' defaults, DINOv2-B/14, CLIP-B/16,
+#                              SigLIP-B/16-384)
+#   DINOV2_DIM, CLIP_DIM, SIGLIP_DIM   vec_dim (default 768, 512, 768)
 #   DINOV2_WEIGHTS, LORA_RANK  fine-tuned LoRA checkpoint and its rank (default 256; scripts/train_mao.py)
 #   CLIP_WEIGHTS               fine-tuned CLIP LoRA checkpoint (scripts/train_mao.py family=clip; rank LORA_RANK)
 #   DETECTOR_CAPTIONS          captions.pt of detector masks (scripts/create_masked_dataset.py); images
@@ -39,6 +46,8 @@ OUT="$BENCH/reproduce-$(date +%Y%m%d-%H%M%S)"
 mkdir "$OUT"    # fails rather than mixing two runs started in the same second
 DINOV2=(vec_dim="${DINOV2_DIM:-768}" ${DINOV2_MODEL:+model_name="$DINOV2_MODEL"})
 CLIP=(vec_dim="${CLIP_DIM:-512}" ${CLIP_MODEL:+model_name="$CLIP_MODEL"})
+SIGLIP=(vec_dim="${SIGLIP_DIM:-768}" ${SIGLIP_MODEL:+model_name="$SIGLIP_MODEL"})
+SEARCH=()  # search_index.py overrides of the next run (re-ranking); the features are the same as without
 LORA=(lora_adapt=true lora_rank="${LORA_RANK:-256}" weights="${DINOV2_WEIGHTS:-}")
 CLIP_LORA=(lora_adapt=true lora_rank="${LORA_RANK:-256}" weights="${CLIP_WEIGHTS:-}")
 DET=(captions_file="${DETECTOR_CAPTIONS:-}" missing_masks=global)
@@ -53,7 +62,8 @@ run() {
   "$PYTHON" "$REPO/create_index.py" dataset="$NAME" experiment="$setting" "${DATA[@]}" "$@" \
       ${EXTRA[@]+"${EXTRA[@]}"} | tee "$log"
   features=$(sed -n 's/^features and index: //p' "$log")
-  "$PYTHON" "$REPO/search_index.py" dataset="$NAME" experiment="$setting" features_dir="$features" | tee "$log"
+  "$PYTHON" "$REPO/search_index.py" dataset="$NAME" experiment="$setting" features_dir="$features" \
+      ${SEARCH[@]+"${SEARCH[@]}"} | tee "$log"
   printf '%s\t%s\t%s\n' "$NAME" "$setting" "$(sed -n 's/^results: //p' "$log")" >> "$OUT/runs.tsv"
   rm -f "$log"
 }
@@ -86,5 +96,19 @@ if [[ -n "${CLIP_WEIGHTS:-}" ]]; then
     both mao_clip_finetuned_det extractor=clip_mi_features "${CLIP[@]}" "${CLIP_LORA[@]}" "${DET[@]}"
   fi
 fi
+run siglip_global extractor=siglip_features "${SIGLIP[@]}"
+run dinov2_gem extractor=dinov2_features "${DINOV2[@]}" pool=gem
+run dinov2_rmac extractor=dinov2_features "${DINOV2[@]}" pool=rmac
+run clip_gem extractor=clip_features "${CLIP[@]}" pool=gem
+run dinov2_crop_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${GT[@]}" object_desc=crop
+run dinov2_mask_pool_gt extractor=dinov2_mi_features "${DINOV2[@]}" "${GT[@]}" object_desc=mask_pool
+# Re-ranking: create_index.py finds the features of the same settings (re-ranking is not part of their
+# identity) and extracts nothing new; search_index.py re-ranks.
+SEARCH=(rerank=aqe)
+run dinov2_global_aqe extractor=dinov2_features "${DINOV2[@]}"
+run mao_dinov2_zeroshot_gt_aqe extractor=dinov2_mi_features "${DINOV2[@]}" "${GT[@]}"
+SEARCH=(rerank=dba)
+run dinov2_global_dba extractor=dinov2_features "${DINOV2[@]}"
+SEARCH=()
 "$PYTHON" "$REPO/scripts/paper_table.py" table "$OUT" --out "$OUT/table.md"
 echo "table: $OUT/table.md"

@@ -26,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
+from utils.rerank import RERANKS
 from utils.sweeps import job_label
 
 
@@ -57,6 +58,9 @@ Stage = choice("Stage", "all prepare extract index search")
 SearchMode = choice("SearchMode", "exact faiss lancedb")
 ExportFormat = choice("ExportFormat", "embeddings lancedb")
 ExportDtype = choice("ExportDtype", "float32 float16")
+Pool = choice("Pool", "model cls mean gem rmac")
+ObjectDesc = choice("ObjectDesc", "mi mask_pool crop")
+MiInit = choice("MiInit", "global mask_pool")
 
 
 @dataclass
@@ -98,7 +102,14 @@ class SoIRConfig:
     descriptor: Descriptor = Descriptor.mi  # mi: the published code's MI descriptors (per mask, mi_sum,
     # smart_crop, ...) | mao: the paper's Stage B, one vector per image over its object crops
     mao_overlap: MaoOverlap = MaoOverlap.iou  # descriptor=mao: soft IoU (the paper's) | dice
+    pool: Pool = Pool.model  # global descriptor: model (the model's own) | cls | mean | gem | rmac
+    # over the last layer's patch tokens (utils/pooling.py)
+    gem_p: float = 3.0  # pool=gem: the generalised mean's exponent (cirtorch's p)
+    rmac_levels: int = 3  # pool=rmac: levels of R-MAC regions (cirtorch's L)
     global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
+    object_desc: ObjectDesc = ObjectDesc.mi  # per-object descriptor of MI extractors: mi | mask_pool
+    # (mask-weighted mean of the patch tokens) | crop (each mask's padded box embedded)
+    mi_init: MiInit = MiInit["global"]  # MI's start: global (the global embedding) | mask_pool (the pooled vector)
     smart_crop: bool = False  # MI inside each mask's padded box crop
     smart_crop_pad: float = 0.1  # crop padding, share of the box's longer side
     single_from_sc: bool = True  # mi_sum + smart_crop: one MI vector per mask on its smart crop
@@ -171,6 +182,12 @@ class SoIRConfig:
     # from its shards in blocks of this working memory
     search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
     search_nprobe: int = 16  # search=faiss with an IVF index: inverted lists probed
+    # re-ranking after the search (utils/rerank.py): none | aqe (alpha query expansion) | dba (database-side
+    # augmentation). A string, not a choice: the original's config has rerank: False (read nowhere),
+    # which resolve_aliases turns into none; check_config refuses anything else.
+    rerank: str = "none"
+    rerank_alpha: float = 3.0  # weight of a neighbour: max(similarity, 0) ** rerank_alpha
+    rerank_k: int = 2  # neighbours (gallery images) per expanded vector
     max_k_search: int = 1000000  # cap on k_search (the original's)
     save_knns: bool = True  # write rankings.jsonl
     map_at: Optional[int] = None  # also report mAP@k
@@ -205,7 +222,6 @@ class SoIRConfig:
     gallery: Optional[str] = None
     read_dataset: bool = True
     save_gallery_embeddings: bool = False
-    rerank: bool = False
 
 
 # Keys of the original code's config that its code never read: SoIR accepts them at the original's
@@ -218,7 +234,6 @@ UNREAD_ORIGINAL_KEYS = {
     "gallery": None,
     "read_dataset": True,
     "save_gallery_embeddings": False,
-    "rerank": False,
 }
 
 # What a key changes, for the features folder's identity (create_index.py). QUERY_KEYS change the
@@ -304,6 +319,9 @@ RUN_KEYS = frozenset(
         "format",
         "export_dir",
         "export_dtype",
+        "rerank",
+        "rerank_alpha",
+        "rerank_k",
         "text_prompt",
         "query_image",
         "query_bbox",
@@ -440,6 +458,8 @@ def resolve_aliases(cfg: DictConfig) -> None:
     alias and its SoIR name are refused.
     """
     default = SoIRConfig()
+    if str(cfg.rerank).lower() == "false":  # the original's rerank: False (its code never read the key)
+        cfg.rerank = "none"
     if cfg.full_mask:
         cfg.mi_sum = True
     if cfg.gallery_chunk_size is not None:
@@ -484,6 +504,27 @@ def check_config(cfg: DictConfig) -> None:
             )
     check_own_queries(cfg)
     check_device(cfg.device)
+    if cfg.rerank not in RERANKS:
+        raise SoIRError(
+            f"rerank={cfg.rerank} is not a re-ranking; one of {', '.join(RERANKS)}"
+            + (
+                " (the original code accepted rerank=true but never read it)"
+                if str(cfg.rerank).lower() == "true"
+                else ""
+            )
+        )
+    if cfg.rerank != "none" and (cfg.query_image is not None or cfg.query_text is not None):
+        raise SoIRError(
+            f"rerank={cfg.rerank} re-ranks the evaluation of the folder's queries; an ad-hoc query "
+            "(query_image / query_text) is searched without it: drop rerank"
+        )
+    if cfg.rerank == "dba" and cfg.search == "lancedb":
+        raise SoIRError(
+            "rerank=dba augments the gallery's vectors, but search=lancedb scores the exported table's "
+            "vectors as stored: use search=exact with rerank=dba"
+        )
+    if cfg.rerank_k < 1 or cfg.rerank_alpha < 0:
+        raise SoIRError(f"rerank_k={cfg.rerank_k} must be >= 1 and rerank_alpha={cfg.rerank_alpha} >= 0")
     if cfg.mi_sum and cfg.avg_multiple_vecs:
         raise SoIRError("mi_sum=true and avg_multiple_vecs=true both ask for one vector per image; pick one")
     if cfg.mi_beta and (cfg.mi_sum or cfg.smart_crop):

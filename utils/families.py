@@ -69,6 +69,7 @@ class FamilySpec:
     lora_targets: module names LoRA adapts (q/k/v); empty: LoRA is refused for this family.
     original: what the original code did for it; None: the original code had no such family.
     naflex: images enter as patch sequences at their own aspect ratio (SigLIP2 NaFlex).
+    cls_token: the vision tower has a CLS token (``pool=cls``); the SigLIPs pool with an attention head.
     """
 
     name: str
@@ -80,6 +81,7 @@ class FamilySpec:
     lora_targets: tuple[str, ...] = ()
     original: OriginalCode | None = None
     naflex: bool = False
+    cls_token: bool = True
 
     @property
     def supports_lora(self) -> bool:
@@ -121,6 +123,7 @@ FAMILIES: dict[str, FamilySpec] = {
             {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
             {"base": 768, "large": 1152},
             original=OriginalCode(InterpolationMode.BILINEAR, 5, True, map_patch_size=16),
+            cls_token=False,
         ),
         FamilySpec(
             "siglip2",
@@ -129,6 +132,7 @@ FAMILIES: dict[str, FamilySpec] = {
             {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"},
             {"base": 768, "large": 1152},
             naflex=True,
+            cls_token=False,
         ),
         FamilySpec(
             "clip",

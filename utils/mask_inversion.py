@@ -148,6 +148,7 @@ def mask_inversion(
     overlap: str = "dice",
     groups: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
+    init_direction: torch.Tensor | None = None,
     anchors: torch.Tensor | None = None,
     anchor_weight: float = 0.0,
     return_raw: bool = False,
@@ -196,8 +197,11 @@ def mask_inversion(
             paper's ``- alpha cos(v, sum_i v_i)`` up to a constant: the same gradients and steps). The
             raw parameter starts at a scaled to the mean norm of its crops' g_i, so ``lr`` is relative
             to the backbone's scale as for per-mask MI. Returns [G, 1, D]; history [iterations, G, 1].
-        init: [B, V, D] the raw parameter's start instead of g (V = P, or 1 with ``shared``); the
-            original code's ``alpha_sum_full`` starts at the sum of the masks' raw MI vectors.
+        init: [B, V, D] the raw parameter's start instead of g (V = P, or 1 with ``shared``), used as
+            given; the original code's ``alpha_sum_full`` starts at the sum of the masks' raw MI vectors.
+        init_direction: [B, V, D] starting directions instead of g's (``mi_init=mask_pool``), scaled to
+            g's norm so that AdamW's steps keep their size (a zero row starts from g); the loss (and its
+            pull towards g) is unchanged. At most one of ``init`` and ``init_direction``.
         anchors, anchor_weight: [B, Q, D] vectors (normalised here) every embedding of image b is pulled
             towards, adding ``anchor_weight * mean_q (1 - cos(e, a_q))`` to its loss (``alpha_sum_full``).
         return_raw: return the raw parameter after the last step (not normalised; an ``init`` for a
@@ -236,11 +240,14 @@ def mask_inversion(
             )
         if len(groups) and not torch.equal(torch.unique(groups), torch.arange(int(groups.max()) + 1)):
             raise ValueError("groups must number the images 0 .. G-1, each with at least one crop")
-        if init is not None or anchors is not None:
-            raise ValueError("init / anchors are for images, not for MaO's groups of crops")
+        if init is not None or init_direction is not None or anchors is not None:
+            raise ValueError("init / init_direction / anchors are for images, not for MaO's groups of crops")
     vectors = 1 if shared else masks.shape[1]
-    if init is not None and tuple(init.shape[:2]) != (masks.shape[0], vectors):
-        raise ValueError(f"init must be [B, V, D] = [{masks.shape[0]}, {vectors}, D], got {tuple(init.shape)}")
+    if init is not None and init_direction is not None:
+        raise ValueError("give init (the raw start) or init_direction (its direction), not both")
+    for name, given in (("init", init), ("init_direction", init_direction)):
+        if given is not None and tuple(given.shape[:2]) != (masks.shape[0], vectors):
+            raise ValueError(f"{name} must be [B, V, D] = [{masks.shape[0]}, {vectors}, D], got {tuple(given.shape)}")
     if anchors is not None and (anchors.ndim != 3 or anchors.shape[0] != masks.shape[0]):
         raise ValueError(f"anchors must be [B, Q, D] with B = {masks.shape[0]}, got {tuple(anchors.shape)}")
     if not ((masks == 0) | (masks == 1)).all():
@@ -271,7 +278,15 @@ def mask_inversion(
     target = masks.to(device=legrad.g.device, dtype=legrad.dtype)
     if groups is None:
         g_unit = F.normalize(legrad.g, dim=-1)[:, None]  # [B, 1, D]
-        start = legrad.g[:, None].expand(B, vectors, -1) if init is None else init.to(legrad.g)
+        if init is not None:
+            start = init.to(legrad.g)
+        elif init_direction is not None:
+            direction = init_direction.to(legrad.g)
+            start = F.normalize(direction, dim=-1) * legrad.g.norm(dim=-1)[:, None, None]
+            # A zero row (a padding mask of a batch) starts from g, as without a direction.
+            start = torch.where(direction.norm(dim=-1, keepdim=True) == 0, legrad.g[:, None], start)
+        else:
+            start = legrad.g[:, None].expand(B, vectors, -1)
         raw = start.clone().requires_grad_(True)
     else:
         groups = groups.to(legrad.g.device)

@@ -25,7 +25,10 @@ from tests.pipeline import ROOT
 # code's), detector masks + LoRA weights.
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
-SETTINGS = "dinov2_global mao_clip_zeroshot_gt_paper mao_clip_zeroshot_gt mao_dinov2_finetuned_det"
+SETTINGS = (
+    "dinov2_global mao_clip_zeroshot_gt_paper mao_clip_zeroshot_gt mao_dinov2_finetuned_det dinov2_gem dinov2_crop_gt "
+    "dinov2_global_aqe"
+)
 
 
 def _lora_checkpoint(model_dir: Path, path: Path, rank: int = 4) -> Path:
@@ -122,8 +125,14 @@ def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_p
     assert (made_with.weights, made_with.captions_file) == (env["DINOV2_WEIGHTS"], env["DETECTOR_CAPTIONS"])
     published = OmegaConf.load(folders["mao_clip_zeroshot_gt"] / "features_config.yaml")
     assert (published.masks_from, published.descriptor) == ("anns", "mi")
-    feature_dirs = {json.loads((Path(f) / "results.json").read_text())["features_dir"] for _, _, f in runs}
-    assert len(feature_dirs) == 4  # every setting has features of its own
+    made = {setting: json.loads((Path(f) / "results.json").read_text()) for _, setting, f in runs}
+    # every setting has features of its own, except re-ranking, which searches dinov2_global's
+    assert len({r["features_dir"] for r in made.values()}) == len(runs) - 1
+    assert made["dinov2_global_aqe"]["features_dir"] == made["dinov2_global"]["features_dir"]
+    assert (made["dinov2_global_aqe"]["rerank"], made["dinov2_global"]["rerank"]) == ("aqe", "none")
+    assert _row(text, "DINOv2 GeM, zero-shot (pool=gem, p = 3, patch tokens)") == [ours["dinov2_gem"], "-"]
+    assert _row(text, "DINOv2 crop-and-encode, zero-shot (GT masks, object_desc=crop)") == [ours["dinov2_crop_gt"], "-"]
+    assert OmegaConf.load(folders["dinov2_crop_gt"] / "features_config.yaml").object_desc == "crop"
 
 
 def test_table_layout_with_two_benchmarks(tmp_path):

@@ -235,7 +235,6 @@ def test_every_key_of_the_original_defaults_file_composes():
         ("gallery", "x"),
         ("read_dataset", "false"),
         ("save_gallery_embeddings", "true"),
-        ("rerank", "true"),
     ],
 )
 def test_keys_the_original_never_read_are_refused_at_other_values(key, value):
