@@ -109,6 +109,14 @@ def test_the_published_codes_modes_are_refused_with_mao(tiny_model_dirs, setting
         SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), **MAO, **setting)
 
 
+@pytest.mark.parametrize("setting", [{"object_desc": "mask_pool"}, {"mi_init": "mask_pool"}])
+def test_per_mask_descriptors_are_refused_with_mao_before_the_model_loads(setting):
+    """object_desc / mi_init (issue 23) shape per-mask vectors; MaO optimises its own: refused, naming both,
+    before any model is read (the folder does not exist)."""
+    with pytest.raises(SoIRError, match="are per-mask descriptors .* descriptor=mao and alpha_sum_full"):
+        SigLIPMIExtractor("/nonexistent/model", **MAO, **setting)
+
+
 def test_mao_overlap_without_mao_is_refused(tiny_model_dirs):
     with pytest.raises(SoIRError, match="mao_overlap=dice is the loss of descriptor=mao"):
         SigLIPMIExtractor(str(tiny_model_dirs["siglip"]), mao_overlap="dice", device="cpu")
