@@ -104,6 +104,7 @@ def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_p
     }
     gt, det = "with ground truth annotations", "detector masks"
     assert _row(text, "plain DINOv2 global, zero-shot") == [ours["dinov2_global"], "51.23"]
+    assert _row(text, "plain CLIP global, zero-shot") == ["-", "44.52"]  # not in SETTINGS; the paper's number
     assert _row(text, f"MaO-CLIP, zero-shot (paper's method, {gt})") == [ours["mao_clip_zeroshot_gt_paper"], "65.22"]
     assert _row(text, f"MaO-CLIP, zero-shot (published code, {gt})") == [ours["mao_clip_zeroshot_gt"], "65.22"]
     assert _row(text, f"MaO-DINOv2, fine-tuned (published code, {det})") == [ours["mao_dinov2_finetuned_det"], "83.70"]
@@ -152,6 +153,7 @@ def test_table_layout_with_two_benchmarks(tmp_path):
     text = table(collect([runs]))
     assert text.splitlines()[0] == "| setting | PerMiR ours | PerMiR paper | INSTRE-XS ours | INSTRE-XS paper |"
     assert _row(text, "plain CLIP global, zero-shot") == ["25.00", "-", "50.00", "-"]
+    assert _row(text, "plain DINOv2 global, zero-shot") == ["-", "40.57", "-", "-"]
     assert _row(text, "MaO-DINOv2, zero-shot (published code, with ground truth annotations)") == [
         "87.50",
         "89.86",
