@@ -9,7 +9,6 @@ search_index.py's search). example/run_example.sh ends with this table; numbers 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/compare_runs.py`
     sys.path.insert(0, str(ROOT))
 
+from utils.errors import exit_on_error
+from utils.files import read_json
 from utils.sweeps import format_table
 
 
@@ -26,7 +27,7 @@ def compare(runs: Sequence[tuple[str, Path]]) -> list[dict[str, str]]:
     ("(none)" when the run wrote no report.html)."""
     rows = []
     for label, folder in runs:
-        results = json.loads((folder / "results.json").read_text())
+        results = read_json(folder / "results.json", fix="give the folder of a finished search run")
         report = folder / "report.html"
         rows.append(
             {
@@ -40,6 +41,7 @@ def compare(runs: Sequence[tuple[str, Path]]) -> list[dict[str, str]]:
     return rows
 
 
+@exit_on_error
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="LABEL=RUN_FOLDER")

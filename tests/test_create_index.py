@@ -172,9 +172,10 @@ def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_pat
 
 
 def _copy(folder: Path, dest: Path) -> Path:
+    """A copy of ``folder`` as a user's own (without the marker of the SoIR program that made it)."""
     import shutil
 
-    shutil.copytree(folder, dest)
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(".soir.json"))
     return dest
 
 

@@ -628,6 +628,9 @@ WRITERS = {
 }
 
 
+READERS = {"scripts/compare_runs.py"}  # read run folders, print, write no file
+
+
 def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     clip_demo_features, tiny_model_dirs, demo_dir, mask_models, tmp_path, capsys
 ):
@@ -644,6 +647,7 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     from create_index import prepare
     from example.create_annotations import main as create_annotations
     from scripts import (
+        compare_runs,
         convert_captions,
         create_masked_dataset,
         inspect_mi,
@@ -749,11 +753,19 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     walked["scripts/train_mao.py"] = proc.stderr
 
     assert set(walked) == WRITERS
+    # Programs that only read (they print a table): pointed at the user's folder, they stop in one line
+    # and write nothing (checked by the sha256 walk below).
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        compare_runs.main([f"global={user}"])
+    assert "results.json is empty or corrupt" in capsys.readouterr().err
     programs = {
         p.relative_to(ROOT).as_posix()
         for p in [*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("example/*.py")]
     }
-    assert programs - {"scripts/__init__.py", "example/__init__.py"} <= WRITERS, "a new program: add it to the walk"
+    assert programs - {"scripts/__init__.py", "example/__init__.py"} <= WRITERS | READERS, (
+        "a new program: add it to the walk"
+    )
     for program, why in walked.items():
         assert any(s in why for s in ("not made by SoIR", "already exists", "not written by")), (
             program,

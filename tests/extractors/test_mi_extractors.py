@@ -24,6 +24,7 @@ from extractors.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.errors import SoIRError
 from utils.mask_inversion import legrad_map, mask_inversion
+from utils.preprocessing import pil_nearest_masks
 
 MI = dict(mi_iterations=5, device="cpu")
 
@@ -571,7 +572,8 @@ def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
     image, masks = scene
     vector = extractor.extract(image, masks)
     pixels = extractor.mi_preprocess.image(image)[None]
-    resized = extractor.mi_preprocess.masks(masks)[None]
+    # compat=original resizes masks with PIL NEAREST (its pixel geometry, issue 21's D4)
+    resized = pil_nearest_masks(torch.as_tensor(masks), extractor.mi_preprocess.size)[None]
     raw = mask_inversion(extractor.model, pixels, resized, iterations=3, joint_norm=True, return_raw=True)
     pull = dict(init=raw.sum(1, keepdim=True), anchors=raw, anchor_weight=0.5)
     expected = mask_inversion(extractor.model, pixels, resized.amax(1, keepdim=True), iterations=3, **pull)
