@@ -134,7 +134,7 @@ class ViewMaker:
         if self.mode == "union" and len(masks):
             masks, index = masks.any(0, keepdim=True), torch.tensor([NO_MASK])
         if self.mode == "mao":
-            views = self._mao_crops(image, masks, index)
+            views = self._crops(image, masks, index)
         elif self.mode != "smart_crop":
             views = self._keep_nonempty(self._view(image), self._masks(masks), index)
         elif self.crop_source == "resized":
@@ -162,9 +162,11 @@ class ViewMaker:
         return Views(views, dropped)
 
     def _crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
+        """One view per mask: its padded box cut from ``image``, each side grown to at least ``min_crop``
+        pixels (MaO's object crops; with ``min_crop`` 0 this is :func:`padded_box`, the smart crop)."""
         views, dropped = [], 0
         for mask, i in zip(masks, index):
-            x1, y1, x2, y2 = padded_box(mask, self.pad)
+            x1, y1, x2, y2 = mao_box(mask, self.pad, self.min_crop)
             crop = self._masks(mask[None, y1:y2, x1:x2])
             if crop.any():
                 views.append(self._view(image.crop((x1, y1, x2, y2)), crop, i[None]))
@@ -177,18 +179,6 @@ class ViewMaker:
         if self.geometry == "original":
             return pil_nearest_masks(masks, self.preprocess.size)
         return self.preprocess.masks(masks)
-
-    def _mao_crops(self, image: Image.Image, masks: torch.Tensor, index: torch.Tensor) -> Views:
-        """MaO's crops: padded box grown to ``min_crop`` (see the class docstring), one view per mask."""
-        views, dropped = [], 0
-        for mask, i in zip(masks, index):
-            x1, y1, x2, y2 = mao_box(mask, self.pad, self.min_crop)
-            crop = self._masks(mask[None, y1:y2, x1:x2])
-            if crop.any():
-                views.append(self._view(image.crop((x1, y1, x2, y2)), crop, i[None]))
-            else:
-                dropped += 1
-        return Views(views, dropped)
 
     def _view(
         self, image: Image.Image, masks: torch.Tensor | None = None, mask_index: torch.Tensor | None = None
