@@ -2,7 +2,7 @@
 
 Run through ``benchmarks/gpu_check.sh`` (which adds the environment and writes to ``$OUT``). Three parts:
 
-1. kernels: the fused Triton kernels (utils/legrad_kernels.py) against the dense relevance step on
+1. kernels: the fused Triton kernels (extractors/mi/legrad_kernels.py) against the dense relevance step on
    random problems on the device (float64 and float32: max relative error of values and gradients;
    the tf32 / bf16 variants: their relative error).
 2. per family (SigLIP-B/16-384, DINOv2-B/14-224, CLIP-B/16-224; full-size random weights, eager
@@ -44,12 +44,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.mi_speed import FAMILIES, build, inputs
-from utils import legrad_kernels
+from extractors.mi import legrad_kernels
+from extractors.mi.engine import mask_inversion
+from extractors.mi.legrad import LeGrad, _PositiveColumnMean
+from extractors.mi.vit_adapters import vit_parts
 from utils.files import atomic_write_text, new_file
-from utils.legrad import LeGrad, _PositiveColumnMean
-from utils.mask_inversion import mask_inversion
-from utils.vit_adapters import vit_parts
+from utils.testing.full_size import FAMILIES, build, inputs
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 # name -> mask_inversion keyword arguments; "dense" is today's engine, the baseline of every cosine

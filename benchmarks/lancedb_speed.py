@@ -19,10 +19,10 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search_index import image_scores  # noqa: E402
-from utils.feature_store import FeatureShards  # noqa: E402
 from utils.files import atomic_write_json, claim_folder  # noqa: E402
-from utils.interop import LanceDBGallery, export_lancedb  # noqa: E402
+from utils.results.interop import LanceDBGallery, export_lancedb  # noqa: E402
+from utils.retrieval.feature_store import FeatureShards  # noqa: E402
+from utils.retrieval.ranking import image_scores  # noqa: E402
 
 
 def synthetic_features(root: Path, images: int, vectors: int, dim: int, shard_size: int = 1000) -> np.ndarray:

@@ -3,7 +3,7 @@
 Models are built from configs with random weights (no download): ``Owlv2Config()`` defaults
 (ViT-B/16) with ``image_size=960`` as in google/owlv2-base-patch16-ensemble (3600 boxes per image)
 with the detection heads redrawn at
-1/sqrt(fan_in) (``scripts/make_tiny_models.redraw_owlv2_heads``; OWLv2's own init
+1/sqrt(fan_in) (``utils.testing.tiny_models.redraw_owlv2_heads``; OWLv2's own init
 saturates every score to 0 or 1 and no box survives), and SAM ``vit_b``. Both are saved to a
 temp folder and the script's real ``run()`` processes ``--images`` synthetic photos (smooth
 random colour fields, ``--size`` W x H) in class-agnostic mode, ``--max_objects`` boxes each.
@@ -35,10 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-from scripts import create_masked_dataset
-from scripts.make_tiny_models import redraw_owlv2_heads
-from utils import mask_creation
-from utils.mask_models import SAM_ARCHITECTURES, build_sam
+from utils.masks import creation as mask_creation
+from utils.masks.models import SAM_ARCHITECTURES, build_sam
+from utils.testing.tiny_models import redraw_owlv2_heads
 
 
 def save_models(folder: Path) -> tuple[Path, Path]:
@@ -81,7 +80,7 @@ def main() -> None:
         owlv2_dir, checkpoint = save_models(tmp)
         save_images(tmp / "images", args.images, width, height)
         print(f"built and saved random OWLv2-B/16 + SAM ViT-B in {time.perf_counter() - start:.1f} s")
-        run_args = create_masked_dataset.parse_args(
+        run_args = mask_creation.parse_args(
             [
                 "--input_dir",
                 str(tmp / "images"),

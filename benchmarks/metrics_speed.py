@@ -1,4 +1,4 @@
-"""Time utils.metrics on random scores: default 10k queries x 100k gallery, ~5 positives per query.
+"""Time utils.retrieval.metrics on random scores: default 10k queries x 100k gallery, ~5 positives per query.
 
 Scores are generated chunk by chunk (the full float32 matrix would be 4 GB) and each chunk is passed to the
 metric functions, the way an evaluation loop over query batches uses them; only metric calls are timed.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import metrics
+from utils.retrieval import metrics
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from datasets import encode_mask, save_captions
 from utils.config import SoIRConfig
-from utils.feature_store import FeatureShards
-from utils.index_io import build_index, index_path, save_index
+from utils.retrieval.feature_store import FeatureShards
+from utils.retrieval.index_io import build_index, index_path, save_index
 
 WIDTH, HEIGHT, MASKS, DIM = 1024, 768, 10, 64
 

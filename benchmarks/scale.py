@@ -14,10 +14,11 @@ Methods:
   baseline   import torch/faiss/SoIR, nothing else
   matmul     only the [queries, rows] matmuls of streamed evaluation's blocks (same blocks, shards read
              untimed): the floor for exact scoring
-  streamed   utils.streaming.streamed_search: pass 1 + all blocks + reduce (reading included)
+  streamed   utils.retrieval.streaming.streamed_search: pass 1 + all blocks + reduce (reading included)
   in_ram     today's search_index.py path: FeatureShards.load() + image_scores + per_query_metrics per
              query chunk + top-k argsort (skipped when the fp32 gallery exceeds --in-ram-limit-gb)
-  faiss      utils.streaming.faiss_search on an on-disk IVF built by utils.index_build (build timed apart)
+  faiss      utils.retrieval.streaming.faiss_search on an on-disk IVF built by
+             utils.retrieval.index_build (build timed apart)
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.feature_store import FeatureShards
 from utils.files import claim_folder
+from utils.retrieval.feature_store import FeatureShards
 
 DIM = 768
 
@@ -116,8 +117,8 @@ def write_data(args) -> None:
 # Methods (each in its own process)
 # ----------------------------------------------------------------------------------------------------
 def run_method(args) -> dict:
-    from utils.metrics import summarize
-    from utils.streaming import QueryRows, _blocks, block_rows, faiss_search, streamed_search
+    from utils.retrieval.metrics import summarize
+    from utils.retrieval.streaming import QueryRows, _blocks, block_rows, faiss_search, streamed_search
 
     folder = folder_of(args)
     plant = planted(args)
@@ -150,7 +151,7 @@ def run_method(args) -> dict:
         out.update(in_ram(gallery, queries, query, image, k))
         out["seconds"], out["cpu"] = time.perf_counter() - t0, time.process_time() - c0
     elif args.run == "faiss":
-        from utils.index_io import load_index
+        from utils.retrieval.index_io import load_index
 
         index = load_index(folder / f"index-{args.factory.replace(',', '_')}.faiss")
         import faiss
@@ -175,15 +176,15 @@ def peak_rss_gb() -> float:
 
 def in_ram(gallery: FeatureShards, queries, query: np.ndarray, image: np.ndarray, k: int) -> dict:
     """search_index.py's loop: all gallery rows in RAM, dense scores and relevance per query chunk."""
-    import search_index
-    from utils.metrics import per_query_metrics, query_chunks, summarize
+    from utils.retrieval import ranking
+    from utils.retrieval.metrics import per_query_metrics, query_chunks, summarize
 
     features, owner, _ = gallery.load()
     features, owner = features.numpy(), owner.numpy()
     q_features, q_owner = queries.features.numpy(), queries.owner.numpy()
     parts, tops = [], []
-    for chunk in query_chunks(queries.num_queries, len(owner), max_elements=search_index.SCORES_PER_CHUNK):
-        scores = search_index.image_scores(q_features, q_owner, chunk, features, owner, gallery.num_images)
+    for chunk in query_chunks(queries.num_queries, len(owner), max_elements=ranking.SCORES_PER_CHUNK):
+        scores = ranking.image_scores(q_features, q_owner, chunk, features, owner, gallery.num_images)
         relevant = np.zeros(scores.shape, dtype=bool)
         mine = (query >= chunk.start) & (query < chunk.stop)
         relevant[query[mine] - chunk.start, image[mine]] = True
@@ -199,7 +200,7 @@ def in_ram(gallery: FeatureShards, queries, query: np.ndarray, image: np.ndarray
 
 
 def build_faiss(args) -> float:
-    from utils.index_build import build_ondisk
+    from utils.retrieval.index_build import build_ondisk
 
     folder = folder_of(args)
     out = folder / f"index-{args.factory.replace(',', '_')}.faiss"

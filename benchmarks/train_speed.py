@@ -1,6 +1,6 @@
 """MaO adapter training speed: full-size random DINOv2-B (or CLIP-B/16) + LoRA r=256 at 224 px.
 
-One optimizer step of ``scripts/train_mao.py`` (``utils.training.train_step`` + AdamW) on a batch of
+One optimizer step of ``scripts/train_mao.py`` (``utils.training.trainer.train_step`` + AdamW) on a batch of
 ``--batch`` images = ``--batch / (1 + k)`` (query, scene) pairs of one query and ``k`` object crops,
 from random pixels (the model costs the same FLOPs as a trained one). Rows, in the same run:
 
@@ -37,7 +37,7 @@ from transformers import (
     Dinov2Model,
 )
 
-from utils.training import Context, TrainConfig, build_model, embed, train_step
+from utils.training.trainer import Context, TrainConfig, build_model, embed, train_step
 
 # Full-size ViT-B configs of the default checkpoints (random weights).
 FAMILIES = {

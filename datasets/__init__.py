@@ -22,7 +22,6 @@ from .captions import (
     CaptionsError,
     ImageMasks,
     atomic_torch_save,
-    bbox_from_mask,
     caption_files,
     decode_mask,
     encode_mask,
@@ -32,6 +31,7 @@ from .captions import (
     rle_runs,
     save_captions,
 )
+from .fields import bbox_from_mask
 from .gt_masks import annotation_masks
 from .images import ImageLoadError, load_rgb, to_rgb
 

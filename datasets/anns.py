@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import SoIRError
 from utils.files import atomic_torch_save
+
+from .fields import AnnotationError, parse_bbox, scalar
+from .voxdet import is_voxdet_entry, parse_voxdet_entry
 
 logger = logging.getLogger("soir.datasets")
 
@@ -49,10 +51,6 @@ try:
     _NUMPY_SCALAR_GLOBALS.append(np._core.multiarray.scalar)  # numpy >= 2
 except AttributeError:  # pragma: no cover - numpy 1.x
     _NUMPY_SCALAR_GLOBALS.append(np.core.multiarray.scalar)
-
-
-class AnnotationError(SoIRError):
-    """Malformed annotation; the message names the anns file (or image) and the problem."""
 
 
 @dataclass(frozen=True)
@@ -180,8 +178,6 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     """Validated Annotation with ``file = Path(key)`` (resolved by the caller)."""
     if not isinstance(entry, dict):
         raise AnnotationError(f"{where}: expected a dict, got {type(entry).__name__}")
-    from .voxdet import is_voxdet_entry, parse_voxdet_entry  # (voxdet.py imports this module)
-
     entry, extra = parse_voxdet_entry(entry, where) if is_voxdet_entry(entry) else (entry, {})
     unknown = set(entry) - _KNOWN_KEYS
     if unknown:
@@ -208,18 +204,9 @@ def _parse_entry(key: str, entry: Any, where: str) -> Annotation:
     )
 
 
-def _scalar(value: Any) -> Any:
-    """0-d torch tensor / numpy scalar -> Python scalar; anything else unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.ndim == 0 else value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _as_bool(value: Any, where: str) -> bool:
     """A bool, or the integers 0 / 1 that files written by other tools often use."""
-    value = _scalar(value)
+    value = scalar(value)
     if isinstance(value, Integral) and not isinstance(value, bool) and value in (0, 1):
         return bool(value)
     if not isinstance(value, bool):
@@ -228,7 +215,7 @@ def _as_bool(value: Any, where: str) -> bool:
 
 
 def _as_int(value: Any, where: str) -> int:
-    value = _scalar(value)
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise AnnotationError(f"{where} must hold ints, got {value!r} ({type(value).__name__})")
     return int(value)
@@ -240,26 +227,6 @@ def _as_ins(value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(_as_int(v, where) for v in value)
     return (_as_int(value, where),)
-
-
-def parse_bbox(value: Any, where: str) -> tuple[float, float, float, float]:
-    """Validate an annotation box: 4 finite numbers, non-negative, x2 > x1, y2 > y1.
-
-    ``where`` prefixes the AnnotationError message.
-    """
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise AnnotationError(f"{where} must be [x1, y1, x2, y2], got {value!r}")
-    numbers = [_scalar(v) for v in value]
-    if not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-        raise AnnotationError(f"{where} must be 4 finite numbers, got {value!r}")
-    x1, y1, x2, y2 = (float(v) for v in numbers)
-    if min(x1, y1, x2, y2) < 0:
-        raise AnnotationError(f"{where} has negative coordinates: {value!r}")
-    if x2 <= x1 or y2 <= y1:
-        raise AnnotationError(f"{where} is empty or inverted (need x2 > x1 and y2 > y1): {value!r}")
-    return x1, y1, x2, y2
 
 
 def split(anns: Sequence[Annotation]) -> tuple[list[Annotation], list[Annotation]]:
@@ -386,7 +353,7 @@ def clip_bbox(bbox: Sequence[float], width: int, height: int, source: str) -> tu
 def _as_bbox_loose(bbox: Sequence[float], source: str) -> tuple[float, float, float, float]:
     if isinstance(bbox, (torch.Tensor, np.ndarray)):
         bbox = bbox.tolist()
-    values = [_scalar(v) for v in bbox] if isinstance(bbox, (list, tuple)) else None
+    values = [scalar(v) for v in bbox] if isinstance(bbox, (list, tuple)) else None
     if (
         values is None
         or len(values) != 4

@@ -134,17 +134,6 @@ def rle_runs(counts: str | bytes) -> np.ndarray:
     return runs
 
 
-def bbox_from_mask(mask: np.ndarray) -> list[float]:
-    """Tight pixel-edge box ``[x1, y1, x2, y2]`` of an [H, W] mask (x2, y2 exclusive).
-
-    Raises ValueError for an empty mask (it has no box).
-    """
-    ys, xs = np.nonzero(np.asarray(mask))
-    if len(xs) == 0:
-        raise ValueError("empty mask has no bounding box")
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
 @dataclass
 class ImageMasks:
     """The masks of one image; ``masks_rle[i]``, ``bboxes[i]`` and ``scores[i]`` describe mask i.
@@ -322,7 +311,7 @@ def without_original_masks(captions: dict[str, ImageMasks], source: str) -> dict
     """``masks_rle=ignore`` (compat=original): ``captions`` with the masks of every entry in the original
     code's format (its ``segmentation_results.pt``) removed, as its extractors never read them: they look
     for ``masks``, ``mask``, ``rle`` or ``bbox`` (original ``extractors/dinov2_extractor.py:261-311``,
-    ``siglip_extractor.py:205``, ``utils/mask_inversion.py:811``) and fall back to one full-image mask.
+    ``siglip_extractor.py:205``, ``extractors/mi/engine.py:811``) and fall back to one full-image mask.
     Logged as a warning with the count: Mask Inversion then ignores every object mask of those images."""
     dropped = [key for key, masks in captions.items() if masks.made_before_exif and len(masks)]
     if dropped:

@@ -8,7 +8,7 @@
 * :func:`jobs_digest`: the hash of exactly what a split's features depend on (keys, image bytes,
   boxes used, masks), the inputs part of the features folder's identity.
 * :func:`job_to_dict`, :func:`job_from_dict`: a job as JSON, for the per-shard job files that
-  ``create_index.py stage=prepare`` writes and its workers read (``utils.feature_store``).
+  ``create_index.py stage=prepare`` writes and its workers read (``utils.retrieval.feature_store``).
 * :class:`ViewDataset`: ``dataset[i]`` -> (i, views), decoded in DataLoader workers.
 """
 
@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
-from extractors.views import NO_MASK, Views, zero_outside
+from datasets.views import NO_MASK, Views, zero_outside
 from utils.errors import SoIRError
 
 from .anns import Annotation, AnnotationError, crop_box, pixel_box
@@ -297,7 +297,7 @@ def job_to_dict(job: ImageJob) -> dict:
 
 def job_from_dict(record: dict, job: dict, is_query: bool) -> ImageJob:
     """The :class:`ImageJob` of :func:`job_to_dict`'s ``job`` for the image of ``record`` (key, file,
-    ins, bbox, obj_name: ``create_index.record``). Annotation fields that no view uses (``set``,
+    ins, bbox, obj_name: ``utils.pipeline.create.record``). Annotation fields that no view uses (``set``,
     ``boxes``, the anns' own masks, already turned into ``job.masks``) are not restored."""
     annotation = Annotation(
         key=record["key"],
@@ -330,7 +330,7 @@ class ViewDataset(Dataset):
 
     Args:
         jobs: one per image, in output order.
-        view_maker, global_view_maker: ``extractors.views.ViewMaker`` for masked and global views.
+        view_maker, global_view_maker: ``datasets.views.ViewMaker`` for masked and global views.
         empty_to_global: an image whose masks all vanish at the model's input size gets its global
             view (True, counted in ``Views.global_fallback``) or is an error (False).
     """

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from .anns import Annotation, AnnotationError, pixel_box
-from .captions import ImageMasks, bbox_from_mask, encode_mask
+from .captions import ImageMasks, encode_mask
+from .fields import bbox_from_mask
 from .images import upright_size
 from .voxdet import decode_annotated_mask
 

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .captions import bbox_from_mask
+from .fields import bbox_from_mask
 
 
 def voxdet_encode(mask: np.ndarray) -> dict:
@@ -82,7 +82,7 @@ def voxdet_decode_with_box(rle: Mapping[str, Any], box: Sequence[float]) -> tupl
     """:func:`voxdet_decode`, with the top-left-1 inversion undone using the object's box.
 
     ``box`` is the object's tight box in pixel-edge coordinates ``[x1, y1, x2, y2]`` (x2, y2
-    exclusive, as :func:`datasets.captions.bbox_from_mask`). Returns ``(mask, complemented)``: the
+    exclusive, as :func:`datasets.fields.bbox_from_mask`). Returns ``(mask, complemented)``: the
     decoded mask when its tight box is ``box``; else its complement (``complemented=True``) when the
     complement's tight box is ``box``.
 

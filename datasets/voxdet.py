@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from .fields import AnnotationError, parse_bbox, scalar
 from .rle import voxdet_decode_with_box, voxdet_shape
 
 VOXDET_KEYS = {"bbox", "mask", "is_query", "ins", "set", "num_ins", "is_val"}
@@ -74,8 +75,6 @@ def parse_voxdet_entry(entry: Mapping, where: str) -> tuple[dict, dict]:
     Raises:
         AnnotationError: unknown or missing keys, or values that do not have the builder's shapes.
     """
-    from .anns import AnnotationError, parse_bbox  # anns.py imports this module
-
     unknown = set(entry) - VOXDET_KEYS
     missing = [k for k in _REQUIRED if k not in entry]
     if unknown or missing:
@@ -83,18 +82,18 @@ def parse_voxdet_entry(entry: Mapping, where: str) -> tuple[dict, dict]:
             f"{where}: a VoxDet-SoIR entry has keys {sorted(VOXDET_KEYS)}; unknown "
             f"{sorted(map(str, unknown))}, missing {missing}"
         )
-    if "is_val" in entry and not isinstance(_scalar(entry["is_val"]), (bool, np.bool_)):
+    if "is_val" in entry and not isinstance(scalar(entry["is_val"]), (bool, np.bool_)):
         raise AnnotationError(f"{where}: 'is_val' must be a bool, got {entry['is_val']!r}")
     plain = {k: entry[k] for k in ("ins", "is_query", "set") if k in entry}
-    is_query = _scalar(entry["is_query"])
+    is_query = scalar(entry["is_query"])
     if isinstance(is_query, str) or is_query not in (0, 1):
         raise AnnotationError(f"{where}: 'is_query' must be a bool, got {entry['is_query']!r}")
     try:
         if is_query:
-            box, mask = _query(entry, where, parse_bbox)
+            box, mask = _query(entry, where)
             plain["bbox"] = box
             return plain, {"boxes": (box,), "masks": (mask,)}
-        boxes, masks = _gallery(entry, where, parse_bbox)
+        boxes, masks = _gallery(entry, where)
     except (TypeError, ValueError) as err:
         if isinstance(err, AnnotationError):
             raise
@@ -102,11 +101,11 @@ def parse_voxdet_entry(entry: Mapping, where: str) -> tuple[dict, dict]:
     return plain, {"boxes": boxes, "masks": masks}
 
 
-def _query(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, AnnotatedMask]:
+def _query(entry: Mapping, where: str) -> tuple[tuple, AnnotatedMask]:
     rle = entry["mask"]
     if not isinstance(rle, Mapping) or not {"counts", "size"} <= set(rle) or set(rle) - {"counts", "size", "transpose"}:
         raise ValueError(f"query 'mask' must be a VoxDet RLE dict {{counts, size[, transpose]}}, got {rle!r:.80}")
-    if "transpose" in rle and not isinstance(_scalar(rle["transpose"]), (bool, np.bool_)):
+    if "transpose" in rle and not isinstance(scalar(rle["transpose"]), (bool, np.bool_)):
         raise ValueError(f"'mask' 'transpose' must be a bool, got {rle['transpose']!r}")
     if not isinstance(rle["counts"], (list, tuple)) or not all(_is_int(c) and c >= 0 for c in rle["counts"]):
         raise ValueError("'mask' 'counts' must be a list of non-negative ints (run lengths)")
@@ -120,7 +119,7 @@ def _query(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, AnnotatedMask
     return box, AnnotatedMask("voxdet_rle", dict(rle), box)
 
 
-def _gallery(entry: Mapping, where: str, parse_bbox) -> tuple[tuple, tuple]:
+def _gallery(entry: Mapping, where: str) -> tuple[tuple, tuple]:
     raw_boxes, ins, segs = entry["bbox"], entry["ins"], entry["mask"]
     if not isinstance(raw_boxes, (list, tuple)) or not all(
         isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in raw_boxes
@@ -206,21 +205,13 @@ def _is_empty_segmentation(seg: Any) -> bool:
     return isinstance(seg, (list, tuple)) and len(seg) == 0
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim == 0:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _is_int(value: Any) -> bool:
-    value = _scalar(value)
+    value = scalar(value)
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    value = _scalar(value)
+    value = scalar(value)
     return isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(float(value))
 
 
@@ -229,4 +220,4 @@ def _numbers(value: Any, what: str) -> list[float]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_number(v) for v in value):
         raise ValueError(f"{what} must be 4 numbers (x1, y1, x2, y2), got {value!r}")
-    return [float(_scalar(v)) for v in value]
+    return [float(scalar(v)) for v in value]

@@ -16,18 +16,18 @@ import torch
 from PIL import Image
 
 from datasets.captions import ImageMasks, caption_files, load_captions
+from datasets.preprocessing import NaFlexPreprocess, Preprocess
+from datasets.views import NO_MASK, View, ViewMaker, Views, stack_views
 from extractors.backbones import embedding_dim, load_backbone
 from extractors.inputs import ImageLike, as_image, as_masks
 from extractors.lora import add_lora
-from extractors.views import NO_MASK, View, ViewMaker, Views, stack_views
+from extractors.mi.engine import global_embedding
+from extractors.pooling import POOLS, pooled_embedding
 from utils.config import check_device
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.files import sha256_file
 from utils.hub import model_weights_identity
-from utils.mask_inversion import global_embedding
-from utils.pooling import POOLS, pooled_embedding
-from utils.preprocessing import NaFlexPreprocess, Preprocess
 
 log = logging.getLogger("soir.extractors")
 
@@ -98,7 +98,7 @@ class Extractor:
             keys naming files in the captions file's folder (``./``, absolute paths and symlinks are
             compared by their real path). What an MI extractor does with an image that has no masks
             is its ``missing_masks``.
-        pool, gem_p, rmac_levels: the global descriptor (utils/pooling.py): ``model`` (the model's own
+        pool, gem_p, rmac_levels: the global descriptor (extractors/pooling.py): ``model`` (the model's own
             global embedding), ``cls``, ``mean``, ``gem`` (exponent ``gem_p``) or ``rmac`` (``rmac_levels``
             levels of regions) over the last layer's patch tokens.
     """

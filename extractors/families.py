@@ -8,10 +8,10 @@ fixed-resolution SigLIP2 checkpoints (e.g. google/siglip2-base-patch16-224) are 
 
 from __future__ import annotations
 
+from datasets.preprocessing import NaFlexPreprocess
 from extractors.base import Extractor
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import register_extractor
-from utils.preprocessing import NaFlexPreprocess
 
 
 class DINOv2Extractor(Extractor):

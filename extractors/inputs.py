@@ -19,8 +19,8 @@ from PIL import Image, ImageOps
 
 from datasets.captions import ImageMasks, decode_mask, validate_entry
 from datasets.images import load_rgb, to_rgb
+from datasets.preprocessing import to_binary_masks
 from utils.errors import SoIRError
-from utils.preprocessing import to_binary_masks
 
 ImageLike = Image.Image | np.ndarray | str | Path | Mapping[str, Any]
 

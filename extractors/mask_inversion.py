@@ -1,4 +1,4 @@
-"""Mask Inversion extractors: one embedding per object mask (see utils/mask_inversion.py for the math)."""
+"""Mask Inversion extractors: one embedding per object mask (see extractors/mi/engine.py for the math)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from PIL import Image, ImageOps
 
 from datasets.captions import ImageMasks
 from datasets.images import to_rgb
-from extractors.base import Extractor, Rows
-from extractors.inputs import as_image, as_masks
-from extractors.views import (
+from datasets.preprocessing import to_binary_masks
+from datasets.views import (
     NO_MASK,
     View,
     ViewMaker,
@@ -26,11 +25,12 @@ from extractors.views import (
     stack_masks,
     stack_views,
 )
+from extractors.base import Extractor, Rows
+from extractors.inputs import as_image, as_masks
+from extractors.mi.engine import OVERLAPS, legrad_map, mask_inversion
+from extractors.pooling import mask_pooled
 from utils.errors import SoIRError
 from utils.families import FAMILIES
-from utils.mask_inversion import OVERLAPS, legrad_map, mask_inversion
-from utils.pooling import mask_pooled
-from utils.preprocessing import to_binary_masks
 
 log = logging.getLogger("soir.extractors")
 
@@ -71,7 +71,7 @@ class MIExtractor(Extractor):
         mi_lr, mi_iterations: AdamW learning rate and number of steps (None: 100, or 80, the
             paper's, with ``descriptor="mao"``).
         mi_layer_index: hooked blocks L + mi_layer_index + 1 .. L (-1 = last block).
-        mi_impl, mi_precision, mi_cuda_graph: how the engine evaluates (utils.mask_inversion).
+        mi_impl, mi_precision, mi_cuda_graph: how the engine evaluates (extractors.mi.engine).
         global_features: False = no MI at all: the plain global embedding (the original's meaning).
         mi_sum (or its original name full_mask): one vector per image, optimised against the union of
             its masks (``mi_sum_loss="mean_dice"``: SigLIP / CLIP fit the mean of the per-mask Dice).
@@ -87,14 +87,14 @@ class MIExtractor(Extractor):
             vanish at the model's input size.
         legrad_norm: "joint" min-max normalises the maps of an image's masks together.
         mi_resample: "original" resizes for MI with the original's filter (LANCZOS / BILINEAR).
-        pixel_geometry: "original" rounds pixels as the original did (:class:`extractors.views.ViewMaker`).
+        pixel_geometry: "original" rounds pixels as the original did (:class:`datasets.views.ViewMaker`).
         mi_beta_used: False ignores ``mi_beta`` (logged), as the original never passed it to MI.
         descriptor: "mi" (the published code's descriptors: the modes above) or "mao": MaO's Stage
             B as the paper describes it, ONE vector per image: its masks' object crops (cut as Stage
-            A cuts them, :class:`extractors.views.ViewMaker` mode "mao"), one embedding v shared by
+            A cuts them, :class:`datasets.views.ViewMaker` mode "mao"), one embedding v shared by
             all of them, minimising sum_i (1 - softIoU(LeGrad map of v on crop i, m_i)) + alpha *
             (1 - cos(v, sum_i v_i)), started at the renormalised mean of the crops' embeddings v_i
-            (``utils.mask_inversion.mask_inversion``, ``groups``). Each crop's map is min-max
+            (``extractors.mi.engine.mask_inversion``, ``groups``). Each crop's map is min-max
             normalised on its own (the crops are separate model inputs).
         mao_overlap: "iou" (the paper's soft IoU) or "dice": the map-to-mask loss of ``descriptor=mao``.
         alpha_sum_full: the original DINOv2 code's ``alpha_sum_full`` (its ``compute_maskinversion_sum``),
@@ -105,7 +105,7 @@ class MIExtractor(Extractor):
             reproduced: values other than 0 are refused.
         debug: log the loss of every MI iteration.
         object_desc: the per-object descriptor: "mi" (Mask Inversion), "mask_pool" (the mask-weighted mean
-            of the last layer's patch tokens, one forward pass per batch: utils.pooling.mask_pooled) or
+            of the last layer's patch tokens, one forward pass per batch: extractors.pooling.mask_pooled) or
             "crop" (each mask's padded box, ``smart_crop_pad``, cropped from the original image and
             embedded: the crops of a batch in one forward pass). One vector per mask either way.
         mi_init: "mask_pool" starts MI from each mask's pooled vector instead of the global one.
@@ -313,7 +313,7 @@ class MIExtractor(Extractor):
     def _mode(
         self, global_features: bool, mi_sum: bool, smart_crop: bool, single_from_sc: bool, mi_sum_loss: str
     ) -> str:
-        """global | per_mask | union | mean_dice | smart_crop (see :class:`extractors.views.ViewMaker`)."""
+        """global | per_mask | union | mean_dice | smart_crop (see :class:`datasets.views.ViewMaker`)."""
         if not global_features:
             log.warning(
                 "global_features=false: %s computes no Mask Inversion, only the plain global embedding "
@@ -440,7 +440,7 @@ class MIExtractor(Extractor):
         ([B, 1, D] in the mean_dice mode; [G, 1, D] with MaO's ``groups`` [B], the image of each
         crop), and ``mask_inversion``'s history dict when ``return_history``.
         NaFlex: patch sequences, masks on their canvas and spatial_shapes [B, 2] (see
-        ``utils.mask_inversion.mask_inversion``)."""
+        ``extractors.mi.engine.mask_inversion``)."""
         extra = {}
         if self.sum_pull:  # the original's alpha_sum_full: per-mask MI first, then the union's from their sum
             with self.autocast():

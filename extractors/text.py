@@ -7,7 +7,7 @@ DINOv2 has none.
 Everything that differs between families is in :data:`TEXT_TOWERS` (the one place to edit when a
 family is added or restructured): the text model class, how texts are padded, and which output holds
 the embedding. The embedding is exactly the checkpoint's ``get_text_features`` (``SiglipModel`` /
-``CLIPModel``), L2-normalised, like the image side (``utils.mask_inversion.global_embedding``).
+``CLIPModel``), L2-normalised, like the image side (``extractors.mi.engine.global_embedding``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 ``metadata/metadata_<shard>.parquet``, read by embedding-reader); ``format=lancedb``: an embedded LanceDB
 table, one row per gallery image with a multivector column (``search_index.py search=lancedb`` ranks
 through it). Output goes to ``export_dir`` (default ``<features_dir>/export/<format>``), a new or
-SoIR-owned folder; rerunning the command resumes (see utils/interop.py).
+SoIR-owned folder; rerunning the command resumes (see utils/results/interop.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/export_features.py`
 
 from utils.config import check_config, register, resolve_aliases  # noqa: E402
 from utils.errors import SoIRError, exit_on_error  # noqa: E402
-from utils.interop import export_dir, export_embeddings, export_lancedb  # noqa: E402
+from utils.results.interop import export_dir, export_embeddings, export_lancedb  # noqa: E402
 
 log = logging.getLogger("soir.export")
 register()

@@ -38,7 +38,7 @@ from extractors.mask_inversion import Explanation
 from extractors.registry import extractor_class
 from utils.errors import exit_on_error
 from utils.hub import check_model_available
-from utils.visualize import draw_outline, overlay, resize_mask
+from utils.results.visualize import draw_outline, overlay, resize_mask
 
 # Distinct colours per mask (matplotlib's tab10), shared by the mask cells and the curves.
 PALETTE = [
@@ -181,7 +181,7 @@ def grid(image: Image.Image, indices: list[int], masks: np.ndarray, explained: E
 
 def tiny_model(family: str, folder: Path) -> str:
     """A tiny random model of ``family`` saved in ``folder`` (scripts/make_tiny_models.py): offline."""
-    from scripts.make_tiny_models import TINY_BUILDERS
+    from utils.testing.tiny_models import TINY_BUILDERS
 
     return str(TINY_BUILDERS[family](folder / family))
 

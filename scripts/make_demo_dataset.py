@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:  # run as `python scripts/make_demo_dataset.py`
     sys.path.insert(0, str(ROOT))
 
 from datasets.anns import save_anns
-from datasets.captions import ImageMasks, bbox_from_mask, encode_mask, save_captions
+from datasets.captions import ImageMasks, encode_mask, save_captions
+from datasets.fields import bbox_from_mask
 from utils.errors import SoIRError
 from utils.files import claim_folder, remove_own_files
 

@@ -31,8 +31,8 @@ from datasets.benchmarks import (
     build_permir,
     voxdet_report,
 )
-from utils.feature_store import atomic_write_text
 from utils.files import check_claimable, claim_folder
+from utils.retrieval.feature_store import atomic_write_text
 
 OUTPUTS = ("anns.pt", "captions.pt", "benchmark.json")
 

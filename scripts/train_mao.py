@@ -5,7 +5,7 @@
     # 4 GPUs, same result up to float rounding (batch_size counts pairs over all processes)
     torchrun --nproc_per_node 4 scripts/train_mao.py anns_file=... captions_file=...
 
-Every key is in configs/train.yaml / utils/training.py:TrainConfig. The output folder
+Every key is in configs/train.yaml / utils/training/trainer.py:TrainConfig. The output folder
 (``output_dir``, default ``outputs/train/<dataset>/<family>-<hash of the settings>``) holds:
 
     final.ckpt        LoRA weights at the end  -> create_index.py lora_adapt=true lora_rank=R weights=final.ckpt
@@ -35,11 +35,11 @@ if str(ROOT) not in sys.path:  # run as `python scripts/train_mao.py`
 
 from datasets import load_anns
 from utils import config as soir_config
-from utils import training
 from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
 from utils.files import FolderLock, atomic_write_text, cached_sha256, check_identity, claim_folder
 from utils.hub import model_weights_identity
+from utils.training import trainer as training
 
 log = logging.getLogger("soir.train_mao")
 soir_config.register()  # the soir_uid resolver of the run folder names

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS  # noqa: E402
+from utils.testing.tiny_models import TINY_BUILDERS, TINY_VARIANTS  # noqa: E402
 
 # Tiny models are dominated by per-op overhead; with 2 threads on a 2-core machine that is also
 # running DataLoader workers or subprocesses, thread spinning makes them 10-100x slower.
@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """{family (scripts.make_tiny_models.TINY_BUILDERS): folder with a saved tiny model and its processor config}."""
+    """{family (utils.testing.tiny_models.TINY_BUILDERS): folder with a saved tiny model and its processor config}."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: build(root / name) for name, build in TINY_BUILDERS.items()}
 

@@ -205,7 +205,7 @@ def test_changed_weights_in_a_model_folder_are_refused_not_mixed(tiny_model_dirs
         f"features_dir={tmp_path / 'feats'}",
     )
     run_script("create_index.py", *args, cwd=tmp_path)
-    from scripts.make_tiny_models import save_tiny_siglip
+    from utils.testing.tiny_models import save_tiny_siglip
 
     save_tiny_siglip(model, seed=1)  # other weights, same folder
     (tmp_path / "feats" / "gallery" / "shard-00001.safetensors").unlink()
@@ -388,8 +388,8 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
     import faiss
     import numpy as np
 
-    from utils.feature_store import FeatureShards
-    from utils.index_io import build_index, load_index
+    from utils.retrieval.feature_store import FeatureShards
+    from utils.retrieval.index_io import build_index, load_index
 
     args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
     prepared = run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)

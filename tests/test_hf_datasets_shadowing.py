@@ -22,7 +22,7 @@ _SCRIPT = textwrap.dedent("""
     import transformers
     from transformers import AutoImageProcessor, SiglipVisionModel
     from transformers.utils import is_datasets_available
-    from scripts.make_tiny_models import save_tiny_siglip
+    from utils.testing.tiny_models import save_tiny_siglip
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_siglip(tmp)

@@ -5,7 +5,7 @@ backticked name in that cell: ``run_type`` / ``run_name`` and the original's ali
 "(or the original's ``subset``)" count) and, for scripts/train_mao.py, of the "key | default |
 meaning" table under "## Training MaO adapters". They are compared with the schemas the code
 validates against: ``utils.config.SoIRConfig`` (plus the config groups of configs/defaults.yaml) and
-``utils.training.TrainConfig``.
+``utils.training.trainer.TrainConfig``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from utils.config import UNREAD_ORIGINAL_KEYS, SoIRConfig
-from utils.training import TrainConfig
+from utils.training.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -39,7 +39,7 @@ def assert_untouched(before: dict[Path, str]) -> None:
 @pytest.fixture(scope="module")
 def mask_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random OWLv2 and SAM, as tests/scripts/test_create_masked_dataset.py's ``models``."""
-    from scripts.make_tiny_models import save_tiny_owlv2, save_tiny_sam
+    from utils.testing.tiny_models import save_tiny_owlv2, save_tiny_sam
 
     root = tmp_path_factory.mktemp("mask_models")
     checkpoint, sam_config = save_tiny_sam(root / "sam")
@@ -56,7 +56,7 @@ def test_1_search_refuses_a_run_folder_with_a_users_files(clip_demo_features, tm
     """search() (search_index.py, create_index.py's search phase, stage=search) into a ``hydra.run.dir``
     that holds a user's report.html, thumbs/ and results.json: refused, nothing replaced, nothing added.
     Fails on main 4e786ae (exit 0, all three replaced)."""
-    from search_index import search
+    from utils.pipeline.search import search
 
     _, folder = clip_demo_features
     run = tmp_path / "U"
@@ -187,8 +187,8 @@ def test_6_mask_folder_does_not_resume_with_another_sam(mask_models, tmp_path, c
     import shutil
 
     from scripts import create_masked_dataset as cmd
-    from scripts.make_tiny_models import save_tiny_sam
     from utils.hub import model_weights_identity
+    from utils.testing.tiny_models import save_tiny_sam
 
     images, out, checkpoint = _folder(tmp_path / "images", 6), tmp_path / "masks", tmp_path / "X" / "sam.pth"
     checkpoint.parent.mkdir()
@@ -228,9 +228,9 @@ def test_8_training_does_not_resume_after_the_base_model_or_an_image_changed(tin
     only: "resuming ... at step 4" with other weights)."""
     import shutil
 
-    from scripts.make_tiny_models import save_tiny_dinov2
     from scripts.train_mao import train_identity
     from utils.files import check_identity
+    from utils.testing.tiny_models import save_tiny_dinov2
 
     data, model = tmp_path / "data", tmp_path / "model"
     shutil.copytree(demo_dir, data)
@@ -260,7 +260,7 @@ def test_9_features_folder_without_its_identity_is_refused_not_adopted(tmp_path)
     """A features folder whose identity.json was deleted is refused (with the fix) when another model's
     run opens it; its gallery shards are never adopted. Fails on main 4e786ae (the new identity was
     saved and shards 0-1 of model A were kept next to model B's shard 2)."""
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     root = tmp_path / "features"
     with FeaturesFolder(root).open({"model": "A"}, {"model": "A", "q": 1}, "cfg"):
@@ -280,8 +280,8 @@ def test_10_staged_runs_notice_an_image_edited_after_prepare(tiny_model_dirs, de
     Fails on main 4e786ae (extract, index and search all succeeded)."""
     import shutil
 
-    from create_index import build, extract, prepare
     from utils.config import check_config, resolve_aliases
+    from utils.pipeline.create import build, extract, prepare
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -352,8 +352,8 @@ def test_12_a_query_that_is_also_a_gallery_image_is_refused(demo_dir, tmp_path, 
 
     import torch
 
-    from create_index import plan
     from datasets import save_anns
+    from utils.pipeline.create import plan
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -373,8 +373,8 @@ def test_12_a_query_that_is_also_a_gallery_image_is_refused(demo_dir, tmp_path, 
 def test_13_vectors_that_are_not_unit_norm_stop_the_run(tiny_model_dirs, demo_dir, tmp_path):
     """``mi_lr=1e30``: the Mask Inversion diverges to rows of norm 0; the extraction stops naming the
     images instead of storing them. Fails on main 4e786ae (rows of norm 0.0 written, exit 0)."""
-    from create_index import extract, prepare
     from utils.config import check_config, resolve_aliases
+    from utils.pipeline.create import extract, prepare
 
     def staged(stage: str):
         cfg = config(
@@ -444,7 +444,7 @@ def test_15_refusals_are_one_line_naming_the_file(tmp_path, capsys):
 
     from scripts import convert_captions
     from scripts.prepare_benchmark import main as prepare_benchmark
-    from utils.training import load_resume_state
+    from utils.training.trainer import load_resume_state
 
     Image.new("RGB", (30, 20)).save(tmp_path / "plain.png")
     rle = {"counts": [10**12], "size": [1_000_000, 1_000_000]}  # a valid RLE of 10^12 pixels
@@ -529,7 +529,7 @@ def test_16_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
     import socket
     import subprocess
 
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -579,7 +579,7 @@ def test_16_a_query_refresh_says_what_happened_and_a_symlink_is_named(tmp_path, 
     """A query-identity change logs "recomputing the query features", not also "held query shards without
     an identity"; a ``queries/`` symlink out of the folder is refused as such, not as "not made by SoIR".
     Fails on main 4e786ae."""
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     root = tmp_path / "features"
     with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
@@ -644,7 +644,6 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     import argparse
 
     from benchmarks import gpu_check, scale
-    from create_index import prepare
     from example.create_annotations import main as create_annotations
     from scripts import (
         compare_runs,
@@ -656,11 +655,12 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         paper_table,
         prepare_benchmark,
     )
-    from search_index import search
     from tests.datasets.benchmark_replicas import write_instre
     from tests.pipeline import run_script
-    from utils.interop import export_embeddings
-    from utils.own_queries import own_query
+    from utils.pipeline.create import prepare
+    from utils.pipeline.search import search
+    from utils.queries.own_queries import own_query
+    from utils.results.interop import export_embeddings
 
     user = tmp_path / "user"
     names = [

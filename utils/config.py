@@ -26,7 +26,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
-from utils.rerank import RERANKS
 from utils.sweeps import job_label
 
 
@@ -103,7 +102,7 @@ class SoIRConfig:
     # smart_crop, ...) | mao: the paper's Stage B, one vector per image over its object crops
     mao_overlap: MaoOverlap = MaoOverlap.iou  # descriptor=mao: soft IoU (the paper's) | dice
     pool: Pool = Pool.model  # global descriptor: model (the model's own) | cls | mean | gem | rmac
-    # over the last layer's patch tokens (utils/pooling.py)
+    # over the last layer's patch tokens (extractors/pooling.py)
     gem_p: float = 3.0  # pool=gem: the generalised mean's exponent (cirtorch's p)
     rmac_levels: int = 3  # pool=rmac: levels of R-MAC regions (cirtorch's L)
     global_features: bool = True  # false: MI extractors compute no MI (the plain global embedding)
@@ -182,7 +181,7 @@ class SoIRConfig:
     # from its shards in blocks of this working memory
     search_candidates: Optional[int] = None  # search=faiss: rows FAISS returns per query row; null = 10 x k_search
     search_nprobe: int = 16  # search=faiss with an IVF index: inverted lists probed
-    # re-ranking after the search (utils/rerank.py): none | aqe (alpha query expansion) | dba (database-side
+    # re-ranking after the search (utils/retrieval/rerank.py): none | aqe (alpha query expansion) | dba (database-side
     # augmentation). A string, not a choice: the original's config has rerank: False (read nowhere),
     # which resolve_aliases turns into none; check_config refuses anything else.
     rerank: str = "none"
@@ -205,7 +204,7 @@ class SoIRConfig:
     query_text: Optional[str] = None  # a sentence to search with (the text tower), used as given
     query_exact_max_rows: int = 1000000  # ad-hoc queries: larger galleries are searched through the FAISS
     # index (its candidates re-scored exactly); smaller ones exactly
-    # --- export (scripts/export_features.py): the features in other tools' formats (utils/interop.py)
+    # --- export (scripts/export_features.py): the features in other tools' formats (utils/results/interop.py)
     format: ExportFormat = ExportFormat.embeddings  # embeddings (clip-retrieval / autofaiss) | lancedb
     export_dir: Optional[str] = None  # a new or SoIR-owned folder; null = <features_dir>/export/<format>
     export_dtype: ExportDtype = ExportDtype.float32  # float32 | float16: the exported vectors
@@ -226,6 +225,9 @@ class SoIRConfig:
 
 # Keys of the original code's config that its code never read: SoIR accepts them at the original's
 # default (so its config files and commands compose) and refuses any other value.
+# the re-rankings of utils/retrieval/rerank.py (rerank=)
+RERANKS = ("none", "aqe", "dba")
+
 UNREAD_ORIGINAL_KEYS = {
     "dumb_crop": False,
     "no_center_crop": False,

@@ -5,7 +5,7 @@ the Hugging Face class to load, the ``config.model_type`` values it accepts, the
 and their embedding sizes, where the embedding size is read, LoRA's target modules, and what the
 original research code did for it. Code reads this table; nothing parses extractor names.
 
-The one piece of code per family is its adapter in ``utils/vit_adapters.py`` (where q/k/v/o, the
+The one piece of code per family is its adapter in ``extractors/mi/vit_adapters.py`` (where q/k/v/o, the
 LayerNorms, the MLP and the head are), registered in ``vit_adapters.ADAPTERS`` under the same name.
 The extractor classes (``extractors/families.py``), the Hydra config files
 (``configs/extractor/<name>.yaml``) and the tiny test models (``scripts/make_tiny_models.py``) are
@@ -40,9 +40,9 @@ class OriginalCode:
     mi_sum_mean_dice: its ``mi_sum`` fitted one vector to the mean of the per-mask Dice terms
         (``mi_sum_loss=mean_dice``) instead of inverting the union of the masks.
     min_max_eps: added to the range of its LeGrad min-max (``legrad_norm=joint``): CLIP 1e-6
-        (original ``utils/mask_inversion.py:18-24``, used at ``:1394``), DINOv2 / SigLIP 0.
+        (original ``extractors/mi/engine.py:18-24``, used at ``:1394``), DINOv2 / SigLIP 0.
     map_patch_size: the factor its LeGrad maps were upsampled by (``pixel_geometry=original``): SigLIP
-        16 whatever the checkpoint's patch (original ``utils/mask_inversion.py:850``); None: the model's.
+        16 whatever the checkpoint's patch (original ``extractors/mi/engine.py:850``); None: the model's.
     reads_alpha_sum: its extractor passes ``alpha_sum`` / ``alpha_sum_full`` to its ``mi_sum``
         (DINOv2 only; the others hard-code 0).
     """

@@ -9,7 +9,6 @@ import torch
 from datasets.captions import (
     CaptionsError,
     ImageMasks,
-    bbox_from_mask,
     decode_mask,
     encode_mask,
     encode_mask_row_major,
@@ -18,6 +17,7 @@ from datasets.captions import (
     rle_runs,
     save_captions,
 )
+from datasets.fields import bbox_from_mask
 
 
 def _random_masks(height=13, width=7, count=3, seed=0) -> np.ndarray:

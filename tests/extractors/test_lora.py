@@ -15,8 +15,8 @@ from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
 from extractors import CLIPExtractor, CLIPMIExtractor, DINOv2Extractor, extractor_from_config
 from extractors.lora import LoraSettings, lora_checkpoint, wrap_with_lora
+from extractors.mi.engine import mask_inversion
 from utils.config import SoIRConfig
-from utils.mask_inversion import mask_inversion
 
 RANK = 8  # the original uses 256; a small rank keeps the test fast, alpha follows the original's rule
 

@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
+from datasets.preprocessing import pil_nearest_masks
+from datasets.views import ViewMaker, padded_box
 from extractors import (
     CLIPMIExtractor,
     DINOv2MIExtractor,
@@ -20,11 +22,9 @@ from extractors import (
     SigLIPExtractor,
     SigLIPMIExtractor,
 )
-from extractors.views import ViewMaker, padded_box
+from extractors.mi.engine import legrad_map, mask_inversion
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.errors import SoIRError
-from utils.mask_inversion import legrad_map, mask_inversion
-from utils.preprocessing import pil_nearest_masks
 
 MI = dict(mi_iterations=5, device="cpu")
 
@@ -586,9 +586,9 @@ def test_siglip_maps_are_upsampled_by_16_under_compat_whatever_the_patch(tmp_pat
     the default by the model's patch, 14; that factor is the only difference, and the extractors'
     vectors are mask_inversion's with it. New coverage: the tiny SigLIP of the other tests has patch 16,
     where both factors agree."""
-    from scripts.make_tiny_models import save_tiny_siglip
-    from utils.legrad import LeGrad
-    from utils.vit_adapters import vit_parts
+    from extractors.mi.legrad import LeGrad
+    from extractors.mi.vit_adapters import vit_parts
+    from utils.testing.tiny_models import save_tiny_siglip
 
     folder = save_tiny_siglip(tmp_path / "siglip14", patch_size=14, image_size=56)
     compat = SigLIPMIExtractor(str(folder), pixel_geometry="original", **MI)

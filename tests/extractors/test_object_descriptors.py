@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
+from datasets.views import ViewMaker, padded_box, stack_masks, stack_views
 from extractors import CLIPExtractor, CLIPMIExtractor, DINOv2MIExtractor, SigLIP2MIExtractor, SigLIPMIExtractor
-from extractors.views import ViewMaker, padded_box, stack_masks, stack_views
+from extractors.pooling import mask_pooled, token_descriptors
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
 from utils.errors import SoIRError
-from utils.pooling import mask_pooled, token_descriptors
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +130,9 @@ def test_settings_that_contradict_are_refused_before_the_model_loads(kwargs, mes
 def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs):
     from hydra import compose, initialize_config_dir
 
-    from create_index import default_features_dir, settings_identity
     from extractors import extractor_from_config
     from tests.pipeline import ROOT
+    from utils.pipeline.create import default_features_dir, settings_identity
 
     dirs = set()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

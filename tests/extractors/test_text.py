@@ -79,7 +79,7 @@ def test_long_and_empty_texts(tiny_model_dirs, caplog):
 
 
 def test_tokenizer_of_another_checkpoint_is_refused(tiny_model_dirs, tmp_path):
-    from scripts.make_tiny_models import tiny_clip_tokenizer
+    from utils.testing.tiny_models import tiny_clip_tokenizer
 
     folder = tmp_path / "clip_with_a_byte_level_tokenizer"
     shutil.copytree(tiny_model_dirs["clip"], folder)

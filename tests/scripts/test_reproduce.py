@@ -15,7 +15,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Dinov2Model
 
 from datasets import save_captions
-from datasets.captions import ImageMasks, bbox_from_mask, encode_mask
+from datasets.captions import ImageMasks, encode_mask
+from datasets.fields import bbox_from_mask
 from scripts.paper_table import collect, table
 from scripts.prepare_benchmark import main as prepare
 from tests.datasets.voxdet_replica import rect, write_voxdet_soir

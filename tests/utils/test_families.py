@@ -6,15 +6,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from transformers import AutoConfig
 
-from create_index import plan
+from datasets.preprocessing import NaFlexPreprocess
 from extractors import list_extractors
+from extractors.mi.vit_adapters import ADAPTERS
 from extractors.registry import capabilities, extractor_class
-from scripts.make_tiny_models import TINY_BUILDERS
 from utils.config import default_vec_dim, register
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
-from utils.preprocessing import NaFlexPreprocess
-from utils.vit_adapters import ADAPTERS
+from utils.pipeline.create import plan
+from utils.testing.tiny_models import TINY_BUILDERS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
