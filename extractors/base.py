@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +13,10 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from datasets.captions import ImageMasks, caption_files, load_captions
 from datasets.preprocessing import NaFlexPreprocess, Preprocess
 from datasets.views import NO_MASK, View, ViewMaker, Views, stack_views
 from extractors.backbones import embedding_dim, load_backbone
-from extractors.inputs import ImageLike, as_image, as_masks
+from extractors.inputs import CaptionsLookup, ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.mi.engine import global_embedding
 from extractors.pooling import POOLS, pooled_embedding
@@ -149,9 +146,7 @@ class Extractor:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = embedding_dim(self.model, self.family)
         self.preprocess = self.preprocess_class.from_pretrained(self.model_name)
-        self.captions_file = Path(captions_file) if captions_file else None
-        self.captions = load_captions(captions_file) if captions_file else None
-        self._caption_files: dict[str, str] | None = None  # {real path: captions key}, built on first use
+        self.captions = CaptionsLookup(captions_file) if captions_file else None
 
     @classmethod
     def default_model(cls, B_model: bool = True) -> str:
@@ -274,32 +269,12 @@ class Extractor:
             ]
         return out
 
-    def caption_masks(self, path: Path | None) -> ImageMasks | None:
-        """The captions entry of the image at ``path`` (see ``captions_file``), or None."""
-        if self.captions is None or path is None:
-            return None
-        if str(path) in self.captions:
-            return self.captions[str(path)]
-        if self._caption_files is None:
-            self._caption_files = caption_files(self.captions, self.captions_file.resolve().parent)
-        key = self._caption_files.get(os.path.realpath(path))
-        return None if key is None else self.captions[key]
-
-    def no_masks_message(self, path: Path | None) -> str:
-        """Why an image has no masks, for an error: names the image and the captions keys nearest to it."""
-        if path is None:
-            return f"an image without a path has no entry in {self.captions_file} (pass masks= or the image's path)"
-        root = self.captions_file.resolve().parent
-        nearest = difflib.get_close_matches(os.path.relpath(os.path.realpath(path), root), list(self.captions), 3, 0)
-        return (
-            f"{path}: no masks in {self.captions_file} (its relative keys name files in {root}); "
-            f"nearest keys: {', '.join(nearest) or 'none'}"
-        )
-
     def masks_of(self, image: Image.Image, path: Path | None, masks: Any) -> Any:
         """The masks to use for ``image`` (read from ``path``): ``masks`` as given, else its captions
         entry, else None (the global embedding). MI extractors add ``missing_masks``."""
-        return self.caption_masks(path) if masks is None else masks
+        if masks is not None or self.captions is None:
+            return masks
+        return self.captions.masks(path)
 
     def _views(self, image: ImageLike, masks: Any) -> tuple[Views, bool]:
         pil, path = as_image(image)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datasets.captions import ImageMasks, decode_mask, validate_entry
+from datasets.captions import ImageMasks, caption_files, decode_mask, load_captions, validate_entry
 from datasets.images import load_rgb, to_rgb
 from datasets.preprocessing import to_binary_masks
 from utils.errors import SoIRError
@@ -74,3 +76,36 @@ def _is_rle(value: Any) -> bool:
 
 def _array(mask: Any) -> np.ndarray:
     return mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+
+
+class CaptionsLookup:
+    """The masks of an image named by its path, from a ``captions.pt`` (``Extractor(captions_file=...)``):
+    the captions key itself, or the same file, with relative keys naming files in the captions file's
+    folder (``./``, absolute paths and symlinks are found as create_index.py finds them)."""
+
+    def __init__(self, captions_file: str | Path):
+        self.file = Path(captions_file)
+        self.entries = load_captions(captions_file)
+        self._by_real_path: dict[str, str] | None = None  # {real path: captions key}, built on first use
+
+    def masks(self, path: Path | None) -> ImageMasks | None:
+        """The captions entry of the image at ``path``, or None."""
+        if path is None:
+            return None
+        if str(path) in self.entries:
+            return self.entries[str(path)]
+        if self._by_real_path is None:
+            self._by_real_path = caption_files(self.entries, self.file.resolve().parent)
+        key = self._by_real_path.get(os.path.realpath(path))
+        return None if key is None else self.entries[key]
+
+    def no_masks_message(self, path: Path | None) -> str:
+        """Why an image has no masks, for an error: names the image and the captions keys nearest to it."""
+        if path is None:
+            return f"an image without a path has no entry in {self.file} (pass masks= or the image's path)"
+        root = self.file.resolve().parent
+        nearest = difflib.get_close_matches(os.path.relpath(os.path.realpath(path), root), list(self.entries), 3, 0)
+        return (
+            f"{path}: no masks in {self.file} (its relative keys name files in {root}); "
+            f"nearest keys: {', '.join(nearest) or 'none'}"
+        )

@@ -608,7 +608,7 @@ class MIExtractor(Extractor):
         masks = super().masks_of(image, path, masks)
         if masks is not None and not (isinstance(masks, ImageMasks) and len(masks) == 0):
             return masks
-        why = self.no_masks_message(path)
+        why = self.captions.no_masks_message(path) if self.captions is not None else "the masks given are empty"
         if self.missing_masks == "error":
             raise SoIRError(f"{why}; or set missing_masks='global' (its global embedding) or 'full_mask'")
         log.warning("missing_masks=%s: %s; using %s", self.missing_masks, why, self.missing_masks)
