@@ -205,7 +205,7 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
 # at 02d2152; file:line of each step in the comments; its code is not copied), on tiny random models.
 # The model input size S stands for its hard-coded 224 (DINOv2, CLIP) / 384 (SigLIP); the pixels are
 # normalised with the checkpoint's mean / std (utils/preprocessing.py; which resize backend the
-# original's processor used is README, "Coming from the original code").
+# original's processor used is in docs/coming-from-original.md).
 # ---------------------------------------------------------------------------------------------------
 
 COMPAT = dict(  # configs/compat/original.yaml, as the extractors take it

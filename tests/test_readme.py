@@ -310,3 +310,57 @@ def test_an_invented_key_or_flag_is_caught(tmp_path, capsys):
     assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
     with pytest.raises(AssertionError, match="no check for the commands of scripts/other.py"):
         check_command(["scripts/other.py"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the code tells users to read
+# --------------------------------------------------------------------------------------------------
+CODE_PLACES = [
+    "create_index.py",
+    "search_index.py",
+    "configs",
+    "utils",
+    "extractors",
+    "datasets",
+    "scripts",
+    "benchmarks",
+    "example",
+    "requirements-cluster.txt",
+    "requirements-interop.txt",
+    ".ci",
+]
+
+
+def code_files() -> list[Path]:
+    files = []
+    for place in map(ROOT.joinpath, CODE_PLACES):
+        candidates = [place] if place.is_file() else sorted(place.rglob("*"))
+        files += [
+            p for p in candidates if p.is_file() and (p.suffix in {".py", ".yaml", ".txt", ".sh"} or p.name == "run")
+        ]
+    return files
+
+
+def stale_pointers(text: str) -> list[str]:
+    """Pointers to a README section (which moved to docs/) and to docs pages that do not exist."""
+    stale = re.findall(r"README(?:'s|,)? \"[^\"]+\"", text)
+    return stale + [page for page in re.findall(r"docs/[\w-]+\.md", text) if not (ROOT / page).is_file()]
+
+
+def test_the_code_points_to_docs_pages_that_exist():
+    files = code_files()
+    assert ROOT / "configs" / "defaults.yaml" in files and ROOT / "utils" / "config.py" in files
+    stale = {str(p.relative_to(ROOT)): stale_pointers(p.read_text()) for p in files}
+    bad = {k: v for k, v in stale.items() if v}
+    assert not bad, f"point users to the docs/ page instead: {bad}"
+    footer = yaml.safe_load((ROOT / "configs" / "defaults.yaml").read_text())["hydra"]["help"]["footer"]
+    assert "docs/configuration.md" in footer  # what `--help` tells a user to read
+
+
+def test_a_stale_pointer_is_caught():
+    assert stale_pointers('stages (README "Scaling out"); README, "Reports"; docs/speed.md; docs/nope.md') == [
+        'README "Scaling out"',
+        'README, "Reports"',
+        "docs/nope.md",
+    ]
+    assert stale_pointers("as the original README's ``extract(image)``") == []
