@@ -2,7 +2,7 @@
 
     python create_index.py extractor=siglip_mi_features anns_file=anns.pt captions_file=captions.pt
 
-Every key is documented in README.md; ``--help`` lists them, ``--cfg job`` prints the config.
+Every key is documented in docs/configuration.md; ``--help`` lists them, ``--cfg job`` prints the config.
 
 Order of work, so that mistakes cost seconds, not hours: (1) read and check every input that
 needs no model (annotations, masks, image headers, boxes, the index string); (2) load the model;
@@ -10,7 +10,7 @@ needs no model (annotations, masks, image headers, boxes, the index string); (2)
 (4) extract the missing shards; (5) build the index.
 
 ``stage=all`` (the default) does all of it in one process, then searches. For galleries that need
-many processes the same work is split into stages (README "Scaling out")::
+many processes the same work is split into stages (docs/scaling-out.md)::
 
     stage=prepare    (1)-(3), one process: writes the identity, images.json and per shard a job file
     stage=extract    (4), ``workers=W worker=w``: the missing shards s with s % W == w (any W resumes);

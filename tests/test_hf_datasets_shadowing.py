@@ -51,13 +51,13 @@ def test_transformers_works_and_datasets_is_ours():
     assert result.stdout.strip().startswith("OK"), result.stdout
 
 
-def test_the_readmes_notebook_cell_imports_soir_from_outside_the_repository(tmp_path):
-    """README "Notebooks outside the repository": its cell, run from another folder with SOIR_ROOT set
+def test_the_docs_notebook_cell_imports_soir_from_outside_the_repository(tmp_path):
+    """docs/getting-started.md, "Notebooks outside the repository": its cell, run from another folder with SOIR_ROOT set
     and nothing of SoIR installed, imports the extractors and our ``datasets`` (not HuggingFace's).
     Fails on main 4e786ae (no such cell; ``from extractors import ...`` outside the root is a
     ModuleNotFoundError)."""
-    readme = (ROOT / "README.md").read_text()
-    cell = readme.split("<!-- notebook-outside-the-repository -->\n```python\n", 1)[1].split("```", 1)[0]
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    cell = page.split("<!-- notebook-outside-the-repository -->\n```python\n", 1)[1].split("```", 1)[0]
     check = "import datasets\nassert datasets.__file__.startswith(os.environ['SOIR_ROOT']), datasets.__file__\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"SOIR_ROOT": str(ROOT)}
     proc = subprocess.run(

@@ -205,7 +205,7 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
 # at 02d2152; file:line of each step in the comments; its code is not copied), on tiny random models.
 # The model input size S stands for its hard-coded 224 (DINOv2, CLIP) / 384 (SigLIP); the pixels are
 # normalised with the checkpoint's mean / std (datasets/preprocessing.py; which resize backend the
-# original's processor used is README, "Coming from the original code").
+# original's processor used is in docs/coming-from-original.md).
 # ---------------------------------------------------------------------------------------------------
 
 COMPAT = dict(  # configs/compat/original.yaml, as the extractors take it
@@ -395,8 +395,8 @@ def test_query_vectors_each_scores_every_query_vector_as_a_query():
     vector is the reference. SoIR's default (max) scores the image once by its best pair."""
     from sklearn.metrics import average_precision_score
 
+    from search_index import each_vector_a_query, image_scores
     from utils.retrieval.metrics import per_query_metrics
-    from utils.retrieval.ranking import each_vector_a_query, image_scores
 
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(7, 8)).astype(np.float32)  # 6 gallery images, image 2 with two rows

@@ -1,33 +1,51 @@
-"""README.md documents every configuration key that exists, and no key that does not.
+"""README.md and docs/*.md tell the truth about the code, and hold together as pages.
 
-The keys are read from the first column of the tables under "## Configuration reference" (every
-backticked name in that cell: ``run_type`` / ``run_name`` and the original's aliases such as
-"(or the original's ``subset``)" count) and, for scripts/train_mao.py, of the "key | default |
-meaning" table under "## Training MaO adapters". They are compared with the schemas the code
-validates against: ``utils.config.SoIRConfig`` (plus the config groups of configs/defaults.yaml) and
-``utils.training.trainer.TrainConfig``.
+- docs/configuration.md documents every configuration key that exists, and no key that does not. The
+  keys are read from the first column of the tables under "## Configuration reference" (every
+  backticked name in that cell: ``run_type`` / ``run_name`` and the original's aliases such as
+  "(or the original's ``subset``)" count) and compared with ``utils.config.SoIRConfig`` (plus the
+  config groups of configs/defaults.yaml). docs/training.md's "key | default | meaning" table is
+  compared with ``utils.training.trainer.TrainConfig`` likewise.
+- The README is a front door: at most 250 lines, linking every page of docs/.
+- Every relative link of the README and of docs/ leads to a file that exists, and a ``#section`` to a
+  heading of that file (GitHub's anchors).
+- The commands of the README and of docs/getting-started.md use only keys and flags that exist: the
+  Hydra overrides of create_index.py / search_index.py compose against the schema, the argparse
+  scripts parse them, and the README's first "own images" command runs as written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
 
-from utils.config import UNREAD_ORIGINAL_KEYS, SoIRConfig
+from example.create_annotations import main as create_annotations_main
+from scripts.create_masked_dataset import parse_args as create_masked_dataset_args
+from utils.config import UNREAD_ORIGINAL_KEYS, SoIRConfig, check_overrides, register
 from utils.training.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+CONFIGURATION = (DOCS / "configuration.md").read_text()
+TRAINING = (DOCS / "training.md").read_text()
+README_MAX_LINES = 250
 
 
-def section(text: str, heading: str) -> str:
+def section(text: str, heading: str, where: str = "docs/configuration.md") -> str:
     """The text of the level-2 section ``## <heading>``, up to the next level-2 heading."""
     match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    assert match, f"README.md has no section '## {heading}'"
+    assert match, f"{where} has no section '## {heading}'"
     return match.group(1)
 
 
@@ -60,10 +78,10 @@ def unread_original_keys(text: str) -> set[str]:
     return set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", match.group(1)))
 
 
-def assert_same(documented: set[str], schema: set[str], where: str) -> None:
+def assert_same(documented: set[str], schema: set[str], where: str, page: str = "docs/configuration.md") -> None:
     missing, extra = sorted(schema - documented), sorted(documented - schema)
     assert not missing and not extra, (
-        f"{where}: keys missing from README.md: {missing}; README.md documents keys that do not exist: {extra}"
+        f"{where}: keys missing from {page}: {missing}; {page} documents keys that do not exist: {extra}"
     )
 
 
@@ -77,14 +95,18 @@ def test_table_keys_reads_names_and_aliases_and_skips_other_tables():
 
 
 def test_configuration_reference_documents_exactly_the_schema():
-    reference = section(README, "Configuration reference")
+    reference = section(CONFIGURATION, "Configuration reference")
     _reference_check(reference)
     assert_same(unread_original_keys(reference), set(UNREAD_ORIGINAL_KEYS), "the original's unread keys")
 
 
-def test_training_section_documents_exactly_train_config():
-    training = section(README, "Training MaO adapters")
-    assert_same(table_keys(training), {f.name for f in dataclasses.fields(TrainConfig)}, "Training MaO adapters")
+def test_training_page_documents_exactly_train_config():
+    assert_same(
+        table_keys(TRAINING),
+        {f.name for f in dataclasses.fields(TrainConfig)},
+        "Training MaO adapters",
+        page="docs/training.md",
+    )
 
 
 def _reference_check(text: str) -> None:
@@ -95,16 +117,250 @@ def _reference_check(text: str) -> None:
 @pytest.mark.parametrize("name", ["dataset", "mi_alpha", "search_nprobe"])
 def test_a_missing_key_is_caught(name):
     """Dropping one key's row from the reference makes the check fail, naming the key."""
-    reference = section(README, "Configuration reference")
+    reference = section(CONFIGURATION, "Configuration reference")
     rows = [line for line in reference.splitlines() if not line.startswith(f"| `{name}` |")]
     assert len(rows) == len(reference.splitlines()) - 1
-    with pytest.raises(AssertionError, match=f"missing from README.md: \\['{name}'\\]"):
+    with pytest.raises(AssertionError, match=f"missing from docs/configuration.md: \\['{name}'\\]"):
         _reference_check("\n".join(rows))
 
 
 def test_a_key_that_does_not_exist_is_caught():
-    reference = section(README, "Configuration reference").replace(
+    reference = section(CONFIGURATION, "Configuration reference").replace(
         "| `mi_alpha` |", "| `mi_gamma` | `0` | no such key |\n| `mi_alpha` |"
     )
     with pytest.raises(AssertionError, match=r"do not exist: \['mi_gamma'\]"):
         _reference_check(reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# The README as a front door, and the links between the pages
+# --------------------------------------------------------------------------------------------------
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def without_code(text: str) -> str:
+    """``text`` with its fenced code blocks and inline code blanked (links there are not links)."""
+    text = re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def relative_links(text: str) -> list[str]:
+    """The link targets of ``text`` that are not web addresses (``page.md``, ``../x.png#part``)."""
+    return [t for t in LINK.findall(without_code(text)) if not re.match(r"^[a-z]+:", t)]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, every character that is not a letter, digit, space,
+    hyphen or underscore dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The ``#anchors`` of a Markdown file's headings (a repeated heading gets ``-1``, ``-2`` ...)."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M), flags=re.M):
+        base = slug(heading)
+        found.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of ``page`` whose file does not exist, or whose ``#anchor`` names no heading."""
+    broken = []
+    for target in relative_links(page.read_text()):
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            broken.append(f"{target} (no file {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path.read_text()):
+            broken.append(f"{target} (no heading with anchor #{anchor} in {path.name})")
+    return broken
+
+
+def test_the_readme_is_a_front_door():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(README.read_text())}
+    assert len(PAGES) >= 16  # the pages of issue 22 plus docs/interop.md
+    missing = [page.name for page in PAGES if page.resolve() not in linked]
+    assert not missing, f"docs pages not linked from README.md: {missing}"
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    assert not broken_links(page), f"{page.relative_to(ROOT)}: broken links {broken_links(page)}"
+
+
+def test_slug_and_anchors_follow_github():
+    assert slug("Install (fresh machine, Python 3.11 + pip)") == "install-fresh-machine-python-311--pip"
+    assert slug("Object masks: `scripts/create_masked_dataset.py`") == "object-masks-scriptscreate_masked_datasetpy"
+    assert slug("1. Prepare a benchmark") == "1-prepare-a-benchmark"
+    assert anchors("# A\n## B b\n```\n# not a heading\n```\n## B b\n") == {"a", "b-b", "b-b-1"}
+
+
+def test_a_broken_link_is_caught(tmp_path):
+    """A missing file, a missing heading and an image are each found; code and web links are not links."""
+    (tmp_path / "other.md").write_text("# Other\n## Its part\n")
+    (tmp_path / "pic.png").write_bytes(b"")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n[ok](other.md#its-part) [ok](#page) ![ok](pic.png) [web](https://example.com/x.md)\n"
+        "[gone](gone.md) [bad part](other.md#no-part) ![gone](gone.png) `[code](code.md)`\n"
+        "```\n[block](block.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        f"gone.md (no file {tmp_path / 'gone.md'})",
+        "other.md#no-part (no heading with anchor #no-part in other.md)",
+        f"gone.png (no file {tmp_path / 'gone.png'})",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands of the README and of the getting-started page
+# --------------------------------------------------------------------------------------------------
+HYDRA_SCRIPTS = {"create_index.py", "search_index.py"}
+
+
+def python_commands(text: str) -> list[list[str]]:
+    """Every ``python <script>.py ...`` command of the ``bash`` blocks of ``text``, as argv (script
+    first), continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            for start in (i for i, word in enumerate(argv) if word == "python" and i + 1 < len(argv)):
+                if argv[start + 1].endswith(".py"):
+                    commands.append(argv[start + 1 :])
+    return commands
+
+
+def check_command(argv: list[str], cwd: Path) -> None:
+    """Fail unless ``argv`` (script first) uses only keys / flags its script has."""
+    script, args = argv[0], argv[1:]
+    if script in HYDRA_SCRIPTS:
+        check_overrides(args, SoIRConfig, sorted(config_groups()), script)  # unknown key: SoIRError
+        register()
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            compose(config_name="defaults", overrides=args)  # wrong types fail here
+    elif script == "scripts/create_masked_dataset.py":
+        create_masked_dataset_args(args)  # an unknown flag exits (argparse)
+    elif script == "example/create_annotations.py":
+        run_create_annotations(args, cwd)
+    else:
+        raise AssertionError(f"no check for the commands of {script}: add one to tests/test_readme.py")
+
+
+def run_create_annotations(args: list[str], cwd: Path) -> dict:
+    """Run example/create_annotations.py with ``args`` in ``cwd`` (its paths are relative) on a
+    two-instance layout made under its ``--root``; return the anns.pt it wrote."""
+    root = cwd / args[args.index("--root") + 1]
+    for key in ("queries/mug/q.jpg", "queries/toy/q.jpg", "gallery/mug/g.jpg", "gallery/toy/t.jpg"):
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / key)
+    with contextlib.chdir(cwd):
+        create_annotations_main(args)
+    return torch.load(cwd / args[args.index("--out") + 1], weights_only=True)
+
+
+@pytest.mark.parametrize("page", [README, DOCS / "getting-started.md"], ids=lambda p: p.name)
+def test_the_pages_commands_use_only_existing_keys_and_flags(page, tmp_path):
+    commands = python_commands(page.read_text())
+    scripts = {argv[0] for argv in commands}
+    assert "create_index.py" in scripts and "search_index.py" in scripts, scripts
+    for argv in commands:
+        check_command(argv, tmp_path)
+
+
+def test_the_readmes_own_images_commands():
+    """The four commands: annotations, masks, features, search, with the scripts that exist today."""
+    block = section(README.read_text(), "Your own images in four commands", where="README.md")
+    assert [argv[0] for argv in python_commands(block)] == [
+        "example/create_annotations.py",
+        "scripts/create_masked_dataset.py",
+        "create_index.py",
+        "search_index.py",
+    ]
+
+
+def test_the_readmes_first_own_images_command_writes_anns(tmp_path):
+    argv = python_commands(section(README.read_text(), "Your own images in four commands", where="README.md"))[0]
+    anns = run_create_annotations(argv[1:], tmp_path)
+    assert anns == {
+        "gallery/mug/g.jpg": {"ins": [0], "is_query": False, "obj_name": "mug"},
+        "gallery/toy/t.jpg": {"ins": [1], "is_query": False, "obj_name": "toy"},
+        "queries/mug/q.jpg": {"ins": 0, "is_query": True, "obj_name": "mug"},
+        "queries/toy/q.jpg": {"ins": 1, "is_query": True, "obj_name": "toy"},
+    }
+
+
+def test_an_invented_key_or_flag_is_caught(tmp_path, capsys):
+    with pytest.raises(Exception, match="unknown key 'mi_alhpa'; did you mean mi_alpha"):
+        check_command(["create_index.py", "mi_alhpa=0.03"], tmp_path)
+    with pytest.raises(Exception, match="query_bbox"):
+        check_command(["search_index.py", "query_bbox=not_a_list"], tmp_path)
+    masks = ["scripts/create_masked_dataset.py", "--input_dir", "x", "--output_dir", "y", "--sam_checkpoint", "z"]
+    check_command(masks, tmp_path)
+    with pytest.raises(SystemExit):
+        check_command([*masks, "--no_such_flag"], tmp_path)
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="no check for the commands of scripts/other.py"):
+        check_command(["scripts/other.py"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the code tells users to read
+# --------------------------------------------------------------------------------------------------
+CODE_PLACES = [
+    "create_index.py",
+    "search_index.py",
+    "configs",
+    "utils",
+    "extractors",
+    "datasets",
+    "scripts",
+    "benchmarks",
+    "example",
+    "requirements-cluster.txt",
+    "requirements-interop.txt",
+    ".ci",
+]
+
+
+def code_files() -> list[Path]:
+    files = []
+    for place in map(ROOT.joinpath, CODE_PLACES):
+        candidates = [place] if place.is_file() else sorted(place.rglob("*"))
+        files += [
+            p for p in candidates if p.is_file() and (p.suffix in {".py", ".yaml", ".txt", ".sh"} or p.name == "run")
+        ]
+    return files
+
+
+def stale_pointers(text: str) -> list[str]:
+    """Pointers to a README section (which moved to docs/) and to docs pages that do not exist."""
+    stale = re.findall(r"README(?:'s|,)? \"[^\"]+\"", text)
+    return stale + [page for page in re.findall(r"docs/[\w-]+\.md", text) if not (ROOT / page).is_file()]
+
+
+def test_the_code_points_to_docs_pages_that_exist():
+    files = code_files()
+    assert ROOT / "configs" / "defaults.yaml" in files and ROOT / "utils" / "config.py" in files
+    stale = {str(p.relative_to(ROOT)): stale_pointers(p.read_text()) for p in files}
+    bad = {k: v for k, v in stale.items() if v}
+    assert not bad, f"point users to the docs/ page instead: {bad}"
+    footer = yaml.safe_load((ROOT / "configs" / "defaults.yaml").read_text())["hydra"]["help"]["footer"]
+    assert "docs/configuration.md" in footer  # what `--help` tells a user to read
+
+
+def test_a_stale_pointer_is_caught():
+    assert stale_pointers('stages (README "Scaling out"); README, "Reports"; docs/speed.md; docs/nope.md') == [
+        'README "Scaling out"',
+        'README, "Reports"',
+        "docs/nope.md",
+    ]
+    assert stale_pointers("as the original README's ``extract(image)``") == []

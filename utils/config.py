@@ -163,7 +163,7 @@ class SoIRConfig:
     only_create: bool = False  # stop after the index (else the search runs at the end)
     only_gallery: bool = False  # extract the gallery only (no queries, no search)
     no_faiss: bool = False  # build no FAISS index (the search is exact either way)
-    # --- stages, for galleries that need many processes (README "Scaling out") ------------
+    # --- stages, for galleries that need many processes (docs/scaling-out.md) ------------
     stage: Stage = Stage.all  # all (one process, as always) | prepare | extract | index | search
     workers: int = 1  # stage=extract: the shards are split among this many workers,
     worker: int = 0  # ... this one computing the missing shards s with s % workers == worker

@@ -10,7 +10,7 @@ LayerNorms, the MLP and the head are), registered in ``vit_adapters.ADAPTERS`` u
 The extractor classes (``extractors/families.py``), the Hydra config files
 (``configs/extractor/<name>.yaml``) and the tiny test models (``scripts/make_tiny_models.py``) are
 keyed by the same name; ``tests/utils/test_families.py`` checks they all agree with this table.
-See the README's "Adding a backbone".
+See docs/architecture.md, "Adding a backbone".
 
 This module imports nothing from SoIR, so every layer can read it.
 """

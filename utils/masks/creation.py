@@ -1,7 +1,7 @@
 """Object masks for Mask Inversion: OWLv2 finds the objects, SAM turns each box into a mask.
 
-The pipeline behind ``scripts/create_masked_dataset.py`` (the CLI; its docstring and the README's
-"Object masks" section describe the options and the output folder). :func:`run` validates every
+The pipeline behind ``scripts/create_masked_dataset.py`` (the CLI; its docstring and
+docs/object-masks.md describe the options and the output folder). :func:`run` validates every
 input and the output folder before any image is read, then computes the missing shards
 (:func:`process_shards`, resumable) and merges them into ``captions.pt`` with a summary.
 """
@@ -494,7 +494,7 @@ def summarize(
     timer: StageTimer,
     elapsed: float,
 ) -> dict:
-    """Numbers a user checks in the morning (see README): counts, objects/image, mask area, time."""
+    """Numbers a user checks in the morning (see docs/object-masks.md): counts, objects/image, mask area, time."""
     per_image = Counter(len(entry["masks_rle"]) for entry in captions.values())
     per_image_stages = {k: v for k, v in timer.seconds.items() if k != "load_models"}
     stage_total = sum(per_image_stages.values()) or 1.0

@@ -77,7 +77,7 @@ log = logging.getLogger("soir.training")
 
 @dataclass
 class TrainConfig:
-    """Typed schema of ``configs/train.yaml``; the defaults are the paper's recipe (README, "Training MaO adapters")."""
+    """Typed schema of ``configs/train.yaml``; the defaults are the paper's recipe (docs/training.md)."""
 
     # --- data --------------------------------------------------------------------------
     dataset: str = "voxdet"  # a name; used in the output path only
