@@ -49,6 +49,8 @@ def test_imported_modules_reads_the_importtime_report():
         ("create_index.py", ["extractr=x"], 1, "unknown key 'extractr'; did you mean extractor"),
         ("create_index.py", ["stage=bogus"], 1, "Invalid value 'bogus'"),  # refused by the schema
         ("create_index.py", ["rerank_k=0"], 1, "rerank_k=0 must be >= 1"),  # refused by check_config
+        ("search_index.py", ["serch=exact"], 1, "unknown key 'serch'; did you mean search"),
+        ("search_index.py", ["k_search=0"], 1, "k_search=0 must be positive"),
     ],
 )
 def test_cli_answers_without_torch(tmp_path, script, args, rc, says):
