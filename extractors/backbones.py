@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import torch
+import transformers
 from torch import nn
+from torchvision.transforms import InterpolationMode
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
@@ -14,6 +16,22 @@ from utils.families import MODEL_TYPES, family_spec
 from utils.hub import check_model_available, hf_offline
 
 log = logging.getLogger("soir.extractors")
+
+
+# utils/families.py names classes and filters by strings (the config layer reads that table without
+# torch); these two functions are where the strings become objects, when a model is built.
+def vision_model_class(family: str) -> type[transformers.PreTrainedModel]:
+    """The transformers class of ``family``'s vision tower (``FamilySpec.model_class_name``)."""
+    return getattr(transformers, family_spec(family).model_class_name)
+
+
+def original_mi_resample(family: str) -> InterpolationMode:
+    """The resampling filter of the original code's MI path for ``family`` (``mi_resample=original``);
+    ValueError for a family the original code did not have."""
+    original = family_spec(family).original
+    if original is None:
+        raise ValueError(f"the original code had no {family} family, so no mi_resample of its own")
+    return InterpolationMode(original.mi_resample)
 
 
 def load_backbone(
@@ -35,7 +53,7 @@ def load_backbone(
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise in our logs
     try:
         # float32 whatever the checkpoint's dtype: reduced precision is the `precision` option's job.
-        model, info = (model_class or family_spec(family).model_class).from_pretrained(
+        model, info = (model_class or vision_model_class(family)).from_pretrained(
             model_name, attn_implementation=attn_implementation, dtype=torch.float32, output_loading_info=True
         )
     except OSError as err:

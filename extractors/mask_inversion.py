@@ -25,6 +25,7 @@ from datasets.views import (
     stack_masks,
     stack_views,
 )
+from extractors.backbones import original_mi_resample
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
 from extractors.mi.engine import OVERLAPS, legrad_map, mask_inversion
@@ -258,7 +259,7 @@ class MIExtractor(Extractor):
         self.mi_preprocess = (
             self.preprocess
             if mi_resample == "processor"
-            else dataclasses.replace(self.preprocess, resample=original.mi_resample)
+            else dataclasses.replace(self.preprocess, resample=original_mi_resample(self.family))
         )
 
     def _check_alpha_sum(self, alpha_sum: float, alpha_sum_full: float) -> float:

@@ -19,7 +19,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from utils.config import register  # noqa: E402
 from utils.testing.tiny_models import TINY_BUILDERS, TINY_VARIANTS  # noqa: E402
+
+# configs/defaults.yaml's defaults list names the schema and the extractor group, which live in Hydra's
+# ConfigStore (the CLIs register them at import): every test that composes it finds them, whichever
+# test ran first.
+register()
 
 # Tiny models are dominated by per-op overhead; with 2 threads on a 2-core machine that is also
 # running DataLoader workers or subprocesses, thread spinning makes them 10-100x slower.

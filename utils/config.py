@@ -11,6 +11,7 @@ import difflib
 import functools
 import logging
 import math
+import re
 import string
 import sys
 import uuid
@@ -406,8 +407,10 @@ def refuse_unknown_keys(schema: type, groups: Sequence[str], script: str) -> Cal
 
 
 def register() -> None:
-    """Register the schema (as ``soir_schema``) and the resolvers used in run and job folder names."""
+    """Register the schema (as ``soir_schema``), the ``extractor`` group and the resolvers used in run and
+    job folder names."""
     ConfigStore.instance().store(name="soir_schema", node=SoIRConfig)
+    register_extractor_group()
     if not OmegaConf.has_resolver("soir_uid"):
         # Seconds-resolution timestamps alone collide for runs started together.
         OmegaConf.register_new_resolver("soir_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
@@ -425,6 +428,29 @@ def register() -> None:
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
 
 
+def extractor_group() -> dict[str, dict[str, str]]:
+    """The ``extractor`` config group, generated from the family table (utils/families.py): per family,
+    ``<family>_features`` and ``<family>_mi_features``, each setting ``extractor`` and ``vec_dim``.
+
+    ``vec_dim`` follows the family's default model (``B_model=true``: base, ``false``: large where the
+    family has one) through the ``soir_vec_dim`` resolver; with a ``model_name=`` of another size, set
+    ``vec_dim=`` too (the extractor checks it). Values: ``{option: node}``, the node as Hydra merges it
+    at the top level of the config (package ``_global_``)."""
+    return {
+        name: {"extractor": name, "vec_dim": f"${{soir_vec_dim:{family},${{B_model}}}}"}
+        for family, spec in FAMILIES.items()
+        for name in spec.extractors
+    }
+
+
+def register_extractor_group() -> None:
+    """Store :func:`extractor_group` in Hydra's ConfigStore as the ``extractor`` group, which
+    configs/defaults.yaml's defaults list picks from (``extractor=siglip_mi_features``)."""
+    store = ConfigStore.instance()
+    for name, node in extractor_group().items():
+        store.store(group="extractor", name=name, node=node, package="_global_")
+
+
 def run_dataset(dataset: str, features_dir: str | None = None) -> str:
     """The dataset named in run folder names: ``dataset``, or, when it is left at its default and a
     features folder is given (search_index.py, its ad-hoc queries, the stages), the dataset that folder
@@ -440,7 +466,7 @@ def run_dataset(dataset: str, features_dir: str | None = None) -> str:
 
 def default_vec_dim(family: str, B_model: bool) -> int:
     """The embedding size of ``family``'s default model (base, or large with ``B_model=false`` where the
-    family has one): the ``vec_dim`` that configs/extractor/<name>.yaml sets (utils/families.py)."""
+    family has one): the ``vec_dim`` that the ``extractor`` group's nodes set (:func:`extractor_group`)."""
     dims = FAMILIES[family].vec_dims
     return dims["base" if B_model or "large" not in dims else "large"]
 
@@ -594,11 +620,16 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device name torch does not know (``device=gpu``), in one line, before any model loads."""
-    import torch  # here, not at the top: the config checks need no torch otherwise
+    """Refuse a device name torch does not know (``device=gpu``), in one line, before any model loads.
 
-    if device == "auto":
+    The names SoIR documents (auto, cpu, cuda, cuda:N) are accepted without importing torch, so that
+    checking a command line stays fast (``--help``, a refused value: about a second, not six); only
+    another name asks torch, the authority on device names. Whether CUDA is there is checked where the
+    model is loaded (``extractors.base.resolve_device``)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         return
+    import torch  # an unusual name (mps, xpu:0, gpu ...): torch knows which exist
+
     try:
         torch.device(device)
     except RuntimeError:

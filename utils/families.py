@@ -7,34 +7,29 @@ original research code did for it. Code reads this table; nothing parses extract
 
 The one piece of code per family is its adapter in ``extractors/mi/vit_adapters.py`` (where q/k/v/o, the
 LayerNorms, the MLP and the head are), registered in ``vit_adapters.ADAPTERS`` under the same name.
-The extractor classes (``extractors/families.py``), the Hydra config files
-(``configs/extractor/<name>.yaml``) and the tiny test models (``scripts/make_tiny_models.py``) are
+The extractor classes (``extractors/families.py``), the Hydra ``extractor`` group (its nodes
+``<name>_features`` / ``<name>_mi_features`` are generated from this table by
+``utils/config.py:register_extractor_group``) and the tiny test models (``scripts/make_tiny_models.py``) are
 keyed by the same name; ``tests/utils/test_families.py`` checks they all agree with this table.
 See docs/architecture.md, "Adding a backbone".
 
-This module imports nothing from SoIR, so every layer can read it.
+This module imports nothing from SoIR and nothing heavy: classes and resampling filters are named by
+strings and resolved only when a model is built (``extractors/backbones.py``: :func:`vision_model_class`,
+:func:`original_mi_resample`), so the config layer (the CLIs' ``--help``, the Hydra ``extractor`` group
+generated from this table) reads it without importing torch, torchvision or transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchvision.transforms import InterpolationMode
-from transformers import (
-    CLIPVisionModelWithProjection,
-    Dinov2Model,
-    Dinov2WithRegistersModel,
-    DINOv3ViTModel,
-    Siglip2VisionModel,
-    SiglipVisionModel,
-)
-
 
 @dataclass(frozen=True)
 class OriginalCode:
     """What the original research code did for a family (``compat=original`` reproduces it).
 
-    mi_resample: the resampling of the image on its MI path (``mi_resample=original``).
+    mi_resample: the resampling of the image on its MI path (``mi_resample=original``), as the value of a
+        ``torchvision.transforms.InterpolationMode`` ("lanczos", "bilinear").
     smart_crop_pad_pixels: its smart-crop padding in input pixels; None: int(0.1 x the box's longer side)
         (``smart_crop_source=resized``).
     mi_sum_mean_dice: its ``mi_sum`` fitted one vector to the mean of the per-mask Dice terms
@@ -47,7 +42,7 @@ class OriginalCode:
         (DINOv2 only; the others hard-code 0).
     """
 
-    mi_resample: InterpolationMode
+    mi_resample: str
     smart_crop_pad_pixels: int | None
     mi_sum_mean_dice: bool
     min_max_eps: float = 0.0
@@ -60,7 +55,8 @@ class FamilySpec:
     """One backbone family.
 
     name: the family's name; extractors ``<name>_features`` and ``<name>_mi_features``.
-    model_class: the transformers class loaded for the vision tower (``from_pretrained``).
+    model_class_name: the name, in ``transformers``, of the class loaded for the vision tower
+        (``from_pretrained``); ``extractors.backbones.vision_model_class`` resolves it.
     model_types: the ``config.model_type`` values of checkpoints of this family (a whole SigLIP / CLIP
         checkpoint and its vision tower have different ones).
     default_models: hub ids, ``{"base": ..., "large": ...}`` (``B_model=false`` picks "large").
@@ -73,7 +69,7 @@ class FamilySpec:
     """
 
     name: str
-    model_class: type
+    model_class_name: str
     model_types: tuple[str, ...]
     default_models: dict[str, str]
     vec_dims: dict[str, int]
@@ -87,6 +83,11 @@ class FamilySpec:
     def supports_lora(self) -> bool:
         return bool(self.lora_targets)
 
+    @property
+    def extractors(self) -> tuple[str, str]:
+        """Its two extractors' names: the plain embedding and Mask Inversion (``extractor=``)."""
+        return f"{self.name}_features", f"{self.name}_mi_features"
+
 
 _QKV = ("q_proj", "k_proj", "v_proj")  # DINOv2 and CLIP attention in transformers 5.x
 
@@ -95,39 +96,39 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec(
             "dinov2",
-            Dinov2Model,
+            "Dinov2Model",
             ("dinov2",),
             {"base": "facebook/dinov2-base", "large": "facebook/dinov2-large"},
             {"base": 768, "large": 1024},
             lora_targets=_QKV,
-            original=OriginalCode(InterpolationMode.LANCZOS, None, False, reads_alpha_sum=True),
+            original=OriginalCode("lanczos", None, False, reads_alpha_sum=True),
         ),
         FamilySpec(
             "dinov2reg",
-            Dinov2WithRegistersModel,
+            "Dinov2WithRegistersModel",
             ("dinov2_with_registers",),
             {"base": "facebook/dinov2-with-registers-base", "large": "facebook/dinov2-with-registers-large"},
             {"base": 768, "large": 1024},
         ),
         FamilySpec(
             "dinov3",
-            DINOv3ViTModel,
+            "DINOv3ViTModel",
             ("dinov3_vit",),
             {"base": "facebook/dinov3-vitb16-pretrain-lvd1689m", "large": "facebook/dinov3-vitl16-pretrain-lvd1689m"},
             {"base": 768, "large": 1024},
         ),
         FamilySpec(
             "siglip",
-            SiglipVisionModel,
+            "SiglipVisionModel",
             ("siglip", "siglip_vision_model"),
             {"base": "google/siglip-base-patch16-384", "large": "google/siglip-so400m-patch14-384"},
             {"base": 768, "large": 1152},
-            original=OriginalCode(InterpolationMode.BILINEAR, 5, True, map_patch_size=16),
+            original=OriginalCode("bilinear", 5, True, map_patch_size=16),
             cls_token=False,
         ),
         FamilySpec(
             "siglip2",
-            Siglip2VisionModel,
+            "Siglip2VisionModel",
             ("siglip2", "siglip2_vision_model"),
             {"base": "google/siglip2-base-patch16-naflex", "large": "google/siglip2-so400m-patch16-naflex"},
             {"base": 768, "large": 1152},
@@ -136,13 +137,13 @@ FAMILIES: dict[str, FamilySpec] = {
         ),
         FamilySpec(
             "clip",
-            CLIPVisionModelWithProjection,
+            "CLIPVisionModelWithProjection",
             ("clip", "clip_vision_model"),
             {"base": "openai/clip-vit-base-patch16"},
             {"base": 512},
             dim_key="projection_dim",
             lora_targets=_QKV,
-            original=OriginalCode(InterpolationMode.BILINEAR, 5, True, min_max_eps=1e-6),
+            original=OriginalCode("bilinear", 5, True, min_max_eps=1e-6),
         ),
     )
 }

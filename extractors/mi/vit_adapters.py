@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from extractors.backbones import vision_model_class
 from utils.families import FAMILIES, MODEL_TYPES
 
 
@@ -160,7 +161,7 @@ def vit_parts(model: nn.Module) -> VitParts:
             f"Mask Inversion supports the families {', '.join(FAMILIES)}; got {type(base).__name__} "
             f"with config.model_type={model_type!r} (known: {sorted(MODEL_TYPES)})"
         )
-    cls = FAMILIES[family].model_class
+    cls = vision_model_class(family)
     if not isinstance(base, cls):
         raise ValueError(
             f"config.model_type={model_type!r} needs a {cls.__name__} (the vision tower with its "

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from extractors import build_extractor, extractor_from_config
+from extractors.backbones import vision_model_class
 from extractors.mi.engine import global_embedding
 from extractors.pooling import pooled_embedding, token_descriptors
 from utils.errors import SoIRError
@@ -61,7 +62,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs):
-    return {name: FAMILIES[name].model_class.from_pretrained(tiny_model_dirs[name]).eval() for name in FAMILIES}
+    return {name: vision_model_class(name).from_pretrained(tiny_model_dirs[name]).eval() for name in FAMILIES}
 
 
 def _inputs(model, family: str, grid: tuple[int, int]):

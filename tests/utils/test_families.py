@@ -1,22 +1,28 @@
 """utils/families.py: the one table of backbone families, and everything keyed by it agrees with it."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from torchvision.transforms import InterpolationMode
 from transformers import AutoConfig
 
 from datasets.preprocessing import NaFlexPreprocess
 from extractors import list_extractors
+from extractors.backbones import original_mi_resample, vision_model_class
 from extractors.mi.vit_adapters import ADAPTERS
 from extractors.registry import capabilities, extractor_class
-from utils.config import default_vec_dim, register
+from utils.config import default_vec_dim, extractor_group, register
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
 from utils.pipeline.create import plan
 from utils.testing.tiny_models import TINY_BUILDERS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
 
 
 def _compose(*overrides: str):
@@ -44,18 +50,47 @@ def test_tiny_checkpoints_are_recognised_by_their_model_type(tiny_model_dirs):
         assert model_type in family_spec(name).model_types and MODEL_TYPES[model_type] == name
 
 
-def test_extractor_config_group_matches_the_registry():
-    """configs/extractor/<name>.yaml exists for every registered extractor (and only those) and sets
-    vec_dim to the family's default model: base, or large with B_model=false."""
-    files = sorted(p.stem for p in (CONFIGS / "extractor").glob("*.yaml"))
-    assert files == list_extractors()
-    for name in files:
+def test_extractor_config_group_is_generated_from_the_table():
+    """The ``extractor`` group holds one node per registered extractor (and only those), generated from
+    the family table, none written by hand, each setting extractor and vec_dim to the family's default
+    model: base, or large with B_model=false."""
+    register()
+    assert not (CONFIGS / "extractor").exists()  # a hand-written file would shadow a generated node
+    stored = sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list("extractor"))
+    assert stored == sorted(extractor_group()) == list_extractors()
+    assert sorted(extractor_group()) == sorted(name for spec in FAMILIES.values() for name in spec.extractors)
+    for name in stored:
         spec = FAMILIES[capabilities(name)["family"]]
+        assert extractor_group()[name] == {"extractor": name, "vec_dim": f"${{soir_vec_dim:{spec.name},${{B_model}}}}"}
         cfg = _compose(f"extractor={name}")
         assert (cfg.extractor, cfg.vec_dim) == (name, spec.vec_dims["base"])
         assert _compose(f"extractor={name}", "B_model=false").vec_dim == spec.vec_dims.get(
             "large", spec.vec_dims["base"]
         )
+
+
+def test_class_and_filter_names_resolve_to_the_familys_objects():
+    """The table names classes and filters as strings; the models layer resolves them to the transformers
+    class whose config.model_type is the family's, and to torchvision's filter."""
+    for name, spec in FAMILIES.items():
+        cls = vision_model_class(name)
+        assert cls.__name__ == spec.model_class_name and cls.config_class.model_type in spec.model_types
+    assert original_mi_resample("dinov2") is InterpolationMode.LANCZOS
+    assert original_mi_resample("siglip") is original_mi_resample("clip") is InterpolationMode.BILINEAR
+    assert [name for name, spec in FAMILIES.items() if spec.original] == ["dinov2", "siglip", "clip"]
+    with pytest.raises(ValueError, match="original code had no dinov3 family"):
+        original_mi_resample("dinov3")
+
+
+def test_the_family_table_and_the_config_layer_import_nothing_heavy():
+    """Fails before issue 28 part 4: utils/families.py imported transformers and torchvision classes, so
+    every command paid for them before its settings were read."""
+    code = (
+        "import sys, utils.families, utils.config; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'faiss', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_extractor_alone_sets_vec_dim_and_an_explicit_vec_dim_wins():
