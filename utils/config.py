@@ -11,6 +11,7 @@ import difflib
 import functools
 import logging
 import math
+import re
 import string
 import sys
 import uuid
@@ -125,16 +126,26 @@ class RunSettings:
         "retrieval",
         "run folder name part: <dataset>_<run_type>",
         Role.RUN,
-        doc="run folder name parts: `<dataset>_<run_type>-<run_name or experiment>` (the original's)",
+        doc="run folder name part: `<dataset>_<run_type>-<run_name or experiment>` (the original's naming)",
     )
-    run_name: Optional[str] = setting(None, "run folder name part; null = experiment", Role.RUN)
+    run_name: Optional[str] = setting(
+        None,
+        "run folder name part; null = experiment",
+        Role.RUN,
+        doc="run folder name part (see `run_type`); `null` = `experiment`",
+    )
     tag: str = setting(
         "",
         "appended to run and features folder names as _<tag>",
         Role.RUN,
-        doc="appended to run and features folder names as `_<tag>` / `_<add_string>`",
+        doc="appended to run and features folder names as `_<tag>`",
     )
-    add_string: str = setting("", "appended to run and features folder names as _<add_string>", Role.RUN)
+    add_string: str = setting(
+        "",
+        "appended to run and features folder names as _<add_string>",
+        Role.RUN,
+        doc="appended to run and features folder names as `_<add_string>` (after `_<tag>`)",
+    )
     debug: bool = setting(
         False, "log the MI loss of every iteration", Role.RUN, doc="log the loss of every MI iteration"
     )
@@ -200,14 +211,19 @@ class LoRASettings:
         "LoRA rank (a rank stored with the weights must agree)",
         Role.MODEL,
         doc=(
-            "LoRA rank and alpha, as the original (scaling 32/256 = 0.125 at rank 256). An alpha stored with the "
-            "weights wins and is logged: SoIR's checkpoints (`scripts/train_mao.py`) store rank, alpha, target modules "
-            "and family; a peft `adapter_config.json` next to the weights is read too. A stored rank or family that "
-            "differs is an error"
+            "LoRA rank, as the original (scaling `lora_alpha` / rank = 32/256 = 0.125). SoIR's checkpoints "
+            "(`scripts/train_mao.py`) store rank, alpha, target modules and family; a peft `adapter_config.json` next "
+            "to the weights is read too. A stored rank or family that differs is an error"
         ),
     )
     lora_alpha: Optional[float] = setting(
-        32, "as the original (scaling 32/256); an alpha stored with the weights wins", Role.MODEL
+        32,
+        "as the original (scaling 32/256); an alpha stored with the weights wins",
+        Role.MODEL,
+        doc=(
+            "LoRA alpha, as the original (scaling 32/256 = 0.125 at rank 256); an alpha stored with the weights wins "
+            "and is logged"
+        ),
     )
     weights: Optional[str] = setting(
         None,
@@ -238,8 +254,8 @@ class DataSettings:
         "captions.pt with object masks (MI extractors)",
         Role.RUN,
         doc=(
-            "`captions.pt` with object masks (format in the README; the original's `segmentation_results.pt` loads as it is); "
-            "used by MI extractors"
+            "`captions.pt` with object masks (format in the README; the original's `segmentation_results.pt` loads "
+            "as it is); used by MI extractors"
         ),
     )
     masks_from: MasksFrom = setting(
@@ -266,9 +282,8 @@ class DataSettings:
         "root of relative gallery paths; null = anns folder",
         Role.RUN,
         doc=(
-            "roots of relative gallery / query paths; `null` = the anns file's folder. `galleries_dir` may name "
-            "webdataset tar shards, `'galleries_dir=\"/data/{000000..000099}.tar\"'` (keys = member names; see "
-            "[docs/interop.md](docs/interop.md))"
+            "root of relative gallery paths; `null` = the anns file's folder. It may name webdataset tar shards, "
+            "`'galleries_dir=\"/data/{000000..000099}.tar\"'` (keys = member names; see [interop.md](interop.md))"
         ),
     )
     set: Optional[str] = setting(
@@ -287,11 +302,16 @@ class DataSettings:
         "evaluate on the images at these positions of the sorted anns keys",
         Role.RUN,
         doc=(
-            "evaluate on a subset: the images at the positions listed in a file (text, `.npy`, `.pt`, `.json`) / the "
-            "first N, positions in the anns file's sorted keys"
+            "evaluate on a subset: the images at the positions listed in a file (text, `.npy`, `.pt`, `.json`), "
+            "positions in the anns file's sorted keys"
         ),
     )
-    max_ds_index: Optional[int] = setting(None, "evaluate on the first N images of the sorted anns keys", Role.RUN)
+    max_ds_index: Optional[int] = setting(
+        None,
+        "evaluate on the first N images of the sorted anns keys",
+        Role.RUN,
+        doc="evaluate on a subset: the first N images of the anns file's sorted keys",
+    )
     duplicates: Duplicates = setting(
         Duplicates.error,
         "keys naming one file: error|merge (when labels agree)",
@@ -326,7 +346,12 @@ class QuerySettings:
             "--queries_only`); `null` = `captions_file`"
         ),
     )
-    queries_dir: Optional[str] = setting(None, "root of relative query paths; null = anns folder", Role.QUERY_INPUT)
+    queries_dir: Optional[str] = setting(
+        None,
+        "root of relative query paths; null = anns folder",
+        Role.QUERY_INPUT,
+        doc="root of relative query paths; `null` = the anns file's folder",
+    )
     crop: bool = setting(
         False,
         (
@@ -394,7 +419,13 @@ class QuerySettings:
         ),
     )
     query_extractor_args: Optional[dict[str, Any]] = setting(
-        None, "settings of the query extractor that differ", Role.QUERY
+        None,
+        "settings of the query extractor that differ",
+        Role.QUERY,
+        doc=(
+            "the query extractor's settings that differ from the gallery's, e.g. `'query_extractor_args={mi_alpha: "
+            "0.1}'`"
+        ),
     )
     T2I: bool = setting(
         False,
@@ -568,13 +599,14 @@ class MISettings:
         "AdamW learning rate of Mask Inversion",
         plain=Plain.LOGGED,
         shown=True,
-        doc=(
-            "AdamW learning rate (weight decay 0) and steps; `null`: 100 (the published code's), 80 with "
-            "`descriptor=mao` (the paper's)"
-        ),
+        doc="AdamW learning rate of Mask Inversion (weight decay 0)",
     )
     mi_iterations: Optional[int] = setting(
-        None, "null = 100 (published code), 80 with descriptor=mao (the paper's)", plain=Plain.LOGGED, shown=True
+        None,
+        "null = 100 (published code), 80 with descriptor=mao (the paper's)",
+        plain=Plain.LOGGED,
+        shown=True,
+        doc="AdamW steps of Mask Inversion; `null`: 100 (the published code's), 80 with `descriptor=mao` (the paper's)",
     )
     mi_layer_index: int = setting(
         -1,
@@ -796,12 +828,19 @@ class ComputeSettings:
         16,
         "images per batch (part of the features' identity: MI rounding depends on the batch)",
         doc=(
-            "images per batch; DataLoader workers decoding and resizing images (`search_index.py`: threads that write "
-            "the report's thumbnails, 0 = none). `batch_size` is part of the features' identity: in float32, MI "
-            "vectors depend slightly on which images share a batch (rounding amplified by 100 optimisation steps)"
+            "images per batch. Part of the features' identity: in float32, MI vectors depend slightly on which images "
+            "share a batch (rounding amplified by 100 optimisation steps)"
         ),
     )
-    num_workers: int = setting(2, "DataLoader workers (search_index.py: report thumbnail threads, 0 = none)", Role.RUN)
+    num_workers: int = setting(
+        2,
+        "DataLoader workers (search_index.py: report thumbnail threads, 0 = none)",
+        Role.RUN,
+        doc=(
+            "DataLoader workers decoding and resizing images (`search_index.py`: threads that write the report's "
+            "thumbnails, 0 = none)"
+        ),
+    )
     shard_size: int = setting(
         512, "images per feature shard (resume granularity)", doc="images per feature shard, the resume granularity"
     )
@@ -869,7 +908,10 @@ class IndexSettings:
         ),
     )
     worker: int = setting(
-        0, "stage=extract: this worker computes the missing shards s with s % workers == worker", Role.RUN
+        0,
+        "stage=extract: this worker computes the missing shards s with s % workers == worker",
+        Role.RUN,
+        doc="`stage=extract`: this worker's number, in `[0, workers)` (see `workers`)",
     )
     index_train_rows: Optional[int] = setting(
         None,
@@ -904,10 +946,12 @@ class SearchSettings:
             "`max_k_search`"
         ),
     )
-    max_k_search: int = setting(1000000, "cap on k_search (the original's)", Role.RUN)
+    max_k_search: int = setting(
+        1000000, "cap on k_search (the original's)", Role.RUN, doc="cap on `k_search` (the original's)"
+    )
     save_knns: bool = setting(True, "write rankings.jsonl", Role.RUN, doc="write `rankings.jsonl`")
     map_at: Optional[int] = setting(None, "also report mAP@k", Role.RUN)
-    precision_at: tuple[int, ...] = setting((1, 5, 10), "the k of P@k", Role.RUN, doc="the k of P@k and Recall@K")
+    precision_at: tuple[int, ...] = setting((1, 5, 10), "the k of P@k", Role.RUN, doc="the k of P@k")
     recall_at: tuple[int, ...] = setting((1, 5, 10), "the k of Recall@K", Role.RUN)
     search: SearchMode = setting(
         SearchMode.exact,
@@ -921,7 +965,7 @@ class SearchSettings:
             "`exact`: every gallery image scored. `faiss`: FAISS's candidates only, re-scored exactly; mAP is then a "
             "lower bound of the full-gallery mAP (`mAP_is_lower_bound`, `candidate_coverage` in results.json). "
             "`lancedb`: every gallery image scored by the exported LanceDB table (multivector MaxSim; same metrics as "
-            "`exact`, see [docs/interop.md](docs/interop.md))"
+            "`exact`, see [interop.md](interop.md))"
         ),
     )
     lancedb_dir: Optional[str] = setting(
@@ -976,9 +1020,14 @@ class SearchSettings:
         3.0,
         "weight of a neighbour: max(similarity, 0) ** rerank_alpha",
         Role.RUN,
-        doc="the neighbours' weight exponent and number",
+        doc="the neighbours' weight exponent: `max(similarity, 0) ** rerank_alpha`",
     )
-    rerank_k: int = setting(2, "neighbours (gallery images) per expanded vector", Role.RUN)
+    rerank_k: int = setting(
+        2,
+        "neighbours (gallery images) per expanded vector",
+        Role.RUN,
+        doc="neighbours (gallery images) per expanded vector",
+    )
 
 
 @dataclass
@@ -1228,6 +1277,9 @@ def register() -> None:
     if not OmegaConf.has_resolver("soir_console_level"):
         # hydra.job_logging's console handler: INFO lines reach the terminal with verbose=true only.
         OmegaConf.register_new_resolver("soir_console_level", lambda verbose: "INFO" if verbose else "WARNING")
+    if not OmegaConf.has_resolver("soir_help"):
+        # hydra.help.template (configs/defaults.yaml): the keys by group with default and help.
+        OmegaConf.register_new_resolver("soir_help", hydra_help_keys)
     if not OmegaConf.has_resolver("soir_vec_dim"):
         OmegaConf.register_new_resolver("soir_vec_dim", default_vec_dim)
 
@@ -1258,6 +1310,35 @@ def run_label(run_name: str | None, experiment: str, tag: str | None = "", add_s
     return "_".join(str(p) for p in (run_name or experiment or "run", tag, add_string) if p not in (None, ""))
 
 
+# mi_iterations=null: the published code's steps, or the paper's for its Stage B (descriptor=mao).
+MI_ITERATIONS = {"mi": 100, "mao": 80}
+
+
+def mi_iterations(iterations: int | None, descriptor: str) -> int:
+    """The Mask Inversion steps ``mi_iterations`` asks for: itself, or null's default for ``descriptor``."""
+    return MI_ITERATIONS[str(descriptor)] if iterations is None else iterations
+
+
+def sums_masks(mi_sum: bool, smart_crop: bool, single_from_sc: bool) -> bool:
+    """Whether MI runs on the union of an image's masks (``mi_sum``), with the original's rule for
+    ``mi_sum`` + ``smart_crop``: with ``single_from_sc=true`` (the original's example command) it is one
+    MI vector per mask on its smart crop, i.e. ``smart_crop`` alone (False, logged); with
+    ``single_from_sc=false`` it is ill-defined (refused)."""
+    if not (mi_sum and smart_crop):
+        return mi_sum
+    if not single_from_sc:
+        raise SoIRError(
+            "mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original applied "
+            "the crops' masks to the full image); use smart_crop=true (one vector per mask on its "
+            "crop) or mi_sum=true (one vector per image)"
+        )
+    log.info(
+        "mi_sum=true smart_crop=true single_from_sc=true: one MI vector per mask on its smart crop, as "
+        "the original computes it (the same as smart_crop=true alone)"
+    )
+    return False
+
+
 def resolve_aliases(cfg: DictConfig) -> None:
     """Fold the original code's names into SoIR's, in place, before anything reads the config.
 
@@ -1282,18 +1363,7 @@ def resolve_aliases(cfg: DictConfig) -> None:
         if cfg.set is not None and cfg.set != cfg.subset:
             raise SoIRError(f"subset={cfg.subset} (the original's name for set) and set={cfg.set} disagree; set one")
         cfg.set = cfg.subset
-    if cfg.mi_sum and cfg.smart_crop:
-        if not cfg.single_from_sc:
-            raise SoIRError(
-                "mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original applied "
-                "the crops' masks to the full image); use smart_crop=true (one vector per mask on its "
-                "crop) or mi_sum=true (one vector per image)"
-            )
-        log.info(
-            "mi_sum=true smart_crop=true single_from_sc=true: one MI vector per mask on its smart crop, as "
-            "the original computes it (the same as smart_crop=true alone)"
-        )
-        cfg.mi_sum = False
+    cfg.mi_sum = sums_masks(cfg.mi_sum, cfg.smart_crop, cfg.single_from_sc)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -1443,3 +1513,144 @@ def check_own_queries(cfg: DictConfig) -> None:
             f"{adhoc[0]} is search_index.py's ad-hoc mode: python search_index.py "
             f"features_dir=<features folder> {adhoc[0]}=..."
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference, generated from the fields: `--help` (Hydra's help template) and docs/configuration.md
+# ---------------------------------------------------------------------------------------------------
+# The config group that is not also a key (extractor is both: its row is the key's).
+COMPAT_GROUP_DOC = (
+    "`compat=original`: the original code's numbers where its code differs from SoIR's defaults by accident "
+    '(a config group, `configs/compat/original.yaml`; see "Coming from the original code" in the README)'
+)
+# How the docs name a role, in the "changes" column.
+ROLE_NAMES = {
+    Role.FEATURES: "gallery features",
+    Role.QUERY: "query features",
+    Role.QUERY_INPUT: "run only (query inputs: hashed)",
+    Role.RUN: "run only",
+    Role.MODEL: "run only (names the model)",
+    Role.UNREAD: "nothing (refused if changed)",
+}
+DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def group_title(group: type) -> str:
+    """A settings group's heading: its docstring's first line, without the final full stop."""
+    return (group.__doc__ or group.__name__).strip().splitlines()[0].rstrip(".")
+
+
+def default_text(field: dataclasses.Field) -> str:
+    """A key's default as written on the command line (``null``, ``true``, ``[1,5,10]``, ``''``); a
+    required key's is ``required``."""
+    value = field.default
+    if field.metadata.get("default_text"):
+        return field.metadata["default_text"]
+    if value is MISSING:
+        return "required"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value) if value != "" else "''"
+
+
+def help_text() -> str:
+    """``--help``'s list of keys: each group's keys, ``key=default`` and the one-line help."""
+    lines = [
+        "Config groups: extractor=<name> (configs/extractor/, also sets vec_dim); compat=none|original "
+        "(configs/compat/: the original code's numbers)",
+    ]
+    for group in SETTINGS_GROUPS:
+        lines += ["", f"{group_title(group)}:"]
+        for field in dataclasses.fields(group):
+            default = default_text(field).replace("`", "")
+            if " " in default and not field.metadata["default_text"]:
+                default = repr(default)  # as typed on the command line: text_prompt='a photo of {obj_name}'
+            key = f"{field.name}={default}"
+            # key=default in a column of 36; a longer one gets its own line
+            lines += (
+                [f"  {key:<36} {field.metadata['help']}"]
+                if len(key) <= 36
+                else [f"  {key}", " " * 39 + field.metadata["help"]]
+            )
+    return "\n".join(lines) + "\n"
+
+
+def hydra_help_keys() -> str:
+    """:func:`help_text` for Hydra's ``hydra.help.template`` (configs/defaults.yaml inserts it with the
+    ``soir_help`` resolver): ``$`` doubled, as Hydra fills the template with ``string.Template``."""
+    return help_text().replace("$", "$$")
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` in a Markdown table cell: a bare ``|`` escaped (an escaped one kept)."""
+    return re.sub(r"(?<!\\)\|", r"\\|", text)
+
+
+def docs_markdown() -> str:
+    """docs/configuration.md: every key by group, with its default, its description and what it changes."""
+    aliases = {f.metadata["alias_of"]: f.name for f in dataclasses.fields(SoIRConfig) if f.metadata["alias_of"]}
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from utils/config.py by `python -m utils.config --write-docs`; edit the settings there. -->",
+        "",
+        "All keys live in `configs/defaults.yaml` and are typed by `utils/config.py:SoIRConfig`, whose settings groups",
+        "(`RunSettings`, `MISettings`, ...) define each key once: its type, default, help and role. A misspelt key is",
+        "refused in one line naming the closest keys (`mi_alhpa=0.03: unknown key 'mi_alhpa'; did you mean mi_alpha",
+        "or mi_lr?`), with or without Hydra's `+`; a value of the wrong type or a choice that does not exist is an",
+        "error naming the key (and the allowed choices); inconsistent combinations are refused with a message",
+        "(`check_config`). Relative paths resolve from the folder you launch in (no `chdir`). Every key of the",
+        'original code\'s `configs/defaults.yaml` is accepted (README, "Coming from the original code").',
+        "`python create_index.py --help` prints the same keys with their one-line help.",
+        "",
+        "The last column says what changing the key changes: the gallery features (a new features folder), the",
+        "query features only, or nothing stored (run names, search and report settings, input paths whose",
+        "content is hashed instead, the model's name whose weights are hashed instead).",
+    ]
+    for group in SETTINGS_GROUPS:
+        if group is UnreadOriginalSettings:
+            continue
+        out += ["", f"## {group_title(group)}", "", "| key | default | meaning | changes |", "|---|---|---|---|"]
+        if group is RunSettings:
+            out.append(f"| `compat` | `none` | {COMPAT_GROUP_DOC} | gallery and query features |")
+        for field in dataclasses.fields(group):
+            if field.metadata["alias_of"]:
+                continue  # on its SoIR name's row
+            key = f"`{field.name}`"
+            if field.name in aliases:
+                key += f" (or the original's `{aliases[field.name]}`)"
+            default = default_text(field)
+            default = default if default in ("required",) or "`" in default else f"`{default}`"
+            doc, role = markdown_cell(field.metadata["doc"]), ROLE_NAMES[field.metadata["role"]]
+            out.append(f"| {key} | {default} | {doc} | {role} |")
+    unread = dataclasses.fields(UnreadOriginalSettings)
+    out += [
+        "",
+        "## Keys of the original's config that its code never read",
+        "",
+        f"Keys of the original's config that its code never read ({', '.join(f'`{f.name}`' for f in unread)})",
+        "are accepted at the original's defaults ("
+        + ", ".join(f"`{f.name}={default_text(f)}`" for f in unread)
+        + "), so its config files and commands compose; any other value is refused with a message saying the",
+        "original ignored it too. The original's `rerank` (`False`, also read nowhere) is accepted as `rerank=none`.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m utils.config --write-docs``: write docs/configuration.md from the schema."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["--write-docs"]:
+        raise SystemExit("usage: python -m utils.config --write-docs (writes docs/configuration.md)")
+    DOCS_PATH.write_text(docs_markdown())
+    print(f"wrote {DOCS_PATH.name}: {len(dataclasses.fields(SoIRConfig))} keys")
+
+
+if __name__ == "__main__":
+    main()

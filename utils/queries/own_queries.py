@@ -75,8 +75,6 @@ def folder_config(folder: Path) -> DictConfig:
     return OmegaConf.merge(schema, {k: v for k, v in made_with.items() if k in schema})
 
 
-
-
 def same_setting(given, stored) -> bool:
     """Equal values; two spellings of one existing folder or file (relative / absolute) are equal."""
     if given == stored:
