@@ -1,7 +1,15 @@
 """Typed schema of ``configs/defaults.yaml``, shared by ``create_index.py`` and ``search_index.py``.
 
-Hydra validates every override against this dataclass: a misspelt key or a value of the wrong type
-is an error that names the key. Checks that involve several keys live in :func:`check_config`.
+Every key is defined once, as a field of one settings group (:class:`RunSettings`, :class:`MISettings`,
+:class:`SearchSettings`, ...; :data:`SETTINGS_GROUPS`) made with :func:`setting`: its type, default,
+one-line help, longer doc and :class:`Role`. :class:`SoIRConfig`, the flat schema Hydra composes, inherits
+every group, so each key stays a flat command-line key (``mi_alpha=0.03``). The key sets other modules
+need (:data:`RUN_KEYS`, :data:`QUERY_KEYS`, :data:`MODEL_KEYS`, :data:`MI_ONLY_KEYS`, ...), ``--help``
+(:func:`help_text`) and docs/configuration.md (:func:`docs_markdown`) are derived from the fields
+(docs/adding-a-setting.md). Code that needs a default reads it from its group (``MISettings.mi_alpha``).
+
+Hydra validates every override against the schema: a misspelt key or a value of the wrong type is an
+error that names the key. Checks that involve several keys live in :func:`check_config`.
 """
 
 from __future__ import annotations

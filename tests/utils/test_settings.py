@@ -99,6 +99,21 @@ DEFAULT_COPIES = {
     "smart_crop_pad": (r"smart_crop_pad|crop_pad|pad", r"0\.1", MISettings.smart_crop_pad == 0.1),
     "lora_rank": (r"lora_rank|rank", r"256", LoRASettings.lora_rank == 256),
     "lora_alpha": (r"lora_alpha|alpha", r"32(?:\.0)?", LoRASettings.lora_alpha == 32),
+    "gem_p": (r"gem_p|p", r"3\.0", FIELDS["gem_p"].default == 3.0),
+    "rmac_levels": (r"rmac_levels|levels", r"3", FIELDS["rmac_levels"].default == 3),
+    "batch_size": (r"batch_size", r"16", FIELDS["batch_size"].default == 16),
+    "shard_size": (r"shard_size", r"512", FIELDS["shard_size"].default == 512),
+    "report_k": (r"report_k", r"10", FIELDS["report_k"].default == 10),
+    "report_thumb_size": (r"report_thumb_size|thumb_size", r"160", FIELDS["report_thumb_size"].default == 160),
+    "search_nprobe": (r"search_nprobe|nprobe", r"16", FIELDS["search_nprobe"].default == 16),
+    "search_block_mb": (r"search_block_mb|block_mb", r"256", FIELDS["search_block_mb"].default == 256),
+    "rerank_alpha": (r"rerank_alpha", r"3\.0", FIELDS["rerank_alpha"].default == 3.0),
+    "rerank_k": (r"rerank_k", r"2", FIELDS["rerank_k"].default == 2),
+    "text_prompt": (
+        r"text_prompt",
+        r"[\"']a photo of \{obj_name\}[\"']",
+        FIELDS["text_prompt"].default == "a photo of {obj_name}",
+    ),
 }
 # extractors/mi/reference.py is the engine's independent yardstick (it imports nothing from utils/): its
 # defaults are checked equal to the schema's below instead.
@@ -126,6 +141,8 @@ def test_the_copy_finder_finds_copies():
     assert default_copies("    pad: float = 0.1") == ["smart_crop_pad"]
     assert default_copies("    alpha: float = MISettings.mi_alpha,  # 0.03 in the paper") == []
     assert default_copies("TEXT_BATCH = 256") == [] and default_copies("lr = 0.01") == []
+    assert default_copies('    text_prompt: str = "a photo of {obj_name}"') == ["text_prompt"]
+    assert default_copies("def rmac(x, levels: int = 3):") == ["rmac_levels"]
 
 
 def test_no_literal_default_is_repeated_outside_the_schema():
