@@ -71,6 +71,10 @@ ObjectDesc = choice("ObjectDesc", "mi mask_pool crop")
 MiInit = choice("MiInit", "global mask_pool")
 
 
+# mi_iterations=null: the published code's steps, or the paper's for its Stage B (descriptor=mao).
+MI_ITERATIONS = {"mi": 100, "mao": 80}
+
+
 class Role(StrEnum):
     """What a key does to a run, for the features folder's identity (utils/pipeline/create.py) and the
     ad-hoc queries' check (utils/queries/own_queries.py)."""
@@ -611,10 +615,13 @@ class MISettings:
     )
     mi_iterations: Optional[int] = setting(
         None,
-        "null = 100 (published code), 80 with descriptor=mao (the paper's)",
+        f"null = {MI_ITERATIONS['mi']} (published code), {MI_ITERATIONS['mao']} with descriptor=mao (the paper's)",
         plain=Plain.LOGGED,
         shown=True,
-        doc="AdamW steps of Mask Inversion; `null`: 100 (the published code's), 80 with `descriptor=mao` (the paper's)",
+        doc=(
+            f"AdamW steps of Mask Inversion; `null`: {MI_ITERATIONS['mi']} (the published code's), "
+            f"{MI_ITERATIONS['mao']} with `descriptor=mao` (the paper's)"
+        ),
     )
     mi_layer_index: int = setting(
         -1,
@@ -1316,10 +1323,6 @@ def run_label(run_name: str | None, experiment: str, tag: str | None = "", add_s
     """``run_name`` (or ``experiment``) with ``_<tag>`` and ``_<add_string>`` appended when they are
     set (the original's naming), for run folder names."""
     return "_".join(str(p) for p in (run_name or experiment or "run", tag, add_string) if p not in (None, ""))
-
-
-# mi_iterations=null: the published code's steps, or the paper's for its Stage B (descriptor=mao).
-MI_ITERATIONS = {"mi": 100, "mao": 80}
 
 
 def mi_iterations(iterations: int | None, descriptor: str) -> int:
