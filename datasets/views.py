@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from datasets.preprocessing import NaFlexPreprocess, Preprocess, pil_nearest_masks, to_binary_masks
+from utils.config import MISettings
 from utils.errors import SoIRError
 
 MODES = ("global", "per_mask", "union", "smart_crop", "mao")
@@ -80,7 +81,7 @@ class ViewMaker:
 
     preprocess: Preprocess | NaFlexPreprocess
     mode: str = "global"
-    pad: float = 0.1
+    pad: float = MISettings.smart_crop_pad
     keep_empty: bool = False
     crop_source: str = "original"
     pad_pixels: int | None = None

@@ -28,7 +28,7 @@ from extractors.families import (
 from extractors.mask_inversion import MIExtractor
 from extractors.registry import build_extractor, capabilities, list_extractors, register_extractor
 from extractors.text import TextEncoder, has_text_tower
-from utils.config import SoIRConfig
+from utils.config import MI_ONLY_KEYS, NEEDS_MI_KEYS, SoIRConfig
 from utils.errors import SoIRError
 
 log = logging.getLogger("soir.extractors")
@@ -75,8 +75,8 @@ def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | N
         raise SoIRError(f"query_extractor_args {unknown} are not settings of {name} (it takes {sorted(keys)})")
     kwargs.update(overrides or {})
     defaults = SoIRConfig()
-    ignored = [k for k in _MI_ONLY_KEYS - keys if cfg.get(k) != getattr(defaults, k)]
-    needs_mi = [k for k in ignored if k in _NEEDS_MI]
+    ignored = [k for k in MI_ONLY_KEYS - keys if cfg.get(k) != getattr(defaults, k)]
+    needs_mi = [k for k in ignored if k in NEEDS_MI_KEYS]
     if needs_mi:
         raise SoIRError(f"{', '.join(needs_mi)} need a Mask Inversion extractor, not {name}")
     if ignored:
@@ -88,43 +88,3 @@ def extractor_from_config(cfg: Any, name: str | None = None, overrides: dict | N
             f"embeddings; set vec_dim={extractor.dim}"
         )
     return extractor
-
-
-# Settings of the MI extractors; those in _NEEDS_MI change what a plain extractor would compute.
-_MI_ONLY_KEYS = {
-    "mi_alpha",
-    "mi_beta",
-    "mi_lr",
-    "mi_iterations",
-    "mi_layer_index",
-    "mi_impl",
-    "mi_precision",
-    "mi_cuda_graph",
-    "mi_sum",
-    "full_mask",
-    "avg_multiple_vecs",
-    "smart_crop",
-    "smart_crop_pad",
-    "mask_input",
-    "legrad_norm",
-    "mi_sum_loss",
-    "smart_crop_source",
-    "mi_resample",
-    "descriptor",
-    "mao_overlap",
-    "alpha_sum",
-    "alpha_sum_full",
-    "object_desc",
-    "mi_init",
-}
-_NEEDS_MI = {
-    "mi_sum",
-    "full_mask",
-    "avg_multiple_vecs",
-    "smart_crop",
-    "mask_input",
-    "descriptor",
-    "alpha_sum_full",
-    "object_desc",
-    "mi_init",
-}

@@ -20,7 +20,7 @@ from extractors.inputs import CaptionsLookup, ImageLike, as_image, as_masks
 from extractors.lora import add_lora
 from extractors.mi.engine import global_embedding
 from extractors.pooling import POOLS, pooled_embedding
-from utils.config import check_device
+from utils.config import ComputeSettings, DataSettings, DescriptorSettings, LoRASettings, ModelSettings, check_device
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 from utils.files import sha256_file
@@ -87,7 +87,7 @@ class Extractor:
         device: "auto", "cpu", "cuda" or "cuda:N".
         precision: "fp32", "fp16" or "bf16" (autocast of the global embedding; outputs are float32).
         lora_adapt, lora_rank, lora_alpha, weights: LoRA on q/k/v (DINOv2, CLIP) loaded from the
-            checkpoint ``weights`` (``lora_alpha``: 32, or the alpha stored with the checkpoint).
+            checkpoint ``weights`` (``lora_alpha``: the schema's default, or the alpha stored with the checkpoint).
         batch_size: images per forward pass in :meth:`extract_batch`.
         captions_file: a ``captions.pt``; :meth:`extract` then finds an image's masks by its path
             (a path, or the original code's dict input ``{"image": ..., "img_path": ...}``) as
@@ -109,18 +109,18 @@ class Extractor:
         self,
         model_name: str | None = None,
         *,
-        B_model: bool = True,
-        device: str = "auto",
-        precision: str = "fp32",
-        lora_adapt: bool = False,
-        lora_rank: int = 256,
-        lora_alpha: float | None = 32,
-        weights: str | Path | None = None,
-        batch_size: int = 16,
-        captions_file: str | Path | None = None,
-        pool: str = "model",
-        gem_p: float = 3.0,
-        rmac_levels: int = 3,
+        B_model: bool = ModelSettings.B_model,
+        device: str = ComputeSettings.device,
+        precision: str = ComputeSettings.precision.value,
+        lora_adapt: bool = LoRASettings.lora_adapt,
+        lora_rank: int = LoRASettings.lora_rank,
+        lora_alpha: float | None = LoRASettings.lora_alpha,
+        weights: str | Path | None = LoRASettings.weights,
+        batch_size: int = ComputeSettings.batch_size,
+        captions_file: str | Path | None = DataSettings.captions_file,
+        pool: str = DescriptorSettings.pool.value,
+        gem_p: float = DescriptorSettings.gem_p,
+        rmac_levels: int = DescriptorSettings.rmac_levels,
     ):
         self.model_name = model_name or self.default_model(B_model)
         self.pool = check_pool(self.family, str(pool), gem_p, rmac_levels)
@@ -149,7 +149,7 @@ class Extractor:
         self.captions = CaptionsLookup(captions_file) if captions_file else None
 
     @classmethod
-    def default_model(cls, B_model: bool = True) -> str:
+    def default_model(cls, B_model: bool = ModelSettings.B_model) -> str:
         """The family's default hub id: base, or large when ``B_model`` is False (where it has one)."""
         models = FAMILIES[cls.family].default_models
         if not B_model and "large" not in models:

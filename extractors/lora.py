@@ -8,8 +8,8 @@ in this order:
 1. the checkpoint's own ``"lora"`` entry (written by ``scripts/train_mao.py``: rank, alpha, target
    modules, family);
 2. a peft ``adapter_config.json`` next to the checkpoint (``r``, ``lora_alpha``, ``target_modules``);
-3. the caller's ``alpha`` (config key ``lora_alpha``), default 32 as in the original code (scaling
-   32 / 256 = 0.125 at rank 256).
+3. the caller's ``alpha`` (config key ``lora_alpha``; its default, ``utils.config.LoRASettings``, is the
+   original code's: scaling 32 / 256 = 0.125 at rank 256).
 
 A stored alpha wins over the caller's and is logged; a stored rank or family that differs from the
 requested one is an error.
@@ -31,12 +31,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from utils.config import LoRASettings
 from utils.errors import SoIRError
 from utils.families import FAMILIES, lora_families
 
 log = logging.getLogger("soir.extractors")
 
-DEFAULT_ALPHA = 32.0  # the original code's lora_alpha default
+DEFAULT_ALPHA = float(LoRASettings.lora_alpha)  # the original code's lora_alpha default
 STATE_KEYS = ("model_state_dict", "state_dict", "model")  # wrappers around the state dict
 METADATA_KEY = "lora"
 
@@ -102,7 +103,8 @@ def add_lora(
     """Wrap a DINOv2 / CLIP vision model with LoRA, load ``weights`` and merge them into the base weights.
 
     Merging gives a plain transformers model with the same function (up to float rounding), so the
-    Mask Inversion engine and fast attention paths need no peft-specific code. ``alpha`` None = 32.
+    Mask Inversion engine and fast attention paths need no peft-specific code. ``alpha`` None = the
+    ``lora_alpha`` default.
     Returns the merged model and the settings actually used (an alpha stored with the checkpoint wins).
 
     Raises:

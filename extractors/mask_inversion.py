@@ -28,8 +28,17 @@ from datasets.views import (
 from extractors.backbones import original_mi_resample
 from extractors.base import Extractor, Rows
 from extractors.inputs import as_image, as_masks
-from extractors.mi.engine import OVERLAPS, legrad_map, mask_inversion
+from extractors.mi.engine import OVERLAPS, Inversion, legrad_map, mask_inversion
 from extractors.pooling import mask_pooled
+from utils.config import (
+    CompatSettings,
+    DescriptorSettings,
+    MISettings,
+    QuerySettings,
+    RunSettings,
+    sums_masks,
+)
+from utils.config import mi_iterations as mi_iterations_for
 from utils.errors import SoIRError
 from utils.families import FAMILIES
 
@@ -119,36 +128,36 @@ class MIExtractor(Extractor):
         self,
         model_name: str | None = None,
         *,
-        mi_alpha: float = 0.03,
-        mi_beta: float = 0.0,
-        mi_lr: float = 0.1,
-        mi_iterations: int | None = None,
-        mi_layer_index: int = -1,
-        mi_impl: str = "auto",
-        mi_precision: str = "fp32",
-        mi_cuda_graph: bool = False,
-        global_features: bool = True,
-        mi_sum: bool = False,
-        full_mask: bool = False,
-        avg_multiple_vecs: bool = False,
-        smart_crop: bool = False,
-        smart_crop_pad: float = 0.1,
-        single_from_sc: bool = True,
-        mask_input: bool = False,
-        missing_masks: str = "error",
-        legrad_norm: str = "per_map",
-        mi_sum_loss: str = "union",
-        smart_crop_source: str = "original",
-        mi_resample: str = "processor",
-        pixel_geometry: str = "soir",
-        mi_beta_used: bool = True,
-        descriptor: str = "mi",
-        mao_overlap: str = "iou",
-        alpha_sum: float = 0.0,
-        alpha_sum_full: float = 0.0,
-        debug: bool = False,
-        object_desc: str = "mi",
-        mi_init: str = "global",
+        mi_alpha: float = MISettings.mi_alpha,
+        mi_beta: float = MISettings.mi_beta,
+        mi_lr: float = MISettings.mi_lr,
+        mi_iterations: int | None = MISettings.mi_iterations,
+        mi_layer_index: int = MISettings.mi_layer_index,
+        mi_impl: str = MISettings.mi_impl.value,
+        mi_precision: str = MISettings.mi_precision.value,
+        mi_cuda_graph: bool = MISettings.mi_cuda_graph,
+        global_features: bool = DescriptorSettings.global_features,
+        mi_sum: bool = MISettings.mi_sum,
+        full_mask: bool = MISettings.full_mask,
+        avg_multiple_vecs: bool = MISettings.avg_multiple_vecs,
+        smart_crop: bool = MISettings.smart_crop,
+        smart_crop_pad: float = MISettings.smart_crop_pad,
+        single_from_sc: bool = MISettings.single_from_sc,
+        mask_input: bool = QuerySettings.mask_input,
+        missing_masks: str = MISettings.missing_masks.value,
+        legrad_norm: str = CompatSettings.legrad_norm.value,
+        mi_sum_loss: str = CompatSettings.mi_sum_loss.value,
+        smart_crop_source: str = CompatSettings.smart_crop_source.value,
+        mi_resample: str = CompatSettings.mi_resample.value,
+        pixel_geometry: str = CompatSettings.pixel_geometry.value,
+        mi_beta_used: bool = CompatSettings.mi_beta_used,
+        descriptor: str = DescriptorSettings.descriptor.value,
+        mao_overlap: str = DescriptorSettings.mao_overlap.value,
+        alpha_sum: float = CompatSettings.alpha_sum,
+        alpha_sum_full: float = CompatSettings.alpha_sum_full,
+        debug: bool = RunSettings.debug,
+        object_desc: str = DescriptorSettings.object_desc.value,
+        mi_init: str = MISettings.mi_init.value,
         **kwargs,
     ):
         if object_desc not in ("mi", "mask_pool", "crop") or mi_init not in ("global", "mask_pool"):
@@ -186,13 +195,11 @@ class MIExtractor(Extractor):
         descriptor, mao = str(descriptor), str(descriptor) == "mao"
         if descriptor not in DESCRIPTORS:
             raise SoIRError(f"descriptor={descriptor!r}; one of {', '.join(DESCRIPTORS)}")
-        if mi_iterations is None:  # the paper's 80 for its Stage B; the published code's 100 otherwise
-            mi_iterations = 80 if mao else 100
-        self.mi = dict(
+        self.mi = Inversion(
             alpha=mi_alpha,
             beta=mi_beta,
             lr=mi_lr,
-            iterations=mi_iterations,
+            iterations=mi_iterations_for(mi_iterations, descriptor),
             layer_index=mi_layer_index,
             impl=str(mi_impl),
             precision=str(mi_precision),
@@ -214,7 +221,7 @@ class MIExtractor(Extractor):
             )
             self.mode = "mao"
             # Only MaO's identity names its overlap, so the published code's folders keep theirs.
-            self.mi["overlap"] = str(mao_overlap)
+            self.mi = dataclasses.replace(self.mi, overlap=str(mao_overlap))
         else:
             if mao_overlap != "iou":
                 raise SoIRError(
@@ -250,9 +257,10 @@ class MIExtractor(Extractor):
             )
         if legrad_norm == "joint" and original is not None:
             # The original's CLIP min-max added 1e-6 to the range; DINOv2 / SigLIP divided exactly.
-            self.mi["norm_eps"] = original.min_max_eps
+            self.mi = dataclasses.replace(self.mi, norm_eps=original.min_max_eps)
         if self.geometry == "original" and original.map_patch_size is not None:
-            self.mi["map_patch_size"] = original.map_patch_size  # SigLIP: 16 whatever the checkpoint
+            # SigLIP: 16 whatever the checkpoint
+            self.mi = dataclasses.replace(self.mi, map_patch_size=original.map_patch_size)
         # Its smart crops of one image shared a batch, so "joint" spanned all of them (D2, issue 21).
         self.crops_share_norm = legrad_norm == "joint" and self.mode == "smart_crop"
         # What MI sees; plain embeddings (global_view_maker) keep the processor's resampling.
@@ -322,18 +330,7 @@ class MIExtractor(Extractor):
                 type(self).__name__,
             )
             return "global"
-        if mi_sum and smart_crop:
-            if not single_from_sc:
-                raise SoIRError(
-                    "mi_sum=true smart_crop=true single_from_sc=false is ill-defined (the original "
-                    "applied the crops' masks to the full image); use smart_crop=true (one vector per "
-                    "mask on its crop) or mi_sum=true (one vector per image)"
-                )
-            log.info(
-                "mi_sum + smart_crop + single_from_sc: one MI vector per mask on its smart crop, as the "
-                "original computes it (the same as smart_crop alone)"
-            )
-            return "smart_crop"
+        mi_sum = sums_masks(mi_sum, smart_crop, single_from_sc)
         if mi_sum and mi_sum_loss == "mean_dice":
             original = FAMILIES[self.family].original
             if original is not None and original.mi_sum_mean_dice:
@@ -349,7 +346,7 @@ class MIExtractor(Extractor):
     def identity(self) -> dict:
         return {
             **super().identity(),
-            "mi": self.mi,
+            "mi": self.mi.kwargs(),
             "mode": self.mode,
             "smart_crop_pad": self.smart_crop_pad,
             "avg_multiple_vecs": self.avg_multiple_vecs,
@@ -410,9 +407,7 @@ class MIExtractor(Extractor):
         if self.object_desc == "mask_pool":  # no optimisation: padding costs nothing, all views in one pass
             return "mask_pool"
         count = len(view.masks)
-        independent = (
-            self.mi["beta"] == 0 and not self.mi["joint_norm"] and self.mode != "mean_dice" and not self.sum_pull
-        )
+        independent = self.mi.beta == 0 and not self.mi.joint_norm and self.mode != "mean_dice" and not self.sum_pull
         return 1 << (count - 1).bit_length() if independent else count
 
     def invert_views(self, views: list[View]) -> list[Rows]:
@@ -449,7 +444,7 @@ class MIExtractor(Extractor):
                     self.model,
                     pixel_values.to(self.device),
                     masks.to(self.device),
-                    **self.mi,
+                    **self.mi.kwargs(),
                     return_raw=True,
                     spatial_shapes=spatial_shapes,
                 )
@@ -464,7 +459,7 @@ class MIExtractor(Extractor):
                 self.model,
                 pixel_values.to(self.device),
                 masks.to(self.device),
-                **({**self.mi, "joint_norm": "batch"} if self.crops_share_norm else self.mi),
+                **(dataclasses.replace(self.mi, joint_norm="batch") if self.crops_share_norm else self.mi).kwargs(),
                 **extra,
                 shared=self.mode == "mean_dice",
                 return_history=return_history or self.debug,
@@ -571,7 +566,7 @@ class MIExtractor(Extractor):
                 self.model,
                 pixels.to(self.device),
                 vectors[None].to(self.device),
-                self.mi["layer_index"],
+                self.mi.layer_index,
                 spatial_shapes=spatial_shapes,
             )[0]
         if box is None:

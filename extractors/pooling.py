@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors.mi.vit_adapters import VitParts, vit_parts
+from utils.config import DescriptorSettings
 
 POOLS = ("model", "cls", "mean", "gem", "rmac")
 EPS = 1e-6  # cirtorch's eps of gem / rmac
@@ -74,12 +75,12 @@ def patch_grid(z: torch.Tensor, grid: torch.Tensor, num_prefix_tokens: int) -> t
     return z[num_prefix_tokens : num_prefix_tokens + h * w].T.reshape(-1, h, w)
 
 
-def gem(x: torch.Tensor, p: float = 3.0, eps: float = EPS) -> torch.Tensor:
+def gem(x: torch.Tensor, p: float = DescriptorSettings.gem_p, eps: float = EPS) -> torch.Tensor:
     """cirtorch's GeM over the spatial grid: x [D, h, w] -> [D] (not normalised)."""
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def rmac_regions(height: int, width: int, levels: int = 3) -> list[tuple[int, int, int]]:
+def rmac_regions(height: int, width: int, levels: int = DescriptorSettings.rmac_levels) -> list[tuple[int, int, int]]:
     """cirtorch's R-MAC regions of an ``height`` x ``width`` grid: (top, left, side) squares of levels
     1..L, the long side holding ``Wd`` / ``Hd`` more regions so that neighbours overlap by about 40 %."""
     steps = torch.tensor([2.0, 3, 4, 5, 6, 7])  # candidate region counts along the long side
@@ -102,7 +103,7 @@ def rmac_regions(height: int, width: int, levels: int = 3) -> list[tuple[int, in
     return regions
 
 
-def rmac(x: torch.Tensor, levels: int = 3, eps: float = EPS) -> torch.Tensor:
+def rmac(x: torch.Tensor, levels: int = DescriptorSettings.rmac_levels, eps: float = EPS) -> torch.Tensor:
     """cirtorch's R-MAC: x [D, h, w] -> [D] (not normalised): the L2-normalised max over the grid plus
     the L2-normalised max over every region of :func:`rmac_regions`."""
 
@@ -120,9 +121,9 @@ def pooled_embedding(
     model: nn.Module,
     pixel_values: torch.Tensor,
     spatial_shapes: torch.Tensor | None = None,
-    pool: str = "model",
-    gem_p: float = 3.0,
-    rmac_levels: int = 3,
+    pool: str = DescriptorSettings.pool.value,
+    gem_p: float = DescriptorSettings.gem_p,
+    rmac_levels: int = DescriptorSettings.rmac_levels,
 ) -> torch.Tensor:
     """The global descriptor of ``pool`` (module doc), [B, D_out] unit norm, from one forward pass."""
     if pool not in POOLS:

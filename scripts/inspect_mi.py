@@ -36,6 +36,7 @@ from datasets import ImageMasks, load_captions, load_rgb
 from extractors import build_extractor, list_extractors
 from extractors.mask_inversion import Explanation
 from extractors.registry import extractor_class
+from utils.config import MI_ITERATIONS, ComputeSettings, MISettings, RunSettings
 from utils.errors import exit_on_error
 from utils.hub import check_model_available
 from utils.results.visualize import draw_outline, overlay, resize_mask
@@ -197,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_masks", type=int, default=6)
     parser.add_argument(
         "--extractor",
-        default="siglip_mi_features",
+        default=RunSettings.extractor,
         choices=[n for n in list_extractors() if n.endswith("_mi_features")],
     )
     parser.add_argument("--model", help="HF hub id or local folder (default: the extractor's default model)")
@@ -205,18 +206,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tiny", action="store_true", help="a tiny RANDOM model built here: offline, maps mean nothing"
     )
     for name, kind, default in (
-        ("mi_alpha", float, 0.03),
-        ("mi_beta", float, 0.0),
-        ("mi_lr", float, 0.1),
-        ("mi_iterations", int, 100),
-        ("mi_layer_index", int, -1),
-        ("smart_crop_pad", float, 0.1),
+        ("mi_alpha", float, MISettings.mi_alpha),
+        ("mi_beta", float, MISettings.mi_beta),
+        ("mi_lr", float, MISettings.mi_lr),
+        ("mi_iterations", int, MI_ITERATIONS["mi"]),
+        ("mi_layer_index", int, MISettings.mi_layer_index),
+        ("smart_crop_pad", float, MISettings.smart_crop_pad),
     ):
         parser.add_argument(
             f"--{name}", type=kind, default=default, help=f"as create_index.py's {name} (default {default})"
         )
     parser.add_argument("--smart_crop", action="store_true", help="MI inside each mask's padded box")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default=ComputeSettings.device)
     parser.add_argument("--cell", type=int, default=256, help="grid cell size, pixels")
     parser.add_argument("--out", type=Path, help="PNG to write (default: inspect_mi_<image stem>.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that this script wrote")

@@ -44,8 +44,8 @@ def test_imported_modules_reads_the_importtime_report():
 @pytest.mark.parametrize(
     "script,args,rc,says",
     [
-        ("search_index.py", ["--help"], 0, "Keys and their current values"),
-        ("create_index.py", ["--help"], 0, "Keys and their current values"),
+        ("search_index.py", ["--help"], 0, "mi_alpha=0.03"),
+        ("create_index.py", ["--help"], 0, "mi_alpha=0.03"),
         ("create_index.py", ["extractr=x"], 1, "unknown key 'extractr'; did you mean extractor"),
         ("create_index.py", ["stage=bogus"], 1, "Invalid value 'bogus'"),  # refused by the schema
         ("create_index.py", ["rerank_k=0"], 1, "rerank_k=0 must be >= 1"),  # refused by check_config

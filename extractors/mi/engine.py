@@ -33,7 +33,10 @@ Edge cases (all finite):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +44,37 @@ from torch import nn
 
 from extractors.mi.legrad import LeGrad, MapDice, no_autocast, resolve_impl
 from extractors.mi.vit_adapters import vit_parts
+from utils.config import MI_ITERATIONS, MISettings
 
-__all__ = ["OVERLAPS", "dice_loss", "global_embedding", "iou_loss", "legrad_map", "mask_inversion"]
+__all__ = ["OVERLAPS", "Inversion", "dice_loss", "global_embedding", "iou_loss", "legrad_map", "mask_inversion"]
 
 OVERLAPS = ("dice", "iou")  # the overlap losses between a map and its mask (``overlap`` below)
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """The settings an MI extractor runs :func:`mask_inversion` with, resolved from its config keys
+    (``mi_alpha`` -> ``alpha``, ``mi_iterations`` null -> 100 or 80, ``legrad_norm=joint`` ->
+    ``joint_norm``, ...); see :func:`mask_inversion` for each. The optional three are set only where
+    they apply (None: not passed), so that features folders made without them keep their identity."""
+
+    alpha: float
+    beta: float
+    lr: float
+    iterations: int
+    layer_index: int
+    impl: str
+    precision: str
+    cuda_graph: bool
+    joint_norm: bool | str
+    overlap: str | None = None  # descriptor=mao: its map-to-mask loss
+    norm_eps: float | None = None  # legrad_norm=joint of a family the original code had
+    map_patch_size: int | None = None  # pixel_geometry=original: the original's SigLIP maps
+
+    def kwargs(self) -> dict[str, Any]:
+        """:func:`mask_inversion`'s keyword arguments (and the extractor identity's ``mi``)."""
+        optional = ("overlap", "norm_eps", "map_patch_size")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in optional or v is not None}
 
 
 def dice_loss(E: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -97,7 +127,7 @@ def legrad_map(
     model: nn.Module,
     pixel_values: torch.Tensor,
     embeddings: torch.Tensor,
-    layer_index: int = -1,
+    layer_index: int = MISettings.mi_layer_index,
     joint: bool = False,
     spatial_shapes: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -131,15 +161,15 @@ def mask_inversion(
     model: nn.Module,
     pixel_values: torch.Tensor,
     masks: torch.Tensor,
-    alpha: float = 0.03,
-    iterations: int = 100,
-    lr: float = 0.1,
-    layer_index: int = -1,
-    beta: float = 0.0,
+    alpha: float = MISettings.mi_alpha,
+    iterations: int = MI_ITERATIONS["mi"],
+    lr: float = MISettings.mi_lr,
+    layer_index: int = MISettings.mi_layer_index,
+    beta: float = MISettings.mi_beta,
     return_history: bool = False,
-    impl: str = "auto",
-    precision: str = "fp32",
-    cuda_graph: bool = False,
+    impl: str = MISettings.mi_impl.value,
+    precision: str = MISettings.mi_precision.value,
+    cuda_graph: bool = MISettings.mi_cuda_graph,
     joint_norm: bool | str = False,
     norm_eps: float = 0.0,
     shared: bool = False,

@@ -72,9 +72,9 @@ def test_one_vector_per_image_from_the_engine_with_groups(siglip_mao, scene):
     )
     torch.testing.assert_close(vector, expected[0, 0])
     paper = SigLIPMIExtractor(siglip_mao.model_name, descriptor="mao", device="cpu")
-    assert (paper.mi["iterations"], paper.mi["lr"], paper.mi["alpha"], paper.mi["overlap"]) == (80, 0.1, 0.03, "iou")
-    assert SigLIPMIExtractor(siglip_mao.model_name, device="cpu").mi["iterations"] == 100  # the published code's
-    assert "overlap" not in SigLIPMIExtractor(siglip_mao.model_name, device="cpu").mi  # its identity unchanged
+    assert (paper.mi.iterations, paper.mi.lr, paper.mi.alpha, paper.mi.overlap) == (80, 0.1, 0.03, "iou")
+    assert SigLIPMIExtractor(siglip_mao.model_name, device="cpu").mi.iterations == 100  # the published code's
+    assert "overlap" not in SigLIPMIExtractor(siglip_mao.model_name, device="cpu").identity()["mi"]  # unchanged
 
 
 def test_images_of_a_batch_are_independent(siglip_mao, scene):
@@ -206,7 +206,7 @@ def test_config_reaches_the_extractor(tiny_model_dirs):
             ],
         )
         extractor = extractor_from_config(cfg)
-        assert extractor.mode == "mao" and extractor.mi["overlap"] == "dice" and extractor.mi["iterations"] == 80
+        assert extractor.mode == "mao" and extractor.mi.overlap == "dice" and extractor.mi.iterations == 80
         plain = compose(
             "defaults",
             ["extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32", "descriptor=mao"],

@@ -568,7 +568,7 @@ def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
             ],
         )
     extractor = extractor_from_config(cfg)
-    assert (extractor.mode, extractor.sum_pull, extractor.mi["joint_norm"]) == ("union", 0.5, True)
+    assert (extractor.mode, extractor.sum_pull, extractor.mi.joint_norm) == ("union", 0.5, True)
     image, masks = scene
     vector = extractor.extract(image, masks)
     pixels = extractor.mi_preprocess.image(image)[None]
@@ -594,14 +594,14 @@ def test_siglip_maps_are_upsampled_by_16_under_compat_whatever_the_patch(tmp_pat
     compat = SigLIPMIExtractor(str(folder), pixel_geometry="original", **MI)
     plain = SigLIPMIExtractor(str(folder), **MI)
     assert vit_parts(plain.model).patch_size == 14
-    assert compat.mi == {**plain.mi, "map_patch_size": 16} and plain.mi.get("map_patch_size") is None
+    assert compat.mi.kwargs() == {**plain.mi.kwargs(), "map_patch_size": 16} and plain.mi.map_patch_size is None
     image, masks = scene
     pixels, resized = plain.preprocess.image(image)[None], plain.preprocess.masks(masks)[None]
     for extractor, scale in ((compat, 16), (plain, 14)):
-        legrad = LeGrad(vit_parts(extractor.model), pixels, map_patch_size=extractor.mi.get("map_patch_size"))
+        legrad = LeGrad(vit_parts(extractor.model), pixels, map_patch_size=extractor.mi.map_patch_size)
         assert legrad.map_scale == scale
-    by16 = mask_inversion(plain.model, pixels, resized, **{**plain.mi, "map_patch_size": 16})
-    by14 = mask_inversion(plain.model, pixels, resized, **plain.mi)
+    by16 = mask_inversion(plain.model, pixels, resized, **{**plain.mi.kwargs(), "map_patch_size": 16})
+    by14 = mask_inversion(plain.model, pixels, resized, **plain.mi.kwargs())
     torch.testing.assert_close(compat.invert(pixels, resized).cpu(), by16)
     torch.testing.assert_close(plain.invert(pixels, resized).cpu(), by14)
     assert (by16 - by14).abs().max() > 1e-4  # the factor changes the vectors

@@ -44,7 +44,7 @@ from safetensors.torch import save
 from datasets import Annotation, ImageMasks, bbox_from_mask, encode_mask
 from datasets.extraction import ViewDataset, check_jobs, query_jobs, with_crop_geometry
 from datasets.images import image_facts
-from utils.config import RUN_KEYS, SoIRConfig
+from utils.config import MODEL_KEYS, RUN_KEYS, SoIRConfig
 from utils.errors import SoIRError
 from utils.files import atomic_write, atomic_write_json, atomic_write_text, changed_keys, claim_folder, read_json
 from utils.hub import model_weights_identity
@@ -75,10 +75,6 @@ def folder_config(folder: Path) -> DictConfig:
     return OmegaConf.merge(schema, {k: v for k, v in made_with.items() if k in schema})
 
 
-# Run keys for a search, but they name the model: the folder's model embeds ad-hoc queries, another is refused.
-MODEL_KEYS = frozenset({"model_name", "B_model", "lora_adapt", "lora_rank", "lora_alpha", "weights"})
-
-
 def same_setting(given, stored) -> bool:
     """Equal values; two spellings of one existing folder or file (relative / absolute) are equal."""
     if given == stored:
@@ -93,8 +89,9 @@ def same_setting(given, stored) -> bool:
 
 def check_settings(cfg: DictConfig, made_with: DictConfig) -> None:
     """Ad-hoc queries are embedded with the folder's settings and model. A setting that changes features
-    or names another model (:data:`MODEL_KEYS`), given on this command line with a value other than the
-    folder's (and than the default), is refused rather than silently ignored."""
+    or names another model (``utils.config.MODEL_KEYS``: run keys for a search, but they name the
+    model), given on this command line with a value other than the folder's (and than the default), is
+    refused rather than silently ignored."""
     default = OmegaConf.to_container(OmegaConf.structured(SoIRConfig))
     given, folder = OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(made_with, resolve=True)
     differ = sorted(

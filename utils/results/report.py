@@ -36,6 +36,7 @@ from datasets import ImageLoadError, annotation_masks, decode_mask, find_masks, 
 from datasets.anns import pixel_box
 from datasets.captions import ImageMasks
 from datasets.fields import bbox_from_mask
+from utils.config import REPORTED_MI_KEYS
 from utils.errors import SoIRError
 from utils.files import sha256_file
 from utils.results.visualize import draw_outline, overlay
@@ -49,21 +50,6 @@ FULL_SIZE = 960  # what a click opens: the image (longer side at most this) with
 OTHER_OUTLINE_COLOR = (255, 255, 255)  # ... the objects that did not match, thin
 MAP_SCALE = 3  # map overlays: longer side MAP_SCALE x report_thumb_size
 JPEG_QUALITY = 85
-MI_SETTINGS = (
-    "descriptor",
-    "mao_overlap",
-    "mi_alpha",
-    "mi_beta",
-    "mi_lr",
-    "mi_iterations",
-    "mi_layer_index",
-    "mi_sum",
-    "avg_multiple_vecs",
-    "smart_crop",
-    "smart_crop_pad",
-    "mask_input",
-    "missing_masks",
-)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,7 +436,7 @@ def metric_cells(results: dict) -> list[tuple[str, str]]:
 
 def setting_cells(features_dir: Path, made_with: DictConfig, cfg: DictConfig) -> list[tuple[str, str]]:
     keys = ["extractor", "model_name", "vec_dim", "anns_file", "captions_file"]
-    keys += list(MI_SETTINGS) if made_with.extractor.endswith("_mi_features") else []
+    keys += list(REPORTED_MI_KEYS) if made_with.extractor.endswith("_mi_features") else []
     return (
         [("features folder", str(features_dir.resolve()))]
         + [(k, str(made_with.get(k))) for k in keys]

@@ -56,6 +56,7 @@ from extractors.backbones import load_backbone
 from extractors.base import resolve_device
 from extractors.lora import LoraSettings, lora_checkpoint, wrap_with_lora
 from extractors.mi.vit_adapters import vit_parts
+from utils.config import LoRASettings, MISettings
 from utils.errors import SoIRError
 from utils.families import FAMILIES, lora_families
 from utils.files import atomic_write_text
@@ -89,7 +90,7 @@ class TrainConfig:
     galleries_dir: Optional[str] = None  # as create_index.py
     queries_dir: Optional[str] = None
     max_crops: int = 10  # k: the best-scored boxes per scene
-    crop_pad: float = 0.1  # as smart_crop_pad: padding, share of the box's longer side
+    crop_pad: float = MISettings.smart_crop_pad  # as smart_crop_pad: padding, share of the box's longer side
     min_crop_size: Optional[int] = None  # crops grow to at least this side; null = image_size
     val_anns_file: Optional[str] = None  # held-out split; null = hold out val_fraction of the instances
     val_captions_file: Optional[str] = None  # boxes of the held-out scenes; null = captions_file
@@ -98,8 +99,8 @@ class TrainConfig:
     family: str = "dinov2"  # a family that supports LoRA (utils.families.lora_families)
     model_name: Optional[str] = None  # null = facebook/dinov2-base | openai/clip-vit-base-patch16
     image_size: int = 224  # model input side in pixels
-    lora_rank: int = 256
-    lora_alpha: float = 32
+    lora_rank: int = LoRASettings.lora_rank  # create_index.py's defaults: adapters trained here load there as they are
+    lora_alpha: float = LoRASettings.lora_alpha
     lora_dropout: float = 0.1
     # --- objective and optimisation --------------------------------------------------------
     temperature: float = 0.07  # InfoNCE temperature (see utils/training/trainer.py)
