@@ -325,10 +325,6 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="Chromium is not installed (Debian: apt-get install chromium); the browser test of report.html is skipped",
-)
 def _screenshot(page: Path, shot: Path, height: int) -> np.ndarray:
     """(height, 1200, 3) int RGB pixels of ``page`` as headless Chromium draws it."""
     command = [
@@ -356,6 +352,10 @@ FRAME_PIXELS = (40 + 2 + 8) ** 2 - (40 + 2) ** 2  # 1 px padding and a 4 px bord
 
 
 @pytest.mark.slow  # two Chromium processes (~9 s)
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="Chromium is not installed (Debian: apt-get install chromium); the browser test of report.html is skipped",
+)
 def test_report_renders_in_headless_chromium(mi_run, tmp_path):
     """The page draws (pictures, not a blank page), and each gallery image's frame is green when it shows
     the query's object and red when not, as many of each as the report lists."""
