@@ -66,12 +66,19 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
     from hydra.core.utils import run_job
     from hydra.types import HydraContext
 
+    from utils import training
     from utils.config import CONFIG_GROUPS, SoIRConfig, check_overrides
     from utils.errors import exit_on_error
 
-    assert script in ("create_index.py", "search_index.py"), script
+    # script -> (module, configs/<name>.yaml, schema and config groups that refuse_unknown_keys checks)
+    clis = {
+        "create_index.py": ("create_index", "defaults", SoIRConfig, CONFIG_GROUPS),
+        "search_index.py": ("search_index", "defaults", SoIRConfig, CONFIG_GROUPS),
+        "scripts/train_mao.py": ("scripts.train_mao", "train", training.TrainConfig, ()),
+    }
+    module_name, config_name, schema, groups = clis[script]
     assert "-m" not in overrides and "--multirun" not in overrides, "multirun: use run_script"
-    module = importlib.import_module(script.removesuffix(".py"))
+    module = importlib.import_module(module_name)
     job_name = Path(script).stem
     stdout, stderr = io.StringIO(), io.StringIO()
     root = logging.getLogger()
@@ -83,9 +90,9 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 # The CLI's refuse_unknown_keys runs this on sys.argv before Hydra composes.
-                exit_on_error(check_overrides)(list(overrides), SoIRConfig, CONFIG_GROUPS, script)
+                exit_on_error(check_overrides)(list(overrides), schema, groups, script)
                 with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=job_name):
-                    cfg = compose(config_name="defaults", overrides=list(overrides), return_hydra_config=True)
+                    cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
                     HydraConfig.instance().set_config(cfg)
                     context = HydraContext(
                         config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg)
