@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from datasets.captions import load_captions
 from search_index import search
-from tests.pipeline import ROOT, features_dir_from, run_script
+from tests.pipeline import ROOT, features_dir_from, run_main
 from utils.errors import SoIRError
 from utils.interop import LANCEDB_TABLE, export_embeddings, export_lancedb, import_lancedb
 
@@ -31,7 +31,7 @@ def mi_demo(tiny_model_dirs, demo_dir, tmp_path_factory) -> Path:
     """Features folder of tiny-SigLIP MI on the demo set (ground-truth masks, 3-7 per gallery image,
     5 images per shard)."""
     cwd = tmp_path_factory.mktemp("mi_demo")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
