@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 from datasets import find_masks, load_anns, load_captions, split
 from extractors import DINOv2MIExtractor, SigLIPMIExtractor, extractor_from_config
 from extractors.views import mao_box, stack_masks, stack_views
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
 from utils.mask_inversion import mask_inversion
 from utils.mi_reference import reference_mao
@@ -137,7 +137,7 @@ def demo_mao(tiny_model_dirs, demo_dir, tmp_path_factory):
         "num_workers=0",
         "batch_size=5",
     ]
-    proc = run_script("create_index.py", *overrides, cwd=cwd)
+    proc = run_main("create_index.py", *overrides, cwd=cwd)
     return features_dir_from(proc, cwd), results_dir_from(proc), overrides
 
 
