@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from extractors import CLIPExtractor, CLIPMIExtractor, DINOv2MIExtractor, SigLIP2MIExtractor, SigLIPMIExtractor
 from extractors.views import ViewMaker, padded_box, stack_masks, stack_views
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
 from utils.pooling import mask_pooled, token_descriptors
 
@@ -157,12 +157,11 @@ def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs):
         extractor_from_config(plain)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("descriptor", [["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]])
 def test_each_descriptor_end_to_end_on_the_demo_with_metrics_equal_to_sklearn(
     tiny_model_dirs, demo_dir, tmp_path, descriptor
 ):
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_mi_features",
         f"model_name={tiny_model_dirs['clip']}",
