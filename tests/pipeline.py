@@ -45,6 +45,10 @@ def compose_config(
     from utils.config import register
 
     register()  # what importing create_index.py / search_index.py does: the schema and the resolvers
+    if config_name == "train":
+        from utils import training
+
+        training.register()  # what importing scripts/train_mao.py does: its schema
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=job_name):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
 

@@ -327,29 +327,18 @@ def test_corrupt_metadata_and_half_written_folders_are_explained(tiny_model_dirs
     assert "Traceback" not in proc.stderr
 
 
-def test_report_settings_are_not_part_of_the_features_identity():
+def test_report_settings_are_not_part_of_the_features_identity(hydra_compose):
     """search_index.py's report keys (and query_vectors, a scoring rule) must not move features to a new
     folder or refuse an existing one."""
     from types import SimpleNamespace
 
-    from hydra import compose, initialize_config_dir
-
     from create_index import feature_identity
 
     extractor = SimpleNamespace(identity=lambda: {"model": "m"})
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        default = compose(config_name="defaults", overrides=["anns_file=a.pt"])
-        changed = compose(
-            config_name="defaults",
-            overrides=[
-                "anns_file=a.pt",
-                "report=false",
-                "report_k=3",
-                "report_thumb_size=64",
-                "report_maps=true",
-                "query_vectors=each",
-            ],
-        )
+    default = hydra_compose("anns_file=a.pt")
+    changed = hydra_compose(
+        "anns_file=a.pt", "report=false", "report_k=3", "report_thumb_size=64", "report_maps=true", "query_vectors=each"
+    )
     for queries in (False, True):
         identity = feature_identity(default, extractor, [], {}, queries=queries)
         assert identity == feature_identity(changed, extractor, [], {}, queries=queries)

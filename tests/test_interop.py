@@ -13,13 +13,12 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from pycocotools import mask as mask_utils
 from safetensors.torch import load_file
 
 from datasets.captions import load_captions
 from search_index import search
-from tests.pipeline import ROOT, features_dir_from, run_main
+from tests.pipeline import ROOT, compose_config, features_dir_from, run_main
 from utils.errors import SoIRError
 from utils.interop import LANCEDB_TABLE, export_embeddings, export_lancedb, import_lancedb
 
@@ -49,8 +48,7 @@ def mi_demo(tiny_model_dirs, demo_dir, tmp_path_factory) -> Path:
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def split_rows(folder: Path, split: str) -> dict[str, torch.Tensor]:

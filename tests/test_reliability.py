@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.pipeline import ROOT
+from tests.pipeline import ROOT, compose_config
 from tests.scripts.test_create_masked_dataset import _base_args, _folder
 from utils.errors import SoIRError
 
@@ -47,8 +46,7 @@ def mask_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 # --------------------------------------------------------------------------------- 1-5: lose data
@@ -235,11 +233,12 @@ def test_8_training_does_not_resume_after_the_base_model_or_an_image_changed(tin
     data, model = tmp_path / "data", tmp_path / "model"
     shutil.copytree(demo_dir, data)
     shutil.copytree(tiny_model_dirs["dinov2"], model)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[f"anns_file={data / 'anns.pt'}", f"captions_file={data / 'captions.pt'}", f"model_name={model}"],
-        )
+    cfg = compose_config(
+        f"anns_file={data / 'anns.pt'}",
+        f"captions_file={data / 'captions.pt'}",
+        f"model_name={model}",
+        config_name="train",
+    )
     saved = tmp_path / "run" / "identity.json"
     check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
     check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")  # the same run

@@ -552,30 +552,21 @@ def test_alpha_sum_where_the_original_never_read_it_is_refused(tiny_model_dirs, 
         cls(str(tiny_model_dirs[family]), **setting, **MI)
 
 
-def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
+def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene, hydra_compose):
     """compat=original + mi_sum + alpha_sum_full (the original's DINOv2 keys): the per-mask stage runs with
     its joint LeGrad normalisation, as the original's compute_maskinversion did."""
-    from hydra import compose, initialize_config_dir
-
     from extractors import extractor_from_config
-    from tests.pipeline import ROOT
-    from utils.config import register
 
-    register()
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "defaults",
-            [
-                "extractor=dinov2_mi_features",
-                f"model_name={tiny_model_dirs['dinov2']}",
-                "vec_dim=32",
-                "compat=original",
-                "mi_sum=true",
-                "alpha_sum_full=0.5",
-                "mi_iterations=3",
-                "device=cpu",
-            ],
-        )
+    cfg = hydra_compose(
+        "extractor=dinov2_mi_features",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "vec_dim=32",
+        "compat=original",
+        "mi_sum=true",
+        "alpha_sum_full=0.5",
+        "mi_iterations=3",
+        "device=cpu",
+    )
     extractor = extractor_from_config(cfg)
     assert (extractor.mode, extractor.sum_pull, extractor.mi["joint_norm"]) == ("union", 0.5, True)
     image, masks = scene

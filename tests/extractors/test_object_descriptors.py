@@ -127,31 +127,22 @@ def test_settings_that_contradict_are_refused_before_the_model_loads(kwargs, mes
         SigLIPMIExtractor("/nonexistent", device="cpu", **kwargs)
 
 
-def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs):
-    from hydra import compose, initialize_config_dir
-
+def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs, hydra_compose):
     from create_index import default_features_dir, settings_identity
     from extractors import extractor_from_config
-    from tests.pipeline import ROOT
 
     dirs = set()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        for extra in ([], ["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]):
-            cfg = compose(
-                config_name="defaults",
-                overrides=[
-                    "anns_file=a.pt",
-                    "extractor=clip_mi_features",
-                    f"model_name={tiny_model_dirs['clip']}",
-                    "vec_dim=24",
-                    "device=cpu",
-                    *extra,
-                ],
-            )
-            dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor_from_config(cfg), queries=False)))
-        plain = compose(
-            config_name="defaults", overrides=["anns_file=a.pt", "extractor=clip_features", "object_desc=crop"]
+    for extra in ([], ["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]):
+        cfg = hydra_compose(
+            "anns_file=a.pt",
+            "extractor=clip_mi_features",
+            f"model_name={tiny_model_dirs['clip']}",
+            "vec_dim=24",
+            "device=cpu",
+            *extra,
         )
+        dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor_from_config(cfg), queries=False)))
+    plain = hydra_compose("anns_file=a.pt", "extractor=clip_features", "object_desc=crop")
     assert len(dirs) == 4
     with pytest.raises(SoIRError, match="object_desc need a Mask Inversion extractor"):
         extractor_from_config(plain)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from tests.pipeline import compose_config
 from utils.config import CONFIG_GROUPS, RUN_KEYS, SoIRConfig, check_config, check_overrides, register
 from utils.errors import SoIRError
 
@@ -17,8 +17,7 @@ register()
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def test_defaults_match_the_reference_table():

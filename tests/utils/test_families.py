@@ -3,14 +3,14 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from transformers import AutoConfig
 
 from create_index import plan
 from extractors import list_extractors
 from extractors.registry import capabilities, extractor_class
 from scripts.make_tiny_models import TINY_BUILDERS
-from utils.config import default_vec_dim, register
+from tests.pipeline import compose_config
+from utils.config import default_vec_dim
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
 from utils.preprocessing import NaFlexPreprocess
@@ -20,9 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _compose(*overrides: str):
-    register()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="defaults", overrides=["anns_file=a.pt", *overrides])
+    return compose_config("anns_file=a.pt", *overrides)
 
 
 def test_every_family_has_its_adapter_extractors_and_tiny_model():
