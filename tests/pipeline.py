@@ -54,10 +54,15 @@ def compose_config(
 
 
 def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """``python <repo>/<script> overrides...`` in ``cwd``, in this process: the command line's keys
+    """``python <repo>/<script> overrides...`` in ``cwd``, in this process (create_index.py,
+    search_index.py, scripts/train_mao.py): the command line's keys
     are checked as the CLI checks them (utils.config.check_overrides), the config is composed by
     Hydra's compose API and the script's ``main(cfg)`` runs under Hydra's own ``run_job`` (run folder
     under ``cwd``, ``.hydra/`` files, ``<job>.log``, the console handler at the configured level).
+
+    What the CLI sets for the rest of its process is put back afterwards: the working folder, the root
+    logger's handlers and level, Hydra's config, ``verbose``. Warnings go to pytest's warning capture,
+    not to stderr: tests of what reaches the terminal use :func:`run_script`.
 
     Returns what :func:`run_script` returns: exit status, stdout, stderr. A ``SystemExit`` (the CLIs'
     one-line ``error:``) becomes the exit status; any other exception propagates with its traceback.
@@ -70,7 +75,7 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
     from hydra.core.utils import run_job
     from hydra.types import HydraContext
 
-    from utils import training
+    from utils import quiet, training
     from utils.config import CONFIG_GROUPS, SoIRConfig, check_overrides
     from utils.errors import exit_on_error
 
@@ -88,6 +93,7 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     old_cwd = os.getcwd()
+    verbose = quiet._VERBOSE  # set by the CLI's verbose= for the rest of its process
     returncode = 0
     try:
         os.chdir(cwd)
@@ -107,6 +113,7 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
                 returncode = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         os.chdir(old_cwd)
+        quiet.set_verbose(verbose)
         HydraConfig.instance().cfg = None
         for handler in root.handlers:
             if handler not in handlers:
