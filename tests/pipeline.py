@@ -46,9 +46,9 @@ def compose_config(
 
     register()  # what importing create_index.py / search_index.py does: the schema and the resolvers
     if config_name == "train":
-        from utils import training
+        from utils.training import register as register_training
 
-        training.register()  # what importing scripts/train_mao.py does: its schema
+        register_training()  # what importing scripts/train_mao.py does: its schema
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=job_name):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
 
@@ -75,15 +75,16 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
     from hydra.core.utils import run_job
     from hydra.types import HydraContext
 
-    from utils import quiet, training
+    from utils import quiet
     from utils.config import CONFIG_GROUPS, SoIRConfig, check_overrides
     from utils.errors import exit_on_error
+    from utils.training import TrainConfig
 
     # script -> (module, configs/<name>.yaml, schema and config groups that refuse_unknown_keys checks)
     clis = {
         "create_index.py": ("create_index", "defaults", SoIRConfig, CONFIG_GROUPS),
         "search_index.py": ("search_index", "defaults", SoIRConfig, CONFIG_GROUPS),
-        "scripts/train_mao.py": ("scripts.train_mao", "train", training.TrainConfig, ()),
+        "scripts/train_mao.py": ("scripts.train_mao", "train", TrainConfig, ()),
     }
     module_name, config_name, schema, groups = clis[script]
     assert "-m" not in overrides and "--multirun" not in overrides, "multirun: use run_script"
