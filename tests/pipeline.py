@@ -46,7 +46,7 @@ def compose_config(
 
     register()  # what importing create_index.py / search_index.py does: the schema and the resolvers
     if config_name == "train":
-        from utils.training import register as register_training
+        from utils.training.trainer import register as register_training
 
         register_training()  # what importing scripts/train_mao.py does: its schema
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=job_name):
@@ -78,7 +78,7 @@ def run_main(script: str, *overrides: str, cwd: Path, check: bool = True) -> sub
     from utils import quiet
     from utils.config import CONFIG_GROUPS, SoIRConfig, check_overrides
     from utils.errors import exit_on_error
-    from utils.training import TrainConfig
+    from utils.training.trainer import TrainConfig
 
     # script -> (module, configs/<name>.yaml, schema and config groups that refuse_unknown_keys checks)
     clis = {

@@ -378,8 +378,8 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
     import faiss
     import numpy as np
 
-    from utils.feature_store import FeatureShards
-    from utils.index_io import build_index, load_index
+    from utils.retrieval.feature_store import FeatureShards
+    from utils.retrieval.index_io import build_index, load_index
 
     args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
     prepared = run_main("create_index.py", *args, "stage=prepare", cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""scripts/export_features.py and search=lancedb (utils/interop.py) on the demo set with Mask Inversion
+"""scripts/export_features.py and search=lancedb (utils/results/interop.py) on the demo set with Mask Inversion
 features (several vectors per gallery image): embedding-reader reads the export back as written, a
 FAISS index over what it reads finds SoIR's top-1 for every query, and LanceDB's multivector search
 ranks like search=exact."""
@@ -20,7 +20,7 @@ from datasets.captions import load_captions
 from search_index import search
 from tests.pipeline import ROOT, compose_config, features_dir_from, run_main
 from utils.errors import SoIRError
-from utils.interop import LANCEDB_TABLE, export_embeddings, export_lancedb, import_lancedb
+from utils.results.interop import LANCEDB_TABLE, export_embeddings, export_lancedb, import_lancedb
 
 META = ["image_path", "key", "image_index", "object", "bbox", "mask_rle", "score", "ins"]
 
@@ -173,7 +173,7 @@ def test_lancedb_search_equals_exact_and_export_resumes(mi_demo, tmp_path):
 def test_adhoc_image_query_through_lancedb_ranks_as_exact(mi_demo, demo_dir, tmp_path):
     """search_index.py query_image=... search=lancedb: the same top images and scores as the exact search."""
     from datasets import load_anns
-    from utils.own_queries import own_query
+    from utils.queries.own_queries import own_query
 
     copy = tmp_path / "features"
     shutil.copytree(mi_demo, copy)

@@ -15,7 +15,7 @@ from datasets import encode_mask_row_major, load_captions
 from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPMIExtractor
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
-from utils.mi_reference import reference_mask_inversion
+from extractors.mi.reference import reference_mask_inversion
 
 
 def _shards(folder):
@@ -202,7 +202,7 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
 # compat=original against the original code's geometry, restated here from its source (pihash2k/SoIR
 # at 02d2152; file:line of each step in the comments; its code is not copied), on tiny random models.
 # The model input size S stands for its hard-coded 224 (DINOv2, CLIP) / 384 (SigLIP); the pixels are
-# normalised with the checkpoint's mean / std (utils/preprocessing.py; which resize backend the
+# normalised with the checkpoint's mean / std (datasets/preprocessing.py; which resize backend the
 # original's processor used is README, "Coming from the original code").
 # ---------------------------------------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ def _smart_crops(image, masks, pad_pixels):
 
 def _original_vectors(ext, family, mode, image, masks):
     """What the original computes for ``mode`` on ``image`` / ``masks``, through the plain autograd MI
-    (utils/mi_reference.py) with its normalisation: one min-max over its whole batch ("batch")."""
+    (extractors/mi/reference.py) with its normalisation: one min-max over its whole batch ("batch")."""
     _, resample, pad_pixels, eps = ORIGINAL[family]
     size = ext.mi_preprocess.size[0]
     small, small_masks = _resized(image, masks, size, resample)
@@ -394,7 +394,7 @@ def test_query_vectors_each_scores_every_query_vector_as_a_query():
     from sklearn.metrics import average_precision_score
 
     from search_index import each_vector_a_query, image_scores
-    from utils.metrics import per_query_metrics
+    from utils.retrieval.metrics import per_query_metrics
 
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(7, 8)).astype(np.float32)  # 6 gallery images, image 2 with two rows

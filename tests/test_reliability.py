@@ -259,7 +259,7 @@ def test_9_features_folder_without_its_identity_is_refused_not_adopted(tmp_path)
     """A features folder whose identity.json was deleted is refused (with the fix) when another model's
     run opens it; its gallery shards are never adopted. Fails on main 4e786ae (the new identity was
     saved and shards 0-1 of model A were kept next to model B's shard 2)."""
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     root = tmp_path / "features"
     with FeaturesFolder(root).open({"model": "A"}, {"model": "A", "q": 1}, "cfg"):
@@ -443,7 +443,7 @@ def test_15_refusals_are_one_line_naming_the_file(tmp_path, capsys):
 
     from scripts import convert_captions
     from scripts.prepare_benchmark import main as prepare_benchmark
-    from utils.training import load_resume_state
+    from utils.training.trainer import load_resume_state
 
     Image.new("RGB", (30, 20)).save(tmp_path / "plain.png")
     rle = {"counts": [10**12], "size": [1_000_000, 1_000_000]}  # a valid RLE of 10^12 pixels
@@ -529,7 +529,7 @@ def test_16_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
     import socket
     import subprocess
 
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -579,7 +579,7 @@ def test_16_a_query_refresh_says_what_happened_and_a_symlink_is_named(tmp_path, 
     """A query-identity change logs "recomputing the query features", not also "held query shards without
     an identity"; a ``queries/`` symlink out of the folder is refused as such, not as "not made by SoIR".
     Fails on main 4e786ae."""
-    from utils.feature_store import FeaturesFolder
+    from utils.retrieval.feature_store import FeaturesFolder
 
     root = tmp_path / "features"
     with FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 1}, "cfg"):
@@ -660,8 +660,8 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
     from search_index import search
     from tests.datasets.benchmark_replicas import write_instre
     from tests.pipeline import run_main
-    from utils.interop import export_embeddings
-    from utils.own_queries import own_query
+    from utils.results.interop import export_embeddings
+    from utils.queries.own_queries import own_query
 
     user = tmp_path / "user"
     names = [

@@ -15,7 +15,7 @@ from tests.pipeline import compose_config
 from tests.utils.synthetic_shards import write_split
 from utils.config import check_config, resolve_aliases
 from utils.errors import SoIRError
-from utils.streaming import QueryRows, relevant_pairs, streamed_search
+from utils.retrieval.streaming import QueryRows, relevant_pairs, streamed_search
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -85,7 +85,7 @@ def test_best_rows_is_the_argmax_behind_each_image_score():
 
 
 def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(tiny_model_dirs, demo_dir, tmp_path):
-    """A gallery larger than search_block_mb is streamed from its shards (utils/streaming.py): every output
+    """A gallery larger than search_block_mb is streamed from its shards (utils/retrieval/streaming.py): every output
     equals the in-RAM search's. Two byte-identical gallery images give exactly tied scores."""
     import shutil
 

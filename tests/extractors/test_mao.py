@@ -13,11 +13,11 @@ from sklearn.metrics import average_precision_score
 
 from datasets import find_masks, load_anns, load_captions, split
 from extractors import DINOv2MIExtractor, SigLIPMIExtractor, extractor_from_config
-from extractors.views import mao_box, stack_masks, stack_views
+from datasets.views import mao_box, stack_masks, stack_views
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
-from utils.mask_inversion import mask_inversion
-from utils.mi_reference import reference_mao
+from extractors.mi.engine import mask_inversion
+from extractors.mi.reference import reference_mao
 
 MAO = dict(descriptor="mao", mi_iterations=5, device="cpu")
 

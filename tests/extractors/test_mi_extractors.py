@@ -21,12 +21,12 @@ from extractors import (
     SigLIPExtractor,
     SigLIPMIExtractor,
 )
-from extractors.views import ViewMaker, padded_box
+from datasets.views import ViewMaker, padded_box
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
 from utils.families import FAMILIES
-from utils.mask_inversion import legrad_map, mask_inversion
-from utils.preprocessing import pil_nearest_masks
+from extractors.mi.engine import legrad_map, mask_inversion
+from datasets.preprocessing import pil_nearest_masks
 
 MI = dict(mi_iterations=5, device="cpu")
 
@@ -587,8 +587,8 @@ def test_siglip_maps_are_upsampled_by_16_under_compat_whatever_the_patch(tmp_pat
     vectors are mask_inversion's with it. New coverage: the tiny SigLIP of the other tests has patch 16,
     where both factors agree."""
     from scripts.make_tiny_models import save_tiny_siglip
-    from utils.legrad import LeGrad
-    from utils.vit_adapters import vit_parts
+    from extractors.mi.legrad import LeGrad
+    from extractors.mi.vit_adapters import vit_parts
 
     folder = save_tiny_siglip(tmp_path / "siglip14", patch_size=14, image_size=56)
     compat = SigLIPMIExtractor(str(folder), pixel_geometry="original", **MI)

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
 from extractors import CLIPExtractor, CLIPMIExtractor, DINOv2MIExtractor, SigLIP2MIExtractor, SigLIPMIExtractor
-from extractors.views import ViewMaker, padded_box, stack_masks, stack_views
+from datasets.views import ViewMaker, padded_box, stack_masks, stack_views
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
-from utils.pooling import mask_pooled, token_descriptors
+from extractors.pooling import mask_pooled, token_descriptors
 
 
 @pytest.fixture(scope="module")

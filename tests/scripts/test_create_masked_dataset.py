@@ -1,4 +1,4 @@
-"""scripts/create_masked_dataset.py (the CLI), utils/mask_creation.py and utils/mask_models.py with tiny random
+"""scripts/create_masked_dataset.py (the CLI), utils/masks/creation.py and utils/masks/models.py with tiny random
 OWLv2 and SAM.
 
 The models are saved to a temp folder and loaded through the same loaders a user's run uses
@@ -26,7 +26,7 @@ from datasets.captions import decode_mask, encode_mask, load_captions
 from scripts import create_masked_dataset as cmd
 from scripts.make_tiny_models import TINY_SAM, save_tiny_owlv2, save_tiny_sam
 from utils.errors import SoIRError
-from utils.mask_models import (
+from utils.masks.models import (
     SAM_ARCHITECTURES,
     DetectionOptions,
     ModelLoadError,

@@ -20,8 +20,8 @@ from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 from datasets import load_rgb, save_anns
 from scripts.make_demo_dataset import make_demo_dataset
 from tests.pipeline import ROOT, features_dir_from, run_main
-from utils.preprocessing import Preprocess
-from utils.training import Context, TrainConfig, embed, train
+from datasets.preprocessing import Preprocess
+from utils.training.trainer import Context, TrainConfig, embed, train
 
 
 def _small_patch_dinov2(folder: Path) -> Path:
@@ -289,7 +289,7 @@ def test_stage_a_checkpoint_gives_create_index_mao_the_training_scene_vector(tin
     code computes (the renormalised mean of its crops' embeddings, the same crops), to 1e-5. With
     box_source=anns and masks_from=anns box_masks=true both read the VoxDet-SoIR boxes of RoboTools."""
     from tests.datasets.voxdet_replica import write_voxdet_soir
-    from utils.training import encode_pairs, load_splits
+    from utils.training.trainer import encode_pairs, load_splits
 
     anns, facts = write_voxdet_soir(tmp_path / "voxdet")
     cfg = OmegaConf.structured(

@@ -13,8 +13,8 @@ from tests.pipeline import compose_config
 from utils.config import default_vec_dim
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
-from utils.preprocessing import NaFlexPreprocess
-from utils.vit_adapters import ADAPTERS
+from datasets.preprocessing import NaFlexPreprocess
+from extractors.mi.vit_adapters import ADAPTERS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -1,4 +1,4 @@
-"""utils/feature_store.py: shards (atomic, validated, readable errors) and the features folder."""
+"""utils/retrieval/feature_store.py: shards (atomic, validated, readable errors) and the features folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from tests.utils.synthetic_shards import dyadic_rows, write_split
 from utils.errors import SoIRError
-from utils.feature_store import FeaturesFolder, FeatureShards
+from utils.retrieval.feature_store import FeaturesFolder, FeatureShards
 from utils.files import claim_folder
 
 
@@ -118,7 +118,7 @@ def test_a_locked_folder_is_refused(tmp_path):
 
         code = textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-            from utils.feature_store import FeaturesFolder
+            from utils.retrieval.feature_store import FeaturesFolder
             FeaturesFolder({str(root)!r}).open({{"g": 1}}, {{"g": 1}}, "cfg")
             """)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -169,7 +169,7 @@ def test_missing_shard_names_the_file(shards):
 
 def test_read_rows_returns_a_copy_that_does_not_keep_the_file_mapped(shards):
     """A view into the memory-mapped file would keep the mapping alive; thousands of them (pass 1 of
-    utils.streaming reads a few rows per positive image) counted ~1 GB of RSS on a 0.3 GB gallery."""
+    utils.retrieval.streaming reads a few rows per positive image) counted ~1 GB of RSS on a 0.3 GB gallery."""
     store, _, _ = shards
     rows = store.read_rows(0, 2, 4)
     assert rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()

@@ -1,4 +1,4 @@
-"""utils/index_build.py: FAISS's on-disk recipe (sample-train, add in blocks, merge_ondisk) answers like the
+"""utils/retrieval/index_build.py: FAISS's on-disk recipe (sample-train, add in blocks, merge_ondisk) answers like the
 in-RAM build of the same trained index."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.utils.synthetic_shards import unit_rows, write_split
-from utils.index_build import (
+from utils.retrieval.index_build import (
     add_block,
     build_ondisk,
     default_train_rows,
@@ -26,7 +26,7 @@ from utils.index_build import (
     to_all_gpus,
     train_index,
 )
-from utils.index_io import build_index, index_path, load_index, save_index
+from utils.retrieval.index_io import build_index, index_path, load_index, save_index
 
 DIM = 16
 
@@ -187,8 +187,8 @@ def test_sampling_memory_does_not_grow_with_the_gallery(tmp_path):
 import sys
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-from utils.feature_store import FeatureShards
-from utils.index_build import sample_rows
+from utils.retrieval.feature_store import FeatureShards
+from utils.retrieval.index_build import sample_rows
 shards = FeatureShards({str(tmp_path / "gallery")!r}, [{{}}] * (20 * 512), 512)
 offsets = np.asarray(shards.row_offsets())
 def peak_kb():   # VmHWM: this process's own peak (ru_maxrss carries the parent's peak over fork+exec)

@@ -1,4 +1,4 @@
-"""The relevance step without the T x T tensor (utils/legrad_kernels.py) against the dense evaluation.
+"""The relevance step without the T x T tensor (extractors/mi/legrad_kernels.py) against the dense evaluation.
 
 The blockwise PyTorch path is tested here directly; the fused Triton kernels run on CPU only in
 Triton's interpreter, which must be switched on before triton is first imported, so their tests
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.legrad_kernels as kernels
-from utils.legrad import _PositiveColumnMean
-from utils.legrad_kernels import _blocks, blockwise_backward, blockwise_forward
+import extractors.mi.legrad_kernels as kernels
+from extractors.mi.legrad import _PositiveColumnMean
+from extractors.mi.legrad_kernels import _blocks, blockwise_backward, blockwise_forward
 
 ROOT = Path(__file__).resolve().parents[2]
 

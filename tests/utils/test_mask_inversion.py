@@ -1,4 +1,4 @@
-"""Mask Inversion engine (utils/mask_inversion.py) against the plain reference (mi_reference.py).
+"""Mask Inversion engine (extractors/mi/engine.py) against the plain reference (mi_reference.py).
 
 Tiny random models of every family (DINOv2, DINOv2-reg, DINOv3, SigLIP, SigLIP2 NaFlex, CLIP) and of
 the variants the engine must handle too (gated MLPs, fixed-resolution SigLIP2) are loaded from disk
@@ -25,10 +25,10 @@ from transformers import (
 )
 
 from scripts.make_tiny_models import TINY_BUILDERS, TINY_VARIANTS
-from utils.legrad import LeGrad
-from utils.mask_inversion import dice_loss, global_embedding, iou_loss, legrad_map, mask_inversion
-from utils.mi_reference import reference_legrad_map, reference_mao, reference_mask_inversion
-from utils.vit_adapters import vit_parts
+from extractors.mi.legrad import LeGrad
+from extractors.mi.engine import dice_loss, global_embedding, iou_loss, legrad_map, mask_inversion
+from extractors.mi.reference import reference_legrad_map, reference_mao, reference_mask_inversion
+from extractors.mi.vit_adapters import vit_parts
 
 CLASSES = {
     "dinov2": Dinov2Model,

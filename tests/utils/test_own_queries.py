@@ -1,4 +1,4 @@
-"""Your own queries (utils/own_queries.py through search_index.py): ad-hoc image and text queries, T2I.
+"""Your own queries (utils/queries/own_queries.py through search_index.py): ad-hoc image and text queries, T2I.
 
 Each ad-hoc result is checked against what create_index.py + search_index.py computed for the same query,
 or against an independent computation from the stored shards (numpy, sklearn)."""
@@ -280,7 +280,7 @@ def test_t2i_evaluates_each_querys_obj_name_with_the_same_metrics(crop_folder):
 
 
 def test_t2i_queries_without_obj_name_are_listed_before_any_model_loads(tmp_path):
-    from utils.own_queries import text_query_rows
+    from utils.queries.own_queries import text_query_rows
 
     cfg = OmegaConf.create({"text_prompt": "a photo of {obj_name}", "device": "cpu"})
     queries = [{"key": "q/a.jpg", "obj_name": "mug"}, {"key": "q/b.jpg", "obj_name": None}, {"key": "q/c.jpg"}]
@@ -289,7 +289,7 @@ def test_t2i_queries_without_obj_name_are_listed_before_any_model_loads(tmp_path
 
 
 def test_text_queries_need_a_text_tower(tmp_path):
-    from utils.own_queries import text_encoder
+    from utils.queries.own_queries import text_encoder
 
     for extractor, family in (
         ("dinov2_mi_features", "dinov2"),
@@ -386,7 +386,7 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
 
 def test_a_box_on_a_folder_of_whole_image_queries_is_refused(tmp_path):
     from utils.config import SoIRConfig
-    from utils.own_queries import image_query
+    from utils.queries.own_queries import image_query
 
     Image.new("RGB", (32, 24)).save(tmp_path / "photo.jpg")
     made_with = OmegaConf.merge(OmegaConf.structured(SoIRConfig), {"extractor": "clip_features", "no_query_crop": True})

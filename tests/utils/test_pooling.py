@@ -11,8 +11,8 @@ from PIL import Image
 from extractors import build_extractor, extractor_from_config
 from utils.errors import SoIRError
 from utils.families import FAMILIES
-from utils.mask_inversion import global_embedding
-from utils.pooling import pooled_embedding, token_descriptors
+from extractors.mi.engine import global_embedding
+from extractors.pooling import pooled_embedding, token_descriptors
 
 
 def gem_reference(x: np.ndarray, p: float) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_rmac_reference_regions_on_a_known_grid():
     # whole map 1; level 1: only the right region (columns 2-4) holds it; level 2: regions of side 2 at
     # rows {0, 1} x columns {0, 1.5 -> 1, 3}: only (0, 3) holds it.
     assert rmac_reference(x, 2)[0] == pytest.approx(1 + 1 + 1, abs=1e-5)
-    from utils.pooling import rmac_regions
+    from extractors.pooling import rmac_regions
 
     assert rmac_regions(3, 5, 2) == [
         (0, 0, 3),
@@ -171,7 +171,7 @@ def test_pool_settings_are_part_of_the_features_identity(tiny_model_dirs, hydra_
 def test_siglip_tokens_go_through_the_attention_pooling_head_one_at_a_time(models, family):
     """With one token as its only key, the model's own head gives that token's z: the pooled vectors live in
     the space of the global embedding (and the text tower), not in the post-LayerNorm token space."""
-    from utils.pooling import token_head
+    from extractors.pooling import token_head
 
     model = models[family]
     tokens = torch.randn(2, 5, model.config.hidden_size)

@@ -37,7 +37,7 @@ def test_legrad_raises_no_jit_script_deprecation():
     """torch's FutureWarning from its first jvp (LeGrad's activation derivative) is filtered there, and
     only there: an error under -W error. Fails on main 4e786ae."""
     code = (
-        "import torch\nfrom utils.legrad import _elementwise_derivative\n"
+        "import torch\nfrom extractors.mi.legrad import _elementwise_derivative\n"
         "print(_elementwise_derivative(torch.nn.GELU(), torch.zeros(2)).tolist())"
     )
     proc = subprocess.run(

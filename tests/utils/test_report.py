@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from datasets import ImageMasks, encode_mask, load_captions, save_captions
 from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
-from utils.report import Shown, report_captions, thumb_jobs
+from utils.results.report import Shown, report_captions, thumb_jobs
 
 THUMB = 96
 
@@ -382,7 +382,7 @@ def test_report_renders_in_headless_chromium(mi_run, tmp_path):
 def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs, tmp_path):
     from extractors import CLIPExtractor, CLIPMIExtractor
     from utils.config import SoIRConfig
-    from utils.report import map_extractor
+    from utils.results.report import map_extractor
 
     made_with = OmegaConf.merge(
         OmegaConf.structured(SoIRConfig),
@@ -401,8 +401,8 @@ def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs
 def test_smart_crop_maps_are_drawn_inside_the_crop(tiny_model_dirs, tmp_path):
     from datasets import ImageMasks, encode_mask
     from extractors import SigLIPMIExtractor
-    from extractors.views import padded_box
-    from utils.report import Shown, write_maps
+    from datasets.views import padded_box
+    from utils.results.report import Shown, write_maps
 
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((128, 96), Image.BICUBIC)
@@ -453,7 +453,7 @@ def test_full_mask_fallback_rows_get_a_report(tiny_model_dirs, demo_dir, tmp_pat
     """missing_masks=full_mask (what compat=original sets) on a gallery where half the images have no
     masks: the full-image-mask rows belong to no captions entry, so they carry mask_index -1 and the
     report shows them plain. Fails on main 4e786ae: search_index.py printed the metrics, then died in
-    utils/report.py with "'NoneType' object has no attribute 'masks_rle'" (exit 1)."""
+    utils/results/report.py with "'NoneType' object has no attribute 'masks_rle'" (exit 1)."""
     captions = load_captions(demo_dir / "captions.pt")
     gallery_keys = sorted(k for k in captions if k.startswith("gallery/"))
     save_captions({k: v for k, v in captions.items() if k not in gallery_keys[::2]}, tmp_path / "partial.pt")

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from datasets import Annotation
 from tests.datasets.voxdet_replica import write_voxdet_soir
 from utils.errors import SoIRError
-from utils.preprocessing import Preprocess
-from utils.train_data import scene_boxes
-from utils.training import (
+from datasets.preprocessing import Preprocess
+from utils.training.data import scene_boxes
+from utils.training.trainer import (
     Context,
     TrainConfig,
     build_model,
