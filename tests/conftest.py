@@ -60,10 +60,10 @@ def demo_dir(tmp_path_factory) -> Path:
 def clip_demo_features(tiny_model_dirs, demo_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(cwd, features folder) of ``create_index.py`` with tiny CLIP global features on the demo set, 5
     images per shard; shared read-only by the search and streaming tests (their runs write under cwd)."""
-    from tests.pipeline import features_dir_from, run_script
+    from tests.pipeline import features_dir_from, run_main
 
     cwd = tmp_path_factory.mktemp("clip_demo")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={tiny_model_dirs['clip']}",
@@ -74,3 +74,13 @@ def clip_demo_features(tiny_model_dirs, demo_dir, tmp_path_factory) -> tuple[Pat
         cwd=cwd,
     )
     return cwd, features_dir_from(proc, cwd)
+
+
+@pytest.fixture
+def hydra_compose():
+    """``hydra_compose(*overrides, config_name="defaults", job_name="create_index", hydra=False)``: the
+    config Hydra composes for that command line (tests.pipeline.compose_config; the schema and resolvers
+    registered as the CLIs register them). ``hydra=True`` keeps the ``hydra`` node (run folder, logging)."""
+    from tests.pipeline import compose_config
+
+    return compose_config

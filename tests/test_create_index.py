@@ -1,4 +1,8 @@
-"""create_index.py end to end: outputs, resume after an interruption, refusals."""
+"""create_index.py end to end: outputs, resume after an interruption, refusals.
+
+In this process (tests.pipeline.run_main); a subprocess only where the process is the subject:
+kill -9 and resume, multirun and submitit launchers, the lock held by another process.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.pipeline import ROOT, features_dir_from, run_script
-
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
+from tests.pipeline import ROOT, features_dir_from, run_main, run_script
 
 
 def _args(tiny_model_dirs, demo_dir, *extra):
@@ -36,7 +38,7 @@ def _shard_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_outputs_and_relative_paths(tiny_model_dirs, demo_dir, tmp_path):
-    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, "dataset=demo"), cwd=tmp_path)
+    proc = run_main("create_index.py", *_args(tiny_model_dirs, demo_dir, "dataset=demo"), cwd=tmp_path)
     out = features_dir_from(proc, tmp_path)
     assert out.is_relative_to(tmp_path / "outputs" / "features" / "demo")  # no chdir into the run dir
     gallery = json.loads((out / "gallery" / "images.json").read_text())
@@ -49,10 +51,11 @@ def test_outputs_and_relative_paths(tiny_model_dirs, demo_dir, tmp_path):
     assert len(run_dirs) == 1 and (run_dirs[0] / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow  # a subprocess: the process is the subject
 def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_dir, tmp_path):
     (tmp_path / "a").mkdir()
     reference = features_dir_from(
-        run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=tmp_path / "a"), tmp_path / "a"
+        run_main("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=tmp_path / "a"), tmp_path / "a"
     )
     expected = _shard_bytes(reference)
     # Interrupted run: kill -9 as soon as the first shard exists.
@@ -77,23 +80,23 @@ def test_resume_after_kill_gives_byte_identical_features(tiny_model_dirs, demo_d
     # A torn write from the killed run must not count as a shard.
     first_missing = sorted(set(expected) - set(partial))[0]
     (killed_dir / (first_missing + ".tmp")).write_bytes(b"half a shard")
-    out = features_dir_from(run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=work), work)
+    out = features_dir_from(run_main("create_index.py", *_args(tiny_model_dirs, demo_dir), cwd=work), work)
     assert _shard_bytes(out) == {k: v for k, v in expected.items()}
     assert (out / "index-Flat.faiss").read_bytes() == (reference / "index-Flat.faiss").read_bytes()
 
 
 def test_query_only_changes_keep_the_gallery_and_other_changes_are_refused(tiny_model_dirs, demo_dir, tmp_path):
     out = tmp_path / "feats"
-    run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
+    run_main("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
     gallery = {p: p.stat().st_mtime_ns for p in (out / "gallery").glob("shard-*")}
     queries = _shard_bytes(out / "queries")
-    proc = run_script(
+    proc = run_main(
         "create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}", "no_query_crop=true"), cwd=tmp_path
     )
     assert "recomputing the query features" in proc.stdout + proc.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "gallery").glob("shard-*")} == gallery
     assert _shard_bytes(out / "queries") != queries  # uncropped queries: other vectors
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         *_args(tiny_model_dirs, demo_dir, f"features_dir={out}", "batch_size=3"),
         cwd=tmp_path,
@@ -112,11 +115,12 @@ def test_query_only_changes_keep_the_gallery_and_other_changes_are_refused(tiny_
     ],
 )
 def test_bad_runs_fail_with_a_clear_message(tiny_model_dirs, demo_dir, tmp_path, overrides, message):
-    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), *overrides, cwd=tmp_path, check=False)
+    proc = run_main("create_index.py", *_args(tiny_model_dirs, demo_dir), *overrides, cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # a subprocess: the process is the subject
 def test_multirun_outputs_never_collide(tiny_model_dirs, demo_dir, tmp_path):
     proc = run_script("create_index.py", "-m", *_args(tiny_model_dirs, demo_dir), "batch_size=1,3", cwd=tmp_path)
     outs = {s.split(": ", 1)[1] for s in proc.stdout.splitlines() if s.startswith("features and index: ")}
@@ -159,11 +163,11 @@ def test_skip_policies_are_counted_and_logged(tiny_model_dirs, demo_dir, tmp_pat
         "mi_iterations=2",
         "num_workers=0",
     )
-    refused = run_script("create_index.py", *args, cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *args, cwd=tmp_path, check=False)
     assert refused.returncode != 0 and "3 of" in refused.stderr and "missing_masks=global" in refused.stderr
-    refused = run_script("create_index.py", *args, "missing_masks=global", cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *args, "missing_masks=global", cwd=tmp_path, check=False)
     assert refused.returncode != 0 and "queries/lonely.jpg" in refused.stderr
-    proc = run_script("create_index.py", *args, "no_positive=skip", "missing_masks=global", cwd=tmp_path)
+    proc = run_main("create_index.py", *args, "no_positive=skip", "missing_masks=global", cwd=tmp_path)
     summary = json.loads((features_dir_from(proc, tmp_path) / "summary.json").read_text())
     assert summary["gallery_counts"]["global_fallback"] == 3
     assert summary["queries"] == len([k for k, v in anns.items() if v["is_query"]]) - 1
@@ -183,9 +187,7 @@ def test_features_dir_on_a_users_folder_is_refused_and_nothing_is_touched(tiny_m
     """Before: features_dir=<the dataset folder> rmtree'd its queries/ and wrote into its gallery/."""
     data = _copy(demo_dir, tmp_path / "data")
     before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
-    proc = run_script(
-        "create_index.py", *_args(tiny_model_dirs, data, f"features_dir={data}"), cwd=tmp_path, check=False
-    )
+    proc = run_main("create_index.py", *_args(tiny_model_dirs, data, f"features_dir={data}"), cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "is not empty and was not made by SoIR" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
@@ -204,12 +206,12 @@ def test_changed_weights_in_a_model_folder_are_refused_not_mixed(tiny_model_dirs
         "shard_size=4",
         f"features_dir={tmp_path / 'feats'}",
     )
-    run_script("create_index.py", *args, cwd=tmp_path)
+    run_main("create_index.py", *args, cwd=tmp_path)
     from utils.testing.tiny_models import save_tiny_siglip
 
     save_tiny_siglip(model, seed=1)  # other weights, same folder
     (tmp_path / "feats" / "gallery" / "shard-00001.safetensors").unlink()
-    proc = run_script("create_index.py", *args, cwd=tmp_path, check=False)
+    proc = run_main("create_index.py", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "made with other settings or inputs (extractor_identity)" in proc.stderr
     assert not (tmp_path / "feats" / "gallery" / "shard-00001.safetensors").exists()
 
@@ -220,7 +222,7 @@ def test_query_only_edits_of_anns_keep_the_gallery(tiny_model_dirs, demo_dir, tm
 
     data = _copy(demo_dir, tmp_path / "data")
     args = _args(tiny_model_dirs, data, f"features_dir={tmp_path / 'feats'}")
-    run_script("create_index.py", *args, cwd=tmp_path)
+    run_main("create_index.py", *args, cwd=tmp_path)
     gallery = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "feats" / "gallery").glob("shard-*")}
     anns = torch.load(data / "anns.pt", weights_only=True)
     query = next(k for k, v in anns.items() if v["is_query"])
@@ -229,7 +231,7 @@ def test_query_only_edits_of_anns_keep_the_gallery(tiny_model_dirs, demo_dir, tm
     some_gallery = next(k for k, v in anns.items() if not v["is_query"])
     anns[some_gallery]["obj_name"] = "relabelled"  # a fixed gallery label
     torch.save(anns, data / "anns.pt")
-    proc = run_script("create_index.py", *args, cwd=tmp_path)
+    proc = run_main("create_index.py", *args, cwd=tmp_path)
     assert "recomputing the query features" in proc.stdout + proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "feats" / "gallery").glob("shard-*")} == gallery
 
@@ -264,9 +266,7 @@ def test_input_problems_are_found_before_the_model_is_loaded(tiny_model_dirs, de
         captions[key].masks_rle[1:] = []
         captions[key].bboxes[1:], captions[key].scores[1:] = [], []
         save_captions(captions, data / "captions.pt")
-    proc = run_script(
-        "create_index.py", f"anns_file={data / 'anns.pt'}", "vec_dim=32", *extra, cwd=tmp_path, check=False
-    )
+    proc = run_main("create_index.py", f"anns_file={data / 'anns.pt'}", "vec_dim=32", *extra, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and message in proc.stderr and "/no/such/model" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -276,9 +276,9 @@ def test_bad_images_skip_counts_lists_and_searches_without_them(tiny_model_dirs,
     gallery = sorted((data / "gallery").glob("*.jpg"))
     gallery[0].write_bytes(b"this is not a jpeg")  # header unreadable
     gallery[1].write_bytes(gallery[1].read_bytes()[:1500])  # header fine, pixels truncated
-    refused = run_script("create_index.py", *_args(tiny_model_dirs, data), cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *_args(tiny_model_dirs, data), cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "set bad_images=skip" in refused.stderr and gallery[0].name in refused.stderr
-    proc = run_script(
+    proc = run_main(
         "create_index.py", *_args(tiny_model_dirs, data, "bad_images=skip", "no_positive=skip"), cwd=tmp_path
     )
     out = features_dir_from(proc, tmp_path)
@@ -286,7 +286,7 @@ def test_bad_images_skip_counts_lists_and_searches_without_them(tiny_model_dirs,
     assert [line.split("\t")[1] for line in listed] == [f"gallery/{gallery[0].name}"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_bad_images"] == 1 and summary["gallery_counts"]["bad_images"] == 1
-    search = run_script("search_index.py", f"features_dir={out}", "no_positive=skip", cwd=tmp_path)
+    search = run_main("search_index.py", f"features_dir={out}", "no_positive=skip", cwd=tmp_path)
     assert "have no features (unreadable, bad_images=skip) and are left out" in search.stdout + search.stderr
     from tests.pipeline import read_results, results_dir_from
 
@@ -296,14 +296,14 @@ def test_bad_images_skip_counts_lists_and_searches_without_them(tiny_model_dirs,
 
 @pytest.mark.parametrize("override", ["mi_alpha=nan", "mi_lr=inf"])
 def test_non_finite_settings_are_refused(tiny_model_dirs, demo_dir, tmp_path, override):
-    proc = run_script("create_index.py", *_args(tiny_model_dirs, demo_dir), override, cwd=tmp_path, check=False)
+    proc = run_main("create_index.py", *_args(tiny_model_dirs, demo_dir), override, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and f"{override.split('=')[0]}=" in proc.stderr and "not a finite number" in proc.stderr
 
 
 def test_a_hub_model_that_is_not_cached_offline_is_one_line(demo_dir, tmp_path):
     """Before: ~60 s of retries and a long traceback through Hydra."""
     started = time.time()
-    proc = run_script(
+    proc = run_main(
         "create_index.py", "extractor=siglip_features", f"anns_file={demo_dir / 'anns.pt'}", cwd=tmp_path, check=False
     )
     assert proc.returncode == 1 and time.time() - started < 60
@@ -314,42 +314,31 @@ def test_a_hub_model_that_is_not_cached_offline_is_one_line(demo_dir, tmp_path):
 
 def test_corrupt_metadata_and_half_written_folders_are_explained(tiny_model_dirs, demo_dir, tmp_path):
     out = tmp_path / "feats"
-    run_script("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
+    run_main("create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path)
     (out / "gallery" / "shard-00002.safetensors").unlink()
-    search = run_script("search_index.py", f"features_dir={out}", cwd=tmp_path, check=False)
+    search = run_main("search_index.py", f"features_dir={out}", cwd=tmp_path, check=False)
     assert search.returncode == 1 and "shard-00002.safetensors" in search.stderr
     assert "rerun create_index.py with the same settings, it resumes" in search.stderr
     (out / "identity.json").write_text("")  # a full disk, before atomic writes
-    proc = run_script(
+    proc = run_main(
         "create_index.py", *_args(tiny_model_dirs, demo_dir, f"features_dir={out}"), cwd=tmp_path, check=False
     )
     assert proc.returncode == 1 and "identity.json is empty or corrupt" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_report_settings_are_not_part_of_the_features_identity():
+def test_report_settings_are_not_part_of_the_features_identity(hydra_compose):
     """search_index.py's report keys (and query_vectors, a scoring rule) must not move features to a new
     folder or refuse an existing one."""
     from types import SimpleNamespace
 
-    from hydra import compose, initialize_config_dir
-
-    from create_index import feature_identity
+    from utils.pipeline.create import feature_identity
 
     extractor = SimpleNamespace(identity=lambda: {"model": "m"})
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        default = compose(config_name="defaults", overrides=["anns_file=a.pt"])
-        changed = compose(
-            config_name="defaults",
-            overrides=[
-                "anns_file=a.pt",
-                "report=false",
-                "report_k=3",
-                "report_thumb_size=64",
-                "report_maps=true",
-                "query_vectors=each",
-            ],
-        )
+    default = hydra_compose("anns_file=a.pt")
+    changed = hydra_compose(
+        "anns_file=a.pt", "report=false", "report_k=3", "report_thumb_size=64", "report_maps=true", "query_vectors=each"
+    )
     for queries in (False, True):
         identity = feature_identity(default, extractor, [], {}, queries=queries)
         assert identity == feature_identity(changed, extractor, [], {}, queries=queries)
@@ -376,12 +365,13 @@ def _stage_args(tiny_model_dirs, anns, *extra):
 def one_process(tiny_model_dirs, demo_dir, tmp_path_factory):
     """stage=all (today's single command) with the stage tests' settings: the reference."""
     cwd = tmp_path_factory.mktemp("one_process")
-    run_script(
+    run_main(
         "create_index.py", *_stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={cwd / 'feats'}"), cwd=cwd
     )
     return cwd / "feats"
 
 
+@pytest.mark.slow  # a subprocess: the process is the subject
 def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_ram_index(
     tiny_model_dirs, demo_dir, one_process, tmp_path
 ):
@@ -392,7 +382,7 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
     from utils.retrieval.index_io import build_index, load_index
 
     args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
-    prepared = run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    prepared = run_main("create_index.py", *args, "stage=prepare", cwd=tmp_path)
     assert f"prepared: {tmp_path / 'feats'}" in prepared.stdout and not _shard_bytes(tmp_path / "feats")
     run_script(
         "create_index.py",
@@ -409,7 +399,7 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
     assert _shard_bytes(tmp_path / "feats") == _shard_bytes(one_process)
 
     # The IVF built in 3 blocks, merged on disk, answers with the ids of the one built in RAM.
-    run_script("create_index.py", *args, "stage=index", "index='IVF2,Flat'", "index_blocks=3", cwd=tmp_path)
+    run_main("create_index.py", *args, "stage=index", "index='IVF2,Flat'", "index_blocks=3", cwd=tmp_path)
     blocks = sorted(p.name for p in (tmp_path / "feats" / "index-IVF2_Flat-blocks").glob("block-*.faiss"))
     assert blocks == ["block-00000.faiss", "block-00001.faiss", "block-00002.faiss"]
     assert (tmp_path / "feats" / "index-IVF2_Flat.ivfdata").is_file()
@@ -427,10 +417,10 @@ def test_two_submitit_workers_give_byte_identical_shards_and_blocks_give_the_in_
     from tests.pipeline import read_results, results_dir_from
 
     staged, _ = read_results(
-        results_dir_from(run_script("create_index.py", *args, "stage=search", "index='IVF2,Flat'", cwd=tmp_path))
+        results_dir_from(run_main("create_index.py", *args, "stage=search", "index='IVF2,Flat'", cwd=tmp_path))
     )
     reference, _ = read_results(
-        results_dir_from(run_script("search_index.py", f"features_dir={one_process}", cwd=tmp_path))
+        results_dir_from(run_main("search_index.py", f"features_dir={one_process}", cwd=tmp_path))
     )
     assert 0 < staged.pop("index_recall@16") <= 1 and staged.pop("index") == "IVF2,Flat"
     own = ("features_dir", "index", "overrides", "settings")  # each run's own command line and settings
@@ -444,11 +434,12 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+@pytest.mark.slow  # a subprocess: the process is the subject
 def test_a_preempted_worker_is_requeued_by_submitit_and_resumes(tiny_model_dirs, demo_dir, one_process, tmp_path):
     """SIGUSR2 is what SLURM (and submitit's local executor, before its time-out) sends before it stops a
     job: submitit checkpoints the Hydra job and requeues it; the rerun computes only the missing shards."""
     args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
-    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    run_main("create_index.py", *args, "stage=prepare", cwd=tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(
         [sys.executable, str(ROOT / "create_index.py"), "-m", *args, "stage=extract", "hydra/launcher=submitit_local"],
@@ -478,26 +469,27 @@ def test_a_preempted_worker_is_requeued_by_submitit_and_resumes(tiny_model_dirs,
     assert not list((tmp_path / "feats").rglob("*.tmp"))  # the interrupted shard left nothing
 
 
+@pytest.mark.slow  # a subprocess: the process is the subject
 def test_workers_take_no_lock_and_refuse_other_settings(tiny_model_dirs, demo_dir, tmp_path):
     from utils.files import FolderLock
 
     args = _stage_args(tiny_model_dirs, demo_dir / "anns.pt", f"features_dir={tmp_path / 'feats'}")
-    refused = run_script("create_index.py", *args, "stage=extract", cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *args, "stage=extract", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "run create_index.py stage=prepare" in refused.stderr
-    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
-    refused = run_script("create_index.py", *args, "stage=extract", "batch_size=2", cwd=tmp_path, check=False)
+    run_main("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    refused = run_main("create_index.py", *args, "stage=extract", "batch_size=2", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "(batch_size: 1 -> 2)" in refused.stderr
     assert "settings (and model, device type) of stage=prepare" in refused.stderr
-    refused = run_script("create_index.py", *args, "stage=extract", "worker=2", "workers=2", cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *args, "stage=extract", "worker=2", "workers=2", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "worker=2 must lie in [0, workers=2)" in refused.stderr
     with FolderLock(tmp_path / "feats"):  # e.g. another host's prepare, still running
-        run_script("create_index.py", *args, "stage=extract", "workers=3", "worker=1", cwd=tmp_path)
+        run_main("create_index.py", *args, "stage=extract", "workers=3", "worker=1", cwd=tmp_path)
         blocked = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
     assert blocked.returncode == 1 and "is being written by process" in blocked.stderr
     gallery = sorted(p.name for p in (tmp_path / "feats" / "gallery").glob("shard-*"))
     assert gallery == [f"shard-{s:05d}.safetensors" for s in range(16) if s % 3 == 1]
     assert sorted(p.name for p in (tmp_path / "feats" / "queries").glob("shard-*")) == ["shard-00001.safetensors"]
-    missing = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
+    missing = run_main("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
     assert missing.returncode == 1 and "shards are missing" in missing.stderr
 
 
@@ -507,15 +499,15 @@ def test_undecodable_pixels_are_recorded_by_workers_and_refused_by_stage_index(t
     broken = sorted((data / "gallery").glob("*.jpg"))[1]
     broken.write_bytes(broken.read_bytes()[:1500])  # header fine, pixels truncated
     args = _stage_args(tiny_model_dirs, data / "anns.pt", f"features_dir={tmp_path / 'feats'}")
-    run_script("create_index.py", *args, "stage=prepare", cwd=tmp_path)
-    run_script("create_index.py", *args, "stage=extract", cwd=tmp_path)
+    run_main("create_index.py", *args, "stage=prepare", cwd=tmp_path)
+    run_main("create_index.py", *args, "stage=extract", cwd=tmp_path)
     shard = load_file(tmp_path / "feats" / "gallery" / "shard-00001.safetensors")
     assert shard["failed"].tolist() == [1] and int(shard["stat.bad_images"]) == 1 and len(shard["owner"]) == 0
     assert len(_shard_bytes(tmp_path / "feats")) == 20  # the worker went on: every shard
-    refused = run_script("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
+    refused = run_main("create_index.py", *args, "stage=index", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and f"gallery/gallery/{broken.name}" in refused.stderr
     assert "set bad_images=skip" in refused.stderr
-    run_script("create_index.py", *args, "stage=index", "bad_images=skip", cwd=tmp_path)
+    run_main("create_index.py", *args, "stage=index", "bad_images=skip", cwd=tmp_path)
     summary = json.loads((tmp_path / "feats" / "summary.json").read_text())
     assert summary["gallery_counts"]["bad_images"] == 1 and summary["gallery_rows"] == 15
 
@@ -523,7 +515,7 @@ def test_undecodable_pixels_are_recorded_by_workers_and_refused_by_stage_index(t
 def test_summary_keeps_each_runs_seconds(tmp_path):
     """A resumed run adds its time to summary.json instead of replacing the first run's (fails on main
     4e786ae: no write_summary; `seconds` was overwritten); a summary from before `runs` counts as one run."""
-    from create_index import write_summary
+    from utils.pipeline.create import write_summary
 
     (tmp_path / "summary.json").write_text(json.dumps({"gallery_images": 3, "seconds": 100.0}))
     first = write_summary(tmp_path, {"gallery_images": 4}, "all", 12.34)

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent("""
@@ -41,6 +43,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter: its import path is the subject
 def test_transformers_works_and_datasets_is_ours():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -51,9 +54,10 @@ def test_transformers_works_and_datasets_is_ours():
     assert result.stdout.strip().startswith("OK"), result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter outside the repository
 def test_the_docs_notebook_cell_imports_soir_from_outside_the_repository(tmp_path):
-    """docs/getting-started.md, "Notebooks outside the repository": its cell, run from another folder with SOIR_ROOT set
-    and nothing of SoIR installed, imports the extractors and our ``datasets`` (not HuggingFace's).
+    """docs/getting-started.md, "Notebooks outside the repository": its cell, run from another folder with
+    SOIR_ROOT set and nothing of SoIR installed, imports the extractors and our ``datasets`` (not HuggingFace's).
     Fails on main 4e786ae (no such cell; ``from extractors import ...`` outside the root is a
     ModuleNotFoundError)."""
     page = (ROOT / "docs" / "getting-started.md").read_text()

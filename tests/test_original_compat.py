@@ -14,10 +14,8 @@ from safetensors.torch import load_file
 from datasets import encode_mask_row_major, load_captions
 from extractors import CLIPMIExtractor, DINOv2MIExtractor, SigLIPMIExtractor
 from extractors.mi.reference import reference_mask_inversion
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
-
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 
 def _shards(folder):
@@ -50,9 +48,9 @@ def test_original_segmentation_results_give_the_same_mi_features_as_our_captions
         "only_create=true",
     )
     a = features_dir_from(
-        run_script("create_index.py", *common, f"captions_file={demo_dir / 'captions.pt'}", cwd=tmp_path), tmp_path
+        run_main("create_index.py", *common, f"captions_file={demo_dir / 'captions.pt'}", cwd=tmp_path), tmp_path
     )
-    proc = run_script("create_index.py", *common, f"captions_file={tmp_path / 'segmentation_results.pt'}", cwd=tmp_path)
+    proc = run_main("create_index.py", *common, f"captions_file={tmp_path / 'segmentation_results.pt'}", cwd=tmp_path)
     assert "in the original code's format" in proc.stdout + proc.stderr
     b = features_dir_from(proc, tmp_path)
     assert a != b  # other inputs, other folder
@@ -66,7 +64,7 @@ def test_the_original_example_command_runs_and_reports_metrics(tiny_model_dirs, 
 
     _, ckpt = _original_dinov2_checkpoint(tiny_model_dirs["dinov2"])
     torch.save(ckpt, tmp_path / "lora_weights.ckpt")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "tag=example_run",
         "dataset=demo",
@@ -103,7 +101,7 @@ def test_the_original_example_command_runs_and_reports_metrics(tiny_model_dirs, 
 
 
 def test_compat_original_runs_end_to_end(tiny_model_dirs, demo_dir, tmp_path):
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "compat=original",
         "extractor=clip_mi_features",
@@ -136,9 +134,9 @@ def test_what_create_index_does_at_the_end(tiny_model_dirs, demo_dir, tmp_path):
         f"anns_file={demo_dir / 'anns.pt'}",
         "num_workers=0",
     )
-    proc = run_script("create_index.py", *common, "only_create=true", "tag=t1", "add_string=s2", cwd=tmp_path)
+    proc = run_main("create_index.py", *common, "only_create=true", "tag=t1", "add_string=s2", cwd=tmp_path)
     assert "results: " not in proc.stdout and features_dir_from(proc, tmp_path).name.endswith("_t1_s2")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         *common,
         "no_faiss=true",
@@ -153,13 +151,13 @@ def test_what_create_index_does_at_the_end(tiny_model_dirs, demo_dir, tmp_path):
     out, run = features_dir_from(proc, tmp_path), results_dir_from(proc)
     assert not list(out.glob("index-*.faiss")) and not (run / "rankings.jsonl").exists()
     assert "_eval-mine-" in run.name and json.loads((run / "results.json").read_text())["k_search"] == 3
-    search = run_script("search_index.py", f"features_dir={out}", "k_search=10", "max_k_search=3", cwd=tmp_path)
+    search = run_main("search_index.py", f"features_dir={out}", "k_search=10", "max_k_search=3", cwd=tmp_path)
     rankings = [json.loads(line) for line in (results_dir_from(search) / "rankings.jsonl").read_text().splitlines()]
     assert {len(r["ranking"]) for r in rankings} == {3}
-    proc = run_script("create_index.py", *common, "only_gallery=true", cwd=tmp_path)
+    proc = run_main("create_index.py", *common, "only_gallery=true", cwd=tmp_path)
     out = features_dir_from(proc, tmp_path)
     assert not (out / "queries" / "images.json").exists() and "results: " not in proc.stdout
-    refused = run_script("search_index.py", f"features_dir={out}", cwd=tmp_path, check=False)
+    refused = run_main("search_index.py", f"features_dir={out}", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "only_gallery=true" in refused.stderr
 
 
@@ -170,7 +168,7 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
     (tmp_path / "inds.txt").write_text(
         " ".join(str(i) for i in range(len(keys)) if i % 2 == 0 or keys[i].startswith("q"))
     )
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -205,7 +203,7 @@ def test_subsets_by_index_and_another_extractor_for_the_queries(tiny_model_dirs,
 # at 02d2152; file:line of each step in the comments; its code is not copied), on tiny random models.
 # The model input size S stands for its hard-coded 224 (DINOv2, CLIP) / 384 (SigLIP); the pixels are
 # normalised with the checkpoint's mean / std (datasets/preprocessing.py; which resize backend the
-# original's processor used is in docs/coming-from-original.md).
+# original's processor used is README, "Coming from the original code").
 # ---------------------------------------------------------------------------------------------------
 
 COMPAT = dict(  # configs/compat/original.yaml, as the extractors take it
@@ -395,8 +393,8 @@ def test_query_vectors_each_scores_every_query_vector_as_a_query():
     vector is the reference. SoIR's default (max) scores the image once by its best pair."""
     from sklearn.metrics import average_precision_score
 
-    from search_index import each_vector_a_query, image_scores
     from utils.retrieval.metrics import per_query_metrics
+    from utils.retrieval.ranking import each_vector_a_query, image_scores
 
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(7, 8)).astype(np.float32)  # 6 gallery images, image 2 with two rows

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.pipeline import ROOT
+from tests.pipeline import ROOT, compose_config
 from tests.scripts.test_create_masked_dataset import _base_args, _folder
 from utils.errors import SoIRError
 
@@ -47,8 +46,7 @@ def mask_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 # --------------------------------------------------------------------------------- 1-5: lose data
@@ -78,13 +76,13 @@ def test_1_search_refuses_a_run_folder_with_a_users_files(clip_demo_features, tm
 
 def test_1_create_index_refuses_the_run_folder_before_extracting(tiny_model_dirs, demo_dir, tmp_path):
     """create_index.py stage=all with ``hydra.run.dir`` at a user's folder: refused in one line before any
-    model is loaded or features are written (Hydra's run folder is the subject, hence a subprocess).
+    model is loaded or features are written (Hydra's run folder, made by Hydra's run_job in this process).
     Fails on main 4e786ae (exit 0; report.html and results.json replaced)."""
-    from tests.pipeline import run_script
+    from tests.pipeline import run_main
 
     run = tmp_path / "U"
     before = user_files(run, {"report.html": b"<p>mine</p>", "results.json": b"{}"})
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={tiny_model_dirs['clip']}",
@@ -235,11 +233,12 @@ def test_8_training_does_not_resume_after_the_base_model_or_an_image_changed(tin
     data, model = tmp_path / "data", tmp_path / "model"
     shutil.copytree(demo_dir, data)
     shutil.copytree(tiny_model_dirs["dinov2"], model)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[f"anns_file={data / 'anns.pt'}", f"captions_file={data / 'captions.pt'}", f"model_name={model}"],
-        )
+    cfg = compose_config(
+        f"anns_file={data / 'anns.pt'}",
+        f"captions_file={data / 'captions.pt'}",
+        f"model_name={model}",
+        config_name="train",
+    )
     saved = tmp_path / "run" / "identity.json"
     check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")
     check_identity(saved, train_identity(cfg), "a training run", fix="use another output_dir")  # the same run
@@ -490,6 +489,7 @@ def test_15_a_pickled_ds_inds_file_is_one_line(demo_dir, tmp_path):
         select_indices(load_anns(demo_dir / "anns.pt"), tmp_path / "evil.pt")
 
 
+@pytest.mark.slow  # a subprocess under ulimit -f (~15 s)
 def test_15_a_file_size_limit_is_one_line_and_keeps_what_was_written(clip_demo_features, tmp_path):
     """search_index.py under ``ulimit -f`` (the process's file-size limit is the subject: a subprocess):
     one ``error: cannot write <file>: File too large`` line naming the fix, no traceback, and no
@@ -555,11 +555,11 @@ def test_16_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
 def test_16_training_checks_the_batch_before_claiming_its_folder(demo_dir, tiny_model_dirs, tmp_path):
     """``train_mao.py batch_size=5 micro_batch=2``: refused before the output folder is claimed and its
     identity saved, so the corrected rerun into the same output_dir is not refused as "another run"
-    (a subprocess: Hydra's entry point). Fails on main 4e786ae (identity.json saved with batch_size=5)."""
-    from tests.pipeline import run_script
+    (Hydra's entry point, in this process). Fails on main 4e786ae (identity.json saved with batch_size=5)."""
+    from tests.pipeline import run_main
 
     out = tmp_path / "train"
-    proc = run_script(
+    proc = run_main(
         "scripts/train_mao.py",
         f"anns_file={demo_dir / 'anns.pt'}",
         f"captions_file={demo_dir / 'captions.pt'}",
@@ -595,6 +595,7 @@ def test_16_a_query_refresh_says_what_happened_and_a_symlink_is_named(tmp_path, 
         FeaturesFolder(root).open({"g": 1}, {"g": 1, "q": 3}, "cfg")
 
 
+@pytest.mark.slow  # makes a crowded demo set (~9 s)
 def test_15_a_crowded_small_demo_is_made_or_refused_whole(tmp_path):
     """``make_demo_dataset.py --image_size 128 --num_objects 20`` (here with seed 1, 10 scenes per object):
     a scene too full for an object draws it again instead of stopping with a RuntimeError and half a
@@ -656,7 +657,7 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
         prepare_benchmark,
     )
     from tests.datasets.benchmark_replicas import write_instre
-    from tests.pipeline import run_script
+    from tests.pipeline import run_main
     from utils.pipeline.create import prepare
     from utils.pipeline.search import search
     from utils.queries.own_queries import own_query
@@ -737,7 +738,7 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
             ),
         ),  # fmt: skip
     }
-    proc = run_script(
+    proc = run_main(
         "scripts/train_mao.py",
         f"anns_file={demo_dir / 'anns.pt'}",
         f"captions_file={demo_dir / 'captions.pt'}",
@@ -777,14 +778,14 @@ def test_every_writer_leaves_a_folder_of_user_files_as_it_was(
 
 def test_9_training_folder_without_its_identity_is_refused_not_adopted(demo_dir, tiny_model_dirs, tmp_path):
     """As case 9 for training: a train_mao.py folder whose identity.json was deleted, with a last.ckpt
-    left, is refused with the fix instead of resuming someone's checkpoint under a new identity (a
-    subprocess: Hydra's entry point). Fails on main 4e786ae (identity saved, the checkpoint loaded)."""
-    from tests.pipeline import run_script
+    left, is refused with the fix instead of resuming someone's checkpoint under a new identity
+    (Hydra's entry point, in this process). Fails on main 4e786ae (identity saved, the checkpoint loaded)."""
+    from tests.pipeline import run_main
     from utils.files import claim_folder
 
     out = claim_folder(tmp_path / "train", "training")
     before = user_files(out, {"last.ckpt": b"another run's checkpoint"})
-    proc = run_script(
+    proc = run_main(
         "scripts/train_mao.py",
         f"anns_file={demo_dir / 'anns.pt'}",
         f"captions_file={demo_dir / 'captions.pt'}",

@@ -11,9 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
-
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main, run_script
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +21,7 @@ def features(clip_demo_features):
 
 def test_results_follow_the_output_contract_and_standard_definitions(features):
     cwd, folder = features
-    proc = run_script(
+    proc = run_main(
         "search_index.py", f"features_dir={folder}", "k_search=3", "map_at=5", "experiment=contract", cwd=cwd
     )
     results, rankings = read_results(results_dir_from(proc))
@@ -62,12 +60,12 @@ def test_results_follow_the_output_contract_and_standard_definitions(features):
 
 
 def test_missing_features_dir_is_a_clear_error(tmp_path):
-    proc = run_script("search_index.py", f"features_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
+    proc = run_main("search_index.py", f"features_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "not a create_index.py output folder" in proc.stderr
 
 
 def test_best_rows_is_the_argmax_behind_each_image_score():
-    from search_index import best_rows, image_scores
+    from utils.retrieval.ranking import best_rows, image_scores
 
     rng = np.random.default_rng(0)
     gallery_owner = rng.permutation(np.repeat(np.arange(7), rng.integers(1, 5, 7)))  # 1-4 rows per image, shuffled
@@ -101,7 +99,7 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
     shutil.copy(data / positive, data / "gallery" / "zz_copy.jpg")
     anns["gallery/zz_copy.jpg"] = dict(anns[positive])
     torch.save(anns, data / "anns.pt")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={tiny_model_dirs['clip']}",
@@ -116,7 +114,7 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
     folder = features_dir_from(proc, tmp_path)
     runs = {}
     for name, extra in (("ram", ()), ("streamed", ("search_block_mb=0.0001",))):
-        search = run_script(
+        search = run_main(
             "search_index.py",
             f"features_dir={folder}",
             "k_search=8",
@@ -149,18 +147,19 @@ def test_streamed_search_equals_in_ram_search_with_ties_and_several_positives(ti
 
 def test_faiss_search_ranks_candidates_and_says_map_is_a_lower_bound(features):
     cwd, folder = features
-    exact, _ = read_results(results_dir_from(run_script("search_index.py", f"features_dir={folder}", cwd=cwd)))
-    proc = run_script("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1000", cwd=cwd)
+    exact, _ = read_results(results_dir_from(run_main("search_index.py", f"features_dir={folder}", cwd=cwd)))
+    proc = run_main("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1000", cwd=cwd)
     everything, _ = read_results(results_dir_from(proc))
     assert "mAP(lb)" in proc.stdout and "lower bound" in proc.stdout
     assert everything["mAP_is_lower_bound"] is True and everything["candidate_coverage"] == 1.0
     assert everything["mAP"] == pytest.approx(exact["mAP"], abs=1e-7)  # every image a candidate: exact
-    proc = run_script("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1", cwd=cwd)
+    proc = run_main("search_index.py", f"features_dir={folder}", "search=faiss", "search_candidates=1", cwd=cwd)
     one, rankings = read_results(results_dir_from(proc))
     assert one["candidate_coverage"] < 1 and one["mAP"] <= exact["mAP"] and one["search_candidates"] == 1
     assert all(len(line["ranking"]) == 1 for line in rankings)  # one candidate image per query row
 
 
+@pytest.mark.slow  # a subprocess: Hydra's multirun launcher and the sweep callback are the subject
 def test_a_sweep_ends_with_one_summary_table_and_named_job_folders(features, tmp_path):
     """`-m map_at=3,5`: job folders named by the swept key's value, results.json records the settings,
     and summary.csv + one printed table compare the jobs (values from each job's results.json).

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from datasets.tar_shards import is_tar_spec, unpacked_galleries
-from tests.pipeline import features_dir_from, run_script
+from tests.pipeline import features_dir_from, run_main
 from utils.errors import SoIRError
 
 
@@ -31,7 +31,7 @@ def test_tar_shards_give_byte_identical_features(tiny_model_dirs, demo_dir, clip
     images = sorted((demo_dir / "gallery").glob("*.jpg"))
     spec = write_shards(tmp_path / "shards", [(f"gallery/{p.name}", p.read_bytes()) for p in images], 3)
     assert is_tar_spec(spec) and len(list((tmp_path / "shards").glob("*.tar"))) == 3
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={tiny_model_dirs['clip']}",

@@ -14,7 +14,7 @@ import torch
 from datasets import AnnotationError, annotation_masks, load_anns, select_set, split
 from datasets.voxdet import AnnotatedMask
 from tests.datasets.voxdet_replica import HEIGHT, WIDTH, builder_rle, rect, write_voxdet_soir
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +166,12 @@ def _pipeline_args(tiny_model_dirs, path, *extra):
     )
 
 
-@pytest.mark.slow
 def test_end_to_end_roboTools_with_its_own_masks(tiny_model_dirs, voxdet, tmp_path):
     path, facts = voxdet
-    proc = run_script("create_index.py", *_pipeline_args(tiny_model_dirs, path), cwd=tmp_path, check=False)
+    proc = run_main("create_index.py", *_pipeline_args(tiny_model_dirs, path), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "3 of 3 gallery images have no masks in" in proc.stderr and "box_masks=true uses boxes" in proc.stderr
-    proc = run_script(
+    proc = run_main(
         "create_index.py", *_pipeline_args(tiny_model_dirs, path, "box_masks=true", "mask_input=true"), cwd=tmp_path
     )
     assert "1 VoxDet masks start with a 1-pixel" in proc.stdout + proc.stderr
@@ -183,7 +182,7 @@ def test_end_to_end_roboTools_with_its_own_masks(tiny_model_dirs, voxdet, tmp_pa
     queries = json.loads((features / "queries" / "images.json").read_text())
     assert [q["bbox"] for q in queries] == [[20.0, 10.0, 35.0, 30.0], [0.0, 0.0, 12.0, 9.0], [30.0, 5.0, 61.0, 20.0]]
     results_dir = results_dir_from(
-        run_script("search_index.py", "dataset=voxdet", f"features_dir={features}", cwd=tmp_path)
+        run_main("search_index.py", "dataset=voxdet", f"features_dir={features}", cwd=tmp_path)
     )
     results, _ = read_results(results_dir)
     assert results["num_queries"] == 3 and results["num_gallery_images"] == 3

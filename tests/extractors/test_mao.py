@@ -16,7 +16,7 @@ from datasets.views import mao_box, stack_masks, stack_views
 from extractors import DINOv2MIExtractor, SigLIPMIExtractor, extractor_from_config
 from extractors.mi.engine import mask_inversion
 from extractors.mi.reference import reference_mao
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
 
 MAO = dict(descriptor="mao", mi_iterations=5, device="cpu")
@@ -137,7 +137,7 @@ def demo_mao(tiny_model_dirs, demo_dir, tmp_path_factory):
         "num_workers=0",
         "batch_size=5",
     ]
-    proc = run_script("create_index.py", *overrides, cwd=cwd)
+    proc = run_main("create_index.py", *overrides, cwd=cwd)
     return features_dir_from(proc, cwd), results_dir_from(proc), overrides
 
 
@@ -185,34 +185,23 @@ def test_demo_crops_engine_equals_reference_in_float64(tiny_model_dirs, demo_dir
     torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
 
 
-def test_config_reaches_the_extractor(tiny_model_dirs):
+def test_config_reaches_the_extractor(tiny_model_dirs, hydra_compose):
     """descriptor / mao_overlap are config keys the MI extractors take (refused for plain extractors)."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.pipeline import ROOT
-    from utils.config import register
-
-    register()
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "defaults",
-            [
-                "extractor=siglip_mi_features",
-                f"model_name={tiny_model_dirs['siglip']}",
-                "vec_dim=32",
-                "descriptor=mao",
-                "mao_overlap=dice",
-                "device=cpu",
-            ],
-        )
-        extractor = extractor_from_config(cfg)
-        assert extractor.mode == "mao" and extractor.mi.overlap == "dice" and extractor.mi.iterations == 80
-        plain = compose(
-            "defaults",
-            ["extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32", "descriptor=mao"],
-        )
-        with pytest.raises(SoIRError, match="descriptor need a Mask Inversion extractor"):
-            extractor_from_config(plain)
+    cfg = hydra_compose(
+        "extractor=siglip_mi_features",
+        f"model_name={tiny_model_dirs['siglip']}",
+        "vec_dim=32",
+        "descriptor=mao",
+        "mao_overlap=dice",
+        "device=cpu",
+    )
+    extractor = extractor_from_config(cfg)
+    assert extractor.mode == "mao" and extractor.mi.overlap == "dice" and extractor.mi.iterations == 80
+    plain = hydra_compose(
+        "extractor=siglip_features", f"model_name={tiny_model_dirs['siglip']}", "vec_dim=32", "descriptor=mao"
+    )
+    with pytest.raises(SoIRError, match="descriptor need a Mask Inversion extractor"):
+        extractor_from_config(plain)
 
 
 def test_naflex_crops_of_different_shapes_share_one_optimisation(tiny_model_dirs, scene):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ from extractors import (
     SigLIPMIExtractor,
 )
 from extractors.mi.engine import legrad_map, mask_inversion
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
+from utils.families import FAMILIES
 
 MI = dict(mi_iterations=5, device="cpu")
 
@@ -221,12 +223,18 @@ def test_naflex_explain_maps_cover_the_image(siglip2_mi, scene):
     torch.testing.assert_close(explained.maps, expected)
 
 
-@pytest.mark.parametrize(
-    "family,dim", [("siglip", 32), ("clip", 24), ("dinov2", 32), ("dinov2reg", 32), ("dinov3", 32), ("siglip2", 32)]
-)
-@pytest.mark.slow
-def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family, dim):
-    proc = run_script(
+def _tiny_dim(folder: Path, family: str) -> int:
+    """The embedding size of a saved tiny model: its config's ``dim_key`` (utils.families), read at the top
+    level or in the vision tower's config (whole CLIP / SigLIP checkpoints)."""
+    config = json.loads((folder / "config.json").read_text())
+    key = FAMILIES[family].dim_key
+    return int(config[key] if key in config else config["vision_config"][key])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path, family):
+    dim = _tiny_dim(tiny_model_dirs[family], family)
+    proc = run_main(
         "create_index.py",
         f"extractor={family}_mi_features",
         f"model_name={tiny_model_dirs[family]}",
@@ -239,7 +247,7 @@ def test_end_to_end_with_ground_truth_masks(tiny_model_dirs, demo_dir, tmp_path,
         cwd=tmp_path,
     )
     folder = features_dir_from(proc, tmp_path)
-    search = run_script("search_index.py", f"features_dir={folder}", "k_search=5", cwd=tmp_path)
+    search = run_main("search_index.py", f"features_dir={folder}", "k_search=5", cwd=tmp_path)
     results, rankings = read_results(results_dir_from(search))
     assert results["num_gallery_rows"] > results["num_gallery_images"]  # several masks per image
     assert len(rankings) == results["num_queries"] and all(len(r["ranking"]) == 5 for r in rankings)
@@ -458,13 +466,12 @@ def test_every_image_and_mask_form_gives_the_same_vectors(tiny_model_dirs, scene
     assert batch[1].shape == (2, 32)
 
 
-@pytest.mark.slow
 def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, tmp_path):
     """The same words in a notebook and on the command line give the same vectors."""
     from datasets import crop_box, load_captions, load_rgb
 
     settings = dict(mi_alpha=0.05, mi_iterations=3, mi_sum=True, batch_size=1)
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -492,10 +499,12 @@ def test_constructor_and_cli_give_identical_vectors(tiny_model_dirs, demo_dir, t
     torch.testing.assert_close(extractor.extract(crop), stored["features"][0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["dinov3", "siglip2"])
+@pytest.mark.parametrize("family", [name for name, spec in FAMILIES.items() if spec.original is None])
 def test_compat_original_is_refused_for_families_the_original_never_had(tiny_model_dirs, family):
     """mi_resample / smart_crop_source=resized reproduce the original code, which had no such family."""
-    cls = {"dinov3": DINOv3MIExtractor, "siglip2": SigLIP2MIExtractor}[family]
+    from extractors.registry import extractor_class
+
+    cls = extractor_class(f"{family}_mi_features")
     for setting in ({"mi_resample": "original"}, {"smart_crop_source": "resized"}):
         with pytest.raises(SoIRError, match=f"original code, which has no {family} extractor: use compat=none"):
             cls(str(tiny_model_dirs[family]), device="cpu", **setting)
@@ -543,30 +552,21 @@ def test_alpha_sum_where_the_original_never_read_it_is_refused(tiny_model_dirs, 
         cls(str(tiny_model_dirs[family]), **setting, **MI)
 
 
-def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene):
+def test_alpha_sum_full_under_compat_original(tiny_model_dirs, scene, hydra_compose):
     """compat=original + mi_sum + alpha_sum_full (the original's DINOv2 keys): the per-mask stage runs with
     its joint LeGrad normalisation, as the original's compute_maskinversion did."""
-    from hydra import compose, initialize_config_dir
-
     from extractors import extractor_from_config
-    from tests.pipeline import ROOT
-    from utils.config import register
 
-    register()
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "defaults",
-            [
-                "extractor=dinov2_mi_features",
-                f"model_name={tiny_model_dirs['dinov2']}",
-                "vec_dim=32",
-                "compat=original",
-                "mi_sum=true",
-                "alpha_sum_full=0.5",
-                "mi_iterations=3",
-                "device=cpu",
-            ],
-        )
+    cfg = hydra_compose(
+        "extractor=dinov2_mi_features",
+        f"model_name={tiny_model_dirs['dinov2']}",
+        "vec_dim=32",
+        "compat=original",
+        "mi_sum=true",
+        "alpha_sum_full=0.5",
+        "mi_iterations=3",
+        "device=cpu",
+    )
     extractor = extractor_from_config(cfg)
     assert (extractor.mode, extractor.sum_pull, extractor.mi.joint_norm) == ("union", 0.5, True)
     image, masks = scene

@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score
 from datasets.views import ViewMaker, padded_box, stack_masks, stack_views
 from extractors import CLIPExtractor, CLIPMIExtractor, DINOv2MIExtractor, SigLIP2MIExtractor, SigLIPMIExtractor
 from extractors.pooling import mask_pooled, token_descriptors
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.errors import SoIRError
 
 
@@ -127,42 +127,32 @@ def test_settings_that_contradict_are_refused_before_the_model_loads(kwargs, mes
         SigLIPMIExtractor("/nonexistent", device="cpu", **kwargs)
 
 
-def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs):
-    from hydra import compose, initialize_config_dir
-
+def test_object_descriptors_are_part_of_the_features_identity(tiny_model_dirs, hydra_compose):
     from extractors import extractor_from_config
-    from tests.pipeline import ROOT
     from utils.pipeline.create import default_features_dir, settings_identity
 
     dirs = set()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        for extra in ([], ["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]):
-            cfg = compose(
-                config_name="defaults",
-                overrides=[
-                    "anns_file=a.pt",
-                    "extractor=clip_mi_features",
-                    f"model_name={tiny_model_dirs['clip']}",
-                    "vec_dim=24",
-                    "device=cpu",
-                    *extra,
-                ],
-            )
-            dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor_from_config(cfg), queries=False)))
-        plain = compose(
-            config_name="defaults", overrides=["anns_file=a.pt", "extractor=clip_features", "object_desc=crop"]
+    for extra in ([], ["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]):
+        cfg = hydra_compose(
+            "anns_file=a.pt",
+            "extractor=clip_mi_features",
+            f"model_name={tiny_model_dirs['clip']}",
+            "vec_dim=24",
+            "device=cpu",
+            *extra,
         )
+        dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor_from_config(cfg), queries=False)))
+    plain = hydra_compose("anns_file=a.pt", "extractor=clip_features", "object_desc=crop")
     assert len(dirs) == 4
     with pytest.raises(SoIRError, match="object_desc need a Mask Inversion extractor"):
         extractor_from_config(plain)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("descriptor", [["object_desc=mask_pool"], ["object_desc=crop"], ["mi_init=mask_pool"]])
 def test_each_descriptor_end_to_end_on_the_demo_with_metrics_equal_to_sklearn(
     tiny_model_dirs, demo_dir, tmp_path, descriptor
 ):
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_mi_features",
         f"model_name={tiny_model_dirs['clip']}",

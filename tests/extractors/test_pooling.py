@@ -149,33 +149,27 @@ def test_the_extractor_pools_and_refuses_impossible_settings_before_loading(tiny
             build_extractor("siglip_features", model_name="/nonexistent", device="cpu", **kwargs)
 
 
-def test_pool_settings_are_part_of_the_features_identity(tiny_model_dirs):
+def test_pool_settings_are_part_of_the_features_identity(tiny_model_dirs, hydra_compose):
     """Two pools never share a features folder: the settings identity differs."""
-    from hydra import compose, initialize_config_dir
 
-    from tests.pipeline import ROOT
     from utils.pipeline.create import default_features_dir, settings_identity
 
     dirs = set()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        for extra in ([], ["pool=gem"], ["pool=gem", "gem_p=4"], ["pool=rmac"], ["pool=rmac", "rmac_levels=2"]):
-            cfg = compose(
-                config_name="defaults",
-                overrides=[
-                    "anns_file=a.pt",
-                    "extractor=dinov2_features",
-                    f"model_name={tiny_model_dirs['dinov2']}",
-                    "vec_dim=32",
-                    "device=cpu",
-                    *extra,
-                ],
-            )
-            extractor = extractor_from_config(cfg)
-            dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor, queries=False)))
+    for extra in ([], ["pool=gem"], ["pool=gem", "gem_p=4"], ["pool=rmac"], ["pool=rmac", "rmac_levels=2"]):
+        cfg = hydra_compose(
+            "anns_file=a.pt",
+            "extractor=dinov2_features",
+            f"model_name={tiny_model_dirs['dinov2']}",
+            "vec_dim=32",
+            "device=cpu",
+            *extra,
+        )
+        extractor = extractor_from_config(cfg)
+        dirs.add(default_features_dir(cfg, settings_identity(cfg, extractor, queries=False)))
     assert len(dirs) == 5
 
 
-@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+@pytest.mark.parametrize("family", [name for name, spec in FAMILIES.items() if not spec.cls_token])
 def test_siglip_tokens_go_through_the_attention_pooling_head_one_at_a_time(models, family):
     """With one token as its only key, the model's own head gives that token's z: the pooled vectors live in
     the space of the global embedding (and the text tower), not in the post-LayerNorm token space."""

@@ -274,6 +274,7 @@ def test_rle_round_trips_through_torch_save(models, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole gallery run (~5-7 s)
 def test_gallery_run_with_awkward_images(models, tmp_path, capsys):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
@@ -357,6 +358,7 @@ def test_images_without_detections_are_recorded_empty(models, tmp_path):
     assert "sam_embed" not in summary["stage_seconds_this_run"]  # no boxes, no SAM call
 
 
+@pytest.mark.slow  # SAM's automatic mask generator (~10 s)
 def test_defaults_are_the_originals_and_nothing_detected_falls_back_to_sams_automatic_masks(models, tmp_path):
     args = cmd.parse_args(["--input_dir", "i", "--output_dir", "o", "--sam_checkpoint", "s.pth"])
     assert (args.nms_iou, args.max_objects, args.min_box_size, args.fallback) == (0.4, None, 0.0, "automatic")
@@ -404,6 +406,7 @@ def test_output_inside_input_dir_is_not_an_input(models, tmp_path):
     assert list(load_captions(images / "masks" / "captions.pt")) == ["img_00.png"]
 
 
+@pytest.mark.slow  # kill -9 of a subprocess, then resume
 def test_resume_after_kill_gives_the_same_file(models, tmp_path):
     images = _folder(tmp_path / "images", 10)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
@@ -587,6 +590,7 @@ def _start(models, images, out, *extra) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two processes: the lock between processes is the subject
 def test_two_concurrent_runs_on_one_folder_cannot_both_write(models, tmp_path):
     """Before: no lock; two runs with different --score_threshold both exited 0 and mixed their shards."""
     images = _folder(tmp_path / "images", 400)  # long enough to still be running when the second starts
@@ -610,6 +614,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+@pytest.mark.slow  # DataLoader workers dying with their killed parent process
 def test_kill_9_takes_the_dataloader_workers_with_it(models, tmp_path):
     """Before: kill -9 left the 2 DataLoader workers blocked forever (~475 MB each)."""
     images = _folder(tmp_path / "images", 40)

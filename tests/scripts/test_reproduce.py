@@ -24,7 +24,6 @@ from tests.pipeline import ROOT
 
 # One run per branch of reproduce.sh: global, ground-truth masks (the paper's method and the published
 # code's), detector masks + LoRA weights.
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 SETTINGS = (
     "dinov2_global mao_clip_zeroshot_gt_paper mao_clip_zeroshot_gt mao_dinov2_finetuned_det dinov2_gem dinov2_crop_gt "
@@ -51,6 +50,7 @@ def _row(text: str, name: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")][1:]
 
 
+@pytest.mark.slow  # scripts/reproduce.sh: a shell script that runs the CLIs (the script is the subject)
 def test_reproduce_runs_the_settings_and_writes_the_table(tiny_model_dirs, tmp_path):
     anns_file, facts = write_voxdet_soir(tmp_path / "VoxDet")
     prepare(["voxdet", "--root", str(anns_file.parent), "--out", str(tmp_path / "bench")])

@@ -20,10 +20,8 @@ from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 from datasets import load_rgb, save_anns
 from datasets.preprocessing import Preprocess
 from scripts.make_demo_dataset import make_demo_dataset
-from tests.pipeline import ROOT, features_dir_from, run_script
+from tests.pipeline import ROOT, features_dir_from, run_main
 from utils.training.trainer import Context, TrainConfig, embed, train
-
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 
 def _small_patch_dinov2(folder: Path) -> Path:
@@ -107,6 +105,7 @@ def trained(scenes, tmp_path_factory):
     return folder, root / "out", model
 
 
+@pytest.mark.slow  # 100 training steps in the `trained` fixture (~1 min)
 def test_training_raises_held_out_map_clearly_above_the_untrained_model(trained):
     _, out, _ = trained
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -122,6 +121,7 @@ def test_training_raises_held_out_map_clearly_above_the_untrained_model(trained)
     assert torch.load(out / "best.ckpt", weights_only=True)["val_mAP"] == max(r["val_mAP"] for r in val.values())
 
 
+@pytest.mark.slow  # the `trained` fixture (~1 min)
 def test_checkpoint_gives_the_in_memory_models_features_through_create_index(trained, scenes, tmp_path):
     folder, out, model = trained
     raw = torch.load(scenes / "anns.pt", weights_only=True)
@@ -131,7 +131,7 @@ def test_checkpoint_gives_the_in_memory_models_features_through_create_index(tra
     subset = {k: raw[k] for k in [query, *gallery]}
     save_anns(subset, scenes / "roundtrip_anns.pt")
     # No lora_alpha given: the alpha stored in the checkpoint (16, not the default 32) must be used.
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=dinov2_features",
         f"model_name={folder}",
@@ -181,10 +181,11 @@ def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # kill -9 of a training process
 def test_resume_after_kill_gives_the_same_final_weights(scenes, tiny_model_dirs, tmp_path):
     # Dropout on and two micro-batches per step: the replayed dropout and the data order must resume too.
     args = _cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "whole", "micro_batch=2", "lora_dropout=0.1")
-    run_script("scripts/train_mao.py", *args, cwd=tmp_path)
+    run_main("scripts/train_mao.py", *args, cwd=tmp_path)
     killed = tmp_path / "killed"
     args = _cli(scenes, tiny_model_dirs["dinov2"], killed, "micro_batch=2", "lora_dropout=0.1")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -202,7 +203,7 @@ def test_resume_after_kill_gives_the_same_final_weights(scenes, tiny_model_dirs,
     proc.wait()
     stopped_at = torch.load(killed / "last.ckpt", weights_only=True)["step"]
     assert not (killed / "final.ckpt").exists() and 0 < stopped_at < 40, "the run was not interrupted mid-way"
-    proc = run_script("scripts/train_mao.py", *args, cwd=tmp_path)
+    proc = run_main("scripts/train_mao.py", *args, cwd=tmp_path)
     assert f"resuming {killed / 'last.ckpt'} at step {stopped_at}" in proc.stderr + proc.stdout
     expected, resumed = _lora_tensors(tmp_path / "whole" / "final.ckpt"), _lora_tensors(killed / "final.ckpt")
     assert expected.keys() == resumed.keys()
@@ -214,16 +215,17 @@ def test_resume_after_kill_gives_the_same_final_weights(scenes, tiny_model_dirs,
     ]
     assert steps == sorted(set(steps))  # every logged step once
     # Other settings in the same folder are refused.
-    proc = run_script("scripts/train_mao.py", *args, "lr=2e-3", cwd=tmp_path, check=False)
+    proc = run_main("scripts/train_mao.py", *args, "lr=2e-3", cwd=tmp_path, check=False)
     assert (
         proc.returncode != 0
         and "holds a training run made with other settings or inputs (lr: 0.001 -> 0.002)" in proc.stderr
     )
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_two_processes_with_ddp_give_the_weights_of_one(scenes, tiny_model_dirs, tmp_path):
     common = ("max_steps=6", "lora_dropout=0.0", "checkpoint_every=6", "val_every=6")
-    run_script(
+    run_main(
         "scripts/train_mao.py",
         *_cli(scenes, tiny_model_dirs["dinov2"], tmp_path / "one", "micro_batch=4", *common),
         cwd=tmp_path,
@@ -273,10 +275,10 @@ def test_voxdet_soir_without_set_is_refused_in_one_line(tiny_model_dirs, tmp_pat
         "num_workers=0",
         "device=cpu",
     ]
-    proc = run_script("scripts/train_mao.py", *common, f"output_dir={tmp_path / 'all'}", cwd=tmp_path, check=False)
+    proc = run_main("scripts/train_mao.py", *common, f"output_dir={tmp_path / 'all'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "sets 'OWID' and 'RoboTools' share instance ids" in proc.stderr and "set=OWID" in proc.stderr
-    run_script("scripts/train_mao.py", *common, "set=OWID", f"output_dir={tmp_path / 'owid'}", cwd=tmp_path)
+    run_main("scripts/train_mao.py", *common, "set=OWID", f"output_dir={tmp_path / 'owid'}", cwd=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "owid" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1 and records[0]["val_scenes"] == 2  # the two OWID scenes
 
@@ -320,7 +322,7 @@ def test_stage_a_checkpoint_gives_create_index_mao_the_training_scene_vector(tin
             _, s = encode_pairs(model, crops[:0], crops, torch.tensor([len(crops)]))
             expected[scene.annotation.key] = s[0]
     assert len(expected) == 3 and sum(len(s.boxes) for s in data.train.scenes) == 4
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=dinov2_mi_features",
         f"model_name={tiny_model_dirs['dinov2']}",

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from tests.pipeline import compose_config
 from utils.config import CONFIG_GROUPS, RUN_KEYS, SoIRConfig, check_config, check_overrides, register
 from utils.errors import SoIRError
 
@@ -18,8 +18,7 @@ register()
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def test_defaults_match_the_reference_table():

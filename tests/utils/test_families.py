@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from torchvision.transforms import InterpolationMode
 from transformers import AutoConfig
@@ -15,6 +14,7 @@ from extractors import list_extractors
 from extractors.backbones import original_mi_resample, vision_model_class
 from extractors.mi.vit_adapters import ADAPTERS
 from extractors.registry import capabilities, extractor_class
+from tests.pipeline import compose_config
 from utils.config import default_vec_dim, extractor_group, register
 from utils.errors import SoIRError
 from utils.families import FAMILIES, MODEL_TYPES, family_spec, lora_families
@@ -26,9 +26,7 @@ CONFIGS = ROOT / "configs"
 
 
 def _compose(*overrides: str):
-    register()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="defaults", overrides=["anns_file=a.pt", *overrides])
+    return compose_config("anns_file=a.pt", *overrides)
 
 
 def test_every_family_has_its_adapter_extractors_and_tiny_model():

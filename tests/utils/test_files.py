@@ -128,6 +128,7 @@ def test_lock_refuses_a_second_holder_and_frees_itself_when_the_holder_dies(tmp_
         assert (tmp_path / ".lock").read_text().endswith(f" {os.getpid()}")
 
 
+@pytest.mark.slow  # 30 processes race for the lock
 def test_stale_lock_is_taken_by_exactly_one_of_many_concurrent_processes(tmp_path):
     """Before: 30 processes finding a stale lock at once could both "take it over" (2 to 6 holders)."""
     (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999")  # left behind by a dead run

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.pipeline import ROOT, features_dir_from, results_dir_from, run_script
+from tests.pipeline import ROOT, features_dir_from, results_dir_from, run_main, run_script
 from utils import quiet
 
 
@@ -32,6 +32,7 @@ def test_token_id_config_warnings_are_filtered_unless_verbose(caplog, restore_qu
     assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 57), got 4243" in caplog.text
 
 
+@pytest.mark.slow  # a fresh interpreter: torch warns once per process
 def test_legrad_raises_no_jit_script_deprecation():
     """torch's FutureWarning from its first jvp (LeGrad's activation derivative) is filtered there, and
     only there: an error under -W error. Fails on main 4e786ae."""
@@ -45,6 +46,7 @@ def test_legrad_raises_no_jit_script_deprecation():
     assert proc.returncode == 0 and proc.stdout.strip() == "[0.5, 0.5]", proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # a subprocess: what reaches the terminal (warnings included) is the subject
 def test_the_terminal_gets_tables_not_logs(tiny_model_dirs, demo_dir, tmp_path):
     """A default MI run: no third-party warning and no INFO line on the terminal (the run's log file has
     them); verbose=true brings INFO back. Fails on main 4e786ae (timestamped INFO lines, `done: {json}`,
@@ -66,7 +68,7 @@ def test_the_terminal_gets_tables_not_logs(tiny_model_dirs, demo_dir, tmp_path):
     assert "    mAP |     R@1" in proc.stdout and "results: " in proc.stdout
     (log,) = results_dir_from(proc).glob("create_index.log")
     assert "[soir.create_index][INFO] - done: {" in log.read_text()
-    verbose = run_script(
+    verbose = run_main(  # the console handler's level follows verbose (Hydra's job logging, in this process)
         "search_index.py", f"features_dir={features_dir_from(proc, tmp_path)}", "verbose=true", cwd=tmp_path
     )
     assert "[soir.search_index][INFO]" in verbose.stdout

@@ -87,6 +87,7 @@ needs_triton = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a nested pytest under the Triton interpreter (minutes)
 @needs_triton
 def test_fused_kernels_in_triton_interpreter():
     """Runs test_legrad_kernels_interpreted.py in a fresh process with TRITON_INTERPRET=1."""
@@ -129,6 +130,7 @@ print(legrad_kernels.fused_forward(u, V).shape)
 """
 
 
+@pytest.mark.slow  # three fresh interpreters: import order is the subject
 @needs_triton
 def test_triton_interpret_must_be_set_before_triton_is_imported():
     before = _run(["-c", _CALL_KERNEL, "before"], interpret=True)

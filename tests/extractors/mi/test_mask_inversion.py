@@ -425,7 +425,7 @@ def test_joint_normalisation_matches_the_originals_rule(models, family, impl="bl
     assert (ours * mask_inversion(model, pixels, masks, impl=impl, **args)).sum(-1).min() < 1 - 1e-6
 
 
-@pytest.mark.parametrize("family", ["siglip", "clip", "siglip2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["dense", "blockwise"])
 def test_shared_vector_fits_the_mean_of_the_masks_dice_terms(models, family, impl):
     """mi_sum_loss=mean_dice: one vector per image fitted to the mean of its masks' Dice terms."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
 from datasets import load_captions, save_anns
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from tests.utils.results.test_report import parse
 from utils.errors import SoIRError
 
@@ -40,7 +40,7 @@ def _image_scores(query: np.ndarray, folder: Path) -> tuple[list[dict], np.ndarr
 
 
 def _adhoc(folder: Path, cwd: Path, *overrides: str, check: bool = True):
-    proc = run_script("search_index.py", f"features_dir={folder}", "device=cpu", *overrides, cwd=cwd, check=check)
+    proc = run_main("search_index.py", f"features_dir={folder}", "device=cpu", *overrides, cwd=cwd, check=check)
     if not check:
         return proc
     run = results_dir_from(proc)
@@ -61,7 +61,7 @@ def named_anns(demo_dir, tmp_path_factory) -> Path:
 def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
     """Tiny CLIP global embeddings; queries: the square crop around their bbox (the default)."""
     cwd = tmp_path_factory.mktemp("own_crop")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={tiny_model_dirs['clip']}",
@@ -83,7 +83,7 @@ def crop_folder(tiny_model_dirs, demo_dir, named_anns, tmp_path_factory):
 def mi_folder(tiny_model_dirs, demo_dir, tmp_path_factory):
     """Tiny SigLIP Mask Inversion; queries: MI with their mask on the image with the background zeroed."""
     cwd = tmp_path_factory.mktemp("own_mi")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -251,7 +251,7 @@ def test_t2i_evaluates_each_querys_obj_name_with_the_same_metrics(crop_folder):
     cwd, folder, _ = crop_folder
     from extractors import TextEncoder
 
-    proc = run_script(
+    proc = run_main(
         "search_index.py",
         f"features_dir={folder}",
         "T2I=true",
@@ -305,7 +305,7 @@ def test_text_queries_need_a_text_tower(tmp_path):
 def test_a_changed_model_folder_is_refused(tiny_model_dirs, demo_dir, tmp_path):
     model = tmp_path / "clip"
     shutil.copytree(tiny_model_dirs["clip"], model)
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=clip_features",
         f"model_name={model}",
@@ -380,7 +380,7 @@ def test_inconsistent_ad_hoc_requests_are_one_clear_line(crop_folder, mi_folder,
         "results.json",
         "search_index.log",
     ]  # its results untouched
-    proc = run_script("create_index.py", f"anns_file={demo_dir / 'anns.pt'}", image, cwd=cwd, check=False)
+    proc = run_main("create_index.py", f"anns_file={demo_dir / 'anns.pt'}", image, cwd=cwd, check=False)
     assert proc.returncode != 0 and "query_image is search_index.py's ad-hoc mode" in proc.stderr
 
 

@@ -13,12 +13,11 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from pycocotools import mask as mask_utils
 from safetensors.torch import load_file
 
 from datasets.captions import load_captions
-from tests.pipeline import ROOT, features_dir_from, run_script
+from tests.pipeline import ROOT, compose_config, features_dir_from, run_main
 from utils.errors import SoIRError
 from utils.pipeline.search import search
 from utils.results.interop import LANCEDB_TABLE, export_embeddings, export_lancedb, import_lancedb
@@ -31,7 +30,7 @@ def mi_demo(tiny_model_dirs, demo_dir, tmp_path_factory) -> Path:
     """Features folder of tiny-SigLIP MI on the demo set (ground-truth masks, 3-7 per gallery image,
     5 images per shard)."""
     cwd = tmp_path_factory.mktemp("mi_demo")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -49,8 +48,7 @@ def mi_demo(tiny_model_dirs, demo_dir, tmp_path_factory) -> Path:
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="defaults", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def split_rows(folder: Path, split: str) -> dict[str, torch.Tensor]:

@@ -18,10 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from datasets import ImageMasks, encode_mask, load_captions, save_captions
-from tests.pipeline import features_dir_from, read_results, results_dir_from, run_script
+from tests.pipeline import features_dir_from, read_results, results_dir_from, run_main
 from utils.results.report import Shown, report_captions, thumb_jobs
-
-pytestmark = pytest.mark.slow  # end-to-end runs of the CLIs in subprocesses
 
 THUMB = 96
 
@@ -88,7 +86,7 @@ def mi_run(tiny_model_dirs, demo_dir, tmp_path_factory):
     gallery_keys = sorted(k for k in captions if k.startswith("gallery/"))
     partial = {k: v for k, v in captions.items() if k not in gallery_keys[::2]}
     save_captions(partial, cwd / "captions_partial.pt")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -101,7 +99,7 @@ def mi_run(tiny_model_dirs, demo_dir, tmp_path_factory):
         cwd=cwd,
     )
     features = features_dir_from(proc, cwd)
-    search = run_script(
+    search = run_main(
         "search_index.py",
         f"features_dir={features}",
         "k_search=5",
@@ -274,7 +272,7 @@ def test_report_maps_link_each_shown_image_to_its_overlay(mi_run):
 
 def test_report_false_writes_no_report(mi_run, tmp_path):
     _, features, _ = mi_run
-    proc = run_script("search_index.py", f"features_dir={features}", "report=false", cwd=tmp_path)
+    proc = run_main("search_index.py", f"features_dir={features}", "report=false", cwd=tmp_path)
     run = results_dir_from(proc)
     assert (run / "results.json").is_file()
     assert not (run / "report.html").exists() and not (run / "thumbs").exists()
@@ -284,7 +282,7 @@ def test_report_false_writes_no_report(mi_run, tmp_path):
 def test_report_k_beyond_k_search_keeps_the_rankings_at_k_search(mi_run, tmp_path):
     _, features, _ = mi_run
     run = results_dir_from(
-        run_script(
+        run_main(
             "search_index.py",
             f"features_dir={features}",
             "k_search=2",
@@ -327,31 +325,58 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="Chromium is not installed (Debian: apt-get install chromium); the browser test of report.html is skipped",
-)
-def test_report_renders_in_headless_chromium(mi_run, tmp_path):
-    run, _, _ = mi_run
-    shot = tmp_path / "shot.png"
+def _screenshot(page: Path, shot: Path, height: int) -> np.ndarray:
+    """(height, 1200, 3) int RGB pixels of ``page`` as headless Chromium draws it."""
     command = [
         _chromium(),
         "--headless",
         "--disable-gpu",
         "--hide-scrollbars",
-        "--window-size=1200,900",
+        f"--window-size=1200,{height}",
         "--virtual-time-budget=5000",
         f"--screenshot={shot}",
-        (run / "report.html").as_uri(),
+        page.as_uri(),
     ]
     if os.geteuid() == 0:
         command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     subprocess.run(command, capture_output=True, timeout=120, check=True)
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+# Appended to a copy of report.html: every picture hidden (the demo's objects are red and green too) and
+# every frame the same 40 x 40 px box, so a frame is exactly FRAME_PIXELS pixels of its border colour.
+FRAMES_ONLY = (
+    "<style>img { visibility: hidden; } .hit > * { display: none; } .hit { width: 40px; height: 40px; }</style>"
+)
+FRAME_PIXELS = (40 + 2 + 8) ** 2 - (40 + 2) ** 2  # 1 px padding and a 4 px border on each side: 736
+
+
+@pytest.mark.slow  # two Chromium processes (~9 s)
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="Chromium is not installed (Debian: apt-get install chromium); the browser test of report.html is skipped",
+)
+def test_report_renders_in_headless_chromium(mi_run, tmp_path):
+    """The page draws (pictures, not a blank page), and each gallery image's frame is green when it shows
+    the query's object and red when not, as many of each as the report lists."""
+    run, _, _ = mi_run
+    hits = [hit["classes"] for section in parse(run / "report.html").sections for hit in section["hits"]]
+    positives, negatives = sum("pos" in c for c in hits), sum("neg" in c for c in hits)
+    assert positives and negatives and positives + negatives == len(hits)  # both kinds of frame to draw
+    pixels = _screenshot(run / "report.html", tmp_path / "shot.png", 900)
     assert pixels.shape == (900, 1200, 3)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # pictures, not a blank page
-    near = lambda rgb: (np.abs(pixels - rgb).sum(-1) < 30).sum()  # noqa: E731
-    assert near((215, 25, 28)) > 200 or near((26, 150, 65)) > 200  # the red / green frames drew
+
+    frames_only = run / "frames_only.html"  # next to report.html: the same relative links
+    frames_only.write_text(
+        (run / "report.html").read_text().replace("</body>", FRAMES_ONLY + "</body>"), encoding="utf-8"
+    )
+    try:
+        pixels = _screenshot(frames_only, tmp_path / "frames.png", 1500)
+    finally:
+        frames_only.unlink()
+    count = lambda rgb: int((pixels == rgb).all(-1).sum())  # noqa: E731
+    assert (count((26, 150, 65)), count((215, 25, 28))) == (positives * FRAME_PIXELS, negatives * FRAME_PIXELS)
 
 
 def test_map_extractor_builds_plain_features_as_their_mi_variant(tiny_model_dirs, tmp_path):
@@ -412,7 +437,7 @@ def test_an_unreadable_gallery_image_is_shown_as_unavailable(mi_run, tmp_path):
         if record["key"] == missing_key:
             record["file"] = str(tmp_path / "gone.jpg")
     (copy / "gallery" / "images.json").write_text(json.dumps(records))
-    proc = run_script(
+    proc = run_main(
         "search_index.py", f"features_dir={copy}", "report_k=2", "report_maps=true", "device=cpu", cwd=tmp_path
     )
     page_path = results_dir_from(proc) / "report.html"
@@ -432,7 +457,7 @@ def test_full_mask_fallback_rows_get_a_report(tiny_model_dirs, demo_dir, tmp_pat
     captions = load_captions(demo_dir / "captions.pt")
     gallery_keys = sorted(k for k in captions if k.startswith("gallery/"))
     save_captions({k: v for k, v in captions.items() if k not in gallery_keys[::2]}, tmp_path / "partial.pt")
-    proc = run_script(
+    proc = run_main(
         "create_index.py",
         "extractor=siglip_mi_features",
         f"model_name={tiny_model_dirs['siglip']}",
@@ -446,7 +471,7 @@ def test_full_mask_fallback_rows_get_a_report(tiny_model_dirs, demo_dir, tmp_pat
         cwd=tmp_path,
     )
     features = features_dir_from(proc, tmp_path)
-    search = run_script(
+    search = run_main(
         "search_index.py", f"features_dir={features}", "k_search=20", f"report_k={len(gallery_keys)}", cwd=tmp_path
     )
     run = results_dir_from(search)

@@ -105,6 +105,7 @@ def test_query_only_change_removes_only_soir_query_files(tmp_path, caplog):
         FeaturesFolder(root).open({"g": 2}, {"g": 2, "q": 2}, "cfg")
 
 
+@pytest.mark.slow  # a second process: the lock between processes is the subject
 def test_a_locked_folder_is_refused(tmp_path):
     root = tmp_path / "feats"
     with FeaturesFolder(root).open({"g": 1}, {"g": 1}, "cfg"):

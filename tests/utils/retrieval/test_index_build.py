@@ -45,6 +45,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int = 10, nprobe: int = 4
     return index.search(queries, k)
 
 
+@pytest.mark.slow  # trains IVF-PQ three times (~25 s)
 def test_ivf_pq_from_three_blocks_and_merge_ondisk_equals_the_in_ram_build(gallery, tmp_path):
     shards, features = gallery
     factory = "IVF16,PQ8"
@@ -175,6 +176,7 @@ def test_to_all_gpus_refuses_without_a_gpu():
         to_all_gpus(faiss.IndexFlatIP(8))
 
 
+@pytest.mark.slow  # a fresh process: its own peak RSS is the subject
 def test_sampling_memory_does_not_grow_with_the_gallery(tmp_path):
     """Reading each whole 15 MB shard into a fresh buffer while keeping its few sampled rows grew RSS by
     ~one shard per shard (OOM at 10^7 rows). Shards as the benchmark writes them (512 images x 10 rows

@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from sklearn.metrics import average_precision_score
 
-from tests.pipeline import ROOT
+from tests.pipeline import compose_config
 from tests.utils.retrieval.synthetic_shards import write_split
 from utils.config import check_config, resolve_aliases
 from utils.errors import SoIRError
@@ -112,8 +111,7 @@ def test_streamed_query_expansion_equals_the_in_ram_one(tmp_path):
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="defaults", overrides=["report=false", "k_search=50", *overrides])
+    cfg = compose_config("report=false", "k_search=50", *overrides)
     resolve_aliases(cfg)
     check_config(cfg)
     return cfg

@@ -220,11 +220,9 @@ def test_a_run_refused_for_its_inputs_leaves_its_output_dir_to_the_corrected_rer
     refused in one line and writes nothing there, and the corrected rerun (set=OWID) into the same
     output_dir trains. In-process (hydra.main runs a given config). Fails on 23ee6a3 (the refused run
     had written identity.json with set: null, so the rerun was refused as "another training run")."""
-    from hydra import compose, initialize_config_dir
-
     from scripts import train_mao
     from tests.datasets.voxdet_replica import write_voxdet_soir
-    from tests.pipeline import ROOT
+    from tests.pipeline import compose_config
 
     anns, _ = write_voxdet_soir(tmp_path / "voxdet")
     out = tmp_path / "run"
@@ -243,9 +241,8 @@ def test_a_run_refused_for_its_inputs_leaves_its_output_dir_to_the_corrected_rer
         "device=cpu",
         f"output_dir={out}",
     ]
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        refused = compose(config_name="train", overrides=common)
-        corrected = compose(config_name="train", overrides=[*common, "set=OWID"])
+    refused = compose_config(*common, config_name="train")
+    corrected = compose_config(*common, "set=OWID", config_name="train")
     with pytest.raises(SystemExit) as exit_:
         train_mao.main(refused)
     assert exit_.value.code == 1
