@@ -196,7 +196,11 @@ def _resize_and_normalise(
 
 def to_binary_masks(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Accept bool, {0, 1} or {0, 255} masks [P, H, W]; return a bool tensor. Other values are an error."""
-    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
+    if not isinstance(masks, torch.Tensor):
+        masks = np.asarray(masks)
+        # torch.as_tensor shares memory and warns on a read-only array (np.broadcast_to, a memory map):
+        # copy those, share the rest
+        masks = torch.as_tensor(masks if masks.flags.writeable else masks.copy())
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape [P, H, W], got {tuple(masks.shape)}")
     if masks.dtype == torch.bool:

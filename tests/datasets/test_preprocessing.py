@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -53,3 +55,14 @@ def test_other_mask_values_and_shapes_are_errors():
         to_binary_masks(np.array([[[0, 7]]], dtype=np.uint8))
     with pytest.raises(ValueError, match="\\[P, H, W\\]"):
         to_binary_masks(np.zeros((4, 4)))
+
+
+def test_a_read_only_mask_array_is_read_without_a_warning():
+    """Masks that numpy marks read-only (np.broadcast_to, a memory map, a decoded RLE buffer) give the same
+    bool tensor, without torch's "non-writable tensor" UserWarning, and the caller's array stays as it was."""
+    masks = np.broadcast_to(np.array([[[0, 255], [255, 0]]], dtype=np.uint8), (3, 2, 2))
+    assert not masks.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = to_binary_masks(masks)
+    assert out.dtype == torch.bool and out.tolist() == [[[False, True], [True, False]]] * 3
