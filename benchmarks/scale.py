@@ -175,7 +175,7 @@ def peak_rss_gb() -> float:
 
 
 def in_ram(gallery: FeatureShards, queries, query: np.ndarray, image: np.ndarray, k: int) -> dict:
-    """search_index.py's loop: all gallery rows in RAM, dense scores and relevance per query chunk."""
+    """ranking.rank_in_ram's loop: all gallery rows in RAM, dense scores and relevance per query chunk."""
     from utils.retrieval import ranking
     from utils.retrieval.metrics import per_query_metrics, query_chunks, summarize
 

@@ -1,6 +1,7 @@
-"""Checks of single annotation fields, shared by the anns reader (anns.py) and the VoxDet-SoIR reader
-(voxdet.py), which anns.py calls, and by the mask formats (captions.py, rle.py): the error both readers
-raise, scalars as Python numbers, and boxes."""
+"""Checks of single annotation fields, below both annotation readers so that neither imports the other:
+the error the anns reader (anns.py) and the VoxDet-SoIR reader (voxdet.py, which anns.py calls) raise,
+scalars as Python numbers, boxes (``parse_bbox``), and a mask's box (``bbox_from_mask``, for rle.py and
+gt_masks.py)."""
 
 from __future__ import annotations
 

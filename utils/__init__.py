@@ -1,1 +1,2 @@
-"""SoIR utilities: Mask Inversion engine, metrics, preprocessing, feature and index I/O, config schema."""
+"""SoIR's base layer (config, errors, files, hub, processes, families, quiet, sweeps: the loose modules) and its
+application subpackages (pipeline, queries, results, training, masks, testing) and retrieval (docs/architecture.md)."""

@@ -3,7 +3,7 @@
 It does what the paper says with autograd and nothing clever: one forward pass with the attention
 probabilities A_l kept in the graph, and every iteration, for ONE MASK AT A TIME,
 G = autograd.grad(e_p . f_l, A_l, create_graph=True). Written independently of the engine (no
-import from utils/): its own family table, its own post-processing, its own loss.
+SoIR import): its own family table, its own post-processing, its own loss.
 
 The model is frozen (requires_grad False during the call, restored afterwards); the input image is
 marked requires_grad instead, which is what puts the attention maps into the autograd graph.

@@ -5,7 +5,8 @@ Order of work, so that mistakes cost seconds, not hours: (1) :func:`plan` reads 
 needs no model (annotations, masks, image headers, boxes, the index string); (2) :func:`plan_and_load` loads
 the model and computes the identities (:func:`feature_identity`); (3) the features folder is claimed and
 locked, and must hold nothing made with another identity; (4) :func:`extract_split` /
-:func:`extract_shard` extract the missing shards; (5) the index is built (:func:`build_gallery_index`).
+:func:`extract_shard` extract the missing shards; (5) the index is built (``build_index`` + ``save_index``
+with ``stage=all``; :func:`build_gallery_index`, in blocks on disk, with ``stage=index``).
 
 ``stage=all`` (:func:`run_all`) does all of it in one process, then searches (utils/pipeline/search.py).
 For galleries that need many processes the same work is split into :func:`prepare`, :func:`extract`

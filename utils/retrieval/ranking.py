@@ -25,7 +25,7 @@ from utils.retrieval.metrics import max_per_image, per_query_metrics, query_chun
 from utils.retrieval.rerank import expand
 from utils.retrieval.streaming import QueryRows, ShardRows, faiss_search, relevant_pairs, streamed_search
 
-log = logging.getLogger("soir.search_index")
+log = logging.getLogger("soir.ranking")
 
 SCORES_PER_CHUNK = 1 << 26  # query-chunk size bound: [chunk, gallery rows] float32 = 256 MiB
 
@@ -72,6 +72,8 @@ def rank_in_ram(
     """Every gallery row in RAM, scores in query chunks of bounded size. ``text_queries`` (``T2I=true``)
     embeds the queries' texts; ``lance`` (``search=lancedb``): an object whose ``image_scores`` replaces
     the exact image scores (utils/results/interop.py's LanceDBGallery)."""
+    if cfg.T2I and text_queries is None:
+        raise SoIRError("T2I=true needs text_queries: the queries' text vectors (utils/pipeline/search.py passes them)")
     splits = {}
     for name, shards in (("gallery", gallery_shards), ("queries", query_shards)):
         features, owner, _ = shards.load()
@@ -160,6 +162,8 @@ def rank_streamed(
 ) -> Ranked:
     """The gallery streamed from its shards in blocks of ``search_block_mb`` (utils/retrieval/streaming.py): exact,
     or (``search=faiss``) over FAISS's candidates. Queries are held in RAM."""
+    if cfg.T2I and text_queries is None:
+        raise SoIRError("T2I=true needs text_queries: the queries' text vectors (utils/pipeline/search.py passes them)")
     gallery, has_rows = images_with_rows(gallery_shards)
     features, owner, _ = query_shards.load()
     queries, query_owner, query_rows = keep_images_with_rows(

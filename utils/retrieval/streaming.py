@@ -1,6 +1,6 @@
-"""Evaluation that streams the gallery shards: search_index.py's numbers in memory bounded by a setting.
+"""Evaluation that streams the gallery shards: the in-RAM ranking's numbers in memory bounded by a setting.
 
-``search_index.py`` holds every gallery row in RAM and builds dense ``[queries, images]`` score and
+``utils.retrieval.ranking.rank_in_ram`` holds every gallery row in RAM and builds dense ``[queries, images]`` score and
 relevance matrices. Here the gallery is read block by block from its shards (memory-mapped safetensors),
 so memory is bounded by ``block_bytes``, not by the gallery size. Two modes:
 

@@ -1,7 +1,7 @@
 """extractors/mi/legrad.py: the blockwise evaluation and the patch-grid Dice against the dense, full-resolution one.
 
 impl="dense" is the engine that tests/extractors/mi/test_mask_inversion.py checks against the plain autograd
-reference (mi_reference.py); here the other implementations must give the same values and
+reference (extractors/mi/reference.py); here the other implementations must give the same values and
 gradients in float64, to 1e-12.
 """
 

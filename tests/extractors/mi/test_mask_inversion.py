@@ -1,4 +1,4 @@
-"""Mask Inversion engine (extractors/mi/engine.py) against the plain reference (mi_reference.py).
+"""Mask Inversion engine (extractors/mi/engine.py) against the plain reference (extractors/mi/reference.py).
 
 Tiny random models of every family (DINOv2, DINOv2-reg, DINOv3, SigLIP, SigLIP2 NaFlex, CLIP) and of
 the variants the engine must handle too (gated MLPs, fixed-resolution SigLIP2) are loaded from disk
