@@ -285,13 +285,7 @@ def images_with_rows(shards: FeatureShards) -> tuple[list[dict], np.ndarray]:
     for shard in range(shards.num_shards):
         has_rows[shards.read_owner(shard).numpy()] = True
     records = list(shards.records)
-    if not has_rows.all():
-        log.warning(
-            "%d %s images have no features (unreadable, bad_images=skip) and are left out of the evaluation: %s",
-            int((~has_rows).sum()),
-            shards.folder.name,
-            [r["key"] for r, ok in zip(records, has_rows) if not ok][:10],
-        )
+    log_images_without_rows(records, has_rows, shards.folder.name)
     return [r for r, ok in zip(records, has_rows) if ok], has_rows
 
 
@@ -303,13 +297,21 @@ def keep_images_with_rows(
     has_rows = np.bincount(owner, minlength=len(records)) > 0
     if has_rows.all():
         return records, owner, rows
+    log_images_without_rows(records, has_rows, split)
+    return select_images(records, owner, rows, [r["key"] for r, ok in zip(records, has_rows) if ok])
+
+
+def log_images_without_rows(records: list[dict], has_rows: np.ndarray, split: str) -> None:
+    """Warn (count and the first ten keys) about the images of ``split`` that own no rows: their pixels
+    could not be decoded (bad_images=skip), so they are left out of the evaluation."""
+    if has_rows.all():
+        return
     log.warning(
         "%d %s images have no features (unreadable, bad_images=skip) and are left out of the evaluation: %s",
         int((~has_rows).sum()),
         split,
         [r["key"] for r, ok in zip(records, has_rows) if not ok][:10],
     )
-    return select_images(records, owner, rows, [r["key"] for r, ok in zip(records, has_rows) if ok])
 
 
 def each_vector_a_query(queries: list[dict], owner: np.ndarray) -> tuple[list[dict], np.ndarray]:
