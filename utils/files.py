@@ -355,3 +355,32 @@ def cached_sha256(paths: list[str | Path]) -> list[str]:
     return [
         f["sha256"] for f in FileFacts("sha256", lambda path: {"sha256": sha256_file(path)})([Path(p) for p in paths])
     ]
+
+
+# The files of a run folder (search_index.py, create_index.py's search): their presence means another run.
+RUN_OUTPUTS = (
+    "results.json",
+    "rankings.jsonl",
+    "per_query.csv",
+    "features_config.yaml",
+    "query.safetensors",
+    "report.html",
+    "thumbs",
+    "maps",
+)
+# What Hydra writes into the run folder before SoIR's code starts: not a reason to refuse it.
+HYDRA_FILES = (".hydra", "*.log", "multirun.yaml")
+
+
+def check_run_folder(out: Path) -> None:
+    """Claim the run folder (:func:`claim_folder`, kind "run") before anything is computed: a
+    ``hydra.run.dir`` that names a user's folder is refused, and so is a SoIR run folder that holds
+    another run's results; nothing there is ever overwritten. Called by search_index.py's work (both modes:
+    utils/pipeline/search.py, utils/queries/own_queries.py) and create_index.py's search phase."""
+    claim_folder(out, "run", ignore=HYDRA_FILES)
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if found:
+        raise SoIRError(
+            f"{out} already holds another run's results ({', '.join(found)}); SoIR does not overwrite "
+            "them: leave hydra.run.dir at its default (a new folder per run) or name a new folder"
+        )

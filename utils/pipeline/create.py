@@ -63,13 +63,13 @@ from utils.files import (
     atomic_write_json,
     cached_sha256,
     check_identity,
+    check_run_folder,
     folder_kind,
     read_json,
     remove_stale_temporaries,
 )
 from utils.pipeline.search import search
 from utils.processes import worker_init_fn
-from utils.queries.own_queries import check_run_folder
 from utils.retrieval.feature_store import FeaturesFolder, FeatureShards, write_bad_images
 from utils.retrieval.index_build import build_ondisk, shard_blocks
 from utils.retrieval.index_io import build_index, check_factory, index_path, is_ivf, save_index

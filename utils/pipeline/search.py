@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from utils.errors import SoIRError
-from utils.files import atomic_write_text, read_json
-from utils.queries.own_queries import check_run_folder, own_query, text_query_rows
+from utils.files import atomic_write_text, check_run_folder, read_json
+from utils.queries.own_queries import own_query, text_query_rows
 from utils.results.interop import LanceDBGallery, lancedb_folder
 from utils.results.report import Shown, write_report
 from utils.retrieval.feature_store import FeatureShards
@@ -44,7 +44,7 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
     Also called by create_index.py at the end of its run (unless ``only_create=true``) and by its
     ``stage=search``. The gallery is scored in RAM when its features fit ``search_block_mb``, else
     streamed from its shards; ``search=faiss`` ranks FAISS's candidates (see the module doc).
-    ``out`` is claimed first (utils.queries.own_queries.check_run_folder): another run's or a user's files
+    ``out`` is claimed first (utils.files.check_run_folder): another run's or a user's files
     there are never replaced.
     """
     check_run_folder(out)

@@ -46,7 +46,14 @@ from datasets.extraction import ViewDataset, check_jobs, query_jobs, with_crop_g
 from datasets.images import image_facts
 from utils.config import MODEL_KEYS, RUN_KEYS, SoIRConfig
 from utils.errors import SoIRError
-from utils.files import atomic_write, atomic_write_json, atomic_write_text, changed_keys, claim_folder, read_json
+from utils.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    changed_keys,
+    check_run_folder,
+    read_json,
+)
 from utils.hub import model_weights_identity
 from utils.results.interop import LanceDBGallery, lancedb_folder
 from utils.results.report import Shown, write_report
@@ -409,34 +416,6 @@ def matching_rows(shards: FeatureShards, images: np.ndarray, features: torch.Ten
         best_features.append(rows[best].numpy())
         best_masks.append(mask_index[offsets[shard] + start + best])
     return np.stack(best_features), np.asarray(best_masks, dtype=np.int64)
-
-
-RUN_OUTPUTS = (
-    "results.json",
-    "rankings.jsonl",
-    "per_query.csv",
-    "features_config.yaml",
-    "query.safetensors",
-    "report.html",
-    "thumbs",
-    "maps",
-)
-# What Hydra writes into the run folder before SoIR's code starts: not a reason to refuse it.
-HYDRA_FILES = (".hydra", "*.log", "multirun.yaml")
-
-
-def check_run_folder(out: Path) -> None:
-    """Claim the run folder (``utils.files.claim_folder``, kind "run") before anything is computed: a
-    ``hydra.run.dir`` that names a user's folder is refused, and so is a SoIR run folder that holds
-    another run's results; nothing there is ever overwritten. Called by search_index.py (both modes)
-    and create_index.py's search phase."""
-    claim_folder(out, "run", ignore=HYDRA_FILES)
-    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if found:
-        raise SoIRError(
-            f"{out} already holds another run's results ({', '.join(found)}); SoIR does not overwrite "
-            "them: leave hydra.run.dir at its default (a new folder per run) or name a new folder"
-        )
 
 
 def own_query(cfg: DictConfig, folder: Path, out: Path) -> dict:
