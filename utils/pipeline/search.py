@@ -71,7 +71,7 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
         shards[name] = FeatureShards(folder / name, records, made_with.shard_size)
         shards[name].check_complete()
     gallery_bytes = shards["gallery"].row_offsets()[-1] * made_with.vec_dim * 4
-    texts = (lambda queries, dim: text_queries(cfg, folder, queries, dim)) if cfg.T2I else None
+    texts = (lambda queries, dim: text_queries(cfg, folder, made_with, queries, dim)) if cfg.T2I else None
     if cfg.search == "lancedb":  # scores from the LanceDB table; the features are read for the report
         if gallery_bytes > cfg.search_block_mb * 2**20:
             log.warning(
@@ -150,11 +150,11 @@ def search(cfg: DictConfig, folder: Path, out: Path) -> dict:
 
 
 def text_queries(
-    cfg: DictConfig, folder: Path, queries: list[dict], dim: int
+    cfg: DictConfig, folder: Path, made_with: DictConfig, queries: list[dict], dim: int
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """T2I: the queries' text vectors [Q, D], owner [Q] and records with their ``text``
-    (utils/queries/own_queries.py)."""
-    features, owner, texts = text_query_rows(cfg, folder, OmegaConf.load(folder / "config.yaml"), queries, dim)
+    (utils/queries/own_queries.py); ``made_with``: the features folder's config.yaml, as loaded."""
+    features, owner, texts = text_query_rows(cfg, folder, made_with, queries, dim)
     return features, owner, [{**q, "text": t} for q, t in zip(queries, texts)]
 
 
