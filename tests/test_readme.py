@@ -332,9 +332,9 @@ def test_the_readmes_four_own_images_commands_run_as_written(tmp_path, demo_dir,
 
     commands = python_commands(section(README.read_text(), "Your own images in four commands", where="README.md"))
     anns = torch.load(demo_dir / "anns.pt", weights_only=False)
+    names = {a["ins"]: a["obj_name"] for a in anns.values() if a["is_query"]}  # instance id -> folder name
     for key, entry in anns.items():  # my_data/{queries,gallery}/<instance>/<file>, as the README asks
         instances = [entry["ins"]] if entry["is_query"] else entry["ins"]
-        names = {a["ins"]: a["obj_name"] for a in anns.values() if a["is_query"]}
         folder = names[instances[0]] if instances else "_distractors"
         target = tmp_path / "my_data" / key.split("/")[0] / folder / Path(key).name
         target.parent.mkdir(parents=True, exist_ok=True)
