@@ -35,6 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from utils.errors import SoIRError, exit_on_error
 from utils.families import FAMILIES
+from utils.files import atomic_write_text
 from utils.sweeps import job_label
 
 
@@ -1574,6 +1575,8 @@ ROLE_NAMES = {
     Role.UNREAD: "nothing (refused if changed)",
 }
 DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+# The line that marks the page as written by --write-docs: a page without it is someone's, never overwritten.
+DOCS_MARK = "<!-- Generated from utils/config.py by `python -m utils.config --write-docs`; edit the settings there. -->"
 
 
 def group_title(group: type) -> str:
@@ -1639,7 +1642,7 @@ def docs_markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        "<!-- Generated from utils/config.py by `python -m utils.config --write-docs`; edit the settings there. -->",
+        DOCS_MARK,
         "",
         "All keys live in `configs/defaults.yaml` and are typed by `utils/config.py:SoIRConfig`, whose settings groups",
         "(`RunSettings`, `MISettings`, ...) define each key once: its type, default, help and role. A misspelt key is",
@@ -1689,7 +1692,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args != ["--write-docs"]:
         raise SystemExit("usage: python -m utils.config --write-docs (writes docs/configuration.md)")
-    DOCS_PATH.write_text(docs_markdown())
+    if DOCS_PATH.exists() and DOCS_MARK not in DOCS_PATH.read_text():
+        raise SystemExit(
+            f"error: {DOCS_PATH} was not written by --write-docs (it lacks the generated-page line); "
+            "move it away, then run again"
+        )
+    atomic_write_text(DOCS_PATH, docs_markdown())
     print(f"wrote {DOCS_PATH.name}: {len(dataclasses.fields(SoIRConfig))} keys")
 
 

@@ -247,6 +247,24 @@ def test_committed_configuration_docs_are_the_generated_ones():
     )
 
 
+def test_write_docs_rewrites_its_own_page_and_never_a_users(tmp_path, monkeypatch, capsys):
+    """--write-docs replaces a page it wrote (the generated-page line is there); a file without that line
+    (a hand-written page at that path) is refused in one line and left as it was."""
+    import utils.config
+
+    page = tmp_path / "configuration.md"
+    monkeypatch.setattr(utils.config, "DOCS_PATH", page)
+    page.write_text("# my own notes\n")
+    with pytest.raises(SystemExit, match="was not written by --write-docs"):
+        utils.config.main(["--write-docs"])
+    assert page.read_text() == "# my own notes\n"
+    page.write_text(utils.config.DOCS_MARK + "\nan older generated page\n")
+    utils.config.main(["--write-docs"])
+    assert (
+        page.read_text() == docs_markdown() and f"wrote configuration.md: {len(FIELDS)} keys" in capsys.readouterr().out
+    )
+
+
 def test_configuration_docs_document_exactly_the_schema():
     text = docs_markdown()
     assert table_keys(text) == (set(FIELDS) - set(UNREAD_ORIGINAL_KEYS)) | config_groups()
